@@ -1,0 +1,22 @@
+"""Per-example augmentations on uint8 HWC images, run on the host by grain with a seeded RNG."""
+from __future__ import annotations
+
+import numpy as np
+
+
+def random_crop_flip(image: np.ndarray, rng: np.random.Generator, *, size: int | None = None,
+                     padding: int = 4, flip: bool = True) -> np.ndarray:
+  """torchvision RandomCrop(size, padding, fill 0) then RandomHorizontalFlip(0.5).
+
+  `size` smaller than the image gives IRKD's low-resolution crops (a res×res window of the
+  zero-padded full image, not a downscale).
+  """
+  h, w, _ = image.shape
+  size = size or h
+  padded = np.pad(image, ((padding, padding), (padding, padding), (0, 0)))
+  top = rng.integers(0, h + 2 * padding - size + 1)
+  left = rng.integers(0, w + 2 * padding - size + 1)
+  out = padded[top:top + size, left:left + size]
+  if flip and rng.random() < 0.5:
+    out = out[:, ::-1]
+  return np.ascontiguousarray(out)

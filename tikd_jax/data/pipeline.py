@@ -1,0 +1,105 @@
+"""grain input pipelines: an endless, seeded, checkpointable train stream and exact eval batches.
+
+Multi-host: after the global shuffle, process p takes elements p, p + P, p + 2P, … so the P
+per-process batches of one step together hold exactly one global batch, and
+`jax.make_array_from_process_local_data` assembles them into one sharded array.
+"""
+from __future__ import annotations
+
+import functools
+import os
+from typing import Any, Callable, Iterator
+
+import grain
+import jax
+import numpy as np
+
+from tikd_jax.data.augment import random_crop_flip
+
+
+def resolve_num_workers(num_workers: int) -> int:
+  """-1 → one worker per spare core (at most 16); 0 → decode in the main process."""
+  if num_workers >= 0:
+    return num_workers
+  return max(0, min(16, (os.cpu_count() or 1) - 1))
+
+
+def _attach_text(element: dict, features: np.ndarray) -> dict:
+  return {**element, 'text': np.asarray(features[element['index']], np.float32)}
+
+
+def _augment(element: dict, rng: np.random.Generator, crop_size: int | None, padding: int,
+             flip: bool) -> dict:
+  image = random_crop_flip(element['image'], rng, size=crop_size, padding=padding, flip=flip)
+  return {**element, 'image': image}
+
+
+def train_dataset(source, *, batch_size: int, seed: int, crop_padding: int = 4,
+                  crop_size: int | None = None, flip: bool = True,
+                  text_features: np.ndarray | None = None,
+                  extra_augment: Callable[[dict, np.random.Generator], dict] | None = None,
+                  process_index: int = 0, process_count: int = 1) -> grain.MapDataset:
+  """Shuffled (anew every epoch), repeated, augmented, batched train stream of one process.
+
+  `batch_size` is the per-process batch. Augmentation randomness is a function of (seed, element
+  position), so the stream is the same whatever the number of workers and resumes exactly.
+  """
+  ds = grain.MapDataset.source(source).seed(seed).shuffle().repeat()
+  if process_count > 1:
+    ds = ds[process_index::process_count]
+  if text_features is not None:
+    ds = ds.map(functools.partial(_attach_text, features=text_features))
+  ds = ds.random_map(functools.partial(_augment, crop_size=crop_size, padding=crop_padding,
+                                       flip=flip))
+  if extra_augment is not None:
+    ds = ds.random_map(extra_augment)
+  return ds.batch(batch_size, drop_remainder=True)
+
+
+def make_iterator(ds: grain.MapDataset, num_workers: int = 0,
+                  prefetch: int = 2) -> grain.DatasetIterator:
+  """A checkpointable iterator (`get_state`/`set_state`), optionally with worker processes."""
+  it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=prefetch))
+  workers = resolve_num_workers(num_workers)
+  if workers > 0:
+    it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
+  return iter(it_ds)
+
+
+def eval_batches(source, *, global_batch: int, process_index: int = 0, process_count: int = 1,
+                 text_features: np.ndarray | None = None) -> Iterator[dict]:
+  """Every example exactly once, in order; the last batch is padded and `mask` marks real rows.
+
+  All processes yield the same number of batches (needed for the collective eval step).
+  """
+  if global_batch % process_count:
+    raise ValueError(f'eval batch {global_batch} not divisible by {process_count} processes')
+  n = len(source)
+  num_batches = -(-n // global_batch)
+  idx = np.full(num_batches * global_batch, -1, np.int64)
+  idx[:n] = np.arange(n)
+  local = global_batch // process_count
+  rows = idx.reshape(num_batches, global_batch)[:, process_index * local:(process_index + 1) *
+                                                local]
+  shape = None
+  for row in rows:
+    elements = [source[int(i)] for i in row if i >= 0]
+    if shape is None:
+      shape = (elements or [source[0]])[0]['image'].shape
+    batch = {
+        'image': np.zeros((local,) + shape, np.uint8),
+        'label': np.zeros((local,), np.int32),
+        'index': np.zeros((local,), np.int32),
+        'mask': np.zeros((local,), np.float32),
+    }
+    for j, e in enumerate(elements):
+      batch['image'][j], batch['label'][j], batch['index'][j] = e['image'], e['label'], e['index']
+      batch['mask'][j] = 1.0
+    if text_features is not None:
+      batch['text'] = np.asarray(text_features[batch['index']], np.float32)
+    yield batch
+
+
+def to_global(batch: dict[str, Any], sharding: jax.sharding.Sharding) -> dict[str, jax.Array]:
+  """Per-process NumPy batch → global jax.Arrays sharded over the mesh's batch axes."""
+  return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x), batch)

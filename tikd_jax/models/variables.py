@@ -1,0 +1,25 @@
+"""A model's variables as plain nested dicts, and loading them back (checkpoints, conversion)."""
+from __future__ import annotations
+
+from flax import nnx
+
+from tikd_jax.train.checkpoint import fill_template
+
+
+def model_variables(model: nnx.Module) -> dict:
+  """{'params': …, 'batch_stats': …} as nested dicts of arrays (nnx.List indices as int keys)."""
+  return {'params': nnx.state(model, nnx.Param).to_pure_dict(),
+          'batch_stats': nnx.state(model, nnx.BatchStat).to_pure_dict()}
+
+
+def load_variables(model: nnx.Module, flat: dict, what: str = 'checkpoint') -> None:
+  """Loads flat '/'-path arrays (see train.checkpoint.flatten) into `model`, strictly.
+
+  Every key must be present with the right shape; otherwise a ValueError lists the missing,
+  unexpected and mis-shaped keys.
+  """
+  filled = fill_template(model_variables(model), flat, what)
+  for kind, collection in ((nnx.Param, 'params'), (nnx.BatchStat, 'batch_stats')):
+    state = nnx.state(model, kind)
+    nnx.replace_by_pure_dict(state, filled[collection])
+    nnx.update(model, state)

@@ -1,0 +1,343 @@
+"""Vision transformers with a distillation token (DeiT), the TIKD fusion and the IRKD variant.
+
+One class, `DistilledViT`, covers three published layouts:
+  * DeiT / TIKD students: tokens [cls, dist, patches], learned pos_embed over all of them, final
+    LayerNorm, eval averages the two heads (REFERENCE §1).
+  * a plain ViT (`distilled=False`): [cls, patches], one head.
+  * IRKD's `ViTWithDistillation` (`dist_pos_embed=False, final_norm=False, eval_head='cls'`): the
+    dist token is zero-initialised and has no position embedding (REFERENCE §7).
+The TIKD text fusion (REFERENCE §3) is enabled by `text_dim`; see `_text_fusion`.
+
+Every call returns `(logits, out)`: `logits` are what the model predicts in the current mode, `out`
+names the intermediates (both heads, tokens after every block, pre-logits, attention maps).
+Inputs are float images in [0, 1], NHWC; the model owns its normalisation (`mean`, `std`).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+CIFAR100_MEAN = (0.5071, 0.4865, 0.4409)
+CIFAR100_STD = (0.2673, 0.2564, 0.2762)
+
+# timm initialises every Linear weight and the tokens with trunc_normal(0.02), biases with zeros.
+_trunc_normal = nnx.initializers.truncated_normal(stddev=0.02, lower=-2.0 / 0.02, upper=2.0 / 0.02)
+# PyTorch's default Conv2d init (kaiming_uniform, a=sqrt(5)) is uniform with variance 1/(3 fan_in).
+_torch_conv_default = nnx.initializers.variance_scaling(1.0 / 3.0, 'fan_in', 'uniform')
+
+
+@dataclasses.dataclass(frozen=True)
+class ViTSize:
+  dim: int
+  depth: int
+  heads: int
+  mlp_dim: int
+  patch: int
+  # Rank of the low-rank text adapters (text → width projection, width → text predictor); sized
+  # so that students with their text modules match the paper's parameter counts (README).
+  text_rank: int = 32
+
+
+# TIKD students on CIFAR-100 (REFERENCE §1) and IRKD's students (REFERENCE §7).
+SIZES: dict[str, ViTSize] = {
+    'micro': ViTSize(dim=32, depth=2, heads=2, mlp_dim=64, patch=4, text_rank=8),  # for tests
+    'small': ViTSize(dim=128, depth=5, heads=8, mlp_dim=512, patch=4, text_rank=32),
+    'medium': ViTSize(dim=256, depth=5, heads=8, mlp_dim=1024, patch=4, text_rank=32),
+    'large': ViTSize(dim=512, depth=5, heads=8, mlp_dim=2048, patch=4, text_rank=128),
+    'irkd_custom': ViTSize(dim=128, depth=4, heads=4, mlp_dim=256, patch=2),
+    'vit_tiny': ViTSize(dim=192, depth=12, heads=3, mlp_dim=768, patch=4),
+    'irkd_teacher': ViTSize(dim=384, depth=12, heads=6, mlp_dim=1536, patch=4),
+    'deit_small': ViTSize(dim=384, depth=12, heads=6, mlp_dim=1536, patch=16),
+}
+
+
+def _linear(din, dout, rngs, dtype, bias=True):
+  return nnx.Linear(din, dout, use_bias=bias, kernel_init=_trunc_normal, dtype=dtype, rngs=rngs)
+
+
+def drop_path(x: jax.Array, rate: float, rng: jax.Array | None) -> jax.Array:
+  """Stochastic depth: drops the whole residual branch per sample, rescaling the kept ones."""
+  if rng is None or rate == 0.0:
+    return x
+  keep = jax.random.bernoulli(rng, 1.0 - rate, (x.shape[0],) + (1,) * (x.ndim - 1))
+  return jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x))
+
+
+class Attention(nnx.Module):
+  """Multi-head self-attention with a fused qkv projection (timm layout)."""
+
+  def __init__(self, dim: int, heads: int, *, rngs: nnx.Rngs, dtype=None):
+    self.heads = heads
+    self.head_dim = dim // heads
+    self.qkv = _linear(dim, 3 * dim, rngs, dtype)
+    self.proj = _linear(dim, dim, rngs, dtype)
+
+  def __call__(self, x: jax.Array, value_bias: jax.Array | None = None):
+    """`value_bias` [B, N, head_dim] is added to every head's values (TIKD's text_proj term)."""
+    b, n, d = x.shape
+    qkv = self.qkv(x).reshape(b, n, 3, self.heads, self.head_dim)
+    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # [B, N, H, hd]
+    if value_bias is not None:
+      v = v + value_bias[:, :, None, :].astype(v.dtype)
+    scores = jnp.einsum('bqhd,bkhd->bhqk', q, k) * (self.head_dim ** -0.5)
+    attn = jax.nn.softmax(scores.astype(jnp.float32), axis=-1).astype(q.dtype)
+    y = jnp.einsum('bhqk,bkhd->bqhd', attn, v).reshape(b, n, d)
+    return self.proj(y), attn
+
+
+class Mlp(nnx.Module):
+
+  def __init__(self, dim: int, hidden: int, *, rngs: nnx.Rngs, dtype=None):
+    self.fc1 = _linear(dim, hidden, rngs, dtype)
+    self.fc2 = _linear(hidden, dim, rngs, dtype)
+
+  def __call__(self, x):
+    # timm and DeiT use the exact (erf) GELU; flax's default is the tanh approximation.
+    return self.fc2(jax.nn.gelu(self.fc1(x), approximate=False))
+
+
+class Block(nnx.Module):
+  """Pre-LN transformer block: x + DropPath(Attn(LN(x))), x + DropPath(MLP(LN(x)))."""
+
+  def __init__(self, size: ViTSize, drop_path_rate: float, *, rngs: nnx.Rngs, dtype=None):
+    self.drop_path_rate = drop_path_rate
+    self.norm1 = nnx.LayerNorm(size.dim, epsilon=1e-6, dtype=dtype, rngs=rngs)
+    self.attn = Attention(size.dim, size.heads, rngs=rngs, dtype=dtype)
+    self.norm2 = nnx.LayerNorm(size.dim, epsilon=1e-6, dtype=dtype, rngs=rngs)
+    self.mlp = Mlp(size.dim, size.mlp_dim, rngs=rngs, dtype=dtype)
+
+  def __call__(self, x, rng=None, value_bias=None):
+    r1 = r2 = None
+    if rng is not None:
+      r1, r2 = jax.random.split(rng)
+    y, attn = self.attn(self.norm1(x), value_bias)
+    x = x + drop_path(y, self.drop_path_rate, r1)
+    x = x + drop_path(self.mlp(self.norm2(x)), self.drop_path_rate, r2)
+    return x, attn
+
+
+class LowRankLinear(nnx.Module):
+  """din → rank → dout, two linear maps (used for the text adapters)."""
+
+  def __init__(self, din: int, rank: int, dout: int, *, rngs: nnx.Rngs, dtype=None):
+    self.down = _linear(din, rank, rngs, dtype)
+    self.up = _linear(rank, dout, rngs, dtype)
+
+  def __call__(self, x):
+    return self.up(self.down(x))
+
+
+def _cosine(a: jax.Array, b: jax.Array, eps: float = 1e-8) -> jax.Array:
+  """torch.nn.functional.cosine_similarity over the last axis (eps clamps each norm)."""
+  na = jnp.maximum(jnp.linalg.norm(a, axis=-1), eps)
+  nb = jnp.maximum(jnp.linalg.norm(b, axis=-1), eps)
+  return jnp.sum(a * b, axis=-1) / (na * nb)
+
+
+class DistilledViT(nnx.Module):
+  """DeiT-style ViT with optional distillation token and optional TIKD text fusion."""
+
+  def __init__(
+      self,
+      size: ViTSize | str,
+      *,
+      num_classes: int,
+      img_size: int = 32,
+      patch_size: int | None = None,
+      drop_path: float = 0.1,
+      distilled: bool = True,
+      dist_pos_embed: bool = True,
+      final_norm: bool = True,
+      eval_head: str = 'mean',
+      text_dim: int | None = None,
+      mean: Sequence[float] = CIFAR100_MEAN,
+      std: Sequence[float] = CIFAR100_STD,
+      dtype: Any = None,
+      rngs: nnx.Rngs,
+  ):
+    if isinstance(size, str):
+      if size not in SIZES:
+        raise ValueError(f'unknown ViT size {size!r}; known sizes: {sorted(SIZES)}')
+      size = SIZES[size]
+    if patch_size is not None:
+      size = dataclasses.replace(size, patch=patch_size)
+    if img_size % size.patch:
+      raise ValueError(f'img_size {img_size} is not a multiple of patch size {size.patch}')
+    if eval_head not in ('mean', 'cls'):
+      raise ValueError(f"eval_head must be 'mean' or 'cls', got {eval_head!r}")
+    self.size = size
+    self.num_classes = num_classes
+    self.img_size = img_size
+    self.distilled = distilled
+    self.dist_pos_embed = dist_pos_embed
+    self.final_norm = final_norm
+    self.eval_head = eval_head
+    self.text_dim = text_dim
+    self.mean = tuple(mean)
+    self.std = tuple(std)
+    self.dtype = dtype
+    d = size.dim
+    self.grid = img_size // size.patch
+    self.num_prefix = 2 if distilled else 1
+    self.patch_embed = nnx.Conv(3, d, (size.patch, size.patch), strides=size.patch,
+                                padding='VALID', kernel_init=_torch_conv_default, dtype=dtype,
+                                rngs=rngs)
+    self.cls_token = nnx.Param(_trunc_normal(rngs.params(), (1, 1, d)))
+    if distilled:
+      init = nnx.initializers.zeros if not dist_pos_embed else _trunc_normal
+      self.dist_token = nnx.Param(init(rngs.params(), (1, 1, d)))
+    n_pos = self.grid ** 2 + (self.num_prefix if dist_pos_embed else 1)
+    self.pos_embed = nnx.Param(_trunc_normal(rngs.params(), (1, n_pos, d)))
+    rates = [float(r) for r in jnp.linspace(0.0, drop_path, size.depth)]
+    self.blocks = nnx.List([Block(size, r, rngs=rngs, dtype=dtype) for r in rates])
+    self.norm = nnx.LayerNorm(d, epsilon=1e-6, dtype=dtype, rngs=rngs) if final_norm else None
+    self.head = _linear(d, num_classes, rngs, dtype)
+    self.head_dist = _linear(d, num_classes, rngs, dtype) if distilled else None
+    if text_dim is not None:
+      # TIKD (REFERENCE §3). text_decoder and text_proj are the released modules; the adapter
+      # (text → width, only when dims differ) and the predictor (cls → text, for caption-free
+      # inference) are ours.
+      self.text_decoder = _linear(d, d, rngs, dtype)
+      self.text_proj = _linear(d, size.dim // size.heads, rngs, dtype)
+      self.text_adapter = (LowRankLinear(text_dim, size.text_rank, d, rngs=rngs, dtype=dtype)
+                           if text_dim != d else None)
+      self.text_predictor = LowRankLinear(d, size.text_rank, text_dim, rngs=rngs, dtype=dtype)
+
+  # ------------------------------------------------------------------ helpers
+  def normalize(self, images: jax.Array) -> jax.Array:
+    mean = jnp.asarray(self.mean, jnp.float32)
+    std = jnp.asarray(self.std, jnp.float32)
+    return (images.astype(jnp.float32) - mean) / std
+
+  def embed(self, images: jax.Array) -> jax.Array:
+    """Patches + prefix tokens + position embeddings → [B, prefix + grid², d]."""
+    x = self.patch_embed(self.normalize(images).astype(self.dtype or jnp.float32))
+    b, gh, gw, d = x.shape
+    x = x.reshape(b, gh * gw, d)
+    pos = self.pos_embed.value
+    if (gh, gw) != (self.grid, self.grid):
+      pos = resize_pos_embed(pos, (gh, gw), num_prefix=pos.shape[1] - self.grid ** 2)
+    cls = jnp.broadcast_to(self.cls_token.value, (b, 1, d)).astype(x.dtype)
+    if not self.distilled:
+      return jnp.concatenate([cls, x], axis=1) + pos.astype(x.dtype)
+    dist = jnp.broadcast_to(self.dist_token.value, (b, 1, d)).astype(x.dtype)
+    if self.dist_pos_embed:
+      return jnp.concatenate([cls, dist, x], axis=1) + pos.astype(x.dtype)
+    # IRKD: cls and patches get positions, the dist token none.
+    x = jnp.concatenate([cls, x], axis=1) + pos.astype(x.dtype)
+    return jnp.concatenate([x[:, :1], dist, x[:, 1:]], axis=1)
+
+  def run_blocks(self, x, rng, out, prefix, value_bias=None):
+    rngs = list(jax.random.split(rng, len(self.blocks))) if rng is not None else [None] * len(
+        self.blocks)
+    for i, (block, r) in enumerate(zip(self.blocks, rngs)):
+      x, attn = block(x, r, value_bias)
+      out[f'{prefix}block{i}'] = x
+      out[f'{prefix}attn{i}'] = attn
+    return x
+
+  def heads(self, x, out, train):
+    out['pre_logits'] = x[:, 0]
+    cls_logits = self.head(x[:, 0]).astype(jnp.float32)
+    out['cls_logits'] = cls_logits
+    if not self.distilled:
+      return cls_logits
+    dist_logits = self.head_dist(x[:, 1]).astype(jnp.float32)
+    out['dist_logits'] = dist_logits
+    if train or self.eval_head == 'cls':
+      return cls_logits
+    return (cls_logits + dist_logits) / 2
+
+  # ------------------------------------------------------------------ forward
+  def __call__(self, images, *, train: bool = False, rng: jax.Array | None = None,
+               text: jax.Array | None = None, fuse_text: bool = False):
+    """images: [B, H, W, 3] floats in [0, 1]. text: [B, text_dim] caption features or None.
+
+    With `fuse_text` (TIKD models only) the second, text-conditioned pass produces the logits;
+    `text=None` then uses the text predictor's output (caption-free inference).
+    """
+    out: dict[str, jax.Array] = {}
+    if not train:
+      rng = None
+    r1 = r2 = None
+    if rng is not None:
+      r1, r2 = jax.random.split(rng)
+    x = self.run_blocks(self.embed(images), r1, out, prefix='')
+    if self.norm is not None:
+      x = self.norm(x)
+    out['tokens'] = x
+    if self.text_dim is not None:
+      # Cheap, always computed so its cosine loss can train in every stage.
+      out['text_pred'] = self.text_predictor(x[:, 0]).astype(jnp.float32)
+    if fuse_text:
+      if self.text_dim is None:
+        raise ValueError('fuse_text=True needs a TIKD model: build it with text_dim set')
+      x = self._text_fusion(x, text, out, r2)
+    return self.heads(x, out, train), out
+
+  def _text_fusion(self, x, text, out, rng):
+    """REFERENCE §3: cosine-weighted tokens → text_decoder → second pass with value bias."""
+    if text is None:
+      text = jax.lax.stop_gradient(out['text_pred'])
+    t = text.astype(jnp.float32)
+    if self.text_adapter is not None:
+      t = self.text_adapter(t.astype(x.dtype)).astype(jnp.float32)
+    c = jnp.clip(_cosine(x.astype(jnp.float32), t[:, None, :]), 0.0, 1.0)  # [B, N]
+    out['text_weights'] = c
+    out['alignment_loss'] = jnp.mean(1.0 - c)
+    x_decoded = self.text_decoder((c[..., None] * x).astype(x.dtype))
+    value_bias = self.text_proj(x_decoded)
+    # The second pass starts from the normed first-pass tokens, with no final norm after it.
+    return self.run_blocks(x, rng, out, prefix='fused_', value_bias=value_bias)
+
+
+def resize_pos_embed(pos_embed: jax.Array, grid: tuple[int, int], num_prefix: int) -> jax.Array:
+  """Bicubic resize of the patch part of a [1, prefix + g², d] position embedding to `grid`.
+
+  Matches torch.nn.functional.interpolate(mode='bicubic', align_corners=False) (the IRKD and
+  timm recipe); the prefix (cls / dist) positions are kept as they are. A same-size call returns
+  the input unchanged.
+  """
+  prefix, patches = pos_embed[:, :num_prefix], pos_embed[:, num_prefix:]
+  old = int(math.isqrt(patches.shape[1]))
+  if old * old != patches.shape[1]:
+    raise ValueError(f'position embedding has {patches.shape[1]} patch positions, not a square')
+  if tuple(grid) == (old, old):
+    return pos_embed
+  d = patches.shape[-1]
+  img = patches.reshape(old, old, d).astype(jnp.float32)
+  img = _bicubic_resize_torch(img, grid)
+  return jnp.concatenate([prefix, img.reshape(1, grid[0] * grid[1], d).astype(pos_embed.dtype)],
+                         axis=1)
+
+
+def _cubic_weights(t: jax.Array, a: float = -0.75) -> jax.Array:
+  """Keys' cubic convolution weights for offsets (t+1, t, 1-t, 2-t) with PyTorch's a = -0.75."""
+  def near(x):  # |x| <= 1
+    return ((a + 2) * x - (a + 3)) * x * x + 1
+  def far(x):  # 1 < |x| < 2
+    return ((a * x - 5 * a) * x + 8 * a) * x - 4 * a
+  return jnp.stack([far(t + 1), near(t), near(1 - t), far(2 - t)], axis=-1)
+
+
+def _resize_axis(img: jax.Array, out_size: int, axis: int) -> jax.Array:
+  in_size = img.shape[axis]
+  scale = in_size / out_size
+  src = (jnp.arange(out_size, dtype=jnp.float32) + 0.5) * scale - 0.5  # align_corners=False
+  base = jnp.floor(src)
+  w = _cubic_weights(src - base)  # [out, 4]
+  idx = jnp.clip(base[:, None].astype(jnp.int32) + jnp.arange(-1, 3)[None, :], 0, in_size - 1)
+  gathered = jnp.take(img, idx, axis=axis)  # axis replaced by [out, 4]
+  shape = [1] * gathered.ndim
+  shape[axis], shape[axis + 1] = out_size, 4
+  return jnp.sum(gathered * w.reshape(shape), axis=axis + 1)
+
+
+def _bicubic_resize_torch(img: jax.Array, grid: tuple[int, int]) -> jax.Array:
+  """[H, W, D] → [gh, gw, D], separable bicubic as torch's upsample_bicubic2d (border clamp)."""
+  return _resize_axis(_resize_axis(img, grid[0], 0), grid[1], 1)
