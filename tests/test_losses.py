@@ -137,7 +137,7 @@ class TorchGradientReversal(torch.autograd.Function):
 
 
 def torch_cosine_decay(i, max_value=0.0, min_value=-1.0, num_loops=10):
-    """CTKD train_student.py CosineDecay.get_value with the script's --decay_max 0 --decay_min -1."""
+    """CTKD train_student.py CosineDecay.get_value (script: --decay_max 0 --decay_min -1)."""
     if i < 0:
         i = 0
     if i >= num_loops:
@@ -187,7 +187,8 @@ def torch_tikd_pkcd(outputs_kd, teacher_outputs, original_labels, T, prev_logits
             negatives = prev_logits[prev_labels != original_labels[i]]
             if positives.numel() > 0:
                 all_prev = torch.cat([positives, negatives], dim=0)
-                sim_all = torch_pearson(anchor.unsqueeze(0).expand(all_prev.shape[0], -1), all_prev) / T
+                expanded = anchor.unsqueeze(0).expand(all_prev.shape[0], -1)
+                sim_all = torch_pearson(expanded, all_prev) / T
                 term_sum_log = 0.0
                 for pos_logit in positives:
                     sim_pos = torch_pearson(anchor.unsqueeze(0), pos_logit.unsqueeze(0)) / T
@@ -235,9 +236,8 @@ def test_cross_entropy_soft_targets_matches_torch():
     _assert_close(value, ref_value)
     _assert_close(grad, ref_grad)
     # a one-hot soft target gives the same value as the int label
-    _assert_close(
-        cross_entropy(jnp.asarray(s), jax.nn.one_hot(y, C)), cross_entropy(jnp.asarray(s), jnp.asarray(y))
-    )
+    from_one_hot = cross_entropy(jnp.asarray(s), jax.nn.one_hot(y, C))
+    _assert_close(from_one_hot, cross_entropy(jnp.asarray(s), jnp.asarray(y)))
 
 
 def test_one_hot_smoothed_values():
@@ -281,8 +281,12 @@ def test_kd_loss_matches_torch(temperature):
 @pytest.mark.parametrize("temperature", [1.0, 3.0])
 def test_soft_distillation_matches_torch_and_is_kd_over_c(temperature):
     s, t = _logits(12), _logits(13)
-    value, grad = jax.value_and_grad(soft_distillation_loss)(jnp.asarray(s), jnp.asarray(t), temperature)
-    ref_value, ref_grad = _torch_value_and_grad(lambda x: torch_deit_soft(x, _t64(t), temperature), s)
+    value, grad = jax.value_and_grad(soft_distillation_loss)(
+        jnp.asarray(s), jnp.asarray(t), temperature
+    )
+    ref_value, ref_grad = _torch_value_and_grad(
+        lambda x: torch_deit_soft(x, _t64(t), temperature), s
+    )
     _assert_close(value, ref_value)
     _assert_close(grad, ref_grad)
     # sum / (B*C) vs batchmean: a factor C apart
@@ -312,9 +316,11 @@ def test_kd_teacher_gets_no_gradient():
 def test_dkd_matches_mdistiller(alpha, beta, temperature):
     s, t, y = _logits(20), _logits(21), _labels(22)
     fn = lambda x: dkd_loss(x, jnp.asarray(t), jnp.asarray(y), alpha, beta, temperature)
-    value, grad = jax.value_and_grad(fn)(jnp.asarray(s))
+    value, grad = jax.jit(jax.value_and_grad(fn))(jnp.asarray(s))
     ref_value, ref_grad = _torch_value_and_grad(
-        lambda x: torch_mdistiller_dkd(x, _t64(t), torch.tensor(y, dtype=torch.long), alpha, beta, temperature),
+        lambda x: torch_mdistiller_dkd(
+            x, _t64(t), torch.tensor(y, dtype=torch.long), alpha, beta, temperature
+        ),
         s,
     )
     assert ref_value > 0.1
@@ -436,13 +442,30 @@ def test_ctkd_lambda_schedule():
 # ----------------------------------------------------------------- PKCD
 
 
+_jit_pkcd = jax.jit(pkcd_loss, static_argnames=("pkcd_alpha", "pkcd_beta", "eps"))
+
+
+def _pkcd_total(x, t, y, state, temperature):
+    terms, new_state = pkcd_loss(x, t, y, state, temperature=temperature)
+    return terms["total"], (terms, new_state)
+
+
+# one compilation for every PKCD value/gradient below (temperature and state are traced)
+_pkcd_value_and_grad = jax.jit(jax.value_and_grad(_pkcd_total, has_aux=True))
+
+
 def _pkcd_inputs():
+    """Two consecutive batches (numpy) as (s1, t1, y1, s2, t2, y2)."""
     s1, t1 = _logits(40), _logits(41)
     s2, t2 = _logits(42), _logits(43)
     y1 = np.array([0, 1, 2, 3, 0, 1, 5, 6], np.int32)
-    # labels 7, 8 have no positive in the previous batch; 0 has two, 1 has two
+    # in batch 2, labels 0 and 1 have two positives in batch 1, labels 7 and 8 have none
     y2 = np.array([0, 1, 7, 3, 8, 0, 2, 1], np.int32)
     return s1, t1, y1, s2, t2, y2
+
+
+def _long(y):
+    return torch.tensor(y, dtype=torch.long)
 
 
 def test_pkcd_init_state():
@@ -456,72 +479,71 @@ def test_pkcd_init_state():
 def test_pkcd_first_call_is_kd_soft_only():
     s1, t1, y1, *_ = _pkcd_inputs()
     T = 4.0
-    terms, new_state = jax.jit(pkcd_loss)(jnp.asarray(s1), jnp.asarray(t1), jnp.asarray(y1), pkcd_init_state(B, C), temperature=T)
-    L_kd, L_c, L_p, L_intra, total = torch_tikd_pkcd(_t64(s1), _t64(t1), torch.tensor(y1, dtype=torch.long), T, None, None)
+    s, t, y = jnp.asarray(s1), jnp.asarray(t1), jnp.asarray(y1)
+    empty = pkcd_init_state(B, C)
+    (_, (terms, new_state)), grad = _pkcd_value_and_grad(s, t, y, empty, T)
+    L_kd, _, _, _, total = torch_tikd_pkcd(_t64(s1), _t64(t1), _long(y1), T, None, None)
     _assert_close(terms["kd_soft"], L_kd.item())
     _assert_close(terms["total"], total.item())
     for name in ("cbcd_current", "cbcd_previous", "cbcd", "intra"):
         assert float(terms[name]) == 0.0
-    _assert_close(terms["total"], soft_distillation_loss(jnp.asarray(s1), jnp.asarray(t1), T))
+    _assert_close(terms["total"], soft_distillation_loss(s, t, T))
     np.testing.assert_array_equal(np.asarray(new_state["prev_teacher_logits"]), t1)
     np.testing.assert_array_equal(np.asarray(new_state["prev_labels"]), y1)
     assert bool(new_state["valid"])
-    grad = jax.jit(jax.grad(lambda x: pkcd_loss(x, jnp.asarray(t1), jnp.asarray(y1), pkcd_init_state(B, C), temperature=T)[0]["total"]))(jnp.asarray(s1))
-    ref_grad = _torch_value_and_grad(lambda x: torch_tikd_pkcd(x, _t64(t1), torch.tensor(y1, dtype=torch.long), T, None, None)[-1], s1)[1]
+
+    _, ref_grad = _torch_value_and_grad(
+        lambda x: torch_tikd_pkcd(x, _t64(t1), _long(y1), T, None, None)[-1], s1
+    )
     _assert_close(grad, ref_grad)
 
 
 @pytest.mark.parametrize("temperature", [4.0, 1.0])
 def test_pkcd_second_call_uses_previous_batch_and_matches_torch(temperature):
     s1, t1, y1, s2, t2, y2 = _pkcd_inputs()
-    _, state = pkcd_loss(jnp.asarray(s1), jnp.asarray(t1), jnp.asarray(y1), pkcd_init_state(B, C), temperature=temperature)
-
-    def total(x):
-        terms, _ = pkcd_loss(x, jnp.asarray(t2), jnp.asarray(y2), state, temperature=temperature)
-        return terms["total"], terms
-
-    (value, terms), grad = jax.jit(jax.value_and_grad(total, has_aux=True))(jnp.asarray(s2))
-    ref = torch_tikd_pkcd(
-        _t64(s2), _t64(t2), torch.tensor(y2, dtype=torch.long), temperature,
-        _t64(t1), torch.tensor(y1, dtype=torch.long),
+    t, y = jnp.asarray(t2), jnp.asarray(y2)
+    _, state = _jit_pkcd(
+        jnp.asarray(s1), jnp.asarray(t1), jnp.asarray(y1), pkcd_init_state(B, C),
+        temperature=temperature,
     )
+
+    (_, (terms, _)), grad = _pkcd_value_and_grad(jnp.asarray(s2), t, y, state, temperature)
+
+    def torch_total(x):
+        return torch_tikd_pkcd(x, _t64(t2), _long(y2), temperature, _t64(t1), _long(y1))
+
+    ref = torch_total(_t64(s2))
     for name, ref_term in zip(("kd_soft", "cbcd_current", "cbcd_previous", "intra", "total"), ref):
         _assert_close(terms[name], ref_term.item())
     _assert_close(terms["cbcd"], (ref[1] + ref[2]).item())
     assert float(terms["cbcd_previous"]) > 0.1 and float(terms["cbcd_current"]) > 0.1
-    ref_grad = _torch_value_and_grad(
-        lambda x: torch_tikd_pkcd(
-            x, _t64(t2), torch.tensor(y2, dtype=torch.long), temperature,
-            _t64(t1), torch.tensor(y1, dtype=torch.long),
-        )[-1],
-        s2,
-    )[1]
+    _, ref_grad = _torch_value_and_grad(lambda x: torch_total(x)[-1], s2)
     _assert_close(grad, ref_grad)
 
     # the previous batch really enters: other previous logits change cbcd_previous only
     other_state = dict(state, prev_teacher_logits=jnp.asarray(_logits(44)))
-    other_terms, _ = pkcd_loss(jnp.asarray(s2), jnp.asarray(t2), jnp.asarray(y2), other_state, temperature=temperature)
+    other_terms, _ = _jit_pkcd(jnp.asarray(s2), t, y, other_state, temperature=temperature)
     assert abs(float(other_terms["cbcd_previous"]) - float(terms["cbcd_previous"])) > 1e-3
     _assert_close(other_terms["cbcd_current"], terms["cbcd_current"])
     _assert_close(other_terms["intra"], terms["intra"])
 
 
-def test_pkcd_jit_state_carry_and_keyword_weights():
+def test_pkcd_state_carry_keyword_weights_and_soft_labels():
     s1, t1, y1, s2, t2, y2 = _pkcd_inputs()
-    step = jax.jit(pkcd_loss, static_argnames=("pkcd_alpha", "pkcd_beta"))
-    state = pkcd_init_state(B, C)
-    _, state = step(jnp.asarray(s1), jnp.asarray(t1), jnp.asarray(y1), state)
-    terms, _ = step(jnp.asarray(s2), jnp.asarray(t2), jnp.asarray(y2), state, pkcd_alpha=0.5, pkcd_beta=2.0)
-    expected = terms["kd_soft"] + 0.5 * terms["cbcd"] + 2.0 * terms["intra"]
-    _assert_close(terms["total"], expected)
+    s, t, y = jnp.asarray(s2), jnp.asarray(t2), jnp.asarray(y2)
+    _, state = _jit_pkcd(jnp.asarray(s1), jnp.asarray(t1), jnp.asarray(y1), pkcd_init_state(B, C))
+    unweighted, _ = _jit_pkcd(s, t, y, state)
+    weighted, _ = _jit_pkcd(s, t, y, state, pkcd_alpha=0.5, pkcd_beta=2.0)
+    expected = unweighted["kd_soft"] + 0.5 * unweighted["cbcd"] + 2.0 * unweighted["intra"]
+    _assert_close(weighted["total"], expected)
     # soft (mixup) labels are reduced by argmax, as the released forward does
-    soft_terms, soft_state = pkcd_loss(jnp.asarray(s2), jnp.asarray(t2), one_hot_smoothed(jnp.asarray(y2), C, 0.1), state)
+    soft_terms, soft_state = _jit_pkcd(s, t, one_hot_smoothed(y, C, 0.1), state)
     np.testing.assert_array_equal(np.asarray(soft_state["prev_labels"]), y2)
-    unweighted, _ = pkcd_loss(jnp.asarray(s2), jnp.asarray(t2), jnp.asarray(y2), state)
     _assert_close(soft_terms["total"], unweighted["total"])
     # a separate InfoNCE temperature changes only the contrastive terms
-    tau_terms, _ = pkcd_loss(jnp.asarray(s2), jnp.asarray(t2), jnp.asarray(y2), state, contrastive_temperature=0.5)
+    tau_terms, _ = _jit_pkcd(s, t, y, state, contrastive_temperature=0.5)
     _assert_close(tau_terms["intra"], unweighted["intra"])
+    _assert_close(tau_terms["kd_soft"], unweighted["kd_soft"])
     assert abs(float(tau_terms["cbcd"]) - float(unweighted["cbcd"])) > 1e-2
 
 
@@ -533,20 +555,28 @@ def _extreme_logits(seed):
     return (np.sign(rng.randn(B, C)) * 50.0).astype(np.float32)
 
 
+def _ctkd_at(s, t, y, T):
+    # CTKD's T lies in (1, 21); the raw parameter that gives T (T ≈ 1 when T < 1 is asked for)
+    raw = jnp.log(jnp.maximum(T - 1.0, 1e-9) / (21.0 - T))
+    return ctkd_loss(s, t, raw, 1.0)
+
+
+def _pkcd_total_second_call(s, t, y, T):
+    _, state = pkcd_loss(t, s, y, pkcd_init_state(B, C), temperature=T)
+    return pkcd_loss(s, t, y, state, temperature=T)[0]["total"]
+
+
 _LOSSES = {
     "cross_entropy": lambda s, t, y, T: cross_entropy(s, y),
     "kd": lambda s, t, y, T: kd_loss(s, t, T),
     "soft": lambda s, t, y, T: soft_distillation_loss(s, t, T),
     "hard": lambda s, t, y, T: hard_distillation_loss(s, t),
     "dkd": lambda s, t, y, T: dkd_loss(s, t, y, 1.0, 8.0, T),
-    # CTKD's T lies in (1, 21): raw −20 gives T ≈ 1, the smallest it can reach
-    "ctkd": lambda s, t, y, T: ctkd_loss(
-        s, t, jnp.float32(-20.0 if T < 1.0 else math.log((T - 1.0) / (21.0 - T))), 1.0
-    ),
-    "pkcd": lambda s, t, y, T: pkcd_loss(
-        s, t, y, pkcd_loss(t, s, y, pkcd_init_state(B, C), temperature=T)[1], temperature=T
-    )[0]["total"],
+    "ctkd": _ctkd_at,
+    "pkcd": _pkcd_total_second_call,
 }
+# one compilation per loss, the temperature is traced
+_LOSS_VALUE_AND_GRAD = {name: jax.jit(jax.value_and_grad(fn)) for name, fn in _LOSSES.items()}
 
 
 @pytest.mark.parametrize("name", sorted(_LOSSES))
@@ -554,14 +584,16 @@ _LOSSES = {
 def test_losses_finite_at_extreme_temperature_and_logits(name, temperature):
     s, t = jnp.asarray(_extreme_logits(50)), jnp.asarray(_extreme_logits(51))
     y = jnp.asarray(_labels(52))
-    fn = jax.jit(lambda x: _LOSSES[name](x, t, y, temperature))
-    value, grad = jax.value_and_grad(fn)(s)
+    value_and_grad = _LOSS_VALUE_AND_GRAD[name]
+    value, grad = value_and_grad(s, t, y, jnp.float32(temperature))
     assert np.isfinite(float(value)), (name, temperature, float(value))
     assert np.all(np.isfinite(np.asarray(grad))), (name, temperature)
-    # the student equal to the teacher: distillation terms must be ~0 and finite, not nan
+    assert np.any(np.asarray(grad) != 0.0), (name, temperature)
+    # the student equal to the teacher: distillation terms must be ~0 with zero gradient
     if name in ("kd", "soft", "dkd", "ctkd"):
-        same = float(jax.jit(lambda x: _LOSSES[name](x, x, y, temperature))(t))
-        assert abs(same) < 1e-4, (name, temperature, same)
+        same, same_grad = value_and_grad(t, t, y, jnp.float32(temperature))
+        assert abs(float(same)) < 1e-4, (name, temperature, float(same))
+        np.testing.assert_allclose(np.asarray(same_grad), 0.0, atol=1e-4)
 
 
 def test_extreme_dkd_matches_mdistiller_where_torch_is_finite():

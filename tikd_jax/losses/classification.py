@@ -21,6 +21,7 @@ def cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
     """
     logits = jnp.asarray(logits, jnp.float32)
     log_probs = jax.nn.log_softmax(logits, axis=-1)
+    targets = jnp.asarray(targets)
     if targets.ndim == logits.ndim:
         targets = jnp.asarray(targets, jnp.float32)
         return jnp.mean(-jnp.sum(targets * log_probs, axis=-1))

@@ -6,8 +6,8 @@ distillation_loss``):
   1. ``kd_soft``  DeiT soft KD: KL sum × T² / (B·C)  (= ``soft_distillation_loss``).
   2. ``cbcd``     contrastive (InfoNCE) over Pearson correlations, ``cbcd_current`` +
                   ``cbcd_previous``; weight ``pkcd_alpha``.
-  3. ``intra``    1 − T² · mean_c Pearson(softmax(z_s/T, axis=0)[:, c], softmax(z_t/T, axis=0)[:, c]);
-                  weight ``pkcd_beta``.
+  3. ``intra``    1 − T² · mean_c Pearson(P_s[:, c], P_t[:, c]), P = softmax(z/T, axis=0)
+                  (softmax over the BATCH axis); weight ``pkcd_beta``.
 
 The released code keeps the previous batch's teacher logits and labels in module buffers; here
 they are explicit state (``pkcd_init_state`` → ``pkcd_loss`` → new state). As released, BOTH
@@ -101,6 +101,7 @@ def pkcd_loss(
     """
     student_logits = jnp.asarray(student_logits, jnp.float32)
     teacher_logits = jax.lax.stop_gradient(jnp.asarray(teacher_logits, jnp.float32))
+    labels = jnp.asarray(labels)
     if labels.ndim == 2:
         labels = jnp.argmax(labels, axis=-1)
     labels = labels.astype(jnp.int32)

@@ -20,6 +20,7 @@ from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 CIFAR100_MEAN = (0.5071, 0.4865, 0.4409)
@@ -46,6 +47,7 @@ class ViTSize:
 # TIKD students on CIFAR-100 (REFERENCE §1) and IRKD's students (REFERENCE §7).
 SIZES: dict[str, ViTSize] = {
     'micro': ViTSize(dim=32, depth=2, heads=2, mlp_dim=64, patch=4, text_rank=8),  # for tests
+    'demo': ViTSize(dim=64, depth=4, heads=4, mlp_dim=128, patch=4, text_rank=16),  # digits demo
     'small': ViTSize(dim=128, depth=5, heads=8, mlp_dim=512, patch=4, text_rank=32),
     'medium': ViTSize(dim=256, depth=5, heads=8, mlp_dim=1024, patch=4, text_rank=32),
     'large': ViTSize(dim=512, depth=5, heads=8, mlp_dim=2048, patch=4, text_rank=128),
@@ -193,7 +195,7 @@ class DistilledViT(nnx.Module):
       self.dist_token = nnx.Param(init(rngs.params(), (1, 1, d)))
     n_pos = self.grid ** 2 + (self.num_prefix if dist_pos_embed else 1)
     self.pos_embed = nnx.Param(_trunc_normal(rngs.params(), (1, n_pos, d)))
-    rates = [float(r) for r in jnp.linspace(0.0, drop_path, size.depth)]
+    rates = [float(r) for r in np.linspace(0.0, drop_path, size.depth)]
     self.blocks = nnx.List([Block(size, r, rngs=rngs, dtype=dtype) for r in rates])
     self.norm = nnx.LayerNorm(d, epsilon=1e-6, dtype=dtype, rngs=rngs) if final_norm else None
     self.head = _linear(d, num_classes, rngs, dtype)
@@ -219,13 +221,13 @@ class DistilledViT(nnx.Module):
     x = self.patch_embed(self.normalize(images).astype(self.dtype or jnp.float32))
     b, gh, gw, d = x.shape
     x = x.reshape(b, gh * gw, d)
-    pos = self.pos_embed.value
+    pos = self.pos_embed[...]
     if (gh, gw) != (self.grid, self.grid):
       pos = resize_pos_embed(pos, (gh, gw), num_prefix=pos.shape[1] - self.grid ** 2)
-    cls = jnp.broadcast_to(self.cls_token.value, (b, 1, d)).astype(x.dtype)
+    cls = jnp.broadcast_to(self.cls_token[...], (b, 1, d)).astype(x.dtype)
     if not self.distilled:
       return jnp.concatenate([cls, x], axis=1) + pos.astype(x.dtype)
-    dist = jnp.broadcast_to(self.dist_token.value, (b, 1, d)).astype(x.dtype)
+    dist = jnp.broadcast_to(self.dist_token[...], (b, 1, d)).astype(x.dtype)
     if self.dist_pos_embed:
       return jnp.concatenate([cls, dist, x], axis=1) + pos.astype(x.dtype)
     # IRKD: cls and patches get positions, the dist token none.

@@ -75,6 +75,7 @@ class Checkpointer:
     self.manager = ocp.CheckpointManager(
         self.directory, options=options,
         item_handlers={'model': ocp.StandardCheckpointHandler(),
+                       'extra': ocp.StandardCheckpointHandler(),
                        'optimizer': ocp.StandardCheckpointHandler(),
                        'data': grain.checkpoint.CheckpointHandler(),
                        'meta': ocp.JsonCheckpointHandler()})
@@ -85,33 +86,46 @@ class Checkpointer:
   def all_steps(self) -> list[int]:
     return list(self.manager.all_steps())
 
-  def save(self, step: int, *, variables, opt_state, data_iterator, meta: dict,
+  def save(self, step: int, *, variables, extra, opt_state, data_iterator, meta: dict,
            metrics: dict | None = None, force: bool = False) -> bool:
+    """`variables`: the model's {'params', 'batch_stats'}; `extra`: other trained state."""
     args = ocp.args.Composite(
         model=ocp.args.StandardSave(flatten(variables)),
+        extra=ocp.args.StandardSave(_nonempty(extra)),
         optimizer=ocp.args.StandardSave(opt_state),
         data=grain.checkpoint.CheckpointSave(data_iterator),
         meta=ocp.args.JsonSave(meta))
     return self.manager.save(step, args=args, metrics=metrics, force=force)
 
-  def restore(self, step: int, *, variables_template, opt_template, data_iterator):
-    """Restores into the structure (and shardings) of the templates; returns (vars, opt, meta)."""
+  def restore(self, step: int, *, variables_template, extra_template, opt_template,
+              data_iterator):
+    """Restores into the templates' structure and shardings → (variables, extra, opt, meta)."""
     meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))[
         'meta']
     check_fits(self.manager.item_metadata(step)['model'], variables_template,
                f'checkpoint {self.directory}/{step}')
     restored = self.manager.restore(step, args=ocp.args.Composite(
         model=ocp.args.StandardRestore(_abstract(flatten(variables_template))),
+        extra=ocp.args.StandardRestore(_abstract(_nonempty(extra_template))),
         optimizer=ocp.args.StandardRestore(_abstract(opt_template)),
         data=grain.checkpoint.CheckpointRestore(data_iterator)))
     variables = fill_template(variables_template, dict(restored['model']), 'checkpoint')
-    return variables, restored['optimizer'], meta
+    extra = {k: v for k, v in restored['extra'].items() if k != _EMPTY}
+    return variables, extra, restored['optimizer'], meta
 
   def wait(self):
     self.manager.wait_until_finished()
 
   def close(self):
     self.manager.close()
+
+
+_EMPTY = '_empty'
+
+
+def _nonempty(tree: dict) -> dict:
+  """Orbax refuses to save an empty tree; a placeholder leaf keeps the item's layout fixed."""
+  return dict(tree, **{_EMPTY: np.zeros((), np.int8)})
 
 
 def check_fits(saved_metadata, template, what: str):

@@ -1,0 +1,66 @@
+"""Defaults shared by every config: each `get_config` starts from `base()` and states its recipe.
+
+Every knob the trainer reads is here, so a misspelt override (`--config.optimzer.lr=…`) fails
+loudly once the config is locked.
+"""
+from ml_collections import ConfigDict
+from ml_collections.config_dict import placeholder
+
+CIFAR100_MEAN, CIFAR100_STD = (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)
+CIFAR10_MEAN, CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)
+DIGITS_MEAN, DIGITS_STD = (0.3061,) * 3, (0.3240,) * 3
+# No weight decay on biases, norm scales, position embedding and the cls/dist tokens (DeiT).
+NO_DECAY = ('bias$', 'scale$', 'pos_embed', 'cls_token', 'dist_token', 'ctkd_raw_temperature')
+
+
+def base() -> ConfigDict:
+  c = ConfigDict()
+  c.name = ''
+  c.seed = 0
+  c.data = ConfigDict(dict(
+      name='digits', dir='', download=False, tfds_name='', image_size=32, val_size=0,
+      val_seed=42, num_workers=0, crop_padding=4, flip=True, train_split='train',
+      eval_split='test'))
+  c.model = ConfigDict(dict(name='distilled_vit', variant='micro', drop_path=0.1,
+                            mean=CIFAR100_MEAN, std=CIFAR100_STD))
+  c.teacher = ConfigDict(dict(name='resnet32x4', checkpoint='', mean=CIFAR100_MEAN,
+                              std=CIFAR100_STD))
+  c.distill = ConfigDict(dict(
+      method='hard', alpha=0.5, base_weight=placeholder(float), distill_weight=placeholder(float),
+      temperature=4.0, dkd_alpha=1.0, dkd_beta=8.0, dkd_warmup_epochs=20, ctkd_ramp_epochs=10))
+  c.text = ConfigDict(dict(features_dir=''))
+  c.tikd = ConfigDict(dict(fuse_text=False, alignment_beta=0.1, text_predictor_weight=1.0,
+                           eval_text='predicted'))
+  c.optimizer = ConfigDict(dict(name='adamw', b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.05,
+                                momentum=0.9, nesterov=False, wd_exclude=NO_DECAY,
+                                grad_clip_norm=0.0))
+  c.schedule = ConfigDict(dict(name='cosine', lr=5e-4, warmup_epochs=5.0, warmup_lr=1e-6,
+                               min_lr=1e-5, decay_epochs=(150, 180, 210), decay_factor=0.1))
+  c.batch_size = 128
+  c.eval_batch_size = 256
+  c.num_epochs = 300.0
+  c.label_smoothing = 0.1
+  c.log_every_steps = 50
+  c.eval_every_epochs = 1.0
+  c.checkpoint_every_steps = 0      # 0: every epoch
+  c.keep_checkpoints = 3
+  c.best_metric = 'top1'
+  c.mesh = [('data', -1)]
+  c.sharding_rules = []
+  c.stages = []
+  c.curriculum = ConfigDict(dict(stages=[], reset_optimizer=False))
+  return c
+
+
+def sgd_recipe(c: ConfigDict, lr: float = 0.05) -> None:
+  """RepDistiller / mdistiller CIFAR recipe: SGD 0.05, momentum 0.9, wd 5e-4 on every weight,
+  batch 64, 240 epochs, ×0.1 at 150/180/210, no label smoothing."""
+  c.optimizer.name = 'sgd'
+  c.optimizer.weight_decay = 5e-4
+  c.optimizer.wd_exclude = ('ctkd_raw_temperature',)
+  c.schedule.name = 'multistep'
+  c.schedule.lr = lr
+  c.schedule.decay_epochs = (150, 180, 210)
+  c.batch_size = 64
+  c.num_epochs = 240.0
+  c.label_smoothing = 0.0

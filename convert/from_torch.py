@@ -1,0 +1,322 @@
+"""A PyTorch checkpoint → a weights-only Flax checkpoint (`config.teacher.checkpoint` reads it).
+
+  # RepDistiller teacher (torch.load(p)['model']; bare, 'state_dict' and 'net' wrappers work too)
+  python -m convert.from_torch --checkpoint resnet32x4_vanilla/ckpt_epoch_240.pth \
+      --model resnet32x4 --num_classes 100 --out teachers/resnet32x4
+  # our own export (exact round trip of convert.to_torch), or a timm / facebookresearch DeiT file
+  python -m convert.from_torch --checkpoint tikd_small.safetensors --out teachers/tikd_small
+  # a Hugging Face DeiT folder (DeiTForImageClassificationWithTeacher), optionally re-gridded to
+  # 32 px / patch 2 with a fresh 10-class head (IRKD's fine-tuned teacher)
+  python -m convert.from_torch --checkpoint deit-small-distilled-patch16-224 --out teachers/deit_s
+  python -m convert.from_torch --checkpoint deit-small-distilled-patch16-224 --img_size 32 \
+      --patch_size 2 --num_classes 10 --reset_heads --out teachers/deit_s_p2
+
+What is not given is read off the weights: the model (`resnet*` / `distilled_vit` / `vit` /
+`irkd_vit`), the ViT size (`SIZES` entry with these widths), image size, number of classes, TIKD's
+text dimension. Input normalisation: `--norm cifar100|cifar10|imagenet` or `--mean/--std`; the
+Hugging Face processor's statistics for a HF folder; our export's metadata; else the model default
+(CIFAR-100). Every key is checked both in PyTorch names and in Flax names; a mismatch fails with
+the list of missing, unexpected and mis-shaped keys.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import warnings
+from typing import Mapping, Sequence
+
+import torch
+
+from convert.mapping import (check_state_dict, hf_deit_to_timm, resample_patch_embed,
+                             torch_to_flax, unwrap_state_dict)
+from convert.to_torch import META_KEY, build_flax_model
+from convert.torch_models import resize_pos_embed, torch_model_like
+from tikd_jax.models.resnet_cifar import CONFIGS as RESNET_CONFIGS
+from tikd_jax.models.variables import load_variables, model_variables
+from tikd_jax.models.vit import SIZES
+from tikd_jax.train.checkpoint import flatten, save_weights
+
+NORMS = {
+    'cifar100': ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+    'cifar10': ((0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)),
+    'imagenet': ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+}
+VIT_MODELS = ('distilled_vit', 'vit', 'irkd_vit')
+
+
+# --------------------------------------------------------------------------- reading
+def read_checkpoint(path: str, trust_pickle: bool = False):
+  """(state dict in timm / RepDistiller names, {'model': …} from the file or None, extra kwargs).
+
+  `path`: a Hugging Face DeiT folder, a .safetensors file, or a torch.save file.
+  """
+  path = os.path.abspath(os.path.expanduser(path))
+  if os.path.isdir(path):
+    if not os.path.exists(os.path.join(path, 'config.json')):
+      raise FileNotFoundError(f'{path} is a folder without config.json: not a Hugging Face model')
+    return _read_hf_deit(path)
+  if not os.path.exists(path):
+    raise FileNotFoundError(f'checkpoint {path} does not exist')
+  file_meta = None
+  if path.endswith('.safetensors'):
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+    with safe_open(path, framework='pt') as f:
+      metadata = f.metadata() or {}
+    state_dict = load_file(path)
+    if META_KEY in metadata:
+      file_meta = json.loads(metadata[META_KEY])
+  else:
+    try:
+      obj = torch.load(path, map_location='cpu', weights_only=not trust_pickle)
+    except Exception as e:  # noqa: BLE001 - the unpickler raises many types
+      raise ValueError(f'torch.load({path}, weights_only=True) failed ({type(e).__name__}: {e}). '
+                       f'If you trust the file, pass --trust_pickle') from e
+    state_dict = unwrap_state_dict(obj, f'checkpoint {path}')
+  if any(k.startswith('deit.') for k in state_dict):
+    return hf_deit_to_timm(state_dict), file_meta, {}
+  return state_dict, file_meta, {}
+
+
+def _read_hf_deit(path: str):
+  from transformers import AutoConfig, DeiTForImageClassificationWithTeacher
+
+  config = AutoConfig.from_pretrained(path)
+  if config.model_type != 'deit':
+    raise ValueError(f'{path} holds a {config.model_type!r} model; only DeiT converts')
+  if config.hidden_act != 'gelu':
+    raise ValueError(f'{path}: hidden_act {config.hidden_act!r}; our ViT uses exact GELU (gelu)')
+  if not config.qkv_bias or config.num_channels != 3:
+    raise ValueError(f'{path}: qkv_bias={config.qkv_bias}, num_channels={config.num_channels}; '
+                     f'our ViT has qkv bias and 3 channels')
+  if abs(config.layer_norm_eps - 1e-6) > 1e-12:
+    warnings.warn(f'{path}: layer_norm_eps is {config.layer_norm_eps:g} but our ViT uses 1e-6 '
+                  f'(the value timm / DeiT trained with; the Hub configs say 1e-12): logits '
+                  f'differ very slightly from the Hugging Face model')
+  model = DeiTForImageClassificationWithTeacher.from_pretrained(path)
+  state_dict = hf_deit_to_timm(model.state_dict())
+  extra = {'heads': config.num_attention_heads}
+  proc = os.path.join(path, 'preprocessor_config.json')
+  mean, std = NORMS['imagenet']
+  if os.path.exists(proc):
+    with open(proc) as f:
+      pc = json.load(f)
+    mean, std = pc.get('image_mean', mean), pc.get('image_std', std)
+  extra['mean'], extra['std'] = list(mean), list(std)
+  return state_dict, None, extra
+
+
+# --------------------------------------------------------------------------- inference
+def infer_resnet(sd: Mapping[str, torch.Tensor]) -> tuple[str, dict]:
+  n = 1 + max(int(k.split('.')[1]) for k in sd if k.startswith('layer1.'))
+  filters = (sd['conv1.weight'].shape[0],) + tuple(
+      sd[f'layer{s}.0.conv2.weight'].shape[0] for s in (1, 2, 3))
+  for arch, (depth, f) in RESNET_CONFIGS.items():
+    if depth == 6 * n + 2 and tuple(f) == filters:
+      return arch, {'num_classes': int(sd['fc.weight'].shape[0])}
+  raise ValueError(f'checkpoint is a CIFAR ResNet of depth {6 * n + 2} with filters {filters}, '
+                   f'which is none of {sorted(RESNET_CONFIGS)}')
+
+
+def _vit_geometry(sd, name: str) -> tuple[int, int, int]:
+  """(patch, grid, number of prefix positions in pos_embed) of a timm-layout state dict."""
+  patch = int(sd['patch_embed.proj.weight'].shape[-1])
+  n_pos = int(sd['pos_embed'].shape[1])
+  prefix = 2 if name == 'distilled_vit' else 1
+  grid = math.isqrt(n_pos - prefix)
+  if grid * grid != n_pos - prefix:
+    raise ValueError(f'pos_embed has {n_pos} positions: not {prefix} prefix + a square grid, '
+                     f'so this is not a {name} checkpoint')
+  return patch, grid, prefix
+
+
+def infer_vit(sd: Mapping[str, torch.Tensor], name: str | None, heads: int | None = None,
+              variant: str | None = None):
+  """(model name, kwargs) of a timm-layout ViT state dict; `variant` skips the size search."""
+  if name is None:
+    if 'dist_token' not in sd:
+      name = 'vit'
+    elif 'norm.weight' not in sd:
+      name = 'irkd_vit'
+    else:
+      name = 'distilled_vit'
+  dim = int(sd['cls_token'].shape[-1])
+  depth = 1 + max(int(k.split('.')[1]) for k in sd if k.startswith('blocks.'))
+  mlp = int(sd['blocks.0.mlp.fc1.weight'].shape[0])
+  patch, grid, _ = _vit_geometry(sd, name)
+  kwargs = {'num_classes': int(sd['head.weight'].shape[0]), 'img_size': grid * patch}
+  rank = None
+  if 'text_predictor.up.weight' in sd:
+    kwargs['text_dim'] = int(sd['text_predictor.up.weight'].shape[0])
+    rank = int(sd['text_predictor.down.weight'].shape[0])
+  if variant is not None:  # as told; the strict key check reports what does not fit
+    if variant not in SIZES:
+      raise ValueError(f'unknown ViT variant {variant!r}; known: {sorted(SIZES)}')
+    candidates = [variant]
+  else:
+    fits = [v for v, s in SIZES.items() if (s.dim, s.depth, s.mlp_dim) == (dim, depth, mlp)
+            and (heads is None or s.heads == heads) and (rank is None or s.text_rank == rank)]
+    if not fits:
+      raise ValueError(f'no ViT size in SIZES has dim {dim}, depth {depth}, mlp {mlp}'
+                       f'{f", heads {heads}" if heads else ""}'
+                       f'{f", text rank {rank}" if rank else ""}; add one to '
+                       f'tikd_jax/models/vit.py:SIZES or pass --variant')
+    candidates = [v for v in fits if SIZES[v].patch == patch] or fits
+    if len({SIZES[v].heads for v in candidates}) > 1:
+      raise ValueError(f'sizes {candidates} all fit these weights but differ in heads: pass '
+                       f'--variant')
+  kwargs['variant'] = candidates[0]
+  if SIZES[candidates[0]].patch != patch:
+    kwargs['patch_size'] = patch
+  return name, kwargs
+
+
+def _norm_kwargs(args, extra) -> dict:
+  if args.mean or args.std:
+    if not (args.mean and args.std):
+      raise ValueError('give both --mean and --std')
+    return {'mean': [float(x) for x in args.mean.split(',')],
+            'std': [float(x) for x in args.std.split(',')]}
+  if args.norm:
+    mean, std = NORMS[args.norm]
+    return {'mean': list(mean), 'std': list(std)}
+  return {k: extra[k] for k in ('mean', 'std') if k in extra}
+
+
+# --------------------------------------------------------------------------- re-gridding
+def regrid_vit(sd: dict, name: str, kwargs: dict) -> dict:
+  """Resamples the patch kernel and resizes pos_embed when the target patch / image size differ
+  from the checkpoint's (pseudo-inverse patch resize, bicubic positions, prefix kept)."""
+  src_patch, src_grid, prefix = _vit_geometry(sd, name)
+  patch = kwargs.get('patch_size') or SIZES[kwargs['variant']].patch
+  img = kwargs.get('img_size', 32)
+  if img % patch:
+    raise ValueError(f'img_size {img} is not a multiple of patch size {patch}')
+  sd = dict(sd)
+  if patch != src_patch:
+    sd['patch_embed.proj.weight'] = resample_patch_embed(sd['patch_embed.proj.weight'], patch)
+    print(f'patch embedding resampled {src_patch} → {patch}', file=sys.stderr)
+  if img // patch != src_grid:
+    sd['pos_embed'] = resize_pos_embed(sd['pos_embed'], (img // patch,) * 2, prefix)
+    print(f'position embedding resized {src_grid}² → {img // patch}²', file=sys.stderr)
+  return sd
+
+
+# --------------------------------------------------------------------------- conversion
+HEADS = ('head', 'head_dist', 'fc')
+
+
+def fresh_heads(twin: torch.nn.Module, seed: int = 0) -> dict[str, torch.Tensor]:
+  """New classifier weights, initialised as our models do: trunc_normal(0.02) and zero bias for
+  the ViT heads (timm), PyTorch's default Linear init for the ResNet's fc (RepDistiller)."""
+  with torch.random.fork_rng():
+    torch.manual_seed(seed)
+    out = {}
+    for name in HEADS:
+      layer = getattr(twin, name, None)
+      if layer is None:
+        continue
+      if name == 'fc':
+        layer.reset_parameters()
+      else:
+        torch.nn.init.trunc_normal_(layer.weight, std=0.02, a=-2.0, b=2.0)
+        torch.nn.init.zeros_(layer.bias)
+      out.update({f'{name}.{k}': v.detach().clone() for k, v in layer.state_dict().items()})
+  return out
+
+
+def _without_counters(sd):
+  """BatchNorm's num_batches_tracked carries nothing the eval model uses (old files lack it)."""
+  return {k: v for k, v in sd.items() if not k.endswith('num_batches_tracked')}
+
+
+def convert(state_dict: Mapping[str, torch.Tensor], model_meta: dict, what: str,
+            reset_heads: bool = False):
+  """Checks `state_dict` against the model of `model_meta` and returns the loaded Flax model."""
+  model = build_flax_model(model_meta)
+  twin = torch_model_like(model)
+  sd = dict(state_dict)
+  if reset_heads:
+    sd = {k: v for k, v in sd.items() if k.split('.')[0] not in HEADS}
+    sd.update(fresh_heads(twin))
+  check_state_dict(_without_counters(twin.state_dict()), _without_counters(sd), what)
+  flat = torch_to_flax(sd)
+  template = flatten(model_variables(model))
+  flat = {k: (v.astype(template[k].dtype) if k in template and v.dtype != template[k].dtype
+              else v) for k, v in flat.items()}
+  load_variables(model, flat, what)
+  return model
+
+
+def _parse(argv):
+  p = argparse.ArgumentParser(prog='python -m convert.from_torch', description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument('--checkpoint', required=True,
+                 help='.pth/.pt/.bin/.safetensors file, or a Hugging Face DeiT folder')
+  p.add_argument('--out', required=True, help='output directory (a weights-only checkpoint)')
+  p.add_argument('--model', default=None,
+                 help=f'model name (default: read off the weights): {", ".join(VIT_MODELS)}, '
+                      f'{", ".join(RESNET_CONFIGS)}')
+  p.add_argument('--variant', default=None, help=f'ViT size: {", ".join(SIZES)}')
+  p.add_argument('--num_classes', type=int, default=None)
+  p.add_argument('--img_size', type=int, default=None,
+                 help='ViT image size; a new one resizes pos_embed')
+  p.add_argument('--patch_size', type=int, default=None,
+                 help='ViT patch size; a new one resamples the patch embedding')
+  p.add_argument('--reset_heads', action='store_true',
+                 help='fresh classifier heads (with --num_classes) instead of the checkpoint\'s')
+  p.add_argument('--norm', choices=sorted(NORMS), default=None, help='input normalisation')
+  p.add_argument('--mean', default=None, help='comma-separated channel means (with --std)')
+  p.add_argument('--std', default=None, help='comma-separated channel stds (with --mean)')
+  p.add_argument('--model_kwargs', default=None, help='JSON object of further build_model kwargs')
+  p.add_argument('--step', type=int, default=0, help='step number of the written checkpoint')
+  p.add_argument('--trust_pickle', action='store_true',
+                 help='torch.load with weights_only=False (only for files you trust)')
+  return p.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> str:
+  args = _parse(argv)
+  sd, file_meta, extra = read_checkpoint(args.checkpoint, args.trust_pickle)
+  name = args.model or (file_meta or {}).get('name')
+  if 'conv1.weight' in sd and any(k.startswith('layer1.') for k in sd):
+    arch, kwargs = infer_resnet(sd)
+    if name is None:
+      name = arch
+    elif name != arch:
+      raise ValueError(f'--model {name} but the checkpoint is a {arch} (see its layer shapes)')
+  elif 'cls_token' in sd and 'patch_embed.proj.weight' in sd:
+    if name is not None and name not in VIT_MODELS:
+      raise ValueError(f'checkpoint is a ViT but --model is {name}')
+    name, kwargs = infer_vit(sd, name, extra.get('heads'), args.variant)
+  else:
+    raise ValueError(f'checkpoint {args.checkpoint} is neither a CIFAR ResNet (conv1, layer1…) '
+                     f'nor a ViT (cls_token, patch_embed.proj…); first keys: {sorted(sd)[:10]}')
+  vit_only = [f'--{f}' for f in ('variant', 'img_size', 'patch_size') if getattr(args, f)]
+  if name not in VIT_MODELS and vit_only:
+    raise ValueError(f'{", ".join(vit_only)} only apply to ViTs, not {name}')
+  kwargs.update((file_meta or {}).get('kwargs') or {})
+  kwargs.update(_norm_kwargs(args, extra))
+  for flag in ('variant', 'num_classes', 'img_size', 'patch_size'):
+    if getattr(args, flag) is not None:
+      kwargs[flag] = getattr(args, flag)
+  if args.model_kwargs:
+    kwargs.update(json.loads(args.model_kwargs))
+  if name in VIT_MODELS:
+    sd = regrid_vit(sd, name, kwargs)
+  model_meta = {'name': name, 'kwargs': kwargs}
+  model = convert(sd, model_meta, f'checkpoint {args.checkpoint}', args.reset_heads)
+  kwargs.setdefault('mean', list(model.mean))  # explicit in the metadata
+  kwargs.setdefault('std', list(model.std))
+  path = save_weights(args.out, model_variables(model),
+                      meta={'model': model_meta, 'source': os.path.abspath(args.checkpoint)},
+                      step=args.step)
+  print(f'wrote {path}: model {name} {json.dumps(kwargs)}', file=sys.stderr)
+  return path
+
+
+if __name__ == '__main__':
+  main()

@@ -1,0 +1,129 @@
+"""A trained (or converted) Flax checkpoint → a PyTorch state dict.
+
+  python -m convert.to_torch --workdir runs/tikd_small --out tikd_small.safetensors
+  python -m convert.to_torch --workdir runs/tikd_small --step 60000 --out tikd_small.pt
+
+The checkpoint's `meta['model']` ({'name': …, 'kwargs': …}, what `build_model` takes) says which
+model the weights belong to; the Flax model is built from it and loaded strictly, so a checkpoint
+that does not fit its own metadata fails with the list of keys. The state dict is checked the same
+way against the PyTorch twin (`convert.torch_models`) before it is written:
+  * `.pt`: `torch.save(state_dict)`, a bare state dict (timm / RepDistiller layout);
+  * `.safetensors`: the same tensors, with `meta['model']` as JSON under the metadata key
+    'tikd_model' (`convert.from_torch` reads it back for an exact round trip).
+Load it with `convert.torch_models.TorchDistilledViT` / `TorchCifarResNet` (or timm's DeiT for a
+distilled ViT without text modules); those take [0, 1] NCHW images and normalise them internally.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Sequence
+
+import jax
+import torch
+from flax import nnx
+
+from convert.mapping import flax_to_torch, load_strict
+from convert.torch_models import torch_model_like
+from tikd_jax.models import build_model
+from tikd_jax.models.variables import load_variables
+from tikd_jax.train.checkpoint import load_weights
+
+META_KEY = 'tikd_model'
+
+
+def step_dir(workdir: str, step: int | None) -> str:
+  """The path `load_weights` should read: the workdir itself, or one step folder of it."""
+  if step is None:
+    return workdir
+  base = os.path.abspath(os.path.expanduser(workdir))
+  candidates = [os.path.join(base, 'checkpoints', str(step)), os.path.join(base, str(step))]
+  if os.path.basename(base) == str(step):
+    candidates.append(base)
+  for c in candidates:
+    if os.path.isdir(os.path.join(c, 'model')):
+      return c
+  root = os.path.join(base, 'checkpoints') if os.path.isdir(os.path.join(base, 'checkpoints')) \
+      else base
+  have = sorted(int(d) for d in os.listdir(root) if d.isdigit()) if os.path.isdir(root) else []
+  raise FileNotFoundError(f'{workdir} has no checkpoint for step {step}; steps present: {have}')
+
+
+def build_flax_model(model_meta: dict) -> nnx.Module:
+  """`build_model(meta['name'], **meta['kwargs'])`, abstract: shapes only, no initialisation
+  compute (conversion fills every variable from the checkpoint, see `load_variables`)."""
+  if not isinstance(model_meta, dict) or 'name' not in model_meta:
+    raise ValueError(f"checkpoint metadata has no model description (expected meta['model'] = "
+                     f"{{'name': …, 'kwargs': {{…}}}}, got {model_meta!r}); pass --model and "
+                     f"--model_kwargs")
+  kwargs = dict(model_meta.get('kwargs') or {})
+
+  def build(key):
+    # Constants (e.g. the stochastic-depth schedule) stay concrete while tracing.
+    with jax.ensure_compile_time_eval():
+      return build_model(model_meta['name'], rngs=nnx.Rngs(key), **kwargs)
+
+  return nnx.eval_shape(build, jax.random.key(0))
+
+
+def export(flat: dict, model_meta: dict, what: str = 'checkpoint'):
+  """(Flax model, PyTorch model, state dict) of flat Flax variables; both sides loaded strictly."""
+  model = build_flax_model(model_meta)
+  load_variables(model, flat, what)
+  state_dict = flax_to_torch(flat)
+  torch_model = load_strict(torch_model_like(model).eval(), state_dict,
+                            f'{what} (as a PyTorch state dict)')
+  return model, torch_model, state_dict
+
+
+def save_state_dict(state_dict: dict, path: str, model_meta: dict | None = None) -> str:
+  path = os.path.abspath(os.path.expanduser(path))
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  if path.endswith('.safetensors'):
+    from safetensors.torch import save_file
+    metadata = {'format': 'pt'}
+    if model_meta is not None:
+      metadata[META_KEY] = json.dumps(model_meta)
+    save_file({k: v.contiguous() for k, v in state_dict.items()}, path, metadata=metadata)
+  elif path.endswith(('.pt', '.pth', '.bin')):
+    torch.save(state_dict, path)
+  else:
+    raise ValueError(f'--out must end in .pt, .pth or .safetensors, got {path}')
+  return path
+
+
+def _parse(argv):
+  p = argparse.ArgumentParser(prog='python -m convert.to_torch', description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument('--workdir', required=True,
+                 help='training workdir, its checkpoints/ folder, or one step folder')
+  p.add_argument('--step', type=int, default=None, help='checkpoint step (default: the newest)')
+  p.add_argument('--out', required=True, help='output file, .pt or .safetensors')
+  p.add_argument('--model', default=None, help="override meta['model']['name']")
+  p.add_argument('--model_kwargs', default=None,
+                 help="JSON object overriding meta['model']['kwargs']")
+  return p.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> str:
+  args = _parse(argv)
+  source = step_dir(args.workdir, args.step)
+  meta, flat = load_weights(source)
+  model_meta = dict(meta.get('model') or {})
+  if args.model:
+    model_meta['name'] = args.model
+  if args.model_kwargs:
+    model_meta['kwargs'] = json.loads(args.model_kwargs)
+  model_meta.setdefault('kwargs', {})
+  _, _, state_dict = export(flat, model_meta, what=f'checkpoint {source}')
+  path = save_state_dict(state_dict, args.out, model_meta)
+  n = sum(int(v.numel()) for v in state_dict.values() if v.is_floating_point())
+  print(f'wrote {path}: {len(state_dict)} tensors, {n:,} values, model {model_meta["name"]} '
+        f'{json.dumps(model_meta["kwargs"])}', file=sys.stderr)
+  return path
+
+
+if __name__ == '__main__':
+  main()

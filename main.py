@@ -1,0 +1,89 @@
+r"""tikd-jax entry point.
+
+  python main.py --config=configs/demo.py --workdir=workdirs/demo
+  python main.py --config=configs/tikd_cifar100.py:large --workdir=DIR --config.batch_size=512
+  python main.py --config=configs/tikd_cifar100.py:large --workdir=DIR --mode=eval
+
+A config with `runs` (e.g. the demo) is a sequence of runs, each in `<workdir>/<run name>`; a
+run's `teacher.checkpoint` may name an earlier run as '{workdir}/<run name>'. Rerunning a
+command resumes every run from its newest checkpoint.
+Multi-host: `jax.distributed.initialize()` is called when --coordinator is given or when JAX
+detects a cluster (SLURM, TPU pod, Open MPI); see README "Scaling out".
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+from absl import app
+from absl import flags
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file (configs/*.py[:arg]).',
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Where checkpoints, logs and metrics go.')
+_MODE = flags.DEFINE_enum('mode', 'train', ['train', 'eval'],
+                          'train (resumes if the workdir has a checkpoint) or eval the newest '
+                          'checkpoint.')
+_COORDINATOR = flags.DEFINE_string('coordinator', None,
+                                   'host:port of process 0 for multi-host runs.')
+_NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Number of processes (hosts).')
+_PROCESS_ID = flags.DEFINE_integer('process_id', None, 'This process\'s index.')
+flags.mark_flags_as_required(['config', 'workdir'])
+
+
+def _maybe_initialize_distributed():
+  import jax  # pylint: disable=g-import-not-at-top
+  if _COORDINATOR.value:
+    jax.distributed.initialize(coordinator_address=_COORDINATOR.value,
+                               num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value)
+  elif any(k in os.environ for k in ('SLURM_JOB_ID', 'TPU_WORKER_HOSTNAMES',
+                                     'OMPI_COMM_WORLD_SIZE')):
+    jax.distributed.initialize()  # JAX's cluster auto-detection
+
+
+def run(config, workdir: str, mode: str) -> dict:
+  from tikd_jax.train import trainer  # pylint: disable=g-import-not-at-top
+  if 'runs' in config:
+    results = {}
+    for name in config.run_order:
+      sub = config.runs[name]
+      sub_dir = os.path.join(workdir, name)
+      with sub.unlocked():
+        if 'teacher' in sub and sub.teacher.checkpoint:
+          sub.teacher.checkpoint = sub.teacher.checkpoint.format(workdir=workdir)
+      results[name] = run(sub, sub_dir, mode)
+    _print_summary(results, config)
+    return results
+  if mode == 'eval':
+    result = trainer.evaluate_checkpoint(config, workdir)
+  else:
+    result = trainer.train_and_evaluate(config, workdir)
+  print(trainer.format_eval(result), flush=True)
+  return result
+
+
+def _print_summary(results: dict, config) -> None:
+  rows = [(name, r) for name, r in results.items() if isinstance(r, dict) and 'top1' in r]
+  print('\n' + config.get('summary_title', 'Summary'))
+  print(f'{"run":<24}{"params":>12}{"Acc@1":>9}{"Acc@5":>9}{"loss":>8}')
+  for name, r in rows:
+    print(f'{name:<24}{r.get("num_params", 0):>12,}{r["top1"]:>9.2f}{r["top5"]:>9.2f}'
+          f'{r["loss"]:>8.3f}')
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  _maybe_initialize_distributed()
+  results = run(_CONFIG.value, _WORKDIR.value, _MODE.value)
+  import jax  # pylint: disable=g-import-not-at-top
+  if jax.process_index() == 0:
+    with open(os.path.join(_WORKDIR.value, 'results.json'), 'w') as f:
+      json.dump(results, f, indent=2)
+
+
+if __name__ == '__main__':
+  sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+  app.run(main)

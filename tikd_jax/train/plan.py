@@ -1,0 +1,83 @@
+"""The run as a sequence of phases: TIKD's training stages and IRKD's resolution curriculum.
+
+A phase is a contiguous range of steps with fixed switches (text fusion, loss weights, frozen
+parameters, input resolution). Each distinct set of switches gets its own compiled step, compiled
+once. Phases come from `config.stages` (a list of stages with `epochs` and switches) or from
+`config.curriculum.stages` ([(resolution, epochs), …]); without either, one phase covers
+`config.num_epochs`.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+
+@dataclasses.dataclass(frozen=True)
+class Phase:
+  name: str
+  start_step: int
+  end_step: int                      # exclusive
+  fuse_text: bool = False
+  alignment_beta: float = 0.0
+  text_predictor_weight: float = 0.0
+  frozen: tuple[str, ...] = ()
+  resolution: int | None = None      # None: full size
+  reset_optimizer: bool = False      # re-create the optimizer state when the phase starts
+
+  @property
+  def switches(self) -> tuple:
+    """What the compiled step depends on (phases with equal switches share one compile)."""
+    return (self.fuse_text, self.alignment_beta, self.text_predictor_weight, self.frozen,
+            self.resolution)
+
+
+_STAGE_KEYS = {'name', 'epochs', 'fuse_text', 'alignment_beta', 'text_predictor_weight',
+               'frozen', 'resolution', 'reset_optimizer'}
+
+
+def build_phases(config, steps_per_epoch: int) -> list[Phase]:
+  stages = list(config.get('stages') or [])
+  curriculum = config.get('curriculum')
+  curriculum_stages = list(curriculum.stages) if curriculum and curriculum.get('stages') else []
+  tikd = config.get('tikd')
+  defaults = dict(
+      fuse_text=bool(tikd.fuse_text) if tikd else False,
+      alignment_beta=float(tikd.alignment_beta) if tikd else 0.0,
+      text_predictor_weight=float(tikd.text_predictor_weight) if tikd else 0.0,
+  )
+  if stages and curriculum_stages:
+    raise ValueError('config.stages and config.curriculum.stages cannot both be set; give each '
+                     'stage a `resolution` instead')
+  if curriculum_stages:
+    reset = bool(curriculum.get('reset_optimizer', False))
+    stages = [dict(name=f'res{int(r)}', epochs=e, resolution=int(r), reset_optimizer=reset)
+              for r, e in curriculum_stages]
+  if not stages:
+    stages = [dict(name='main', epochs=config.num_epochs)]
+  phases, start = [], 0
+  for i, stage in enumerate(stages):
+    stage = dict(stage)
+    unknown = set(stage) - _STAGE_KEYS
+    if unknown:
+      raise ValueError(f'stage {i}: unknown keys {sorted(unknown)}; allowed: {sorted(_STAGE_KEYS)}')
+    steps = int(round(float(stage['epochs']) * steps_per_epoch))
+    if steps <= 0:
+      raise ValueError(f'stage {i} ({stage.get("name")}) has {stage["epochs"]} epochs = {steps} '
+                       f'steps; give it at least one step')
+    kw = dict(defaults)
+    kw.update({k: stage[k] for k in ('fuse_text', 'alignment_beta', 'text_predictor_weight')
+               if k in stage})
+    phases.append(Phase(
+        name=str(stage.get('name', f'stage{i}')), start_step=start, end_step=start + steps,
+        frozen=tuple(stage.get('frozen', ())), resolution=stage.get('resolution'),
+        reset_optimizer=bool(stage.get('reset_optimizer', False)) and i > 0, **kw))
+    start += steps
+  return phases
+
+
+def phase_at(phases: Sequence[Phase], step: int) -> int:
+  """Index of the phase that contains `step` (the last phase for step == total)."""
+  for i, p in enumerate(phases):
+    if p.start_step <= step < p.end_step:
+      return i
+  return len(phases) - 1

@@ -1,0 +1,133 @@
+"""Pure, jitted train and eval steps over plain pytrees (the `nnx.split` pattern).
+
+The student lives as `graphdef` (static) + `params` / `batch_stats` (nested dicts, in the state);
+inside the step `nnx.merge` rebuilds it, so the step is a pure function the trainer can `jax.jit`
+with shardings and donate. The frozen teacher's variables are an argument, not a constant baked
+into the compiled program.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import flax
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from tikd_jax import losses
+from tikd_jax.train.objectives import LossInputs, Objective, tree_any_nonfinite
+from tikd_jax.train.optim import zero_frozen
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array                 # int32 scalar: optimizer steps taken
+  params: dict                    # {'student': …, 'objective': …} trainable
+  batch_stats: dict               # the student's BatchNorm statistics (empty for ViTs)
+  opt_state: Any
+  objective_state: dict           # carried loss state (PKCD's previous batch)
+
+
+@dataclasses.dataclass(frozen=True)
+class StepOptions:
+  """What a compiled train step is specialised on (one compile per distinct value)."""
+  num_classes: int
+  steps_per_epoch: int
+  seed: int
+  label_smoothing: float = 0.0
+  fuse_text: bool = False          # TIKD second pass on (stage switch)
+  alignment_beta: float = 0.0      # weight of mean(1 − c)
+  text_predictor_weight: float = 0.0
+  frozen: tuple[str, ...] = ()     # regexes of frozen parameter paths
+  batch_augment: Callable | None = None  # (images, labels, num_classes, rng) → (images, targets)
+
+
+def _teacher_logits(teacher_graphdef, teacher_vars, images):
+  if teacher_graphdef is None:
+    return None
+  teacher = nnx.merge(teacher_graphdef, teacher_vars['params'], teacher_vars['batch_stats'])
+  logits, _ = teacher(images, train=False)
+  return jax.lax.stop_gradient(logits.astype(jnp.float32))
+
+
+def _cosine_loss(pred, target):
+  pred = pred / jnp.maximum(jnp.linalg.norm(pred, axis=-1, keepdims=True), 1e-8)
+  target = target / jnp.maximum(jnp.linalg.norm(target, axis=-1, keepdims=True), 1e-8)
+  return jnp.mean(1.0 - jnp.sum(pred * target, axis=-1))
+
+
+def make_train_step(*, graphdef, teacher_graphdef, objective: Objective,
+                    tx: optax.GradientTransformation, frozen_mask, opts: StepOptions):
+  """(state, batch, teacher_vars) → (state, metrics). Metrics are device scalars."""
+  base_key = jax.random.key(opts.seed)
+
+  def train_step(state: TrainState, batch: dict, teacher_vars):
+    rng = jax.random.fold_in(base_key, state.step)
+    aug_rng, model_rng = jax.random.split(rng)
+    images = batch['image'].astype(jnp.float32) / 255.0
+    labels = batch['label']
+    if opts.batch_augment is not None:
+      images, targets = opts.batch_augment(images, labels, opts.num_classes, aug_rng)
+    else:
+      targets = losses.one_hot_smoothed(labels, opts.num_classes, opts.label_smoothing)
+    teacher_logits = _teacher_logits(teacher_graphdef, teacher_vars, images)
+    epoch = state.step.astype(jnp.float32) // opts.steps_per_epoch + 1.0
+
+    def loss_fn(params):
+      student = nnx.merge(graphdef, params['student'], state.batch_stats)
+      logits, out = student(images, train=True, rng=model_rng, text=batch.get('text'),
+                            fuse_text=opts.fuse_text)
+      inputs = LossInputs(out=out, teacher_logits=teacher_logits, targets=targets,
+                          labels=labels, epoch=epoch)
+      loss, metrics, new_obj_state = objective(inputs, params['objective'],
+                                               state.objective_state)
+      if opts.fuse_text and opts.alignment_beta:
+        loss = loss + opts.alignment_beta * out['alignment_loss']
+        metrics['alignment_loss'] = out['alignment_loss']
+      if opts.text_predictor_weight and 'text' in batch:
+        pred_loss = _cosine_loss(out['text_pred'], batch['text'])
+        loss = loss + opts.text_predictor_weight * pred_loss
+        metrics['text_predictor_loss'] = pred_loss
+      new_stats = nnx.state(student, nnx.BatchStat).to_pure_dict()
+      metrics['train_top1'] = jnp.mean(jnp.argmax(logits, -1) == labels)
+      return loss, (metrics, new_stats, new_obj_state)
+
+    (loss, (metrics, new_stats, new_obj_state)), grads = jax.value_and_grad(
+        loss_fn, has_aux=True)(state.params)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    if frozen_mask is not None:
+      updates = zero_frozen(updates, frozen_mask)
+    params = optax.apply_updates(state.params, updates)
+    metrics = dict(metrics, loss=loss, grad_norm=optax.global_norm(grads),
+                   nonfinite=tree_any_nonfinite((loss, grads)))
+    new_state = TrainState(step=state.step + 1, params=params, batch_stats=new_stats,
+                           opt_state=opt_state, objective_state=new_obj_state)
+    return new_state, metrics
+
+  return train_step
+
+
+def make_eval_step(*, graphdef, eval_text: str = 'none', fuse_text: bool = False):
+  """(params, batch_stats, batch) → summed loss / top-1 / top-5 / count over real rows.
+
+  `eval_text`: 'none' (first pass only), 'predicted' (the text predictor stands in for the
+  caption) — eval never reads training captions.
+  """
+  use_fusion = fuse_text and eval_text == 'predicted'
+
+  def eval_step(params, batch_stats, batch):
+    student = nnx.merge(graphdef, params['student'], batch_stats)
+    images = batch['image'].astype(jnp.float32) / 255.0
+    logits, _ = student(images, train=False, text=None, fuse_text=use_fusion)
+    mask = batch['mask']
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch['label'])
+    return {
+        'loss_sum': jnp.sum(ce * mask),
+        'top1_sum': jnp.sum(losses.topk_correct(logits, batch['label'], 1) * mask),
+        'top5_sum': jnp.sum(losses.topk_correct(logits, batch['label'], 5) * mask),
+        'count': jnp.sum(mask),
+    }
+
+  return eval_step

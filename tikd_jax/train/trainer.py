@@ -1,0 +1,339 @@
+"""The trainer: one function that reads top to bottom, from mesh to final evaluation.
+
+  mesh → input → models → optimizer & state → sharding → checkpoint/resume → steps → loop → eval
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import nnx
+
+from tikd_jax import sharding as sharding_lib
+from tikd_jax.data import build_source
+from tikd_jax.data import pipeline
+from tikd_jax.models import build_model, count_params
+from tikd_jax.models.variables import load_variables, model_variables
+from tikd_jax.train import checkpoint as ckpt_lib
+from tikd_jax.train import optim
+from tikd_jax.train.logger import MetricLogger
+from tikd_jax.train.objectives import build_objective
+from tikd_jax.train.plan import build_phases, phase_at
+from tikd_jax.train.step import StepOptions, TrainState, make_eval_step, make_train_step
+
+
+class NonFiniteLossError(FloatingPointError):
+  pass
+
+
+def model_spec(model_config, num_classes: int) -> tuple[str, dict]:
+  """(name, kwargs) for build_model from a config block; num_classes filled from the data."""
+  kwargs = {k: v for k, v in model_config.to_dict().items() if k not in ('name', 'checkpoint')}
+  kwargs.setdefault('num_classes', num_classes)
+  for k, v in list(kwargs.items()):
+    if isinstance(v, tuple):
+      kwargs[k] = list(v)
+  return model_config.name, kwargs
+
+
+def _place(tree, shardings):
+  """Host NumPy → global arrays with the given shardings (works on every host of a pod)."""
+  def put(x, s):
+    x = np.asarray(x)
+    return jax.make_array_from_callback(x.shape, s, lambda idx: x[idx])
+  return jax.tree.map(put, tree, shardings)
+
+
+def _extra(state: TrainState) -> dict:
+  """Trained state that is not the model's: the objective's parameters and carried state."""
+  return {'objective': state.params['objective'], 'objective_state': state.objective_state}
+
+
+def load_teacher(config, num_classes: int, mesh, rules):
+  """Builds the teacher, loads its checkpoint strictly and places it on the mesh."""
+  name, kwargs = model_spec(config.teacher, num_classes)
+  teacher = build_model(name, rngs=nnx.Rngs(0), **kwargs)
+  path = config.teacher.checkpoint
+  if not path:
+    raise ValueError(f'distill.method={config.distill.method!r} needs a teacher: set '
+                     f'--config.teacher.checkpoint to a workdir or converted checkpoint')
+  meta, flat = ckpt_lib.load_weights(path)
+  load_variables(teacher, flat, what=f'teacher checkpoint {path} (for model {name})')
+  graphdef, params, stats = nnx.split(teacher, nnx.Param, nnx.BatchStat)
+  variables = {'params': params.to_pure_dict(), 'batch_stats': stats.to_pure_dict()}
+  variables = _place(variables, sharding_lib.param_shardings(variables, mesh, rules))
+  return graphdef, variables, meta
+
+
+def evaluate(eval_step, params, batch_stats, source, *, batch_size, data_sharding,
+             text_features=None) -> dict[str, float]:
+  """Top-1, top-5 and mean loss over every example of `source` (padded last batch masked)."""
+  sums = None
+  for batch in pipeline.eval_batches(source, global_batch=batch_size,
+                                     process_index=jax.process_index(),
+                                     process_count=jax.process_count(),
+                                     text_features=text_features):
+    out = eval_step(params, batch_stats, pipeline.to_global(batch, data_sharding))
+    sums = out if sums is None else jax.tree.map(jnp.add, sums, out)
+  sums = jax.device_get(sums)
+  n = float(sums['count'])
+  if n != len(source):
+    raise RuntimeError(f'evaluation counted {n} examples, the split has {len(source)}')
+  return {'top1': 100.0 * float(sums['top1_sum']) / n, 'top5': 100.0 * float(sums['top5_sum']) / n,
+          'loss': float(sums['loss_sum']) / n, 'count': int(n)}
+
+
+def format_eval(m: dict) -> str:
+  return f"* Acc@1 {m['top1']:.3f} Acc@5 {m['top5']:.3f} loss {m['loss']:.3f}"
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """Trains `config` in `workdir` (resuming from its newest checkpoint) and returns final eval."""
+  workdir = os.path.abspath(workdir)
+  is_chief = jax.process_index() == 0
+  if is_chief:
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, 'config.json'), 'w') as f:
+      f.write(config.to_json_best_effort(indent=2))
+
+  # ----------------------------------------------------------------------------- mesh
+  mesh = sharding_lib.make_mesh(config.mesh)
+  data_sharding = sharding_lib.batch_sharding(mesh)
+  rules = [tuple(r) for r in config.get('sharding_rules', ())]
+  if config.batch_size % mesh.size or config.eval_batch_size % mesh.size:
+    raise ValueError(f'batch_size {config.batch_size} and eval_batch_size '
+                     f'{config.eval_batch_size} must divide by the {mesh.size} devices')
+
+  # ----------------------------------------------------------------------------- input
+  train_source = build_source(config.data, config.data.get('train_split', 'train'))
+  eval_source = build_source(config.data, config.data.get('eval_split', 'test'))
+  num_classes = train_source.num_classes
+  steps_per_epoch = len(train_source) // config.batch_size
+  if steps_per_epoch == 0:
+    raise ValueError(f'batch_size {config.batch_size} is larger than the train split '
+                     f'({len(train_source)} examples)')
+  phases = build_phases(config, steps_per_epoch)
+  total_steps = phases[-1].end_step
+  text_features = None
+  if config.get('text') and config.text.get('features_dir'):
+    from tikd_jax.data.text_features import load_text_features  # pylint: disable=g-import-not-at-top
+    text_features = load_text_features(config.text.features_dir, train_source)
+  per_process_batch = config.batch_size // jax.process_count()
+
+  def train_iterator(phase):
+    ds = pipeline.train_dataset(
+        train_source, batch_size=per_process_batch, seed=config.seed,
+        crop_padding=config.data.get('crop_padding', 4), crop_size=phase.resolution,
+        flip=config.data.get('flip', True), text_features=text_features,
+        process_index=jax.process_index(), process_count=jax.process_count())
+    # Batch k of the whole run is element k: a phase starting at step s starts at element s.
+    return pipeline.make_iterator(ds[phase.start_step:], config.data.get('num_workers', 0))
+
+  # ----------------------------------------------------------------------------- models
+  student_name, student_kwargs = model_spec(config.model, num_classes)
+  if text_features is not None and config.model.name in ('distilled_vit', 'vit', 'irkd_vit'):
+    student_kwargs.setdefault('text_dim', int(text_features.shape[1]))
+  abstract_model = nnx.eval_shape(
+      lambda: build_model(student_name, rngs=nnx.Rngs(config.seed), **student_kwargs))
+  graphdef, _, _ = nnx.split(abstract_model, nnx.Param, nnx.BatchStat)
+  n_params = count_params(abstract_model)
+  objective = build_objective(config.distill)
+  teacher_graphdef = teacher_vars = None
+  if objective.needs_teacher:
+    teacher_graphdef, teacher_vars, _ = load_teacher(config, num_classes, mesh, rules)
+
+  # ----------------------------------------------------------------------------- optimizer & state
+  schedule = optim.make_schedule(config.schedule, steps_per_epoch, total_steps)
+
+  def init_state() -> TrainState:
+    model = build_model(student_name, rngs=nnx.Rngs(config.seed), **student_kwargs)
+    variables = model_variables(model)
+    params = {'student': variables['params'], 'objective': objective.init_params()}
+    tx = optim.make_optimizer(config.optimizer, schedule, params)
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                      batch_stats=variables['batch_stats'], opt_state=tx.init(params),
+                      objective_state=objective.init_state(per_process_batch *
+                                                           jax.process_count(), num_classes))
+
+  abstract_state = jax.eval_shape(init_state)
+  tx = optim.make_optimizer(config.optimizer, schedule, abstract_state.params)
+
+  # ----------------------------------------------------------------------------- sharding
+  state_shardings = sharding_lib.param_shardings(abstract_state, mesh, rules)
+  state = jax.jit(init_state, out_shardings=state_shardings)()
+
+  # ----------------------------------------------------------------------------- checkpoint / resume
+  checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, 'checkpoints'),
+                                       keep=config.get('keep_checkpoints', 3),
+                                       best_metric=config.get('best_metric', 'top1'))
+  start_step = 0
+  resumed_iterator_state = None
+  latest = checkpointer.latest_step()
+  phase_index = 0
+  iterator = train_iterator(phases[0])
+  if latest is not None:
+    phase_index = phase_at(phases, latest)
+    iterator = train_iterator(phases[phase_index])
+    restore_into = iterator if latest > phases[phase_index].start_step else (
+        train_iterator(phases[max(phase_index - 1, 0)]))
+    variables, extra, opt_state, _ = checkpointer.restore(
+        latest, variables_template={'params': state.params['student'],
+                                    'batch_stats': state.batch_stats},
+        extra_template=_extra(state), opt_template=state.opt_state, data_iterator=restore_into)
+    state = TrainState(step=jnp.asarray(latest, jnp.int32),
+                       params={'student': variables['params'], 'objective': extra['objective']},
+                       batch_stats=variables['batch_stats'], opt_state=opt_state,
+                       objective_state=extra['objective_state'])
+    state = jax.device_put(state, state_shardings)
+    start_step = latest
+  logger = MetricLogger(workdir, is_chief=is_chief, total_steps=total_steps,
+                        initial_step=start_step, prefix=config.get('name', ''))
+  logger.message(
+      f'{student_name} {student_kwargs.get("variant", "")}: {n_params:,} parameters; '
+      f'{len(train_source)} train / {len(eval_source)} eval examples; {steps_per_epoch} steps '
+      f'per epoch, {total_steps} steps in {len(phases)} phase(s); mesh {dict(mesh.shape)}; '
+      + (f'resumed at step {start_step}' if start_step else 'starting fresh'))
+
+  # ----------------------------------------------------------------------------- steps
+  compiled: dict[tuple, Any] = {}
+
+  def step_for(phase):
+    if phase.switches not in compiled:
+      opts = StepOptions(
+          num_classes=num_classes, steps_per_epoch=steps_per_epoch, seed=config.seed,
+          label_smoothing=config.get('label_smoothing', 0.0), fuse_text=phase.fuse_text,
+          alignment_beta=phase.alignment_beta,
+          text_predictor_weight=phase.text_predictor_weight, frozen=phase.frozen)
+      frozen_mask = optim.frozen_mask(abstract_state.params, phase.frozen) if phase.frozen else None
+      fn = make_train_step(graphdef=graphdef, teacher_graphdef=teacher_graphdef,
+                           objective=objective, tx=tx, frozen_mask=frozen_mask, opts=opts)
+      compiled[phase.switches] = jax.jit(fn, out_shardings=(state_shardings, None),
+                                         donate_argnums=(0,))
+    return compiled[phase.switches]
+
+  final_phase = phases[-1]
+  eval_step = jax.jit(make_eval_step(graphdef=graphdef,
+                                     eval_text=config.get('tikd', {}).get('eval_text', 'none'),
+                                     fuse_text=final_phase.fuse_text))
+
+  def run_eval(step):
+    t = time.time()
+    m = evaluate(eval_step, state.params, state.batch_stats, eval_source,
+                 batch_size=config.eval_batch_size, data_sharding=data_sharding)
+    logger.message(f'{config.get("name", "")}[step {step}] {format_eval(m)} '
+                   f'({m["count"]} examples, {time.time() - t:.1f}s)')
+    logger.write(step, m, kind='eval')
+    return m
+
+  def meta(step):
+    return {'step': int(step), 'epoch': step / steps_per_epoch, 'num_params': n_params,
+            'model': {'name': student_name, 'kwargs': student_kwargs},
+            'phase': phases[phase_at(phases, step)].name}
+
+  def save(step, metrics=None):
+    checkpointer.save(step, variables={'params': state.params['student'],
+                                       'batch_stats': state.batch_stats},
+                      extra=_extra(state), opt_state=state.opt_state, data_iterator=iterator, meta=meta(step),
+                      metrics=metrics, force=True)
+
+  # ----------------------------------------------------------------------------- loop
+  log_every = config.get('log_every_steps', 50)
+  ckpt_every = config.get('checkpoint_every_steps', 0) or steps_per_epoch
+  eval_every = int(round(config.get('eval_every_epochs', 1) * steps_per_epoch)) or total_steps
+  pending: list[dict] = []
+  last_saved = start_step
+
+  def flush(step):
+    """Host sync at log intervals only: average pending metrics, stop on a non-finite loss."""
+    if not pending:
+      return
+    rows = jax.device_get(pending)
+    pending.clear()
+    if any(bool(r['nonfinite']) for r in rows):
+      bad = next(r for r in rows if bool(r['nonfinite']))
+      raise NonFiniteLossError(
+          f'non-finite loss or gradient before step {step} (loss={float(bad["loss"])}); '
+          f'nothing was saved after the last good checkpoint (step {last_saved}) in '
+          f'{checkpointer.directory}. Lower the learning rate, check the data, or resume from '
+          f'that checkpoint with different settings.')
+    avg = {k: float(np.mean([r[k] for r in rows])) for k in rows[0] if k != 'nonfinite'}
+    avg['lr'] = float(schedule(step - 1))
+    logger.write(step, avg)
+    logger.progress(step, avg)
+
+  step = start_step
+  eval_metrics = None
+  try:
+    while step < total_steps:
+      phase = phases[phase_index]
+      if step == phase.start_step and step > 0 and step != start_step:
+        iterator = train_iterator(phase)
+      if step == phase.start_step and phase.reset_optimizer and step > 0:
+        state = state.replace(opt_state=jax.jit(tx.init, out_shardings=state_shardings.opt_state)(
+            state.params))
+        logger.message(f'phase {phase.name}: optimizer state re-created')
+      train_step = step_for(phase)
+      if step == phase.start_step or step == start_step:
+        logger.message(f'phase {phase.name} (steps {phase.start_step}–{phase.end_step}, '
+                       f'resolution {phase.resolution or "full"}, fuse_text {phase.fuse_text})')
+      while step < phase.end_step:
+        batch = pipeline.to_global(next(iterator), data_sharding)
+        t0 = time.time()
+        state, metrics = train_step(state, batch, teacher_vars)
+        if step == start_step or step == phase.start_step:
+          jax.block_until_ready(metrics)
+          logger.message(f'phase {phase.name}: first step (compile + run) {time.time() - t0:.1f}s')
+        pending.append(metrics)
+        step += 1
+        if step % log_every == 0 or step == total_steps:
+          flush(step)
+        evaluating = step % eval_every == 0 or step == total_steps
+        if evaluating:
+          flush(step)
+          eval_metrics = run_eval(step)
+        if evaluating or step % ckpt_every == 0:
+          flush(step)
+          save(step, {config.get('best_metric', 'top1'): eval_metrics[config.get(
+              'best_metric', 'top1')]} if evaluating else None)
+          last_saved = step
+      phase_index = min(phase_index + 1, len(phases) - 1)
+    if eval_metrics is None:  # resumed at the very end
+      eval_metrics = run_eval(step)
+  finally:
+    checkpointer.wait()
+    checkpointer.close()
+    logger.close()
+  result = dict(eval_metrics, step=step, num_params=n_params)
+  if is_chief:
+    with open(os.path.join(workdir, 'final_eval.json'), 'w') as f:
+      json.dump(result, f, indent=2)
+  return result
+
+
+def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """Evaluates the newest checkpoint in `workdir` on the eval split (no training state needed)."""
+  mesh = sharding_lib.make_mesh(config.mesh)
+  eval_source = build_source(config.data, config.data.get('eval_split', 'test'))
+  meta, flat = ckpt_lib.load_weights(workdir)
+  if 'model' not in meta:
+    raise ValueError(f'{workdir}: checkpoint metadata names no model; was it written by tikd-jax?')
+  model = build_model(meta['model']['name'], rngs=nnx.Rngs(0), **meta['model']['kwargs'])
+  load_variables(model, flat, what=f'checkpoint in {workdir}')
+  graphdef, params, stats = nnx.split(model, nnx.Param, nnx.BatchStat)
+  variables = {'params': {'student': params.to_pure_dict()}, 'batch_stats': stats.to_pure_dict()}
+  rules = [tuple(r) for r in config.get('sharding_rules', ())]
+  variables = _place(variables, sharding_lib.param_shardings(variables, mesh, rules))
+  fuse = bool(meta['model']['kwargs'].get('text_dim')) and config.tikd.get('eval_text') == 'predicted'
+  eval_step = jax.jit(make_eval_step(graphdef=graphdef, eval_text=config.tikd.eval_text,
+                                     fuse_text=fuse))
+  result = evaluate(eval_step, variables['params'], variables['batch_stats'], eval_source,
+                    batch_size=config.eval_batch_size,
+                    data_sharding=sharding_lib.batch_sharding(mesh))
+  return dict(result, step=meta.get('step'), num_params=meta.get('num_params'))
