@@ -18,6 +18,7 @@ import sys
 
 from absl import app
 from absl import flags
+from absl import logging
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file (configs/*.py[:arg]).',
@@ -76,6 +77,8 @@ def _print_summary(results: dict, config) -> None:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  if not flags.FLAGS['verbosity'].present:
+    logging.set_verbosity(logging.WARNING)  # orbax logs every file it writes at INFO
   _maybe_initialize_distributed()
   results = run(_CONFIG.value, _WORKDIR.value, _MODE.value)
   import jax  # pylint: disable=g-import-not-at-top

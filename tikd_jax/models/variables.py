@@ -23,3 +23,17 @@ def load_variables(model: nnx.Module, flat: dict, what: str = 'checkpoint') -> N
     state = nnx.state(model, kind)
     nnx.replace_by_pure_dict(state, filled[collection])
     nnx.update(model, state)
+
+
+def abstract_model(name: str, **kwargs):
+  """(graphdef, variables template of ShapeDtypeStructs) without running any initializer."""
+  from tikd_jax.models import build_model  # pylint: disable=g-import-not-at-top
+  abstract = nnx.eval_shape(lambda: build_model(name, rngs=nnx.Rngs(0), **kwargs))
+  graphdef, params, stats = nnx.split(abstract, nnx.Param, nnx.BatchStat)
+  return graphdef, {'params': params.to_pure_dict(), 'batch_stats': stats.to_pure_dict()}
+
+
+def load_model(name: str, kwargs: dict, flat: dict, what: str = 'checkpoint'):
+  """(graphdef, variables as NumPy) of model `name` from flat checkpoint arrays, strictly."""
+  graphdef, template = abstract_model(name, **kwargs)
+  return graphdef, fill_template(template, flat, what)

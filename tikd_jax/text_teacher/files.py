@@ -89,27 +89,24 @@ def shard_indices(num_examples: int, shard_index: int, num_shards: int) -> np.nd
 def read_caption_lines(path: str, repair: bool = False) -> dict[int, str]:
   """index → caption of a JSON-lines file whose last line may be torn.
 
-  A last line without its newline, or that does not parse, is a write cut short by a kill: it is
-  dropped, and with `repair` (only the file's owner may do this) cut off the file. A bad line
-  anywhere else is corruption and raises.
+  A last line without its newline is a write cut short by a kill: it is dropped, and with `repair`
+  (only the file's owner may do this) cut off the file. A complete line that does not parse is
+  corruption and raises.
   """
   with open(path, 'rb') as f:
     data = f.read()
   captions, good_end, pos = {}, 0, 0
   while pos < len(data):
     end = data.find(b'\n', pos)
-    last = end == -1 or end == len(data) - 1
-    line = data[pos:] if end == -1 else data[pos:end]
+    if end == -1:  # torn
+      break
+    line = data[pos:end]
     try:
-      if end == -1:
-        raise ValueError('no newline')
       record = json.loads(line)
       index, caption = int(record['index']), record['caption']
       if not isinstance(caption, str):
         raise ValueError('caption is not a string')
     except (ValueError, KeyError, TypeError) as e:
-      if last:
-        break
       lineno = data.count(b'\n', 0, pos) + 1
       raise TextTeacherError(f'{path}:{lineno} is not a caption line ({e}): {line[:80]!r}; '
                              f'the file is corrupt: delete it to redo its captions') from e

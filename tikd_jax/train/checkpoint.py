@@ -32,15 +32,19 @@ def flatten(tree) -> dict[str, Any]:
   return {SEP.join(_key_str(k) for k in path): leaf for path, leaf in leaves}
 
 
+def _shape(x) -> tuple[int, ...]:
+  return tuple(x.shape) if hasattr(x, 'shape') else tuple(np.shape(x))
+
+
 def fill_template(template, flat: dict[str, Any], what: str):
   """Puts the arrays of `flat` into the structure of `template`; lists every mismatch at once."""
   paths, treedef = jax.tree_util.tree_flatten_with_path(template)
   names = [SEP.join(_key_str(k) for k in p) for p, _ in paths]
   missing = [n for n in names if n not in flat]
   unexpected = sorted(set(flat) - set(names))
-  misshaped = [f'{n}: checkpoint {tuple(np.shape(flat[n]))} vs model {tuple(np.shape(t))}'
+  misshaped = [f'{n}: checkpoint {_shape(flat[n])} vs model {_shape(t)}'
                for n, (_, t) in zip(names, paths)
-               if n in flat and tuple(np.shape(flat[n])) != tuple(np.shape(t))]
+               if n in flat and _shape(flat[n]) != _shape(t)]
   if missing or unexpected or misshaped:
     lines = [f'{what} does not fit the model:']
     for title, items in (('missing keys', missing), ('unexpected keys', unexpected),

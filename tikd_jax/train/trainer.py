@@ -20,7 +20,7 @@ from tikd_jax import sharding as sharding_lib
 from tikd_jax.data import build_source
 from tikd_jax.data import pipeline
 from tikd_jax.models import build_model, count_params
-from tikd_jax.models.variables import load_variables, model_variables
+from tikd_jax.models.variables import load_model, model_variables
 from tikd_jax.train import checkpoint as ckpt_lib
 from tikd_jax.train import optim
 from tikd_jax.train.logger import MetricLogger
@@ -59,15 +59,13 @@ def _extra(state: TrainState) -> dict:
 def load_teacher(config, num_classes: int, mesh, rules):
   """Builds the teacher, loads its checkpoint strictly and places it on the mesh."""
   name, kwargs = model_spec(config.teacher, num_classes)
-  teacher = build_model(name, rngs=nnx.Rngs(0), **kwargs)
   path = config.teacher.checkpoint
   if not path:
     raise ValueError(f'distill.method={config.distill.method!r} needs a teacher: set '
                      f'--config.teacher.checkpoint to a workdir or converted checkpoint')
   meta, flat = ckpt_lib.load_weights(path)
-  load_variables(teacher, flat, what=f'teacher checkpoint {path} (for model {name})')
-  graphdef, params, stats = nnx.split(teacher, nnx.Param, nnx.BatchStat)
-  variables = {'params': params.to_pure_dict(), 'batch_stats': stats.to_pure_dict()}
+  graphdef, variables = load_model(name, kwargs, flat,
+                                   what=f'teacher checkpoint {path} (for model {name})')
   variables = _place(variables, sharding_lib.param_shardings(variables, mesh, rules))
   return graphdef, variables, meta
 
@@ -324,10 +322,9 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict
   meta, flat = ckpt_lib.load_weights(workdir)
   if 'model' not in meta:
     raise ValueError(f'{workdir}: checkpoint metadata names no model; was it written by tikd-jax?')
-  model = build_model(meta['model']['name'], rngs=nnx.Rngs(0), **meta['model']['kwargs'])
-  load_variables(model, flat, what=f'checkpoint in {workdir}')
-  graphdef, params, stats = nnx.split(model, nnx.Param, nnx.BatchStat)
-  variables = {'params': {'student': params.to_pure_dict()}, 'batch_stats': stats.to_pure_dict()}
+  graphdef, loaded = load_model(meta['model']['name'], meta['model']['kwargs'], flat,
+                                what=f'checkpoint in {workdir}')
+  variables = {'params': {'student': loaded['params']}, 'batch_stats': loaded['batch_stats']}
   rules = [tuple(r) for r in config.get('sharding_rules', ())]
   variables = _place(variables, sharding_lib.param_shardings(variables, mesh, rules))
   fuse = bool(meta['model']['kwargs'].get('text_dim')) and config.tikd.get('eval_text') == 'predicted'

@@ -1,0 +1,411 @@
+r"""Speed of the full distillation train step: our jitted JAX step vs PyTorch eager vs torch.compile.
+
+  python benchmarks/train_step.py [--sizes small,medium,large] [--batch 128] [--runs 5]
+      [--frameworks jax,torch,torch_compile] [--parts] [--out benchmarks/results/train_step.jsonl]
+  python benchmarks/train_step.py --quick          # micro + demo students, a few seconds each
+
+One step = what the trainer runs per batch: teacher forward (resnet32x4, eval mode, no gradient),
+student forward + backward (TIKD DistilledViT, train mode, drop path 0.1), hard distillation
+(0.5 · CE(cls head, smoothed labels) + 0.5 · CE(dist head, teacher argmax)), AdamW update.
+
+  jax            make_train_step + build_objective + optim.make_optimizer from the repo with the
+                 real TrainState, jitted as the trainer does it
+                 (jax.jit(step, out_shardings=(state_shardings, None), donate_argnums=(0,))).
+  torch          convert/torch_models.py twins (TorchDistilledViT, TorchCifarResNet) in eager
+                 mode, torch.optim.AdamW (defaults), the same loss.
+  torch_compile  the same, with the teacher forward + student forward/loss under torch.compile
+                 (backward through AOTAutograd); skipped with the reason when it fails here.
+
+Each (framework, size) warms up (compiles), then times `--runs` steps one by one (host sync after
+each). One JSON line per row: median / p10 / p90 seconds per step, steps/s, images/s, model FLOPs
+(analytic conv + matmul count, training = 3 × forward for the student, forward only for the teacher)
+and the achieved GFLOP/s and fraction of --peak_gflops (188 measured for float32 matmul on this
+2-core machine), the XLA cost-analysis FLOPs of the compiled JAX step, the 1-minute load average
+before and after, versions, XLA_FLAGS. `--parts` adds rows for the teacher forward alone and the
+student forward/backward alone. Speed is measured here, never asserted in tests.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+PEAK_GFLOPS = 188.0  # float32 matmul peak measured on this machine (2 cores)
+NUM_CLASSES = 100
+IMG = 32
+TEACHER = 'resnet32x4'
+QUICK_SIZES = ('micro', 'demo')
+DRAW_SEED = 0
+
+
+# --------------------------------------------------------------------------- FLOP counts
+def resnet_forward_flops(arch: str, img: int = IMG, num_classes: int = NUM_CLASSES) -> int:
+  """Multiply-adds × 2 of every conv and the fc of one image (BN, ReLU, pooling not counted)."""
+  from tikd_jax.models.resnet_cifar import CONFIGS  # pylint: disable=g-import-not-at-top
+  depth, filters = CONFIGS[arch]
+  n = (depth - 2) // 6
+  flops = 2 * 9 * 3 * filters[0] * img * img
+  cin, hw = filters[0], img
+  for cout, stride in zip(filters[1:], (1, 2, 2)):
+    for i in range(n):
+      s = stride if i == 0 else 1
+      out_hw = hw // s
+      flops += 2 * 9 * cin * cout * out_hw * out_hw  # conv1
+      flops += 2 * 9 * cout * cout * out_hw * out_hw  # conv2
+      if s != 1 or cin != cout:
+        flops += 2 * cin * cout * out_hw * out_hw  # 1×1 downsample
+      cin, hw = cout, out_hw
+  return flops + 2 * cin * num_classes
+
+
+def vit_forward_flops(size: str, img: int = IMG, num_classes: int = NUM_CLASSES) -> int:
+  """Matmul multiply-adds × 2 of one image through the distilled ViT (no text modules)."""
+  from tikd_jax.models.vit import SIZES  # pylint: disable=g-import-not-at-top
+  s = SIZES[size]
+  patches = (img // s.patch) ** 2
+  n = patches + 2
+  d = s.dim
+  flops = 2 * patches * (s.patch * s.patch * 3) * d  # patch embedding
+  per_block = 2 * n * (d * 3 * d + d * d + 2 * d * s.mlp_dim) + 2 * 2 * n * n * d  # + qkᵀ, attn·v
+  flops += s.depth * per_block
+  return flops + 2 * 2 * d * num_classes  # two heads
+
+
+def step_flops(size: str, batch: int) -> dict:
+  teacher = resnet_forward_flops(TEACHER) * batch
+  student = 3 * vit_forward_flops(size) * batch
+  return {'teacher_forward': teacher, 'student_train': student, 'step': teacher + student}
+
+
+# --------------------------------------------------------------------------- shared helpers
+def _load() -> float:
+  return round(os.getloadavg()[0], 2)
+
+
+def _summary(times: list[float]) -> dict:
+  times = sorted(times)
+
+  def q(p):
+    if len(times) == 1:
+      return times[0]
+    k = p * (len(times) - 1)
+    lo, hi = int(k), min(int(k) + 1, len(times) - 1)
+    return times[lo] + (times[hi] - times[lo]) * (k - lo)
+
+  return {'median_s': statistics.median(times), 'p10_s': q(0.1), 'p90_s': q(0.9),
+          'min_s': times[0], 'runs': len(times), 'times_s': [round(t, 4) for t in times]}
+
+
+def _versions() -> dict:
+  v = {'python': platform.python_version()}
+  for mod in ('jax', 'jaxlib', 'flax', 'optax', 'torch'):
+    try:
+      v[mod] = __import__(mod).__version__
+    except Exception:  # pylint: disable=broad-except
+      pass
+  return v
+
+
+def _row(name, framework, size, batch, times, flops, load_before, extra=None) -> dict:
+  s = _summary(times)
+  med = s['median_s']
+  row = {'name': name, 'framework': framework, 'size': size, 'teacher': TEACHER, 'batch': batch,
+         'img': IMG, **{k: round(v, 4) if isinstance(v, float) else v for k, v in s.items()},
+         'steps_per_s': round(1.0 / med, 3), 'images_per_s': round(batch / med, 1),
+         'model_gflop': round(flops / 1e9, 2),
+         'achieved_gflops': round(flops / med / 1e9, 1),
+         'fraction_of_peak': round(flops / med / 1e9 / PEAK_GFLOPS, 3),
+         'peak_gflops': PEAK_GFLOPS, 'load_before': load_before, 'load_after': _load(),
+         'cpus': os.cpu_count(), 'xla_flags': os.environ.get('XLA_FLAGS', ''),
+         'versions': _versions()}
+  if extra:
+    row.update(extra)
+  return row
+
+
+def _timed(fn, runs: int, warmup: int) -> list[float]:
+  for _ in range(warmup):
+    fn()
+  times = []
+  for _ in range(runs):
+    t = time.perf_counter()
+    fn()
+    times.append(time.perf_counter() - t)
+  return times
+
+
+def _batch(batch: int, seed: int = DRAW_SEED):
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(seed)
+  images = rng.integers(0, 256, (batch, IMG, IMG, 3), dtype=np.uint8)
+  labels = rng.integers(0, NUM_CLASSES, (batch,)).astype(np.int32)
+  return images, labels
+
+
+# --------------------------------------------------------------------------- JAX
+def build_jax(size: str, batch: int):
+  """The trainer's step for `size`: (jitted step, state, batch, teacher_vars, extras)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+
+  from configs import tikd_cifar100  # pylint: disable=g-import-not-at-top
+  from tikd_jax import sharding as sharding_lib  # pylint: disable=g-import-not-at-top
+  from tikd_jax.models import build_model  # pylint: disable=g-import-not-at-top
+  from tikd_jax.models.variables import model_variables  # pylint: disable=g-import-not-at-top
+  from tikd_jax.train import optim  # pylint: disable=g-import-not-at-top
+  from tikd_jax.train.objectives import build_objective  # pylint: disable=g-import-not-at-top
+  from tikd_jax.train.step import StepOptions, TrainState, make_train_step  # pylint: disable=g-import-not-at-top
+
+  config = tikd_cifar100.get_config(f'{size if size in ("small", "medium", "large") else "small"}'
+                                    ',hard')
+  with config.unlocked():
+    config.model.variant = size
+    config.batch_size = batch
+  steps_per_epoch = 50_000 // batch
+  mesh = sharding_lib.make_mesh(config.mesh)
+  data_sharding = sharding_lib.batch_sharding(mesh)
+
+  student_kwargs = dict(variant=size, drop_path=config.model.drop_path,
+                        num_classes=NUM_CLASSES, mean=config.model.mean, std=config.model.std)
+  abstract_model = nnx.eval_shape(lambda: build_model('distilled_vit', rngs=nnx.Rngs(0),
+                                                      **student_kwargs))
+  graphdef, _, _ = nnx.split(abstract_model, nnx.Param, nnx.BatchStat)
+  objective = build_objective(config.distill)
+
+  teacher = build_model(TEACHER, rngs=nnx.Rngs(1), num_classes=NUM_CLASSES,
+                        mean=config.teacher.mean, std=config.teacher.std)
+  teacher_graphdef, t_params, t_stats = nnx.split(teacher, nnx.Param, nnx.BatchStat)
+  teacher_vars = {'params': t_params.to_pure_dict(), 'batch_stats': t_stats.to_pure_dict()}
+  teacher_vars = jax.device_put(teacher_vars,
+                                sharding_lib.param_shardings(teacher_vars, mesh, []))
+
+  total_steps = int(config.num_epochs * steps_per_epoch)
+  schedule = optim.make_schedule(config.schedule, steps_per_epoch, total_steps)
+
+  def init_state():
+    model = build_model('distilled_vit', rngs=nnx.Rngs(0), **student_kwargs)
+    variables = model_variables(model)
+    params = {'student': variables['params'], 'objective': objective.init_params()}
+    tx = optim.make_optimizer(config.optimizer, schedule, params)
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                      batch_stats=variables['batch_stats'], opt_state=tx.init(params),
+                      objective_state=objective.init_state(batch, NUM_CLASSES))
+
+  abstract_state = jax.eval_shape(init_state)
+  tx = optim.make_optimizer(config.optimizer, schedule, abstract_state.params)
+  state_shardings = sharding_lib.param_shardings(abstract_state, mesh, [])
+  state = jax.jit(init_state, out_shardings=state_shardings)()
+  opts = StepOptions(num_classes=NUM_CLASSES, steps_per_epoch=steps_per_epoch, seed=config.seed,
+                     label_smoothing=config.label_smoothing)
+  fn = make_train_step(graphdef=graphdef, teacher_graphdef=teacher_graphdef, objective=objective,
+                       tx=tx, frozen_mask=None, opts=opts)
+  step = jax.jit(fn, out_shardings=(state_shardings, None), donate_argnums=(0,))
+  images, labels = _batch(batch)
+  batch_arrays = {'image': jax.device_put(images, data_sharding),
+                  'label': jax.device_put(labels, data_sharding)}
+  return {'step': step, 'state': state, 'batch': batch_arrays, 'teacher_vars': teacher_vars,
+          'graphdef': graphdef, 'teacher_graphdef': teacher_graphdef, 'step_fn': fn}
+
+
+def xla_flops(compiled) -> float | None:
+  try:
+    cost = compiled.cost_analysis()
+    if isinstance(cost, (list, tuple)):
+      cost = cost[0]
+    return float(cost.get('flops'))
+  except Exception:  # pylint: disable=broad-except
+    return None
+
+
+def bench_jax(size, batch, runs, warmup, parts):
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+
+  b = build_jax(size, batch)
+  flops = step_flops(size, batch)
+  load = _load()
+  t0 = time.perf_counter()
+  compiled = b['step'].lower(b['state'], b['batch'], b['teacher_vars']).compile()
+  compile_s = time.perf_counter() - t0
+  holder = {'state': b['state']}
+
+  def one():
+    holder['state'], metrics = compiled(holder['state'], b['batch'], b['teacher_vars'])
+    jax.block_until_ready((holder['state'], metrics))
+
+  times = _timed(one, runs, warmup)
+  rows = [_row('train_step', 'jax', size, batch, times, flops['step'], load,
+               {'compile_s': round(compile_s, 2), 'xla_cost_flops_gflop':
+                round((xla_flops(compiled) or float('nan')) / 1e9, 2)})]
+  if not parts:
+    return rows
+
+  teacher_graphdef, graphdef = b['teacher_graphdef'], b['graphdef']
+
+  @jax.jit
+  def teacher_forward(tv, images):
+    teacher = nnx.merge(teacher_graphdef, tv['params'], tv['batch_stats'])
+    return teacher(images.astype(jnp.float32) / 255.0, train=False)[0]
+
+  params, stats = holder['state'].params['student'], holder['state'].batch_stats
+
+  @jax.jit
+  def student_grad(params, images, labels):
+    def loss(p):
+      student = nnx.merge(graphdef, p, stats)
+      _, out = student(images.astype(jnp.float32) / 255.0, train=True, rng=jax.random.key(0))
+      lp = jax.nn.log_softmax(out['cls_logits']) + jax.nn.log_softmax(out['dist_logits'])
+      return -jnp.mean(jnp.take_along_axis(lp, labels[:, None], axis=-1))
+    return jax.grad(loss)(params)
+
+  img, lab = b['batch']['image'], b['batch']['label']
+  load = _load()
+  times = _timed(lambda: jax.block_until_ready(teacher_forward(b['teacher_vars'], img)), runs,
+                 warmup)
+  rows.append(_row('teacher_forward', 'jax', size, batch, times, flops['teacher_forward'], load))
+  load = _load()
+  times = _timed(lambda: jax.block_until_ready(student_grad(params, img, lab)), runs, warmup)
+  rows.append(_row('student_train', 'jax', size, batch, times, flops['student_train'], load))
+  return rows
+
+
+# --------------------------------------------------------------------------- PyTorch
+def build_torch(size: str, batch: int):
+  import torch  # pylint: disable=g-import-not-at-top
+  import torch.nn.functional as F  # pylint: disable=g-import-not-at-top
+
+  from convert.torch_models import TorchCifarResNet, TorchDistilledViT  # pylint: disable=g-import-not-at-top
+  from tikd_jax.models.resnet_cifar import CONFIGS  # pylint: disable=g-import-not-at-top
+  from tikd_jax.models.vit import SIZES  # pylint: disable=g-import-not-at-top
+
+  torch.manual_seed(0)
+  s = SIZES[size]
+  student = TorchDistilledViT(dim=s.dim, depth=s.depth, heads=s.heads, mlp_dim=s.mlp_dim,
+                              patch=s.patch, num_classes=NUM_CLASSES, img_size=IMG).train()
+  depth, filters = CONFIGS[TEACHER]
+  teacher = TorchCifarResNet(depth=depth, filters=filters, num_classes=NUM_CLASSES).eval()
+  for p in teacher.parameters():
+    p.requires_grad_(False)
+  opt = torch.optim.AdamW(student.parameters(), lr=5e-4, weight_decay=0.05)
+  images, labels = _batch(batch)
+  x = torch.from_numpy(images)
+  y = torch.from_numpy(labels).long()
+
+  def loss_fn(x, y):
+    images = x.permute(0, 3, 1, 2).float() / 255.0
+    with torch.no_grad():
+      teacher_labels = teacher(images).argmax(dim=1)
+    out = student.forward_heads(images)
+    base = F.cross_entropy(out['cls_logits'], y, label_smoothing=0.1)
+    distill = F.cross_entropy(out['dist_logits'], teacher_labels)
+    return 0.5 * base + 0.5 * distill
+
+  return {'student': student, 'teacher': teacher, 'opt': opt, 'x': x, 'y': y,
+          'loss_fn': loss_fn}
+
+
+def bench_torch(size, batch, runs, warmup, parts, compiled: bool):
+  import torch  # pylint: disable=g-import-not-at-top
+  framework = 'torch_compile' if compiled else 'torch'
+  b = build_torch(size, batch)
+  flops = step_flops(size, batch)
+  loss_fn = b['loss_fn']
+  extra = {'torch_threads': torch.get_num_threads()}
+  compile_s = None
+  if compiled:
+    loss_fn = torch.compile(loss_fn)
+    t0 = time.perf_counter()
+    try:
+      loss = loss_fn(b['x'], b['y'])
+      loss.backward()
+      b['opt'].zero_grad(set_to_none=True)
+    except Exception as e:  # pylint: disable=broad-except
+      return [{'name': 'train_step', 'framework': framework, 'size': size, 'batch': batch,
+               'skipped': f'{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ""}',
+               'load_before': _load(), 'versions': _versions()}]
+    compile_s = time.perf_counter() - t0
+    extra['compile_s'] = round(compile_s, 2)
+
+  def one():
+    b['opt'].zero_grad(set_to_none=True)
+    loss = loss_fn(b['x'], b['y'])
+    loss.backward()
+    b['opt'].step()
+
+  load = _load()
+  times = _timed(one, runs, warmup)
+  rows = [_row('train_step', framework, size, batch, times, flops['step'], load, extra)]
+  if parts and not compiled:
+    images = b['x'].permute(0, 3, 1, 2).float() / 255.0
+
+    def teacher_only():
+      with torch.no_grad():
+        b['teacher'](images)
+
+    def student_only():
+      out = b['student'].forward_heads(images)
+      (out['cls_logits'].logsumexp(-1).mean() + out['dist_logits'].logsumexp(-1).mean()).backward()
+
+    load = _load()
+    rows.append(_row('teacher_forward', framework, size, batch, _timed(teacher_only, runs, warmup),
+                     flops['teacher_forward'], load, extra))
+    load = _load()
+    rows.append(_row('student_train', framework, size, batch, _timed(student_only, runs, warmup),
+                     flops['student_train'], load, extra))
+  return rows
+
+
+# --------------------------------------------------------------------------- main
+def main() -> None:
+  global PEAK_GFLOPS  # pylint: disable=global-statement
+  parser = argparse.ArgumentParser(description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument('--sizes', default='small,medium,large')
+  parser.add_argument('--quick', action='store_true', help='micro and demo students only')
+  parser.add_argument('--batch', type=int, default=128)
+  parser.add_argument('--runs', type=int, default=5, help='timed steps per row')
+  parser.add_argument('--large_runs', type=int, default=3, help='timed steps for size large')
+  parser.add_argument('--warmup', type=int, default=1, help='untimed steps after compiling')
+  parser.add_argument('--frameworks', default='jax,torch,torch_compile')
+  parser.add_argument('--parts', action='store_true',
+                      help='also time the teacher forward and the student fwd/bwd alone')
+  parser.add_argument('--peak_gflops', type=float, default=PEAK_GFLOPS)
+  parser.add_argument('--out', default=None, help='also append the JSON lines to this file')
+  args = parser.parse_args()
+  PEAK_GFLOPS = args.peak_gflops
+  sizes = QUICK_SIZES if args.quick else tuple(s for s in args.sizes.split(',') if s)
+  frameworks = [f for f in args.frameworks.split(',') if f]
+  unknown = set(frameworks) - {'jax', 'torch', 'torch_compile'}
+  if unknown:
+    parser.error(f'unknown frameworks {sorted(unknown)}; use jax, torch, torch_compile')
+  out = open(args.out, 'a') if args.out else None  # pylint: disable=consider-using-with
+  try:
+    for size in sizes:
+      runs = args.large_runs if size == 'large' else args.runs
+      for fw in frameworks:
+        if fw == 'jax':
+          rows = bench_jax(size, args.batch, runs, args.warmup, args.parts)
+        else:
+          rows = bench_torch(size, args.batch, runs, args.warmup, args.parts,
+                             compiled=fw == 'torch_compile')
+        for row in rows:
+          line = json.dumps(row)
+          print(line, flush=True)
+          if out:
+            out.write(line + '\n')
+            out.flush()
+  finally:
+    if out:
+      out.close()
+
+
+if __name__ == '__main__':
+  main()
