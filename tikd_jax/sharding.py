@@ -30,9 +30,11 @@ def make_mesh(axes: Sequence[tuple[str, int]], devices=None) -> Mesh:
     if len(devices) % known:
       raise ValueError(f'config.mesh {axes}: {len(devices)} devices do not divide by {known}')
     sizes[sizes.index(-1)] = len(devices) // known
-  if int(np.prod(sizes)) != len(devices):
-    raise ValueError(f'config.mesh {axes} needs {int(np.prod(sizes))} devices, '
-                     f'{len(devices)} are available')
+  needed = int(np.prod(sizes))
+  if needed > len(devices):
+    raise ValueError(f'config.mesh {axes} needs {needed} devices, {len(devices)} are available')
+  # An explicit mesh smaller than the machine uses the first devices (e.g. 1-device references).
+  devices = devices[:needed]
   return jax.make_mesh(tuple(sizes), tuple(names), axis_types=(AxisType.Auto,) * len(names),
                        devices=devices)
 

@@ -12,11 +12,11 @@ def random_crop_flip(image: np.ndarray, rng: np.random.Generator, *, size: int |
   zero-padded full image, not a downscale).
   """
   h, w, _ = image.shape
-  size = size or h
+  th, tw = (size, size) if size else (h, w)  # default: the image's own (possibly non-square) size
   padded = np.pad(image, ((padding, padding), (padding, padding), (0, 0)))
-  top = rng.integers(0, h + 2 * padding - size + 1)
-  left = rng.integers(0, w + 2 * padding - size + 1)
-  out = padded[top:top + size, left:left + size]
+  top = rng.integers(0, h + 2 * padding - th + 1)
+  left = rng.integers(0, w + 2 * padding - tw + 1)
+  out = padded[top:top + th, left:left + tw]
   if flip and rng.random() < 0.5:
     out = out[:, ::-1]
   return np.ascontiguousarray(out)

@@ -13,6 +13,7 @@ import os
 import pickle
 import tarfile
 import urllib.request
+import zlib
 
 import numpy as np
 
@@ -142,7 +143,8 @@ def load(name: str, split: str, data_dir: str, allow_download: bool = False) -> 
   path, parse = found[0]
   try:
     images, labels, classes = parse(_Reader(path), name, split)
-  except (tarfile.TarError, EOFError, pickle.UnpicklingError, KeyError, OSError) as e:
+  except (tarfile.TarError, EOFError, pickle.UnpicklingError, KeyError, OSError,
+          zlib.error) as e:  # zlib.error: a corrupt gzip stream inside a member
     raise ValueError(f'{path}: cannot read {name} ({type(e).__name__}: {e}); the archive is '
                      f'corrupt or truncated: delete it and download it again') from e
   return ArraySource(np.ascontiguousarray(images), labels, classes, name, split)

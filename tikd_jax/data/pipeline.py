@@ -45,14 +45,16 @@ def train_dataset(source, *, batch_size: int, seed: int, crop_padding: int = 4,
   position), so the stream is the same whatever the number of workers and resumes exactly.
   """
   ds = grain.MapDataset.source(source).seed(seed).shuffle().repeat()
-  if process_count > 1:
-    ds = ds[process_index::process_count]
   if text_features is not None:
     ds = ds.map(functools.partial(_attach_text, features=text_features))
   ds = ds.random_map(functools.partial(_augment, crop_size=crop_size, padding=crop_padding,
                                        flip=flip))
   if extra_augment is not None:
     ds = ds.random_map(extra_augment)
+  if process_count > 1:
+    # Slice after the random maps: their rng is a function of the element's position, so slicing
+    # first would give every process the same augmentation draws.
+    ds = ds[process_index::process_count]
   return ds.batch(batch_size, drop_remainder=True)
 
 

@@ -12,7 +12,8 @@ class TfdsSource:
                image_key: str = 'image', label_key: str = 'label'):
     import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
     try:
-      self.source = tfds.data_source(name, split=split, data_dir=data_dir or None)
+      # download=False: an unprepared set must fail here, not start a download-and-prepare run.
+      self.source = tfds.data_source(name, split=split, data_dir=data_dir or None, download=False)
       builder = tfds.builder(name, data_dir=data_dir or None)
     except Exception as e:  # tfds raises many types for a missing preparation
       raise FileNotFoundError(

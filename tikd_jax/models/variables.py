@@ -8,8 +8,8 @@ from tikd_jax.train.checkpoint import fill_template
 
 def model_variables(model: nnx.Module) -> dict:
   """{'params': …, 'batch_stats': …} as nested dicts of arrays (nnx.List indices as int keys)."""
-  return {'params': nnx.state(model, nnx.Param).to_pure_dict(),
-          'batch_stats': nnx.state(model, nnx.BatchStat).to_pure_dict()}
+  return {'params': nnx.to_pure_dict(nnx.state(model, nnx.Param)),
+          'batch_stats': nnx.to_pure_dict(nnx.state(model, nnx.BatchStat))}
 
 
 def load_variables(model: nnx.Module, flat: dict, what: str = 'checkpoint') -> None:
@@ -30,7 +30,7 @@ def abstract_model(name: str, **kwargs):
   from tikd_jax.models import build_model  # pylint: disable=g-import-not-at-top
   abstract = nnx.eval_shape(lambda: build_model(name, rngs=nnx.Rngs(0), **kwargs))
   graphdef, params, stats = nnx.split(abstract, nnx.Param, nnx.BatchStat)
-  return graphdef, {'params': params.to_pure_dict(), 'batch_stats': stats.to_pure_dict()}
+  return graphdef, {'params': nnx.to_pure_dict(params), 'batch_stats': nnx.to_pure_dict(stats)}
 
 
 def load_model(name: str, kwargs: dict, flat: dict, what: str = 'checkpoint'):

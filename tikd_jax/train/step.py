@@ -90,7 +90,7 @@ def make_train_step(*, graphdef, teacher_graphdef, objective: Objective,
         pred_loss = _cosine_loss(out['text_pred'], batch['text'])
         loss = loss + opts.text_predictor_weight * pred_loss
         metrics['text_predictor_loss'] = pred_loss
-      new_stats = nnx.state(student, nnx.BatchStat).to_pure_dict()
+      new_stats = nnx.to_pure_dict(nnx.state(student, nnx.BatchStat))
       metrics['train_top1'] = jnp.mean(jnp.argmax(logits, -1) == labels)
       return loss, (metrics, new_stats, new_obj_state)
 
@@ -100,7 +100,7 @@ def make_train_step(*, graphdef, teacher_graphdef, objective: Objective,
     if frozen_mask is not None:
       updates = zero_frozen(updates, frozen_mask)
     params = optax.apply_updates(state.params, updates)
-    metrics = dict(metrics, loss=loss, grad_norm=optax.global_norm(grads),
+    metrics = dict(metrics, loss=loss, grad_norm=optax.tree.norm(grads),
                    nonfinite=tree_any_nonfinite((loss, grads)))
     new_state = TrainState(step=state.step + 1, params=params, batch_stats=new_stats,
                            opt_state=opt_state, objective_state=new_obj_state)
