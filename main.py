@@ -54,6 +54,8 @@ def run(config, workdir: str, mode: str) -> dict:
       with sub.unlocked():
         if 'teacher' in sub and sub.teacher.checkpoint:
           sub.teacher.checkpoint = sub.teacher.checkpoint.format(workdir=workdir)
+        if 'text' in sub and sub.text.features_dir:
+          sub.text.features_dir = sub.text.features_dir.format(workdir=workdir)
       results[name] = run(sub, sub_dir, mode)
     _print_summary(results, config)
     return results

@@ -28,9 +28,16 @@ def base() -> ConfigDict:
   c.distill = ConfigDict(dict(
       method='hard', alpha=0.5, base_weight=placeholder(float), distill_weight=placeholder(float),
       temperature=4.0, dkd_alpha=1.0, dkd_beta=8.0, dkd_warmup_epochs=20, ctkd_ramp_epochs=10))
-  c.text = ConfigDict(dict(features_dir=''))
+  c.text = ConfigDict(dict(features_dir='', class_prompt_encoder='',
+                           class_prompt_template='a photo of a {name}.'))
   c.tikd = ConfigDict(dict(fuse_text=False, alignment_beta=0.1, text_predictor_weight=1.0,
                            eval_text='predicted'))
+  # Off by default; `deit_augment` turns on DeiT's recipe (REFERENCE §6).
+  c.augment = ConfigDict(dict(
+      randaugment=False, randaugment_num_ops=2, randaugment_magnitude=9.0,
+      randaugment_magnitude_std=0.5, randaugment_increasing=True, interpolation='bicubic',
+      mixup_alpha=0.0, cutmix_alpha=0.0, switch_prob=0.5, mix_prob=1.0, correct_lam=True,
+      erasing_prob=0.0))
   c.optimizer = ConfigDict(dict(name='adamw', b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.05,
                                 momentum=0.9, nesterov=False, wd_exclude=NO_DECAY,
                                 grad_clip_norm=0.0))
@@ -50,6 +57,16 @@ def base() -> ConfigDict:
   c.stages = []
   c.curriculum = ConfigDict(dict(stages=[], reset_optimizer=False))
   return c
+
+
+def deit_augment(c: ConfigDict) -> None:
+  """DeiT: RandAugment rand-m9-mstd0.5-inc1, RandomErasing 0.25, Mixup 0.8 / CutMix 1.0 with
+  switch 0.5, label smoothing 0.1. Teacher and student see the same augmented batch."""
+  c.augment.randaugment = True
+  c.augment.mixup_alpha = 0.8
+  c.augment.cutmix_alpha = 1.0
+  c.augment.erasing_prob = 0.25
+  c.label_smoothing = 0.1
 
 
 def sgd_recipe(c: ConfigDict, lr: float = 0.05) -> None:

@@ -26,6 +26,7 @@ def get_config(arg: str = 'large'):
   c.batch_size = 256
   c.schedule.lr = 5e-4 * c.batch_size / 512
   c.num_epochs = 300.0
+  common.deit_augment(c)
   c.log_every_steps = 100
   c.lock()
   return c

@@ -2,8 +2,8 @@
 
 Maps come from real models: the IRKD student (``irkd_vit`` / ``irkd_custom``, patch 2, dist
 token) and small teachers (a plain patch-4 ViT, one prefix token, and a DeiT-like patch-2 ViT with
-a dist token), all at 16 px. Their parameters are perturbed away from the near-zero timm init so
-that attention rows and saliency maps are far from flat.
+a dist token), all at 16 px. Their parameters are drawn with NumPy (not the near-zero timm init)
+so that attention rows and saliency maps are far from flat.
 
 The torch side re-states the IRKD notebooks' definitions independently (float64, torch.autograd
 with ``create_graph=True`` for the gradient maps); the JAX side runs in float32.
@@ -35,30 +35,53 @@ B, IMG, C = 3, 16, 10
 SMALL_TEACHER = dict(dim=48, depth=6, heads=3, mlp_dim=96)
 
 
-def _perturb(model, seed, scale=0.3):
-    """Adds N(0, scale²) noise to every parameter (in place)."""
-    state = nnx.state(model, nnx.Param)
-    leaves, treedef = jax.tree.flatten(state)
-    keys = jax.random.split(jax.random.key(seed), len(leaves))
-    leaves = [x + scale * jax.random.normal(k, x.shape, x.dtype) for x, k in zip(leaves, keys)]
-    nnx.update(model, jax.tree.unflatten(treedef, leaves))
-    return model
+def _build(builder, seed):
+    """Builds a model abstractly (no init program to compile) and fills it with NumPy draws:
+    LayerNorm scales 1 + N(0, 0.1²), biases N(0, 0.1²), kernels N(0, 1/fan_in), tokens and
+    position embeddings N(0, 0.5²), far from timm's near-zero init, so maps have structure."""
+    graphdef, state = nnx.split(nnx.eval_shape(builder))
+    rs = np.random.RandomState(seed)
+
+    def fill(path, x):
+        name = [k.key for k in path if isinstance(k, jax.tree_util.DictKey)][-1]
+        if name == 'scale':
+            value = 1.0 + 0.1 * rs.randn(*x.shape)
+        elif name == 'bias':
+            value = 0.1 * rs.randn(*x.shape)
+        elif name == 'kernel':
+            value = rs.randn(*x.shape) / np.sqrt(np.prod(x.shape[:-1]))
+        else:
+            value = 0.5 * rs.randn(*x.shape)
+        return jnp.asarray(value, x.dtype)
+
+    return nnx.merge(graphdef, jax.tree_util.tree_map_with_path(fill, state))
+
+
+@jax.jit(static_argnums=0)
+def _apply(graphdef, state, images):
+    return nnx.merge(graphdef, state)(images)[1]
+
+
+def _forward(model, images):
+    """The model's `out` dict (one compiled program per architecture)."""
+    return _apply(*nnx.split(model), images)
 
 
 @pytest.fixture(scope='module')
 def models():
-    student = _perturb(build_model('irkd_vit', variant='irkd_custom', num_classes=C, img_size=IMG,
-                                   rngs=nnx.Rngs(0)), seed=1)
-    vit_teacher = _perturb(DistilledViT(ViTSize(patch=4, **SMALL_TEACHER), num_classes=C,
-                                        img_size=IMG, distilled=False, drop_path=0.0,
-                                        rngs=nnx.Rngs(2)), seed=3)
-    deit_teacher = _perturb(DistilledViT(ViTSize(patch=2, **SMALL_TEACHER), num_classes=C,
-                                         img_size=IMG, drop_path=0.0, rngs=nnx.Rngs(4)), seed=5)
-    images = jax.random.uniform(jax.random.key(6), (B, IMG, IMG, 3))
-    outs = {name: m(images)[1] for name, m in
-            dict(student=student, vit_teacher=vit_teacher, deit_teacher=deit_teacher).items()}
-    return dict(student=student, vit_teacher=vit_teacher, deit_teacher=deit_teacher,
-                images=images, outs=outs)
+    student = _build(lambda: build_model('irkd_vit', variant='irkd_custom', num_classes=C,
+                                         img_size=IMG, rngs=nnx.Rngs(0)), seed=1)
+    vit_teacher = _build(lambda: DistilledViT(ViTSize(patch=4, **SMALL_TEACHER), num_classes=C,
+                                              img_size=IMG, distilled=False, drop_path=0.0,
+                                              rngs=nnx.Rngs(0)), seed=2)
+    # A teacher with the student's layout (dist token, patch 2: the DeiT-teacher case of the
+    # gradient notebooks, same grid); sharing the architecture shares the compiled forward.
+    peer_teacher = _build(lambda: build_model('irkd_vit', variant='irkd_custom', num_classes=C,
+                                              img_size=IMG, rngs=nnx.Rngs(0)), seed=3)
+    images = np.random.RandomState(4).rand(B, IMG, IMG, 3).astype(np.float32)
+    models = dict(student=student, vit_teacher=vit_teacher, peer_teacher=peer_teacher)
+    outs = {name: _forward(m, images) for name, m in models.items()}
+    return dict(models, images=images, outs=outs)
 
 
 def _t(x):
@@ -106,24 +129,25 @@ def torch_gradient_map(patches, classifier):
 
 # ----------------------------------------------------------------------------- the maps
 @pytest.mark.parametrize('name, prefix, layer', [('student', 2, 1), ('vit_teacher', 1, 5),
-                                                 ('deit_teacher', 2, 0)])
+                                                 ('peer_teacher', 2, 0)])
 def test_attention_saliency_matches_torch(models, name, prefix, layer):
     attn = models['outs'][name][f'attn{layer}']
-    got = np.asarray(attention_saliency(attn, prefix))
+    got = np.asarray(jax.jit(attention_saliency, static_argnums=1)(attn, prefix))
     want = torch_attention_map(_t(attn), prefix).numpy()
     side = IMG // (4 if name == 'vit_teacher' else 2)
     assert got.shape == (B, side, side)
     np.testing.assert_allclose(got, want, **TOL)
-    # min-max bounds: exactly 0 at each sample's minimum, 1 − O(1e-8 / range) at its maximum
-    np.testing.assert_array_equal(got.reshape(B, -1).min(1), np.zeros(B))
+    # min-max bounds: 0 at each sample's minimum (to rounding: XLA fuses the normalisation),
+    # 1 − O(1e-8 / range) at its maximum
+    np.testing.assert_allclose(got.reshape(B, -1).min(1), np.zeros(B), atol=1e-7)
     np.testing.assert_allclose(got.reshape(B, -1).max(1), np.ones(B), atol=1e-6)
-    assert got.min() >= 0.0 and got.max() <= 1.0
-    # not a flat map: the perturbed attention has real structure
+    assert got.min() >= -1e-7 and got.max() <= 1.0
+    # not a flat map: the attention has real structure
     assert got.std() > 0.1
 
 
 def test_attention_saliency_explicit_grid_and_errors():
-    attn = jax.nn.softmax(jax.random.normal(jax.random.key(0), (2, 3, 14, 14)), axis=-1)
+    attn = np.random.RandomState(0).rand(2, 3, 14, 14).astype(np.float32)
     got = attention_saliency(attn, 2, grid=(3, 4))  # 12 patches, non-square grid
     assert got.shape == (2, 3, 4)
     with pytest.raises(ValueError, match='grid 4x4'):
@@ -132,21 +156,21 @@ def test_attention_saliency_explicit_grid_and_errors():
         attention_saliency(attn, 2)
 
 
-@pytest.mark.parametrize('name, prefix, layer', [('student', 2, 2), ('deit_teacher', 2, 5),
+@pytest.mark.parametrize('name, prefix, layer', [('student', 2, 2), ('peer_teacher', 2, 3),
                                                  ('vit_teacher', 1, 0)])
 def test_gradient_saliency_matches_torch_autograd(models, name, prefix, layer):
     model, out = models[name], models['outs'][name]
     patches = out[f'block{layer}'][:, prefix:]
-    got = np.asarray(gradient_saliency(patches, model.head))
+    got = np.asarray(jax.jit(lambda p: gradient_saliency(p, model.head))(patches))
     p_torch = _t(patches).requires_grad_(True)
     want = torch_gradient_map(p_torch, _torch_head(model.head)).detach().numpy()
     side = IMG // model.size.patch
     assert got.shape == (B, side, side, C)
     np.testing.assert_allclose(got, want, **TOL)
     flat = got.reshape(B, -1)
-    np.testing.assert_array_equal(flat.min(1), np.zeros(B))
+    np.testing.assert_allclose(flat.min(1), np.zeros(B), atol=1e-7)
     np.testing.assert_allclose(flat.max(1), np.ones(B), atol=1e-5)
-    assert flat.min() >= 0.0 and flat.max() <= 1.0
+    assert flat.min() >= -1e-7 and flat.max() <= 1.0
     # classes differ: the maps are not one map repeated
     assert np.abs(got[..., 0] - got[..., 1]).max() > 0.05
 
@@ -162,7 +186,8 @@ def test_gradient_saliency_second_order_gradients_match_torch(models):
         return saliency_loss(gradient_saliency(p, lambda h: h @ kernel + bias), target)
 
     kernel, bias = head.kernel[...], head.bias[...]
-    value, (g_p, g_k, g_b) = jax.value_and_grad(loss, argnums=(0, 1, 2))(patches, kernel, bias)
+    value, (g_p, g_k, g_b) = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))(
+        patches, kernel, bias)
 
     p_t = _t(patches).requires_grad_(True)
     lin = _torch_head(head)
@@ -183,30 +208,29 @@ def test_gradient_saliency_second_order_gradients_match_torch(models):
 @pytest.mark.parametrize('src, dst', [((8, 8), (4, 4)), ((4, 4), (8, 8)), ((6, 5), (4, 7))])
 def test_resize_bilinear_matches_torch_interpolate(src, dst):
     x = np.random.RandomState(0).rand(2, *src, 3).astype(np.float32)
-    got = np.asarray(resize_bilinear(jnp.asarray(x), dst))
+    got = np.asarray(jax.jit(resize_bilinear, static_argnums=1)(x, dst))
     want = F.interpolate(_t(x).permute(0, 3, 1, 2), size=dst, mode='bilinear')
     np.testing.assert_allclose(got, want.permute(0, 2, 3, 1).numpy(), **TOL)
 
 
 # -------------------------------------------------------------------------------- losses
 def test_saliency_loss_is_mse_with_teacher_stop_gradient():
-    s = jnp.asarray(np.random.RandomState(1).rand(2, 4, 4), jnp.float32)
-    t = jnp.asarray(np.random.RandomState(2).rand(2, 4, 4), jnp.float32)
-    np.testing.assert_allclose(float(saliency_loss(s, t)), np.mean((np.asarray(s) - t) ** 2),
-                               rtol=1e-6)
-    g_s, g_t = jax.grad(saliency_loss, argnums=(0, 1))(s, t)
+    s = np.random.RandomState(1).rand(2, 4, 4).astype(np.float32)
+    t = np.random.RandomState(2).rand(2, 4, 4).astype(np.float32)
+    value, (g_s, g_t) = jax.jit(jax.value_and_grad(saliency_loss, argnums=(0, 1)))(s, t)
+    np.testing.assert_allclose(float(value), np.mean((np.asarray(s) - t) ** 2), rtol=1e-6)
     np.testing.assert_allclose(np.asarray(g_s), 2 * (np.asarray(s) - t) / s.size, rtol=1e-6)
     np.testing.assert_array_equal(np.asarray(g_t), np.zeros_like(t))
     with pytest.raises(ValueError, match='differ in shape'):
-        saliency_loss(s, t[:, :2])
+        jax.eval_shape(saliency_loss, s, t[:, :2])
 
 
 def test_attention_saliency_loss_matches_torch(models):
     """Student patch 2 (8x8 grid, 4 blocks) vs plain ViT teacher patch 4 (4x4 grid, 6 blocks):
     blocks 0..3 paired by index, student map resized (bilinear) to the teacher grid, mean."""
     s_out, t_out = models['outs']['student'], models['outs']['vit_teacher']
-    got = attention_saliency_loss(s_out, t_out, student_prefix=2, teacher_prefix=1,
-                                  grid_s=8, grid_t=4)
+    got = jax.jit(lambda s, t: attention_saliency_loss(s, t, student_prefix=2, teacher_prefix=1,
+                                                       grid_s=8, grid_t=4))(s_out, t_out)
     terms = []
     for i in range(12):  # the notebook's loop: every index present in both models
         if f'attn{i}' not in s_out or f'attn{i}' not in t_out:
@@ -220,21 +244,22 @@ def test_attention_saliency_loss_matches_torch(models):
     assert want > 1e-3
     np.testing.assert_allclose(float(got), want, **TOL)
     # explicit pairs and the other resize direction give other, finite numbers
-    other = attention_saliency_loss(s_out, t_out, student_prefix=2, teacher_prefix=1,
-                                    layers=[(0, 0), (-1, -1)], resize_to='student')
+    other = jax.jit(lambda s, t: attention_saliency_loss(
+        s, t, student_prefix=2, teacher_prefix=1, layers=[(0, 0), (-1, -1)],
+        resize_to='student'))(s_out, t_out)
     assert np.isfinite(float(other)) and abs(float(other) - want) > 1e-6
-    with pytest.raises(ValueError, match='differs from the teacher grid'):
-        attention_saliency_loss(s_out, t_out, student_prefix=2, teacher_prefix=1,
-                                resize_to=None)
+    with pytest.raises(ValueError, match='differs from the teacher grid'):  # at trace time
+        jax.eval_shape(lambda s, t: attention_saliency_loss(
+            s, t, student_prefix=2, teacher_prefix=1, resize_to=None), s_out, t_out)
 
 
 def test_gradient_saliency_loss_matches_torch(models):
-    """Student vs DeiT-like patch-2 teacher: blocks [0, 2, 3] of both, MSE summed."""
-    s_out, t_out = models['outs']['student'], models['outs']['deit_teacher']
-    student, teacher = models['student'], models['deit_teacher']
-    got = gradient_saliency_loss(s_out, t_out, student_classifier=student.head,
-                                 teacher_classifier=teacher.head, student_prefix=2,
-                                 teacher_prefix=2, grid_s=8, grid_t=8)
+    """Student vs a patch-2 teacher with a dist token: blocks [0, 2, 3] of both, MSE summed."""
+    s_out, t_out = models['outs']['student'], models['outs']['peer_teacher']
+    student, teacher = models['student'], models['peer_teacher']
+    got = jax.jit(lambda s, t: gradient_saliency_loss(
+        s, t, student_classifier=student.head, teacher_classifier=teacher.head,
+        student_prefix=2, teacher_prefix=2, grid_s=8, grid_t=8))(s_out, t_out)
     s_head, t_head = _torch_head(student.head), _torch_head(teacher.head)
     want = 0.0
     for i in (0, 2, 3):
@@ -259,9 +284,54 @@ def test_layer_pairs():
 
 
 def test_losses_train_the_student_only(models):
-    """Both losses on live forwards of both models: the teacher's parameters get exactly zero
-    gradient, the student's blocks and (gradient variant, second order) its head get a real one."""
+    """Both losses from both models' outputs and heads: every teacher input (its attention maps,
+    its block tokens, its head's kernel and bias) gets exactly zero gradient; the student's
+    outputs get a real one, and so does its head kernel (gradient variant, second order through
+    w = ∂z/∂m / N). The teacher's deeper parameters only reach the loss through its outputs, so
+    their gradients are zero too (chain rule through an exactly-zero cotangent)."""
     student, teacher = models['student'], models['vit_teacher']
+    s_out, t_out = models['outs']['student'], models['outs']['vit_teacher']
+    s_head_def, s_head = nnx.split(student.head)
+    t_head_def, t_head = nnx.split(teacher.head)
+
+    def loss(s_out, s_head, t_out, t_head):
+        s_cls, t_cls = nnx.merge(s_head_def, s_head), nnx.merge(t_head_def, t_head)
+        attn = attention_saliency_loss(s_out, t_out, student_prefix=2, teacher_prefix=1)
+        grad = gradient_saliency_loss(s_out, t_out, student_classifier=s_cls,
+                                      teacher_classifier=t_cls, student_prefix=2,
+                                      teacher_prefix=1, layers=(0, 1, -1))
+        return attn + grad, (attn, grad)
+
+    (value, (attn, grad)), grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3),
+                                                              has_aux=True))(
+        s_out, s_head, t_out, t_head)
+    g_s_out, g_s_head, g_t_out, g_t_head = grads
+    assert float(attn) > 1e-3 and float(grad) > 1e-3
+    t_leaves = [g_t_out[f'attn{i}'] for i in range(6)] + [g_t_out[f'block{i}'] for i in (0, 1, 5)]
+    t_leaves += jax.tree.leaves(g_t_head)
+    for leaf in t_leaves:
+        np.testing.assert_array_equal(np.asarray(leaf), np.zeros(leaf.shape, leaf.dtype))
+    for key in ('attn0', 'attn3', 'block0', 'block1', 'block3'):
+        assert float(jnp.abs(g_s_out[key]).max()) > 1e-7, key
+    # blocks outside the pairs get nothing: attention pairs 0..3, gradient pairs (0, 1, 3)
+    np.testing.assert_array_equal(np.asarray(g_s_out['block2']), 0.0)
+    # the prefix (cls, dist) tokens do not enter the gradient maps
+    np.testing.assert_array_equal(np.asarray(g_s_out['block0'][:, :2]), 0.0)
+    assert float(jnp.abs(g_s_head['kernel'][...]).max()) > 1e-7
+    np.testing.assert_array_equal(np.asarray(g_s_head['bias'][...]), 0.0)
+
+
+@pytest.mark.slow
+def test_losses_train_the_student_only_end_to_end(models):
+    """The same through live forwards: gradients w.r.t. every parameter of both models (small
+    ones: IRKD student layout with 2 blocks, plain ViT teacher with 3). Teacher: all exactly 0."""
+    student = _build(lambda: DistilledViT(ViTSize(dim=32, depth=2, heads=2, mlp_dim=64, patch=2),
+                                          num_classes=C, img_size=IMG, drop_path=0.0,
+                                          dist_pos_embed=False, final_norm=False,
+                                          eval_head='cls', rngs=nnx.Rngs(0)), seed=5)
+    teacher = _build(lambda: DistilledViT(ViTSize(dim=32, depth=3, heads=2, mlp_dim=64, patch=4),
+                                          num_classes=C, img_size=IMG, distilled=False,
+                                          drop_path=0.0, rngs=nnx.Rngs(0)), seed=6)
     images = models['images'][:2]
     s_def, s_params, s_rest = nnx.split(student, nnx.Param, ...)
     t_def, t_params, t_rest = nnx.split(teacher, nnx.Param, ...)
@@ -276,12 +346,14 @@ def test_losses_train_the_student_only(models):
                                       teacher_prefix=1, layers=(0, 1, -1))
         return attn + grad
 
-    g_s, g_t = jax.grad(loss, argnums=(0, 1))(s_params, t_params)
+    g_s, g_t = jax.jit(jax.grad(loss, argnums=(0, 1)))(s_params, t_params)
     t_leaves = jax.tree.leaves(g_t)
-    assert len(t_leaves) > 10
+    assert len(t_leaves) > 20
     for leaf in t_leaves:
         np.testing.assert_array_equal(np.asarray(leaf), np.zeros(leaf.shape, leaf.dtype))
-    assert float(jnp.abs(g_s['blocks'][0]['attn']['qkv']['kernel'][...]).max()) > 1e-6
-    assert float(jnp.abs(g_s['blocks'][3]['mlp']['fc2']['kernel'][...]).max()) > 1e-6
-    assert float(jnp.abs(g_s['head']['kernel'][...]).max()) > 1e-6  # through w = ∂z/∂m / N
-    assert float(jnp.abs(g_s['patch_embed']['kernel'][...]).max()) > 1e-6
+    for path in (('blocks', 0, 'attn', 'qkv', 'kernel'), ('blocks', 1, 'mlp', 'fc2', 'kernel'),
+                 ('patch_embed', 'kernel'), ('pos_embed',), ('head', 'kernel')):
+        leaf = g_s
+        for key in path:
+            leaf = leaf[key]
+        assert float(jnp.abs(leaf[...]).max()) > 1e-7, path

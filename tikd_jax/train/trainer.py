@@ -51,6 +51,53 @@ def _place(tree, shardings):
   return jax.tree.map(put, tree, shardings)
 
 
+def build_augmentations(config):
+  """(per-example host augmentation or None, on-device batch augmentation or None).
+
+  Host: RandAugment on uint8 images in the grain workers. Device (inside the jitted step, so
+  teacher and student see the same result): random erasing, then Mixup/CutMix with smoothed
+  targets. Built once: the compiled step is specialised on the batch-augmentation function.
+  """
+  from tikd_jax.data.mixup import make_batch_augment  # pylint: disable=g-import-not-at-top
+  from tikd_jax.data.randaugment import make_host_augment  # pylint: disable=g-import-not-at-top
+  aug = config.get('augment')
+  if aug is None:
+    return None, None
+  cfg = ml_collections.ConfigDict(dict(
+      aug.to_dict(), label_smoothing=config.get('label_smoothing', 0.0),
+      mean=tuple(config.model.get('mean', (0.5, 0.5, 0.5))),
+      std=tuple(config.model.get('std', (0.5, 0.5, 0.5)))))
+  host = make_host_augment(cfg) if aug.randaugment else None
+  on_device = aug.mixup_alpha > 0 or aug.cutmix_alpha > 0 or aug.erasing_prob > 0
+  return host, (make_batch_augment(cfg) if on_device else None)
+
+
+def load_train_text_features(config, train_source, is_chief: bool) -> np.ndarray | None:
+  """The caption features of the train split (REFERENCE §2), one row per example index.
+
+  With `config.text.class_prompt_encoder` set (a local encoder folder, or 'minilm' for the
+  offline MiniLM), class-prompt features are built first when the folder has none (the
+  fallback without a VLM). Eval never reads these: it uses the text predictor or no text.
+  """
+  text = config.get('text')
+  if not text or not text.get('features_dir'):
+    return None
+  from tikd_jax.data.text_features import load_text_features  # pylint: disable=g-import-not-at-top
+  if text.get('class_prompt_encoder'):
+    if is_chief:
+      from tikd_jax import text_teacher  # pylint: disable=g-import-not-at-top
+      encoder = text.class_prompt_encoder
+      if encoder == 'minilm':
+        encoder = text_teacher.minilm_folder()
+      text_teacher.build_class_prompt_features(
+          config.data, config.data.get('train_split', 'train'), text.features_dir, encoder,
+          template=text.class_prompt_template, source=train_source)
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+      multihost_utils.sync_global_devices('class prompt features written')
+  return load_text_features(text.features_dir, train_source)
+
+
 def _extra(state: TrainState) -> dict:
   """Trained state that is not the model's: the objective's parameters and carried state."""
   return {'objective': state.params['objective'], 'objective_state': state.objective_state}
@@ -119,17 +166,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                      f'({len(train_source)} examples)')
   phases = build_phases(config, steps_per_epoch)
   total_steps = phases[-1].end_step
-  text_features = None
-  if config.get('text') and config.text.get('features_dir'):
-    from tikd_jax.data.text_features import load_text_features  # pylint: disable=g-import-not-at-top
-    text_features = load_text_features(config.text.features_dir, train_source)
+  text_features = load_train_text_features(config, train_source, is_chief)
   per_process_batch = config.batch_size // jax.process_count()
+  host_augment, batch_augment = build_augmentations(config)
 
   def train_iterator(phase):
     ds = pipeline.train_dataset(
         train_source, batch_size=per_process_batch, seed=config.seed,
         crop_padding=config.data.get('crop_padding', 4), crop_size=phase.resolution,
         flip=config.data.get('flip', True), text_features=text_features,
+        extra_augment=host_augment,
         process_index=jax.process_index(), process_count=jax.process_count())
     # Batch k of the whole run is element k: a phase starting at step s starts at element s.
     return pipeline.make_iterator(ds[phase.start_step:], config.data.get('num_workers', 0))
@@ -208,7 +254,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
           num_classes=num_classes, steps_per_epoch=steps_per_epoch, seed=config.seed,
           label_smoothing=config.get('label_smoothing', 0.0), fuse_text=phase.fuse_text,
           alignment_beta=phase.alignment_beta,
-          text_predictor_weight=phase.text_predictor_weight, frozen=phase.frozen)
+          text_predictor_weight=phase.text_predictor_weight, frozen=phase.frozen,
+          batch_augment=batch_augment)
       frozen_mask = optim.frozen_mask(abstract_state.params, phase.frozen) if phase.frozen else None
       fn = make_train_step(graphdef=graphdef, teacher_graphdef=teacher_graphdef,
                            objective=objective, tx=tx, frozen_mask=frozen_mask, opts=opts)
@@ -216,17 +263,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                                          donate_argnums=(0,))
     return compiled[phase.switches]
 
-  final_phase = phases[-1]
-  eval_step = jax.jit(make_eval_step(graphdef=graphdef,
-                                     eval_text=config.get('tikd', {}).get('eval_text', 'none'),
-                                     fuse_text=final_phase.fuse_text))
+  eval_text = config.tikd.eval_text if config.get('tikd') else 'none'
+  eval_steps = {fuse: jax.jit(make_eval_step(graphdef=graphdef, eval_text=eval_text,
+                                             fuse_text=fuse)) for fuse in (False, True)}
 
   def run_eval(step):
     t = time.time()
-    m = evaluate(eval_step, state.params, state.batch_stats, eval_source,
+    fused = phases[phase_at(phases, step - 1)].fuse_text and eval_text == 'predicted'
+    m = evaluate(eval_steps[fused], state.params, state.batch_stats, eval_source,
                  batch_size=config.eval_batch_size, data_sharding=data_sharding)
+    if fused:  # caption-free TIKD: also report the first pass alone (eval_text='none')
+      plain = evaluate(eval_steps[False], state.params, state.batch_stats, eval_source,
+                       batch_size=config.eval_batch_size, data_sharding=data_sharding)
+      m.update({f'{k}_no_text': v for k, v in plain.items() if k != 'count'})
+    extra = (f'; first pass only: Acc@1 {m["top1_no_text"]:.3f}' if fused else '')
     logger.message(f'{config.get("name", "")}[step {step}] {format_eval(m)} '
-                   f'({m["count"]} examples, {time.time() - t:.1f}s)')
+                   f'({m["count"]} examples, {time.time() - t:.1f}s{extra})')
     logger.write(step, m, kind='eval')
     return m
 
