@@ -51,6 +51,7 @@ def base() -> ConfigDict:
   c.eval_every_epochs = 1.0
   c.checkpoint_every_steps = 0      # 0: every epoch
   c.keep_checkpoints = 3
+  c.stop_at_step = 0               # >0: checkpoint and exit there (rerun resumes)
   c.best_metric = 'top1'
   c.mesh = [('data', -1)]
   c.sharding_rules = []

@@ -87,7 +87,7 @@ def _linear_resize_axis(x: jax.Array, out_size: int, axis: int) -> jax.Array:
 
 
 def resize_bilinear(maps: jax.Array, grid: tuple[int, int]) -> jax.Array:
-    """[B, h, w, ...] → [B, gh, gw, ...] as ``F.interpolate(mode='bilinear')`` (align_corners False).
+    """[B, h, w, ...] → [B, gh, gw, ...] like ``F.interpolate(mode='bilinear')`` (no corners).
 
     The attention loss resizes with this when the two grids differ (P_4_ALL cell 14:
     ``F.interpolate(s_attn.unsqueeze(1), size=t_attn.shape[-2:], mode='bilinear')``).

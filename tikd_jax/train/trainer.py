@@ -320,8 +320,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
   step = start_step
   eval_metrics = None
+  # Stop early (checkpointed) at this step, e.g. for time-sliced cluster jobs; rerun to resume.
+  stop_at = config.get('stop_at_step', 0) or total_steps
   try:
-    while step < total_steps:
+    while step < min(stop_at, total_steps):
       phase = phases[phase_index]
       if step == phase.start_step and step > 0 and step != start_step:
         iterator = train_iterator(phase)
@@ -333,7 +335,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       if step == phase.start_step or step == start_step:
         logger.message(f'phase {phase.name} (steps {phase.start_step}–{phase.end_step}, '
                        f'resolution {phase.resolution or "full"}, fuse_text {phase.fuse_text})')
-      while step < phase.end_step:
+      while step < min(phase.end_step, stop_at):
         batch = pipeline.to_global(next(iterator), data_sharding)
         t0 = time.time()
         state, metrics = train_step(state, batch, teacher_vars)
@@ -353,8 +355,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
           save(step, {config.get('best_metric', 'top1'): eval_metrics[config.get(
               'best_metric', 'top1')]} if evaluating else None)
           last_saved = step
-      phase_index = min(phase_index + 1, len(phases) - 1)
-    if eval_metrics is None:  # resumed at the very end
+      if step == phase.end_step:
+        phase_index = min(phase_index + 1, len(phases) - 1)
+    if step < total_steps:
+      flush(step)
+      if last_saved != step:
+        save(step)
+      logger.message(f'stopped at step {step} of {total_steps} (stop_at_step); rerun to resume')
+    if eval_metrics is None:  # resumed at the very end, or stopped early
       eval_metrics = run_eval(step)
   finally:
     checkpointer.wait()
