@@ -17,6 +17,8 @@ def base() -> ConfigDict:
   c = ConfigDict()
   c.name = ''
   c.seed = 0
+  c.dtype = 'float32'               # compute dtype: 'bfloat16' for mixed precision
+  c.grad_accum_steps = 1
   c.data = ConfigDict(dict(
       name='digits', dir='', download=False, tfds_name='', image_size=32, val_size=0,
       val_seed=42, num_workers=0, crop_padding=4, flip=True, train_split='train',
@@ -28,6 +30,8 @@ def base() -> ConfigDict:
   c.distill = ConfigDict(dict(
       method='hard', alpha=0.5, base_weight=placeholder(float), distill_weight=placeholder(float),
       temperature=4.0, dkd_alpha=1.0, dkd_beta=8.0, dkd_warmup_epochs=20, ctkd_ramp_epochs=10))
+  # IRKD saliency alignment (REFERENCE §7): 'none' | 'attention' | 'gradient'.
+  c.saliency = ConfigDict(dict(kind='none', weight=0.8, layers='', resize_to='teacher'))
   c.text = ConfigDict(dict(features_dir='', class_prompt_encoder='',
                            class_prompt_template='a photo of a {name}.'))
   c.tikd = ConfigDict(dict(fuse_text=False, alignment_beta=0.1, text_predictor_weight=1.0,

@@ -130,7 +130,7 @@ def test_grad_cam_matches_numpy_restatement():
 
 
 def test_stage_gradients_go_through_the_model():
-  """resnet8: logits = fc(mean_ij A), so ∂y_k/∂A[i, j, c] = W[c, k] / (h·w) at every position."""
+  """resnet8: logits = fc(mean_ij A), so ∂y_k/∂A[i, j, c] = W[c, k] / (h·w) everywhere."""
   graphdef, variables = _random_model('resnet8', SPECS['resnet'][1], seed=1)
   images = np.random.RandomState(0).rand(3, 16, 16, 3).astype(np.float32)
   ref_logits, ref_out = jax.jit(

@@ -16,6 +16,13 @@ from tikd_jax.losses.ctkd import (
 from tikd_jax.losses.dkd import dkd_loss, dkd_warmup_factor
 from tikd_jax.losses.kd import hard_distillation_loss, kd_loss, soft_distillation_loss
 from tikd_jax.losses.pkcd import pkcd_init_state, pkcd_loss
+from tikd_jax.losses.saliency import (
+    attention_saliency,
+    attention_saliency_loss,
+    gradient_saliency,
+    gradient_saliency_loss,
+    saliency_loss,
+)
 
 __all__ = [
     "cross_entropy",
@@ -33,4 +40,9 @@ __all__ = [
     "ctkd_loss",
     "pkcd_init_state",
     "pkcd_loss",
+    "attention_saliency",
+    "attention_saliency_loss",
+    "gradient_saliency",
+    "gradient_saliency_loss",
+    "saliency_loss",
 ]

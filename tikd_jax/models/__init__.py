@@ -4,6 +4,7 @@ from __future__ import annotations
 from typing import Any, Callable
 
 import jax
+import jax.numpy as jnp
 from flax import nnx
 
 from tikd_jax.models.resnet_cifar import CONFIGS as RESNET_CONFIGS
@@ -47,6 +48,8 @@ def build_model(name: str, *, rngs: nnx.Rngs, **kwargs: Any) -> nnx.Module:
   if name not in MODELS:
     raise ValueError(f'unknown model {name!r}; known models: {sorted(MODELS)}. '
                      f'ViT variants: {sorted(VIT_SIZES)}')
+  if isinstance(kwargs.get('dtype'), str):  # configs and checkpoint metadata name dtypes
+    kwargs['dtype'] = None if kwargs['dtype'] == 'float32' else jnp.dtype(kwargs['dtype'])
   return MODELS[name](rngs=rngs, **kwargs)
 
 

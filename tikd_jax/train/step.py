@@ -42,14 +42,42 @@ class StepOptions:
   text_predictor_weight: float = 0.0
   frozen: tuple[str, ...] = ()     # regexes of frozen parameter paths
   batch_augment: Callable | None = None  # (images, labels, num_classes, rng) → (images, targets)
+  saliency: str = 'none'           # IRKD saliency alignment: 'none' | 'attention' | 'gradient'
+  saliency_weight: float = 0.0
+  saliency_layers: str = ''        # '' → the variant's default; else '0,2,3' or 'all'
+  saliency_resize_to: str = 'teacher'
 
 
-def _teacher_logits(teacher_graphdef, teacher_vars, images):
+def _teacher_forward(teacher_graphdef, teacher_vars, images):
+  """The frozen teacher in eval mode: (module, logits, out), all outputs stop-gradient."""
   if teacher_graphdef is None:
-    return None
+    return None, None, {}
   teacher = nnx.merge(teacher_graphdef, teacher_vars['params'], teacher_vars['batch_stats'])
-  logits, _ = teacher(images, train=False)
-  return jax.lax.stop_gradient(logits.astype(jnp.float32))
+  logits, out = teacher(images, train=False)
+  return teacher, jax.lax.stop_gradient(logits.astype(jnp.float32)), jax.lax.stop_gradient(out)
+
+
+def _parse_layers(spec: str):
+  if spec in ('', 'all'):
+    return spec or None
+  return tuple(int(i) for i in spec.split(','))
+
+
+def saliency_term(opts: StepOptions, student, student_out, teacher, teacher_out):
+  """IRKD's saliency alignment (REFERENCE §7) between student and (stop-gradient) teacher."""
+  if teacher is None or not hasattr(teacher, 'num_prefix'):
+    raise ValueError('saliency alignment needs a ViT teacher (attention maps, patch tokens)')
+  common = dict(student_prefix=student.num_prefix, teacher_prefix=teacher.num_prefix,
+                resize_to=opts.saliency_resize_to)
+  layers = _parse_layers(opts.saliency_layers)
+  if opts.saliency == 'attention':
+    return losses.attention_saliency_loss(student_out, teacher_out, layers=layers or 'all',
+                                          **common)
+  if opts.saliency == 'gradient':
+    kw = {'layers': layers} if layers else {}
+    return losses.gradient_saliency_loss(student_out, teacher_out, student_classifier=student.head,
+                                         teacher_classifier=teacher.head, **kw, **common)
+  raise ValueError(f"saliency must be 'none', 'attention' or 'gradient', got {opts.saliency!r}")
 
 
 def _cosine_loss(pred, target):
@@ -72,7 +100,8 @@ def make_train_step(*, graphdef, teacher_graphdef, objective: Objective,
       images, targets = opts.batch_augment(images, labels, opts.num_classes, aug_rng)
     else:
       targets = losses.one_hot_smoothed(labels, opts.num_classes, opts.label_smoothing)
-    teacher_logits = _teacher_logits(teacher_graphdef, teacher_vars, images)
+    teacher, teacher_logits, teacher_out = _teacher_forward(teacher_graphdef, teacher_vars,
+                                                            images)
     epoch = state.step.astype(jnp.float32) // opts.steps_per_epoch + 1.0
 
     def loss_fn(params):
@@ -90,6 +119,10 @@ def make_train_step(*, graphdef, teacher_graphdef, objective: Objective,
         pred_loss = _cosine_loss(out['text_pred'], batch['text'])
         loss = loss + opts.text_predictor_weight * pred_loss
         metrics['text_predictor_loss'] = pred_loss
+      if opts.saliency != 'none':
+        sal = saliency_term(opts, student, out, teacher, teacher_out)
+        loss = loss + opts.saliency_weight * sal
+        metrics['saliency_loss'] = sal
       new_stats = nnx.to_pure_dict(nnx.state(student, nnx.BatchStat))
       metrics['train_top1'] = jnp.mean(jnp.argmax(logits, -1) == labels)
       return loss, (metrics, new_stats, new_obj_state)

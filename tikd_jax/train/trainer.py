@@ -106,6 +106,8 @@ def _extra(state: TrainState) -> dict:
 def load_teacher(config, num_classes: int, mesh, rules):
   """Builds the teacher, loads its checkpoint strictly and places it on the mesh."""
   name, kwargs = model_spec(config.teacher, num_classes)
+  if config.get('dtype', 'float32') != 'float32':
+    kwargs['dtype'] = config.dtype
   path = config.teacher.checkpoint
   if not path:
     raise ValueError(f'distill.method={config.distill.method!r} needs a teacher: set '
@@ -182,6 +184,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
   # ----------------------------------------------------------------------------- models
   student_name, student_kwargs = model_spec(config.model, num_classes)
+  if config.get('dtype', 'float32') != 'float32':
+    # Mixed precision: compute in config.dtype; parameters, optimizer state and losses float32.
+    student_kwargs['dtype'] = config.dtype
   if text_features is not None and config.model.name in ('distilled_vit', 'vit', 'irkd_vit'):
     student_kwargs.setdefault('text_dim', int(text_features.shape[1]))
   abstract_model = nnx.eval_shape(
@@ -190,7 +195,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   n_params = count_params(abstract_model)
   objective = build_objective(config.distill)
   teacher_graphdef = teacher_vars = None
-  if objective.needs_teacher:
+  if objective.needs_teacher or config.saliency.kind != 'none':
     teacher_graphdef, teacher_vars, _ = load_teacher(config, num_classes, mesh, rules)
 
   # ----------------------------------------------------------------------------- optimizer & state
@@ -255,7 +260,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
           label_smoothing=config.get('label_smoothing', 0.0), fuse_text=phase.fuse_text,
           alignment_beta=phase.alignment_beta,
           text_predictor_weight=phase.text_predictor_weight, frozen=phase.frozen,
-          batch_augment=batch_augment)
+          batch_augment=batch_augment, saliency=config.saliency.kind,
+          saliency_weight=config.saliency.weight, saliency_layers=config.saliency.layers,
+          saliency_resize_to=config.saliency.resize_to)
       frozen_mask = optim.frozen_mask(abstract_state.params, phase.frozen) if phase.frozen else None
       fn = make_train_step(graphdef=graphdef, teacher_graphdef=teacher_graphdef,
                            objective=objective, tx=tx, frozen_mask=frozen_mask, opts=opts)
@@ -315,6 +322,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
           f'that checkpoint with different settings.')
     avg = {k: float(np.mean([r[k] for r in rows])) for k in rows[0] if k != 'nonfinite'}
     avg['lr'] = float(schedule(step - 1))
+    avg['resolution'] = phases[phase_at(phases, step - 1)].resolution or 0
     logger.write(step, avg)
     logger.progress(step, avg)
 

@@ -148,7 +148,7 @@ def curves(args) -> str:
     raise WorkdirError(f'{args.workdir}/metrics.jsonl holds no train or eval rows')
   fig = figures.training_curves(
       m.train, m.eval, m.resumes,
-      f'{os.path.basename(args.workdir)}: {len(m.train)} train / {len(m.eval)} eval steps'
+      f'{os.path.basename(args.workdir)}: {len(m.train)} train / {len(m.eval)} eval points'
       + (f', resumed {len(m.resumes)}×' if m.resumes else ''))
   return figures.save(fig, _out_path(args, 'curves.png'))
 

@@ -71,9 +71,9 @@ def embedding_scatter(points: np.ndarray, labels: np.ndarray, names: Sequence[st
   ax.set_xticks([])
   ax.set_yticks([])
   ax.set_title(title, fontsize=10)
-  ax.legend(loc='center left', bbox_to_anchor=(1.01, 0.5), ncol=max(1, math.ceil(len(present) / 25)),
-            fontsize=8 if len(present) <= 25 else 6, markerscale=1.5, title='class',
-            frameon=False)
+  ax.legend(loc='center left', bbox_to_anchor=(1.01, 0.5),
+            ncol=max(1, math.ceil(len(present) / 25)), fontsize=8 if len(present) <= 25 else 6,
+            markerscale=1.5, title='class', frameon=False)
   return fig
 
 
