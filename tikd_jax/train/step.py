@@ -46,6 +46,7 @@ class StepOptions:
   saliency_weight: float = 0.0
   saliency_layers: str = ''        # '' → the variant's default; else '0,2,3' or 'all'
   saliency_resize_to: str = 'teacher'
+  grad_accum_steps: int = 1        # micro-batches per optimizer step (gradients averaged)
 
 
 def _teacher_forward(teacher_graphdef, teacher_vars, images):
@@ -104,31 +105,42 @@ def make_train_step(*, graphdef, teacher_graphdef, objective: Objective,
                                                             images)
     epoch = state.step.astype(jnp.float32) // opts.steps_per_epoch + 1.0
 
-    def loss_fn(params):
-      student = nnx.merge(graphdef, params['student'], state.batch_stats)
-      logits, out = student(images, train=True, rng=model_rng, text=batch.get('text'),
-                            fuse_text=opts.fuse_text)
-      inputs = LossInputs(out=out, teacher_logits=teacher_logits, targets=targets,
-                          labels=labels, epoch=epoch)
-      loss, metrics, new_obj_state = objective(inputs, params['objective'],
-                                               state.objective_state)
+    def loss_fn(params, batch_stats=None, objective_state=None, micro=None, rng=model_rng):
+      """The loss of one (micro-)batch; `micro` overrides the full-batch inputs."""
+      x, y_soft, y, t_logits, t_out, text = (images, targets, labels, teacher_logits,
+                                             teacher_out, batch.get('text'))
+      if micro is not None:
+        x, y_soft, y, t_logits, t_out, text = micro
+      bstats = state.batch_stats if batch_stats is None else batch_stats
+      obj_state = state.objective_state if objective_state is None else objective_state
+      student = nnx.merge(graphdef, params['student'], bstats)
+      logits, out = student(x, train=True, rng=rng, text=text, fuse_text=opts.fuse_text)
+      inputs = LossInputs(out=out, teacher_logits=t_logits, targets=y_soft,
+                          labels=y, epoch=epoch)
+      loss, metrics, new_obj_state = objective(inputs, params['objective'], obj_state)
+      teacher_out_ = t_out
       if opts.fuse_text and opts.alignment_beta:
         loss = loss + opts.alignment_beta * out['alignment_loss']
         metrics['alignment_loss'] = out['alignment_loss']
-      if opts.text_predictor_weight and 'text' in batch:
-        pred_loss = _cosine_loss(out['text_pred'], batch['text'])
+      if opts.text_predictor_weight and text is not None:
+        pred_loss = _cosine_loss(out['text_pred'], text)
         loss = loss + opts.text_predictor_weight * pred_loss
         metrics['text_predictor_loss'] = pred_loss
       if opts.saliency != 'none':
-        sal = saliency_term(opts, student, out, teacher, teacher_out)
+        sal = saliency_term(opts, student, out, teacher, teacher_out_)
         loss = loss + opts.saliency_weight * sal
         metrics['saliency_loss'] = sal
       new_stats = nnx.to_pure_dict(nnx.state(student, nnx.BatchStat))
-      metrics['train_top1'] = jnp.mean(jnp.argmax(logits, -1) == labels)
+      metrics['train_top1'] = jnp.mean(jnp.argmax(logits, -1) == y)
       return loss, (metrics, new_stats, new_obj_state)
 
-    (loss, (metrics, new_stats, new_obj_state)), grads = jax.value_and_grad(
-        loss_fn, has_aux=True)(state.params)
+    if opts.grad_accum_steps == 1:
+      (loss, (metrics, new_stats, new_obj_state)), grads = jax.value_and_grad(
+          loss_fn, has_aux=True)(state.params)
+    else:
+      loss, metrics, new_stats, new_obj_state, grads = _accumulate(
+          loss_fn, state, images, targets, labels, teacher_logits, teacher_out, batch,
+          opts.grad_accum_steps)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     if frozen_mask is not None:
       updates = zero_frozen(updates, frozen_mask)
@@ -140,6 +152,33 @@ def make_train_step(*, graphdef, teacher_graphdef, objective: Objective,
     return new_state, metrics
 
   return train_step
+
+
+def _accumulate(loss_fn, state, images, targets, labels, teacher_logits, teacher_out, batch, k):
+  """Mean loss and gradients over k micro-batches (rows j, j + k, j + 2k, …), scanned.
+
+  Strided rows keep every micro-batch spread over all devices of the batch sharding. BatchNorm
+  statistics and carried objective state pass from one micro-batch to the next.
+  """
+  b = images.shape[0]
+  if b % k:
+    raise ValueError(f'batch {b} is not divisible by grad_accum_steps {k}')
+  split = lambda x: None if x is None else jnp.swapaxes(x.reshape((b // k, k) + x.shape[1:]), 0, 1)
+  micro = jax.tree.map(split, (images, targets, labels, teacher_logits, teacher_out,
+                               batch.get('text')))
+  rng = jax.random.fold_in(jax.random.key(0), state.step)
+  zeros = jax.tree.map(jnp.zeros_like, state.params)
+
+  def body(carry, xs):
+    grads_sum, stats, obj_state, i = carry
+    (loss, (metrics, stats, obj_state)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        state.params, stats, obj_state, xs, jax.random.fold_in(rng, i))
+    return (jax.tree.map(jnp.add, grads_sum, grads), stats, obj_state, i + 1), (loss, metrics)
+
+  (grads, stats, obj_state, _), (losses_, metrics) = jax.lax.scan(
+      body, (zeros, state.batch_stats, state.objective_state, 0), micro)
+  grads = jax.tree.map(lambda g: g / k, grads)
+  return (jnp.mean(losses_), jax.tree.map(jnp.mean, metrics), stats, obj_state, grads)
 
 
 def make_eval_step(*, graphdef, eval_text: str = 'none', fuse_text: bool = False):

@@ -262,7 +262,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
           text_predictor_weight=phase.text_predictor_weight, frozen=phase.frozen,
           batch_augment=batch_augment, saliency=config.saliency.kind,
           saliency_weight=config.saliency.weight, saliency_layers=config.saliency.layers,
-          saliency_resize_to=config.saliency.resize_to)
+          saliency_resize_to=config.saliency.resize_to,
+          grad_accum_steps=config.get('grad_accum_steps', 1))
       frozen_mask = optim.frozen_mask(abstract_state.params, phase.frozen) if phase.frozen else None
       fn = make_train_step(graphdef=graphdef, teacher_graphdef=teacher_graphdef,
                            objective=objective, tx=tx, frozen_mask=frozen_mask, opts=opts)
