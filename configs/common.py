@@ -74,6 +74,14 @@ def deit_augment(c: ConfigDict) -> None:
   c.label_smoothing = 0.1
 
 
+def tikd_stages(c: ConfigDict, warmup_epochs: float, joint_epochs: float) -> None:
+  """TIKD's staged semantic-guided training: vision-only KD, then joint text-image training.
+  Needs caption features: --config.text.features_dir=DIR (python -m tikd_jax.text_teacher)."""
+  c.stages = [dict(name='vision_warmup', epochs=warmup_epochs, fuse_text=False),
+              dict(name='joint', epochs=joint_epochs, fuse_text=True)]
+  c.num_epochs = float(warmup_epochs + joint_epochs)
+
+
 def sgd_recipe(c: ConfigDict, lr: float = 0.05) -> None:
   """RepDistiller / mdistiller CIFAR recipe: SGD 0.05, momentum 0.9, wd 5e-4 on every weight,
   batch 64, 240 epochs, ×0.1 at 150/180/210, no label smoothing."""

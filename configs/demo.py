@@ -66,8 +66,7 @@ def tikd_student_config():
   c.text.features_dir = '{workdir}/text/digits-train'
   c.text.class_prompt_encoder = 'minilm'
   c.text.class_prompt_template = 'a photo of the digit {name}.'
-  c.stages = [dict(name='vision_warmup', epochs=10, fuse_text=False),
-              dict(name='joint', epochs=20, fuse_text=True)]
+  common.tikd_stages(c, warmup_epochs=10, joint_epochs=20)
   return c
 
 

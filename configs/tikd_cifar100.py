@@ -5,15 +5,17 @@ r"""TIKD ViT students on CIFAR-100 with a ResNet32x4 teacher (REFERENCE §1, §6
 
 Argument: `small|medium|large` (1.09M / 4.17M / 16.35M with text modules), optionally followed
 by a distillation method: `configs/tikd_cifar100.py:medium,dkd` (none|soft|hard|kd|dkd|ctkd|pkcd;
-hard KD is the paper's headline). Reported top-1: 65.20 / 75.70 / 80.42.
+hard KD is the paper's headline), and `,notext` for the vision-only DeiT student (no stages, no
+text features needed). Reported top-1: 65.20 / 75.70 / 80.42.
+Stages: a vision-only KD warm-up (50 epochs), then joint text-image training (250 epochs).
 """
 from configs import common
 
 
 def get_config(arg: str = 'large'):
-  size, _, method = arg.partition(',')
-  if size not in ('small', 'medium', 'large'):
-    raise ValueError(f"tikd_cifar100 takes small|medium|large[,method], got {arg!r}")
+  size, method, notext = (arg.split(',') + ['', ''])[:3]
+  if size not in ('small', 'medium', 'large') or notext not in ('', 'notext'):
+    raise ValueError(f"tikd_cifar100 takes small|medium|large[,method][,notext], got {arg!r}")
   c = common.base()
   c.name = f'tikd_{size}'
   c.data.name = 'cifar100'
@@ -27,6 +29,8 @@ def get_config(arg: str = 'large'):
   c.schedule.lr = 5e-4 * c.batch_size / 512
   c.num_epochs = 300.0
   common.deit_augment(c)
+  if not notext:
+    common.tikd_stages(c, warmup_epochs=50, joint_epochs=250)
   c.log_every_steps = 100
   c.lock()
   return c

@@ -183,6 +183,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     return pipeline.make_iterator(ds[phase.start_step:], config.data.get('num_workers', 0))
 
   # ----------------------------------------------------------------------------- models
+  fusing = [p.name for p in phases if p.fuse_text]
+  if fusing and text_features is None:
+    raise ValueError(f'stage(s) {fusing} fuse text but config.text.features_dir is empty: '
+                     f'generate caption features (python -m tikd_jax.text_teacher, see README) '
+                     f'and pass --config.text.features_dir=DIR, or use a config without text '
+                     f'stages (e.g. configs/tikd_cifar100.py:large,hard,notext)')
   student_name, student_kwargs = model_spec(config.model, num_classes)
   if config.get('dtype', 'float32') != 'float32':
     # Mixed precision: compute in config.dtype; parameters, optimizer state and losses float32.
