@@ -57,8 +57,9 @@ def base() -> ConfigDict:
   c.keep_checkpoints = 3
   c.stop_at_step = 0               # >0: checkpoint and exit there (rerun resumes)
   c.best_metric = 'top1'
-  c.mesh = [('data', -1)]
-  c.sharding_rules = []
+  # Tuples, so that they can be overridden: --config.mesh="(('data',4),('fsdp',2))".
+  c.mesh = (('data', -1),)
+  c.sharding_rules = ()
   c.stages = []
   c.curriculum = ConfigDict(dict(stages=[], reset_optimizer=False))
   return c

@@ -1,7 +1,4 @@
 """TIKD (REFERENCE §3): the text fusion, caption-free inference and staged training."""
-import os
-import shutil
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -146,15 +143,22 @@ def _staged(features_dir, **kw):
   return tiny_config('none', stages=stages, **{'text.features_dir': features_dir}, **kw)
 
 
-def test_stage_switch_and_mid_stage_resume_equal_an_uninterrupted_run(tmp_path,
-                                                                      prompt_features):
-  straight = trainer.train_and_evaluate(_staged(prompt_features), str(tmp_path / 'a'))
+@pytest.fixture(scope='module')
+def staged_run(tmp_path_factory, prompt_features):
+  """An uninterrupted two-stage TIKD run (shared by the tests below)."""
+  workdir = tmp_path_factory.mktemp('staged')
+  return workdir, trainer.train_and_evaluate(_staged(prompt_features), str(workdir))
+
+
+def test_stage_switch_and_mid_stage_resume_equal_an_uninterrupted_run(tmp_path, prompt_features,
+                                                                      staged_run):
+  straight_dir, straight = staged_run
   assert 'top1_no_text' in straight  # fused model: both caption-free variants are reported
   # Stop inside the second stage (steps 11–22), then resume.
   trainer.train_and_evaluate(_staged(prompt_features, stop_at_step=16), str(tmp_path / 'b'))
   assert ckpt_lib.Checkpointer(str(tmp_path / 'b' / 'checkpoints')).latest_step() == 16
   resumed = trainer.train_and_evaluate(_staged(prompt_features), str(tmp_path / 'b'))
-  _, a = ckpt_lib.load_weights(str(tmp_path / 'a'))
+  _, a = ckpt_lib.load_weights(str(straight_dir))
   _, b = ckpt_lib.load_weights(str(tmp_path / 'b'))
   assert a.keys() == b.keys() and any('text_decoder' in k for k in a)
   for k in a:
@@ -164,11 +168,9 @@ def test_stage_switch_and_mid_stage_resume_equal_an_uninterrupted_run(tmp_path,
   assert 'alignment_loss' in lines and 'text_predictor_loss' in lines
 
 
-def test_eval_needs_no_text_features(tmp_path, prompt_features):
-  features = str(tmp_path / 'features')
-  shutil.copytree(prompt_features, features)
-  c = _staged(features)
-  trainer.train_and_evaluate(c, str(tmp_path / 'run'))
-  shutil.rmtree(features)
-  result = trainer.evaluate_checkpoint(c, str(tmp_path / 'run'))
+def test_eval_needs_no_text_features(tmp_path, staged_run):
+  workdir, trained = staged_run
+  c = _staged(str(tmp_path / 'no_such_features'))  # eval must not look for them
+  result = trainer.evaluate_checkpoint(c, str(workdir))
   assert result['count'] == 360 and np.isfinite(result['loss'])
+  assert result['top1'] == pytest.approx(trained['top1'])  # caption-free, predictor-driven

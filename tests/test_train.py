@@ -1,6 +1,7 @@
 """The trainer end to end on digits: steps, sharding, evaluation, resume, bad input."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -80,7 +81,7 @@ def test_eight_devices_match_one_device(tmp_path):
     # SGD: Adam divides by sqrt(v), turning float noise in zero-gradient parameters (the key
     # bias of attention, whose gradient is exactly 0 by softmax shift-invariance) into lr-sized
     # steps, so its trajectories cannot be compared at 1e-5.
-    c = tiny_config('none', num_epochs=0.5, mesh=mesh, checkpoint_every_steps=100,
+    c = tiny_config('none', num_epochs=0.25, mesh=mesh, checkpoint_every_steps=100,
                     **{'optimizer.name': 'sgd', 'schedule.lr': 0.05})
     results[name] = trainer.train_and_evaluate(c, str(tmp_path / name))
   one, eight = _final_params(tmp_path / 'one'), _final_params(tmp_path / 'eight')
@@ -140,12 +141,12 @@ def test_unknown_names_fail_loudly(tmp_path):
                                str(tmp_path / 'b'))
 
 
-def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, teacher_dir):
   workdir = str(tmp_path / 'run')
-  trainer.train_and_evaluate(tiny_config('none', num_epochs=0.5), workdir)
+  shutil.copytree(teacher_dir, workdir)  # a finished 2-epoch run, continued to 3 with lr NaN
   good = ckpt_lib.Checkpointer(os.path.join(workdir, 'checkpoints')).latest_step()
   before = _final_params(workdir)
-  c = tiny_config('none', num_epochs=1.0, **{'schedule.lr': float('nan')})
+  c = tiny_config('teacher', num_epochs=3.0, **{'schedule.lr': float('nan')})
   with pytest.raises(trainer.NonFiniteLossError, match=f'last good checkpoint \\(step {good}\\)'):
     trainer.train_and_evaluate(c, workdir)
   assert ckpt_lib.Checkpointer(os.path.join(workdir, 'checkpoints')).latest_step() == good

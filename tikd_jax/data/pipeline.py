@@ -1,7 +1,7 @@
 """grain input pipelines: an endless, seeded, checkpointable train stream and exact eval batches.
 
-Multi-host: after the global shuffle, process p takes elements p, p + P, p + 2P, … so the P
-per-process batches of one step together hold exactly one global batch, and
+Multi-host: the stream is batched into per-process batches and process p takes batches p, p + P,
+p + 2P, … so the P per-process batches of one step are one contiguous global batch, and
 `jax.make_array_from_process_local_data` assembles them into one sharded array.
 """
 from __future__ import annotations
@@ -51,11 +51,13 @@ def train_dataset(source, *, batch_size: int, seed: int, crop_padding: int = 4,
                                        flip=flip))
   if extra_augment is not None:
     ds = ds.random_map(extra_augment)
+  ds = ds.batch(batch_size, drop_remainder=True)
   if process_count > 1:
-    # Slice after the random maps: their rng is a function of the element's position, so slicing
-    # first would give every process the same augmentation draws.
+    # Process p takes per-process batches p, p + P, …: the P batches of one step are contiguous
+    # elements, in order, so the global batch is exactly the single-process one (same rows, same
+    # augmentation draws, same row order for the per-row randomness inside the step).
     ds = ds[process_index::process_count]
-  return ds.batch(batch_size, drop_remainder=True)
+  return ds
 
 
 def make_iterator(ds: grain.MapDataset, num_workers: int = 0,
