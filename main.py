@@ -7,6 +7,8 @@ r"""tikd-jax entry point.
 A config with `runs` (e.g. the demo) is a sequence of runs, each in `<workdir>/<run name>`; a
 run's `teacher.checkpoint` may name an earlier run as '{workdir}/<run name>'. Rerunning a
 command resumes every run from its newest checkpoint.
+Exit status 75 (EX_TEMPFAIL): stopped by SIGTERM/SIGINT after a complete checkpoint; rerun to
+resume (README "Reliability").
 Multi-host: `jax.distributed.initialize()` is called when --coordinator is given or when JAX
 detects a cluster (SLURM, TPU pod, Open MPI); see README "Scaling out".
 """
@@ -82,7 +84,12 @@ def main(argv):
   if not flags.FLAGS['verbosity'].present:
     logging.set_verbosity(logging.WARNING)  # orbax logs every file it writes at INFO
   _maybe_initialize_distributed()
-  results = run(_CONFIG.value, _WORKDIR.value, _MODE.value)
+  from tikd_jax.train import preemption  # pylint: disable=g-import-not-at-top
+  try:
+    results = run(_CONFIG.value, _WORKDIR.value, _MODE.value)
+  except preemption.Preempted as e:  # SIGTERM / SIGINT: checkpoint complete, rerun resumes
+    print(f'{e} (exit status {preemption.EXIT_PREEMPTED})', flush=True)
+    return preemption.EXIT_PREEMPTED
   import jax  # pylint: disable=g-import-not-at-top
   if jax.process_index() == 0:
     with open(os.path.join(_WORKDIR.value, 'results.json'), 'w') as f:

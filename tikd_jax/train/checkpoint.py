@@ -1,22 +1,61 @@
 """Orbax checkpoints: model, optimizer, data-iterator position and run metadata, saved together.
 
-Layout: `<workdir>/checkpoints/<step>/{model,optimizer,data,meta}`. `model` holds
+Layout: `<workdir>/checkpoints/<step>/{model,extra,optimizer,data,meta,metrics}`. `model` holds
 `{'params': …, 'batch_stats': …}` keyed by flat string paths ('blocks/0/attn/qkv/kernel'), so a
 checkpoint is readable without the Python model and mismatches can be listed key by key. A
 weights-only checkpoint (teachers converted from PyTorch) has just `model` and `meta`.
+
+Faults (README "Reliability"):
+- A step folder appears only complete: orbax writes `<step>.orbax-checkpoint-tmp*` and renames
+  it when every item is written; unfinished folders are never listed and are removed on the next
+  start. Old steps are dropped only after the newer one is renamed (orbax deletes in the save's
+  finalize, after the commit, and not at all when the commit failed), and by a rename into
+  `_deleted/` first (purged afterwards), so a kill mid-deletion never leaves a half step. The
+  best-metric value is written with each step, so the best checkpoint survives restarts.
+- `meta` carries an integer checksum of every saved array; a restore that reads different bytes,
+  or that fails anywhere inside orbax, reports the step and what failed and falls back to the
+  previous step; the failed newer ones are moved to `<workdir>/unreadable_checkpoints/`.
+- A failed save (disk full, …) raises `CheckpointSaveError` naming the step and the previous,
+  intact checkpoint, whether it failed at once or later in the background.
 """
 from __future__ import annotations
 
+import errno
+import glob
+import json
+import math
 import os
-from typing import Any
+import shutil
+import time
+from typing import Any, Callable
 
 import grain
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+from absl import logging
 from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
 
 SEP = '/'
+_DELETED = '_deleted'          # old steps are renamed here, then purged
+UNREADABLE_DIR = 'unreadable_checkpoints'  # beside the checkpoints folder
+
+
+class CheckpointMismatchError(ValueError):
+  """The checkpoint is readable but does not fit the model (a config change, not a fault)."""
+
+
+class CheckpointIntegrityError(RuntimeError):
+  """The restored bytes differ from the checksums written with them."""
+
+
+class UnreadableCheckpointError(RuntimeError):
+  """No checkpoint in a directory can be restored."""
+
+
+class CheckpointSaveError(RuntimeError):
+  """A checkpoint could not be written; the previous one is intact."""
 
 
 def _key_str(k) -> str:
@@ -52,7 +91,7 @@ def fill_template(template, flat: dict[str, Any], what: str):
       if items:
         lines.append(f'  {title} ({len(items)}): ' + ', '.join(items[:20]) +
                      (' …' if len(items) > 20 else ''))
-    raise ValueError('\n'.join(lines))
+    raise CheckpointMismatchError('\n'.join(lines))
   return jax.tree_util.tree_unflatten(treedef, [flat[n] for n in names])
 
 
@@ -62,20 +101,157 @@ def _abstract(tree):
   return jax.tree.map(leaf, tree)
 
 
+# ------------------------------------------------------------------------------- checksums
+# sum_i bits(x_i) · (2i + 1) mod 2^32 over the raw bits of every element: integer arithmetic, so
+# exact in any reduction order and sharding; odd weights catch any single changed element.
+
+def _uint_bits(x, xp):
+  if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+    x = jax.random.key_data(x)
+  if x.dtype == np.bool_:
+    x = x.astype(np.uint8)
+  width = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint32}[np.dtype(x.dtype).itemsize]
+  if xp is np:
+    return np.ascontiguousarray(x).reshape(-1).view(width).astype(np.uint32)
+  return jax.lax.bitcast_convert_type(x, width).astype(jnp.uint32).reshape(-1)
+
+
+def _leaf_checksum(x, xp):
+  bits = _uint_bits(x, xp)
+  weights = xp.arange(bits.shape[0], dtype=xp.uint32) * xp.uint32(2) + xp.uint32(1)
+  return (bits * weights).sum(dtype=xp.uint32)
+
+
+@jax.jit
+def _device_checksums(flat: dict[str, Any]) -> dict[str, jax.Array]:
+  return {k: _leaf_checksum(jnp.asarray(v), jnp) for k, v in flat.items()}
+
+
+def checksums(tree) -> dict[str, int]:
+  """{flat path: checksum} of a tree of (possibly sharded, multi-host) arrays, on device."""
+  return {k: int(v) for k, v in jax.device_get(_device_checksums(flatten(tree))).items()}
+
+
+def host_checksums(flat: dict[str, np.ndarray]) -> dict[str, int]:
+  """The same checksums of host arrays (equal to `checksums` bit for bit)."""
+  return {k: int(_leaf_checksum(np.asarray(v), np)) for k, v in flat.items()}
+
+
+def _verify(item: str, got: dict[str, int], expected: dict[str, int] | None, what: str):
+  if expected is None:  # written before checksums existed
+    return
+  bad = sorted(k for k in set(got) | set(expected) if got.get(k) != expected.get(k))
+  if bad:
+    raise CheckpointIntegrityError(
+        f'{what}: the restored {item!r} data differs from the checksums written with it in '
+        f'{len(bad)} array(s): {", ".join(bad[:5])}{" …" if len(bad) > 5 else ""}')
+
+
+# ------------------------------------------------------------------------------- error reports
+
+def _brief(e: BaseException, limit: int = 300) -> str:
+  """One line naming an exception (orbax/tensorstore messages carry kilobytes of spec)."""
+  text = ' '.join(str(e).split())
+  if len(text) > limit:
+    text = text[:limit] + ' …'
+  return f'{type(e).__name__}: {text}'
+
+
+def _is_disk_full(e: BaseException) -> bool:
+  seen = set()
+  while e is not None and id(e) not in seen:
+    seen.add(id(e))
+    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+      return True
+    if 'No space left on device' in str(e) or 'Disk quota exceeded' in str(e):
+      return True
+    e = e.__cause__ or e.__context__
+  return False
+
+
+def _save_error(step: int, directory: str, previous: int | None, e: BaseException):
+  intact = (f'the previous checkpoint (step {previous}) is intact' if previous is not None
+            else 'no earlier checkpoint exists')
+  if _is_disk_full(e):
+    return CheckpointSaveError(
+        f'disk full while saving checkpoint step {step} in {directory}; {intact}; free space and '
+        f'rerun to resume ({_brief(e, 200)})')
+  return CheckpointSaveError(
+      f'saving checkpoint step {step} in {directory} failed ({_brief(e)}); {intact}; fix the '
+      f'cause and rerun to resume')
+
+
+def _is_primary() -> bool:
+  return jax.process_index() == 0
+
+
+def _all_hosts(ok: bool) -> bool:
+  """True when `ok` holds on every host (a collective: every host must call it)."""
+  if jax.process_count() == 1:
+    return ok
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  return bool(np.all(multihost_utils.process_allgather(np.asarray(int(ok), np.int32))))
+
+
+def _sync(name: str):
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    multihost_utils.sync_global_devices(name)
+
+
+def _step_dirs(directory: str) -> list[int]:
+  if not os.path.isdir(directory):
+    return []
+  return sorted(int(d) for d in os.listdir(directory)
+                if d.isdigit() and os.path.isdir(os.path.join(directory, d)))
+
+
+def _reset_unreadable_metrics(directory: str):
+  """Orbax reads every step's `metrics` file when it opens a directory and fails on a damaged
+  one; such a file only ranks the step for 'best', so it is reset to {} (the data is kept)."""
+  for step in _step_dirs(directory):
+    path = os.path.join(directory, str(step), 'metrics', 'metrics')
+    if not os.path.exists(path):
+      continue
+    try:
+      with open(path) as f:
+        json.load(f)
+    except (OSError, ValueError) as e:
+      logging.warning('the metrics file of checkpoint step %d is unreadable (%s); reset, so the '
+                      'step no longer counts as the best', step, _brief(e))
+      with open(path, 'w') as f:
+        f.write('{}')
+
+
 class Checkpointer:
   """Keeps the newest `keep` checkpoints and, when a metric is given, the best one as well."""
 
   def __init__(self, directory: str, *, keep: int = 3, best_metric: str | None = None,
                best_mode: str = 'max', async_save: bool = True):
     self.directory = os.path.abspath(directory)
+    self.set_aside: list[tuple[int, str]] = []   # (step, reason) moved to unreadable_checkpoints
+    self._pending: tuple[int, int | None] | None = None  # async save in flight: (step, previous)
+    self._purge_deleted()  # steps a killed run had started to drop
+    if _is_primary():
+      _reset_unreadable_metrics(self.directory)
+    _sync('checkpointer: directory checked')
+    self.best_metric = best_metric
     policies = [pp.LatestN(n=keep)]
+    best_fn = None
     if best_metric:
-      policies.append(pp.BestN(get_metric_fn=lambda m: m[best_metric], n=1,
-                               reverse=best_mode == 'min',
+      worst = -math.inf if best_mode == 'max' else math.inf
+
+      def best_fn(metrics):  # checkpoints saved without the metric never rank first
+        value = (metrics or {}).get(best_metric)
+        return worst if value is None else float(value)
+      policies.append(pp.BestN(get_metric_fn=best_fn, n=1, reverse=best_mode == 'min',
                                keep_checkpoints_without_metrics=False))
     options = ocp.CheckpointManagerOptions(
         preservation_policy=pp.AnyPreservationPolicy(policies),
-        enable_async_checkpointing=async_save, create=True)
+        best_fn=best_fn,  # with it orbax writes each step's metrics, so 'best' survives restarts
+        enable_async_checkpointing=async_save, create=True,
+        cleanup_tmp_directories=True,  # leftovers of a save killed midway
+        todelete_subdir=_DELETED)      # drop old steps by an atomic rename first
     self.manager = ocp.CheckpointManager(
         self.directory, options=options,
         item_handlers={'model': ocp.StandardCheckpointHandler(),
@@ -90,38 +266,148 @@ class Checkpointer:
   def all_steps(self) -> list[int]:
     return list(self.manager.all_steps())
 
+  # ----------------------------------------------------------------------------- save
   def save(self, step: int, *, variables, extra, opt_state, data_iterator, meta: dict,
            metrics: dict | None = None, force: bool = False) -> bool:
-    """`variables`: the model's {'params', 'batch_stats'}; `extra`: other trained state."""
-    args = ocp.args.Composite(
-        model=ocp.args.StandardSave(flatten(variables)),
-        extra=ocp.args.StandardSave(_nonempty(extra)),
-        optimizer=ocp.args.StandardSave(opt_state),
-        data=grain.checkpoint.CheckpointSave(data_iterator),
-        meta=ocp.args.JsonSave(meta))
-    return self.manager.save(step, args=args, metrics=metrics, force=force)
+    """`variables`: the model's {'params', 'batch_stats'}; `extra`: other trained state.
 
+    Returns once the arrays are copied; the write finishes in the background. A failure of the
+    previous background write is raised here (or by `wait`) as CheckpointSaveError.
+    """
+    self.wait()
+    self._purge_deleted()
+    previous = max((s for s in self.manager.all_steps() if s < step), default=None)
+    items = {'model': flatten(variables), 'extra': _nonempty(extra), 'optimizer': opt_state}
+    meta = dict(meta, checksums={name: checksums(tree) for name, tree in items.items()})
+    args = ocp.args.Composite(
+        data=grain.checkpoint.CheckpointSave(data_iterator), meta=ocp.args.JsonSave(meta),
+        **{name: ocp.args.StandardSave(tree) for name, tree in items.items()})
+    if self.best_metric and metrics is None:
+      metrics = {}  # written as {}: ranks last for 'best' (None would log a warning per save)
+    try:
+      saved = self.manager.save(step, args=args, metrics=metrics, force=force)
+    except Exception as e:  # pylint: disable=broad-exception-caught
+      self._discard_unfinished(step)
+      raise _save_error(step, self.directory, previous, e) from e
+    if saved:
+      self._pending = (step, previous)
+    return saved
+
+  def wait(self):
+    """Blocks until the last save is complete on disk; raises CheckpointSaveError if it failed."""
+    pending, self._pending = self._pending, None
+    try:
+      self.manager.wait_until_finished()
+    except Exception as e:  # pylint: disable=broad-exception-caught
+      if pending is None:
+        raise
+      self._discard_unfinished(pending[0])
+      raise _save_error(pending[0], self.directory, pending[1], e) from e
+
+  def close(self, *, quiet: bool = False):
+    """Waits for the last save and closes; `quiet` (while another error propagates) logs
+    instead of raising, so the original error is the one reported."""
+    try:
+      self.wait()
+      self._purge_deleted()
+      self.manager.close()
+    except Exception as e:  # pylint: disable=broad-exception-caught
+      if not quiet:
+        raise
+      logging.error('while closing the checkpointer after an error: %s', _brief(e, 1000))
+
+  def _discard_unfinished(self, step: int):
+    """Frees the space of a failed write (its temporary folder; never a finished step)."""
+    if _is_primary():
+      for path in glob.glob(os.path.join(self.directory, f'{step}.orbax-checkpoint-tmp*')):
+        shutil.rmtree(path, ignore_errors=True)
+
+  def _purge_deleted(self):
+    """Removes the steps orbax renamed into `_deleted/` (only after their rename completed)."""
+    if _is_primary():
+      shutil.rmtree(os.path.join(self.directory, _DELETED), ignore_errors=True)
+
+  def _set_aside(self, step: int, reason: str):
+    """Moves an unreadable step out of the way (kept for inspection, never deleted)."""
+    target = os.path.join(os.path.dirname(self.directory), UNREADABLE_DIR,
+                          f'{step}-{time.strftime("%Y%m%d-%H%M%S")}')
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    os.replace(os.path.join(self.directory, str(step)), target)
+    self.set_aside.append((step, reason))
+    logging.warning('checkpoint step %d in %s is unreadable (%s); moved to %s', step,
+                    self.directory, reason, target)
+
+  # ----------------------------------------------------------------------------- restore
   def restore(self, step: int, *, variables_template, extra_template, opt_template,
               data_iterator):
-    """Restores into the templates' structure and shardings → (variables, extra, opt, meta)."""
+    """Restores into the templates' structure and shardings → (variables, extra, opt, meta).
+
+    Raises CheckpointMismatchError when the checkpoint does not fit the templates, and
+    CheckpointIntegrityError when the restored arrays differ from their saved checksums.
+    """
+    what = f'checkpoint {self.directory}/{step}'
     meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))[
         'meta']
-    check_fits(self.manager.item_metadata(step)['model'], variables_template,
-               f'checkpoint {self.directory}/{step}')
+    if meta.get('step', step) != step:
+      raise CheckpointIntegrityError(f'{what}: its metadata says step {meta.get("step")}')
+    check_fits(self.manager.item_metadata(step)['model'], variables_template, what)
     restored = self.manager.restore(step, args=ocp.args.Composite(
         model=ocp.args.StandardRestore(_abstract(flatten(variables_template))),
         extra=ocp.args.StandardRestore(_abstract(_nonempty(extra_template))),
         optimizer=ocp.args.StandardRestore(_abstract(opt_template)),
         data=grain.checkpoint.CheckpointRestore(data_iterator)))
+    expected = meta.pop('checksums', None) or {}
+    for item in ('model', 'extra', 'optimizer'):
+      _verify(item, checksums(restored[item]), expected.get(item), what)
     variables = fill_template(variables_template, dict(restored['model']), 'checkpoint')
     extra = {k: v for k, v in restored['extra'].items() if k != _EMPTY}
     return variables, extra, restored['optimizer'], meta
 
-  def wait(self):
-    self.manager.wait_until_finished()
+  def restore_newest(self, restore_fn: Callable[[int], Any]) -> tuple[int | None, Any]:
+    """(step, restore_fn(step)) for the newest step that restores; (None, None) when empty.
 
-  def close(self):
-    self.manager.close()
+    A step that fails (any error but a CheckpointMismatchError, on any host) is reported and the
+    previous step is tried; once one restores, the failed newer ones are set aside (so training
+    can write those steps again). When none restores nothing is moved and
+    UnreadableCheckpointError says what to do. `restore_fn` must start afresh on every call.
+    """
+    failures = []
+    for step in reversed(self.all_steps()):
+      error = None
+      try:
+        result = restore_fn(step)
+      except CheckpointMismatchError:
+        raise
+      except Exception as e:  # pylint: disable=broad-exception-caught
+        error = e
+      if _all_hosts(error is None):
+        if failures:
+          logging.warning('resuming from checkpoint step %d in %s instead', step,
+                          self.directory)
+          self._set_aside_all(failures)
+        return step, result
+      reason = _brief(error) if error is not None else 'failed on another host'
+      failures.append((step, reason))
+      logging.warning('could not restore checkpoint step %d in %s: %s', step, self.directory,
+                      reason)
+    if failures:
+      raise _none_readable(self.directory, failures)
+    return None, None
+
+  def _set_aside_all(self, failures):
+    if _is_primary():
+      for step, reason in failures:
+        self._set_aside(step, reason)
+    _sync('checkpointer: unreadable steps set aside')
+    self.manager.reload()
+
+
+def _none_readable(directory: str, failures: list[tuple[int, str]]):
+  lines = '\n'.join(f'  step {s}: {r}' for s, r in failures)
+  return UnreadableCheckpointError(
+      f'no checkpoint in {directory} can be restored:\n{lines}\nIf the storage is healthy, '
+      f'the checkpoints are damaged: delete that folder (or move it away) to start fresh, or '
+      f'point --workdir at a new directory.')
 
 
 _EMPTY = '_empty'
@@ -139,8 +425,11 @@ def check_fits(saved_metadata, template, what: str):
   fill_template(template, shapes, what)
 
 
-def _resolve_weights_dir(path: str) -> tuple[str, int]:
-  """Accepts a workdir, its `checkpoints/` folder, or one step folder; returns (dir, step)."""
+# ------------------------------------------------------------------------------- weights only
+
+def _resolve_weights_dir(path: str) -> tuple[str, list[int], bool]:
+  """A workdir, its `checkpoints/` folder or one step folder → (dir, steps newest first, whether
+  one step was named)."""
   path = os.path.abspath(os.path.expanduser(path))
   if not os.path.isdir(path):
     raise FileNotFoundError(f'checkpoint path {path} does not exist')
@@ -148,41 +437,71 @@ def _resolve_weights_dir(path: str) -> tuple[str, int]:
     path = os.path.join(path, 'checkpoints')
   base = os.path.basename(path)
   if base.isdigit() and os.path.isdir(os.path.join(path, 'model')):
-    return os.path.dirname(path), int(base)
-  steps = sorted(int(d) for d in os.listdir(path)
-                 if d.isdigit() and os.path.isdir(os.path.join(path, d, 'model')))
+    return os.path.dirname(path), [int(base)], True
+  steps = [s for s in _step_dirs(path) if os.path.isdir(os.path.join(path, str(s), 'model'))]
   if not steps:
     raise FileNotFoundError(f'{path} holds no checkpoint (no <step>/model folder); point '
                             f'the path at a workdir, its checkpoints/ folder or one step folder')
-  return path, steps[-1]
+  return path, steps[::-1], False
+
+
+def _load_step_weights(step_dir: str) -> tuple[dict, dict[str, np.ndarray]]:
+  # Handlers for every item a step may hold, so orbax skips the unrequested ones silently.
+  handler = ocp.CompositeCheckpointHandler(
+      model=ocp.StandardCheckpointHandler(), meta=ocp.JsonCheckpointHandler(),
+      extra=ocp.StandardCheckpointHandler(), optimizer=ocp.StandardCheckpointHandler(),
+      data=grain.checkpoint.CheckpointHandler())
+  checkpointer = ocp.Checkpointer(handler)
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  target = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=device) for k, v in
+            dict(checkpointer.metadata(step_dir).item_metadata['model']).items()}
+  restored = checkpointer.restore(step_dir, args=ocp.args.Composite(
+      model=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))
+  meta = dict(restored['meta'] or {})
+  flat = {k: np.asarray(v) for k, v in dict(restored['model']).items()}
+  _verify('model', host_checksums(flat), (meta.pop('checksums', None) or {}).get('model'),
+          f'checkpoint {step_dir}')
+  return meta, flat
 
 
 def load_weights(path: str) -> tuple[dict, dict[str, np.ndarray]]:
-  """(meta, flat variables as NumPy) of the newest checkpoint under `path` (any layout above)."""
-  directory, step = _resolve_weights_dir(path)
-  mngr = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True),
-                               item_handlers={'model': ocp.StandardCheckpointHandler(),
-                                              'meta': ocp.JsonCheckpointHandler()})
-  md = mngr.item_metadata(step)['model']
-  target = {k: jax.ShapeDtypeStruct(v.shape, v.dtype,
-                                    sharding=jax.sharding.SingleDeviceSharding(jax.devices()[0]))
-            for k, v in dict(md).items()}
-  restored = mngr.restore(step, args=ocp.args.Composite(
-      model=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))
-  mngr.close()
-  flat = {k: np.asarray(v) for k, v in dict(restored['model']).items()}
-  return dict(restored['meta'] or {}), flat
+  """(meta, flat variables as NumPy) of the newest readable checkpoint under `path`.
+
+  `path`: a workdir, its checkpoints/ folder, or one step folder (then only that step). An
+  unreadable step is reported and the previous one used; none readable → a clear error.
+  """
+  directory, steps, named = _resolve_weights_dir(path)
+  failures = []
+  for step in steps:
+    step_dir = os.path.join(directory, str(step))
+    try:
+      result = _load_step_weights(step_dir)
+    except Exception as e:  # pylint: disable=broad-exception-caught
+      failures.append((step, _brief(e)))
+      if not named:
+        logging.warning('could not load checkpoint step %d in %s (%s); trying an older step',
+                        step, directory, _brief(e))
+      continue
+    if failures:
+      logging.warning('loaded checkpoint step %d in %s instead of the newest', step, directory)
+    return result
+  lines = '\n'.join(f'  step {s}: {r}' for s, r in failures)
+  raise UnreadableCheckpointError(
+      f'no readable checkpoint in {directory}' + (f' (step {steps[0]} was named)' if named else '')
+      + f':\n{lines}\nPoint the path at another checkpoint, or retrain it.')
 
 
 def save_weights(directory: str, variables: dict, meta: dict, step: int = 0) -> str:
   """A weights-only checkpoint (`model` + `meta`) that `config.teacher.checkpoint` accepts."""
   directory = os.path.abspath(directory)
+  flat = flatten(jax.tree.map(np.asarray, variables))
   mngr = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(create=True),
                                item_handlers={'model': ocp.StandardCheckpointHandler(),
                                               'meta': ocp.JsonCheckpointHandler()})
   mngr.save(step, args=ocp.args.Composite(
-      model=ocp.args.StandardSave(flatten(jax.tree.map(np.asarray, variables))),
-      meta=ocp.args.JsonSave(meta)), force=True)
+      model=ocp.args.StandardSave(flat),
+      meta=ocp.args.JsonSave(dict(meta, checksums={'model': host_checksums(flat)}))),
+      force=True)
   mngr.wait_until_finished()
   mngr.close()
   return os.path.join(directory, str(step))

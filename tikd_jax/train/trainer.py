@@ -26,6 +26,7 @@ from tikd_jax.train import optim
 from tikd_jax.train.logger import MetricLogger
 from tikd_jax.train.objectives import build_objective
 from tikd_jax.train.plan import build_phases, phase_at
+from tikd_jax.train.preemption import Preempted, StopRequest
 from tikd_jax.train.step import StepOptions, TrainState, make_eval_step, make_train_step
 
 
@@ -142,7 +143,17 @@ def format_eval(m: dict) -> str:
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-  """Trains `config` in `workdir` (resuming from its newest checkpoint) and returns final eval."""
+  """Trains `config` in `workdir` (resuming from its newest checkpoint) and returns final eval.
+
+  Raises `Preempted` after a SIGTERM / SIGINT once the checkpoint of the step it stopped at is
+  complete (main.py exits 75); rerunning resumes exactly. See README "Reliability".
+  """
+  with StopRequest() as stop:
+    return _train_and_evaluate(config, workdir, stop)
+
+
+def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
+                        stop: StopRequest) -> dict[str, Any]:
   workdir = os.path.abspath(workdir)
   is_chief = jax.process_index() == 0
   if is_chief:
@@ -228,26 +239,33 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, 'checkpoints'),
                                        keep=config.get('keep_checkpoints', 3),
                                        best_metric=config.get('best_metric', 'top1'))
-  start_step = 0
-  resumed_iterator_state = None
-  latest = checkpointer.latest_step()
-  phase_index = 0
-  iterator = train_iterator(phases[0])
-  if latest is not None:
-    phase_index = phase_at(phases, latest)
-    iterator = train_iterator(phases[phase_index])
-    restore_into = iterator if latest > phases[phase_index].start_step else (
-        train_iterator(phases[max(phase_index - 1, 0)]))
+
+  def restore(step):
+    """The state, phase and input iterator at checkpoint `step` (fresh iterators every call, so
+    a failed attempt leaves nothing behind)."""
+    index = phase_at(phases, step)
+    phase_iterator = train_iterator(phases[index])
+    # At a phase boundary the saved position is the previous phase's; the new phase starts fresh.
+    restore_into = phase_iterator if step > phases[index].start_step else (
+        train_iterator(phases[max(index - 1, 0)]))
     variables, extra, opt_state, _ = checkpointer.restore(
-        latest, variables_template={'params': state.params['student'],
-                                    'batch_stats': state.batch_stats},
+        step, variables_template={'params': state.params['student'],
+                                  'batch_stats': state.batch_stats},
         extra_template=_extra(state), opt_template=state.opt_state, data_iterator=restore_into)
-    state = TrainState(step=jnp.asarray(latest, jnp.int32),
-                       params={'student': variables['params'], 'objective': extra['objective']},
-                       batch_stats=variables['batch_stats'], opt_state=opt_state,
-                       objective_state=extra['objective_state'])
-    state = jax.device_put(state, state_shardings)
+    restored = TrainState(step=jnp.asarray(step, jnp.int32),
+                          params={'student': variables['params'],
+                                  'objective': extra['objective']},
+                          batch_stats=variables['batch_stats'], opt_state=opt_state,
+                          objective_state=extra['objective_state'])
+    return jax.device_put(restored, state_shardings), index, phase_iterator
+
+  # The newest checkpoint that restores: unreadable ones are reported and set aside.
+  latest, restored = checkpointer.restore_newest(restore)
+  if latest is None:
+    start_step, phase_index, iterator = 0, 0, train_iterator(phases[0])
+  else:
     start_step = latest
+    state, phase_index, iterator = restored
   logger = MetricLogger(workdir, is_chief=is_chief, total_steps=total_steps,
                         initial_step=start_step, prefix=config.get('name', ''))
   logger.message(
@@ -255,6 +273,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       f'{len(train_source)} train / {len(eval_source)} eval examples; {steps_per_epoch} steps '
       f'per epoch, {total_steps} steps in {len(phases)} phase(s); mesh {dict(mesh.shape)}; '
       + (f'resumed at step {start_step}' if start_step else 'starting fresh'))
+  for bad_step, reason in checkpointer.set_aside:
+    logger.message(f'checkpoint step {bad_step} is unreadable ({reason}); moved it to '
+                   f'{os.path.join(workdir, ckpt_lib.UNREADABLE_DIR)} and resumed from step '
+                   f'{start_step} instead')
 
   # ----------------------------------------------------------------------------- steps
   compiled: dict[tuple, Any] = {}
@@ -337,8 +359,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   eval_metrics = None
   # Stop early (checkpointed) at this step, e.g. for time-sliced cluster jobs; rerun to resume.
   stop_at = config.get('stop_at_step', 0) or total_steps
+  preempted = False
+  completed = False
   try:
-    while step < min(stop_at, total_steps):
+    while step < min(stop_at, total_steps) and not preempted:
       phase = phases[phase_index]
       if step == phase.start_step and step > 0 and step != start_step:
         iterator = train_iterator(phase)
@@ -370,19 +394,32 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
           save(step, {config.get('best_metric', 'top1'): eval_metrics[config.get(
               'best_metric', 'top1')]} if evaluating else None)
           last_saved = step
+        # SIGTERM / SIGINT: every step on one host; at log intervals (agreed) on several.
+        if step < total_steps and stop.should_stop(at_sync_point=step % log_every == 0):
+          preempted = True
+          break
       if step == phase.end_step:
         phase_index = min(phase_index + 1, len(phases) - 1)
     if step < total_steps:
-      flush(step)
+      flush(step)  # the metrics of the last steps, before the checkpoint that covers them
       if last_saved != step:
         save(step)
-      logger.message(f'stopped at step {step} of {total_steps} (stop_at_step); rerun to resume')
-    if eval_metrics is None:  # resumed at the very end, or stopped early
+      checkpointer.wait()  # the stop checkpoint is complete on disk (or its error is raised)
+      if preempted:
+        logger.message(f'{stop.reason}: stopped at step {step} of {total_steps}; the '
+                       f'checkpoint is complete in {checkpointer.directory}; rerun to resume')
+      else:
+        logger.message(f'stopped at step {step} of {total_steps} (stop_at_step); rerun to resume')
+    if eval_metrics is None and not preempted:  # resumed at the very end, or stopped early
       eval_metrics = run_eval(step)
-  finally:
     checkpointer.wait()
-    checkpointer.close()
+    completed = True
+  finally:
+    # After an error, close quietly so that error (not a follow-up one) is what is reported.
+    checkpointer.close(quiet=not completed)
     logger.close()
+  if preempted:
+    raise Preempted(step, checkpointer.directory, stop.reason)
   result = dict(eval_metrics, step=step, num_params=n_params)
   if is_chief:
     with open(os.path.join(workdir, 'final_eval.json'), 'w') as f:
