@@ -25,6 +25,8 @@ from typing import Mapping
 import numpy as np
 import torch
 
+from tikd_jax.train.checkpoint import check_keys
+
 _MODULE_TO_TORCH = (('patch_embed', 'patch_embed.proj'), ('downsample_conv', 'downsample.0'),
                     ('downsample_bn', 'downsample.1'))
 _LEAF_TO_TORCH = {'kernel': 'weight', 'scale': 'weight', 'bias': 'bias', 'mean': 'running_mean',
@@ -117,20 +119,8 @@ def torch_to_flax(state_dict: Mapping[str, object]) -> dict[str, np.ndarray]:
 
 
 def check_state_dict(expected: Mapping[str, object], got: Mapping[str, object], what: str):
-  """Raises ValueError listing every missing, unexpected and mis-shaped key (PyTorch names)."""
-  missing = [k for k in expected if k not in got]
-  unexpected = sorted(k for k in got if k not in expected)
-  misshaped = [f'{k}: checkpoint {tuple(np.shape(got[k]))} vs model {tuple(np.shape(v))}'
-               for k, v in expected.items() if k in got and
-               tuple(np.shape(got[k])) != tuple(np.shape(v))]
-  if missing or unexpected or misshaped:
-    lines = [f'{what} does not fit the model:']
-    for title, items in (('missing keys', missing), ('unexpected keys', unexpected),
-                         ('mis-shaped keys', misshaped)):
-      if items:
-        lines.append(f'  {title} ({len(items)}): ' + ', '.join(items[:20]) +
-                     (' …' if len(items) > 20 else ''))
-    raise ValueError('\n'.join(lines))
+  """Raises a ValueError listing every missing, unexpected and mis-shaped key (PyTorch names)."""
+  check_keys(dict(expected), dict(got), what)
 
 
 def load_strict(module: torch.nn.Module, state_dict: Mapping[str, torch.Tensor], what: str):

@@ -79,11 +79,16 @@ def fill_template(template, flat: dict[str, Any], what: str):
   """Puts the arrays of `flat` into the structure of `template`; lists every mismatch at once."""
   paths, treedef = jax.tree_util.tree_flatten_with_path(template)
   names = [SEP.join(_key_str(k) for k in p) for p, _ in paths]
-  missing = [n for n in names if n not in flat]
-  unexpected = sorted(set(flat) - set(names))
-  misshaped = [f'{n}: checkpoint {_shape(flat[n])} vs model {_shape(t)}'
-               for n, (_, t) in zip(names, paths)
-               if n in flat and _shape(flat[n]) != _shape(t)]
+  check_keys(dict(zip(names, (t for _, t in paths))), flat, what)
+  return jax.tree_util.tree_unflatten(treedef, [flat[n] for n in names])
+
+
+def check_keys(expected: dict, got: dict, what: str) -> None:
+  """Raises CheckpointMismatchError listing every missing, unexpected and mis-shaped key."""
+  missing = [n for n in expected if n not in got]
+  unexpected = sorted(set(got) - set(expected))
+  misshaped = [f'{n}: checkpoint {_shape(got[n])} vs model {_shape(t)}'
+               for n, t in expected.items() if n in got and _shape(got[n]) != _shape(t)]
   if missing or unexpected or misshaped:
     lines = [f'{what} does not fit the model:']
     for title, items in (('missing keys', missing), ('unexpected keys', unexpected),
@@ -92,7 +97,6 @@ def fill_template(template, flat: dict[str, Any], what: str):
         lines.append(f'  {title} ({len(items)}): ' + ', '.join(items[:20]) +
                      (' …' if len(items) > 20 else ''))
     raise CheckpointMismatchError('\n'.join(lines))
-  return jax.tree_util.tree_unflatten(treedef, [flat[n] for n in names])
 
 
 def _abstract(tree):
