@@ -194,14 +194,19 @@ def test_fsdp_training_matches_one_device(runs):
 
 
 def test_mesh_and_sharding_rules_can_be_set_on_the_command_line():
-  from absl import flags  # pylint: disable=g-import-not-at-top
-  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
-  fv = flags.FlagValues()
-  config = config_flags.DEFINE_config_file('config', None, '', flag_values=fv, lock_config=True)
-  fv(['main.py', f'--config={REPO}/configs/tiny.py', "--config.mesh=(('data', 4), ('fsdp', 2))",
-      "--config.sharding_rules=(('kernel$', 'fsdp'),)"])
-  assert [tuple(a) for a in config.value.mesh] == [('data', 4), ('fsdp', 2)]
-  assert [tuple(r) for r in config.value.sharding_rules] == [('kernel$', 'fsdp')]
+  # config_flags registers its --config.* overrides on absl's global FLAGS, as main.py uses them.
+  code = ('import sys\n'
+          'from absl import flags\n'
+          'from ml_collections import config_flags\n'
+          "c = config_flags.DEFINE_config_file('config', None, '', lock_config=True)\n"
+          'flags.FLAGS(sys.argv)\n'
+          'print([tuple(a) for a in c.value.mesh], [tuple(r) for r in c.value.sharding_rules])\n')
+  proc = subprocess.run(
+      [sys.executable, '-c', code, f'--config={REPO}/configs/tiny.py',
+       "--config.mesh=(('data', 4), ('fsdp', 2))", "--config.sharding_rules=(('kernel$', 'fsdp'),)"],
+      capture_output=True, text=True, timeout=120, cwd=REPO)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert proc.stdout.strip().splitlines()[-1] == "[('data', 4), ('fsdp', 2)] [('kernel$', 'fsdp')]"
 
 
 # ------------------------------------------------------------------------------- two processes
