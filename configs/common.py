@@ -60,8 +60,11 @@ def base() -> ConfigDict:
   # Tuples, so that they can be overridden: --config.mesh="(('data',4),('fsdp',2))".
   c.mesh = (('data', -1),)
   c.sharding_rules = ()
+  # XLA compiler options of the steps (tikd_jax/xla_options.py): auto = the fastest measured.
+  c.xla_options = 'auto'
   c.stages = []
-  c.curriculum = ConfigDict(dict(stages=[], reset_optimizer=False))
+  # Curriculum mode: 'crop' a res×res window of the padded image (IRKD) or 'resize' the whole image.
+  c.curriculum = ConfigDict(dict(stages=[], mode='crop', reset_optimizer=False))
   return c
 
 

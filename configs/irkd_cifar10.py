@@ -10,6 +10,8 @@ DeiT-small distilled from Hugging Face, converted with convert.from_torch and fi
 / patch 2). Optional third: `custom` for the 0.58M student (128/4/4, MLP 256, patch 2).
 Curriculum: 12, 16, 20, 24, 28, 32 px crops of the padded 32-px image, 10 epochs each, the
 optimizer re-created per stage; without it, 60 epochs at 32 px. Test is always at 32 px.
+`--config.curriculum.mode=resize` downscales the whole image to each resolution instead of
+cropping a window of it.
 """
 from configs import common
 

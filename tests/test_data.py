@@ -17,7 +17,7 @@ from PIL import Image
 
 from tikd_jax.data import build_source
 from tikd_jax.data import pipeline
-from tikd_jax.data.augment import random_crop_flip
+from tikd_jax.data.augment import random_crop_flip, resize_image
 from tikd_jax.data.source import ArraySource
 
 
@@ -566,12 +566,7 @@ def _close(it):
 
 @pytest.mark.parametrize('num_workers', [0, 1])
 def test_iterator_state_resumes_exactly(num_workers):
-  if num_workers:
-    # grain worker processes are spawned and read absl flags: without parsed flags they die with
-    # UnparsedFlagAccessError.
-    from absl import flags  # pylint: disable=g-import-not-at-top
-    if not flags.FLAGS.is_parsed():
-      flags.FLAGS.mark_as_parsed()
+  """With workers too: make_iterator itself marks absl's flags parsed for grain's workers."""
   src = _toy_source()
   ds = pipeline.train_dataset(src, batch_size=8, seed=11)
   want = _take(ds, 5)
@@ -649,3 +644,33 @@ def test_to_global_shards_batch_over_data_axis():
     for d, shard in enumerate(shards):
       assert shard.data.shape[0] == 2
       assert np.array_equal(np.asarray(shard.data), batch[key][2 * d:2 * d + 2])
+
+
+def test_resize_image_matches_antialiased_bilinear():
+  """PIL's bilinear downscale (torchvision Resize on PIL) = torch's antialiased bilinear to ±1
+  (uint8 rounding); the identity size is returned untouched and grey images keep their axis."""
+  import torch
+  image = np.random.RandomState(3).randint(0, 256, (32, 32, 3)).astype(np.uint8)
+  for size in (12, 16, 20):
+    out = resize_image(image, size)
+    want = torch.nn.functional.interpolate(
+        torch.from_numpy(image).permute(2, 0, 1)[None].double(), size=(size, size),
+        mode='bilinear', antialias=True, align_corners=False)[0].permute(1, 2, 0).numpy()
+    assert out.shape == (size, size, 3) and out.dtype == np.uint8
+    assert np.abs(out.astype(np.float64) - want).max() <= 1.0
+  assert resize_image(image, 32) is image
+  assert resize_image(np.full((32, 32, 1), 77, np.uint8), 8).tolist() == [[[77]] * 8] * 8
+
+
+def test_train_dataset_resize_mode_downscales_the_whole_augmented_image():
+  src = _toy_source(n=16, size=32)
+  full = pipeline.train_dataset(src, batch_size=4, seed=0)[0]
+  small = pipeline.train_dataset(src, batch_size=4, seed=0, crop_size=16, crop_mode='resize')[0]
+  crop = pipeline.train_dataset(src, batch_size=4, seed=0, crop_size=16)[0]
+  assert np.array_equal(small['index'], full['index'])
+  assert small['image'].shape == crop['image'].shape == (4, 16, 16, 3)
+  # Same augmentation draws (offsets, flip) as the full-size stream, then the downscale.
+  assert np.array_equal(small['image'], np.stack([resize_image(im, 16) for im in full['image']]))
+  assert not np.array_equal(small['image'], crop['image'])
+  with pytest.raises(ValueError, match="crop_mode 'zoom'.*config.curriculum.mode"):
+    pipeline.train_dataset(src, batch_size=4, seed=0, crop_size=16, crop_mode='zoom')

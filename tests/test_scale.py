@@ -258,11 +258,6 @@ def test_two_process_checkpoint_evaluates_in_one_single_device_process(runs):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, raises=(ValueError, RuntimeError), reason=(
-    'Checkpointer.restore always restores the grain iterator from '
-    '<step>/data/process_{i}-of-{n}.json of the *current* process count, so a checkpoint '
-    'written by 2 processes cannot resume training in 1 ("File .../process_0-of-1.json does '
-    'not exist"); fix: restore the iterator by position (ds[step:]) when that file is absent'))
 def test_two_process_checkpoint_resumes_training_in_one_process(runs, tmp_path):
   """Host count 2 → 1 and layout FSDP 4x2 → 1 device: the run goes on to the same result."""
   _assert_job_succeeded(runs)

@@ -154,6 +154,24 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, teacher_dir
   assert all(np.array_equal(before[k], after[k]) for k in before)
 
 
+def test_resume_with_another_worker_count_continues_the_same_stream(tmp_path, teacher_dir,
+                                                                   capfd):
+  """grain's iterator state belongs to one worker layout; another one resumes by position (batch
+  k of the run is element k of the stream) and reaches the uninterrupted run's parameters."""
+  workdir = str(tmp_path / 'run')
+  c = tiny_config('teacher', num_epochs=2.0, stop_at_step=13)
+  assert trainer.train_and_evaluate(c, workdir)['step'] == 13
+  meta = ckpt_lib.Checkpointer(os.path.join(workdir, 'checkpoints')).read_meta(13)
+  assert meta['data'] == {'start': 0, 'processes': 1, 'workers': 0}
+  c = tiny_config('teacher', num_epochs=2.0, **{'data.num_workers': 1})
+  trainer.train_and_evaluate(c, workdir)
+  assert 'with 0 input worker(s), this run has 1 with 1: the input stream resumes by position' in (
+      capfd.readouterr().out)
+  a, b = _final_params(teacher_dir), _final_params(workdir)
+  assert a.keys() == b.keys()
+  assert all(np.array_equal(a[k], b[k]) for k in a), [k for k in a if not np.array_equal(a[k], b[k])]
+
+
 def _main(args, **kw):
   env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=1')
   return subprocess.run([sys.executable, os.path.join(REPO, 'main.py')] + args, cwd=REPO,

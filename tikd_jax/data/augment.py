@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import numpy as np
+from PIL import Image
 
 
 def random_crop_flip(image: np.ndarray, rng: np.random.Generator, *, size: int | None = None,
@@ -20,3 +21,14 @@ def random_crop_flip(image: np.ndarray, rng: np.random.Generator, *, size: int |
   if flip and rng.random() < 0.5:
     out = out[:, ::-1]
   return np.ascontiguousarray(out)
+
+
+def resize_image(image: np.ndarray, size: int) -> np.ndarray:
+  """Downscale a uint8 HWC image to size×size: torchvision `Resize(size)` on a PIL image (PIL's
+  bilinear filter, widened by the scale factor, so a downscale averages every source pixel)."""
+  if image.shape[0] == image.shape[1] == size:
+    return image
+  squeeze = image.shape[-1] == 1
+  pil = Image.fromarray(image[..., 0] if squeeze else image)
+  out = np.asarray(pil.resize((size, size), Image.BILINEAR))
+  return out[..., None] if squeeze else out

@@ -12,9 +12,10 @@ from typing import Any, Callable, Iterator
 
 import grain
 import jax
+from absl import flags
 import numpy as np
 
-from tikd_jax.data.augment import random_crop_flip
+from tikd_jax.data.augment import random_crop_flip, resize_image
 
 
 def resolve_num_workers(num_workers: int) -> int:
@@ -28,14 +29,21 @@ def _attach_text(element: dict, features: np.ndarray) -> dict:
   return {**element, 'text': np.asarray(features[element['index']], np.float32)}
 
 
+CROP_MODES = ('crop', 'resize')
+
+
 def _augment(element: dict, rng: np.random.Generator, crop_size: int | None, padding: int,
-             flip: bool) -> dict:
-  image = random_crop_flip(element['image'], rng, size=crop_size, padding=padding, flip=flip)
+             flip: bool, crop_mode: str) -> dict:
+  if crop_mode == 'resize':  # the whole (shifted, flipped) image, downscaled to crop_size
+    image = random_crop_flip(element['image'], rng, padding=padding, flip=flip)
+    image = resize_image(image, crop_size) if crop_size else image
+  else:                      # a crop_size × crop_size window of the padded image
+    image = random_crop_flip(element['image'], rng, size=crop_size, padding=padding, flip=flip)
   return {**element, 'image': image}
 
 
 def train_dataset(source, *, batch_size: int, seed: int, crop_padding: int = 4,
-                  crop_size: int | None = None, flip: bool = True,
+                  crop_size: int | None = None, crop_mode: str = 'crop', flip: bool = True,
                   text_features: np.ndarray | None = None,
                   extra_augment: Callable[[dict, np.random.Generator], dict] | None = None,
                   process_index: int = 0, process_count: int = 1) -> grain.MapDataset:
@@ -43,12 +51,17 @@ def train_dataset(source, *, batch_size: int, seed: int, crop_padding: int = 4,
 
   `batch_size` is the per-process batch. Augmentation randomness is a function of (seed, element
   position), so the stream is the same whatever the number of workers and resumes exactly.
+  `crop_size` (IRKD's low resolution) with `crop_mode` 'crop' takes a crop_size window of the
+  padded image (the original IRKD notebooks); 'resize' downscales the whole augmented image.
   """
+  if crop_mode not in CROP_MODES:
+    raise ValueError(f'crop_mode {crop_mode!r}: use one of {CROP_MODES} '
+                     f'(config.curriculum.mode)')
   ds = grain.MapDataset.source(source).seed(seed).shuffle().repeat()
   if text_features is not None:
     ds = ds.map(functools.partial(_attach_text, features=text_features))
   ds = ds.random_map(functools.partial(_augment, crop_size=crop_size, padding=crop_padding,
-                                       flip=flip))
+                                       flip=flip, crop_mode=crop_mode))
   if extra_augment is not None:
     ds = ds.random_map(extra_augment)
   ds = ds.batch(batch_size, drop_remainder=True)
@@ -66,6 +79,10 @@ def make_iterator(ds: grain.MapDataset, num_workers: int = 0,
   it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=prefetch))
   workers = resolve_num_workers(num_workers)
   if workers > 0:
+    if not flags.FLAGS.is_parsed():
+      # grain's workers read absl flags; outside main.py (a notebook, a library call) nothing
+      # parsed them, and the workers would die with UnparsedFlagAccessError.
+      flags.FLAGS.mark_as_parsed()
     it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
   return iter(it_ds)
 

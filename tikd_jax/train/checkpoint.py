@@ -342,24 +342,33 @@ class Checkpointer:
                     self.directory, reason, target)
 
   # ----------------------------------------------------------------------------- restore
+  def read_meta(self, step: int) -> dict:
+    """The run metadata saved with `step` (step, epoch, model, phase, data position, …)."""
+    meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))[
+        'meta']
+    if meta.get('step', step) != step:
+      raise CheckpointIntegrityError(f'checkpoint {self.directory}/{step}: its metadata says '
+                                     f'step {meta.get("step")}')
+    return meta
+
   def restore(self, step: int, *, variables_template, extra_template, opt_template,
               data_iterator):
     """Restores into the templates' structure and shardings → (variables, extra, opt, meta).
 
     Raises CheckpointMismatchError when the checkpoint does not fit the templates, and
     CheckpointIntegrityError when the restored arrays differ from their saved checksums.
+    `data_iterator` None skips the saved iterator state (the caller positions the stream).
     """
     what = f'checkpoint {self.directory}/{step}'
-    meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))[
-        'meta']
-    if meta.get('step', step) != step:
-      raise CheckpointIntegrityError(f'{what}: its metadata says step {meta.get("step")}')
+    meta = self.read_meta(step)
     check_fits(self.manager.item_metadata(step)['model'], variables_template, what)
-    restored = self.manager.restore(step, args=ocp.args.Composite(
+    items = dict(
         model=ocp.args.StandardRestore(_abstract(flatten(variables_template))),
         extra=ocp.args.StandardRestore(_abstract(_nonempty(extra_template))),
-        optimizer=ocp.args.StandardRestore(_abstract(opt_template)),
-        data=grain.checkpoint.CheckpointRestore(data_iterator)))
+        optimizer=ocp.args.StandardRestore(_abstract(opt_template)))
+    if data_iterator is not None:
+      items['data'] = grain.checkpoint.CheckpointRestore(data_iterator)
+    restored = self.manager.restore(step, args=ocp.args.Composite(**items))
     expected = meta.pop('checksums', None) or {}
     for item in ('model', 'extra', 'optimizer'):
       _verify(item, checksums(restored[item]), expected.get(item), what)

@@ -48,6 +48,10 @@ def build_phases(config, steps_per_epoch: int) -> list[Phase]:
   if stages and curriculum_stages:
     raise ValueError('config.stages and config.curriculum.stages cannot both be set; give each '
                      'stage a `resolution` instead')
+  mode = curriculum.get('mode', 'crop') if curriculum else 'crop'
+  if mode not in ('crop', 'resize'):
+    raise ValueError(f"config.curriculum.mode={mode!r}: use 'crop' (a res×res window of the "
+                     f"padded image, as IRKD) or 'resize' (the whole image downscaled to res)")
   if curriculum_stages:
     reset = bool(curriculum.get('reset_optimizer', False))
     stages = [dict(name=f'res{int(r)}', epochs=e, resolution=int(r), reset_optimizer=reset)

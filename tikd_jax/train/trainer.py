@@ -17,6 +17,7 @@ import numpy as np
 from flax import nnx
 
 from tikd_jax import sharding as sharding_lib
+from tikd_jax import xla_options
 from tikd_jax.data import build_source
 from tikd_jax.data import pipeline
 from tikd_jax.models import build_model, count_params
@@ -163,6 +164,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
 
   # ----------------------------------------------------------------------------- mesh
   mesh = sharding_lib.make_mesh(config.mesh)
+  compiler_options = xla_options.compiler_options(config.get('xla_options', 'auto'))
   data_sharding = sharding_lib.batch_sharding(mesh)
   rules = [tuple(r) for r in config.get('sharding_rules', ())]
   if config.batch_size % mesh.size or config.eval_batch_size % mesh.size:
@@ -183,15 +185,19 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   per_process_batch = config.batch_size // jax.process_count()
   host_augment, batch_augment = build_augmentations(config)
 
-  def train_iterator(phase):
+  num_workers = pipeline.resolve_num_workers(config.data.get('num_workers', 0))
+
+  def train_iterator(phase, start):
+    """The phase's stream from element `start` on (batch k of the whole run is element k, for any
+    number of processes and workers, so a position is all it takes to resume)."""
     ds = pipeline.train_dataset(
         train_source, batch_size=per_process_batch, seed=config.seed,
         crop_padding=config.data.get('crop_padding', 4), crop_size=phase.resolution,
+        crop_mode=config.get('curriculum', {}).get('mode', 'crop'),
         flip=config.data.get('flip', True), text_features=text_features,
         extra_augment=host_augment,
         process_index=jax.process_index(), process_count=jax.process_count())
-    # Batch k of the whole run is element k: a phase starting at step s starts at element s.
-    return pipeline.make_iterator(ds[phase.start_step:], config.data.get('num_workers', 0))
+    return pipeline.make_iterator(ds[start:], num_workers)
 
   # ----------------------------------------------------------------------------- models
   fusing = [p.name for p in phases if p.fuse_text]
@@ -244,28 +250,38 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     """The state, phase and input iterator at checkpoint `step` (fresh iterators every call, so
     a failed attempt leaves nothing behind)."""
     index = phase_at(phases, step)
-    phase_iterator = train_iterator(phases[index])
-    # At a phase boundary the saved position is the previous phase's; the new phase starts fresh.
-    restore_into = phase_iterator if step > phases[index].start_step else (
-        train_iterator(phases[max(index - 1, 0)]))
+    phase = phases[index]
+    saved = checkpointer.read_meta(step).get('data', {})
+    # grain's saved iterator state is per process and per worker layout; with another host or
+    # worker count (or at a phase boundary, where a new stream starts) resume by position.
+    exact = (step > phase.start_step and saved.get('processes') == jax.process_count()
+             and saved.get('workers') == num_workers)
+    data_start = saved['start'] if exact else step
+    iterator = train_iterator(phase, data_start)
     variables, extra, opt_state, _ = checkpointer.restore(
         step, variables_template={'params': state.params['student'],
                                   'batch_stats': state.batch_stats},
-        extra_template=_extra(state), opt_template=state.opt_state, data_iterator=restore_into)
+        extra_template=_extra(state), opt_template=state.opt_state,
+        data_iterator=iterator if exact else None)
     restored = TrainState(step=jnp.asarray(step, jnp.int32),
                           params={'student': variables['params'],
                                   'objective': extra['objective']},
                           batch_stats=variables['batch_stats'], opt_state=opt_state,
                           objective_state=extra['objective_state'])
-    return jax.device_put(restored, state_shardings), index, phase_iterator
+    note = '' if exact or step == phase.start_step else (
+        f'checkpoint {step} was written by {saved.get("processes", "?")} process(es) with '
+        f'{saved.get("workers", "?")} input worker(s), this run has {jax.process_count()} with '
+        f'{num_workers}: the input stream resumes by position')
+    return jax.device_put(restored, state_shardings), index, iterator, data_start, note
 
   # The newest checkpoint that restores: unreadable ones are reported and set aside.
   latest, restored = checkpointer.restore_newest(restore)
   if latest is None:
-    start_step, phase_index, iterator = 0, 0, train_iterator(phases[0])
+    start_step, phase_index, iterator, data_start = 0, 0, train_iterator(phases[0], 0), 0
+    resume_note = ''
   else:
     start_step = latest
-    state, phase_index, iterator = restored
+    state, phase_index, iterator, data_start, resume_note = restored
   logger = MetricLogger(workdir, is_chief=is_chief, total_steps=total_steps,
                         initial_step=start_step, prefix=config.get('name', ''))
   logger.message(
@@ -273,6 +289,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       f'{len(train_source)} train / {len(eval_source)} eval examples; {steps_per_epoch} steps '
       f'per epoch, {total_steps} steps in {len(phases)} phase(s); mesh {dict(mesh.shape)}; '
       + (f'resumed at step {start_step}' if start_step else 'starting fresh'))
+  if resume_note:
+    logger.message(resume_note)
   for bad_step, reason in checkpointer.set_aside:
     logger.message(f'checkpoint step {bad_step} is unreadable ({reason}); moved it to '
                    f'{os.path.join(workdir, ckpt_lib.UNREADABLE_DIR)} and resumed from step '
@@ -296,12 +314,13 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       fn = make_train_step(graphdef=graphdef, teacher_graphdef=teacher_graphdef,
                            objective=objective, tx=tx, frozen_mask=frozen_mask, opts=opts)
       compiled[phase.switches] = jax.jit(fn, out_shardings=(state_shardings, None),
-                                         donate_argnums=(0,))
+                                         donate_argnums=(0,), compiler_options=compiler_options)
     return compiled[phase.switches]
 
   eval_text = config.tikd.eval_text if config.get('tikd') else 'none'
   eval_steps = {fuse: jax.jit(make_eval_step(graphdef=graphdef, eval_text=eval_text,
-                                             fuse_text=fuse)) for fuse in (False, True)}
+                                             fuse_text=fuse), compiler_options=compiler_options)
+                for fuse in (False, True)}
 
   def run_eval(step):
     t = time.time()
@@ -321,7 +340,10 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   def meta(step):
     return {'step': int(step), 'epoch': step / steps_per_epoch, 'num_params': n_params,
             'model': {'name': student_name, 'kwargs': student_kwargs},
-            'phase': phases[phase_at(phases, step)].name}
+            'phase': phases[phase_at(phases, step)].name,
+            # Where the saved iterator's stream starts, and the layout its state belongs to.
+            'data': {'start': data_start, 'processes': jax.process_count(),
+                     'workers': num_workers}}
 
   def save(step, metrics=None):
     checkpointer.save(step, variables={'params': state.params['student'],
@@ -365,7 +387,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     while step < min(stop_at, total_steps) and not preempted:
       phase = phases[phase_index]
       if step == phase.start_step and step > 0 and step != start_step:
-        iterator = train_iterator(phase)
+        iterator, data_start = train_iterator(phase, step), step
       if step == phase.start_step and phase.reset_optimizer and step > 0:
         state = state.replace(opt_state=jax.jit(tx.init, out_shardings=state_shardings.opt_state)(
             state.params))
@@ -441,7 +463,9 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict
   variables = _place(variables, sharding_lib.param_shardings(variables, mesh, rules))
   fuse = bool(meta['model']['kwargs'].get('text_dim')) and config.tikd.get('eval_text') == 'predicted'
   eval_step = jax.jit(make_eval_step(graphdef=graphdef, eval_text=config.tikd.eval_text,
-                                     fuse_text=fuse))
+                                     fuse_text=fuse),
+                      compiler_options=xla_options.compiler_options(
+                          config.get('xla_options', 'auto')))
   result = evaluate(eval_step, variables['params'], variables['batch_stats'], eval_source,
                     batch_size=config.eval_batch_size,
                     data_sharding=sharding_lib.batch_sharding(mesh))

@@ -1,0 +1,38 @@
+"""Compiler options of the jitted steps (tikd_jax/xla_options.py)."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from tikd_jax import xla_options
+from tikd_jax.models import build_model
+
+
+def test_auto_turns_ynnpack_off_on_cpu_only():
+  assert xla_options.compiler_options('auto', 'cpu') == {
+      'xla_cpu_experimental_ynn_fusion_type': ''}
+  assert xla_options.compiler_options('auto', 'gpu') is None
+  assert xla_options.compiler_options('default', 'cpu') is None
+  with pytest.raises(ValueError, match="xla_options='fastest'.*auto or one of"):
+    xla_options.compiler_options('fastest', 'cpu')
+  with pytest.raises(ValueError, match='XLA:CPU options; on tpu use auto or default'):
+    xla_options.compiler_options('no_ynn', 'tpu')
+
+
+@pytest.mark.parametrize('preset', sorted(set(xla_options.PRESETS) - {'default'}))
+def test_presets_compute_what_the_default_computes(preset):
+  """Same model, same input: conv + BN + dense forward and its gradient agree to float noise."""
+  model = build_model('resnet8', num_classes=10, rngs=nnx.Rngs(0))
+  graphdef, state = nnx.split(model)
+  x = jnp.asarray(np.random.RandomState(0).rand(4, 16, 16, 3), jnp.float32)
+
+  def loss(state, x):
+    logits, _ = nnx.merge(graphdef, state)(x)
+    return jnp.sum(jax.nn.log_softmax(logits)[:, 0])
+
+  fn = jax.value_and_grad(loss, argnums=1)
+  want = jax.jit(fn)(state, x)
+  got = jax.jit(fn, compiler_options=xla_options.compiler_options(preset, 'cpu'))(state, x)
+  np.testing.assert_allclose(got[0], want[0], rtol=1e-5)
+  np.testing.assert_allclose(got[1], want[1], rtol=1e-4, atol=1e-5)
