@@ -126,3 +126,48 @@ def test_unknown_names_list_the_known_ones():
     build_model('vit_gigantic', num_classes=10, rngs=nnx.Rngs(0))
   with pytest.raises(ValueError, match='known sizes'):
     build_model('distilled_vit', variant='huge', num_classes=10, rngs=nnx.Rngs(0))
+
+
+def _value_and_grads(fn, module, x):
+  """fn(module, x) → (value, d/d parameters, d/dx) through nnx.split, as the train step sees it."""
+  graphdef, params = nnx.split(module)
+
+  def f(params, x):
+    return fn(nnx.merge(graphdef, params), x)
+
+  value, (g_params, g_x) = jax.value_and_grad(f, argnums=(0, 1))(params, x)
+  return value, jax.tree.leaves(g_params), g_x
+
+
+@pytest.mark.parametrize('layer', ['dense', 'layer_norm', 'patch_embed'])
+def test_fast_layers_match_autodiff_of_the_flax_layers(layer):
+  """vit.py's hand-written VJPs (dense, layer_norm, patches @ kernel) give the values and
+  gradients of autodiff through nnx.Linear / nnx.LayerNorm / nnx.Conv, to float32 rounding."""
+  from tikd_jax.models import vit  # pylint: disable=g-import-not-at-top
+  rng = np.random.RandomState(0)
+  if layer == 'dense':
+    module = nnx.Linear(24, 40, rngs=nnx.Rngs(0))
+    module.bias[...] = jnp.asarray(rng.randn(40), jnp.float32)
+    x = jnp.asarray(rng.randn(3, 11, 24), jnp.float32)
+    fast, plain = vit.dense, lambda m, x: m(x)
+  elif layer == 'layer_norm':
+    module = nnx.LayerNorm(24, epsilon=1e-6, rngs=nnx.Rngs(0))
+    module.scale[...] = jnp.asarray(1 + rng.randn(24), jnp.float32)
+    module.bias[...] = jnp.asarray(rng.randn(24), jnp.float32)
+    x = jnp.asarray(3 + 2 * rng.randn(3, 11, 24), jnp.float32)
+    fast, plain = vit.layer_norm, lambda m, x: m(x)
+  else:
+    model = build_model('distilled_vit', variant='micro', img_size=16, num_classes=10,
+                        rngs=nnx.Rngs(0))
+    module = model
+    x = jnp.asarray(rng.rand(2, 16, 16, 3), jnp.float32)
+    fast = lambda m, x: m.patch_embed_tokens(x)
+    plain = lambda m, x: m.patch_embed(x)
+  weights = jnp.asarray(rng.randn(*jax.eval_shape(lambda: plain(module, x)).shape), jnp.float32)
+  results = [_value_and_grads(lambda m, x, f=f: jnp.sum(jnp.tanh(f(m, x)) * weights), module, x)
+             for f in (fast, plain)]
+  (v_fast, g_fast, dx_fast), (v_plain, g_plain, dx_plain) = results
+  np.testing.assert_allclose(v_fast, v_plain, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(dx_fast, dx_plain, rtol=1e-4, atol=1e-5)
+  for a, b in zip(g_fast, g_plain):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)

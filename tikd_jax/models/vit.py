@@ -11,6 +11,14 @@ The TIKD text fusion (REFERENCE §3) is enabled by `text_dim`; see `_text_fusion
 Every call returns `(logits, out)`: `logits` are what the model predicts in the current mode, `out`
 names the intermediates (both heads, tokens after every block, pre-logits, attention maps).
 Inputs are float images in [0, 1], NHWC; the model owns its normalisation (`mean`, `std`).
+
+Performance on XLA:CPU (benchmarks/README.md): the token-wise linear layers and LayerNorms run
+through `dense` / `layer_norm`, whose hand-written VJPs compute the weight gradient as one
+x[M, in]ᵀ·dy[M, out] product and the bias / scale gradients as sums over the M = B·N rows.
+Autodiff of the plain layers leaves XLA:CPU a transposed copy of every activation gradient and
+2-D reduce-windows over (B, N), which together cost more than the matmuls for these widths. The
+math, the parameters and their names are those of `nnx.Linear` / `nnx.LayerNorm` (flax's
+E[x²] − E[x]² variance); results differ from autodiff of the plain layers by float32 rounding.
 """
 from __future__ import annotations
 
@@ -22,6 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax import lax
 
 CIFAR100_MEAN = (0.5071, 0.4865, 0.4409)
 CIFAR100_STD = (0.2673, 0.2564, 0.2762)
@@ -62,6 +71,98 @@ def _linear(din, dout, rngs, dtype, bias=True):
   return nnx.Linear(din, dout, use_bias=bias, kernel_init=_trunc_normal, dtype=dtype, rngs=rngs)
 
 
+# ------------------------------------------------------------------ fast layers (same math)
+def _rows(x: jax.Array) -> jax.Array:
+  return x.reshape(-1, x.shape[-1])
+
+
+def _sum_rows(x: jax.Array) -> jax.Array:
+  """Σ over every row of a [..., n] array, as the product ones[M] · x[M, n] accumulated in
+  float32. XLA:CPU lowers a column sum over M = B·N rows to a strided 2-D reduce-window that ran
+  at ~1 GB/s here (32 ms for one [8448, 1024] bias gradient); the product streams the rows once."""
+  rows = _rows(x)
+  ones = jnp.ones((rows.shape[0],), rows.dtype)
+  return lax.dot_general(ones, rows, (((0,), (0,)), ((), ())),
+                         preferred_element_type=jnp.float32).astype(x.dtype)
+
+
+def _mean_last(x: jax.Array) -> jax.Array:
+  return jnp.mean(x, axis=-1)
+
+
+@jax.custom_vjp
+def _dense_fn(x, kernel, bias):
+  return lax.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ()))) + bias
+
+
+def _dense_fwd(x, kernel, bias):
+  return _dense_fn(x, kernel, bias), (x, kernel)
+
+
+def _dense_bwd(res, dy):
+  x, kernel = res
+  dx = lax.dot_general(dy, kernel, (((dy.ndim - 1,), (1,)), ((), ())))
+  dkernel = lax.dot_general(_rows(x), _rows(dy), (((0,), (0,)), ((), ())))
+  return dx.astype(x.dtype), dkernel.astype(kernel.dtype), _sum_rows(dy).astype(kernel.dtype)
+
+
+_dense_fn.defvjp(_dense_fwd, _dense_bwd)
+
+
+def dense(layer: nnx.Linear, x: jax.Array) -> jax.Array:
+  """`layer(x)` for an `nnx.Linear` with bias: x @ kernel + bias, with the fast VJP."""
+  if layer.bias is None or layer.precision is not None or layer.preferred_element_type is not None:
+    return layer(x)
+  x, kernel, bias = layer.promote_dtype((x, layer.kernel[...], layer.bias[...]),
+                                        dtype=layer.dtype)
+  return _dense_fn(x, kernel, bias)
+
+
+def _ln_stats(x, epsilon):
+  mu = _mean_last(x)
+  var = jnp.maximum(0.0, _mean_last(x * x) - mu * mu)  # flax's fast variance, clipped at 0
+  return mu, lax.rsqrt(var + epsilon)
+
+
+@jax.custom_vjp
+def _layer_norm_fn(x, scale, bias, epsilon):
+  mu, r = _ln_stats(x, epsilon)
+  return (x - mu[..., None]) * (r[..., None] * scale) + bias
+
+
+def _layer_norm_fwd(x, scale, bias, epsilon):
+  mu, r = _ln_stats(x, epsilon)
+  x_hat = (x - mu[..., None]) * r[..., None]
+  return (x - mu[..., None]) * (r[..., None] * scale) + bias, (x_hat, r, scale)
+
+
+def _layer_norm_bwd(res, dy):
+  x_hat, r, scale = res
+  g = dy * scale
+  dx = (g - _mean_last(g)[..., None] - x_hat * _mean_last(g * x_hat)[..., None]) * r[..., None]
+  return dx, _sum_rows(dy * x_hat), _sum_rows(dy), None
+
+
+_layer_norm_fn.defvjp(_layer_norm_fwd, _layer_norm_bwd)
+
+
+def layer_norm(norm: nnx.LayerNorm, x: jax.Array) -> jax.Array:
+  """`norm(x)` for an `nnx.LayerNorm` over the last axis with scale and bias (same formula)."""
+  if (norm.scale is None or norm.bias is None or norm.reduction_axes not in (-1, (-1,))
+      or norm.feature_axes not in (-1, (-1,)) or norm.axis_name is not None
+      or not norm.use_fast_variance):
+    return norm(x)
+  x, scale, bias = norm.promote_dtype((x, norm.scale[...], norm.bias[...]), dtype=norm.dtype)
+  if x.dtype != jnp.float32:  # flax computes the statistics in at least float32
+    return norm(x)
+  return _layer_norm_fn(x, scale, bias, norm.epsilon)
+
+
+def gelu_exact(x: jax.Array) -> jax.Array:
+  """Exact GELU, x·Φ(x) = x/2·(1 + erf(x/√2)): PyTorch's formula; cheaper than erfc on XLA:CPU."""
+  return 0.5 * x * (1.0 + lax.erf(x * np.asarray(1.0 / math.sqrt(2.0), x.dtype)))
+
+
 def drop_path(x: jax.Array, rate: float, rng: jax.Array | None) -> jax.Array:
   """Stochastic depth: drops the whole residual branch per sample, rescaling the kept ones."""
   if rng is None or rate == 0.0:
@@ -82,14 +183,17 @@ class Attention(nnx.Module):
   def __call__(self, x: jax.Array, value_bias: jax.Array | None = None):
     """`value_bias` [B, N, head_dim] is added to every head's values (TIKD's text_proj term)."""
     b, n, d = x.shape
-    qkv = self.qkv(x).reshape(b, n, 3, self.heads, self.head_dim)
-    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # [B, N, H, hd]
+    # qkv features are [q | k | v], each heads × head_dim (timm). A split (not three strided
+    # slices) keeps the backward a concatenation; heads-major [B, H, N, hd] makes both attention
+    # products plain batched matmuls.
+    q, k, v = (t.reshape(b, n, self.heads, self.head_dim).transpose(0, 2, 1, 3)
+               for t in jnp.split(dense(self.qkv, x), 3, axis=-1))
     if value_bias is not None:
-      v = v + value_bias[:, :, None, :].astype(v.dtype)
-    scores = jnp.einsum('bqhd,bkhd->bhqk', q, k) * (self.head_dim ** -0.5)
+      v = v + value_bias[:, None, :, :].astype(v.dtype)
+    scores = jnp.matmul(q, jnp.swapaxes(k, -1, -2)) * (self.head_dim ** -0.5)  # [B, H, N, N]
     attn = jax.nn.softmax(scores.astype(jnp.float32), axis=-1).astype(q.dtype)
-    y = jnp.einsum('bhqk,bkhd->bqhd', attn, v).reshape(b, n, d)
-    return self.proj(y), attn
+    y = jnp.matmul(attn, v).transpose(0, 2, 1, 3).reshape(b, n, d)
+    return dense(self.proj, y), attn
 
 
 class Mlp(nnx.Module):
@@ -100,7 +204,7 @@ class Mlp(nnx.Module):
 
   def __call__(self, x):
     # timm and DeiT use the exact (erf) GELU; flax's default is the tanh approximation.
-    return self.fc2(jax.nn.gelu(self.fc1(x), approximate=False))
+    return dense(self.fc2, gelu_exact(dense(self.fc1, x)))
 
 
 class Block(nnx.Module):
@@ -117,9 +221,9 @@ class Block(nnx.Module):
     r1 = r2 = None
     if rng is not None:
       r1, r2 = jax.random.split(rng)
-    y, attn = self.attn(self.norm1(x), value_bias)
+    y, attn = self.attn(layer_norm(self.norm1, x), value_bias)
     x = x + drop_path(y, self.drop_path_rate, r1)
-    x = x + drop_path(self.mlp(self.norm2(x)), self.drop_path_rate, r2)
+    x = x + drop_path(self.mlp(layer_norm(self.norm2, x)), self.drop_path_rate, r2)
     return x, attn
 
 
@@ -218,7 +322,7 @@ class DistilledViT(nnx.Module):
 
   def embed(self, images: jax.Array) -> jax.Array:
     """Patches + prefix tokens + position embeddings → [B, prefix + grid², d]."""
-    x = self.patch_embed(self.normalize(images).astype(self.dtype or jnp.float32))
+    x = self.patch_embed_tokens(self.normalize(images).astype(self.dtype or jnp.float32))
     b, gh, gw, d = x.shape
     x = x.reshape(b, gh * gw, d)
     pos = self.pos_embed[...]
@@ -233,6 +337,25 @@ class DistilledViT(nnx.Module):
     # IRKD: cls and patches get positions, the dist token none.
     x = jnp.concatenate([cls, x], axis=1) + pos.astype(x.dtype)
     return jnp.concatenate([x[:, :1], dist, x[:, 1:]], axis=1)
+
+  def patch_embed_tokens(self, x: jax.Array) -> jax.Array:
+    """`self.patch_embed(x)` (p×p conv, stride p, VALID) as non-overlapping patches @ kernel.
+
+    Each output is the same sum over (row, column, channel) of one patch; a matmul instead of an
+    XLA:CPU convolution (several times faster here, forward and backward).
+    """
+    conv = self.patch_embed
+    p = self.size.patch
+    if (conv.kernel_size != (p, p) or conv.strides not in (p, (p, p)) or conv.bias is None
+        or conv.padding != 'VALID' or conv.feature_group_count != 1 or conv.mask is not None
+        or conv.kernel_dilation not in (1, (1, 1)) or conv.input_dilation not in (1, (1, 1))):
+      return conv(x)
+    b, h, w, c = x.shape
+    gh, gw = h // p, w // p
+    x, kernel, bias = conv.promote_dtype((x, conv.kernel[...], conv.bias[...]), dtype=conv.dtype)
+    patches = x[:, :gh * p, :gw * p].reshape(b, gh, p, gw, p, c).transpose(0, 1, 3, 2, 4, 5)
+    y = _dense_fn(patches.reshape(b, gh, gw, p * p * c), kernel.reshape(p * p * c, -1), bias)
+    return y
 
   def run_blocks(self, x, rng, out, prefix, value_bias=None):
     rngs = list(jax.random.split(rng, len(self.blocks))) if rng is not None else [None] * len(
@@ -271,7 +394,7 @@ class DistilledViT(nnx.Module):
       r1, r2 = jax.random.split(rng)
     x = self.run_blocks(self.embed(images), r1, out, prefix='')
     if self.norm is not None:
-      x = self.norm(x)
+      x = layer_norm(self.norm, x)
     out['tokens'] = x
     if self.text_dim is not None:
       # Cheap, always computed so its cosine loss can train in every stage.
@@ -292,8 +415,8 @@ class DistilledViT(nnx.Module):
     c = jnp.clip(_cosine(x.astype(jnp.float32), t[:, None, :]), 0.0, 1.0)  # [B, N]
     out['text_weights'] = c
     out['alignment_loss'] = jnp.mean(1.0 - c)
-    x_decoded = self.text_decoder((c[..., None] * x).astype(x.dtype))
-    value_bias = self.text_proj(x_decoded)
+    x_decoded = dense(self.text_decoder, (c[..., None] * x).astype(x.dtype))
+    value_bias = dense(self.text_proj, x_decoded)
     # The second pass starts from the normed first-pass tokens, with no final norm after it.
     return self.run_blocks(x, rng, out, prefix='fused_', value_bias=value_bias)
 
