@@ -1,7 +1,7 @@
 r"""Step time per IRKD curriculum resolution: what the 12 → 32 px curriculum saves.
 
   python benchmarks/curriculum_step.py [--batch 128] [--runs 3] [--saliency attention] \
-      [--out benchmarks/results/curriculum_step.jsonl]
+      [--xla_options auto] [--out benchmarks/results/curriculum_step.jsonl]
 
 The real distillation step of the trainer (KD, teacher forward + student forward/backward + AdamW
 update, optionally attention saliency) for IRKD's ViT-Tiny student (patch 4) and its 384-wide
@@ -27,6 +27,7 @@ import optax  # noqa: E402
 from flax import nnx  # noqa: E402
 from ml_collections import ConfigDict  # noqa: E402
 
+from tikd_jax import xla_options  # noqa: E402
 from tikd_jax.models.variables import abstract_model  # noqa: E402
 from tikd_jax.train.objectives import build_objective  # noqa: E402
 from tikd_jax.train.step import StepOptions, TrainState, make_train_step  # noqa: E402
@@ -45,6 +46,8 @@ def main(argv=None):
   parser.add_argument('--runs', type=int, default=3)
   parser.add_argument('--resolutions', default='12,16,20,24,28,32')
   parser.add_argument('--saliency', default='none', choices=['none', 'attention'])
+  parser.add_argument('--xla_options', default='auto',
+                      help=f'auto or one of {sorted(xla_options.PRESETS)} (as config.xla_options)')
   parser.add_argument('--out', default='')
   args = parser.parse_args(argv)
 
@@ -61,7 +64,8 @@ def main(argv=None):
                      saliency_weight=0.8 if args.saliency != 'none' else 0.0)
   step = jax.jit(make_train_step(graphdef=student_graph, teacher_graphdef=teacher_graph,
                                  objective=objective, tx=tx, frozen_mask=None, opts=opts),
-                 donate_argnums=(0,))
+                 donate_argnums=(0,),
+                 compiler_options=xla_options.compiler_options(args.xla_options))
   rows = []
   for res in [int(r) for r in args.resolutions.split(',')]:
     fresh = jax.tree.map(jnp.copy, params)  # the step donates its state
@@ -84,6 +88,7 @@ def main(argv=None):
     rows.append(dict(
         benchmark='curriculum_step', student='irkd_vit/vit_tiny/p4', teacher='vit/irkd_teacher/p4',
         resolution=res, tokens=(res // 4) ** 2, batch=args.batch, saliency=args.saliency,
+        xla_options=args.xla_options,
         runs=args.runs, median_s=float(np.median(times)), p10_s=float(np.percentile(times, 10)),
         p90_s=float(np.percentile(times, 90)), first_step_s=compile_s,
         images_per_s=args.batch / float(np.median(times)), load_avg=os.getloadavg()[0],

@@ -27,6 +27,7 @@ student forward/backward alone. Speed is measured here, never asserted in tests.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -37,6 +38,11 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 PEAK_GFLOPS = 188.0  # float32 matmul peak measured on this machine (2 cores)
+# XLA:CPU compiler options per JAX row (`--xla_options`), passed as jax.jit(compiler_options=...):
+# the trainer's presets (tikd_jax/xla_options.py) and 'auto', what the trainer uses on CPU.
+from tikd_jax import xla_options as xla_options_lib  # noqa: E402  pylint: disable=g-import-not-at-top
+XLA_OPTION_PRESETS = dict(xla_options_lib.PRESETS,
+                          auto=xla_options_lib.compiler_options('auto', 'cpu') or {})
 NUM_CLASSES = 100
 IMG = 32
 TEACHER = 'resnet32x4'
@@ -112,7 +118,7 @@ def _versions() -> dict:
   return v
 
 
-def _row(name, framework, size, batch, times, flops, load_before, extra=None) -> dict:
+def _row(name, framework, size, batch, times, flops, loads, extra=None) -> dict:
   s = _summary(times)
   med = s['median_s']
   row = {'name': name, 'framework': framework, 'size': size, 'teacher': TEACHER, 'batch': batch,
@@ -121,23 +127,14 @@ def _row(name, framework, size, batch, times, flops, load_before, extra=None) ->
          'model_gflop': round(flops / 1e9, 2),
          'achieved_gflops': round(flops / med / 1e9, 1),
          'fraction_of_peak': round(flops / med / 1e9 / PEAK_GFLOPS, 3),
-         'peak_gflops': PEAK_GFLOPS, 'load_before': load_before, 'load_after': _load(),
+         'peak_gflops': PEAK_GFLOPS,
+         'load_1min': {'min': min(loads), 'median': round(statistics.median(loads), 2),
+                       'max': max(loads)},
          'cpus': os.cpu_count(), 'xla_flags': os.environ.get('XLA_FLAGS', ''),
          'versions': _versions()}
   if extra:
     row.update(extra)
   return row
-
-
-def _timed(fn, runs: int, warmup: int) -> list[float]:
-  for _ in range(warmup):
-    fn()
-  times = []
-  for _ in range(runs):
-    t = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - t)
-  return times
 
 
 def _batch(batch: int, seed: int = DRAW_SEED):
@@ -224,16 +221,34 @@ def xla_flops(compiled) -> float | None:
     return None
 
 
-def bench_jax(size, batch, runs, warmup, parts):
+class Contestant:
+  """One timed thing: `fn()` runs one complete, synchronised step."""
+
+  def __init__(self, name, framework, size, batch, flops, fn, extra=None):
+    self.name, self.framework, self.size, self.batch = name, framework, size, batch
+    self.flops, self.fn, self.extra = flops, fn, dict(extra or {})
+    self.times: list[float] = []
+    self.loads: list[float] = []
+
+  def label(self):
+    return f'{self.framework}{"/" + self.extra["xla_options"] if "xla_options" in self.extra else ""}'
+
+  def row(self) -> dict:
+    return _row(self.name, self.framework, self.size, self.batch, self.times, self.flops,
+                self.loads, self.extra)
+
+
+def jax_contestants(size, batch, parts, xla_options='default') -> list[Contestant]:
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from flax import nnx  # pylint: disable=g-import-not-at-top
 
   b = build_jax(size, batch)
   flops = step_flops(size, batch)
-  load = _load()
+  options = XLA_OPTION_PRESETS[xla_options]
   t0 = time.perf_counter()
-  compiled = b['step'].lower(b['state'], b['batch'], b['teacher_vars']).compile()
+  compiled = b['step'].lower(b['state'], b['batch'], b['teacher_vars']).compile(
+      compiler_options=options)
   compile_s = time.perf_counter() - t0
   holder = {'state': b['state']}
 
@@ -241,40 +256,39 @@ def bench_jax(size, batch, runs, warmup, parts):
     holder['state'], metrics = compiled(holder['state'], b['batch'], b['teacher_vars'])
     jax.block_until_ready((holder['state'], metrics))
 
-  times = _timed(one, runs, warmup)
-  rows = [_row('train_step', 'jax', size, batch, times, flops['step'], load,
-               {'compile_s': round(compile_s, 2), 'xla_cost_flops_gflop':
-                round((xla_flops(compiled) or float('nan')) / 1e9, 2)})]
+  extra = {'xla_options': xla_options}
+  out = [Contestant('train_step', 'jax', size, batch, flops['step'], one, dict(
+      extra, compile_s=round(compile_s, 2),
+      xla_cost_gflop=round((xla_flops(compiled) or float('nan')) / 1e9, 2)))]
   if not parts:
-    return rows
+    return out
 
   teacher_graphdef, graphdef = b['teacher_graphdef'], b['graphdef']
 
-  @jax.jit
+  @functools.partial(jax.jit, compiler_options=options)
   def teacher_forward(tv, images):
     teacher = nnx.merge(teacher_graphdef, tv['params'], tv['batch_stats'])
     return teacher(images.astype(jnp.float32) / 255.0, train=False)[0]
 
-  params, stats = holder['state'].params['student'], holder['state'].batch_stats
-
-  @jax.jit
-  def student_grad(params, images, labels):
+  @functools.partial(jax.jit, compiler_options=options)
+  def student_grad(params, stats, images, labels):
     def loss(p):
       student = nnx.merge(graphdef, p, stats)
-      _, out = student(images.astype(jnp.float32) / 255.0, train=True, rng=jax.random.key(0))
-      lp = jax.nn.log_softmax(out['cls_logits']) + jax.nn.log_softmax(out['dist_logits'])
+      _, o = student(images.astype(jnp.float32) / 255.0, train=True, rng=jax.random.key(0))
+      lp = jax.nn.log_softmax(o['cls_logits']) + jax.nn.log_softmax(o['dist_logits'])
       return -jnp.mean(jnp.take_along_axis(lp, labels[:, None], axis=-1))
     return jax.grad(loss)(params)
 
   img, lab = b['batch']['image'], b['batch']['label']
-  load = _load()
-  times = _timed(lambda: jax.block_until_ready(teacher_forward(b['teacher_vars'], img)), runs,
-                 warmup)
-  rows.append(_row('teacher_forward', 'jax', size, batch, times, flops['teacher_forward'], load))
-  load = _load()
-  times = _timed(lambda: jax.block_until_ready(student_grad(params, img, lab)), runs, warmup)
-  rows.append(_row('student_train', 'jax', size, batch, times, flops['student_train'], load))
-  return rows
+  params = jax.tree.map(jnp.copy, holder['state'].params['student'])
+  stats = holder['state'].batch_stats
+  out.append(Contestant('teacher_forward', 'jax', size, batch, flops['teacher_forward'],
+                        lambda: jax.block_until_ready(teacher_forward(b['teacher_vars'], img)),
+                        extra))
+  out.append(Contestant('student_train', 'jax', size, batch, flops['student_train'],
+                        lambda: jax.block_until_ready(student_grad(params, stats, img, lab)),
+                        extra))
+  return out
 
 
 # --------------------------------------------------------------------------- PyTorch
@@ -312,37 +326,33 @@ def build_torch(size: str, batch: int):
           'loss_fn': loss_fn}
 
 
-def bench_torch(size, batch, runs, warmup, parts, compiled: bool):
+def torch_contestants(size, batch, parts, compiled: bool) -> list[Contestant] | dict:
+  """PyTorch eager (or torch.compile) contestants; a `skipped` row when compiling fails."""
   import torch  # pylint: disable=g-import-not-at-top
   framework = 'torch_compile' if compiled else 'torch'
   b = build_torch(size, batch)
   flops = step_flops(size, batch)
   loss_fn = b['loss_fn']
   extra = {'torch_threads': torch.get_num_threads()}
-  compile_s = None
   if compiled:
     loss_fn = torch.compile(loss_fn)
     t0 = time.perf_counter()
     try:
-      loss = loss_fn(b['x'], b['y'])
-      loss.backward()
+      loss_fn(b['x'], b['y']).backward()
       b['opt'].zero_grad(set_to_none=True)
     except Exception as e:  # pylint: disable=broad-except
-      return [{'name': 'train_step', 'framework': framework, 'size': size, 'batch': batch,
-               'skipped': f'{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ""}',
-               'load_before': _load(), 'versions': _versions()}]
-    compile_s = time.perf_counter() - t0
-    extra['compile_s'] = round(compile_s, 2)
+      first = str(e).strip().splitlines()[0][:300] if str(e).strip() else ''
+      return {'name': 'train_step', 'framework': framework, 'size': size, 'batch': batch,
+              'skipped': f'torch.compile failed here: {type(e).__name__}: {first}',
+              'load': _load(), 'versions': _versions()}
+    extra['compile_s'] = round(time.perf_counter() - t0, 2)
 
   def one():
     b['opt'].zero_grad(set_to_none=True)
-    loss = loss_fn(b['x'], b['y'])
-    loss.backward()
+    loss_fn(b['x'], b['y']).backward()
     b['opt'].step()
 
-  load = _load()
-  times = _timed(one, runs, warmup)
-  rows = [_row('train_step', framework, size, batch, times, flops['step'], load, extra)]
+  out = [Contestant('train_step', framework, size, batch, flops['step'], one, extra)]
   if parts and not compiled:
     images = b['x'].permute(0, 3, 1, 2).float() / 255.0
 
@@ -351,16 +361,86 @@ def bench_torch(size, batch, runs, warmup, parts, compiled: bool):
         b['teacher'](images)
 
     def student_only():
-      out = b['student'].forward_heads(images)
-      (out['cls_logits'].logsumexp(-1).mean() + out['dist_logits'].logsumexp(-1).mean()).backward()
+      o = b['student'].forward_heads(images)
+      (o['cls_logits'].logsumexp(-1).mean() + o['dist_logits'].logsumexp(-1).mean()).backward()
 
-    load = _load()
-    rows.append(_row('teacher_forward', framework, size, batch, _timed(teacher_only, runs, warmup),
-                     flops['teacher_forward'], load, extra))
-    load = _load()
-    rows.append(_row('student_train', framework, size, batch, _timed(student_only, runs, warmup),
-                     flops['student_train'], load, extra))
-  return rows
+    out.append(Contestant('teacher_forward', framework, size, batch, flops['teacher_forward'],
+                          teacher_only, extra))
+    out.append(Contestant('student_train', framework, size, batch, flops['student_train'],
+                          student_only, extra))
+  return out
+
+
+def _worker(conn, framework, size, batch, parts, presets, warmup, baseline_root=None):
+  """One process per framework, so that one framework's idle thread pool (OpenMP or Eigen
+  threads spinning after their last op) never competes with another's timed step."""
+  if framework == 'jax_baseline':  # the same benchmark on another checkout of the code
+    sys.path.insert(0, os.path.abspath(baseline_root))
+  if framework in ('jax', 'jax_baseline'):
+    import tikd_jax  # pylint: disable=g-import-not-at-top
+    code = os.path.dirname(os.path.dirname(os.path.abspath(tikd_jax.__file__)))
+    contestants = []
+    for preset in presets:
+      contestants += jax_contestants(size, batch, parts, preset)
+    for c in contestants:
+      c.framework = framework
+      c.extra['code'] = code
+  else:
+    contestants = torch_contestants(size, batch, parts, compiled=framework == 'torch_compile')
+  if isinstance(contestants, dict):  # skipped
+    conn.send(('skipped', contestants))
+    return
+  for c in contestants:
+    for _ in range(warmup):
+      c.fn()
+  conn.send(('ready', [c.label() + ':' + c.name for c in contestants]))
+  while True:
+    msg = conn.recv()
+    if msg[0] == 'step':
+      c = contestants[msg[1]]
+      c.loads.append(_load())
+      t = time.perf_counter()
+      c.fn()
+      c.times.append(time.perf_counter() - t)
+      conn.send(c.times[-1])
+    elif msg[0] == 'rows':
+      conn.send([c.row() for c in contestants])
+      return
+
+
+def run_size(size, batch, frameworks, presets, parts, runs, warmup, emit,
+             baseline_root=None) -> None:
+  """Starts one worker per framework, then runs `runs` rounds of one step per contestant (order
+  rotated every round) so that a change in the machine's load hits all contestants alike."""
+  import multiprocessing as mp  # pylint: disable=g-import-not-at-top
+  ctx = mp.get_context('spawn')
+  workers = []
+  for fw in frameworks:
+    parent, child = ctx.Pipe()
+    proc = ctx.Process(target=_worker, daemon=True,
+                       args=(child, fw, size, batch, parts, presets, warmup, baseline_root))
+    proc.start()
+    workers.append((fw, parent, proc))
+  slots = []  # (worker index, contestant index, label)
+  for w, (fw, conn, proc) in enumerate(workers):
+    kind, payload = conn.recv()  # sequential: one worker compiles / warms up at a time
+    if kind == 'skipped':
+      emit(payload)
+      continue
+    slots += [(w, i, label) for i, label in enumerate(payload)]
+  print(f'# {size}: {len(slots)} contestants ({", ".join(l for _, _, l in slots)}), '
+        f'{warmup} warm-up + {runs} timed steps each, interleaved', file=sys.stderr, flush=True)
+  for r in range(runs):
+    k = r % max(1, len(slots))
+    for w, i, _ in slots[k:] + slots[:k]:
+      workers[w][1].send(('step', i))
+      workers[w][1].recv()
+  for w, (fw, conn, proc) in enumerate(workers):
+    if any(w == slot[0] for slot in slots):
+      conn.send(('rows',))
+      for row in conn.recv():
+        emit(row)
+    proc.join(timeout=60)
 
 
 # --------------------------------------------------------------------------- main
@@ -369,12 +449,20 @@ def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument('--sizes', default='small,medium,large')
-  parser.add_argument('--quick', action='store_true', help='micro and demo students only')
-  parser.add_argument('--batch', type=int, default=128)
-  parser.add_argument('--runs', type=int, default=5, help='timed steps per row')
+  parser.add_argument('--quick', action='store_true',
+                      help='micro and demo students, batch 32, 3 runs, jax and torch eager')
+  parser.add_argument('--batch', type=int, default=None, help='default 128 (32 with --quick)')
+  parser.add_argument('--runs', type=int, default=None,
+                      help='timed steps per contestant (default 5, 3 with --quick)')
   parser.add_argument('--large_runs', type=int, default=3, help='timed steps for size large')
   parser.add_argument('--warmup', type=int, default=1, help='untimed steps after compiling')
-  parser.add_argument('--frameworks', default='jax,torch,torch_compile')
+  parser.add_argument('--frameworks', default=None,
+                      help='jax,torch,torch_compile (default all; jax,torch with --quick)')
+  parser.add_argument('--xla_options', default='auto',
+                      help=f'one JAX contestant per preset of {sorted(XLA_OPTION_PRESETS)}')
+  parser.add_argument('--baseline_root', default=None,
+                      help='another checkout of the repo (e.g. the commit before a change): adds '
+                           'its JAX step as framework jax_baseline, interleaved with the rest')
   parser.add_argument('--parts', action='store_true',
                       help='also time the teacher forward and the student fwd/bwd alone')
   parser.add_argument('--peak_gflops', type=float, default=PEAK_GFLOPS)
@@ -382,26 +470,33 @@ def main() -> None:
   args = parser.parse_args()
   PEAK_GFLOPS = args.peak_gflops
   sizes = QUICK_SIZES if args.quick else tuple(s for s in args.sizes.split(',') if s)
-  frameworks = [f for f in args.frameworks.split(',') if f]
-  unknown = set(frameworks) - {'jax', 'torch', 'torch_compile'}
+  batch = args.batch or (32 if args.quick else 128)
+  base_runs = args.runs or (3 if args.quick else 5)
+  frameworks = [f for f in (args.frameworks or ('jax,torch' if args.quick else
+                                                'jax,torch,torch_compile')).split(',') if f]
+  if args.baseline_root:
+    frameworks = ['jax_baseline'] + frameworks
+  unknown = set(frameworks) - {'jax', 'jax_baseline', 'torch', 'torch_compile'}
   if unknown:
     parser.error(f'unknown frameworks {sorted(unknown)}; use jax, torch, torch_compile')
+  presets = [p for p in args.xla_options.split(',') if p]
+  unknown = set(presets) - set(XLA_OPTION_PRESETS)
+  if unknown:
+    parser.error(f'unknown --xla_options {sorted(unknown)}; use {sorted(XLA_OPTION_PRESETS)}')
   out = open(args.out, 'a') if args.out else None  # pylint: disable=consider-using-with
+
+  def emit(row):
+    line = json.dumps(row)
+    print(line, flush=True)
+    if out:
+      out.write(line + '\n')
+      out.flush()
+
   try:
     for size in sizes:
-      runs = args.large_runs if size == 'large' else args.runs
-      for fw in frameworks:
-        if fw == 'jax':
-          rows = bench_jax(size, args.batch, runs, args.warmup, args.parts)
-        else:
-          rows = bench_torch(size, args.batch, runs, args.warmup, args.parts,
-                             compiled=fw == 'torch_compile')
-        for row in rows:
-          line = json.dumps(row)
-          print(line, flush=True)
-          if out:
-            out.write(line + '\n')
-            out.flush()
+      runs = args.large_runs if size == 'large' else base_runs
+      run_size(size, batch, frameworks, presets, args.parts, runs, args.warmup, emit,
+               args.baseline_root)
   finally:
     if out:
       out.close()

@@ -55,3 +55,19 @@ def test_irkd_configs_cover_the_paper_table():
       assert c.data.val_size == 5000 and c.data.val_seed == 42
   with pytest.raises(ValueError, match='irkd_cifar10 takes'):
     irkd_cifar10.get_config('kd_sal')
+
+
+def test_irkd_digits_runs_the_same_rows_scaled_down():
+  from configs import irkd_digits  # pylint: disable=g-import-not-at-top
+  c = irkd_digits.get_config()
+  assert c.run_order == ('teacher',) + irkd_cifar10.ROWS
+  for row in irkd_cifar10.ROWS:
+    cifar, digits = irkd_cifar10.get_config(f'{row},p4'), c.runs[row]
+    assert digits.data.name == 'digits' and digits.teacher.checkpoint == '{workdir}/teacher'
+    assert (digits.distill.method, digits.saliency.kind) == (cifar.distill.method,
+                                                             cifar.saliency.kind)
+    assert [r for r, _ in digits.curriculum.stages] == [r for r, _ in cifar.curriculum.stages]
+    assert sum(e for _, e in digits.curriculum.stages) in (0, digits.num_epochs)
+  assert irkd_digits.get_config('ce,kd').run_order == ('teacher', 'ce', 'kd')
+  with pytest.raises(ValueError, match='irkd_digits takes rows'):
+    irkd_digits.get_config('kd_sal')
