@@ -27,6 +27,7 @@ import optax  # noqa: E402
 from flax import nnx  # noqa: E402
 from ml_collections import ConfigDict  # noqa: E402
 
+from benchmarks import report  # noqa: E402
 from tikd_jax import xla_options  # noqa: E402
 from tikd_jax.models.variables import abstract_model  # noqa: E402
 from tikd_jax.train.objectives import build_objective  # noqa: E402
@@ -67,43 +68,40 @@ def main(argv=None):
                  donate_argnums=(0,),
                  compiler_options=xla_options.compiler_options(args.xla_options))
   rows = []
-  for res in [int(r) for r in args.resolutions.split(',')]:
-    fresh = jax.tree.map(jnp.copy, params)  # the step donates its state
-    state = TrainState(step=jnp.zeros((), jnp.int32), params=fresh,
-                       batch_stats=student_vars['batch_stats'], opt_state=tx.init(fresh),
-                       objective_state={})
-    rng = np.random.default_rng(res)
-    batch = {'image': jnp.asarray(rng.integers(0, 256, (args.batch, res, res, 3), np.uint8)),
-             'label': jnp.asarray(rng.integers(0, 10, (args.batch,), np.int32))}
-    t0 = time.perf_counter()
-    state, metrics = step(state, batch, teacher_vars)
-    jax.block_until_ready(metrics)
-    compile_s = time.perf_counter() - t0
-    times = []
-    for _ in range(args.runs):
+  with report.JsonLines(args.out) as emit:  # one row per resolution, as measured
+    for res in [int(r) for r in args.resolutions.split(',')]:
+      fresh = jax.tree.map(jnp.copy, params)  # the step donates its state
+      state = TrainState(step=jnp.zeros((), jnp.int32), params=fresh,
+                         batch_stats=student_vars['batch_stats'], opt_state=tx.init(fresh),
+                         objective_state={})
+      rng = np.random.default_rng(res)
+      batch = {'image': jnp.asarray(rng.integers(0, 256, (args.batch, res, res, 3), np.uint8)),
+               'label': jnp.asarray(rng.integers(0, 10, (args.batch,), np.int32))}
       t0 = time.perf_counter()
       state, metrics = step(state, batch, teacher_vars)
       jax.block_until_ready(metrics)
-      times.append(time.perf_counter() - t0)
-    rows.append(dict(
-        benchmark='curriculum_step', student='irkd_vit/vit_tiny/p4', teacher='vit/irkd_teacher/p4',
-        resolution=res, tokens=(res // 4) ** 2, batch=args.batch, saliency=args.saliency,
-        xla_options=args.xla_options,
-        runs=args.runs, median_s=float(np.median(times)), p10_s=float(np.percentile(times, 10)),
-        p90_s=float(np.percentile(times, 90)), first_step_s=compile_s,
-        images_per_s=args.batch / float(np.median(times)), load_avg=os.getloadavg()[0],
-        jax=jax.__version__, machine=platform.machine(), cpus=os.cpu_count()))
-    print(json.dumps(rows[-1]), flush=True)
+      compile_s = time.perf_counter() - t0
+      times = []
+      for _ in range(args.runs):
+        t0 = time.perf_counter()
+        state, metrics = step(state, batch, teacher_vars)
+        jax.block_until_ready(metrics)
+        times.append(time.perf_counter() - t0)
+      rows.append(dict(
+          benchmark='curriculum_step', student='irkd_vit/vit_tiny/p4',
+          teacher='vit/irkd_teacher/p4',
+          resolution=res, tokens=(res // 4) ** 2, batch=args.batch, saliency=args.saliency,
+          xla_options=args.xla_options,
+          runs=args.runs, median_s=float(np.median(times)), p10_s=float(np.percentile(times, 10)),
+          p90_s=float(np.percentile(times, 90)), first_step_s=compile_s,
+          images_per_s=args.batch / float(np.median(times)), load_avg=os.getloadavg()[0],
+          jax=jax.__version__, machine=platform.machine(), cpus=os.cpu_count()))
+      emit(rows[-1])
   full = next((r['median_s'] for r in rows if r['resolution'] == 32), None)
   if full:
     curriculum = sum(r['median_s'] for r in rows) / len(rows)
     print(json.dumps(dict(benchmark='curriculum_summary', mean_step_s_over_stages=curriculum,
                           step_s_at_32=full, speedup_vs_all_32=full / curriculum)), flush=True)
-  if args.out:
-    os.makedirs(os.path.dirname(args.out) or '.', exist_ok=True)
-    with open(args.out, 'a') as f:
-      for r in rows:
-        f.write(json.dumps(r) + '\n')
 
 
 if __name__ == '__main__':

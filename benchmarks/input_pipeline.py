@@ -16,7 +16,6 @@ tens of images/s: the pipeline only has to stay well above that.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -24,6 +23,8 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from benchmarks import report  # noqa: E402  pylint: disable=g-import-not-at-top
 
 
 def synthetic_source(n: int = 50_000, size: int = 32, num_classes: int = 100, seed: int = 0):
@@ -62,13 +63,6 @@ def one_run(source, batch: int, batches: int, workers: int, seed: int) -> tuple[
   return startup, rate
 
 
-def _q(values, p):
-  values = sorted(values)
-  k = p * (len(values) - 1)
-  lo, hi = int(k), min(int(k) + 1, len(values) - 1)
-  return values[lo] + (values[hi] - values[lo]) * (k - lo)
-
-
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -87,42 +81,31 @@ def main() -> None:
   import numpy as np  # pylint: disable=g-import-not-at-top
 
   builders = {'digits': digits_source, 'synthetic50k': synthetic_source}
-  out = open(args.out, 'a') if args.out else None  # pylint: disable=consider-using-with
-  try:
+  with report.JsonLines(args.out) as emit:
     for name in args.sources.split(','):
       source = builders[name]()
       for workers in (int(w) for w in args.workers.split(',')):
         loads, startups, rates = [], [], []
         for run in range(args.runs):
-          loads.append(round(os.getloadavg()[0], 2))
+          loads.append(report.load_now())
           startup, rate = one_run(source, args.batch, args.batches, workers, seed=run)
           startups.append(startup)
           rates.append(rate)
-        row = {
+        emit({
             'name': 'input_pipeline', 'source': name, 'examples': len(source),
             'image_shape': list(source.image_shape), 'batch': args.batch,
             'batches': args.batches, 'workers': workers, 'runs': args.runs,
             'median_images_per_s': round(statistics.median(rates), 1),
-            'p10_images_per_s': round(_q(rates, 0.1), 1),
-            'p90_images_per_s': round(_q(rates, 0.9), 1),
+            'p10_images_per_s': round(report.quantile(rates, 0.1), 1),
+            'p90_images_per_s': round(report.quantile(rates, 0.9), 1),
             'images_per_s': [round(r, 1) for r in rates],
             'median_first_batch_s': round(statistics.median(startups), 3),
-            'load_1min': {'min': min(loads), 'median': round(statistics.median(loads), 2),
-                          'max': max(loads)},
+            'load_1min': report.load_summary(loads),
             'cpus': os.cpu_count(),
             'versions': {'python': platform.python_version(), 'grain': grain.__version__
                          if hasattr(grain, '__version__') else 'unknown',
                          'numpy': np.__version__},
-        }
-        line = json.dumps(row)
-        print(line, flush=True)
-        if out:
-          out.write(line + '\n')
-          out.flush()
-  finally:
-    if out:
-      out.close()
-
+        })
 
 if __name__ == '__main__':
   main()

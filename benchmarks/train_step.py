@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import os
 import platform
 import statistics
@@ -37,12 +36,9 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from benchmarks import report  # noqa: E402  pylint: disable=g-import-not-at-top
+
 PEAK_GFLOPS = 188.0  # float32 matmul peak measured on this machine (2 cores)
-# XLA:CPU compiler options per JAX row (`--xla_options`), passed as jax.jit(compiler_options=...):
-# the trainer's presets (tikd_jax/xla_options.py) and 'auto', what the trainer uses on CPU.
-from tikd_jax import xla_options as xla_options_lib  # noqa: E402  pylint: disable=g-import-not-at-top
-XLA_OPTION_PRESETS = dict(xla_options_lib.PRESETS,
-                          auto=xla_options_lib.compiler_options('auto', 'cpu') or {})
 NUM_CLASSES = 100
 IMG = 32
 TEACHER = 'resnet32x4'
@@ -90,22 +86,23 @@ def step_flops(size: str, batch: int) -> dict:
 
 
 # --------------------------------------------------------------------------- shared helpers
-def _load() -> float:
-  return round(os.getloadavg()[0], 2)
-
-
 def _summary(times: list[float]) -> dict:
   times = sorted(times)
+  return {'median_s': statistics.median(times), 'p10_s': report.quantile(times, 0.1),
+          'p90_s': report.quantile(times, 0.9), 'min_s': times[0], 'runs': len(times),
+          'times_s': [round(t, 4) for t in times]}
 
-  def q(p):
-    if len(times) == 1:
-      return times[0]
-    k = p * (len(times) - 1)
-    lo, hi = int(k), min(int(k) + 1, len(times) - 1)
-    return times[lo] + (times[hi] - times[lo]) * (k - lo)
 
-  return {'median_s': statistics.median(times), 'p10_s': q(0.1), 'p90_s': q(0.9),
-          'min_s': times[0], 'runs': len(times), 'times_s': [round(t, 4) for t in times]}
+def _compiler_options(preset: str):
+  """`preset`'s XLA options from the tikd_jax this worker imported (ours or --baseline_root's);
+  tikd_jax is never imported at module level, so that a baseline worker gets its own."""
+  try:
+    from tikd_jax import xla_options  # pylint: disable=g-import-not-at-top
+  except ImportError:  # a checkout from before tikd_jax/xla_options.py: jaxlib's defaults only
+    if preset != 'default':
+      raise
+    return None
+  return xla_options.compiler_options(preset, 'cpu')
 
 
 def _versions() -> dict:
@@ -128,8 +125,7 @@ def _row(name, framework, size, batch, times, flops, loads, extra=None) -> dict:
          'achieved_gflops': round(flops / med / 1e9, 1),
          'fraction_of_peak': round(flops / med / 1e9 / PEAK_GFLOPS, 3),
          'peak_gflops': PEAK_GFLOPS,
-         'load_1min': {'min': min(loads), 'median': round(statistics.median(loads), 2),
-                       'max': max(loads)},
+         'load_1min': report.load_summary(loads),
          'cpus': os.cpu_count(), 'xla_flags': os.environ.get('XLA_FLAGS', ''),
          'versions': _versions()}
   if extra:
@@ -245,7 +241,7 @@ def jax_contestants(size, batch, parts, xla_options='default') -> list[Contestan
 
   b = build_jax(size, batch)
   flops = step_flops(size, batch)
-  options = XLA_OPTION_PRESETS[xla_options]
+  options = _compiler_options(xla_options)
   t0 = time.perf_counter()
   compiled = b['step'].lower(b['state'], b['batch'], b['teacher_vars']).compile(
       compiler_options=options)
@@ -344,7 +340,7 @@ def torch_contestants(size, batch, parts, compiled: bool) -> list[Contestant] | 
       first = str(e).strip().splitlines()[0][:300] if str(e).strip() else ''
       return {'name': 'train_step', 'framework': framework, 'size': size, 'batch': batch,
               'skipped': f'torch.compile failed here: {type(e).__name__}: {first}',
-              'load': _load(), 'versions': _versions()}
+              'load': report.load_now(), 'versions': _versions()}
     extra['compile_s'] = round(time.perf_counter() - t0, 2)
 
   def one():
@@ -398,7 +394,7 @@ def _worker(conn, framework, size, batch, parts, presets, warmup, baseline_root=
     msg = conn.recv()
     if msg[0] == 'step':
       c = contestants[msg[1]]
-      c.loads.append(_load())
+      c.loads.append(report.load_now())
       t = time.perf_counter()
       c.fn()
       c.times.append(time.perf_counter() - t)
@@ -459,7 +455,8 @@ def main() -> None:
   parser.add_argument('--frameworks', default=None,
                       help='jax,torch,torch_compile (default all; jax,torch with --quick)')
   parser.add_argument('--xla_options', default='auto',
-                      help=f'one JAX contestant per preset of {sorted(XLA_OPTION_PRESETS)}')
+                      help='one JAX contestant per preset: auto or one of '
+                           'tikd_jax/xla_options.py PRESETS')
   parser.add_argument('--baseline_root', default=None,
                       help='another checkout of the repo (e.g. the commit before a change): adds '
                            'its JAX step as framework jax_baseline, interleaved with the rest')
@@ -480,26 +477,15 @@ def main() -> None:
   if unknown:
     parser.error(f'unknown frameworks {sorted(unknown)}; use jax, torch, torch_compile')
   presets = [p for p in args.xla_options.split(',') if p]
-  unknown = set(presets) - set(XLA_OPTION_PRESETS)
+  from tikd_jax.xla_options import PRESETS  # pylint: disable=g-import-not-at-top
+  unknown = set(presets) - set(PRESETS) - {'auto'}
   if unknown:
-    parser.error(f'unknown --xla_options {sorted(unknown)}; use {sorted(XLA_OPTION_PRESETS)}')
-  out = open(args.out, 'a') if args.out else None  # pylint: disable=consider-using-with
-
-  def emit(row):
-    line = json.dumps(row)
-    print(line, flush=True)
-    if out:
-      out.write(line + '\n')
-      out.flush()
-
-  try:
+    parser.error(f'unknown --xla_options {sorted(unknown)}; use auto or one of {sorted(PRESETS)}')
+  with report.JsonLines(args.out) as emit:
     for size in sizes:
       runs = args.large_runs if size == 'large' else base_runs
       run_size(size, batch, frameworks, presets, args.parts, runs, args.warmup, emit,
                args.baseline_root)
-  finally:
-    if out:
-      out.close()
 
 
 if __name__ == '__main__':

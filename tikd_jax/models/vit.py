@@ -86,10 +86,6 @@ def _sum_rows(x: jax.Array) -> jax.Array:
                          preferred_element_type=jnp.float32).astype(x.dtype)
 
 
-def _mean_last(x: jax.Array) -> jax.Array:
-  return jnp.mean(x, axis=-1)
-
-
 @jax.custom_vjp
 def _dense_fn(x, kernel, bias):
   return lax.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ()))) + bias
@@ -119,8 +115,8 @@ def dense(layer: nnx.Linear, x: jax.Array) -> jax.Array:
 
 
 def _ln_stats(x, epsilon):
-  mu = _mean_last(x)
-  var = jnp.maximum(0.0, _mean_last(x * x) - mu * mu)  # flax's fast variance, clipped at 0
+  mu = jnp.mean(x, axis=-1)
+  var = jnp.maximum(0.0, jnp.mean(x * x, axis=-1) - mu * mu)  # flax's fast variance, clipped at 0
   return mu, lax.rsqrt(var + epsilon)
 
 
@@ -139,7 +135,9 @@ def _layer_norm_fwd(x, scale, bias, epsilon):
 def _layer_norm_bwd(res, dy):
   x_hat, r, scale = res
   g = dy * scale
-  dx = (g - _mean_last(g)[..., None] - x_hat * _mean_last(g * x_hat)[..., None]) * r[..., None]
+  mean_g = jnp.mean(g, axis=-1, keepdims=True)
+  mean_gx = jnp.mean(g * x_hat, axis=-1, keepdims=True)
+  dx = (g - mean_g - x_hat * mean_gx) * r[..., None]
   return dx, _sum_rows(dy * x_hat), _sum_rows(dy), None
 
 

@@ -11,6 +11,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Sequence
 
+from tikd_jax.data.pipeline import CROP_MODES
+
 
 @dataclasses.dataclass(frozen=True)
 class Phase:
@@ -49,7 +51,7 @@ def build_phases(config, steps_per_epoch: int) -> list[Phase]:
     raise ValueError('config.stages and config.curriculum.stages cannot both be set; give each '
                      'stage a `resolution` instead')
   mode = curriculum.get('mode', 'crop') if curriculum else 'crop'
-  if mode not in ('crop', 'resize'):
+  if mode not in CROP_MODES:  # checked here too, so that a bad mode fails before any compile
     raise ValueError(f"config.curriculum.mode={mode!r}: use 'crop' (a res×res window of the "
                      f"padded image, as IRKD) or 'resize' (the whole image downscaled to res)")
   if curriculum_stages:
