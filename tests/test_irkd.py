@@ -71,3 +71,20 @@ def test_irkd_digits_runs_the_same_rows_scaled_down():
   assert irkd_digits.get_config('ce,kd').run_order == ('teacher', 'ce', 'kd')
   with pytest.raises(ValueError, match='irkd_digits takes rows'):
     irkd_digits.get_config('kd_sal')
+
+
+def test_curriculum_mode_reaches_the_trainers_input(tmp_path):
+  """config.curriculum.mode through the trainer: the same seeds and augmentation draws, but
+  'resize' feeds whole downscaled digits where 'crop' feeds 8 px windows, so training differs
+  from the first low-resolution step on; both evaluate every test image at full size."""
+  train = {}
+  for mode in ('crop', 'resize'):
+    c = tiny_config('teacher', log_every_steps=1, checkpoint_every_steps=100, **{
+        'curriculum.stages': [(8, 0.1), (16, 0.1)], 'curriculum.mode': mode})
+    result = trainer.train_and_evaluate(c, str(tmp_path / mode))
+    assert result['count'] == 360 and np.isfinite(result['loss'])
+    train[mode] = [json.loads(l) for l in open(tmp_path / mode / 'metrics.jsonl')
+                   if json.loads(l)['kind'] == 'train']
+  assert [r['resolution'] for r in train['crop']] == [r['resolution'] for r in train['resize']]
+  assert [r['resolution'] for r in train['crop']] == [8] * 4 + [16] * 4
+  assert train['crop'][0]['loss'] != train['resize'][0]['loss']
