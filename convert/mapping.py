@@ -25,7 +25,7 @@ from typing import Mapping
 import numpy as np
 import torch
 
-from tikd_jax.train.checkpoint import check_keys
+from tikd_jax.tree import check_keys
 
 _MODULE_TO_TORCH = (('patch_embed', 'patch_embed.proj'), ('downsample_conv', 'downsample.0'),
                     ('downsample_bn', 'downsample.1'))

@@ -21,7 +21,8 @@ from convert.to_torch import build_flax_model
 from convert.torch_models import TorchCifarResNet, torch_model_like
 from tikd_jax.models.variables import load_variables, model_variables
 from tikd_jax.models.vit import SIZES
-from tikd_jax.train.checkpoint import flatten, load_weights, save_weights
+from tikd_jax.train.checkpoint import load_weights, save_weights
+from tikd_jax.tree import flatten
 
 TOL = 1e-4
 

@@ -16,7 +16,7 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
-from tikd_jax.train.checkpoint import flatten
+from tikd_jax.tree import flatten
 
 
 def make_mesh(axes: Sequence[tuple[str, int]], devices=None) -> Mesh:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from flax import nnx
 
-from tikd_jax.train.checkpoint import fill_template
+from tikd_jax.tree import fill_template
 
 
 def model_variables(model: nnx.Module) -> dict:
@@ -13,7 +13,7 @@ def model_variables(model: nnx.Module) -> dict:
 
 
 def load_variables(model: nnx.Module, flat: dict, what: str = 'checkpoint') -> None:
-  """Loads flat '/'-path arrays (see train.checkpoint.flatten) into `model`, strictly.
+  """Loads flat '/'-path arrays (see tikd_jax.tree.flatten) into `model`, strictly.
 
   Every key must be present with the right shape; otherwise a ValueError lists the missing,
   unexpected and mis-shaped keys.

@@ -14,7 +14,9 @@ Faults (README "Reliability"):
   best-metric value is written with each step, so the best checkpoint survives restarts.
 - `meta` carries an integer checksum of every saved array; a restore that reads different bytes,
   or that fails anywhere inside orbax, reports the step and what failed and falls back to the
-  previous step; the failed newer ones are moved to `<workdir>/unreadable_checkpoints/`.
+  previous step; the failed newer ones are moved to `<workdir>/unreadable_checkpoints/`. The
+  checksums and that fallback live in `checkpoint_integrity.py`, the flat paths and mismatch
+  report in `tikd_jax/tree.py`; this module is the orbax manager and weights-only I/O.
 - A failed save (disk full, …) raises `CheckpointSaveError` naming the step and the previous,
   intact checkpoint, whether it failed at once or later in the background.
 """
@@ -26,77 +28,28 @@ import json
 import math
 import os
 import shutil
-import time
 from typing import Any, Callable
 
 import grain
 import jax
-import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
 
-SEP = '/'
+from tikd_jax.train.checkpoint_integrity import (CheckpointIntegrityError, brief, checksums,
+                                                 host_checksums, newest_readable, quarantine,
+                                                 verify)
+from tikd_jax.tree import fill_template, flatten
+
 _DELETED = '_deleted'          # old steps are renamed here, then purged
 UNREADABLE_DIR = 'unreadable_checkpoints'  # beside the checkpoints folder
-
-
-class CheckpointMismatchError(ValueError):
-  """The checkpoint is readable but does not fit the model (a config change, not a fault)."""
-
-
-class CheckpointIntegrityError(RuntimeError):
-  """The restored bytes differ from the checksums written with them."""
-
-
-class UnreadableCheckpointError(RuntimeError):
-  """No checkpoint in a directory can be restored."""
+_DAMAGED_ADVICE = ('If the storage is healthy, the checkpoints are damaged: delete that folder '
+                   '(or move it away) to start fresh, or point --workdir at a new directory.')
 
 
 class CheckpointSaveError(RuntimeError):
   """A checkpoint could not be written; the previous one is intact."""
-
-
-def _key_str(k) -> str:
-  for attr in ('key', 'name', 'idx'):
-    if hasattr(k, attr):
-      return str(getattr(k, attr))
-  return str(k)
-
-
-def flatten(tree) -> dict[str, Any]:
-  """{'a': {'b': x}} → {'a/b': x}; integer keys (nnx.List) become their decimal strings."""
-  leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
-  return {SEP.join(_key_str(k) for k in path): leaf for path, leaf in leaves}
-
-
-def _shape(x) -> tuple[int, ...]:
-  return tuple(x.shape) if hasattr(x, 'shape') else tuple(np.shape(x))
-
-
-def fill_template(template, flat: dict[str, Any], what: str):
-  """Puts the arrays of `flat` into the structure of `template`; lists every mismatch at once."""
-  paths, treedef = jax.tree_util.tree_flatten_with_path(template)
-  names = [SEP.join(_key_str(k) for k in p) for p, _ in paths]
-  check_keys(dict(zip(names, (t for _, t in paths))), flat, what)
-  return jax.tree_util.tree_unflatten(treedef, [flat[n] for n in names])
-
-
-def check_keys(expected: dict, got: dict, what: str) -> None:
-  """Raises CheckpointMismatchError listing every missing, unexpected and mis-shaped key."""
-  missing = [n for n in expected if n not in got]
-  unexpected = sorted(set(got) - set(expected))
-  misshaped = [f'{n}: checkpoint {_shape(got[n])} vs model {_shape(t)}'
-               for n, t in expected.items() if n in got and _shape(got[n]) != _shape(t)]
-  if missing or unexpected or misshaped:
-    lines = [f'{what} does not fit the model:']
-    for title, items in (('missing keys', missing), ('unexpected keys', unexpected),
-                         ('mis-shaped keys', misshaped)):
-      if items:
-        lines.append(f'  {title} ({len(items)}): ' + ', '.join(items[:20]) +
-                     (' …' if len(items) > 20 else ''))
-    raise CheckpointMismatchError('\n'.join(lines))
 
 
 def _abstract(tree):
@@ -105,61 +58,7 @@ def _abstract(tree):
   return jax.tree.map(leaf, tree)
 
 
-# ------------------------------------------------------------------------------- checksums
-# sum_i bits(x_i) · (2i + 1) mod 2^32 over the raw bits of every element: integer arithmetic, so
-# exact in any reduction order and sharding; odd weights catch any single changed element.
-
-def _uint_bits(x, xp):
-  if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
-    x = jax.random.key_data(x)
-  if x.dtype == np.bool_:
-    x = x.astype(np.uint8)
-  width = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint32}[np.dtype(x.dtype).itemsize]
-  if xp is np:
-    return np.ascontiguousarray(x).reshape(-1).view(width).astype(np.uint32)
-  return jax.lax.bitcast_convert_type(x, width).astype(jnp.uint32).reshape(-1)
-
-
-def _leaf_checksum(x, xp):
-  bits = _uint_bits(x, xp)
-  weights = xp.arange(bits.shape[0], dtype=xp.uint32) * xp.uint32(2) + xp.uint32(1)
-  return (bits * weights).sum(dtype=xp.uint32)
-
-
-@jax.jit
-def _device_checksums(flat: dict[str, Any]) -> dict[str, jax.Array]:
-  return {k: _leaf_checksum(jnp.asarray(v), jnp) for k, v in flat.items()}
-
-
-def checksums(tree) -> dict[str, int]:
-  """{flat path: checksum} of a tree of (possibly sharded, multi-host) arrays, on device."""
-  return {k: int(v) for k, v in jax.device_get(_device_checksums(flatten(tree))).items()}
-
-
-def host_checksums(flat: dict[str, np.ndarray]) -> dict[str, int]:
-  """The same checksums of host arrays (equal to `checksums` bit for bit)."""
-  return {k: int(_leaf_checksum(np.asarray(v), np)) for k, v in flat.items()}
-
-
-def _verify(item: str, got: dict[str, int], expected: dict[str, int] | None, what: str):
-  if expected is None:  # written before checksums existed
-    return
-  bad = sorted(k for k in set(got) | set(expected) if got.get(k) != expected.get(k))
-  if bad:
-    raise CheckpointIntegrityError(
-        f'{what}: the restored {item!r} data differs from the checksums written with it in '
-        f'{len(bad)} array(s): {", ".join(bad[:5])}{" …" if len(bad) > 5 else ""}')
-
-
-# ------------------------------------------------------------------------------- error reports
-
-def _brief(e: BaseException, limit: int = 300) -> str:
-  """One line naming an exception (orbax/tensorstore messages carry kilobytes of spec)."""
-  text = ' '.join(str(e).split())
-  if len(text) > limit:
-    text = text[:limit] + ' …'
-  return f'{type(e).__name__}: {text}'
-
+# ------------------------------------------------------------------------------- save errors
 
 def _is_disk_full(e: BaseException) -> bool:
   seen = set()
@@ -179,9 +78,9 @@ def _save_error(step: int, directory: str, previous: int | None, e: BaseExceptio
   if _is_disk_full(e):
     return CheckpointSaveError(
         f'disk full while saving checkpoint step {step} in {directory}; {intact}; free space and '
-        f'rerun to resume ({_brief(e, 200)})')
+        f'rerun to resume ({brief(e, 200)})')
   return CheckpointSaveError(
-      f'saving checkpoint step {step} in {directory} failed ({_brief(e)}); {intact}; fix the '
+      f'saving checkpoint step {step} in {directory} failed ({brief(e)}); {intact}; fix the '
       f'cause and rerun to resume')
 
 
@@ -222,7 +121,7 @@ def _reset_unreadable_metrics(directory: str):
         json.load(f)
     except (OSError, ValueError) as e:
       logging.warning('the metrics file of checkpoint step %d is unreadable (%s); reset, so the '
-                      'step no longer counts as the best', step, _brief(e))
+                      'step no longer counts as the best', step, brief(e))
       with open(path, 'w') as f:
         f.write('{}')
 
@@ -318,7 +217,7 @@ class Checkpointer:
     except Exception as e:  # pylint: disable=broad-exception-caught
       if not quiet:
         raise
-      logging.error('while closing the checkpointer after an error: %s', _brief(e, 1000))
+      logging.error('while closing the checkpointer after an error: %s', brief(e, 1000))
 
   def _discard_unfinished(self, step: int):
     """Frees the space of a failed write (its temporary folder; never a finished step)."""
@@ -330,16 +229,6 @@ class Checkpointer:
     """Removes the steps orbax renamed into `_deleted/` (only after their rename completed)."""
     if _is_primary():
       shutil.rmtree(os.path.join(self.directory, _DELETED), ignore_errors=True)
-
-  def _set_aside(self, step: int, reason: str):
-    """Moves an unreadable step out of the way (kept for inspection, never deleted)."""
-    target = os.path.join(os.path.dirname(self.directory), UNREADABLE_DIR,
-                          f'{step}-{time.strftime("%Y%m%d-%H%M%S")}')
-    os.makedirs(os.path.dirname(target), exist_ok=True)
-    os.replace(os.path.join(self.directory, str(step)), target)
-    self.set_aside.append((step, reason))
-    logging.warning('checkpoint step %d in %s is unreadable (%s); moved to %s', step,
-                    self.directory, reason, target)
 
   # ----------------------------------------------------------------------------- restore
   def read_meta(self, step: int) -> dict:
@@ -371,7 +260,7 @@ class Checkpointer:
     restored = self.manager.restore(step, args=ocp.args.Composite(**items))
     expected = meta.pop('checksums', None) or {}
     for item in ('model', 'extra', 'optimizer'):
-      _verify(item, checksums(restored[item]), expected.get(item), what)
+      verify(item, checksums(restored[item]), expected.get(item), what)
     variables = fill_template(variables_template, dict(restored['model']), 'checkpoint')
     extra = {k: v for k, v in restored['extra'].items() if k != _EMPTY}
     return variables, extra, restored['optimizer'], meta
@@ -384,43 +273,22 @@ class Checkpointer:
     can write those steps again). When none restores nothing is moved and
     UnreadableCheckpointError says what to do. `restore_fn` must start afresh on every call.
     """
-    failures = []
-    for step in reversed(self.all_steps()):
-      error = None
-      try:
-        result = restore_fn(step)
-      except CheckpointMismatchError:
-        raise
-      except Exception as e:  # pylint: disable=broad-exception-caught
-        error = e
-      if _all_hosts(error is None):
-        if failures:
-          logging.warning('resuming from checkpoint step %d in %s instead', step,
-                          self.directory)
-          self._set_aside_all(failures)
-        return step, result
-      reason = _brief(error) if error is not None else 'failed on another host'
-      failures.append((step, reason))
-      logging.warning('could not restore checkpoint step %d in %s: %s', step, self.directory,
-                      reason)
+    step, result, failures = newest_readable(
+        reversed(self.all_steps()), restore_fn, directory=self.directory,
+        advice=_DAMAGED_ADVICE, agree=_all_hosts)
     if failures:
-      raise _none_readable(self.directory, failures)
-    return None, None
+      self._set_aside(failures)
+    return step, result
 
-  def _set_aside_all(self, failures):
+  def _set_aside(self, failures: list[tuple[int, str]]):
+    """Moves unreadable steps out of the way (kept for inspection, never deleted)."""
     if _is_primary():
+      into = os.path.join(os.path.dirname(self.directory), UNREADABLE_DIR)
       for step, reason in failures:
-        self._set_aside(step, reason)
+        quarantine(self.directory, step, reason, into)
+    self.set_aside.extend(failures)
     _sync('checkpointer: unreadable steps set aside')
     self.manager.reload()
-
-
-def _none_readable(directory: str, failures: list[tuple[int, str]]):
-  lines = '\n'.join(f'  step {s}: {r}' for s, r in failures)
-  return UnreadableCheckpointError(
-      f'no checkpoint in {directory} can be restored:\n{lines}\nIf the storage is healthy, '
-      f'the checkpoints are damaged: delete that folder (or move it away) to start fresh, or '
-      f'point --workdir at a new directory.')
 
 
 _EMPTY = '_empty'
@@ -472,8 +340,8 @@ def _load_step_weights(step_dir: str) -> tuple[dict, dict[str, np.ndarray]]:
       model=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))
   meta = dict(restored['meta'] or {})
   flat = {k: np.asarray(v) for k, v in dict(restored['model']).items()}
-  _verify('model', host_checksums(flat), (meta.pop('checksums', None) or {}).get('model'),
-          f'checkpoint {step_dir}')
+  verify('model', host_checksums(flat), (meta.pop('checksums', None) or {}).get('model'),
+         f'checkpoint {step_dir}')
   return meta, flat
 
 
@@ -484,24 +352,10 @@ def load_weights(path: str) -> tuple[dict, dict[str, np.ndarray]]:
   unreadable step is reported and the previous one used; none readable → a clear error.
   """
   directory, steps, named = _resolve_weights_dir(path)
-  failures = []
-  for step in steps:
-    step_dir = os.path.join(directory, str(step))
-    try:
-      result = _load_step_weights(step_dir)
-    except Exception as e:  # pylint: disable=broad-exception-caught
-      failures.append((step, _brief(e)))
-      if not named:
-        logging.warning('could not load checkpoint step %d in %s (%s); trying an older step',
-                        step, directory, _brief(e))
-      continue
-    if failures:
-      logging.warning('loaded checkpoint step %d in %s instead of the newest', step, directory)
-    return result
-  lines = '\n'.join(f'  step {s}: {r}' for s, r in failures)
-  raise UnreadableCheckpointError(
-      f'no readable checkpoint in {directory}' + (f' (step {steps[0]} was named)' if named else '')
-      + f':\n{lines}\nPoint the path at another checkpoint, or retrain it.')
+  return newest_readable(
+      steps, lambda step: _load_step_weights(os.path.join(directory, str(step))),
+      directory=directory, named=named,
+      advice='Point the path at another checkpoint, or retrain it.')[1]
 
 
 def save_weights(directory: str, variables: dict, meta: dict, step: int = 0) -> str:

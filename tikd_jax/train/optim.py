@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from tikd_jax.train.checkpoint import flatten
+from tikd_jax.tree import flatten
 
 
 def make_schedule(cfg, steps_per_epoch: int, total_steps: int) -> optax.Schedule:
