@@ -29,6 +29,7 @@ from ml_collections import ConfigDict  # noqa: E402
 
 from benchmarks import report  # noqa: E402
 from tikd_jax import xla_options  # noqa: E402
+from tikd_jax.models import cpu_fast_layers  # noqa: E402
 from tikd_jax.models.variables import abstract_model  # noqa: E402
 from tikd_jax.train.objectives import build_objective  # noqa: E402
 from tikd_jax.train.step import StepOptions, TrainState, make_train_step  # noqa: E402
@@ -49,13 +50,16 @@ def main(argv=None):
   parser.add_argument('--saliency', default='none', choices=['none', 'attention'])
   parser.add_argument('--xla_options', default='auto',
                       help=f'auto or one of {sorted(xla_options.PRESETS)} (as config.xla_options)')
+  parser.add_argument('--cpu_fast_layers', default='auto', choices=cpu_fast_layers.SETTINGS,
+                      help='as config.cpu_fast_layers')
   parser.add_argument('--out', default='')
   args = parser.parse_args(argv)
 
+  fast = dict(fast_layers=cpu_fast_layers.enabled(args.cpu_fast_layers))
   student_graph, student_tpl = abstract_model('irkd_vit', variant='vit_tiny', patch_size=4,
-                                              num_classes=10, drop_path=0.0)
+                                              num_classes=10, drop_path=0.0, **fast)
   teacher_graph, teacher_tpl = abstract_model('vit', variant='irkd_teacher', patch_size=4,
-                                              num_classes=10)
+                                              num_classes=10, **fast)
   student_vars = random_variables(student_tpl, 0)
   teacher_vars = random_variables(teacher_tpl, 1)
   objective = build_objective(ConfigDict(dict(method='kd', alpha=0.5, temperature=4.0)))

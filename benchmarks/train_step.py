@@ -167,6 +167,9 @@ def build_jax(size: str, batch: int):
 
   student_kwargs = dict(variant=size, drop_path=config.model.drop_path,
                         num_classes=NUM_CLASSES, mean=config.model.mean, std=config.model.std)
+  if 'cpu_fast_layers' in config:  # a --baseline_root checkout may predate the switch
+    from tikd_jax.models import cpu_fast_layers  # pylint: disable=g-import-not-at-top
+    student_kwargs['fast_layers'] = cpu_fast_layers.enabled(config.cpu_fast_layers)
   abstract_model = nnx.eval_shape(lambda: build_model('distilled_vit', rngs=nnx.Rngs(0),
                                                       **student_kwargs))
   graphdef, _, _ = nnx.split(abstract_model, nnx.Param, nnx.BatchStat)

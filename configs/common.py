@@ -6,9 +6,11 @@ loudly once the config is locked.
 from ml_collections import ConfigDict
 from ml_collections.config_dict import placeholder
 
-CIFAR100_MEAN, CIFAR100_STD = (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)
-CIFAR10_MEAN, CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)
-DIGITS_MEAN, DIGITS_STD = (0.3061,) * 3, (0.3240,) * 3
+# Re-exported for the configs (`common.CIFAR100_MEAN`); defined once in tikd_jax/normalization.py.
+from tikd_jax.normalization import (CIFAR10_MEAN, CIFAR10_STD, CIFAR100_MEAN,  # noqa: F401
+                                    CIFAR100_STD, DIGITS_MEAN, DIGITS_STD, IMAGENET_MEAN,
+                                    IMAGENET_STD)
+
 # No weight decay on biases, norm scales, position embedding and the cls/dist tokens (DeiT).
 NO_DECAY = ('bias$', 'scale$', 'pos_embed', 'cls_token', 'dist_token', 'ctkd_raw_temperature')
 
@@ -30,13 +32,13 @@ def base() -> ConfigDict:
   c.distill = ConfigDict(dict(
       method='hard', alpha=0.5, base_weight=placeholder(float), distill_weight=placeholder(float),
       temperature=4.0, dkd_alpha=1.0, dkd_beta=8.0, dkd_warmup_epochs=20, ctkd_ramp_epochs=10))
-  # IRKD saliency alignment (REFERENCE §7): 'none' | 'attention' | 'gradient'.
+  # IRKD saliency alignment (README "IRKD"): 'none' | 'attention' | 'gradient'.
   c.saliency = ConfigDict(dict(kind='none', weight=0.8, layers='', resize_to='teacher'))
   c.text = ConfigDict(dict(features_dir='', class_prompt_encoder='',
                            class_prompt_template='a photo of a {name}.'))
   c.tikd = ConfigDict(dict(fuse_text=False, alignment_beta=0.1, text_predictor_weight=1.0,
                            eval_text='predicted'))
-  # Off by default; `deit_augment` turns on DeiT's recipe (REFERENCE §6).
+  # Off by default; `deit_augment` turns on DeiT's recipe (DeiT main.py defaults; README "TIKD").
   c.augment = ConfigDict(dict(
       randaugment=False, randaugment_num_ops=2, randaugment_magnitude=9.0,
       randaugment_magnitude_std=0.5, randaugment_increasing=True, interpolation='bicubic',
@@ -62,6 +64,9 @@ def base() -> ConfigDict:
   c.sharding_rules = ()
   # XLA compiler options of the steps (tikd_jax/xla_options.py): auto = the fastest measured.
   c.xla_options = 'auto'
+  # The ViT's layers lowered for XLA:CPU (tikd_jax/models/cpu_fast_layers.py): 'auto' turns them
+  # on on CPU only, where they measured faster; 'on' | 'off'.
+  c.cpu_fast_layers = 'auto'
   c.stages = []
   # Curriculum mode: 'crop' a res×res window of the padded image (IRKD) or 'resize' the whole image.
   c.curriculum = ConfigDict(dict(stages=[], mode='crop', reset_optimizer=False))

@@ -64,7 +64,7 @@ def student_config(method: str):
 
 def tikd_student_config():
   """Hard KD + TIKD fusion with class-prompt text features from the offline MiniLM encoder:
-  a vision-only warm-up stage, then joint text-image training (REFERENCE §3)."""
+  a vision-only warm-up stage, then joint text-image training (README "TIKD")."""
   c = student_config('hard')
   c.name = 'student_tikd'
   c.text.features_dir = '{workdir}/text/digits-train'

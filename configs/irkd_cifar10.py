@@ -1,4 +1,4 @@
-r"""IRKD on CIFAR-10 (REFERENCE §7): the rows of the paper's table as one config.
+r"""IRKD on CIFAR-10 (IRKD's notebooks; README "IRKD"): the rows of the paper's table as one config.
 
   python main.py --config=configs/irkd_cifar10.py:kd_cl_sal,p4 --workdir=workdirs/irkd \
       --config.data.dir=/path/to/cifar --config.teacher.checkpoint=workdirs/vit_teacher_p4
@@ -41,8 +41,8 @@ def get_config(arg: str = 'kd_cl_sal,p4'):
   else:  # DeiT-small distilled, re-gridded to 32 px / patch 2 (convert.from_torch --img_size 32
     # --patch_size 2), ImageNet normalisation as the Hugging Face processor does.
     c.teacher = common.ConfigDict(dict(name='distilled_vit', variant='deit_small', patch_size=2,
-                                       checkpoint='', mean=(0.485, 0.456, 0.406),
-                                       std=(0.229, 0.224, 0.225)))
+                                       checkpoint='', mean=common.IMAGENET_MEAN,
+                                       std=common.IMAGENET_STD))
   c.distill.method = 'kd' if row.startswith('kd') else 'none'
   c.distill.alpha = 0.5
   c.distill.temperature = 4.0

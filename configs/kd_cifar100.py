@@ -1,4 +1,5 @@
-r"""CNN distillation baselines on CIFAR-100: ResNet32x4 → ResNet8x4 (REFERENCE §4, §8).
+r"""CNN distillation baselines on CIFAR-100: ResNet32x4 → ResNet8x4 (mdistiller;
+README "Distillation methods").
 
   python main.py --config=configs/kd_cifar100.py:dkd --workdir=workdirs/kd_dkd \
       --config.data.dir=/path/to/cifar --config.teacher.checkpoint=teachers/resnet32x4

@@ -1,4 +1,4 @@
-r"""ResNet32x4 teacher on CIFAR-100 with the RepDistiller recipe (REFERENCE §5): 79.42% reported.
+r"""ResNet32x4 teacher on CIFAR-100 with the RepDistiller recipe: 79.42% reported (RepDistiller).
 
   python main.py --config=configs/teacher_cifar100.py --workdir=workdirs/resnet32x4 \
       --config.data.dir=/path/to/folder/with/cifar-100-python.tar.gz

@@ -1,4 +1,4 @@
-r"""TIKD ViT students on CIFAR-100 with a ResNet32x4 teacher (REFERENCE §1, §6).
+r"""TIKD ViT students on CIFAR-100 with a ResNet32x4 teacher, DeiT's recipe (README "TIKD").
 
   python main.py --config=configs/tikd_cifar100.py:large --workdir=workdirs/tikd_large \
       --config.data.dir=/path/to/cifar --config.teacher.checkpoint=workdirs/resnet32x4

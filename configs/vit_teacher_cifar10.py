@@ -1,4 +1,4 @@
-r"""IRKD's patch-4 ViT teacher on CIFAR-10, trained from scratch (REFERENCE §7: 86.00%).
+r"""IRKD's patch-4 ViT teacher on CIFAR-10, trained from scratch (IRKD paper: 86.00%).
 
   python main.py --config=configs/vit_teacher_cifar10.py --workdir=workdirs/vit_teacher_p4 \
       --config.data.dir=/path/to/cifar

@@ -34,17 +34,15 @@ from convert.mapping import (check_state_dict, hf_deit_to_timm, resample_patch_e
                              torch_to_flax, unwrap_state_dict)
 from convert.to_torch import META_KEY, build_flax_model
 from convert.torch_models import resize_pos_embed, torch_model_like
+from tikd_jax import normalization
+from tikd_jax.models import VIT_MODELS
 from tikd_jax.models.resnet_cifar import CONFIGS as RESNET_CONFIGS
 from tikd_jax.models.variables import load_variables, model_variables
 from tikd_jax.models.vit import SIZES
-from tikd_jax.train.checkpoint import flatten, save_weights
+from tikd_jax.train.checkpoint import save_weights
+from tikd_jax.tree import flatten
 
-NORMS = {
-    'cifar100': ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
-    'cifar10': ((0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)),
-    'imagenet': ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
-}
-VIT_MODELS = ('distilled_vit', 'vit', 'irkd_vit')
+NORMS = normalization.BY_NAME
 
 
 # --------------------------------------------------------------------------- reading

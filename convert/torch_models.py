@@ -28,8 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-CIFAR100_MEAN = (0.5071, 0.4865, 0.4409)
-CIFAR100_STD = (0.2673, 0.2564, 0.2762)
+from tikd_jax.normalization import CIFAR100_MEAN, CIFAR100_STD
+
 
 
 class _Normalize(nn.Module):

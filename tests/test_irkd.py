@@ -1,4 +1,4 @@
-"""IRKD (REFERENCE §7) through the trainer: resolution curriculum with saliency alignment."""
+"""IRKD through the trainer: resolution curriculum with saliency alignment."""
 import json
 
 import numpy as np

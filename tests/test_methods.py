@@ -1,4 +1,5 @@
-"""Every distillation method through the real train step, with the weights of REFERENCE §4."""
+"""Every distillation method through the real train step, with the weights of the README
+("Distillation methods")."""
 import jax
 import jax.numpy as jnp
 import numpy as np

@@ -1,4 +1,4 @@
-"""Model shapes, parameter counts and the layout details of REFERENCE §1, §5, §7."""
+"""Model shapes, parameter counts and layout details of the TIKD, RepDistiller and IRKD models."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -31,7 +31,7 @@ def test_tiny_imagenet_student_and_plain_counts():
 
 
 def test_resnet_counts():
-  assert abstract_count('resnet32x4', num_classes=100) == 7_433_860  # ~7.43M (REFERENCE §5)
+  assert abstract_count('resnet32x4', num_classes=100) == 7_433_860  # ~7.43M (RepDistiller)
   assert abstract_count('resnet8x4', num_classes=100) == 1_233_540
   assert abstract_count('resnet20', num_classes=100) == 278_324
 
@@ -79,14 +79,35 @@ def test_plain_and_irkd_variants():
 
 
 def test_gelu_is_exact():
-  model = build_model('distilled_vit', variant='micro', num_classes=5, rngs=nnx.Rngs(0))
-  h = jnp.linspace(-3, 3, 7)[None, :]
-  mlp = model.blocks[0].mlp
-  hidden = mlp.fc1(jnp.zeros((1, 32)))  # only to check the activation below
-  del hidden
+  """The model's own GELU, alone and inside an MLP block, is the erf form timm/DeiT use, not
+  flax's default tanh approximation (which differs by up to ~5e-4 around |x| = 2)."""
   from scipy.special import erf
-  expected = 0.5 * np.asarray(h) * (1 + erf(np.asarray(h) / np.sqrt(2)))
-  np.testing.assert_allclose(jax.nn.gelu(h, approximate=False), expected, atol=1e-6)
+  from tikd_jax.models.vit import gelu_exact
+
+  def gelu_np(x):
+    return 0.5 * x * (1.0 + erf(x / np.sqrt(2.0)))
+
+  h = np.linspace(-4.0, 4.0, 161, dtype=np.float32)
+  np.testing.assert_allclose(gelu_exact(jnp.asarray(h)), gelu_np(h.astype(np.float64)),
+                             atol=1e-6)  # float32 cancellation in 1 + erf for x ≪ 0
+  # The block's MLP, with O(1) weights so that its hidden units spread over [-4, 4], where the
+  # two GELUs differ: fc2(gelu(fc1(x))) against float64 NumPy.
+  model = build_model('distilled_vit', variant='micro', num_classes=5, rngs=nnx.Rngs(0))
+  mlp = model.blocks[0].mlp
+  rng = np.random.default_rng(0)
+  w1 = rng.normal(0, 1.0, (32, 64)) / np.sqrt(32) * 2.0
+  w2 = rng.normal(0, 1.0, (64, 32)) / np.sqrt(64)
+  b1, b2 = rng.normal(0, 0.1, 64), rng.normal(0, 0.1, 32)
+  for layer, w, b in ((mlp.fc1, w1, b1), (mlp.fc2, w2, b2)):
+    layer.kernel.value = jnp.asarray(w, jnp.float32)
+    layer.bias.value = jnp.asarray(b, jnp.float32)
+  x = rng.normal(0, 1.0, (4, 9, 32)).astype(np.float32)
+  hidden = x.astype(np.float64) @ w1 + b1
+  assert hidden.std() > 1.0  # the units reach the region where tanh and erf GELU differ
+  expected = gelu_np(hidden) @ w2 + b2
+  tanh_gelu = 0.5 * hidden * (1 + np.tanh(np.sqrt(2 / np.pi) * (hidden + 0.044715 * hidden ** 3)))
+  assert np.abs(tanh_gelu @ w2 + b2 - expected).max() > 1e-4  # the check below can tell them apart
+  np.testing.assert_allclose(mlp(jnp.asarray(x)), expected, rtol=1e-5, atol=1e-5)
 
 
 def test_resnet_padding_matches_pytorch_at_stride_two():
@@ -141,27 +162,27 @@ def _value_and_grads(fn, module, x):
 
 @pytest.mark.parametrize('layer', ['dense', 'layer_norm', 'patch_embed'])
 def test_fast_layers_match_autodiff_of_the_flax_layers(layer):
-  """vit.py's hand-written VJPs (dense, layer_norm, patches @ kernel) give the values and
-  gradients of autodiff through nnx.Linear / nnx.LayerNorm / nnx.Conv, to float32 rounding."""
-  from tikd_jax.models import vit  # pylint: disable=g-import-not-at-top
+  """cpu_fast_layers' hand-written VJPs (dense, layer_norm, patches @ kernel) give the values
+  and gradients of autodiff through nnx.Linear / nnx.LayerNorm / nnx.Conv, to float32 rounding."""
+  from tikd_jax.models import cpu_fast_layers as fast_lib  # pylint: disable=g-import-not-at-top
   rng = np.random.RandomState(0)
   if layer == 'dense':
     module = nnx.Linear(24, 40, rngs=nnx.Rngs(0))
     module.bias[...] = jnp.asarray(rng.randn(40), jnp.float32)
     x = jnp.asarray(rng.randn(3, 11, 24), jnp.float32)
-    fast, plain = vit.dense, lambda m, x: m(x)
+    fast, plain = fast_lib.dense, lambda m, x: m(x)
   elif layer == 'layer_norm':
     module = nnx.LayerNorm(24, epsilon=1e-6, rngs=nnx.Rngs(0))
     module.scale[...] = jnp.asarray(1 + rng.randn(24), jnp.float32)
     module.bias[...] = jnp.asarray(rng.randn(24), jnp.float32)
     x = jnp.asarray(3 + 2 * rng.randn(3, 11, 24), jnp.float32)
-    fast, plain = vit.layer_norm, lambda m, x: m(x)
+    fast, plain = fast_lib.layer_norm, lambda m, x: m(x)
   else:
     model = build_model('distilled_vit', variant='micro', img_size=16, num_classes=10,
                         rngs=nnx.Rngs(0))
     module = model
     x = jnp.asarray(rng.rand(2, 16, 16, 3), jnp.float32)
-    fast = lambda m, x: m.patch_embed_tokens(x)
+    fast = lambda m, x: fast_lib.patch_embed(m.patch_embed, x, m.size.patch)
     plain = lambda m, x: m.patch_embed(x)
   weights = jnp.asarray(rng.randn(*jax.eval_shape(lambda: plain(module, x)).shape), jnp.float32)
   results = [_value_and_grads(lambda m, x, f=f: jnp.sum(jnp.tanh(f(m, x)) * weights), module, x)
@@ -171,3 +192,35 @@ def test_fast_layers_match_autodiff_of_the_flax_layers(layer):
   np.testing.assert_allclose(dx_fast, dx_plain, rtol=1e-4, atol=1e-5)
   for a, b in zip(g_fast, g_plain):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_cpu_fast_layers_switch_resolves_per_backend():
+  from tikd_jax.models import cpu_fast_layers  # pylint: disable=g-import-not-at-top
+  assert cpu_fast_layers.enabled('auto', backend='cpu')
+  assert not cpu_fast_layers.enabled('auto', backend='gpu')
+  assert not cpu_fast_layers.enabled('auto', backend='tpu')
+  assert cpu_fast_layers.enabled('on', backend='gpu') and not cpu_fast_layers.enabled('off', 'cpu')
+  with pytest.raises(ValueError, match="cpu_fast_layers='fast'"):
+    cpu_fast_layers.enabled('fast')
+
+
+def test_vit_with_fast_layers_computes_the_plain_vit():
+  """The switch changes lowering only: the whole TIKD ViT (both passes, both heads) gives the
+  same logits and parameter gradients with and without it, to float32 rounding."""
+  images = jax.random.uniform(jax.random.key(1), (3, 16, 16, 3))
+  text = jax.random.normal(jax.random.key(2), (3, 12))
+  results = []
+  for fast in (False, True):
+    model = build_model('distilled_vit', variant='micro', img_size=16, num_classes=10,
+                        text_dim=12, drop_path=0.0, fast_layers=fast, rngs=nnx.Rngs(0))
+    graphdef, params = nnx.split(model, nnx.Param)
+
+    def loss(p, graphdef=graphdef):
+      logits, out = nnx.merge(graphdef, p)(images, train=True, text=text, fuse_text=True)
+      return jnp.sum(jnp.tanh(logits) * jnp.arange(10.0)) + jnp.sum(out['dist_logits'] ** 2)
+
+    results.append(jax.value_and_grad(loss)(params))
+  (v_plain, g_plain), (v_fast, g_fast) = results
+  np.testing.assert_allclose(v_fast, v_plain, rtol=1e-5)
+  for a, b in zip(jax.tree.leaves(g_fast), jax.tree.leaves(g_plain)):
+    np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-5)

@@ -1,4 +1,4 @@
-"""Tests for tikd_jax.losses.saliency (IRKD saliency maps and losses, REFERENCE §7).
+"""Tests for tikd_jax.losses.saliency (IRKD's saliency maps and losses).
 
 Maps come from real models: the IRKD student (``irkd_vit`` / ``irkd_custom``, patch 2, dist
 token) and small teachers (a plain patch-4 ViT, one prefix token, and a DeiT-like patch-2 ViT with

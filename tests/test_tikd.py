@@ -1,4 +1,4 @@
-"""TIKD (REFERENCE §3): the text fusion, caption-free inference and staged training."""
+"""TIKD: the text fusion, caption-free inference and staged training."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -43,7 +43,7 @@ def _block(x, blk, heads, value_bias=None):
 
 
 def numpy_tikd_forward(model, images, text):
-  """REFERENCE §3 restated: first pass → clamp(cos) weights → text_decoder → second pass."""
+  """TIKD's released fusion restated: first pass → clamp(cos) weights → text_decoder → pass 2."""
   heads = model.size.heads
   x = (_np(images) - np.array(model.mean)) / np.array(model.std)
   w = _np(model.patch_embed.kernel[...])

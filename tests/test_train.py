@@ -119,6 +119,9 @@ def test_hard_distillation_from_a_trained_teacher(tmp_path, teacher_dir):
   assert train[-1]['loss'] < train[0]['loss']
   assert os.path.exists(tmp_path / 'student' / 'tensorboard')
   assert json.load(open(tmp_path / 'student' / 'config.json'))['distill']['method'] == 'hard'
+  # cpu_fast_layers changes how the layers lower, not the model: never saved as a model argument.
+  meta, _ = ckpt_lib.load_weights(str(tmp_path / 'student'))
+  assert 'fast_layers' not in meta['model']['kwargs'], meta['model']
 
 
 def test_teacher_checkpoint_that_does_not_fit_fails_with_the_keys(tmp_path, teacher_dir):

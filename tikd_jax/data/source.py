@@ -2,7 +2,8 @@
 
 A source is a grain random-access data source: `len(source)` and `source[i]` →
 `{'image': uint8 [H, W, 3], 'label': int32, 'index': int32}`, where `index` is the example's
-position in its split. The index is what ties an image to its own caption feature (REFERENCE §2).
+position in its split. The index is what ties an image to its own caption feature (README
+"The text teacher").
 """
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Per-example caption features from the text teacher, checked against the split they serve.
 
-`python -m tikd_jax.text_teacher` writes one folder per split (REFERENCE §2):
+`python -m tikd_jax.text_teacher` writes one folder per split (README "The text teacher"):
 
   captions.jsonl     {"index": i, "caption": "..."} per line, in example-index order
   caption_meta.json  how the captions were made (captioner or class-prompt template, data set)

@@ -1,4 +1,4 @@
-"""IRKD saliency maps and saliency-matching losses (REFERENCE §7): pure JAX functions.
+"""IRKD's saliency maps and saliency-matching losses (README "IRKD"): pure JAX functions.
 
 Two variants, both from the released IRKD notebooks (salman192003/IRKD):
 

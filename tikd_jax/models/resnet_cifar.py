@@ -1,4 +1,5 @@
-"""CIFAR ResNets of RepDistiller (resnet8 … resnet56, resnet8x4, resnet32x4), REFERENCE §5.
+"""CIFAR ResNets of RepDistiller (resnet8 … resnet56, resnet8x4, resnet32x4), as in RepDistiller's
+models/resnet.py.
 
 Layout and names follow RepDistiller's `models/resnet.py` so that weights convert one to one:
 conv1/bn1 stem, layer1..3 of BasicBlocks (conv1, bn1, conv2, bn2, optional downsample conv+bn),
@@ -13,7 +14,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from tikd_jax.models.vit import CIFAR100_MEAN, CIFAR100_STD
+from tikd_jax.normalization import CIFAR100_MEAN, CIFAR100_STD
 
 # RepDistiller initialises convs with kaiming_normal(mode='fan_out', relu).
 _kaiming_fan_out = nnx.initializers.variance_scaling(2.0, 'fan_out', 'normal')

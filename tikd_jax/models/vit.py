@@ -2,23 +2,19 @@
 
 One class, `DistilledViT`, covers three published layouts:
   * DeiT / TIKD students: tokens [cls, dist, patches], learned pos_embed over all of them, final
-    LayerNorm, eval averages the two heads (REFERENCE §1).
+    LayerNorm, eval averages the two heads (DeiT; TIKD's released vision_transformer.py).
   * a plain ViT (`distilled=False`): [cls, patches], one head.
   * IRKD's `ViTWithDistillation` (`dist_pos_embed=False, final_norm=False, eval_head='cls'`): the
-    dist token is zero-initialised and has no position embedding (REFERENCE §7).
-The TIKD text fusion (REFERENCE §3) is enabled by `text_dim`; see `_text_fusion`.
+    dist token is zero-initialised and has no position embedding (IRKD's notebooks).
+The TIKD text fusion (TIKD's released vision_transformer.py; README "TIKD") is enabled by
+`text_dim`; see `_text_fusion`.
 
 Every call returns `(logits, out)`: `logits` are what the model predicts in the current mode, `out`
 names the intermediates (both heads, tokens after every block, pre-logits, attention maps).
 Inputs are float images in [0, 1], NHWC; the model owns its normalisation (`mean`, `std`).
 
-Performance on XLA:CPU (benchmarks/README.md): the token-wise linear layers and LayerNorms run
-through `dense` / `layer_norm`, whose hand-written VJPs compute the weight gradient as one
-x[M, in]ᵀ·dy[M, out] product and the bias / scale gradients as sums over the M = B·N rows.
-Autodiff of the plain layers leaves XLA:CPU a transposed copy of every activation gradient and
-2-D reduce-windows over (B, N), which together cost more than the matmuls for these widths. The
-math, the parameters and their names are those of `nnx.Linear` / `nnx.LayerNorm` (flax's
-E[x²] − E[x]² variance); results differ from autodiff of the plain layers by float32 rounding.
+`fast_layers=True` (set by `config.cpu_fast_layers`, on by default only on XLA:CPU) routes the
+token-wise layers through `cpu_fast_layers`: same math, a lowering that XLA:CPU runs faster.
 """
 from __future__ import annotations
 
@@ -32,8 +28,9 @@ import numpy as np
 from flax import nnx
 from jax import lax
 
-CIFAR100_MEAN = (0.5071, 0.4865, 0.4409)
-CIFAR100_STD = (0.2673, 0.2564, 0.2762)
+from tikd_jax.models import cpu_fast_layers
+from tikd_jax.normalization import CIFAR100_MEAN, CIFAR100_STD
+
 
 # timm initialises every Linear weight and the tokens with trunc_normal(0.02), biases with zeros.
 _trunc_normal = nnx.initializers.truncated_normal(stddev=0.02, lower=-2.0 / 0.02, upper=2.0 / 0.02)
@@ -53,7 +50,7 @@ class ViTSize:
   text_rank: int = 32
 
 
-# TIKD students on CIFAR-100 (REFERENCE §1) and IRKD's students (REFERENCE §7).
+# TIKD students on CIFAR-100 (TIKD paper) and IRKD's students (IRKD's notebooks).
 SIZES: dict[str, ViTSize] = {
     'micro': ViTSize(dim=32, depth=2, heads=2, mlp_dim=64, patch=4, text_rank=8),  # for tests
     'demo': ViTSize(dim=64, depth=4, heads=4, mlp_dim=128, patch=4, text_rank=16),  # digits demo
@@ -71,89 +68,12 @@ def _linear(din, dout, rngs, dtype, bias=True):
   return nnx.Linear(din, dout, use_bias=bias, kernel_init=_trunc_normal, dtype=dtype, rngs=rngs)
 
 
-# ------------------------------------------------------------------ fast layers (same math)
-def _rows(x: jax.Array) -> jax.Array:
-  return x.reshape(-1, x.shape[-1])
+def _dense(layer: nnx.Linear, x: jax.Array, fast: bool) -> jax.Array:
+  return cpu_fast_layers.dense(layer, x) if fast else layer(x)
 
 
-def _sum_rows(x: jax.Array) -> jax.Array:
-  """Σ over every row of a [..., n] array, as the product ones[M] · x[M, n] accumulated in
-  float32. XLA:CPU lowers a column sum over M = B·N rows to a strided 2-D reduce-window that ran
-  at ~1 GB/s here (32 ms for one [8448, 1024] bias gradient); the product streams the rows once."""
-  rows = _rows(x)
-  ones = jnp.ones((rows.shape[0],), rows.dtype)
-  return lax.dot_general(ones, rows, (((0,), (0,)), ((), ())),
-                         preferred_element_type=jnp.float32).astype(x.dtype)
-
-
-@jax.custom_vjp
-def _dense_fn(x, kernel, bias):
-  return lax.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ()))) + bias
-
-
-def _dense_fwd(x, kernel, bias):
-  return _dense_fn(x, kernel, bias), (x, kernel)
-
-
-def _dense_bwd(res, dy):
-  x, kernel = res
-  dx = lax.dot_general(dy, kernel, (((dy.ndim - 1,), (1,)), ((), ())))
-  dkernel = lax.dot_general(_rows(x), _rows(dy), (((0,), (0,)), ((), ())))
-  return dx.astype(x.dtype), dkernel.astype(kernel.dtype), _sum_rows(dy).astype(kernel.dtype)
-
-
-_dense_fn.defvjp(_dense_fwd, _dense_bwd)
-
-
-def dense(layer: nnx.Linear, x: jax.Array) -> jax.Array:
-  """`layer(x)` for an `nnx.Linear` with bias: x @ kernel + bias, with the fast VJP."""
-  if layer.bias is None or layer.precision is not None or layer.preferred_element_type is not None:
-    return layer(x)
-  x, kernel, bias = layer.promote_dtype((x, layer.kernel[...], layer.bias[...]),
-                                        dtype=layer.dtype)
-  return _dense_fn(x, kernel, bias)
-
-
-def _ln_stats(x, epsilon):
-  mu = jnp.mean(x, axis=-1)
-  var = jnp.maximum(0.0, jnp.mean(x * x, axis=-1) - mu * mu)  # flax's fast variance, clipped at 0
-  return mu, lax.rsqrt(var + epsilon)
-
-
-@jax.custom_vjp
-def _layer_norm_fn(x, scale, bias, epsilon):
-  mu, r = _ln_stats(x, epsilon)
-  return (x - mu[..., None]) * (r[..., None] * scale) + bias
-
-
-def _layer_norm_fwd(x, scale, bias, epsilon):
-  mu, r = _ln_stats(x, epsilon)
-  x_hat = (x - mu[..., None]) * r[..., None]
-  return (x - mu[..., None]) * (r[..., None] * scale) + bias, (x_hat, r, scale)
-
-
-def _layer_norm_bwd(res, dy):
-  x_hat, r, scale = res
-  g = dy * scale
-  mean_g = jnp.mean(g, axis=-1, keepdims=True)
-  mean_gx = jnp.mean(g * x_hat, axis=-1, keepdims=True)
-  dx = (g - mean_g - x_hat * mean_gx) * r[..., None]
-  return dx, _sum_rows(dy * x_hat), _sum_rows(dy), None
-
-
-_layer_norm_fn.defvjp(_layer_norm_fwd, _layer_norm_bwd)
-
-
-def layer_norm(norm: nnx.LayerNorm, x: jax.Array) -> jax.Array:
-  """`norm(x)` for an `nnx.LayerNorm` over the last axis with scale and bias (same formula)."""
-  if (norm.scale is None or norm.bias is None or norm.reduction_axes not in (-1, (-1,))
-      or norm.feature_axes not in (-1, (-1,)) or norm.axis_name is not None
-      or not norm.use_fast_variance):
-    return norm(x)
-  x, scale, bias = norm.promote_dtype((x, norm.scale[...], norm.bias[...]), dtype=norm.dtype)
-  if x.dtype != jnp.float32:  # flax computes the statistics in at least float32
-    return norm(x)
-  return _layer_norm_fn(x, scale, bias, norm.epsilon)
+def _norm(norm: nnx.LayerNorm, x: jax.Array, fast: bool) -> jax.Array:
+  return cpu_fast_layers.layer_norm(norm, x) if fast else norm(x)
 
 
 def gelu_exact(x: jax.Array) -> jax.Array:
@@ -172,7 +92,8 @@ def drop_path(x: jax.Array, rate: float, rng: jax.Array | None) -> jax.Array:
 class Attention(nnx.Module):
   """Multi-head self-attention with a fused qkv projection (timm layout)."""
 
-  def __init__(self, dim: int, heads: int, *, rngs: nnx.Rngs, dtype=None):
+  def __init__(self, dim: int, heads: int, *, rngs: nnx.Rngs, dtype=None, fast: bool = False):
+    self.fast = fast
     self.heads = heads
     self.head_dim = dim // heads
     self.qkv = _linear(dim, 3 * dim, rngs, dtype)
@@ -185,43 +106,46 @@ class Attention(nnx.Module):
     # slices) keeps the backward a concatenation; heads-major [B, H, N, hd] makes both attention
     # products plain batched matmuls.
     q, k, v = (t.reshape(b, n, self.heads, self.head_dim).transpose(0, 2, 1, 3)
-               for t in jnp.split(dense(self.qkv, x), 3, axis=-1))
+               for t in jnp.split(_dense(self.qkv, x, self.fast), 3, axis=-1))
     if value_bias is not None:
       v = v + value_bias[:, None, :, :].astype(v.dtype)
     scores = jnp.matmul(q, jnp.swapaxes(k, -1, -2)) * (self.head_dim ** -0.5)  # [B, H, N, N]
     attn = jax.nn.softmax(scores.astype(jnp.float32), axis=-1).astype(q.dtype)
     y = jnp.matmul(attn, v).transpose(0, 2, 1, 3).reshape(b, n, d)
-    return dense(self.proj, y), attn
+    return _dense(self.proj, y, self.fast), attn
 
 
 class Mlp(nnx.Module):
 
-  def __init__(self, dim: int, hidden: int, *, rngs: nnx.Rngs, dtype=None):
+  def __init__(self, dim: int, hidden: int, *, rngs: nnx.Rngs, dtype=None, fast: bool = False):
+    self.fast = fast
     self.fc1 = _linear(dim, hidden, rngs, dtype)
     self.fc2 = _linear(hidden, dim, rngs, dtype)
 
   def __call__(self, x):
     # timm and DeiT use the exact (erf) GELU; flax's default is the tanh approximation.
-    return dense(self.fc2, gelu_exact(dense(self.fc1, x)))
+    return _dense(self.fc2, gelu_exact(_dense(self.fc1, x, self.fast)), self.fast)
 
 
 class Block(nnx.Module):
   """Pre-LN transformer block: x + DropPath(Attn(LN(x))), x + DropPath(MLP(LN(x)))."""
 
-  def __init__(self, size: ViTSize, drop_path_rate: float, *, rngs: nnx.Rngs, dtype=None):
+  def __init__(self, size: ViTSize, drop_path_rate: float, *, rngs: nnx.Rngs, dtype=None,
+               fast: bool = False):
+    self.fast = fast
     self.drop_path_rate = drop_path_rate
     self.norm1 = nnx.LayerNorm(size.dim, epsilon=1e-6, dtype=dtype, rngs=rngs)
-    self.attn = Attention(size.dim, size.heads, rngs=rngs, dtype=dtype)
+    self.attn = Attention(size.dim, size.heads, rngs=rngs, dtype=dtype, fast=fast)
     self.norm2 = nnx.LayerNorm(size.dim, epsilon=1e-6, dtype=dtype, rngs=rngs)
-    self.mlp = Mlp(size.dim, size.mlp_dim, rngs=rngs, dtype=dtype)
+    self.mlp = Mlp(size.dim, size.mlp_dim, rngs=rngs, dtype=dtype, fast=fast)
 
   def __call__(self, x, rng=None, value_bias=None):
     r1 = r2 = None
     if rng is not None:
       r1, r2 = jax.random.split(rng)
-    y, attn = self.attn(layer_norm(self.norm1, x), value_bias)
+    y, attn = self.attn(_norm(self.norm1, x, self.fast), value_bias)
     x = x + drop_path(y, self.drop_path_rate, r1)
-    x = x + drop_path(self.mlp(layer_norm(self.norm2, x)), self.drop_path_rate, r2)
+    x = x + drop_path(self.mlp(_norm(self.norm2, x, self.fast)), self.drop_path_rate, r2)
     return x, attn
 
 
@@ -262,6 +186,7 @@ class DistilledViT(nnx.Module):
       mean: Sequence[float] = CIFAR100_MEAN,
       std: Sequence[float] = CIFAR100_STD,
       dtype: Any = None,
+      fast_layers: bool = False,
       rngs: nnx.Rngs,
   ):
     if isinstance(size, str):
@@ -285,6 +210,7 @@ class DistilledViT(nnx.Module):
     self.mean = tuple(mean)
     self.std = tuple(std)
     self.dtype = dtype
+    self.fast_layers = fast_layers
     d = size.dim
     self.grid = img_size // size.patch
     self.num_prefix = 2 if distilled else 1
@@ -298,12 +224,13 @@ class DistilledViT(nnx.Module):
     n_pos = self.grid ** 2 + (self.num_prefix if dist_pos_embed else 1)
     self.pos_embed = nnx.Param(_trunc_normal(rngs.params(), (1, n_pos, d)))
     rates = [float(r) for r in np.linspace(0.0, drop_path, size.depth)]
-    self.blocks = nnx.List([Block(size, r, rngs=rngs, dtype=dtype) for r in rates])
+    self.blocks = nnx.List([Block(size, r, rngs=rngs, dtype=dtype, fast=fast_layers)
+                           for r in rates])
     self.norm = nnx.LayerNorm(d, epsilon=1e-6, dtype=dtype, rngs=rngs) if final_norm else None
     self.head = _linear(d, num_classes, rngs, dtype)
     self.head_dist = _linear(d, num_classes, rngs, dtype) if distilled else None
     if text_dim is not None:
-      # TIKD (REFERENCE §3). text_decoder and text_proj are the released modules; the adapter
+      # TIKD. text_decoder and text_proj are the released modules; the adapter
       # (text → width, only when dims differ) and the predictor (cls → text, for caption-free
       # inference) are ours.
       self.text_decoder = _linear(d, d, rngs, dtype)
@@ -337,23 +264,9 @@ class DistilledViT(nnx.Module):
     return jnp.concatenate([x[:, :1], dist, x[:, 1:]], axis=1)
 
   def patch_embed_tokens(self, x: jax.Array) -> jax.Array:
-    """`self.patch_embed(x)` (p×p conv, stride p, VALID) as non-overlapping patches @ kernel.
-
-    Each output is the same sum over (row, column, channel) of one patch; a matmul instead of an
-    XLA:CPU convolution (several times faster here, forward and backward).
-    """
-    conv = self.patch_embed
-    p = self.size.patch
-    if (conv.kernel_size != (p, p) or conv.strides not in (p, (p, p)) or conv.bias is None
-        or conv.padding != 'VALID' or conv.feature_group_count != 1 or conv.mask is not None
-        or conv.kernel_dilation not in (1, (1, 1)) or conv.input_dilation not in (1, (1, 1))):
-      return conv(x)
-    b, h, w, c = x.shape
-    gh, gw = h // p, w // p
-    x, kernel, bias = conv.promote_dtype((x, conv.kernel[...], conv.bias[...]), dtype=conv.dtype)
-    patches = x[:, :gh * p, :gw * p].reshape(b, gh, p, gw, p, c).transpose(0, 1, 3, 2, 4, 5)
-    y = _dense_fn(patches.reshape(b, gh, gw, p * p * c), kernel.reshape(p * p * c, -1), bias)
-    return y
+    if self.fast_layers:
+      return cpu_fast_layers.patch_embed(self.patch_embed, x, self.size.patch)
+    return self.patch_embed(x)
 
   def run_blocks(self, x, rng, out, prefix, value_bias=None):
     rngs = list(jax.random.split(rng, len(self.blocks))) if rng is not None else [None] * len(
@@ -392,7 +305,7 @@ class DistilledViT(nnx.Module):
       r1, r2 = jax.random.split(rng)
     x = self.run_blocks(self.embed(images), r1, out, prefix='')
     if self.norm is not None:
-      x = layer_norm(self.norm, x)
+      x = _norm(self.norm, x, self.fast_layers)
     out['tokens'] = x
     if self.text_dim is not None:
       # Cheap, always computed so its cosine loss can train in every stage.
@@ -404,7 +317,7 @@ class DistilledViT(nnx.Module):
     return self.heads(x, out, train), out
 
   def _text_fusion(self, x, text, out, rng):
-    """REFERENCE §3: cosine-weighted tokens → text_decoder → second pass with value bias."""
+    """TIKD's released fusion: cos-weighted tokens → text_decoder → second pass with value bias."""
     if text is None:
       text = jax.lax.stop_gradient(out['text_pred'])
     t = text.astype(jnp.float32)
@@ -413,8 +326,8 @@ class DistilledViT(nnx.Module):
     c = jnp.clip(_cosine(x.astype(jnp.float32), t[:, None, :]), 0.0, 1.0)  # [B, N]
     out['text_weights'] = c
     out['alignment_loss'] = jnp.mean(1.0 - c)
-    x_decoded = dense(self.text_decoder, (c[..., None] * x).astype(x.dtype))
-    value_bias = dense(self.text_proj, x_decoded)
+    x_decoded = _dense(self.text_decoder, (c[..., None] * x).astype(x.dtype), self.fast_layers)
+    value_bias = _dense(self.text_proj, x_decoded, self.fast_layers)
     # The second pass starts from the normed first-pass tokens, with no final norm after it.
     return self.run_blocks(x, rng, out, prefix='fused_', value_bias=value_bias)
 

@@ -1,4 +1,5 @@
-"""The text teacher (REFERENCE §2): captions per training image → text features per example.
+"""The text teacher (README "The text teacher"): captions per training image → text features
+per example.
 
 Offline, in torch, before training; the trainer reads only the NumPy result through
 `tikd_jax.data.text_features.load_text_features`. Command line: `python -m tikd_jax.text_teacher

@@ -1,0 +1,132 @@
+"""XLA:CPU speed tricks for the ViT's token-wise layers, behind `config.cpu_fast_layers`.
+
+Same math, parameters and names as `nnx.Linear` / `nnx.LayerNorm` / the p×p patch `nnx.Conv`;
+only the lowering differs:
+  * dense and LayerNorm have hand-written VJPs: the weight gradient is one x[M, in]ᵀ·dy[M, out]
+    product and the bias / scale gradients are sums over the M = B·N rows, computed as a product
+    with a ones vector. Autodiff of the plain layers leaves XLA:CPU a transposed copy of every
+    activation gradient and 2-D reduce-windows over (B, N), which together cost more than the
+    matmuls at these widths (one [8448, 1024] bias gradient: 32 ms → ~7 ms; benchmarks/README.md).
+  * the patch embedding is non-overlapping patches @ kernel instead of an XLA:CPU convolution.
+On GPU/TPU the plain layers are what the compiler expects, so 'auto' turns these on only on CPU.
+Results differ from autodiff of the plain layers by float32 rounding (tests/test_models.py).
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax import lax
+
+SETTINGS = ('auto', 'on', 'off')
+
+
+def enabled(setting: str, backend: str | None = None) -> bool:
+  """Whether `config.cpu_fast_layers` turns the fast layers on for `backend` (default: JAX's)."""
+  if setting not in SETTINGS:
+    raise ValueError(f'config.cpu_fast_layers={setting!r}: use one of {SETTINGS}')
+  if setting == 'auto':
+    return (backend or jax.default_backend()) == 'cpu'
+  return setting == 'on'
+
+
+def _rows(x: jax.Array) -> jax.Array:
+  return x.reshape(-1, x.shape[-1])
+
+
+def _sum_rows(x: jax.Array) -> jax.Array:
+  """Σ over every row of a [..., n] array, as the product ones[M] · x[M, n] accumulated in
+  float32. XLA:CPU lowers a column sum over M = B·N rows to a strided 2-D reduce-window that ran
+  at ~1 GB/s here; the product streams the rows once."""
+  rows = _rows(x)
+  ones = jnp.ones((rows.shape[0],), rows.dtype)
+  return lax.dot_general(ones, rows, (((0,), (0,)), ((), ())),
+                         preferred_element_type=jnp.float32).astype(x.dtype)
+
+
+@jax.custom_vjp
+def _dense_fn(x, kernel, bias):
+  return lax.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ()))) + bias
+
+
+def _dense_fwd(x, kernel, bias):
+  return _dense_fn(x, kernel, bias), (x, kernel)
+
+
+def _dense_bwd(res, dy):
+  x, kernel = res
+  dx = lax.dot_general(dy, kernel, (((dy.ndim - 1,), (1,)), ((), ())))
+  dkernel = lax.dot_general(_rows(x), _rows(dy), (((0,), (0,)), ((), ())))
+  return dx.astype(x.dtype), dkernel.astype(kernel.dtype), _sum_rows(dy).astype(kernel.dtype)
+
+
+_dense_fn.defvjp(_dense_fwd, _dense_bwd)
+
+
+def dense(layer: nnx.Linear, x: jax.Array) -> jax.Array:
+  """`layer(x)` for an `nnx.Linear` with bias: x @ kernel + bias, with the fast VJP."""
+  if layer.bias is None or layer.precision is not None or layer.preferred_element_type is not None:
+    return layer(x)
+  x, kernel, bias = layer.promote_dtype((x, layer.kernel[...], layer.bias[...]),
+                                        dtype=layer.dtype)
+  return _dense_fn(x, kernel, bias)
+
+
+def _ln_stats(x, epsilon):
+  mu = jnp.mean(x, axis=-1)
+  var = jnp.maximum(0.0, jnp.mean(x * x, axis=-1) - mu * mu)  # flax's fast variance, clipped at 0
+  return mu, lax.rsqrt(var + epsilon)
+
+
+@jax.custom_vjp
+def _layer_norm_fn(x, scale, bias, epsilon):
+  mu, r = _ln_stats(x, epsilon)
+  return (x - mu[..., None]) * (r[..., None] * scale) + bias
+
+
+def _layer_norm_fwd(x, scale, bias, epsilon):
+  mu, r = _ln_stats(x, epsilon)
+  x_hat = (x - mu[..., None]) * r[..., None]
+  return (x - mu[..., None]) * (r[..., None] * scale) + bias, (x_hat, r, scale)
+
+
+def _layer_norm_bwd(res, dy):
+  x_hat, r, scale = res
+  g = dy * scale
+  mean_g = jnp.mean(g, axis=-1, keepdims=True)
+  mean_gx = jnp.mean(g * x_hat, axis=-1, keepdims=True)
+  dx = (g - mean_g - x_hat * mean_gx) * r[..., None]
+  return dx, _sum_rows(dy * x_hat), _sum_rows(dy), None
+
+
+_layer_norm_fn.defvjp(_layer_norm_fwd, _layer_norm_bwd)
+
+
+def layer_norm(norm: nnx.LayerNorm, x: jax.Array) -> jax.Array:
+  """`norm(x)` for an `nnx.LayerNorm` over the last axis with scale and bias (same formula)."""
+  if (norm.scale is None or norm.bias is None or norm.reduction_axes not in (-1, (-1,))
+      or norm.feature_axes not in (-1, (-1,)) or norm.axis_name is not None
+      or not norm.use_fast_variance):
+    return norm(x)
+  x, scale, bias = norm.promote_dtype((x, norm.scale[...], norm.bias[...]), dtype=norm.dtype)
+  if x.dtype != jnp.float32:  # flax computes the statistics in at least float32
+    return norm(x)
+  return _layer_norm_fn(x, scale, bias, norm.epsilon)
+
+
+def patch_embed(conv: nnx.Conv, x: jax.Array, patch: int) -> jax.Array:
+  """`conv(x)` for a p×p, stride-p, VALID conv, as non-overlapping patches @ kernel.
+
+  Each output is the same sum over (row, column, channel) of one patch; a matmul instead of an
+  XLA:CPU convolution (several times faster here, forward and backward).
+  """
+  p = patch
+  if (conv.kernel_size != (p, p) or conv.strides not in (p, (p, p)) or conv.bias is None
+      or conv.padding != 'VALID' or conv.feature_group_count != 1 or conv.mask is not None
+      or conv.kernel_dilation not in (1, (1, 1)) or conv.input_dilation not in (1, (1, 1))):
+    return conv(x)
+  b, h, w, c = x.shape
+  gh, gw = h // p, w // p
+  x, kernel, bias = conv.promote_dtype((x, conv.kernel[...], conv.bias[...]), dtype=conv.dtype)
+  patches = x[:, :gh * p, :gw * p].reshape(b, gh, p, gw, p, c).transpose(0, 1, 3, 2, 4, 5)
+  return _dense_fn(patches.reshape(b, gh, gw, p * p * c), kernel.reshape(p * p * c, -1), bias)
