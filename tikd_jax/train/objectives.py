@@ -53,6 +53,7 @@ class Objective:
     return {}
 
   def init_state(self, batch_size: int, num_classes: int) -> dict:
+    """Carried state for batches of `batch_size` rows: the micro-batch, batch / grad_accum_steps."""
     del batch_size, num_classes
     return {}
 
@@ -150,7 +151,12 @@ class DecoupledKD(Objective):
 
 
 class PearsonKD(Objective):
-  """PKCD as released with TIKD; the previous batch's teacher logits are explicit state."""
+  """PKCD as released with TIKD; the previous batch's teacher logits are explicit state.
+
+  Under gradient accumulation each micro-batch is a PKCD batch (as accumulating in the released
+  PyTorch code would make it): its InfoNCE and intra-class terms run over the micro-batch, and
+  its "previous batch" is the micro-batch before it, so the state holds one micro-batch.
+  """
   name = 'pkcd'
   needs_teacher = True
 

@@ -134,13 +134,17 @@ def make_train_step(*, graphdef, teacher_graphdef, objective: Objective,
       metrics['train_top1'] = jnp.mean(jnp.argmax(logits, -1) == y)
       return loss, (metrics, new_stats, new_obj_state)
 
-    if opts.grad_accum_steps == 1:
+    k = opts.grad_accum_steps
+    if images.shape[0] % k:
+      raise ValueError(f'batch {images.shape[0]} is not divisible by grad_accum_steps {k}')
+    _check_objective_state(objective, state.objective_state, images.shape[0] // k, opts)
+    if k == 1:
       (loss, (metrics, new_stats, new_obj_state)), grads = jax.value_and_grad(
           loss_fn, has_aux=True)(state.params)
     else:
       loss, metrics, new_stats, new_obj_state, grads = _accumulate(
-          loss_fn, state, images, targets, labels, teacher_logits, teacher_out, batch,
-          opts.grad_accum_steps)
+          loss_fn, state, images, targets, labels, teacher_logits, teacher_out, batch, k,
+          model_rng)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     if frozen_mask is not None:
       updates = zero_frozen(updates, frozen_mask)
@@ -154,19 +158,33 @@ def make_train_step(*, graphdef, teacher_graphdef, objective: Objective,
   return train_step
 
 
-def _accumulate(loss_fn, state, images, targets, labels, teacher_logits, teacher_out, batch, k):
+def _check_objective_state(objective, obj_state, rows, opts):
+  """Carried objective state (PKCD's previous batch) must be sized for one micro-batch."""
+  expected = jax.eval_shape(lambda: objective.init_state(rows, opts.num_classes))
+  shapes = lambda tree: (jax.tree.structure(tree), [jnp.shape(x) for x in jax.tree.leaves(tree)])
+  if shapes(obj_state) != shapes(expected):
+    raise ValueError(
+        f'objective {objective.name!r} carries state of shapes {shapes(obj_state)[1]}, but a '
+        f'micro-batch has {rows} rows (batch / grad_accum_steps {opts.grad_accum_steps}) and '
+        f'needs {shapes(expected)[1]}: build it with objective.init_state({rows}, '
+        f'{opts.num_classes}), i.e. from the micro-batch size')
+
+
+def _accumulate(loss_fn, state, images, targets, labels, teacher_logits, teacher_out, batch, k,
+                rng):
   """Mean loss and gradients over k micro-batches (rows j, j + k, j + 2k, …), scanned.
 
-  Strided rows keep every micro-batch spread over all devices of the batch sharding. BatchNorm
-  statistics and carried objective state pass from one micro-batch to the next.
+  PyTorch's accumulation: each micro-batch is a batch of its own, so BatchNorm normalises with
+  its statistics and updates the running ones micro-batch after micro-batch, and carried
+  objective state passes on (PKCD's "previous batch" of micro-batch j is micro-batch j − 1, for
+  j = 0 the last one of the previous step). Micro-batch j draws from fold_in(rng, j), rng being
+  the step's model key (config.seed, step). Strided rows keep every micro-batch spread over all
+  devices of the batch sharding. Losses that are means over examples equal the full batch's.
   """
   b = images.shape[0]
-  if b % k:
-    raise ValueError(f'batch {b} is not divisible by grad_accum_steps {k}')
   split = lambda x: None if x is None else jnp.swapaxes(x.reshape((b // k, k) + x.shape[1:]), 0, 1)
   micro = jax.tree.map(split, (images, targets, labels, teacher_logits, teacher_out,
                                batch.get('text')))
-  rng = jax.random.fold_in(jax.random.key(0), state.step)
   zeros = jax.tree.map(jnp.zeros_like, state.params)
 
   def body(carry, xs):

@@ -20,7 +20,7 @@ from tikd_jax import sharding as sharding_lib
 from tikd_jax import xla_options
 from tikd_jax.data import build_source
 from tikd_jax.data import pipeline
-from tikd_jax.models import build_model, count_params
+from tikd_jax.models import VIT_MODELS, build_model, count_params, cpu_fast_layers
 from tikd_jax.models.variables import load_model, model_variables
 from tikd_jax.train import checkpoint as ckpt_lib
 from tikd_jax.train import optim
@@ -75,7 +75,8 @@ def build_augmentations(config):
 
 
 def load_train_text_features(config, train_source, is_chief: bool) -> np.ndarray | None:
-  """The caption features of the train split (REFERENCE §2), one row per example index.
+  """The caption features of the train split, one row per example index (README "The text
+  teacher").
 
   With `config.text.class_prompt_encoder` set (a local encoder folder, or 'minilm' for the
   offline MiniLM), class-prompt features are built first when the folder has none (the
@@ -110,6 +111,7 @@ def load_teacher(config, num_classes: int, mesh, rules):
   name, kwargs = model_spec(config.teacher, num_classes)
   if config.get('dtype', 'float32') != 'float32':
     kwargs['dtype'] = config.dtype
+  kwargs['fast_layers'] = cpu_fast_layers.enabled(config.cpu_fast_layers)
   path = config.teacher.checkpoint
   if not path:
     raise ValueError(f'distill.method={config.distill.method!r} needs a teacher: set '
@@ -210,10 +212,11 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   if config.get('dtype', 'float32') != 'float32':
     # Mixed precision: compute in config.dtype; parameters, optimizer state and losses float32.
     student_kwargs['dtype'] = config.dtype
-  if text_features is not None and config.model.name in ('distilled_vit', 'vit', 'irkd_vit'):
+  if text_features is not None and config.model.name in VIT_MODELS:
     student_kwargs.setdefault('text_dim', int(text_features.shape[1]))
-  abstract_model = nnx.eval_shape(
-      lambda: build_model(student_name, rngs=nnx.Rngs(config.seed), **student_kwargs))
+  fast_layers = cpu_fast_layers.enabled(config.cpu_fast_layers)
+  abstract_model = nnx.eval_shape(lambda: build_model(
+      student_name, rngs=nnx.Rngs(config.seed), fast_layers=fast_layers, **student_kwargs))
   graphdef, _, _ = nnx.split(abstract_model, nnx.Param, nnx.BatchStat)
   n_params = count_params(abstract_model)
   objective = build_objective(config.distill)
@@ -225,14 +228,15 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   schedule = optim.make_schedule(config.schedule, steps_per_epoch, total_steps)
 
   def init_state() -> TrainState:
-    model = build_model(student_name, rngs=nnx.Rngs(config.seed), **student_kwargs)
+    model = build_model(student_name, rngs=nnx.Rngs(config.seed), fast_layers=fast_layers,
+                        **student_kwargs)
     variables = model_variables(model)
     params = {'student': variables['params'], 'objective': objective.init_params()}
     tx = optim.make_optimizer(config.optimizer, schedule, params)
     return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                       batch_stats=variables['batch_stats'], opt_state=tx.init(params),
-                      objective_state=objective.init_state(per_process_batch *
-                                                           jax.process_count(), num_classes))
+                      objective_state=objective.init_state(  # sized for one micro-batch
+                          config.batch_size // config.get('grad_accum_steps', 1), num_classes))
 
   abstract_state = jax.eval_shape(init_state)
   tx = optim.make_optimizer(config.optimizer, schedule, abstract_state.params)
@@ -456,7 +460,9 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict
   meta, flat = ckpt_lib.load_weights(workdir)
   if 'model' not in meta:
     raise ValueError(f'{workdir}: checkpoint metadata names no model; was it written by tikd-jax?')
-  graphdef, loaded = load_model(meta['model']['name'], meta['model']['kwargs'], flat,
+  kwargs = dict(meta['model']['kwargs'],
+                fast_layers=cpu_fast_layers.enabled(config.cpu_fast_layers))
+  graphdef, loaded = load_model(meta['model']['name'], kwargs, flat,
                                 what=f'checkpoint in {workdir}')
   variables = {'params': {'student': loaded['params']}, 'batch_stats': loaded['batch_stats']}
   rules = [tuple(r) for r in config.get('sharding_rules', ())]
