@@ -271,6 +271,7 @@ def test_sigterm_to_main_py_resumes_pkcd_exactly(tmp_path, teacher_dir, straight
   args = ['--config=configs/tiny.py:pkcd', f'--config.teacher.checkpoint={teacher_dir}',
           '--config.num_epochs=0.5', '--config.log_every_steps=1',
           '--config.checkpoint_every_steps=100', "--config.mesh=(('data',1),)",
+          '--config.xla_options=fast_compile',  # as tiny_config compiles the in-process runs
           f'--workdir={workdir}']
   log_path = tmp_path / 'main.log'
   with open(log_path, 'w') as log:

@@ -35,7 +35,7 @@ ONE_DEVICE = {'mesh': [('data', 1)], 'sharding_rules': []}
 # drop_path 0: see test_process_shares_of_a_train_batch_are_contiguous_blocks_of_the_global_batch.
 SETTINGS = {'num_epochs': 0.5, 'stop_at_step': STOP, 'checkpoint_every_steps': 100,
             'log_every_steps': 1, 'optimizer.name': 'sgd', 'schedule.lr': 0.05,
-            'model.drop_path': 0.0}
+            'model.drop_path': 0.0, 'xla_options': 'fast_compile'}
 CHILD_TIMEOUT = 240
 
 

@@ -25,7 +25,11 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def tiny_config(arg='none', **overrides):
+  """configs/tiny.py with overrides; compiled with the 'fast_compile' XLA:CPU preset unless a test
+  names another (the tiny steps compile for longer than they run; tests/test_xla_options.py checks
+  that every preset computes what the default does)."""
   c = tiny.get_config(arg)
+  overrides.setdefault('xla_options', 'fast_compile')
   with c.unlocked():
     for key, value in overrides.items():
       node = c
