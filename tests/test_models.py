@@ -6,8 +6,12 @@ import pytest
 import torch
 from flax import nnx
 
+from tikd_jax import xla_options
 from tikd_jax.models import build_model, count_params
 from tikd_jax.models.vit import resize_pos_embed
+
+
+FAST_COMPILE = xla_options.compiler_options('fast_compile', 'cpu')
 
 
 def abstract_count(name, **kw):
@@ -219,7 +223,7 @@ def test_vit_with_fast_layers_computes_the_plain_vit():
       logits, out = nnx.merge(graphdef, p)(images, train=True, text=text, fuse_text=True)
       return jnp.sum(jnp.tanh(logits) * jnp.arange(10.0)) + jnp.sum(out['dist_logits'] ** 2)
 
-    results.append(jax.value_and_grad(loss)(params))
+    results.append(jax.jit(jax.value_and_grad(loss), compiler_options=FAST_COMPILE)(params))
   (v_plain, g_plain), (v_fast, g_fast) = results
   np.testing.assert_allclose(v_fast, v_plain, rtol=1e-5)
   for a, b in zip(jax.tree.leaves(g_fast), jax.tree.leaves(g_plain)):
