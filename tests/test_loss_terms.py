@@ -10,6 +10,7 @@ import pytest
 from configs import irkd_cifar10, kd_cifar100, tikd_cifar100, tiny
 from tikd_jax.losses import terms
 from tikd_jax.train import trainer
+from tikd_jax.train.loss_config import term_settings
 from tikd_jax.train.plan import build_phases
 from tests.test_resume import _checkpoint
 from tests.test_train import teacher_dir, tiny_config  # noqa: F401  (fixture)
@@ -99,6 +100,16 @@ def test_config_loss_and_a_stage_override_replace_the_shorthand():
     c.stages = [dict(name='a', epochs=1), dict(name='b', epochs=1, loss=(('ce', 1.0),))]
   phases = build_phases(c, steps_per_epoch=10)
   assert [p.loss for p in phases] == [(('ce', 1.0), ('kd', 0.3)), (('ce', 1.0),)]
+
+
+def test_loss_settings_add_to_and_override_the_distill_block():
+  c = tiny.get_config('kd')
+  with c.unlocked():
+    c.loss_settings.kd = dict(temperature=2.0)
+    c.loss_settings.fitnet = dict(scale=3.0)
+  settings = term_settings(c)
+  assert settings['kd'] == {'temperature': 2.0} and settings['fitnet'] == {'scale': 3.0}
+  assert settings['dkd']['temperature'] == c.distill.temperature == 4.0
 
 
 def test_unknown_term_lists_the_known_ones():
