@@ -31,7 +31,7 @@ from benchmarks import report  # noqa: E402
 from tikd_jax import xla_options  # noqa: E402
 from tikd_jax.models import cpu_fast_layers  # noqa: E402
 from tikd_jax.models.variables import abstract_model  # noqa: E402
-from tikd_jax.train.objectives import build_objective  # noqa: E402
+from tikd_jax.train.loss_config import method_loss  # noqa: E402
 from tikd_jax.train.step import StepOptions, TrainState, make_train_step  # noqa: E402
 
 
@@ -62,13 +62,13 @@ def main(argv=None):
                                               num_classes=10, **fast)
   student_vars = random_variables(student_tpl, 0)
   teacher_vars = random_variables(teacher_tpl, 1)
-  objective = build_objective(ConfigDict(dict(method='kd', alpha=0.5, temperature=4.0)))
+  saliency = ((f'{args.saliency}_saliency', 0.8),) if args.saliency != 'none' else ()
+  objective = method_loss(ConfigDict(dict(method='kd', alpha=0.5, temperature=4.0)), saliency)
   tx = optax.adamw(3e-4, weight_decay=1e-4)
   params = {'student': student_vars['params'], 'objective': {}}
-  opts = StepOptions(num_classes=10, steps_per_epoch=350, seed=0, saliency=args.saliency,
-                     saliency_weight=0.8 if args.saliency != 'none' else 0.0)
+  opts = StepOptions(num_classes=10, steps_per_epoch=350, seed=0)
   step = jax.jit(make_train_step(graphdef=student_graph, teacher_graphdef=teacher_graph,
-                                 objective=objective, tx=tx, frozen_mask=None, opts=opts),
+                                 loss=objective, tx=tx, frozen_mask=None, opts=opts),
                  donate_argnums=(0,),
                  compiler_options=xla_options.compiler_options(args.xla_options))
   rows = []

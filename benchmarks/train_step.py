@@ -8,7 +8,7 @@ One step = what the trainer runs per batch: teacher forward (resnet32x4, eval mo
 student forward + backward (TIKD DistilledViT, train mode, drop path 0.1), hard distillation
 (0.5 · CE(cls head, smoothed labels) + 0.5 · CE(dist head, teacher argmax)), AdamW update.
 
-  jax            make_train_step + build_objective + optim.make_optimizer from the repo with the
+  jax            make_train_step + method_loss + optim.make_optimizer from the repo with the
                  real TrainState, jitted as the trainer does it
                  (jax.jit(step, out_shardings=(state_shardings, None), donate_argnums=(0,))).
   torch          convert/torch_models.py twins (TorchDistilledViT, TorchCifarResNet) in eager
@@ -153,7 +153,6 @@ def build_jax(size: str, batch: int):
   from tikd_jax.models import build_model  # pylint: disable=g-import-not-at-top
   from tikd_jax.models.variables import model_variables  # pylint: disable=g-import-not-at-top
   from tikd_jax.train import optim  # pylint: disable=g-import-not-at-top
-  from tikd_jax.train.objectives import build_objective  # pylint: disable=g-import-not-at-top
   from tikd_jax.train.step import StepOptions, TrainState, make_train_step  # pylint: disable=g-import-not-at-top
 
   config = tikd_cifar100.get_config(f'{size if size in ("small", "medium", "large") else "small"}'
@@ -173,7 +172,18 @@ def build_jax(size: str, batch: int):
   abstract_model = nnx.eval_shape(lambda: build_model('distilled_vit', rngs=nnx.Rngs(0),
                                                       **student_kwargs))
   graphdef, _, _ = nnx.split(abstract_model, nnx.Param, nnx.BatchStat)
-  objective = build_objective(config.distill)
+  try:
+    from tikd_jax.train.loss_config import method_loss  # pylint: disable=g-import-not-at-top
+    objective = method_loss(config.distill)
+    def init_objective():
+      return objective.init(jax.random.key(0), {'rows': batch, 'num_classes': NUM_CLASSES})
+    step_kwargs = {'loss': objective}
+  except ImportError:  # a --baseline_root checkout from before the loss terms
+    from tikd_jax.train.objectives import build_objective  # pylint: disable=g-import-not-at-top
+    objective = build_objective(config.distill)
+    def init_objective():
+      return objective.init_params(), objective.init_state(batch, NUM_CLASSES)
+    step_kwargs = {'objective': objective}
 
   teacher = build_model(TEACHER, rngs=nnx.Rngs(1), num_classes=NUM_CLASSES,
                         mean=config.teacher.mean, std=config.teacher.std)
@@ -188,11 +198,12 @@ def build_jax(size: str, batch: int):
   def init_state():
     model = build_model('distilled_vit', rngs=nnx.Rngs(0), **student_kwargs)
     variables = model_variables(model)
-    params = {'student': variables['params'], 'objective': objective.init_params()}
+    term_params, term_state = init_objective()
+    params = {'student': variables['params'], 'objective': term_params}
     tx = optim.make_optimizer(config.optimizer, schedule, params)
     return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                       batch_stats=variables['batch_stats'], opt_state=tx.init(params),
-                      objective_state=objective.init_state(batch, NUM_CLASSES))
+                      objective_state=term_state)
 
   abstract_state = jax.eval_shape(init_state)
   tx = optim.make_optimizer(config.optimizer, schedule, abstract_state.params)
@@ -200,8 +211,8 @@ def build_jax(size: str, batch: int):
   state = jax.jit(init_state, out_shardings=state_shardings)()
   opts = StepOptions(num_classes=NUM_CLASSES, steps_per_epoch=steps_per_epoch, seed=config.seed,
                      label_smoothing=config.label_smoothing)
-  fn = make_train_step(graphdef=graphdef, teacher_graphdef=teacher_graphdef, objective=objective,
-                       tx=tx, frozen_mask=None, opts=opts)
+  fn = make_train_step(graphdef=graphdef, teacher_graphdef=teacher_graphdef, tx=tx,
+                       frozen_mask=None, opts=opts, **step_kwargs)
   step = jax.jit(fn, out_shardings=(state_shardings, None), donate_argnums=(0,))
   images, labels = _batch(batch)
   batch_arrays = {'image': jax.device_put(images, data_sharding),

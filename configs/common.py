@@ -12,7 +12,7 @@ from tikd_jax.normalization import (CIFAR10_MEAN, CIFAR10_STD, CIFAR100_MEAN,  #
                                     IMAGENET_STD)
 
 # No weight decay on biases, norm scales, position embedding and the cls/dist tokens (DeiT).
-NO_DECAY = ('bias$', 'scale$', 'pos_embed', 'cls_token', 'dist_token', 'ctkd_raw_temperature')
+NO_DECAY = ('bias$', 'scale$', 'pos_embed', 'cls_token', 'dist_token', 'ctkd/raw_temperature')
 
 
 def base() -> ConfigDict:
@@ -32,6 +32,10 @@ def base() -> ConfigDict:
   c.distill = ConfigDict(dict(
       method='hard', alpha=0.5, base_weight=placeholder(float), distill_weight=placeholder(float),
       temperature=4.0, dkd_alpha=1.0, dkd_beta=8.0, dkd_warmup_epochs=20, ctkd_ramp_epochs=10))
+  # The loss as (term, weight) pairs, e.g. (('ce', 0.5), ('hard', 0.5)); empty: distill.method's
+  # terms (tikd_jax/train/loss_config.py). Settings of added terms: loss_settings.<term>.
+  c.loss = ()
+  c.loss_settings = ConfigDict()
   # IRKD saliency alignment (README "IRKD"): 'none' | 'attention' | 'gradient'.
   c.saliency = ConfigDict(dict(kind='none', weight=0.8, layers='', resize_to='teacher'))
   c.text = ConfigDict(dict(features_dir='', class_prompt_encoder='',
@@ -96,7 +100,7 @@ def sgd_recipe(c: ConfigDict, lr: float = 0.05) -> None:
   batch 64, 240 epochs, ×0.1 at 150/180/210, no label smoothing."""
   c.optimizer.name = 'sgd'
   c.optimizer.weight_decay = 5e-4
-  c.optimizer.wd_exclude = ('ctkd_raw_temperature',)
+  c.optimizer.wd_exclude = ('ctkd/raw_temperature',)
   c.schedule.name = 'multistep'
   c.schedule.lr = lr
   c.schedule.decay_epochs = (150, 180, 210)

@@ -31,7 +31,8 @@ from tikd_jax.models import build_model
 from tikd_jax.models.variables import model_variables
 from tikd_jax.train import trainer
 from tikd_jax.train.checkpoint import save_weights
-from tikd_jax.train.objectives import Objective, build_objective
+from tikd_jax.losses import terms as loss_terms
+from tikd_jax.train.loss_config import method_loss
 from tikd_jax.train.step import StepOptions, TrainState, make_train_step
 from tests.test_train import tiny_config
 
@@ -111,19 +112,21 @@ def vit(drop_path=0.0):
 
 
 def setup_step(student, method, k, *, tgraph=None, seed=0, step0=STEP0, state_rows=None):
-  """(unjitted step, initial state) for `student` trained with `method` (a name or an
-  Objective) on k micro-batches."""
-  objective = method if isinstance(method, Objective) else build_objective(
+  """(unjitted step, initial state) for `student` trained with `method` (a name or a
+  Loss) on k micro-batches."""
+  objective = method if isinstance(method, loss_terms.Loss) else method_loss(
       kd_cifar100.get_config(method).distill)
   graphdef, _, _ = nnx.split(student, nnx.Param, nnx.BatchStat)
   variables = model_variables(student)
-  params = {'student': variables['params'], 'objective': objective.init_params()}
+  term_params, term_state = objective.init(jax.random.key(0),
+                                           {'rows': state_rows or B // k, 'num_classes': C})
+  params = {'student': variables['params'], 'objective': term_params}
   state = TrainState(step=jnp.asarray(step0, jnp.int32), params=params,
                      batch_stats=variables['batch_stats'], opt_state=TX.init(params),
-                     objective_state=objective.init_state(state_rows or B // k, C))
+                     objective_state=term_state)
   fn = make_train_step(graphdef=graphdef,
                        teacher_graphdef=tgraph if objective.needs_teacher else None,
-                       objective=objective, tx=TX, frozen_mask=None,
+                       loss=objective, tx=TX, frozen_mask=None,
                        opts=StepOptions(num_classes=C, steps_per_epoch=1, seed=seed,
                                         grad_accum_steps=k))
   return fn, state
@@ -156,42 +159,41 @@ def run(data, student, method, k, *, steps=1, mesh=None, **kw):
 METRICS = ('base_loss', 'distill_loss', 'dkd_warmup', 'ctkd_lambda', 'ctkd_temperature')
 
 
-class OneOf(Objective):
-  """The objective of DECOMPOSABLE[objective_state['method']], picked by lax.switch: all six
-  methods (their own `Objective`s, weights from configs/kd_cifar100.py) share one compiled step
-  per k instead of one each (compiling is most of this file's time on CPU)."""
-  name = 'one_of'
-  needs_teacher = True
+ONE_OF = [method_loss(kd_cifar100.get_config(m).distill) for m in DECOMPOSABLE]
 
-  def __init__(self):
-    self.objectives = [build_objective(kd_cifar100.get_config(m).distill) for m in DECOMPOSABLE]
 
-  def init_params(self):
-    return {k: v for o in self.objectives for k, v in o.init_params().items()}
+def _one_of_init(rng, shapes):
+  params = {}
+  for loss in ONE_OF:
+    params.update(loss.init(rng, shapes)[0])
+  return params, {'method': jnp.zeros((), jnp.int32)}
 
-  def init_state(self, batch_size, num_classes):
-    return {'method': jnp.zeros((), jnp.int32)}
 
-  def __call__(self, x, params, state):
-    def branch(objective):
-      def loss(params):
-        total, metrics, _ = objective(x, params, {})
-        return total, {n: jnp.asarray(metrics.get(n, 0.0), jnp.float32) for n in METRICS}
-      return loss
-    total, metrics = jax.lax.switch(state['method'], [branch(o) for o in self.objectives], params)
-    return total, metrics, state
+@loss_terms.register('one_of', init=_one_of_init, needs_teacher=True)
+def one_of(ctx):
+  """The loss of DECOMPOSABLE[state['method']], picked by lax.switch: all six methods (their own
+  `Loss`es, weights from configs/kd_cifar100.py) share one compiled step per k instead of one
+  each (compiling is most of this file's time on CPU)."""
+  def branch(loss):
+    def run(params):
+      total, metrics, _ = loss(ctx, params, {})
+      return total, {n: jnp.asarray(metrics.get(n, 0.0), jnp.float32) for n in METRICS}
+    return run
+  total, metrics = jax.lax.switch(ctx.state['method'], [branch(o) for o in ONE_OF], ctx.params)
+  return total, metrics, ctx.state
 
 
 @pytest.fixture(scope='module')
 def full_batch_runs(data):
   """k = 1, 2, 4 for every mean-over-examples method, on a LayerNorm ViT without drop path."""
-  objective = OneOf()
+  objective = loss_terms.Loss((('one_of', 1.0),))
   runs = {}
   for k in (1, 2, 4):
     fn, state = setup_step(vit(), objective, k, tgraph=data[1])
     step = jit(fn)
     for i, method in enumerate(DECOMPOSABLE):
-      new_state, metrics = step(state.replace(objective_state={'method': jnp.asarray(i)}),
+      one_of = {'one_of': {'method': jnp.asarray(i)}}
+      new_state, metrics = step(state.replace(objective_state=one_of),
                                 data[0][0], data[2])
       runs[method, k] = ([new_state], [metrics])
   return runs
@@ -214,11 +216,11 @@ def test_accumulation_equals_the_full_batch_for_mean_over_examples_losses(full_b
 
 def test_ctkd_temperature_gradient_is_the_full_batch_one(full_batch_runs):
   (ref,), (ref_m,) = full_batch_runs['ctkd', 1]
-  g_ref = grads_of(ref)['objective']['ctkd_raw_temperature']
+  g_ref = grads_of(ref)['objective']['one_of']['ctkd']['raw_temperature']
   assert float(ref_m['ctkd_lambda']) > 0.1 and abs(float(g_ref)) > 1e-4  # the GRL is on
   for k in (2, 4):
     (acc,), _ = full_batch_runs['ctkd', k]
-    g = grads_of(acc)['objective']['ctkd_raw_temperature']
+    g = grads_of(acc)['objective']['one_of']['ctkd']['raw_temperature']
     assert_same(f'ctkd k={k} temperature', grad=(g, g_ref),
                 param=(acc.params['objective'], ref.params['objective']))
 
@@ -283,7 +285,7 @@ def check_pkcd(data, micro_step, k, states, metrics, what):
                                                                     strict=True)):
     assert_same(f'{what} step {i}', PKCD_RTOL, loss=(m['loss'], loss),
                 grads=(grads_of(state), grads), params=(state.params, params),
-                previous_batch=(state.objective_state, pstate))
+                previous_batch=(state.objective_state['pkcd'], pstate))
   return starts
 
 
@@ -292,7 +294,7 @@ def test_pkcd_accumulates_micro_batch_by_micro_batch_across_steps(data, pkcd_mic
   states, metrics = run(data, vit(), 'pkcd', k, steps=2, step0=0)
   starts = check_pkcd(data, pkcd_micro_step, k, states, metrics, f'pkcd k={k}')
   # The state holds one micro-batch: the last one of the second batch (rows k − 1, 2k − 1, …).
-  np.testing.assert_array_equal(states[1].objective_state['prev_labels'],
+  np.testing.assert_array_equal(states[1].objective_state['pkcd']['prev_labels'],
                                 data[0][1]['label'][k - 1::k])
   assert float(metrics[1]['pkcd_cbcd_previous']) != 0.0
   # The layout matters: contiguous micro-batches are another run.
@@ -303,7 +305,7 @@ def test_pkcd_accumulates_micro_batch_by_micro_batch_across_steps(data, pkcd_mic
 def test_state_sized_for_the_full_batch_or_an_indivisible_batch_is_refused(data):
   batches, tgraph, teacher_vars, _ = data
   fn, state = setup_step(vit(), 'pkcd', 2, tgraph=tgraph, state_rows=B)
-  with pytest.raises(ValueError, match=r'micro-batch has 16 rows.*init_state\(16, 10\)'):
+  with pytest.raises(ValueError, match=r'micro-batch has 16 rows.*rows=16, num_classes=10'):
     jax.jit(fn).lower(state, batches[0], teacher_vars)
   fn, state = setup_step(vit(), 'none', 3, state_rows=10)
   with pytest.raises(ValueError, match='not divisible by grad_accum_steps 3'):

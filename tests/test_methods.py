@@ -11,7 +11,7 @@ from configs import kd_cifar100, tikd_cifar100
 from tikd_jax.data import build_source
 from tikd_jax.models import build_model
 from tikd_jax.models.variables import model_variables
-from tikd_jax.train.objectives import build_objective
+from tikd_jax.train.loss_config import method_loss
 from tikd_jax.train.step import StepOptions, TrainState, make_train_step
 from tests.test_train import tiny_config
 
@@ -36,20 +36,21 @@ def weights(method):
 def test_each_method_trains_on_digits_with_its_weights(setup, method):
   batch, tgraph, teacher_vars = setup
   cfg = weights(method)
-  objective = build_objective(cfg)
+  objective = method_loss(cfg)
   student = build_model('distilled_vit', variant='micro', img_size=16, num_classes=10,
                         drop_path=0.0, rngs=nnx.Rngs(0))
   graphdef, _, _ = nnx.split(student, nnx.Param, nnx.BatchStat)
   variables = model_variables(student)
-  params = {'student': variables['params'], 'objective': objective.init_params()}
+  term_params, term_state = objective.init(jax.random.key(0), {'rows': 32, 'num_classes': 10})
+  params = {'student': variables['params'], 'objective': term_params}
   tx = optax.adam(3e-3)
   state = TrainState(step=jnp.zeros((), jnp.int32), params=params,
                      batch_stats=variables['batch_stats'], opt_state=tx.init(params),
-                     objective_state=objective.init_state(32, 10))
+                     objective_state=term_state)
   # steps_per_epoch=1: the epoch advances every step, so DKD's warm-up and CTKD's λ move.
   step = jax.jit(make_train_step(
       graphdef=graphdef, teacher_graphdef=tgraph if objective.needs_teacher else None,
-      objective=objective, tx=tx, frozen_mask=None,
+      loss=objective, tx=tx, frozen_mask=None,
       opts=StepOptions(num_classes=10, steps_per_epoch=1, seed=0)))
   history = []
   for _ in range(25):
@@ -78,14 +79,14 @@ def test_each_method_trains_on_digits_with_its_weights(setup, method):
     temps = [h['ctkd_temperature'] for h in history]
     assert history[0]['ctkd_lambda'] < history[-1]['ctkd_lambda']
     assert temps[-1] != temps[0]  # the temperature trains
-    assert 'ctkd_raw_temperature' in state.params['objective']
+    assert 'raw_temperature' in state.params['objective']['ctkd']
 
 
 def test_tikd_config_accepts_every_method():
   for method in ('none', 'soft', 'hard', 'kd', 'dkd', 'ctkd', 'pkcd'):
     c = tikd_cifar100.get_config(f'small,{method}')
     assert c.distill.method == method and c.model.variant == 'small'
-    build_objective(c.distill)
+    method_loss(c.distill)
   assert tikd_cifar100.get_config('large').distill.method == 'hard'
   with pytest.raises(ValueError):
     kd_cifar100.get_config('fitnet')

@@ -34,7 +34,7 @@ from tikd_jax.models.variables import model_variables
 from tikd_jax.train import checkpoint as ckpt_lib
 from tikd_jax.train import preemption
 from tikd_jax.train import trainer
-from tikd_jax.train.objectives import build_objective
+from tikd_jax.train.loss_config import method_loss
 from tikd_jax.tree import flatten
 from tests.test_train import tiny_config
 
@@ -221,9 +221,9 @@ def test_pkcd_previous_batch_is_checkpointed_and_restored(tmp_path, teacher_dir,
   carried = _checkpoint(tmp_path)['extra']
   # The previous batch of step STOP is in the checkpoint (not the zeros / −1 / False of a fresh
   # state), so a resume that reset it would start step STOP + 1 with another loss.
-  assert bool(carried['objective_state/valid'])
-  assert np.all(carried['objective_state/prev_labels'] >= 0)
-  assert np.any(carried['objective_state/prev_teacher_logits'] != 0)
+  assert bool(carried['objective_state/pkcd/valid'])
+  assert np.all(carried['objective_state/pkcd/prev_labels'] >= 0)
+  assert np.any(carried['objective_state/pkcd/prev_teacher_logits'] != 0)
   _assert_same_run(reference, tmp_path, trainer.train_and_evaluate(c, str(tmp_path)))
 
 
@@ -232,9 +232,10 @@ def test_ctkd_temperature_and_its_optimizer_state_resume_exactly(tmp_path, teach
   reference = straight('ctkd', c)
   _assert_same_run(reference, tmp_path, _stop_and_resume(c, tmp_path, [STOP]))
   final = _checkpoint(tmp_path)
-  name = 'ctkd_raw_temperature'
+  name = 'ctkd/raw_temperature'
   # The temperature was trained (moved from its initial value) and has Adam moments of its own.
-  assert final['extra'][f'objective/{name}'] != float(build_objective(c.distill).init_params()[name])
+  initial = method_loss(c.distill).init(jax.random.key(0), {})[0]['ctkd']['raw_temperature']
+  assert final['extra'][f'objective/{name}'] != float(initial)
   moments = [k for k in final['optimizer'] if k.endswith(f'objective/{name}')]
   assert len(moments) == 2 and all(np.all(final['optimizer'][k] != 0) for k in moments), moments
 
@@ -292,5 +293,5 @@ def test_sigterm_to_main_py_resumes_pkcd_exactly(tmp_path, teacher_dir, straight
   saved = _checkpoint(workdir)
   assert saved['step'] == stopped and saved['meta']['data']['start'] == 0
   assert sorted(int(d) for d in os.listdir(workdir / 'checkpoints') if d.isdigit()) == [stopped]
-  assert bool(saved['extra']['objective_state/valid'])
+  assert bool(saved['extra']['objective_state/pkcd/valid'])
   _assert_same_run(reference, workdir, trainer.train_and_evaluate(c, str(workdir)))

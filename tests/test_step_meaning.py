@@ -21,7 +21,7 @@ from flax import nnx
 from configs import irkd_cifar10, kd_cifar100, tikd_cifar100
 from tikd_jax.models.variables import abstract_model
 from tikd_jax.train import trainer
-from tikd_jax.train.objectives import build_objective
+from tikd_jax.train.loss_config import method_loss
 from tikd_jax.train.step import StepOptions, TrainState, make_eval_step, make_train_step
 
 B, C, IMG, TEXT_DIM = 8, 10, 16, 12
@@ -205,14 +205,14 @@ def expected(student, params, images, x, weights, extra_terms=None, fuse_text=Fa
            'alignment', 'predictor', 'saliency']
   assert set(weights) <= set(names)
   w = {k: jnp.float32(weights.get(k, 0.0)) for k in names}
-  raw = params['objective'].get('ctkd_raw_temperature', jnp.float32(1.0))
+  raw = params['objective'].get('ctkd', {}).get('raw_temperature', jnp.float32(1.0))
   (loss, (terms, stats)), g = expected_fn(graphdef, extra_terms, fuse_text)(
       {'student': params['student'], 'raw_temperature': raw}, variables['batch_stats'], images,
       x, w)
   grads = {'student': g['student'], 'objective': {}}
-  if 'ctkd_raw_temperature' in params['objective']:
+  if 'ctkd' in params['objective']:
     # Gradient reversal (Ganin & Lempitsky 2015; CTKD temp_global.py): −λ·∂L/∂raw.
-    grads['objective']['ctkd_raw_temperature'] = -ctkd_lambda(EPOCH) * g['raw_temperature']
+    grads['objective']['ctkd'] = {'raw_temperature': -ctkd_lambda(EPOCH) * g['raw_temperature']}
   return loss, terms, stats, grads
 
 
@@ -281,18 +281,19 @@ def run_step(student, teacher, objective, opts, batch, *, step=STEP, objective_s
              jitted=None):
   """One real train step with optax.sgd(1.0) → (params, new state, metrics, gradient, step fn)."""
   graphdef, variables = student
-  params = {'student': variables['params'], 'objective': objective.init_params()}
-  if 'ctkd_raw_temperature' in params['objective']:
+  term_params, term_state = objective.init(jax.random.key(0), {'rows': B, 'num_classes': C})
+  params = {'student': variables['params'], 'objective': term_params}
+  if 'ctkd' in params['objective']:
     # T = 1 + 20·σ(−1) ≈ 6.4, where KD is steeper in T than at the init raw 1 (T ≈ 15.6).
-    params['objective'] = {'ctkd_raw_temperature': jnp.float32(-1.0)}
+    params['objective'] = {'ctkd': {'raw_temperature': jnp.float32(-1.0)}}
   tx = optax.sgd(1.0)
   if objective_state is None:
-    objective_state = objective.init_state(B, C)
+    objective_state = term_state
   state = TrainState(step=jnp.asarray(step, jnp.int32), params=params,
                      batch_stats=variables['batch_stats'], opt_state=tx.init(params),
                      objective_state=objective_state)
   fn = jitted or jax.jit(make_train_step(graphdef=graphdef, teacher_graphdef=teacher[0],
-                                         objective=objective, tx=tx, frozen_mask=None, opts=opts),
+                                         loss=objective, tx=tx, frozen_mask=None, opts=opts),
                          **COMPILE)
   new_state, metrics = fn(state, batch, teacher[1])
   grads = jax.tree.map(lambda p, q: np.asarray(p, np.float64) - np.asarray(q, np.float64),
@@ -348,7 +349,7 @@ def method_inputs(teacher, batch, q):
 # ------------------------------------------------------------------ methods
 def check_method(student, teacher, batch, method, distill_cfg, weights, label_smoothing):
   """Loss, gradient and BatchNorm statistics of one step of `method` against the restatement."""
-  objective = build_objective(distill_cfg)
+  objective = method_loss(distill_cfg)
   opts = StepOptions(num_classes=C, steps_per_epoch=STEPS_PER_EPOCH, seed=SEED,
                      label_smoothing=label_smoothing)
   onehot = jax.nn.one_hot(batch['label'], C)
@@ -357,7 +358,7 @@ def check_method(student, teacher, batch, method, distill_cfg, weights, label_sm
           'valid': jnp.ones((), jnp.bool_)}
   params, new_state, metrics, grads, fn = run_step(
       student, teacher, objective, opts, batch,
-      objective_state=prev if method == 'pkcd' else None)
+      objective_state={'pkcd': prev} if method == 'pkcd' else None)
   images = images_of(batch)
   loss, terms, stats, expected_grads = expected(student, params, images, x, weights)
   np.testing.assert_allclose(metrics['loss'], loss, rtol=LOSS_RTOL)
@@ -383,17 +384,17 @@ def test_deit_student_ce_on_class_head_distillation_on_dist_head(deit, teacher, 
   # The distillation term on the class head would be another loss.
   _, out = forward(deit, images_of(batch), train=True)
   wrong = method_terms(out['cls_logits'], out['cls_logits'],
-                       params['objective'].get('ctkd_raw_temperature', 1.0), x)
+                       params['objective'].get('ctkd', {}).get('raw_temperature', 1.0), x)
   distill_term = {'soft': 'soft_t1', 'pkcd': 'pkcd_contrast'}.get(method, method)
   assert far(wrong[distill_term], terms[distill_term], factor=1e3)
   if method == 'pkcd':
     # The teacher's logits and the labels become the next step's "previous batch".
-    state = new_state.objective_state
+    state = new_state.objective_state['pkcd']
     np.testing.assert_allclose(state['prev_teacher_logits'], x['t'], rtol=1e-5, atol=1e-6)
     np.testing.assert_array_equal(state['prev_labels'], LABELS)
     assert bool(state['valid'])
     # As released, InfoNCE and the intra-class term wait for a previous batch.
-    objective = build_objective(cfg)
+    objective = method_loss(cfg)
     first = run_step(deit, teacher, objective, None, batch, jitted=fn)[2]
     np.testing.assert_allclose(first['loss'], terms['ce'] + terms['soft_t4'], rtol=LOSS_RTOL)
 
@@ -413,8 +414,8 @@ def test_ctkd_temperature_ascends_the_kd_term(cnn, teacher, batch):
   params, new_state, metrics, x, _, _ = check_method(cnn, teacher, batch, 'ctkd', cfg,
                                                      CNN_WEIGHTS['ctkd'], 0.0)
   assert metrics['ctkd_lambda'] == pytest.approx(ctkd_lambda(EPOCH)) and 0 < ctkd_lambda(EPOCH)
-  old = params['objective']['ctkd_raw_temperature']
-  new = new_state.params['objective']['ctkd_raw_temperature']
+  old = params['objective']['ctkd']['raw_temperature']
+  new = new_state.params['objective']['ctkd']['raw_temperature']
   # KD with the logits fixed, in float64 (float32 KD at T ≈ 6 is too coarse for this step).
   s = np.asarray(forward(cnn, images_of(batch), train=True)[1]['cls_logits'], np.float64)
   t = np.asarray(x['t'], np.float64)
@@ -435,7 +436,7 @@ def test_mixup_cutmix_targets_and_teacher_sees_the_augmented_batch(deit, teacher
   smoothing 0.1): CE against the mixed soft targets; the teacher sees the augmented images."""
   config = tikd_cifar100.get_config('small,kd')
   _, batch_augment = trainer.build_augmentations(config)
-  objective = build_objective(config.distill)
+  objective = method_loss(config.distill)
   opts = StepOptions(num_classes=C, steps_per_epoch=STEPS_PER_EPOCH, seed=SEED,
                      label_smoothing=0.1, batch_augment=batch_augment)
   smoothed = 0.9 * jax.nn.one_hot(batch['label'], C) + 0.1 / C
@@ -475,9 +476,9 @@ def test_tikd_alignment_and_text_predictor_terms(tikd, teacher, batch, beta, wei
   w·mean(1 − cos(text_pred, t)), with the config's β 0.1 / w 1 and with 0.3 / 2."""
   text = jnp.asarray(np.random.default_rng(3).normal(size=(B, TEXT_DIM)), jnp.float32)
   batch = dict(batch, text=text)
-  objective = build_objective(tikd_cifar100.get_config('small,hard').distill)
-  opts = StepOptions(num_classes=C, steps_per_epoch=STEPS_PER_EPOCH, seed=SEED, fuse_text=True,
-                     alignment_beta=beta, text_predictor_weight=weight)
+  objective = method_loss(tikd_cifar100.get_config('small,hard').distill,
+                          (('tikd_alignment', beta), ('text_predictor', weight)))
+  opts = StepOptions(num_classes=C, steps_per_epoch=STEPS_PER_EPOCH, seed=SEED, fuse_text=True)
   params, _, metrics, grads, _ = run_step(tikd, teacher, objective, opts, batch)
   x = dict(method_inputs(teacher, batch, jax.nn.one_hot(batch['label'], C)), text=text)
   weights = dict(DEIT_WEIGHTS['hard'], alignment=beta, predictor=weight)
@@ -507,9 +508,9 @@ def test_irkd_attention_saliency_weight(irkd, vit_teacher, batch):
   """(1 − α)·CE + α·KD(T 4) + w·L_sal with the ViT teacher in eval mode; w 0.3, not the recipe's
   0.8, so that a hard-coded or dropped weight shows."""
   weight = 0.3
-  objective = build_objective(irkd_cifar10.get_config('kd_cl_sal,p4').distill)
-  opts = StepOptions(num_classes=C, steps_per_epoch=STEPS_PER_EPOCH, seed=SEED,
-                     saliency='attention', saliency_weight=weight)
+  objective = method_loss(irkd_cifar10.get_config('kd_cl_sal,p4').distill,
+                          (('attention_saliency', weight),))
+  opts = StepOptions(num_classes=C, steps_per_epoch=STEPS_PER_EPOCH, seed=SEED)
   params, _, metrics, grads, _ = run_step(irkd, vit_teacher, objective, opts, batch)
   t_logits, t_out = forward(vit_teacher, images_of(batch), train=False)
   x = dict(method_inputs(vit_teacher, batch, jax.nn.one_hot(batch['label'], C)), t=t_logits,

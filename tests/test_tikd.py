@@ -7,6 +7,7 @@ import torch
 from flax import nnx
 from scipy.special import erf
 
+from tikd_jax.losses import terms
 from tikd_jax.models import build_model
 from tikd_jax.train import checkpoint as ckpt_lib
 from tikd_jax.train import trainer
@@ -86,7 +87,9 @@ def test_fusion_forward_matches_a_numpy_restatement(text_dim):
   logits, out = model(images, text=text, fuse_text=True)
   ref_logits, ref_c, ref_align = numpy_tikd_forward(model, images, text)
   np.testing.assert_allclose(out['text_weights'], ref_c, atol=2e-5)
-  np.testing.assert_allclose(out['alignment_loss'], ref_align, atol=2e-5)
+  alignment = terms.tikd_alignment(terms.Context(out=out, labels=None, targets=None, epoch=1.0,
+                                                 step=0))[0]
+  np.testing.assert_allclose(alignment, ref_align, atol=2e-5)
   np.testing.assert_allclose(logits, ref_logits, atol=1e-4)
   c = np.asarray(out['text_weights'])
   assert c.min() >= 0.0 and c.max() <= 1.0 and c.max() > 0.0
@@ -102,7 +105,9 @@ def test_alignment_loss_and_its_gradient_match_torch():
   text0 = np.asarray(jax.random.normal(jax.random.key(3), (4, 32)) + 2.0 * tokens[:, 0])
 
   def alignment(text):
-    return model(images, text=text, fuse_text=True)[1]['alignment_loss']
+    out = model(images, text=text, fuse_text=True)[1]
+    return terms.tikd_alignment(terms.Context(out=out, labels=None, targets=None, epoch=1.0,
+                                              step=0))[0]
 
   value, grad = jax.value_and_grad(alignment)(jnp.asarray(text0))
   x = torch.tensor(tokens, dtype=torch.float64)

@@ -18,7 +18,7 @@ from tikd_jax.models import build_model
 from tikd_jax.models.variables import model_variables
 from tikd_jax.train import checkpoint as ckpt_lib
 from tikd_jax.train import trainer
-from tikd_jax.train.objectives import build_objective
+from tikd_jax.train.loss_config import method_loss
 from tikd_jax.train.step import StepOptions, TrainState, make_train_step
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -55,11 +55,11 @@ def test_step_lowers_loss_on_a_fixed_batch():
   variables = model_variables(model)
   params = {'student': variables['params'], 'objective': {}}
   tx = optax.adam(3e-3)
-  objective = build_objective(tiny_config().distill)
+  objective = method_loss(tiny_config().distill)
   state = TrainState(step=jnp.zeros((), jnp.int32), params=params,
                      batch_stats=variables['batch_stats'], opt_state=tx.init(params),
                      objective_state={})
-  step = jax.jit(make_train_step(graphdef=graphdef, teacher_graphdef=None, objective=objective,
+  step = jax.jit(make_train_step(graphdef=graphdef, teacher_graphdef=None, loss=objective,
                                  tx=tx, frozen_mask=None,
                                  opts=StepOptions(num_classes=10, steps_per_epoch=10, seed=0)))
   source = build_source(tiny_config().data, 'train')

@@ -325,7 +325,6 @@ class DistilledViT(nnx.Module):
       t = self.text_adapter(t.astype(x.dtype)).astype(jnp.float32)
     c = jnp.clip(_cosine(x.astype(jnp.float32), t[:, None, :]), 0.0, 1.0)  # [B, N]
     out['text_weights'] = c
-    out['alignment_loss'] = jnp.mean(1.0 - c)
     x_decoded = _dense(self.text_decoder, (c[..., None] * x).astype(x.dtype), self.fast_layers)
     value_bias = _dense(self.text_proj, x_decoded, self.fast_layers)
     # The second pass starts from the normed first-pass tokens, with no final norm after it.

@@ -1,7 +1,7 @@
 """The run as a sequence of phases: TIKD's training stages and IRKD's resolution curriculum.
 
-A phase is a contiguous range of steps with fixed switches (text fusion, loss weights, frozen
-parameters, input resolution). Each distinct set of switches gets its own compiled step, compiled
+A phase is a contiguous range of steps with fixed switches (text fusion, its (loss term, weight)
+list, frozen parameters, input resolution). Each distinct set of switches gets its own compiled step, compiled
 once. Phases come from `config.stages` (a list of stages with `epochs` and switches) or from
 `config.curriculum.stages` ([(resolution, epochs), …]); without either, one phase covers
 `config.num_epochs`.
@@ -12,6 +12,7 @@ import dataclasses
 from typing import Sequence
 
 from tikd_jax.data.pipeline import CROP_MODES
+from tikd_jax.train.loss_config import stage_terms
 
 
 @dataclasses.dataclass(frozen=True)
@@ -20,8 +21,7 @@ class Phase:
   start_step: int
   end_step: int                      # exclusive
   fuse_text: bool = False
-  alignment_beta: float = 0.0
-  text_predictor_weight: float = 0.0
+  loss: tuple[tuple[str, float], ...] = (('ce', 1.0),)  # (term, weight) (train/loss_config.py)
   frozen: tuple[str, ...] = ()
   resolution: int | None = None      # None: full size
   reset_optimizer: bool = False      # re-create the optimizer state when the phase starts
@@ -29,12 +29,11 @@ class Phase:
   @property
   def switches(self) -> tuple:
     """What the compiled step depends on (phases with equal switches share one compile)."""
-    return (self.fuse_text, self.alignment_beta, self.text_predictor_weight, self.frozen,
-            self.resolution)
+    return (self.fuse_text, self.loss, self.frozen, self.resolution)
 
 
 _STAGE_KEYS = {'name', 'epochs', 'fuse_text', 'alignment_beta', 'text_predictor_weight',
-               'frozen', 'resolution', 'reset_optimizer'}
+               'frozen', 'resolution', 'reset_optimizer', 'loss'}
 
 
 def build_phases(config, steps_per_epoch: int) -> list[Phase]:
@@ -75,8 +74,9 @@ def build_phases(config, steps_per_epoch: int) -> list[Phase]:
                if k in stage})
     phases.append(Phase(
         name=str(stage.get('name', f'stage{i}')), start_step=start, end_step=start + steps,
+        fuse_text=bool(kw['fuse_text']), loss=stage_terms(config, stage, **kw),
         frozen=tuple(stage.get('frozen', ())), resolution=stage.get('resolution'),
-        reset_optimizer=bool(stage.get('reset_optimizer', False)) and i > 0, **kw))
+        reset_optimizer=bool(stage.get('reset_optimizer', False)) and i > 0))
     start += steps
   return phases
 

@@ -17,35 +17,30 @@ import optax
 from flax import nnx
 
 from tikd_jax import losses
-from tikd_jax.train.objectives import LossInputs, Objective, tree_any_nonfinite
+from tikd_jax.losses.terms import Context, Loss
 from tikd_jax.train.optim import zero_frozen
 
 
 @flax.struct.dataclass
 class TrainState:
   step: jax.Array                 # int32 scalar: optimizer steps taken
-  params: dict                    # {'student': …, 'objective': …} trainable
+  params: dict                    # {'student': …, 'objective': {term: its parameters}} trainable
   batch_stats: dict               # the student's BatchNorm statistics (empty for ViTs)
   opt_state: Any
-  objective_state: dict           # carried loss state (PKCD's previous batch)
+  objective_state: dict           # {term: its carried state} (PKCD's previous batch)
 
 
 @dataclasses.dataclass(frozen=True)
 class StepOptions:
-  """What a compiled train step is specialised on (one compile per distinct value)."""
+  """What a compiled train step is specialised on (one compile per distinct value); the loss
+  terms and their weights are the step's `loss` (tikd_jax/losses/terms.py)."""
   num_classes: int
   steps_per_epoch: int
   seed: int
   label_smoothing: float = 0.0
   fuse_text: bool = False          # TIKD second pass on (stage switch)
-  alignment_beta: float = 0.0      # weight of mean(1 − c)
-  text_predictor_weight: float = 0.0
   frozen: tuple[str, ...] = ()     # regexes of frozen parameter paths
   batch_augment: Callable | None = None  # (images, labels, num_classes, rng) → (images, targets)
-  saliency: str = 'none'           # IRKD saliency alignment: 'none' | 'attention' | 'gradient'
-  saliency_weight: float = 0.0
-  saliency_layers: str = ''        # '' → the variant's default; else '0,2,3' or 'all'
-  saliency_resize_to: str = 'teacher'
   grad_accum_steps: int = 1        # micro-batches per optimizer step (gradients averaged)
 
 
@@ -58,38 +53,36 @@ def _teacher_forward(teacher_graphdef, teacher_vars, images):
   return teacher, jax.lax.stop_gradient(logits.astype(jnp.float32)), jax.lax.stop_gradient(out)
 
 
-def _parse_layers(spec: str):
-  if spec in ('', 'all'):
-    return spec or None
-  return tuple(int(i) for i in spec.split(','))
+def _shapes_of(tree):
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(jnp.shape(x), x.dtype), tree)
 
 
-def saliency_term(opts: StepOptions, student, student_out, teacher, teacher_out):
-  """IRKD's saliency alignment (REFERENCE §7) between student and (stop-gradient) teacher."""
-  if teacher is None or not hasattr(teacher, 'num_prefix'):
-    raise ValueError('saliency alignment needs a ViT teacher (attention maps, patch tokens)')
-  common = dict(student_prefix=student.num_prefix, teacher_prefix=teacher.num_prefix,
-                resize_to=opts.saliency_resize_to)
-  layers = _parse_layers(opts.saliency_layers)
-  if opts.saliency == 'attention':
-    return losses.attention_saliency_loss(student_out, teacher_out, layers=layers or 'all',
-                                          **common)
-  if opts.saliency == 'gradient':
-    kw = {'layers': layers} if layers else {}
-    return losses.gradient_saliency_loss(student_out, teacher_out, student_classifier=student.head,
-                                         teacher_classifier=teacher.head, **kw, **common)
-  raise ValueError(f"saliency must be 'none', 'attention' or 'gradient', got {opts.saliency!r}")
+def loss_shapes(*, graphdef, variables, teacher_graphdef=None, teacher_vars=None,
+                image_shape, rows: int, num_classes: int) -> dict:
+  """The `shapes` a term's `init(rng, shapes)` reads: 'rows' (one micro-batch), 'num_classes',
+  and the eval_shape of the student's and the teacher's named outputs on `image_shape` images."""
+  x = jax.ShapeDtypeStruct((rows,) + tuple(image_shape), jnp.float32)
+  student_out = jax.eval_shape(
+      lambda v, x: nnx.merge(graphdef, v['params'], v['batch_stats'])(x, train=False)[1],
+      variables, x)
+  teacher_out = {} if teacher_graphdef is None else jax.eval_shape(
+      lambda v, x: _teacher_forward(teacher_graphdef, v, x)[2], teacher_vars, x)
+  return {'rows': rows, 'num_classes': num_classes, 'student_out': student_out,
+          'teacher_out': teacher_out}
 
 
-def _cosine_loss(pred, target):
-  pred = pred / jnp.maximum(jnp.linalg.norm(pred, axis=-1, keepdims=True), 1e-8)
-  target = target / jnp.maximum(jnp.linalg.norm(target, axis=-1, keepdims=True), 1e-8)
-  return jnp.mean(1.0 - jnp.sum(pred * target, axis=-1))
+def tree_any_nonfinite(tree: Any) -> jax.Array:
+  leaves = [jnp.any(~jnp.isfinite(x)) for x in jax.tree.leaves(tree)
+            if jnp.issubdtype(x.dtype, jnp.floating)]
+  return jnp.any(jnp.stack(leaves)) if leaves else jnp.asarray(False)
 
 
-def make_train_step(*, graphdef, teacher_graphdef, objective: Objective,
+def make_train_step(*, graphdef, teacher_graphdef, loss: Loss,
                     tx: optax.GradientTransformation, frozen_mask, opts: StepOptions):
-  """(state, batch, teacher_vars) → (state, metrics). Metrics are device scalars."""
+  """(state, batch, teacher_vars) → (state, metrics): Σ weight · term over `loss`'s terms.
+  Metrics are device scalars."""
+  if loss.needs_teacher and teacher_graphdef is None:
+    raise ValueError(f'{loss} needs a teacher: set config.teacher.checkpoint')
   base_key = jax.random.key(opts.seed)
 
   def train_step(state: TrainState, batch: dict, teacher_vars):
@@ -115,42 +108,31 @@ def make_train_step(*, graphdef, teacher_graphdef, objective: Objective,
       obj_state = state.objective_state if objective_state is None else objective_state
       student = nnx.merge(graphdef, params['student'], bstats)
       logits, out = student(x, train=True, rng=rng, text=text, fuse_text=opts.fuse_text)
-      inputs = LossInputs(out=out, teacher_logits=t_logits, targets=y_soft,
-                          labels=y, epoch=epoch)
-      loss, metrics, new_obj_state = objective(inputs, params['objective'], obj_state)
-      teacher_out_ = t_out
-      if opts.fuse_text and opts.alignment_beta:
-        loss = loss + opts.alignment_beta * out['alignment_loss']
-        metrics['alignment_loss'] = out['alignment_loss']
-      if opts.text_predictor_weight and text is not None:
-        pred_loss = _cosine_loss(out['text_pred'], text)
-        loss = loss + opts.text_predictor_weight * pred_loss
-        metrics['text_predictor_loss'] = pred_loss
-      if opts.saliency != 'none':
-        sal = saliency_term(opts, student, out, teacher, teacher_out_)
-        loss = loss + opts.saliency_weight * sal
-        metrics['saliency_loss'] = sal
+      ctx = Context(out=out, labels=y, targets=y_soft, epoch=epoch, step=state.step,
+                    teacher_logits=t_logits, teacher_out=t_out, text=text, student=student,
+                    teacher=teacher)
+      _check_loss_state(loss, params['objective'], obj_state, ctx, opts)
+      total, metrics, new_obj_state = loss(ctx, params['objective'], obj_state)
       new_stats = nnx.to_pure_dict(nnx.state(student, nnx.BatchStat))
       metrics['train_top1'] = jnp.mean(jnp.argmax(logits, -1) == y)
-      return loss, (metrics, new_stats, new_obj_state)
+      return total, (metrics, new_stats, new_obj_state)
 
     k = opts.grad_accum_steps
     if images.shape[0] % k:
       raise ValueError(f'batch {images.shape[0]} is not divisible by grad_accum_steps {k}')
-    _check_objective_state(objective, state.objective_state, images.shape[0] // k, opts)
     if k == 1:
-      (loss, (metrics, new_stats, new_obj_state)), grads = jax.value_and_grad(
+      (total, (metrics, new_stats, new_obj_state)), grads = jax.value_and_grad(
           loss_fn, has_aux=True)(state.params)
     else:
-      loss, metrics, new_stats, new_obj_state, grads = _accumulate(
+      total, metrics, new_stats, new_obj_state, grads = _accumulate(
           loss_fn, state, images, targets, labels, teacher_logits, teacher_out, batch, k,
           model_rng)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     if frozen_mask is not None:
       updates = zero_frozen(updates, frozen_mask)
     params = optax.apply_updates(state.params, updates)
-    metrics = dict(metrics, loss=loss, grad_norm=optax.tree.norm(grads),
-                   nonfinite=tree_any_nonfinite((loss, grads)))
+    metrics = dict(metrics, loss=total, grad_norm=optax.tree.norm(grads),
+                   nonfinite=tree_any_nonfinite((total, grads)))
     new_state = TrainState(step=state.step + 1, params=params, batch_stats=new_stats,
                            opt_state=opt_state, objective_state=new_obj_state)
     return new_state, metrics
@@ -158,16 +140,22 @@ def make_train_step(*, graphdef, teacher_graphdef, objective: Objective,
   return train_step
 
 
-def _check_objective_state(objective, obj_state, rows, opts):
-  """Carried objective state (PKCD's previous batch) must be sized for one micro-batch."""
-  expected = jax.eval_shape(lambda: objective.init_state(rows, opts.num_classes))
-  shapes = lambda tree: (jax.tree.structure(tree), [jnp.shape(x) for x in jax.tree.leaves(tree)])
-  if shapes(obj_state) != shapes(expected):
-    raise ValueError(
-        f'objective {objective.name!r} carries state of shapes {shapes(obj_state)[1]}, but a '
-        f'micro-batch has {rows} rows (batch / grad_accum_steps {opts.grad_accum_steps}) and '
-        f'needs {shapes(expected)[1]}: build it with objective.init_state({rows}, '
-        f'{opts.num_classes}), i.e. from the micro-batch size')
+def _check_loss_state(loss, params, state, ctx, opts):
+  """At trace time: each term's parameters and carried state have the shapes its init gives for
+  this (micro-)batch (PKCD's previous batch holds one micro-batch)."""
+  rows = ctx.labels.shape[0]
+  shapes = {'rows': rows, 'num_classes': opts.num_classes, 'student_out': _shapes_of(ctx.out),
+            'teacher_out': _shapes_of(ctx.teacher_out)}
+  want_params, want_state = jax.eval_shape(lambda: loss.init(jax.random.key(0), shapes))
+  shape = lambda tree: (jax.tree.structure(tree), [jnp.shape(x) for x in jax.tree.leaves(tree)])
+  for name in loss.names:
+    for what, have, want in (('parameters', params, want_params), ('state', state, want_state)):
+      if shape(have.get(name, {})) != shape(want.get(name, {})):
+        raise ValueError(
+            f'loss term {name!r} has {what} of shapes {shape(have.get(name, {}))[1]}, but a '
+            f'micro-batch has {rows} rows (batch / grad_accum_steps {opts.grad_accum_steps}) '
+            f'and needs {shape(want.get(name, {}))[1]}: build them with loss.init(rng, shapes) '
+            f'for rows={rows}, num_classes={opts.num_classes}, i.e. from the micro-batch size')
 
 
 def _accumulate(loss_fn, state, images, targets, labels, teacher_logits, teacher_out, batch, k,

@@ -25,10 +25,12 @@ from tikd_jax.models.variables import load_model, model_variables
 from tikd_jax.train import checkpoint as ckpt_lib
 from tikd_jax.train import optim
 from tikd_jax.train.logger import MetricLogger
-from tikd_jax.train.objectives import build_objective
+from tikd_jax.losses.terms import Loss
+from tikd_jax.train.loss_config import term_settings
 from tikd_jax.train.plan import build_phases, phase_at
 from tikd_jax.train.preemption import Preempted, StopRequest
-from tikd_jax.train.step import StepOptions, TrainState, make_eval_step, make_train_step
+from tikd_jax.train.step import (StepOptions, TrainState, loss_shapes, make_eval_step,
+                                 make_train_step)
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -102,7 +104,7 @@ def load_train_text_features(config, train_source, is_chief: bool) -> np.ndarray
 
 
 def _extra(state: TrainState) -> dict:
-  """Trained state that is not the model's: the objective's parameters and carried state."""
+  """Trained state that is not the model's: the loss terms' parameters and carried state."""
   return {'objective': state.params['objective'], 'objective_state': state.objective_state}
 
 
@@ -114,7 +116,8 @@ def load_teacher(config, num_classes: int, mesh, rules):
   kwargs['fast_layers'] = cpu_fast_layers.enabled(config.cpu_fast_layers)
   path = config.teacher.checkpoint
   if not path:
-    raise ValueError(f'distill.method={config.distill.method!r} needs a teacher: set '
+    raise ValueError(f'the loss terms of distill.method={config.distill.method!r} / config.loss '
+                     f'need a teacher: set '
                      f'--config.teacher.checkpoint to a workdir or converted checkpoint')
   meta, flat = ckpt_lib.load_weights(path)
   graphdef, variables = load_model(name, kwargs, flat,
@@ -219,10 +222,20 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       student_name, rngs=nnx.Rngs(config.seed), fast_layers=fast_layers, **student_kwargs))
   graphdef, _, _ = nnx.split(abstract_model, nnx.Param, nnx.BatchStat)
   n_params = count_params(abstract_model)
-  objective = build_objective(config.distill)
+  # Each phase trains Σ weight · term over its list; parameters and state cover every phase's.
+  settings = term_settings(config)
+  phase_losses = {p.loss: Loss(p.loss, settings) for p in phases}
+  all_terms = Loss(tuple(dict.fromkeys(t for p in phases for t in p.loss)), settings)
   teacher_graphdef = teacher_vars = None
-  if objective.needs_teacher or config.saliency.kind != 'none':
+  if all_terms.needs_teacher:
     teacher_graphdef, teacher_vars, _ = load_teacher(config, num_classes, mesh, rules)
+  micro_rows = config.batch_size // config.get('grad_accum_steps', 1)
+  _, abstract_params, abstract_stats = nnx.split(abstract_model, nnx.Param, nnx.BatchStat)
+  shapes = loss_shapes(graphdef=graphdef, variables={'params': abstract_params,
+                                                     'batch_stats': abstract_stats},
+                       teacher_graphdef=teacher_graphdef, teacher_vars=teacher_vars,
+                       image_shape=train_source[0]['image'].shape, rows=micro_rows,
+                       num_classes=num_classes)
 
   # ----------------------------------------------------------------------------- optimizer & state
   schedule = optim.make_schedule(config.schedule, steps_per_epoch, total_steps)
@@ -231,12 +244,13 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     model = build_model(student_name, rngs=nnx.Rngs(config.seed), fast_layers=fast_layers,
                         **student_kwargs)
     variables = model_variables(model)
-    params = {'student': variables['params'], 'objective': objective.init_params()}
+    term_params, term_state = all_terms.init(  # state sized for one micro-batch
+        jax.random.fold_in(jax.random.key(config.seed), 1), shapes)
+    params = {'student': variables['params'], 'objective': term_params}
     tx = optim.make_optimizer(config.optimizer, schedule, params)
     return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                       batch_stats=variables['batch_stats'], opt_state=tx.init(params),
-                      objective_state=objective.init_state(  # sized for one micro-batch
-                          config.batch_size // config.get('grad_accum_steps', 1), num_classes))
+                      objective_state=term_state)
 
   abstract_state = jax.eval_shape(init_state)
   tx = optim.make_optimizer(config.optimizer, schedule, abstract_state.params)
@@ -308,15 +322,11 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       opts = StepOptions(
           num_classes=num_classes, steps_per_epoch=steps_per_epoch, seed=config.seed,
           label_smoothing=config.get('label_smoothing', 0.0), fuse_text=phase.fuse_text,
-          alignment_beta=phase.alignment_beta,
-          text_predictor_weight=phase.text_predictor_weight, frozen=phase.frozen,
-          batch_augment=batch_augment, saliency=config.saliency.kind,
-          saliency_weight=config.saliency.weight, saliency_layers=config.saliency.layers,
-          saliency_resize_to=config.saliency.resize_to,
+          frozen=phase.frozen, batch_augment=batch_augment,
           grad_accum_steps=config.get('grad_accum_steps', 1))
       frozen_mask = optim.frozen_mask(abstract_state.params, phase.frozen) if phase.frozen else None
       fn = make_train_step(graphdef=graphdef, teacher_graphdef=teacher_graphdef,
-                           objective=objective, tx=tx, frozen_mask=frozen_mask, opts=opts)
+                           loss=phase_losses[phase.loss], tx=tx, frozen_mask=frozen_mask, opts=opts)
       compiled[phase.switches] = jax.jit(fn, out_shardings=(state_shardings, None),
                                          donate_argnums=(0,), compiler_options=compiler_options)
     return compiled[phase.switches]
