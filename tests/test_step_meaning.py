@@ -19,6 +19,7 @@ import pytest
 from flax import nnx
 
 from configs import irkd_cifar10, kd_cifar100, tikd_cifar100
+from tikd_jax import xla_options
 from tikd_jax.models.variables import abstract_model
 from tikd_jax.train import trainer
 from tikd_jax.train.loss_config import method_loss
@@ -32,8 +33,10 @@ SEED = 0
 # steps_per_epoch 2 at step 9: 1-based epoch 5, so DKD's warm-up is 5/20 and CTKD's λ is 0.5.
 STEPS_PER_EPOCH, STEP, EPOCH = 2, 9, 5.0
 LOSS_RTOL = 1e-5
-# The steps' meaning, not their speed, is under test: LLVM at -O0 roughly halves the CPU compiles.
-COMPILE = {'compiler_options': {'xla_backend_optimization_level': 0}}
+# The steps' meaning, not their speed, is under test: the 'fast_compile' preset (LLVM -O0) roughly
+# halves the CPU compiles.
+COMPILE = {'compiler_options': xla_options.compiler_options('fast_compile')
+           if jax.default_backend() == 'cpu' else None}
 
 
 # ------------------------------------------------------------------ independent restatements
