@@ -103,8 +103,8 @@ def test_gelu_is_exact():
   w2 = rng.normal(0, 1.0, (64, 32)) / np.sqrt(64)
   b1, b2 = rng.normal(0, 0.1, 64), rng.normal(0, 0.1, 32)
   for layer, w, b in ((mlp.fc1, w1, b1), (mlp.fc2, w2, b2)):
-    layer.kernel.value = jnp.asarray(w, jnp.float32)
-    layer.bias.value = jnp.asarray(b, jnp.float32)
+    layer.kernel[...] = jnp.asarray(w, jnp.float32)
+    layer.bias[...] = jnp.asarray(b, jnp.float32)
   x = rng.normal(0, 1.0, (4, 9, 32)).astype(np.float32)
   hidden = x.astype(np.float64) @ w1 + b1
   assert hidden.std() > 1.0  # the units reach the region where tanh and erf GELU differ
