@@ -3,15 +3,16 @@ tests that guard it must fail on each one.
 
   python tests/mutate.py --list                         # the mutants, nothing run
   python tests/mutate.py --max_mutants 60 --sample 0    # a deterministic sample, run
-  python tests/mutate.py --only tikd_jax/losses/kd.py:33    # rerun the mutants of one line
+  python tests/mutate.py --only tikd_jax/losses/kd.py:37    # rerun the mutants of one line
   python tests/mutate.py --must_kill                    # the named mutants; exit 1 if one survives
 
 Each mutant is one textual edit of the exact source span (the rest of the file keeps its
 formatting), applied to a private copy of the tree (the working tree is never touched); the
 target's test files then run as `pytest -x -q -p no:cacheprovider` with a per-mutant timeout
-(a timeout counts as killed). A JAX persistent compilation cache shared by all mutants keeps the
-unmutated programs compiled once. One JSON line per mutant goes to --results; a kill rate per
-file is printed at the end. Not a pytest module (the name does not start with test_).
+(a timeout counts as killed; a crash is rerun with a cold cache, then reported, not counted). A
+JAX persistent compilation cache shared by all mutants keeps the unmutated programs compiled once.
+One JSON line per mutant goes to --results; a kill rate per file is printed at the end. Not a
+pytest module (the name does not start with test_).
 """
 from __future__ import annotations
 
@@ -52,8 +53,8 @@ TEST_MAP = [
     ('tikd_jax/train/step.py', [_STEP_TESTS]),
     ('tikd_jax/train/loss_config.py', [_STEP_TESTS]),
     ('tikd_jax/train/objectives.py', [_STEP_TESTS]),  # before the loss-terms refactor
-    ('tikd_jax/models/vit.py', ['tests/test_models.py tests/test_tikd.py tests/test_step_meaning.py '
-                                'tests/test_mutation_survivors.py',
+    ('tikd_jax/models/vit.py', ['tests/test_models.py tests/test_tikd.py '
+                                'tests/test_step_meaning.py tests/test_mutation_survivors.py',
                                 'tests/test_convert.py -k vit']),
     ('tikd_jax/train/plan.py', ['tests/test_plan.py']),
 ]
@@ -259,7 +260,8 @@ class _Collector(ast.NodeVisitor):
     if new is not None:
       start, end = self.src.span(node.target)[1], self.src.span(node.value)[0]
       old_s, new_s = SYMBOL[type(node.op)] + '=', SYMBOL[new] + '='
-      self._add(node, f'augassign {old_s}→{new_s}', [_op_edit(self.src, start, end, old_s, new_s)])
+      self._add(node, f'augassign {old_s}→{new_s}',
+                [_op_edit(self.src, start, end, old_s, new_s)])
     self.generic_visit(node)
 
   def visit_Compare(self, node):
@@ -421,7 +423,7 @@ def must_kill_mutants() -> list[Mutant]:
 
 
 # ------------------------------------------------------------------ selection
-def test_groups(file: str, override=None) -> list[list[str]]:
+def groups_for(file: str, override=None) -> list[list[str]]:
   groups = [override] if override else next((g for p, g in TEST_MAP if fnmatch.fnmatch(file, p)),
                                             None)
   if groups is None:
@@ -461,7 +463,7 @@ def make_copy() -> str:
   return dst
 
 
-def test_env(cache_dir):
+def child_env(cache_dir):
   env = dict(os.environ)
   env.update(JAX_COMPILATION_CACHE_DIR=cache_dir, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0.5',
              JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='0',
@@ -510,7 +512,7 @@ class Runner:
     self.trees = [make_copy() for _ in range(jobs)]
     self.free = list(self.trees)
     self.lock = threading.Lock()
-    self.env = test_env(cache_dir)
+    self.env = child_env(cache_dir)
     self.timeout = timeout
     self.extra = extra
 
@@ -584,7 +586,8 @@ def main(argv=None):
   p.add_argument('--cache_dir', default=os.path.join(tempfile.gettempdir(), 'tikd-mutate-cache'),
                  help='JAX persistent compilation cache shared by all mutants')
   p.add_argument('--pytest_arg', action='append', default=[],
-                 help="extra pytest argument (repeatable), e.g. --pytest_arg=-m --pytest_arg='not slow'")
+                 help="extra pytest argument (repeatable), e.g. --pytest_arg=-m "
+                 "--pytest_arg='not slow'")
   args = p.parse_args(argv)
 
   if args.must_kill:
@@ -617,7 +620,7 @@ def main(argv=None):
     print(f'{len(mutants)} mutants', file=sys.stderr)
     return 0
 
-  groups = {m.file: test_groups(m.file, args.tests) for m in mutants}
+  groups = {m.file: groups_for(m.file, args.tests) for m in mutants}
   for f in sorted(groups):
     if not groups[f]:
       print(f'{f}: none of its test files exist; its mutants are skipped', file=sys.stderr)
@@ -677,9 +680,11 @@ def main(argv=None):
   for r in records:
     summary[r['file']][r['status']] += 1
   # Kill rate = (killed + timeout) / (run − crashed): a crash (twice) says nothing of the mutant.
-  row = lambda name, c: (f'{name:34s} {sum(c.values()):4d} {c["killed"]:7d} {c["timeout"]:8d} '
-                         f'{c["crashed"]:8d} {c["survived"]:9d} '
-                         f'{(c["killed"] + c["timeout"]) / max(sum(c.values()) - c["crashed"], 1):6.0%}')
+  def row(name, c):
+    n = sum(c.values())
+    rate = (c['killed'] + c['timeout']) / max(n - c['crashed'], 1)
+    return (f'{name:34s} {n:4d} {c["killed"]:7d} {c["timeout"]:8d} {c["crashed"]:8d} '
+            f'{c["survived"]:9d} {rate:6.0%}')
   print(f'\n{"file":34s} {"run":>4s} {"killed":>7s} {"timeout":>8s} {"crashed":>8s} '
         f'{"survived":>9s} {"rate":>6s}')
   total = collections.Counter()
@@ -691,7 +696,8 @@ def main(argv=None):
     print(row('all', total) + f'   ({secs:.1f} s per mutant)')
   for r in records:
     if r['status'] in ('survived', 'crashed'):
-      print(f'{r["status"].upper()} {r["file"]}:{r["line"]}:{r["index"]} {r["name"] or r["operator"]}: '
+      print(f'{r["status"].upper()} {r["file"]}:{r["line"]}:{r["index"]} '
+            f'{r["name"] or r["operator"]}: '
             f'{r["original"]}  →  {r["mutated"]}')
   with open(args.results, 'a') as out:
     out.write(json.dumps(dict(run=run_id, summary={f: dict(c) for f, c in summary.items()})) + '\n')
