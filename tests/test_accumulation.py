@@ -239,6 +239,18 @@ def sgd_on_mean(params, grads):
   return mean, jax.tree.map(lambda p, g: p - LR * g, params, mean)
 
 
+def sequential_step(micro_step, params, carry, xs, layout, k):
+  """k micro-batches one after the other, `carry` (PKCD state or BatchNorm statistics) passed
+  on, then SGD on the mean gradient → (mean loss, grads, params, carry)."""
+  losses, grads = [], []
+  for j in range(k):
+    (loss, carry), g = micro_step(params, carry, *(layout(x, j, k) for x in xs))
+    losses.append(loss)
+    grads.append(g)
+  grads, params = sgd_on_mean(params, grads)
+  return np.mean(losses), grads, params, carry
+
+
 @pytest.fixture(scope='module')
 def pkcd_micro_step():
   """One PKCD micro-batch as a plain loss: CE + pkcd_loss(state) → ((loss, new state), grads)."""
@@ -266,13 +278,8 @@ def pkcd_reference(data, micro_step, k, starts, layout=strided):
   state, out = pkcd_init_state(B // k, C), []
   for batch, params in zip(batches, starts):
     xs = (batch['image'].astype(jnp.float32), batch['label'], teacher_logits(batch['image']))
-    losses, grads = [], []
-    for j in range(k):
-      (loss, state), g = micro_step(params, state, *(layout(x, j, k) for x in xs))
-      losses.append(loss)
-      grads.append(g)
-    grads, params = sgd_on_mean(params, grads)
-    out.append((np.mean(losses), grads, params, state))
+    loss, grads, params, state = sequential_step(micro_step, params, state, xs, layout, k)
+    out.append((loss, grads, params, state))
   return out
 
 
@@ -337,13 +344,7 @@ def test_batchnorm_student_uses_micro_batch_statistics_sequentially(data):
     params = {'student': variables['params'], 'objective': {}}
     stats, batch = variables['batch_stats'], batches[0]
     xs = (batch['image'].astype(jnp.float32), batch['label'], teacher_logits(batch['image']))
-    losses, grads = [], []
-    for j in range(k):
-      (loss, stats), g = micro_step(params, stats, *(layout(x, j, k) for x in xs))
-      losses.append(loss)
-      grads.append(g)
-    grads, params = sgd_on_mean(params, grads)
-    return np.mean(losses), grads, params, stats
+    return sequential_step(micro_step, params, stats, xs, layout, k)
 
   (state,), (m,) = run(data, student, 'kd', k)
   loss, grads, params, stats = reference(strided)
