@@ -11,6 +11,7 @@ seconds over `--runs` timed steps after a compile step, images/s, and the time r
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -23,16 +24,14 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-import optax  # noqa: E402
-from flax import nnx  # noqa: E402
-from ml_collections import ConfigDict  # noqa: E402
 
 from benchmarks import report  # noqa: E402
+from configs import irkd_cifar10  # noqa: E402
 from tikd_jax import xla_options  # noqa: E402
+from tikd_jax.data import ArraySource  # noqa: E402
 from tikd_jax.models import cpu_fast_layers  # noqa: E402
 from tikd_jax.models.variables import abstract_model  # noqa: E402
-from tikd_jax.train.loss_config import method_loss  # noqa: E402
-from tikd_jax.train.step import StepOptions, TrainState, make_train_step  # noqa: E402
+from tikd_jax.train import run as run_lib  # noqa: E402
 
 
 def random_variables(template, seed):
@@ -40,6 +39,23 @@ def random_variables(template, seed):
   rng = np.random.default_rng(seed)
   return jax.tree.map(lambda s: jnp.asarray(rng.normal(0, 0.02, s.shape).astype(np.float32)),
                       template)
+
+
+def build_run(saliency: str, batch: int, xla_preset: str, fast_layers: str) -> run_lib.Run:
+  """The trainer's run of configs/irkd_cifar10.py (kd_cl, or kd_cl_sal with attention
+  saliency) on synthetic 32-px data with a random teacher."""
+  config = irkd_cifar10.get_config('kd_cl_sal,p4' if saliency == 'attention' else 'kd_cl,p4')
+  with config.unlocked():
+    config.batch_size = batch
+    config.xla_options = xla_preset
+    config.cpu_fast_layers = fast_layers
+  train = ArraySource(np.zeros((45_000, 32, 32, 3), np.uint8), np.zeros(45_000, np.int32),
+                      [str(i) for i in range(10)], 'synthetic', 'train')
+  teacher_graph, teacher_tpl = abstract_model(
+      'vit', variant='irkd_teacher', patch_size=4, num_classes=10,
+      fast_layers=cpu_fast_layers.enabled(fast_layers))
+  teacher = run_lib.Teacher(teacher_graph, random_variables(teacher_tpl, 1))
+  return run_lib.setup(config, '', sources=(train, train), teacher=teacher)
 
 
 def main(argv=None):
@@ -55,29 +71,14 @@ def main(argv=None):
   parser.add_argument('--out', default='')
   args = parser.parse_args(argv)
 
-  fast = dict(fast_layers=cpu_fast_layers.enabled(args.cpu_fast_layers))
-  student_graph, student_tpl = abstract_model('irkd_vit', variant='vit_tiny', patch_size=4,
-                                              num_classes=10, drop_path=0.0, **fast)
-  teacher_graph, teacher_tpl = abstract_model('vit', variant='irkd_teacher', patch_size=4,
-                                              num_classes=10, **fast)
-  student_vars = random_variables(student_tpl, 0)
-  teacher_vars = random_variables(teacher_tpl, 1)
-  saliency = ((f'{args.saliency}_saliency', 0.8),) if args.saliency != 'none' else ()
-  objective = method_loss(ConfigDict(dict(method='kd', alpha=0.5, temperature=4.0)), saliency)
-  tx = optax.adamw(3e-4, weight_decay=1e-4)
-  params = {'student': student_vars['params'], 'objective': {}}
-  opts = StepOptions(num_classes=10, steps_per_epoch=350, seed=0)
-  step = jax.jit(make_train_step(graphdef=student_graph, teacher_graphdef=teacher_graph,
-                                 loss=objective, tx=tx, frozen_mask=None, opts=opts),
-                 donate_argnums=(0,),
-                 compiler_options=xla_options.compiler_options(args.xla_options))
+  run = build_run(args.saliency, args.batch, args.xla_options, args.cpu_fast_layers)
+  phase = run.phases[0]
+  teacher_vars = run.teacher.variables
   rows = []
   with report.JsonLines(args.out) as emit:  # one row per resolution, as measured
     for res in [int(r) for r in args.resolutions.split(',')]:
-      fresh = jax.tree.map(jnp.copy, params)  # the step donates its state
-      state = TrainState(step=jnp.zeros((), jnp.int32), params=fresh,
-                         batch_stats=student_vars['batch_stats'], opt_state=tx.init(fresh),
-                         objective_state={})
+      state = run_lib.create_train_state(run)  # the step donates its state
+      step = run_lib.train_step_for(run, dataclasses.replace(phase, resolution=res))
       rng = np.random.default_rng(res)
       batch = {'image': jnp.asarray(rng.integers(0, 256, (args.batch, res, res, 3), np.uint8)),
                'label': jnp.asarray(rng.integers(0, 10, (args.batch,), np.int32))}

@@ -8,9 +8,9 @@ One step = what the trainer runs per batch: teacher forward (resnet32x4, eval mo
 student forward + backward (TIKD DistilledViT, train mode, drop path 0.1), hard distillation
 (0.5 · CE(cls head, smoothed labels) + 0.5 · CE(dist head, teacher argmax)), AdamW update.
 
-  jax            make_train_step + method_loss + optim.make_optimizer from the repo with the
-                 real TrainState, jitted as the trainer does it
-                 (jax.jit(step, out_shardings=(state_shardings, None), donate_argnums=(0,))).
+  jax            the trainer's own pieces (tikd_jax/train/run.py: setup, create_train_state,
+                 train_step_for) for configs/tikd_cifar100.py:<size>,hard,notext with its
+                 augmentations off, on synthetic data with a random teacher.
   torch          convert/torch_models.py twins (TorchDistilledViT, TorchCifarResNet) in eager
                  mode, torch.optim.AdamW (defaults), the same loss.
   torch_compile  the same, with the teacher forward + student forward/loss under torch.compile
@@ -94,14 +94,7 @@ def _summary(times: list[float]) -> dict:
 
 
 def _compiler_options(preset: str):
-  """`preset`'s XLA options from the tikd_jax this worker imported (ours or --baseline_root's);
-  tikd_jax is never imported at module level, so that a baseline worker gets its own."""
-  try:
-    from tikd_jax import xla_options  # pylint: disable=g-import-not-at-top
-  except ImportError:  # a checkout from before tikd_jax/xla_options.py: jaxlib's defaults only
-    if preset != 'default':
-      raise
-    return None
+  from tikd_jax import xla_options  # pylint: disable=g-import-not-at-top
   return xla_options.compiler_options(preset, 'cpu')
 
 
@@ -142,83 +135,47 @@ def _batch(batch: int, seed: int = DRAW_SEED):
 
 
 # --------------------------------------------------------------------------- JAX
-def build_jax(size: str, batch: int):
-  """The trainer's step for `size`: (jitted step, state, batch, teacher_vars, extras)."""
+def build_jax(size: str, batch: int, xla_options: str):
+  """The trainer's own run for `size` (setup → create_train_state → train_step_for) on
+  synthetic data with a random teacher: (jitted step, state, batch, teacher_vars, graphs)."""
   import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
   from flax import nnx  # pylint: disable=g-import-not-at-top
 
   from configs import tikd_cifar100  # pylint: disable=g-import-not-at-top
   from tikd_jax import sharding as sharding_lib  # pylint: disable=g-import-not-at-top
+  from tikd_jax.data import ArraySource  # pylint: disable=g-import-not-at-top
   from tikd_jax.models import build_model  # pylint: disable=g-import-not-at-top
   from tikd_jax.models.variables import model_variables  # pylint: disable=g-import-not-at-top
-  from tikd_jax.train import optim  # pylint: disable=g-import-not-at-top
-  from tikd_jax.train.step import StepOptions, TrainState, make_train_step  # pylint: disable=g-import-not-at-top
+  from tikd_jax.train import run as run_lib  # pylint: disable=g-import-not-at-top
 
-  config = tikd_cifar100.get_config(f'{size if size in ("small", "medium", "large") else "small"}'
-                                    ',hard')
+  config = tikd_cifar100.get_config(
+      f'{size if size in ("small", "medium", "large") else "small"},hard,notext')
   with config.unlocked():
     config.model.variant = size
     config.batch_size = batch
-  steps_per_epoch = 50_000 // batch
-  mesh = sharding_lib.make_mesh(config.mesh)
-  data_sharding = sharding_lib.batch_sharding(mesh)
-
-  student_kwargs = dict(variant=size, drop_path=config.model.drop_path,
-                        num_classes=NUM_CLASSES, mean=config.model.mean, std=config.model.std)
-  if 'cpu_fast_layers' in config:  # a --baseline_root checkout may predate the switch
-    from tikd_jax.models import cpu_fast_layers  # pylint: disable=g-import-not-at-top
-    student_kwargs['fast_layers'] = cpu_fast_layers.enabled(config.cpu_fast_layers)
-  abstract_model = nnx.eval_shape(lambda: build_model('distilled_vit', rngs=nnx.Rngs(0),
-                                                      **student_kwargs))
-  graphdef, _, _ = nnx.split(abstract_model, nnx.Param, nnx.BatchStat)
-  try:
-    from tikd_jax.train.loss_config import method_loss  # pylint: disable=g-import-not-at-top
-    objective = method_loss(config.distill)
-    def init_objective():
-      return objective.init(jax.random.key(0), {'rows': batch, 'num_classes': NUM_CLASSES})
-    step_kwargs = {'loss': objective}
-  except ImportError:  # a --baseline_root checkout from before the loss terms
-    from tikd_jax.train.objectives import build_objective  # pylint: disable=g-import-not-at-top
-    objective = build_objective(config.distill)
-    def init_objective():
-      return objective.init_params(), objective.init_state(batch, NUM_CLASSES)
-    step_kwargs = {'objective': objective}
-
+    config.xla_options = xla_options
+    # The PyTorch side runs no Mixup/CutMix, erasing or RandAugment: neither does this one.
+    config.augment.randaugment = False
+    config.augment.mixup_alpha = config.augment.cutmix_alpha = config.augment.erasing_prob = 0.0
+  images, labels = _batch(batch)
+  # CIFAR's 50k train images as one repeated image (only the split's size and shape are read).
+  train = ArraySource(np.broadcast_to(images[:1], (50_000,) + images.shape[1:]),
+                      np.zeros(50_000, np.int32), [str(i) for i in range(NUM_CLASSES)],
+                      'synthetic', 'train')
   teacher = build_model(TEACHER, rngs=nnx.Rngs(1), num_classes=NUM_CLASSES,
                         mean=config.teacher.mean, std=config.teacher.std)
-  teacher_graphdef, t_params, t_stats = nnx.split(teacher, nnx.Param, nnx.BatchStat)
-  teacher_vars = {'params': t_params.to_pure_dict(), 'batch_stats': t_stats.to_pure_dict()}
-  teacher_vars = jax.device_put(teacher_vars,
-                                sharding_lib.param_shardings(teacher_vars, mesh, []))
-
-  total_steps = int(config.num_epochs * steps_per_epoch)
-  schedule = optim.make_schedule(config.schedule, steps_per_epoch, total_steps)
-
-  def init_state():
-    model = build_model('distilled_vit', rngs=nnx.Rngs(0), **student_kwargs)
-    variables = model_variables(model)
-    term_params, term_state = init_objective()
-    params = {'student': variables['params'], 'objective': term_params}
-    tx = optim.make_optimizer(config.optimizer, schedule, params)
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                      batch_stats=variables['batch_stats'], opt_state=tx.init(params),
-                      objective_state=term_state)
-
-  abstract_state = jax.eval_shape(init_state)
-  tx = optim.make_optimizer(config.optimizer, schedule, abstract_state.params)
-  state_shardings = sharding_lib.param_shardings(abstract_state, mesh, [])
-  state = jax.jit(init_state, out_shardings=state_shardings)()
-  opts = StepOptions(num_classes=NUM_CLASSES, steps_per_epoch=steps_per_epoch, seed=config.seed,
-                     label_smoothing=config.label_smoothing)
-  fn = make_train_step(graphdef=graphdef, teacher_graphdef=teacher_graphdef, tx=tx,
-                       frozen_mask=None, opts=opts, **step_kwargs)
-  step = jax.jit(fn, out_shardings=(state_shardings, None), donate_argnums=(0,))
-  images, labels = _batch(batch)
-  batch_arrays = {'image': jax.device_put(images, data_sharding),
-                  'label': jax.device_put(labels, data_sharding)}
-  return {'step': step, 'state': state, 'batch': batch_arrays, 'teacher_vars': teacher_vars,
-          'graphdef': graphdef, 'teacher_graphdef': teacher_graphdef, 'step_fn': fn}
+  teacher_vars = model_variables(teacher)
+  mesh = sharding_lib.make_mesh(config.mesh)
+  teacher_vars = jax.device_put(teacher_vars, sharding_lib.param_shardings(teacher_vars, mesh))
+  run = run_lib.setup(config, '', sources=(train, train),
+                      teacher=run_lib.Teacher(nnx.graphdef(teacher), teacher_vars))
+  batch_arrays = {'image': jax.device_put(images, run.data_sharding),
+                  'label': jax.device_put(labels, run.data_sharding)}
+  return {'step': run_lib.train_step_for(run, run.phases[0]),
+          'state': run_lib.create_train_state(run), 'batch': batch_arrays,
+          'teacher_vars': teacher_vars, 'graphdef': run.student.graphdef,
+          'teacher_graphdef': run.teacher.graphdef}
 
 
 def xla_flops(compiled) -> float | None:
@@ -253,12 +210,11 @@ def jax_contestants(size, batch, parts, xla_options='default') -> list[Contestan
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from flax import nnx  # pylint: disable=g-import-not-at-top
 
-  b = build_jax(size, batch)
+  b = build_jax(size, batch, xla_options)
   flops = step_flops(size, batch)
   options = _compiler_options(xla_options)
   t0 = time.perf_counter()
-  compiled = b['step'].lower(b['state'], b['batch'], b['teacher_vars']).compile(
-      compiler_options=options)
+  compiled = b['step'].lower(b['state'], b['batch'], b['teacher_vars']).compile()
   compile_s = time.perf_counter() - t0
   holder = {'state': b['state']}
 
@@ -381,17 +337,29 @@ def torch_contestants(size, batch, parts, compiled: bool) -> list[Contestant] | 
   return out
 
 
+def _baseline_module(root: str):
+  """benchmarks/train_step.py of another checkout: it builds that checkout's step its own way."""
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  spec = importlib.util.spec_from_file_location(
+      'baseline_train_step', os.path.join(os.path.abspath(root), 'benchmarks', 'train_step.py'))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
 def _worker(conn, framework, size, batch, parts, presets, warmup, baseline_root=None):
   """One process per framework, so that one framework's idle thread pool (OpenMP or Eigen
   threads spinning after their last op) never competes with another's timed step."""
-  if framework == 'jax_baseline':  # the same benchmark on another checkout of the code
+  make_jax_contestants = jax_contestants
+  if framework == 'jax_baseline':  # the other checkout's own benchmark of its own step
     sys.path.insert(0, os.path.abspath(baseline_root))
+    make_jax_contestants = _baseline_module(baseline_root).jax_contestants
   if framework in ('jax', 'jax_baseline'):
     import tikd_jax  # pylint: disable=g-import-not-at-top
     code = os.path.dirname(os.path.dirname(os.path.abspath(tikd_jax.__file__)))
     contestants = []
     for preset in presets:
-      contestants += jax_contestants(size, batch, parts, preset)
+      contestants += make_jax_contestants(size, batch, parts, preset)
     for c in contestants:
       c.framework = framework
       c.extra['code'] = code

@@ -34,7 +34,8 @@ from tikd_jax.train import trainer
 from tikd_jax.train.checkpoint import save_weights
 from tikd_jax.losses import terms as loss_terms
 from tikd_jax.train.loss_config import method_loss
-from tikd_jax.train.step import StepOptions, TrainState, make_train_step
+from tikd_jax.train.state import init_train_state
+from tikd_jax.train.step import StepOptions, make_train_step
 from tests.test_train import tiny_config
 
 B, C = 32, 10
@@ -117,12 +118,8 @@ def setup_step(student, method, k, *, tgraph=None, seed=0, step0=STEP0, state_ro
       kd_cifar100.get_config(method).distill)
   graphdef, _, _ = nnx.split(student, nnx.Param, nnx.BatchStat)
   variables = model_variables(student)
-  term_params, term_state = objective.init(jax.random.key(0),
-                                           {'rows': state_rows or B // k, 'num_classes': C})
-  params = {'student': variables['params'], 'objective': term_params}
-  state = TrainState(step=jnp.asarray(step0, jnp.int32), params=params,
-                     batch_stats=variables['batch_stats'], opt_state=TX.init(params),
-                     objective_state=term_state)
+  state = init_train_state(variables, objective, TX, rng=jax.random.key(0),
+                           shapes={'rows': state_rows or B // k, 'num_classes': C}, step=step0)
   fn = make_train_step(graphdef=graphdef,
                        teacher_graphdef=tgraph if objective.needs_teacher else None,
                        loss=objective, tx=TX, frozen_mask=None,

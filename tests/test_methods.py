@@ -12,7 +12,8 @@ from tikd_jax.data import build_source
 from tikd_jax.models import build_model
 from tikd_jax.models.variables import model_variables
 from tikd_jax.train.loss_config import method_loss
-from tikd_jax.train.step import StepOptions, TrainState, make_train_step
+from tikd_jax.train.state import init_train_state
+from tikd_jax.train.step import StepOptions, make_train_step
 from tests.test_train import tiny_config
 
 
@@ -41,12 +42,9 @@ def test_each_method_trains_on_digits_with_its_weights(setup, method):
                         drop_path=0.0, rngs=nnx.Rngs(0))
   graphdef, _, _ = nnx.split(student, nnx.Param, nnx.BatchStat)
   variables = model_variables(student)
-  term_params, term_state = objective.init(jax.random.key(0), {'rows': 32, 'num_classes': 10})
-  params = {'student': variables['params'], 'objective': term_params}
   tx = optax.adam(3e-3)
-  state = TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                     batch_stats=variables['batch_stats'], opt_state=tx.init(params),
-                     objective_state=term_state)
+  state = init_train_state(variables, objective, tx, rng=jax.random.key(0),
+                           shapes={'rows': 32, 'num_classes': 10})
   # steps_per_epoch=1: the epoch advances every step, so DKD's warm-up and CTKD's λ move.
   step = jax.jit(make_train_step(
       graphdef=graphdef, teacher_graphdef=tgraph if objective.needs_teacher else None,

@@ -21,9 +21,10 @@ from flax import nnx
 from configs import irkd_cifar10, kd_cifar100, tikd_cifar100
 from tikd_jax import xla_options
 from tikd_jax.models.variables import abstract_model
-from tikd_jax.train import trainer
 from tikd_jax.train.loss_config import method_loss
-from tikd_jax.train.step import StepOptions, TrainState, make_eval_step, make_train_step
+from tikd_jax.train.run import build_augmentations
+from tikd_jax.train.state import init_train_state
+from tikd_jax.train.step import StepOptions, make_eval_step, make_train_step
 
 B, C, IMG, TEXT_DIM = 8, 10, 16, 12
 LABELS = np.array([3, 1, 4, 1, 5, 9, 2, 6], np.int32)
@@ -284,17 +285,16 @@ def run_step(student, teacher, objective, opts, batch, *, step=STEP, objective_s
              jitted=None):
   """One real train step with optax.sgd(1.0) → (params, new state, metrics, gradient, step fn)."""
   graphdef, variables = student
-  term_params, term_state = objective.init(jax.random.key(0), {'rows': B, 'num_classes': C})
-  params = {'student': variables['params'], 'objective': term_params}
-  if 'ctkd' in params['objective']:
-    # T = 1 + 20·σ(−1) ≈ 6.4, where KD is steeper in T than at the init raw 1 (T ≈ 15.6).
-    params['objective'] = {'ctkd': {'raw_temperature': jnp.float32(-1.0)}}
   tx = optax.sgd(1.0)
-  if objective_state is None:
-    objective_state = term_state
-  state = TrainState(step=jnp.asarray(step, jnp.int32), params=params,
-                     batch_stats=variables['batch_stats'], opt_state=tx.init(params),
-                     objective_state=objective_state)
+  state = init_train_state(variables, objective, tx, rng=jax.random.key(0),
+                           shapes={'rows': B, 'num_classes': C}, step=step)
+  if 'ctkd' in state.params['objective']:
+    # T = 1 + 20·σ(−1) ≈ 6.4, where KD is steeper in T than at the init raw 1 (T ≈ 15.6).
+    state = state.replace(params=dict(
+        state.params, objective={'ctkd': {'raw_temperature': jnp.float32(-1.0)}}))
+  if objective_state is not None:
+    state = state.replace(objective_state=objective_state)
+  params = state.params
   fn = jitted or jax.jit(make_train_step(graphdef=graphdef, teacher_graphdef=teacher[0],
                                          loss=objective, tx=tx, frozen_mask=None, opts=opts),
                          **COMPILE)
@@ -438,7 +438,7 @@ def test_mixup_cutmix_targets_and_teacher_sees_the_augmented_batch(deit, teacher
   """The DeiT recipe as the trainer builds it (random erasing 0.25, Mixup 0.8 / CutMix 1.0,
   smoothing 0.1): CE against the mixed soft targets; the teacher sees the augmented images."""
   config = tikd_cifar100.get_config('small,kd')
-  _, batch_augment = trainer.build_augmentations(config)
+  _, batch_augment = build_augmentations(config)
   objective = method_loss(config.distill)
   opts = StepOptions(num_classes=C, steps_per_epoch=STEPS_PER_EPOCH, seed=SEED,
                      label_smoothing=0.1, batch_augment=batch_augment)

@@ -19,7 +19,8 @@ from tikd_jax.models.variables import model_variables
 from tikd_jax.train import checkpoint as ckpt_lib
 from tikd_jax.train import trainer
 from tikd_jax.train.loss_config import method_loss
-from tikd_jax.train.step import StepOptions, TrainState, make_train_step
+from tikd_jax.train.state import init_train_state
+from tikd_jax.train.step import StepOptions, make_train_step
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -53,12 +54,10 @@ def test_step_lowers_loss_on_a_fixed_batch():
                       drop_path=0.0, rngs=nnx.Rngs(0))
   graphdef, _, _ = nnx.split(model, nnx.Param, nnx.BatchStat)
   variables = model_variables(model)
-  params = {'student': variables['params'], 'objective': {}}
   tx = optax.adam(3e-3)
   objective = method_loss(tiny_config().distill)
-  state = TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                     batch_stats=variables['batch_stats'], opt_state=tx.init(params),
-                     objective_state={})
+  state = init_train_state(variables, objective, tx, rng=jax.random.key(0),
+                           shapes={'rows': 32, 'num_classes': 10})
   step = jax.jit(make_train_step(graphdef=graphdef, teacher_graphdef=None, loss=objective,
                                  tx=tx, frozen_mask=None,
                                  opts=StepOptions(num_classes=10, steps_per_epoch=10, seed=0)))

@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Callable
 
-import flax
 import jax
 import jax.numpy as jnp
 import optax
@@ -19,15 +18,7 @@ from flax import nnx
 from tikd_jax import losses
 from tikd_jax.losses.terms import Context, Loss
 from tikd_jax.train.optim import zero_frozen
-
-
-@flax.struct.dataclass
-class TrainState:
-  step: jax.Array                 # int32 scalar: optimizer steps taken
-  params: dict                    # {'student': …, 'objective': {term: its parameters}} trainable
-  batch_stats: dict               # the student's BatchNorm statistics (empty for ViTs)
-  opt_state: Any
-  objective_state: dict           # {term: its carried state} (PKCD's previous batch)
+from tikd_jax.train.state import TrainState
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,0 +1,249 @@
+"""The training loop: the input stream, resume, and `train_loop(run, state, stream, outputs)`.
+
+Batch k of the whole run is element k of the phase's input stream, for any number of processes
+and workers, so a position is all it takes to resume; grain's saved iterator state makes the
+resume exact when the layout is unchanged (README "Reliability").
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from tikd_jax.data import pipeline
+from tikd_jax.train import checkpoint as ckpt_lib
+from tikd_jax.train.evaluate import evaluate, format_eval
+from tikd_jax.train.logger import MetricLogger
+from tikd_jax.train.plan import Phase, phase_at
+from tikd_jax.train.preemption import StopRequest
+from tikd_jax.train.run import Run, train_step_for
+from tikd_jax.train.state import TrainState
+
+
+class NonFiniteLossError(FloatingPointError):
+  pass
+
+
+@dataclasses.dataclass
+class Stream:
+  """A phase's train input from element `start` on (what a checkpoint records to resume it)."""
+  iterator: Any
+  start: int
+
+
+def train_stream(run: Run, phase: Phase, start: int) -> Stream:
+  config, data = run.config, run.data
+  ds = pipeline.train_dataset(
+      data.train, batch_size=config.batch_size // jax.process_count(), seed=config.seed,
+      crop_padding=config.data.crop_padding, crop_size=phase.resolution,
+      crop_mode=config.curriculum.mode, flip=config.data.flip,
+      text_features=data.text_features, extra_augment=data.host_augment,
+      process_index=jax.process_index(), process_count=jax.process_count())
+  return Stream(pipeline.make_iterator(ds[start:], data.num_workers), start)
+
+
+@dataclasses.dataclass
+class Outputs:
+  """Where a run's results go and what can stop it."""
+  checkpointer: ckpt_lib.Checkpointer
+  logger: MetricLogger
+  stop: StopRequest
+
+
+# ------------------------------------------------------------------------------------ resume
+def restore_or_start(run: Run, state: TrainState,
+                     checkpointer: ckpt_lib.Checkpointer) -> tuple[TrainState, Stream, str]:
+  """(state, input stream, note) at the newest checkpoint that restores, or at step 0 with the
+  fresh `state`. Unreadable checkpoints are set aside (`checkpointer.set_aside`)."""
+  latest, restored = checkpointer.restore_newest(
+      lambda step: _restore(run, state, checkpointer, step))
+  if latest is None:
+    return state, train_stream(run, run.phases[0], 0), ''
+  return restored
+
+
+def _restore(run: Run, template: TrainState, checkpointer, step: int):
+  """The state and stream at checkpoint `step` (fresh iterators every call, so a failed
+  attempt leaves nothing behind)."""
+  phase = run.phases[phase_at(run.phases, step)]
+  saved = checkpointer.read_meta(step).get('data', {})  # metadata: absent in old checkpoints
+  num_workers = run.data.num_workers
+  # grain's saved iterator state is per process and per worker layout; with another host or
+  # worker count (or at a phase boundary, where a new stream starts) resume by position.
+  exact = (step > phase.start_step and saved.get('processes') == jax.process_count()
+           and saved.get('workers') == num_workers)
+  stream = train_stream(run, phase, saved['start'] if exact else step)
+  variables, extra, opt_state, _ = checkpointer.restore(
+      step, variables_template={'params': template.params['student'],
+                                'batch_stats': template.batch_stats},
+      extra_template=_extra(template), opt_template=template.opt_state,
+      data_iterator=stream.iterator if exact else None)
+  restored = TrainState(step=jnp.asarray(step, jnp.int32),
+                        params={'student': variables['params'], 'objective': extra['objective']},
+                        batch_stats=variables['batch_stats'], opt_state=opt_state,
+                        objective_state=extra['objective_state'])
+  note = '' if exact or step == phase.start_step else (
+      f'checkpoint {step} was written by {saved.get("processes", "?")} process(es) with '
+      f'{saved.get("workers", "?")} input worker(s), this run has {jax.process_count()} with '
+      f'{num_workers}: the input stream resumes by position')
+  return jax.device_put(restored, run.state_shardings), stream, note
+
+
+def _extra(state: TrainState) -> dict:
+  """Trained state that is not the model's: the loss terms' parameters and carried state."""
+  return {'objective': state.params['objective'], 'objective_state': state.objective_state}
+
+
+# ------------------------------------------------------------------------------------ loop
+@dataclasses.dataclass
+class Progress:
+  """The loop's bookkeeping, and what it returns."""
+  step: int
+  start_step: int
+  stream: Stream
+  last_saved: int
+  pending: list = dataclasses.field(default_factory=list)  # device metrics not yet logged
+  eval_metrics: dict | None = None
+  preempted: bool = False
+
+
+def train_loop(run: Run, state: TrainState, stream: Stream,
+               out: Outputs) -> tuple[TrainState, Progress]:
+  """Trains from `state.step` to the end of the run, to `config.stop_at_step`, or to a stop
+  request (SIGTERM / SIGINT), then checkpoints; evaluates at the end of a completed run."""
+  step = int(jax.device_get(state.step))
+  progress = Progress(step=step, start_step=step, stream=stream, last_saved=step)
+  # Stop early (checkpointed) at this step, e.g. for time-sliced cluster jobs; rerun to resume.
+  end = min(run.config.stop_at_step or run.total_steps, run.total_steps)
+  while progress.step < end and not progress.preempted:
+    phase = run.phases[phase_at(run.phases, progress.step)]
+    state = _enter_phase(run, state, progress, phase, out.logger)
+    state = _train_phase(run, state, progress, phase, end, out)
+  if progress.step < run.total_steps:
+    _checkpoint_stop(run, state, progress, out)
+  if progress.eval_metrics is None and not progress.preempted:  # resumed at the end, or stopped
+    progress.eval_metrics = _evaluate_and_log(run, state, progress.step, out.logger)
+  out.checkpointer.wait()
+  return state, progress
+
+
+def _enter_phase(run: Run, state: TrainState, progress: Progress, phase: Phase,
+                 logger: MetricLogger) -> TrainState:
+  """A new phase starts a new input stream and, if it says so, a new optimizer state."""
+  step, boundary = progress.step, progress.step == phase.start_step
+  if boundary and step > 0 and step != progress.start_step:
+    progress.stream = train_stream(run, phase, step)
+  if boundary and phase.reset_optimizer and step > 0:
+    state = state.replace(opt_state=jax.jit(
+        run.tx.init, out_shardings=run.state_shardings.opt_state)(state.params))
+    logger.message(f'phase {phase.name}: optimizer state re-created')
+  if boundary or step == progress.start_step:
+    logger.message(f'phase {phase.name} (steps {phase.start_step}–{phase.end_step}, '
+                   f'resolution {phase.resolution or "full"}, fuse_text {phase.fuse_text})')
+  return state
+
+
+def _train_phase(run: Run, state: TrainState, progress: Progress, phase: Phase, end: int,
+                 out: Outputs) -> TrainState:
+  train_step = train_step_for(run, phase)
+  teacher_vars = run.teacher.variables if run.teacher else None
+  while progress.step < min(phase.end_step, end):
+    batch = pipeline.to_global(next(progress.stream.iterator), run.data_sharding)
+    t0 = time.time()
+    state, metrics = train_step(state, batch, teacher_vars)
+    if progress.step in (progress.start_step, phase.start_step):
+      jax.block_until_ready(metrics)
+      out.logger.message(f'phase {phase.name}: first step (compile + run) '
+                         f'{time.time() - t0:.1f}s')
+    progress.pending.append(metrics)
+    progress.step += 1
+    _log_evaluate_save(run, state, progress, out)
+    # SIGTERM / SIGINT: every step on one host; at log intervals (agreed) on several.
+    at_sync_point = progress.step % run.config.log_every_steps == 0
+    if progress.step < run.total_steps and out.stop.should_stop(at_sync_point=at_sync_point):
+      progress.preempted = True
+      break
+  return state
+
+
+def _log_evaluate_save(run: Run, state: TrainState, progress: Progress, out: Outputs) -> None:
+  """The intervals: metrics every `log_every_steps`, eval every `eval_every_epochs`, a
+  checkpoint every `checkpoint_every_steps` (0: every epoch) and after every eval."""
+  config, step, total = run.config, progress.step, run.total_steps
+  eval_every = int(round(config.eval_every_epochs * run.data.steps_per_epoch)) or total
+  checkpoint_every = config.checkpoint_every_steps or run.data.steps_per_epoch
+  evaluating = step % eval_every == 0 or step == total
+  if step % config.log_every_steps == 0 or evaluating or step % checkpoint_every == 0:
+    _flush(run, progress, out)
+  if evaluating:
+    progress.eval_metrics = _evaluate_and_log(run, state, step, out.logger)
+  if evaluating or step % checkpoint_every == 0:
+    best = config.best_metric
+    _save(run, state, progress, out.checkpointer,
+          {best: progress.eval_metrics[best]} if evaluating else None)
+
+
+def _checkpoint_stop(run: Run, state: TrainState, progress: Progress, out: Outputs) -> None:
+  """Before the run ends early: the last metrics, then the checkpoint that covers them."""
+  _flush(run, progress, out)
+  if progress.last_saved != progress.step:
+    _save(run, state, progress, out.checkpointer)
+  out.checkpointer.wait()  # the stop checkpoint is complete on disk (or its error is raised)
+  where = f'stopped at step {progress.step} of {run.total_steps}'
+  if progress.preempted:
+    out.logger.message(f'{out.stop.reason}: {where}; the checkpoint is complete in '
+                       f'{out.checkpointer.directory}; rerun to resume')
+  else:
+    out.logger.message(f'{where} (stop_at_step); rerun to resume')
+
+
+def _flush(run: Run, progress: Progress, out: Outputs) -> None:
+  """Host sync at log intervals only: average pending metrics, stop on a non-finite loss."""
+  if not progress.pending:
+    return
+  step = progress.step
+  rows = jax.device_get(progress.pending)
+  progress.pending.clear()
+  bad = next((r for r in rows if bool(r['nonfinite'])), None)
+  if bad is not None:
+    raise NonFiniteLossError(
+        f'non-finite loss or gradient before step {step} (loss={float(bad["loss"])}); '
+        f'nothing was saved after the last good checkpoint (step {progress.last_saved}) in '
+        f'{out.checkpointer.directory}. Lower the learning rate, check the data, or resume from '
+        f'that checkpoint with different settings.')
+  avg = {k: float(np.mean([r[k] for r in rows])) for k in rows[0] if k != 'nonfinite'}
+  avg['lr'] = float(run.schedule(step - 1))
+  avg['resolution'] = run.phases[phase_at(run.phases, step - 1)].resolution or 0
+  out.logger.write(step, avg)
+  out.logger.progress(step, avg)
+
+
+def _evaluate_and_log(run: Run, state: TrainState, step: int, logger: MetricLogger) -> dict:
+  t = time.time()
+  m = evaluate(run, state, run.phases[phase_at(run.phases, step - 1)])
+  extra = f'; first pass only: Acc@1 {m["top1_no_text"]:.3f}' if 'top1_no_text' in m else ''
+  logger.message(f'{run.config.name}[step {step}] {format_eval(m)} '
+                 f'({m["count"]} examples, {time.time() - t:.1f}s{extra})')
+  logger.write(step, m, kind='eval')
+  return m
+
+
+def _save(run: Run, state: TrainState, progress: Progress, checkpointer, metrics=None) -> None:
+  step = progress.step
+  meta = {'step': int(step), 'epoch': step / run.data.steps_per_epoch,
+          'num_params': run.student.num_params,
+          'model': {'name': run.student.name, 'kwargs': run.student.kwargs},
+          'phase': run.phases[phase_at(run.phases, step)].name,
+          # Where the saved iterator's stream starts, and the layout its state belongs to.
+          'data': {'start': progress.stream.start, 'processes': jax.process_count(),
+                   'workers': run.data.num_workers}}
+  checkpointer.save(step, variables={'params': state.params['student'],
+                                     'batch_stats': state.batch_stats},
+                    extra=_extra(state), opt_state=state.opt_state,
+                    data_iterator=progress.stream.iterator, meta=meta, metrics=metrics, force=True)
+  progress.last_saved = step
+

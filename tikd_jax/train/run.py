@@ -1,0 +1,305 @@
+"""What a run is built from, before its first step: `setup(config, workdir) → Run`, then
+`create_train_state(run)`.
+
+  mesh → data → phases → student → loss terms → teacher → optimizer → shardings
+
+Benchmarks and tests build their runs here too: `setup(..., sources=, teacher=)` takes in-memory
+data and an already built teacher in place of the configured ones.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+import ml_collections
+import numpy as np
+import optax
+from flax import nnx
+
+from tikd_jax import sharding as sharding_lib
+from tikd_jax import xla_options
+from tikd_jax.data import build_source, pipeline
+from tikd_jax.losses.terms import Loss
+from tikd_jax.models import VIT_MODELS, build_model, count_params, cpu_fast_layers
+from tikd_jax.models.variables import load_model, model_variables
+from tikd_jax.train import checkpoint as ckpt_lib
+from tikd_jax.train import optim
+from tikd_jax.train.loss_config import term_settings
+from tikd_jax.train.plan import Phase, build_phases
+from tikd_jax.train.state import TrainState, init_train_state
+from tikd_jax.train.step import StepOptions, loss_shapes, make_train_step
+
+
+@dataclasses.dataclass(frozen=True)
+class Data:
+  """The splits and what the input pipeline applies to them."""
+  train: Any                       # a source: len(), [i] → {'image', 'label'}, num_classes
+  eval: Any
+  num_classes: int
+  steps_per_epoch: int
+  text_features: np.ndarray | None  # caption features, one row per train example (TIKD)
+  host_augment: Callable | None    # per example, in the grain workers (RandAugment)
+  batch_augment: Callable | None   # per batch, inside the jitted step (erasing, Mixup/CutMix)
+  num_workers: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Model:
+  """A model by name and constructor arguments (what checkpoint metadata records), and its
+  static graph. `fast_layers` is a property of this machine, so it is kept out of `kwargs`."""
+  name: str
+  kwargs: dict
+  fast_layers: bool
+  graphdef: Any
+  num_params: int
+
+  def build(self, seed: int) -> nnx.Module:
+    return build_model(self.name, rngs=nnx.Rngs(seed), fast_layers=self.fast_layers,
+                       **self.kwargs)
+
+
+@dataclasses.dataclass(frozen=True)
+class Teacher:
+  graphdef: Any
+  variables: dict                  # {'params', 'batch_stats'}, placed on the mesh
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+  config: ml_collections.ConfigDict
+  workdir: str
+  mesh: jax.sharding.Mesh
+  rules: list                      # sharding rules (tikd_jax/sharding.py)
+  compiler_options: dict | None    # the steps' XLA options (tikd_jax/xla_options.py)
+  data: Data
+  phases: list[Phase]
+  student: Model
+  teacher: Teacher | None
+  loss: Loss                       # every phase's terms: the state holds their parameters
+  phase_losses: dict               # phase.loss → its Loss
+  loss_shapes: dict                # what the terms' init(rng, shapes) reads
+  schedule: optax.Schedule
+  tx: optax.GradientTransformation
+  state_shardings: Any = None
+  compiled_steps: dict = dataclasses.field(default_factory=dict)  # phase.switches → step
+
+  @property
+  def total_steps(self) -> int:
+    return self.phases[-1].end_step
+
+  @property
+  def data_sharding(self):
+    return sharding_lib.batch_sharding(self.mesh)
+
+  @property
+  def is_chief(self) -> bool:
+    return jax.process_index() == 0
+
+
+def setup(config: ml_collections.ConfigDict, workdir: str, *, sources: tuple | None = None,
+          teacher: Teacher | None = None) -> Run:
+  """Everything `config` trains with, built once. `sources` = (train, eval) replaces the
+  configured data; `teacher` replaces loading `config.teacher.checkpoint`."""
+  mesh = sharding_lib.make_mesh(config.mesh)
+  if config.batch_size % mesh.size or config.eval_batch_size % mesh.size:
+    raise ValueError(f'batch_size {config.batch_size} and eval_batch_size '
+                     f'{config.eval_batch_size} must divide by the {mesh.size} devices')
+  rules = [tuple(r) for r in config.sharding_rules]
+  data = load_data(config, sources)
+  phases = build_phases(config, data.steps_per_epoch)
+  _check_text_for(phases, data)
+  student = student_model(config, data)
+  settings = term_settings(config)
+  loss = Loss(tuple(dict.fromkeys(t for p in phases for t in p.loss)), settings)
+  if loss.needs_teacher and teacher is None:
+    teacher = load_teacher(config, data.num_classes, mesh, rules)
+  shapes = _loss_shapes(config, data, student, teacher)
+  schedule = optim.make_schedule(config.schedule, data.steps_per_epoch, phases[-1].end_step)
+  abstract_params = {'student': _abstract_variables(student)['params'],
+                     'objective': jax.eval_shape(lambda: loss.init(jax.random.key(0), shapes))[0]}
+  run = Run(config=config, workdir=workdir, mesh=mesh, rules=rules,
+            compiler_options=xla_options.compiler_options(config.xla_options), data=data,
+            phases=phases, student=student, teacher=teacher, loss=loss,
+            phase_losses={p.loss: Loss(p.loss, settings) for p in phases}, loss_shapes=shapes,
+            schedule=schedule,
+            tx=optim.make_optimizer(config.optimizer, schedule, abstract_params))
+  abstract_state = jax.eval_shape(_fresh_state_fn(run))
+  return dataclasses.replace(
+      run, state_shardings=sharding_lib.param_shardings(abstract_state, mesh, rules))
+
+
+def create_train_state(run: Run) -> TrainState:
+  """A fresh state (seeded by `config.seed`), built directly on its shardings."""
+  return jax.jit(_fresh_state_fn(run), out_shardings=run.state_shardings)()
+
+
+def _fresh_state_fn(run: Run) -> Callable[[], TrainState]:
+  seed = run.config.seed
+
+  def init() -> TrainState:
+    return init_train_state(model_variables(run.student.build(seed)), run.loss, run.tx,
+                            rng=jax.random.fold_in(jax.random.key(seed), 1),
+                            shapes=run.loss_shapes)
+  return init
+
+
+def train_step_for(run: Run, phase: Phase):
+  """The phase's jitted train step (state, batch, teacher_vars) → (state, metrics), compiled
+  once per distinct `phase.switches`; the state is donated."""
+  if phase.switches not in run.compiled_steps:
+    config = run.config
+    opts = StepOptions(
+        num_classes=run.data.num_classes, steps_per_epoch=run.data.steps_per_epoch,
+        seed=config.seed, label_smoothing=config.label_smoothing, fuse_text=phase.fuse_text,
+        frozen=phase.frozen, batch_augment=run.data.batch_augment,
+        grad_accum_steps=config.grad_accum_steps)
+    frozen_mask = (optim.frozen_mask(run.state_shardings.params, phase.frozen)
+                   if phase.frozen else None)
+    fn = make_train_step(graphdef=run.student.graphdef,
+                         teacher_graphdef=run.teacher.graphdef if run.teacher else None,
+                         loss=run.phase_losses[phase.loss], tx=run.tx, frozen_mask=frozen_mask,
+                         opts=opts)
+    run.compiled_steps[phase.switches] = jax.jit(
+        fn, out_shardings=(run.state_shardings, None), donate_argnums=(0,),
+        compiler_options=run.compiler_options)
+  return run.compiled_steps[phase.switches]
+
+
+# ------------------------------------------------------------------------------------ data
+def load_data(config, sources: tuple | None = None) -> Data:
+  """The train and eval splits (`config.data`, or `sources` = (train, eval)) and their
+  augmentations."""
+  if sources is None:
+    sources = (build_source(config.data, config.data.train_split),
+               build_source(config.data, config.data.eval_split))
+  train, eval_ = sources
+  steps_per_epoch = len(train) // config.batch_size
+  if steps_per_epoch == 0:
+    raise ValueError(f'batch_size {config.batch_size} is larger than the train split '
+                     f'({len(train)} examples)')
+  host_augment, batch_augment = build_augmentations(config)
+  return Data(train=train, eval=eval_, num_classes=train.num_classes,
+              steps_per_epoch=steps_per_epoch,
+              text_features=load_train_text_features(config, train),
+              host_augment=host_augment, batch_augment=batch_augment,
+              num_workers=pipeline.resolve_num_workers(config.data.num_workers))
+
+
+def build_augmentations(config):
+  """(per-example host augmentation or None, on-device batch augmentation or None).
+
+  Host: RandAugment on uint8 images in the grain workers. Device (inside the jitted step, so
+  teacher and student see the same result): random erasing, then Mixup/CutMix with smoothed
+  targets. Built once: the compiled step is specialised on the batch-augmentation function.
+  """
+  from tikd_jax.data.mixup import make_batch_augment  # pylint: disable=g-import-not-at-top
+  from tikd_jax.data.randaugment import make_host_augment  # pylint: disable=g-import-not-at-top
+  aug = config.augment
+  cfg = ml_collections.ConfigDict(dict(
+      aug.to_dict(), label_smoothing=config.label_smoothing, mean=tuple(config.model.mean),
+      std=tuple(config.model.std)))
+  host = make_host_augment(cfg) if aug.randaugment else None
+  on_device = aug.mixup_alpha > 0 or aug.cutmix_alpha > 0 or aug.erasing_prob > 0
+  return host, (make_batch_augment(cfg) if on_device else None)
+
+
+def load_train_text_features(config, train_source) -> np.ndarray | None:
+  """The caption features of the train split, one row per example index (README "The text
+  teacher").
+
+  With `config.text.class_prompt_encoder` set (a local encoder folder, or 'minilm' for the
+  offline MiniLM), class-prompt features are built first when the folder has none (the
+  fallback without a VLM). Eval never reads these: it uses the text predictor or no text.
+  """
+  text = config.text
+  if not text.features_dir:
+    return None
+  from tikd_jax.data.text_features import load_text_features  # pylint: disable=g-import-not-at-top
+  if text.class_prompt_encoder:
+    if jax.process_index() == 0:
+      from tikd_jax import text_teacher  # pylint: disable=g-import-not-at-top
+      encoder = text.class_prompt_encoder
+      if encoder == 'minilm':
+        encoder = text_teacher.minilm_folder()
+      text_teacher.build_class_prompt_features(
+          config.data, config.data.train_split, text.features_dir, encoder,
+          template=text.class_prompt_template, source=train_source)
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+      multihost_utils.sync_global_devices('class prompt features written')
+  return load_text_features(text.features_dir, train_source)
+
+
+def _check_text_for(phases: list[Phase], data: Data) -> None:
+  fusing = [p.name for p in phases if p.fuse_text]
+  if fusing and data.text_features is None:
+    raise ValueError(f'stage(s) {fusing} fuse text but config.text.features_dir is empty: '
+                     f'generate caption features (python -m tikd_jax.text_teacher, see README) '
+                     f'and pass --config.text.features_dir=DIR, or use a config without text '
+                     f'stages (e.g. configs/tikd_cifar100.py:large,hard,notext)')
+
+
+# ------------------------------------------------------------------------------------ models
+def model_spec(model_config, num_classes: int) -> tuple[str, dict]:
+  """(name, kwargs) for build_model from a config block; num_classes filled from the data."""
+  kwargs = {k: v for k, v in model_config.to_dict().items() if k not in ('name', 'checkpoint')}
+  kwargs.setdefault('num_classes', num_classes)
+  for k, v in list(kwargs.items()):
+    if isinstance(v, tuple):
+      kwargs[k] = list(v)
+  return model_config.name, kwargs
+
+
+def student_model(config, data: Data) -> Model:
+  name, kwargs = model_spec(config.model, data.num_classes)
+  if config.dtype != 'float32':
+    # Mixed precision: compute in config.dtype; parameters, optimizer state and losses float32.
+    kwargs['dtype'] = config.dtype
+  if data.text_features is not None and name in VIT_MODELS:
+    kwargs.setdefault('text_dim', int(data.text_features.shape[1]))
+  fast_layers = cpu_fast_layers.enabled(config.cpu_fast_layers)
+  abstract = nnx.eval_shape(lambda: build_model(name, rngs=nnx.Rngs(config.seed),
+                                                fast_layers=fast_layers, **kwargs))
+  graphdef, _, _ = nnx.split(abstract, nnx.Param, nnx.BatchStat)
+  return Model(name=name, kwargs=kwargs, fast_layers=fast_layers, graphdef=graphdef,
+               num_params=count_params(abstract))
+
+
+def _abstract_variables(model: Model) -> dict:
+  return jax.eval_shape(lambda: model_variables(model.build(0)))
+
+
+def load_teacher(config, num_classes: int, mesh, rules) -> Teacher:
+  """Builds the teacher, loads its checkpoint strictly and places it on the mesh."""
+  name, kwargs = model_spec(config.teacher, num_classes)
+  if config.dtype != 'float32':
+    kwargs['dtype'] = config.dtype
+  kwargs['fast_layers'] = cpu_fast_layers.enabled(config.cpu_fast_layers)
+  path = config.teacher.checkpoint
+  if not path:
+    raise ValueError(f'the loss terms of distill.method={config.distill.method!r} / config.loss '
+                     f'need a teacher: set '
+                     f'--config.teacher.checkpoint to a workdir or converted checkpoint')
+  _, flat = ckpt_lib.load_weights(path)
+  graphdef, variables = load_model(name, kwargs, flat,
+                                   what=f'teacher checkpoint {path} (for model {name})')
+  return Teacher(graphdef, place(variables, sharding_lib.param_shardings(variables, mesh, rules)))
+
+
+def place(tree, shardings):
+  """Host NumPy → global arrays with the given shardings (works on every host of a pod)."""
+  def put(x, s):
+    x = np.asarray(x)
+    return jax.make_array_from_callback(x.shape, s, lambda idx: x[idx])
+  return jax.tree.map(put, tree, shardings)
+
+
+def _loss_shapes(config, data: Data, student: Model, teacher: Teacher | None) -> dict:
+  """The shapes the loss terms' init reads, for one micro-batch."""
+  return loss_shapes(graphdef=student.graphdef, variables=_abstract_variables(student),
+                     teacher_graphdef=teacher.graphdef if teacher else None,
+                     teacher_vars=teacher.variables if teacher else None,
+                     image_shape=data.train[0]['image'].shape,
+                     rows=config.batch_size // config.grad_accum_steps,
+                     num_classes=data.num_classes)

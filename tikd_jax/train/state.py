@@ -1,0 +1,33 @@
+"""The training state: everything a step reads and writes, as plain pytrees (the `nnx.split`
+pattern), and the one function that builds a fresh one."""
+from __future__ import annotations
+
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import optax
+
+from tikd_jax.losses.terms import Loss
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array                 # int32 scalar: optimizer steps taken
+  params: dict                    # {'student': …, 'objective': {term: its parameters}} trainable
+  batch_stats: dict               # the student's BatchNorm statistics (empty for ViTs)
+  opt_state: Any
+  objective_state: dict           # {term: its carried state} (PKCD's previous batch)
+
+
+def init_train_state(variables: dict, loss: Loss, tx: optax.GradientTransformation, *,
+                     rng: jax.Array, shapes: dict, step: int = 0) -> TrainState:
+  """A state at `step` from the student's `variables` ({'params', 'batch_stats'}): the loss
+  terms' parameters and carried state from `loss.init(rng, shapes)` (`shapes['rows']` is one
+  micro-batch), the optimizer state from `tx.init`."""
+  term_params, term_state = loss.init(rng, shapes)
+  params = {'student': variables['params'], 'objective': term_params}
+  return TrainState(step=jnp.asarray(step, jnp.int32), params=params,
+                    batch_stats=variables['batch_stats'], opt_state=tx.init(params),
+                    objective_state=term_state)
