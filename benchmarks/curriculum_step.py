@@ -25,9 +25,9 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import optax  # noqa: E402
 from flax import nnx  # noqa: E402
-from ml_collections import ConfigDict  # noqa: E402
 
 from benchmarks import report  # noqa: E402
+from configs import common  # noqa: E402
 from tikd_jax import xla_options  # noqa: E402
 from tikd_jax.models import cpu_fast_layers  # noqa: E402
 from tikd_jax.models.variables import abstract_model  # noqa: E402
@@ -63,7 +63,9 @@ def main(argv=None):
   student_vars = random_variables(student_tpl, 0)
   teacher_vars = random_variables(teacher_tpl, 1)
   saliency = ((f'{args.saliency}_saliency', 0.8),) if args.saliency != 'none' else ()
-  objective = method_loss(ConfigDict(dict(method='kd', alpha=0.5, temperature=4.0)), saliency)
+  distill = common.base().distill
+  distill.update(dict(method='kd', alpha=0.5, temperature=4.0))
+  objective = method_loss(distill, saliency)
   tx = optax.adamw(3e-4, weight_decay=1e-4)
   params = {'student': student_vars['params'], 'objective': {}}
   opts = StepOptions(num_classes=10, steps_per_epoch=350, seed=0)
