@@ -17,7 +17,7 @@ STAGE_EPOCHS = EPOCHS // len(irkd_cifar10.RESOLUTIONS)
 def _digits(c):
   """The demo's digits settings (configs/demo.py) at IRKD's 32 px with 4 px crop padding."""
   c.data = common.ConfigDict(dict(c.data))
-  label_smoothing = c.get('label_smoothing', 0.0)
+  label_smoothing = c.label_smoothing
   demo.digits_settings(c)
   c.data.image_size = 32
   c.data.crop_padding = 4

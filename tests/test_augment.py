@@ -285,7 +285,7 @@ def test_alphas_zero_give_smoothed_one_hot():
 
 
 def _cfg(**overrides):
-  cfg = dict(mixup_alpha=0.8, cutmix_alpha=1.0, switch_prob=0.5, mix_prob=1.0,
+  cfg = dict(mixup_alpha=0.8, cutmix_alpha=1.0, switch_prob=0.5, mix_prob=1.0, correct_lam=True,
              label_smoothing=0.1, erasing_prob=0.25, mean=MEAN, std=STD)
   return ml_collections.ConfigDict({**cfg, **overrides})
 

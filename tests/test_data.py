@@ -15,6 +15,7 @@ import pytest
 from ml_collections import ConfigDict
 from PIL import Image
 
+from configs import common
 from tikd_jax.data import build_source
 from tikd_jax.data import pipeline
 from tikd_jax.data.augment import random_crop_flip, resize_image
@@ -22,7 +23,8 @@ from tikd_jax.data.source import ArraySource
 
 
 def _cfg(**kw):
-  return ConfigDict(kw)
+  """The trainer's `config.data` (configs/common.py) with `kw` changed."""
+  return ConfigDict(dict(common.base().data, **kw))
 
 
 # --------------------------------------------------------------------------------------------
@@ -331,8 +333,8 @@ def test_image_folder_labels_and_pixels(tmp_path):
         want[(split, cls, k)] = _png(f'{root}/{split}/{cls}/img_{k}.png', (base + k, base, k))
   with open(f'{root}/train/apple/notes.txt', 'w') as f:
     f.write('not an image')
-  train = build_source(_cfg(name='image_folder', dir=root), 'train')
-  val = build_source(_cfg(name='image_folder', dir=root), 'val')
+  train = build_source(_cfg(name='image_folder', dir=root, image_size=0), 'train')
+  val = build_source(_cfg(name='image_folder', dir=root, image_size=0), 'val')
   assert train.class_names == val.class_names == ['apple', 'mango', 'zebra']
   assert train.num_classes == 3 and (len(train), len(val)) == (9, 6)
   assert train.labels.tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2]
@@ -352,7 +354,7 @@ def test_image_folder_grey_and_other_size(tmp_path):
   _png(f'{root}/train/a/0.png', (40, 50, 60))
   Image.fromarray(np.full((6, 6), 77, np.uint8)).save(f'{root}/train/a/1.png')  # mode L
   _png(f'{root}/train/b/0.png', (90, 80, 70), size=(9, 7))
-  src = build_source(_cfg(name='image_folder', dir=root), 'train')
+  src = build_source(_cfg(name='image_folder', dir=root, image_size=0), 'train')
   assert np.array_equal(src[1]['image'], np.full((6, 6, 3), 77, np.uint8))  # grey → RGB
   with pytest.raises(ValueError, match=r'has shape \(9, 7, 3\) but the first image of the split '
                      r'has \(6, 6, 3\); set --config.data.image_size'):
@@ -368,19 +370,19 @@ def test_image_folder_grey_and_other_size(tmp_path):
 def test_image_folder_errors(tmp_path):
   root = str(tmp_path / 'd')
   with pytest.raises(FileNotFoundError, match='does not exist'):
-    build_source(_cfg(name='image_folder', dir=root), 'train')
+    build_source(_cfg(name='image_folder', dir=root, image_size=0), 'train')
   os.makedirs(f'{root}/train')
   os.makedirs(f'{root}/val')
   with pytest.raises(ValueError, match='no class folders'):
-    build_source(_cfg(name='image_folder', dir=root), 'train')
+    build_source(_cfg(name='image_folder', dir=root, image_size=0), 'train')
   _png(f'{root}/train/cat/0.png', (1, 2, 3))
   os.makedirs(f'{root}/val/cat')
   with pytest.raises(ValueError, match='holds no images'):  # val has a class folder but no images
-    build_source(_cfg(name='image_folder', dir=root), 'val')
+    build_source(_cfg(name='image_folder', dir=root, image_size=0), 'val')
   _png(f'{root}/val/cat/0.png', (1, 2, 3))
   _png(f'{root}/val/dog/0.png', (1, 2, 3))
   with pytest.raises(ValueError, match=r'val/dog is not a class of the train split'):
-    build_source(_cfg(name='image_folder', dir=root), 'val')
+    build_source(_cfg(name='image_folder', dir=root, image_size=0), 'val')
 
 
 # --------------------------------------------------------------------------------------------

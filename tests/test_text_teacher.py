@@ -19,6 +19,7 @@ import ml_collections
 import numpy as np
 import pytest
 
+from configs import common
 from tikd_jax.data import build_source, digits
 from tikd_jax.data.source import ArraySource
 from tikd_jax.data.text_features import TextFeaturesError, load_text_features, text_dim
@@ -45,6 +46,11 @@ def _write_image_folder(root: str, start: int, n: int = 24) -> str:
   return root
 
 
+def _data_config(**kw):
+  """The trainer's `config.data` (configs/common.py) with `kw` changed."""
+  return ml_collections.ConfigDict(dict(common.base().data, **kw))
+
+
 @pytest.fixture(scope='module')
 def env(tmp_path_factory):
   base = tmp_path_factory.mktemp('text_teacher')
@@ -52,8 +58,7 @@ def env(tmp_path_factory):
   flags = ['--data.name', 'image_folder', '--data.dir', root, '--split', 'train']
   return {'clip': save_tiny_clip(str(base / 'clip')), 'blip': save_tiny_blip(str(base / 'blip')),
           'root': root, 'flags': flags, 'base': base,
-          'source': build_source(ml_collections.ConfigDict({'name': 'image_folder', 'dir': root}),
-                                 'train')}
+          'source': build_source(_data_config(name='image_folder', dir=root), 'train')}
 
 
 def _read_jsonl(path):
@@ -264,6 +269,13 @@ def _distinct_features(env, out):
   return load_text_features(str(out), env['source'])
 
 
+def test_data_flags_default_to_the_trainer_data_config():
+  """The CLI's --data.* defaults are configs/common.py's `config.data` (one source of truth)."""
+  from tikd_jax.text_teacher.data import DATA_FIELDS
+  trainer = common.base().data
+  assert {k: d for k, (_, d) in DATA_FIELDS.items()} == {k: trainer[k] for k in DATA_FIELDS}
+
+
 def test_features_follow_the_example_index_through_the_shuffled_pipeline(env, tmp_path):
   from tikd_jax.data.pipeline import train_dataset
   features = _distinct_features(env, tmp_path / 'distinct')
@@ -297,8 +309,7 @@ def test_loader_rejects_features_of_another_split(env, unsharded, tmp_path):
     load_text_features(out, short)
 
   other_root = _write_image_folder(str(tmp_path / 'other' / 'digits24'), 100)
-  other = build_source(ml_collections.ConfigDict({'name': 'image_folder', 'dir': other_root}),
-                       'train')
+  other = build_source(_data_config(name='image_folder', dir=other_root), 'train')
   with pytest.raises(TextFeaturesError, match=(
       rf'fingerprint {source.fingerprint()} but the train split of digits24 has fingerprint '
       rf'{other.fingerprint()}.*python -m tikd_jax.text_teacher caption')):
@@ -372,7 +383,7 @@ def test_minilm_puts_cat_near_kitten_and_builds_digit_prompts(tmp_path):
   assert main(['prompts', '--data.name', 'digits', '--data.image_size', '32', '--split', 'test',
                '--out', out, '--template', template, '--encode', '--encoder', 'minilm',
                '--normalize']) == 0
-  data_config = ml_collections.ConfigDict({'name': 'digits', 'image_size': 32})
+  data_config = _data_config(name='digits', image_size=32)
   source = build_source(data_config, 'test')
   features = load_text_features(out, source)
   assert features.shape == (360, 384)

@@ -18,20 +18,20 @@ def build_source(data_config, split: str):
   name = data_config.name
   if name not in SOURCES:
     raise ValueError(f'unknown data source {name!r}; known sources: {SOURCES}')
-  val_size = data_config.get('val_size', 0)
+  val_size = data_config.val_size
   if split == 'val' and not val_size and name in ('digits', 'cifar10', 'cifar100'):
     raise ValueError(f"split 'val' of {name} needs --config.data.val_size > 0")
   if name == 'image_folder':
-    return ImageFolderSource(data_config.dir, split, data_config.get('image_size') or None)
+    return ImageFolderSource(data_config.dir, split, data_config.image_size or None)
   if name == 'tfds':
-    return TfdsSource(data_config.tfds_name, split, data_config.get('dir') or None)
+    return TfdsSource(data_config.tfds_name, split, data_config.dir or None)
   base_split = 'train' if split in ('train', 'val') else split
   if name == 'digits':
-    source = digits.load(base_split, data_config.get('image_size') or 32)
+    source = digits.load(base_split, data_config.image_size or 32)
   else:
-    source = cifar.load(name, base_split, data_config.dir, data_config.get('download', False))
+    source = cifar.load(name, base_split, data_config.dir, data_config.download)
   if base_split == 'train' and val_size:
-    train, val = split_train_val(source, val_size, data_config.get('val_seed', 42))
+    train, val = split_train_val(source, val_size, data_config.val_seed)
     source = val if split == 'val' else train
   return source
 

@@ -122,9 +122,9 @@ def make_batch_augment(cfg):
   erased patch can be mixed into the partner image just as in DeiT. Mixing [0, 1] images before
   the model's (affine) normalisation equals DeiT's mixing of normalised images, as λ + (1 − λ) = 1.
 
-  Reads `mixup_alpha`, `cutmix_alpha`, `switch_prob`, `mix_prob`, `label_smoothing`,
-  `erasing_prob` and `mean`/`std` (the student's normalisation, for the erasing noise). Build it
-  once and reuse it: the step is compiled per distinct callable.
+  Reads `mixup_alpha`, `cutmix_alpha`, `switch_prob`, `mix_prob`, `correct_lam`,
+  `label_smoothing`, `erasing_prob` and `mean`/`std` (the student's normalisation, for the erasing
+  noise). Build it once and reuse it: the step is compiled per distinct callable.
   """
   return functools.partial(
       _batch_augment,
@@ -136,4 +136,4 @@ def make_batch_augment(cfg):
       switch_prob=float(cfg.switch_prob),
       prob=float(cfg.mix_prob),
       label_smoothing=float(cfg.label_smoothing),
-      correct_lam=bool(cfg.get('correct_lam', True)))
+      correct_lam=bool(cfg.correct_lam))

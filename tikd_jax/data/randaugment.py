@@ -228,13 +228,13 @@ def make_host_augment(cfg) -> Callable[[dict, np.random.Generator], dict] | None
   `fill_from_mean`). The result is a `functools.partial` of a module-level function, so grain
   worker processes can pickle it.
   """
-  if not cfg.get('randaugment', True):
+  if not cfg.randaugment:
     return None
   return functools.partial(
       _augment_element,
-      num_ops=int(cfg.get('randaugment_num_ops', 2)),
-      magnitude=float(cfg.get('randaugment_magnitude', 9)),
-      magnitude_std=float(cfg.get('randaugment_magnitude_std', 0.5)),
-      increasing=bool(cfg.get('randaugment_increasing', True)),
-      interpolation=str(cfg.get('interpolation', 'bicubic')),
-      fill=fill_from_mean(cfg.mean) if cfg.get('mean') is not None else DEIT_FILL)
+      num_ops=int(cfg.randaugment_num_ops),
+      magnitude=float(cfg.randaugment_magnitude),
+      magnitude_std=float(cfg.randaugment_magnitude_std),
+      increasing=bool(cfg.randaugment_increasing),
+      interpolation=str(cfg.interpolation),
+      fill=fill_from_mean(cfg.mean))

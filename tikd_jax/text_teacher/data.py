@@ -10,8 +10,9 @@ import ml_collections
 
 from tikd_jax.data import SOURCES, build_source
 
-# key → (type, default): the keys and defaults of the trainer's `config.data` (configs/common.py),
-# so the same flags give the same split (and fingerprint) here and in training.
+# key → (type, default): the keys and defaults of the trainer's `config.data` (configs/common.py;
+# tikd_jax does not import configs, so tests/test_text_teacher.py pins them equal), so the same
+# flags give the same split (and fingerprint) here and in training.
 DATA_FIELDS = {
     'name': (str, 'digits'),
     'dir': (str, ''),
@@ -24,18 +25,22 @@ DATA_FIELDS = {
 
 
 def add_data_flags(parser: argparse.ArgumentParser) -> None:
+  default = {k: d for k, (_, d) in DATA_FIELDS.items()}
   group = parser.add_argument_group('data set (the same meaning as --config.data.* in training)')
-  group.add_argument('--data.name', dest='data_name', choices=SOURCES, default='digits')
-  group.add_argument('--data.dir', dest='data_dir', metavar='DIR', default='',
+  group.add_argument('--data.name', dest='data_name', choices=SOURCES, default=default['name'])
+  group.add_argument('--data.dir', dest='data_dir', metavar='DIR', default=default['dir'],
                      help='folder of the CIFAR archives / image folder root / tfds data_dir')
   group.add_argument('--data.image_size', dest='data_image_size', metavar='PIXELS', type=int,
-                     default=32,
-                     help='image size of digits / image_folder (the trainer default, 32); 0 = '
-                          'image_folder images as stored')
-  group.add_argument('--data.val_size', dest='data_val_size', metavar='N', type=int, default=0,
+                     default=default['image_size'],
+                     help='image size of digits / image_folder (the trainer default, '
+                          '%(default)s); 0 = image_folder images as stored')
+  group.add_argument('--data.val_size', dest='data_val_size', metavar='N', type=int,
+                     default=default['val_size'],
                      help='hold out this many train examples as the val split')
-  group.add_argument('--data.val_seed', dest='data_val_seed', metavar='SEED', type=int, default=42)
-  group.add_argument('--data.tfds_name', dest='data_tfds_name', metavar='NAME', default='')
+  group.add_argument('--data.val_seed', dest='data_val_seed', metavar='SEED', type=int,
+                     default=default['val_seed'])
+  group.add_argument('--data.tfds_name', dest='data_tfds_name', metavar='NAME',
+                     default=default['tfds_name'])
   group.add_argument('--data.download', dest='data_download', action='store_true',
                      help='download CIFAR if it is not in --data.dir')
   group.add_argument('--split', default='train', help='train | val | test (image_folder: any)')
@@ -49,7 +54,7 @@ def data_config_dict(data_config) -> dict:
   """The text-teacher fields of a (possibly larger) data config, as plain JSON-able values."""
   out = {}
   for key, (kind, default) in DATA_FIELDS.items():
-    value = data_config.get(key, default)
+    value = data_config[key]
     out[key] = default if value is None else kind(value)
   return out
 

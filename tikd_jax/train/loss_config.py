@@ -2,7 +2,7 @@
 
 `config.loss` lists the terms, e.g. `(('ce', 0.5), ('hard', 0.5), ('tikd_alignment', 0.1))`,
 and a stage may override it (`loss=...`). Left empty, `config.distill.method` is a shorthand
-with the weights of README "Distillation methods" (α = distill.alpha, default 0.5):
+with the weights of README "Distillation methods" (α = distill.alpha):
   none                 ce
   soft|hard|kd|ctkd    base_weight·ce + distill_weight·method   (default 1 − α, α)
   dkd                  base_weight·ce + dkd    (base_weight default 1; the warm-up is in dkd)
@@ -28,17 +28,16 @@ def method_terms(distill) -> tuple[tuple[str, float], ...]:
                      f'(or list loss terms in config.loss)')
   if method == 'none':
     return (('ce', 1.0),)
-  bw = distill.get('base_weight')
+  bw = distill.base_weight
   if method in ('dkd', 'pkcd'):
     return (('ce', 1.0 if bw is None else float(bw)), (method, 1.0))
-  alpha = distill.get('alpha', 0.5)
-  dw = distill.get('distill_weight')
+  alpha, dw = distill.alpha, distill.distill_weight
   return (('ce', float(1.0 - alpha if bw is None else bw)),
           (method, float(alpha if dw is None else dw)))
 
 
 def saliency_terms(saliency) -> tuple[tuple[str, float], ...]:
-  kind = saliency.kind if saliency else 'none'
+  kind = saliency.kind
   if kind not in SALIENCY_KINDS:
     raise ValueError(f"saliency must be 'none', 'attention' or 'gradient', got {kind!r}")
   return () if kind == 'none' else ((f'{kind}_saliency', float(saliency.weight)),)
@@ -56,25 +55,23 @@ def tikd_terms(*, fuse_text: bool, alignment_beta: float, text_predictor_weight:
 
 def distill_settings(distill) -> dict[str, dict[str, Any]]:
   """The built-in distillation terms' settings from a `distill` block."""
-  g = distill.get
   return {
-      'soft': {'temperature': g('temperature', 1.0)},
-      'kd': {'temperature': g('temperature', 4.0)},
-      'ctkd': {'ramp_epochs': g('ctkd_ramp_epochs', 10)},
-      'dkd': {'alpha': g('dkd_alpha', 1.0), 'beta': g('dkd_beta', 8.0),
-              'temperature': g('temperature', 4.0), 'warmup_epochs': g('dkd_warmup_epochs', 20)},
-      'pkcd': {'temperature': g('temperature', 4.0)},
+      'soft': {'temperature': distill.temperature},
+      'kd': {'temperature': distill.temperature},
+      'ctkd': {'ramp_epochs': distill.ctkd_ramp_epochs},
+      'dkd': {'alpha': distill.dkd_alpha, 'beta': distill.dkd_beta,
+              'temperature': distill.temperature, 'warmup_epochs': distill.dkd_warmup_epochs},
+      'pkcd': {'temperature': distill.temperature},
   }
 
 
 def term_settings(config) -> dict[str, dict[str, Any]]:
   """Every term's settings: from distill / saliency, then config.loss_settings.<term>."""
   settings = distill_settings(config.distill)
-  saliency = config.get('saliency')
-  if saliency:
-    for kind in ('attention', 'gradient'):
-      settings[f'{kind}_saliency'] = {'layers': saliency.layers, 'resize_to': saliency.resize_to}
-  for name, kw in (config.get('loss_settings') or {}).items():
+  saliency = config.saliency
+  for kind in ('attention', 'gradient'):
+    settings[f'{kind}_saliency'] = {'layers': saliency.layers, 'resize_to': saliency.resize_to}
+  for name, kw in config.loss_settings.items():
     settings.setdefault(name, {}).update(dict(kw))
   return settings
 
@@ -82,15 +79,14 @@ def term_settings(config) -> dict[str, dict[str, Any]]:
 def stage_terms(config, stage: dict, *, fuse_text: bool, alignment_beta: float,
                 text_predictor_weight: float) -> tuple[tuple[str, float], ...]:
   """One stage's (term, weight) list: its `loss`, else config.loss, else the shorthand."""
-  explicit = stage.get('loss') or config.get('loss')
+  explicit = stage.get('loss') or config.loss  # a stage's keys are optional (plan._STAGE_KEYS)
   if explicit:
     return tuple((str(name), float(weight)) for name, weight in explicit)
-  text = config.get('text')
-  has_text = bool(text and text.get('features_dir'))
   return (method_terms(config.distill)
           + tikd_terms(fuse_text=fuse_text, alignment_beta=alignment_beta,
-                       text_predictor_weight=text_predictor_weight, has_text=has_text)
-          + saliency_terms(config.get('saliency')))
+                       text_predictor_weight=text_predictor_weight,
+                       has_text=bool(config.text.features_dir))
+          + saliency_terms(config.saliency))
 
 
 def method_loss(distill, extra: tuple[tuple[str, float], ...] = ()):

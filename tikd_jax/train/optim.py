@@ -58,7 +58,7 @@ def make_optimizer(cfg, schedule: optax.Schedule, params) -> optax.GradientTrans
                      optax.sgd(schedule, momentum=cfg.momentum, nesterov=cfg.nesterov))
   else:
     raise ValueError(f"unknown optimizer {cfg.name!r}; use 'adamw' or 'sgd'")
-  if cfg.get('grad_clip_norm'):
+  if cfg.grad_clip_norm:
     tx = optax.chain(optax.clip_by_global_norm(cfg.grad_clip_norm), tx)
   return tx
 

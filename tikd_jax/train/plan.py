@@ -37,24 +37,21 @@ _STAGE_KEYS = {'name', 'epochs', 'fuse_text', 'alignment_beta', 'text_predictor_
 
 
 def build_phases(config, steps_per_epoch: int) -> list[Phase]:
-  stages = list(config.get('stages') or [])
-  curriculum = config.get('curriculum')
-  curriculum_stages = list(curriculum.stages) if curriculum and curriculum.get('stages') else []
-  tikd = config.get('tikd')
-  defaults = dict(
-      fuse_text=bool(tikd.fuse_text) if tikd else False,
-      alignment_beta=float(tikd.alignment_beta) if tikd else 0.0,
-      text_predictor_weight=float(tikd.text_predictor_weight) if tikd else 0.0,
-  )
+  stages = list(config.stages)
+  curriculum = config.curriculum
+  curriculum_stages = list(curriculum.stages)
+  tikd = config.tikd
+  defaults = dict(fuse_text=bool(tikd.fuse_text), alignment_beta=float(tikd.alignment_beta),
+                  text_predictor_weight=float(tikd.text_predictor_weight))
   if stages and curriculum_stages:
     raise ValueError('config.stages and config.curriculum.stages cannot both be set; give each '
                      'stage a `resolution` instead')
-  mode = curriculum.get('mode', 'crop') if curriculum else 'crop'
+  mode = curriculum.mode
   if mode not in CROP_MODES:  # checked here too, so that a bad mode fails before any compile
     raise ValueError(f"config.curriculum.mode={mode!r}: use 'crop' (a res×res window of the "
                      f"padded image, as IRKD) or 'resize' (the whole image downscaled to res)")
   if curriculum_stages:
-    reset = bool(curriculum.get('reset_optimizer', False))
+    reset = bool(curriculum.reset_optimizer)
     stages = [dict(name=f'res{int(r)}', epochs=e, resolution=int(r), reset_optimizer=reset)
               for r, e in curriculum_stages]
   if not stages:

@@ -38,7 +38,7 @@ def _eval_data(args, config, num_examples: int):
   """(images uint8, labels, class names, split) of up to `num_examples` seeded examples."""
   from tikd_jax.data import build_source  # pylint: disable=g-import-not-at-top
   from tikd_jax.visualize import workdir as wd  # pylint: disable=g-import-not-at-top
-  split = args.split or config.data.get('eval_split', 'test')
+  split = args.split or config.data.eval_split
   try:
     source = build_source(config.data, split)
   except (ValueError, FileNotFoundError) as e:

@@ -72,8 +72,7 @@ def load_checkpoint(workdir: str) -> Checkpoint:
 
 def uses_text_fusion(checkpoint: Checkpoint, config) -> bool:
   """Whether eval runs the TIKD text-fused pass (as the trainer's `evaluate_checkpoint`)."""
-  tikd = config.get('tikd') or {}
-  return bool(checkpoint.kwargs.get('text_dim')) and tikd.get('eval_text') == 'predicted'
+  return bool(checkpoint.kwargs.get('text_dim')) and config.tikd.eval_text == 'predicted'
 
 
 def class_names(source, num_classes: int) -> list[str]:
