@@ -13,10 +13,14 @@
 
 What is not given is read off the weights: the model (`resnet*` / `distilled_vit` / `vit` /
 `irkd_vit`), the ViT size (`SIZES` entry with these widths), image size, number of classes, TIKD's
-text dimension. Input normalisation: `--norm cifar100|cifar10|imagenet` or `--mean/--std`; the
-Hugging Face processor's statistics for a HF folder; our export's metadata; else the model default
-(CIFAR-100). Every key is checked both in PyTorch names and in Flax names; a mismatch fails with
-the list of missing, unexpected and mis-shaped keys.
+text dimension and `text_proj_layout` (per-block when the file has `blocks.i.attn.text_proj`, as
+the released TIKD checkpoints do). A released TIKD checkpoint has no text predictor (ours, for
+caption-free inference): it gets a fresh one, and its text dimension is the model width (the
+released `set_text_features` takes features exactly that wide). Input normalisation:
+`--norm cifar100|cifar10|imagenet` or `--mean/--std`; the Hugging Face processor's statistics for
+a HF folder; our export's metadata; else the model default (CIFAR-100). Every key is checked
+both in PyTorch names and in Flax names; a mismatch fails with the list of missing, unexpected and
+mis-shaped keys.
 """
 from __future__ import annotations
 
@@ -150,6 +154,10 @@ def infer_vit(sd: Mapping[str, torch.Tensor], name: str | None, heads: int | Non
   if 'text_predictor.up.weight' in sd:
     kwargs['text_dim'] = int(sd['text_predictor.up.weight'].shape[0])
     rank = int(sd['text_predictor.down.weight'].shape[0])
+  elif 'text_decoder.weight' in sd:  # released TIKD: text as wide as the model, no predictor
+    kwargs['text_dim'] = dim
+  if 'blocks.0.attn.text_proj.weight' in sd:
+    kwargs['text_proj_layout'] = 'per_block'
   if variant is not None:  # as told; the strict key check reports what does not fit
     if variant not in SIZES:
       raise ValueError(f'unknown ViT variant {variant!r}; known: {sorted(SIZES)}')
@@ -226,6 +234,20 @@ def fresh_heads(twin: torch.nn.Module, seed: int = 0) -> dict[str, torch.Tensor]
   return out
 
 
+def fresh_text_predictor(twin: torch.nn.Module, seed: int = 0) -> dict[str, torch.Tensor]:
+  """A new text predictor (ours; released TIKD checkpoints have none), initialised as our
+  Linear layers are: trunc_normal(0.02) weights, zero biases (timm)."""
+  with torch.random.fork_rng():
+    torch.manual_seed(seed)
+    out = {}
+    for name, layer in twin.text_predictor.named_children():
+      torch.nn.init.trunc_normal_(layer.weight, std=0.02, a=-2.0, b=2.0)
+      torch.nn.init.zeros_(layer.bias)
+      out.update({f'text_predictor.{name}.{k}': v.detach().clone()
+                  for k, v in layer.state_dict().items()})
+  return out
+
+
 def _without_counters(sd):
   """BatchNorm's num_batches_tracked carries nothing the eval model uses (old files lack it)."""
   return {k: v for k, v in sd.items() if not k.endswith('num_batches_tracked')}
@@ -240,6 +262,11 @@ def convert(state_dict: Mapping[str, torch.Tensor], model_meta: dict, what: str,
   if reset_heads:
     sd = {k: v for k, v in sd.items() if k.split('.')[0] not in HEADS}
     sd.update(fresh_heads(twin))
+  if (getattr(twin, 'text_predictor', None) is not None and 'text_decoder.weight' in sd
+      and not any(k.startswith('text_predictor.') for k in sd)):
+    sd.update(fresh_text_predictor(twin))
+    print(f'{what}: no text predictor (a released TIKD checkpoint); a fresh one was added, '
+          f'train it before caption-free inference', file=sys.stderr)
   check_state_dict(_without_counters(twin.state_dict()), _without_counters(sd), what)
   flat = torch_to_flax(sd)
   template = flatten(model_variables(model))

@@ -9,6 +9,7 @@ Flax side: `flatten(model_variables(model))`, keys like 'params/blocks/0/attn/qk
   params/…/scale   (LayerNorm, BN)       ….weight
   batch_stats/…/mean, …/var              ….running_mean, ….running_var
   patch_embed/…                          patch_embed.proj.…
+  blocks/<i>/attn/text_proj/…            blocks.<i>.attn.text_proj.…  (TIKD per-block, released)
   downsample_conv/…, downsample_bn/…     downsample.0.…, downsample.1.…
   (none)                                 ….num_batches_tracked     (written as 0, dropped on import)
 

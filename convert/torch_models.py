@@ -9,8 +9,9 @@ checkpoints can be checked key by key before import. No timm needed:
     eps 1e-6, exact GELU, qkv bias, eval logits = mean of both heads (or the cls head). The plain
     ViT (`distilled=False`) and IRKD's `ViTWithDistillation` (`dist_pos_embed=False,
     final_norm=False, eval_head='cls'`) are the same class. TIKD's text modules (`text_decoder`,
-    `text_proj`, `text_adapter.{down,up}`, `text_predictor.{down,up}`) are held and the fused pass
-    is implemented as well. A state dict of the distilled variant without text modules loads into
+    `text_proj` or, with `text_proj_layout='per_block'`, the released `blocks.i.attn.text_proj`,
+    `text_adapter.{down,up}`, `text_predictor.{down,up}`) are held and the fused pass is
+    implemented as well. A state dict of the distilled variant without text modules loads into
     timm's `deit_*_distilled_patch*` models with strict=True.
   * `TorchCifarResNet`: RepDistiller's CIFAR ResNet (`conv1`, `bn1`, `layer{1,2,3}.i.{conv1,bn1,
     conv2,bn2,downsample.0,downsample.1}`, `fc`).
@@ -60,14 +61,18 @@ class PatchEmbed(nn.Module):
 
 class Attention(nn.Module):
 
-  def __init__(self, dim: int, heads: int):
+  def __init__(self, dim: int, heads: int, text_proj: bool = False):
     super().__init__()
     self.heads = heads
     self.head_dim = dim // heads
     self.qkv = nn.Linear(dim, 3 * dim)
     self.proj = nn.Linear(dim, dim)
+    if text_proj:  # TIKD's released per-block layout (its Linear(512, head_dim) at width 512)
+      self.text_proj = nn.Linear(dim, self.head_dim)
 
-  def forward(self, x, value_bias=None):
+  def forward(self, x, value_bias=None, decoded=None):
+    if decoded is not None:  # per-block layout: this block's own projection
+      value_bias = self.text_proj(decoded)
     b, n, d = x.shape
     qkv = self.qkv(x).reshape(b, n, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
     q, k, v = qkv[0], qkv[1], qkv[2]  # [B, H, N, hd]
@@ -92,15 +97,15 @@ class Mlp(nn.Module):
 
 class Block(nn.Module):
 
-  def __init__(self, dim: int, heads: int, mlp_dim: int):
+  def __init__(self, dim: int, heads: int, mlp_dim: int, text_proj: bool = False):
     super().__init__()
     self.norm1 = nn.LayerNorm(dim, eps=1e-6)
-    self.attn = Attention(dim, heads)
+    self.attn = Attention(dim, heads, text_proj)
     self.norm2 = nn.LayerNorm(dim, eps=1e-6)
     self.mlp = Mlp(dim, mlp_dim)
 
-  def forward(self, x, value_bias=None):
-    x = x + self.attn(self.norm1(x), value_bias)
+  def forward(self, x, value_bias=None, decoded=None):
+    x = x + self.attn(self.norm1(x), value_bias, decoded)
     return x + self.mlp(self.norm2(x))
 
 
@@ -142,14 +147,19 @@ class TorchDistilledViT(nn.Module):
                num_classes: int, img_size: int = 32, distilled: bool = True,
                dist_pos_embed: bool = True, final_norm: bool = True, eval_head: str = 'mean',
                text_dim: int | None = None, text_rank: int = 32,
-               mean: Sequence[float] = CIFAR100_MEAN, std: Sequence[float] = CIFAR100_STD):
+               text_proj_layout: str = 'shared', mean: Sequence[float] = CIFAR100_MEAN,
+               std: Sequence[float] = CIFAR100_STD):
     super().__init__()
     if eval_head not in ('mean', 'cls'):
       raise ValueError(f"eval_head must be 'mean' or 'cls', got {eval_head!r}")
     if img_size % patch:
       raise ValueError(f'img_size {img_size} is not a multiple of patch size {patch}')
     self.distilled, self.dist_pos_embed = distilled, dist_pos_embed
+    if text_proj_layout not in ('shared', 'per_block'):
+      raise ValueError(f"text_proj_layout must be 'shared' or 'per_block', got "
+                       f"{text_proj_layout!r}")
     self.final_norm, self.eval_head, self.text_dim = final_norm, eval_head, text_dim
+    self.per_block = text_dim is not None and text_proj_layout == 'per_block'
     self.grid = img_size // patch
     self.num_prefix = 2 if distilled else 1
     self.normalize = _Normalize(mean, std)
@@ -159,7 +169,8 @@ class TorchDistilledViT(nn.Module):
       self.dist_token = nn.Parameter(torch.zeros(1, 1, dim))
     n_pos = self.grid ** 2 + (self.num_prefix if dist_pos_embed else 1)
     self.pos_embed = nn.Parameter(torch.zeros(1, n_pos, dim))
-    self.blocks = nn.ModuleList([Block(dim, heads, mlp_dim) for _ in range(depth)])
+    self.blocks = nn.ModuleList([Block(dim, heads, mlp_dim, self.per_block)
+                                 for _ in range(depth)])
     if final_norm:
       self.norm = nn.LayerNorm(dim, eps=1e-6)
     self.head = nn.Linear(dim, num_classes)
@@ -167,7 +178,8 @@ class TorchDistilledViT(nn.Module):
       self.head_dist = nn.Linear(dim, num_classes)
     if text_dim is not None:
       self.text_decoder = nn.Linear(dim, dim)
-      self.text_proj = nn.Linear(dim, dim // heads)
+      if not self.per_block:
+        self.text_proj = nn.Linear(dim, dim // heads)
       if text_dim != dim:
         self.text_adapter = LowRankLinear(text_dim, text_rank, dim)
       self.text_predictor = LowRankLinear(dim, text_rank, text_dim)
@@ -206,9 +218,10 @@ class TorchDistilledViT(nn.Module):
         t = self.text_adapter(t)
       c = _cosine(x, t[:, None, :]).clamp(0.0, 1.0)
       out['text_weights'] = c
-      value_bias = self.text_proj(self.text_decoder(c[..., None] * x))
+      decoded = self.text_decoder(c[..., None] * x)
+      value_bias = None if self.per_block else self.text_proj(decoded)
       for block in self.blocks:  # second pass, no final norm after it
-        x = block(x, value_bias)
+        x = block(x, value_bias, decoded if self.per_block else None)
     out['cls_logits'] = self.head(x[:, 0])
     if self.distilled:
       out['dist_logits'] = self.head_dist(x[:, 1])
@@ -285,7 +298,7 @@ def torch_model_like(flax_model) -> nn.Module:
         distilled=flax_model.distilled, dist_pos_embed=flax_model.dist_pos_embed,
         final_norm=flax_model.final_norm, eval_head=flax_model.eval_head,
         text_dim=flax_model.text_dim, text_rank=s.text_rank,
-        mean=flax_model.mean, std=flax_model.std)
+        text_proj_layout=flax_model.text_proj_layout, mean=flax_model.mean, std=flax_model.std)
   if isinstance(flax_model, CifarResNet):
     depth, filters = CONFIGS[flax_model.arch]
     return TorchCifarResNet(depth=depth, filters=filters, num_classes=flax_model.num_classes,

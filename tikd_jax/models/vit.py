@@ -7,7 +7,10 @@ One class, `DistilledViT`, covers three published layouts:
   * IRKD's `ViTWithDistillation` (`dist_pos_embed=False, final_norm=False, eval_head='cls'`): the
     dist token is zero-initialised and has no position embedding (IRKD's notebooks).
 The TIKD text fusion (TIKD's released vision_transformer.py; README "TIKD") is enabled by
-`text_dim`; see `_text_fusion`.
+`text_dim`; see `_text_fusion`. `text_proj_layout` picks where its value projection lives:
+  * 'shared' (ours, the default): one `text_proj` for all blocks;
+  * 'per_block' (released): every attention owns one, `blocks.<i>.attn.text_proj`, the names of
+    the released checkpoints (their `blocks.i.attn.text_proj.weight/bias`).
 
 Every call returns `(logits, out)`: `logits` are what the model predicts in the current mode, `out`
 names the intermediates (both heads, tokens after every block, pre-logits, attention maps).
@@ -64,6 +67,10 @@ SIZES: dict[str, ViTSize] = {
 }
 
 
+# Where TIKD's value projection lives: one for all blocks (ours) or one per attention (released).
+TEXT_PROJ_LAYOUTS = ('shared', 'per_block')
+
+
 def _linear(din, dout, rngs, dtype, bias=True):
   return nnx.Linear(din, dout, use_bias=bias, kernel_init=_trunc_normal, dtype=dtype, rngs=rngs)
 
@@ -90,17 +97,34 @@ def drop_path(x: jax.Array, rate: float, rng: jax.Array | None) -> jax.Array:
 
 
 class Attention(nnx.Module):
-  """Multi-head self-attention with a fused qkv projection (timm layout)."""
+  """Multi-head self-attention with a fused qkv projection (timm layout).
 
-  def __init__(self, dim: int, heads: int, *, rngs: nnx.Rngs, dtype=None, fast: bool = False):
+  `text_proj=True` gives it its own TIKD value projection (the released per-block layout).
+  """
+
+  def __init__(self, dim: int, heads: int, *, rngs: nnx.Rngs, dtype=None, fast: bool = False,
+               text_proj: bool = False):
     self.fast = fast
     self.heads = heads
     self.head_dim = dim // heads
     self.qkv = _linear(dim, 3 * dim, rngs, dtype)
     self.proj = _linear(dim, dim, rngs, dtype)
+    # Released: Linear(512, head_dim) applied to the decoded tokens, which are embed_dim wide, so
+    # it only runs at width 512; sized width → head_dim here, the same module at 512.
+    self.text_proj = _linear(dim, self.head_dim, rngs, dtype) if text_proj else None
 
-  def __call__(self, x: jax.Array, value_bias: jax.Array | None = None):
-    """`value_bias` [B, N, head_dim] is added to every head's values (TIKD's text_proj term)."""
+  def __call__(self, x: jax.Array, value_bias: jax.Array | None = None,
+               decoded: jax.Array | None = None):
+    """`value_bias` [B, N, head_dim] is added to every head's values (TIKD's text_proj term).
+
+    `decoded` [B, N, dim] (TIKD's text_decoder output; per-block layout only) makes this block's
+    own `text_proj(decoded)` that term instead.
+    """
+    if decoded is not None:
+      if self.text_proj is None:
+        raise ValueError('decoded text given to an attention without its own text_proj: build '
+                         "the model with text_proj_layout='per_block'")
+      value_bias = _dense(self.text_proj, decoded, self.fast)
     b, n, d = x.shape
     # qkv features are [q | k | v], each heads × head_dim (timm). A split (not three strided
     # slices) keeps the backward a concatenation; heads-major [B, H, N, hd] makes both attention
@@ -131,19 +155,20 @@ class Block(nnx.Module):
   """Pre-LN transformer block: x + DropPath(Attn(LN(x))), x + DropPath(MLP(LN(x)))."""
 
   def __init__(self, size: ViTSize, drop_path_rate: float, *, rngs: nnx.Rngs, dtype=None,
-               fast: bool = False):
+               fast: bool = False, text_proj: bool = False):
     self.fast = fast
     self.drop_path_rate = drop_path_rate
     self.norm1 = nnx.LayerNorm(size.dim, epsilon=1e-6, dtype=dtype, rngs=rngs)
-    self.attn = Attention(size.dim, size.heads, rngs=rngs, dtype=dtype, fast=fast)
+    self.attn = Attention(size.dim, size.heads, rngs=rngs, dtype=dtype, fast=fast,
+                          text_proj=text_proj)
     self.norm2 = nnx.LayerNorm(size.dim, epsilon=1e-6, dtype=dtype, rngs=rngs)
     self.mlp = Mlp(size.dim, size.mlp_dim, rngs=rngs, dtype=dtype, fast=fast)
 
-  def __call__(self, x, rng=None, value_bias=None):
+  def __call__(self, x, rng=None, value_bias=None, decoded=None):
     r1 = r2 = None
     if rng is not None:
       r1, r2 = jax.random.split(rng)
-    y, attn = self.attn(_norm(self.norm1, x, self.fast), value_bias)
+    y, attn = self.attn(_norm(self.norm1, x, self.fast), value_bias, decoded)
     x = x + drop_path(y, self.drop_path_rate, r1)
     x = x + drop_path(self.mlp(_norm(self.norm2, x, self.fast)), self.drop_path_rate, r2)
     return x, attn
@@ -183,6 +208,7 @@ class DistilledViT(nnx.Module):
       final_norm: bool = True,
       eval_head: str = 'mean',
       text_dim: int | None = None,
+      text_proj_layout: str = 'shared',
       mean: Sequence[float] = CIFAR100_MEAN,
       std: Sequence[float] = CIFAR100_STD,
       dtype: Any = None,
@@ -199,6 +225,9 @@ class DistilledViT(nnx.Module):
       raise ValueError(f'img_size {img_size} is not a multiple of patch size {size.patch}')
     if eval_head not in ('mean', 'cls'):
       raise ValueError(f"eval_head must be 'mean' or 'cls', got {eval_head!r}")
+    if text_proj_layout not in TEXT_PROJ_LAYOUTS:
+      raise ValueError(f'text_proj_layout must be one of {TEXT_PROJ_LAYOUTS}, got '
+                       f'{text_proj_layout!r}')
     self.size = size
     self.num_classes = num_classes
     self.img_size = img_size
@@ -207,6 +236,7 @@ class DistilledViT(nnx.Module):
     self.final_norm = final_norm
     self.eval_head = eval_head
     self.text_dim = text_dim
+    self.text_proj_layout = text_proj_layout
     self.mean = tuple(mean)
     self.std = tuple(std)
     self.dtype = dtype
@@ -224,17 +254,18 @@ class DistilledViT(nnx.Module):
     n_pos = self.grid ** 2 + (self.num_prefix if dist_pos_embed else 1)
     self.pos_embed = nnx.Param(_trunc_normal(rngs.params(), (1, n_pos, d)))
     rates = [float(r) for r in np.linspace(0.0, drop_path, size.depth)]
-    self.blocks = nnx.List([Block(size, r, rngs=rngs, dtype=dtype, fast=fast_layers)
-                           for r in rates])
+    per_block = text_dim is not None and text_proj_layout == 'per_block'
+    self.blocks = nnx.List([Block(size, r, rngs=rngs, dtype=dtype, fast=fast_layers,
+                                  text_proj=per_block) for r in rates])
     self.norm = nnx.LayerNorm(d, epsilon=1e-6, dtype=dtype, rngs=rngs) if final_norm else None
     self.head = _linear(d, num_classes, rngs, dtype)
     self.head_dist = _linear(d, num_classes, rngs, dtype) if distilled else None
     if text_dim is not None:
-      # TIKD. text_decoder and text_proj are the released modules; the adapter
-      # (text → width, only when dims differ) and the predictor (cls → text, for caption-free
-      # inference) are ours.
+      # TIKD. text_decoder and text_proj are the released modules (text_proj per block, or one
+      # shared here); the adapter (text → width, only when dims differ) and the predictor
+      # (cls → text, for caption-free inference) are ours.
       self.text_decoder = _linear(d, d, rngs, dtype)
-      self.text_proj = _linear(d, size.dim // size.heads, rngs, dtype)
+      self.text_proj = None if per_block else _linear(d, size.dim // size.heads, rngs, dtype)
       self.text_adapter = (LowRankLinear(text_dim, size.text_rank, d, rngs=rngs, dtype=dtype)
                            if text_dim != d else None)
       self.text_predictor = LowRankLinear(d, size.text_rank, text_dim, rngs=rngs, dtype=dtype)
@@ -268,11 +299,11 @@ class DistilledViT(nnx.Module):
       return cpu_fast_layers.patch_embed(self.patch_embed, x, self.size.patch)
     return self.patch_embed(x)
 
-  def run_blocks(self, x, rng, out, prefix, value_bias=None):
+  def run_blocks(self, x, rng, out, prefix, value_bias=None, decoded=None):
     rngs = list(jax.random.split(rng, len(self.blocks))) if rng is not None else [None] * len(
         self.blocks)
     for i, (block, r) in enumerate(zip(self.blocks, rngs)):
-      x, attn = block(x, r, value_bias)
+      x, attn = block(x, r, value_bias, decoded)
       out[f'{prefix}block{i}'] = x
       out[f'{prefix}attn{i}'] = attn
     return x
@@ -326,8 +357,10 @@ class DistilledViT(nnx.Module):
     c = jnp.clip(_cosine(x.astype(jnp.float32), t[:, None, :]), 0.0, 1.0)  # [B, N]
     out['text_weights'] = c
     x_decoded = _dense(self.text_decoder, (c[..., None] * x).astype(x.dtype), self.fast_layers)
-    value_bias = _dense(self.text_proj, x_decoded, self.fast_layers)
     # The second pass starts from the normed first-pass tokens, with no final norm after it.
+    if self.text_proj is None:  # per-block: each attention projects the decoded tokens itself
+      return self.run_blocks(x, rng, out, prefix='fused_', decoded=x_decoded)
+    value_bias = _dense(self.text_proj, x_decoded, self.fast_layers)
     return self.run_blocks(x, rng, out, prefix='fused_', value_bias=value_bias)
 
 
