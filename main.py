@@ -26,9 +26,10 @@ from ml_collections import config_flags
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file (configs/*.py[:arg]).',
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Where checkpoints, logs and metrics go.')
-_MODE = flags.DEFINE_enum('mode', 'train', ['train', 'eval'],
-                          'train (resumes if the workdir has a checkpoint) or eval the newest '
-                          'checkpoint.')
+_MODE = flags.DEFINE_enum(
+    'mode', 'train', ['train', 'eval'],
+    'train (resumes if the workdir has a checkpoint) or eval the newest '
+    'checkpoint.')
 _COORDINATOR = flags.DEFINE_string('coordinator', None,
                                    'host:port of process 0 for multi-host runs.')
 _NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Number of processes (hosts).')
@@ -41,8 +42,8 @@ def _maybe_initialize_distributed():
   if _COORDINATOR.value:
     jax.distributed.initialize(coordinator_address=_COORDINATOR.value,
                                num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value)
-  elif any(k in os.environ for k in ('SLURM_JOB_ID', 'TPU_WORKER_HOSTNAMES',
-                                     'OMPI_COMM_WORLD_SIZE')):
+  elif any(
+      k in os.environ for k in ('SLURM_JOB_ID', 'TPU_WORKER_HOSTNAMES', 'OMPI_COMM_WORLD_SIZE')):
     jax.distributed.initialize()  # JAX's cluster auto-detection
 
 

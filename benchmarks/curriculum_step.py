@@ -51,9 +51,9 @@ def build_run(saliency: str, batch: int, xla_preset: str, fast_layers: str) -> r
     config.cpu_fast_layers = fast_layers
   train = ArraySource(np.zeros((45_000, 32, 32, 3), np.uint8), np.zeros(45_000, np.int32),
                       [str(i) for i in range(10)], 'synthetic', 'train')
-  teacher_graph, teacher_tpl = abstract_model(
-      'vit', variant='irkd_teacher', patch_size=4, num_classes=10,
-      fast_layers=cpu_fast_layers.enabled(fast_layers))
+  teacher_graph, teacher_tpl = abstract_model('vit', variant='irkd_teacher', patch_size=4,
+                                              num_classes=10,
+                                              fast_layers=cpu_fast_layers.enabled(fast_layers))
   teacher = run_lib.Teacher(teacher_graph, random_variables(teacher_tpl, 1))
   return run_lib.setup(config, '', sources=(train, train), teacher=teacher)
 
@@ -80,8 +80,10 @@ def main(argv=None):
       state = run_lib.create_train_state(run)  # the step donates its state
       step = run_lib.train_step_for(run, dataclasses.replace(phase, resolution=res))
       rng = np.random.default_rng(res)
-      batch = {'image': jnp.asarray(rng.integers(0, 256, (args.batch, res, res, 3), np.uint8)),
-               'label': jnp.asarray(rng.integers(0, 10, (args.batch,), np.int32))}
+      batch = {
+          'image': jnp.asarray(rng.integers(0, 256, (args.batch, res, res, 3), np.uint8)),
+          'label': jnp.asarray(rng.integers(0, 10, (args.batch,), np.int32))
+      }
       t0 = time.perf_counter()
       state, metrics = step(state, batch, teacher_vars)
       jax.block_until_ready(metrics)
@@ -92,21 +94,24 @@ def main(argv=None):
         state, metrics = step(state, batch, teacher_vars)
         jax.block_until_ready(metrics)
         times.append(time.perf_counter() - t0)
-      rows.append(dict(
-          benchmark='curriculum_step', student='irkd_vit/vit_tiny/p4',
-          teacher='vit/irkd_teacher/p4',
-          resolution=res, tokens=(res // 4) ** 2, batch=args.batch, saliency=args.saliency,
-          xla_options=args.xla_options,
-          runs=args.runs, median_s=float(np.median(times)), p10_s=float(np.percentile(times, 10)),
-          p90_s=float(np.percentile(times, 90)), first_step_s=compile_s,
-          images_per_s=args.batch / float(np.median(times)), load_avg=os.getloadavg()[0],
-          jax=jax.__version__, machine=platform.machine(), cpus=os.cpu_count()))
+      rows.append(
+          dict(benchmark='curriculum_step', student='irkd_vit/vit_tiny/p4',
+               teacher='vit/irkd_teacher/p4', resolution=res, tokens=(res // 4)**2,
+               batch=args.batch, saliency=args.saliency, xla_options=args.xla_options,
+               runs=args.runs, median_s=float(np.median(times)), p10_s=float(
+                   np.percentile(times,
+                                 10)), p90_s=float(np.percentile(times,
+                                                                 90)), first_step_s=compile_s,
+               images_per_s=args.batch / float(np.median(times)), load_avg=os.getloadavg()[0],
+               jax=jax.__version__, machine=platform.machine(), cpus=os.cpu_count()))
       emit(rows[-1])
   full = next((r['median_s'] for r in rows if r['resolution'] == 32), None)
   if full:
     curriculum = sum(r['median_s'] for r in rows) / len(rows)
-    print(json.dumps(dict(benchmark='curriculum_summary', mean_step_s_over_stages=curriculum,
-                          step_s_at_32=full, speedup_vs_all_32=full / curriculum)), flush=True)
+    print(
+        json.dumps(
+            dict(benchmark='curriculum_summary', mean_step_s_over_stages=curriculum,
+                 step_s_at_32=full, speedup_vs_all_32=full / curriculum)), flush=True)
 
 
 if __name__ == '__main__':

@@ -92,9 +92,14 @@ def main() -> None:
           startups.append(startup)
           rates.append(rate)
         emit({
-            'name': 'input_pipeline', 'source': name, 'examples': len(source),
-            'image_shape': list(source.image_shape), 'batch': args.batch,
-            'batches': args.batches, 'workers': workers, 'runs': args.runs,
+            'name': 'input_pipeline',
+            'source': name,
+            'examples': len(source),
+            'image_shape': list(source.image_shape),
+            'batch': args.batch,
+            'batches': args.batches,
+            'workers': workers,
+            'runs': args.runs,
             'median_images_per_s': round(statistics.median(rates), 1),
             'p10_images_per_s': round(report.quantile(rates, 0.1), 1),
             'p90_images_per_s': round(report.quantile(rates, 0.9), 1),
@@ -102,10 +107,13 @@ def main() -> None:
             'median_first_batch_s': round(statistics.median(startups), 3),
             'load_1min': report.load_summary(loads),
             'cpus': os.cpu_count(),
-            'versions': {'python': platform.python_version(), 'grain': grain.__version__
-                         if hasattr(grain, '__version__') else 'unknown',
-                         'numpy': np.__version__},
+            'versions': {
+                'python': platform.python_version(),
+                'grain': grain.__version__ if hasattr(grain, '__version__') else 'unknown',
+                'numpy': np.__version__
+            },
         })
+
 
 if __name__ == '__main__':
   main()

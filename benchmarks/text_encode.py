@@ -22,17 +22,17 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 # Neutral English words for synthetic captions (the tiny tokenizer maps unknown words to <unk>).
-_WORDS = ('a photo of small large red blue green black white cat dog bird car truck ship plane '
-          'horse deer frog flower tree house road sky water grass sitting standing flying on in '
-          'near the with and background close-up blurry bright dark old young wooden metal').split()
+_WORDS = (
+    'a photo of small large red blue green black white cat dog bird car truck ship plane '
+    'horse deer frog flower tree house road sky water grass sitting standing flying on in '
+    'near the with and background close-up blurry bright dark old young wooden metal').split()
 _CIFAR100_CLASSES = 100
 
 
 def vlm_captions(n: int, seed: int = 0) -> list[str]:
   import numpy as np  # pylint: disable=g-import-not-at-top
   rng = np.random.default_rng(seed)
-  return [' '.join(rng.choice(_WORDS, size=int(rng.integers(8, 41)))) + f' #{i}.'
-          for i in range(n)]
+  return [' '.join(rng.choice(_WORDS, size=int(rng.integers(8, 41)))) + f' #{i}.' for i in range(n)]
 
 
 def prompt_captions(n: int = 50_000) -> list[str]:
@@ -68,8 +68,9 @@ def main() -> None:
   workloads = {'vlm': vlm_captions(args.num_captions), 'prompts': prompt_captions()}
   lines = []
   with tempfile.TemporaryDirectory() as tmp:
-    folders = {'tiny_clip': lambda: save_tiny_clip(os.path.join(tmp, 'clip')),
-               'minilm': minilm_folder}
+    folders = {
+        'tiny_clip': lambda: save_tiny_clip(os.path.join(tmp, 'clip')), 'minilm': minilm_folder
+    }
     for name in args.encoders.split(','):
       start = time.perf_counter()
       encoder = TextEncoder(folders[name](), 'auto', 'cpu')
@@ -81,14 +82,14 @@ def main() -> None:
             'bench': 'text_encode', 'encoder': name, 'encoder_kind': encoder.kind,
             'dim': encoder.dim, 'max_length': encoder.max_length, 'workload': workload,
             'num_captions': len(captions), 'num_unique': len(set(captions)),
-            'mean_tokens': round(float(lengths.mean()), 1),
-            'num_truncated_unique': int((lengths > encoder.max_length).sum()),
-            'batch_size': args.batch_size, 'runs': args.runs,
-            'captions_per_s': [round(r, 1) for r in rates],
-            'median_captions_per_s': round(statistics.median(rates), 1),
+            'mean_tokens': round(float(lengths.mean()), 1), 'num_truncated_unique': int(
+                (lengths
+                 > encoder.max_length).sum()), 'batch_size': args.batch_size, 'runs': args.runs,
+            'captions_per_s': [round(r, 1) for r in rates
+                              ], 'median_captions_per_s': round(statistics.median(rates), 1),
             'load_s': round(load_s, 2), 'torch_threads': torch.get_num_threads(),
-            'cpu_count': os.cpu_count(), 'machine': platform.machine(),
-            'torch': torch.__version__})
+            'cpu_count': os.cpu_count(), 'machine': platform.machine(), 'torch': torch.__version__
+        })
         print(json.dumps(lines[-1]), flush=True)
   if args.out:
     with open(args.out, 'a') as f:

@@ -70,7 +70,7 @@ def vit_forward_flops(size: str, img: int = IMG, num_classes: int = NUM_CLASSES)
   """Matmul multiply-adds × 2 of one image through the distilled ViT (no text modules)."""
   from tikd_jax.models.vit import SIZES  # pylint: disable=g-import-not-at-top
   s = SIZES[size]
-  patches = (img // s.patch) ** 2
+  patches = (img // s.patch)**2
   n = patches + 2
   d = s.dim
   flops = 2 * patches * (s.patch * s.patch * 3) * d  # patch embedding
@@ -88,9 +88,11 @@ def step_flops(size: str, batch: int) -> dict:
 # --------------------------------------------------------------------------- shared helpers
 def _summary(times: list[float]) -> dict:
   times = sorted(times)
-  return {'median_s': statistics.median(times), 'p10_s': report.quantile(times, 0.1),
-          'p90_s': report.quantile(times, 0.9), 'min_s': times[0], 'runs': len(times),
-          'times_s': [round(t, 4) for t in times]}
+  return {
+      'median_s': statistics.median(times), 'p10_s': report.quantile(times, 0.1),
+      'p90_s': report.quantile(times, 0.9), 'min_s': times[0], 'runs': len(times),
+      'times_s': [round(t, 4) for t in times]
+  }
 
 
 def _compiler_options(preset: str):
@@ -111,16 +113,18 @@ def _versions() -> dict:
 def _row(name, framework, size, batch, times, flops, loads, extra=None) -> dict:
   s = _summary(times)
   med = s['median_s']
-  row = {'name': name, 'framework': framework, 'size': size, 'teacher': TEACHER, 'batch': batch,
-         'img': IMG, **{k: round(v, 4) if isinstance(v, float) else v for k, v in s.items()},
-         'steps_per_s': round(1.0 / med, 3), 'images_per_s': round(batch / med, 1),
-         'model_gflop': round(flops / 1e9, 2),
-         'achieved_gflops': round(flops / med / 1e9, 1),
-         'fraction_of_peak': round(flops / med / 1e9 / PEAK_GFLOPS, 3),
-         'peak_gflops': PEAK_GFLOPS,
-         'load_1min': report.load_summary(loads),
-         'cpus': os.cpu_count(), 'xla_flags': os.environ.get('XLA_FLAGS', ''),
-         'versions': _versions()}
+  row = {
+      'name': name, 'framework': framework, 'size': size, 'teacher': TEACHER,
+      'batch': batch, 'img': IMG, **{
+          k: round(v, 4) if isinstance(v, float) else v for k, v in s.items()
+      }, 'steps_per_s': round(1.0 / med,
+                              3), 'images_per_s': round(batch / med,
+                                                        1), 'model_gflop': round(flops / 1e9, 2),
+      'achieved_gflops': round(flops / med / 1e9,
+                               1), 'fraction_of_peak': round(flops / med / 1e9 / PEAK_GFLOPS, 3),
+      'peak_gflops': PEAK_GFLOPS, 'load_1min': report.load_summary(loads), 'cpus': os.cpu_count(),
+      'xla_flags': os.environ.get('XLA_FLAGS', ''), 'versions': _versions()
+  }
   if extra:
     row.update(extra)
   return row
@@ -161,8 +165,8 @@ def build_jax(size: str, batch: int, xla_options: str):
   images, labels = _batch(batch)
   # CIFAR's 50k train images as one repeated image (only the split's size and shape are read).
   train = ArraySource(np.broadcast_to(images[:1], (50_000,) + images.shape[1:]),
-                      np.zeros(50_000, np.int32), [str(i) for i in range(NUM_CLASSES)],
-                      'synthetic', 'train')
+                      np.zeros(50_000, np.int32), [str(i) for i in range(NUM_CLASSES)], 'synthetic',
+                      'train')
   teacher = build_model(TEACHER, rngs=nnx.Rngs(1), num_classes=NUM_CLASSES,
                         mean=config.teacher.mean, std=config.teacher.std)
   teacher_vars = model_variables(teacher)
@@ -170,12 +174,15 @@ def build_jax(size: str, batch: int, xla_options: str):
   teacher_vars = jax.device_put(teacher_vars, sharding_lib.param_shardings(teacher_vars, mesh))
   run = run_lib.setup(config, '', sources=(train, train),
                       teacher=run_lib.Teacher(nnx.graphdef(teacher), teacher_vars))
-  batch_arrays = {'image': jax.device_put(images, run.data_sharding),
-                  'label': jax.device_put(labels, run.data_sharding)}
-  return {'step': run_lib.train_step_for(run, run.phases[0]),
-          'state': run_lib.create_train_state(run), 'batch': batch_arrays,
-          'teacher_vars': teacher_vars, 'graphdef': run.student.graphdef,
-          'teacher_graphdef': run.teacher.graphdef}
+  batch_arrays = {
+      'image': jax.device_put(images, run.data_sharding),
+      'label': jax.device_put(labels, run.data_sharding)
+  }
+  return {
+      'step': run_lib.train_step_for(run, run.phases[0]), 'state': run_lib.create_train_state(run),
+      'batch': batch_arrays, 'teacher_vars': teacher_vars, 'graphdef': run.student.graphdef,
+      'teacher_graphdef': run.teacher.graphdef
+  }
 
 
 def xla_flops(compiled) -> float | None:
@@ -223,9 +230,12 @@ def jax_contestants(size, batch, parts, xla_options='default') -> list[Contestan
     jax.block_until_ready((holder['state'], metrics))
 
   extra = {'xla_options': xla_options}
-  out = [Contestant('train_step', 'jax', size, batch, flops['step'], one, dict(
-      extra, compile_s=round(compile_s, 2),
-      xla_cost_gflop=round((xla_flops(compiled) or float('nan')) / 1e9, 2)))]
+  out = [
+      Contestant(
+          'train_step', 'jax', size, batch, flops['step'], one,
+          dict(extra, compile_s=round(compile_s, 2), xla_cost_gflop=round(
+              (xla_flops(compiled) or float('nan')) / 1e9, 2)))
+  ]
   if not parts:
     return out
 
@@ -238,22 +248,24 @@ def jax_contestants(size, batch, parts, xla_options='default') -> list[Contestan
 
   @functools.partial(jax.jit, compiler_options=options)
   def student_grad(params, stats, images, labels):
+
     def loss(p):
       student = nnx.merge(graphdef, p, stats)
       _, o = student(images.astype(jnp.float32) / 255.0, train=True, rng=jax.random.key(0))
       lp = jax.nn.log_softmax(o['cls_logits']) + jax.nn.log_softmax(o['dist_logits'])
       return -jnp.mean(jnp.take_along_axis(lp, labels[:, None], axis=-1))
+
     return jax.grad(loss)(params)
 
   img, lab = b['batch']['image'], b['batch']['label']
   params = jax.tree.map(jnp.copy, holder['state'].params['student'])
   stats = holder['state'].batch_stats
-  out.append(Contestant('teacher_forward', 'jax', size, batch, flops['teacher_forward'],
-                        lambda: jax.block_until_ready(teacher_forward(b['teacher_vars'], img)),
-                        extra))
-  out.append(Contestant('student_train', 'jax', size, batch, flops['student_train'],
-                        lambda: jax.block_until_ready(student_grad(params, stats, img, lab)),
-                        extra))
+  out.append(
+      Contestant('teacher_forward', 'jax', size, batch, flops['teacher_forward'],
+                 lambda: jax.block_until_ready(teacher_forward(b['teacher_vars'], img)), extra))
+  out.append(
+      Contestant('student_train', 'jax', size, batch, flops['student_train'],
+                 lambda: jax.block_until_ready(student_grad(params, stats, img, lab)), extra))
   return out
 
 
@@ -288,8 +300,7 @@ def build_torch(size: str, batch: int):
     distill = F.cross_entropy(out['dist_logits'], teacher_labels)
     return 0.5 * base + 0.5 * distill
 
-  return {'student': student, 'teacher': teacher, 'opt': opt, 'x': x, 'y': y,
-          'loss_fn': loss_fn}
+  return {'student': student, 'teacher': teacher, 'opt': opt, 'x': x, 'y': y, 'loss_fn': loss_fn}
 
 
 def torch_contestants(size, batch, parts, compiled: bool) -> list[Contestant] | dict:
@@ -308,9 +319,11 @@ def torch_contestants(size, batch, parts, compiled: bool) -> list[Contestant] | 
       b['opt'].zero_grad(set_to_none=True)
     except Exception as e:  # pylint: disable=broad-except
       first = str(e).strip().splitlines()[0][:300] if str(e).strip() else ''
-      return {'name': 'train_step', 'framework': framework, 'size': size, 'batch': batch,
-              'skipped': f'torch.compile failed here: {type(e).__name__}: {first}',
-              'load': report.load_now(), 'versions': _versions()}
+      return {
+          'name': 'train_step', 'framework': framework, 'size': size, 'batch': batch,
+          'skipped': f'torch.compile failed here: {type(e).__name__}: {first}',
+          'load': report.load_now(), 'versions': _versions()
+      }
     extra['compile_s'] = round(time.perf_counter() - t0, 2)
 
   def one():
@@ -330,10 +343,12 @@ def torch_contestants(size, batch, parts, compiled: bool) -> list[Contestant] | 
       o = b['student'].forward_heads(images)
       (o['cls_logits'].logsumexp(-1).mean() + o['dist_logits'].logsumexp(-1).mean()).backward()
 
-    out.append(Contestant('teacher_forward', framework, size, batch, flops['teacher_forward'],
-                          teacher_only, extra))
-    out.append(Contestant('student_train', framework, size, batch, flops['student_train'],
-                          student_only, extra))
+    out.append(
+        Contestant('teacher_forward', framework, size, batch, flops['teacher_forward'],
+                   teacher_only, extra))
+    out.append(
+        Contestant('student_train', framework, size, batch, flops['student_train'], student_only,
+                   extra))
   return out
 
 
@@ -406,8 +421,9 @@ def run_size(size, batch, frameworks, presets, parts, runs, warmup, emit,
       emit(payload)
       continue
     slots += [(w, i, label) for i, label in enumerate(payload)]
-  print(f'# {size}: {len(slots)} contestants ({", ".join(l for _, _, l in slots)}), '
-        f'{warmup} warm-up + {runs} timed steps each, interleaved', file=sys.stderr, flush=True)
+  print(
+      f'# {size}: {len(slots)} contestants ({", ".join(l for _, _, l in slots)}), '
+      f'{warmup} warm-up + {runs} timed steps each, interleaved', file=sys.stderr, flush=True)
   for r in range(runs):
     k = r % max(1, len(slots))
     for w, i, _ in slots[k:] + slots[:k]:
@@ -436,12 +452,13 @@ def main() -> None:
   parser.add_argument('--warmup', type=int, default=1, help='untimed steps after compiling')
   parser.add_argument('--frameworks', default=None,
                       help='jax,torch,torch_compile (default all; jax,torch with --quick)')
-  parser.add_argument('--xla_options', default='auto',
-                      help='one JAX contestant per preset: auto or one of '
-                           'tikd_jax/xla_options.py PRESETS')
-  parser.add_argument('--baseline_root', default=None,
-                      help='another checkout of the repo (e.g. the commit before a change): adds '
-                           'its JAX step as framework jax_baseline, interleaved with the rest')
+  parser.add_argument(
+      '--xla_options', default='auto', help='one JAX contestant per preset: auto or one of '
+      'tikd_jax/xla_options.py PRESETS')
+  parser.add_argument(
+      '--baseline_root', default=None,
+      help='another checkout of the repo (e.g. the commit before a change): adds '
+      'its JAX step as framework jax_baseline, interleaved with the rest')
   parser.add_argument('--parts', action='store_true',
                       help='also time the teacher forward and the student fwd/bwd alone')
   parser.add_argument('--peak_gflops', type=float, default=PEAK_GFLOPS)
@@ -451,8 +468,11 @@ def main() -> None:
   sizes = QUICK_SIZES if args.quick else tuple(s for s in args.sizes.split(',') if s)
   batch = args.batch or (32 if args.quick else 128)
   base_runs = args.runs or (3 if args.quick else 5)
-  frameworks = [f for f in (args.frameworks or ('jax,torch' if args.quick else
-                                                'jax,torch,torch_compile')).split(',') if f]
+  frameworks = [
+      f for f in (
+          args.frameworks or ('jax,torch' if args.quick else 'jax,torch,torch_compile')).split(',')
+      if f
+  ]
   if args.baseline_root:
     frameworks = ['jax_baseline'] + frameworks
   unknown = set(frameworks) - {'jax', 'jax_baseline', 'torch', 'torch_compile'}

@@ -7,9 +7,8 @@ from ml_collections import ConfigDict
 from ml_collections.config_dict import placeholder
 
 # Re-exported for the configs (`common.CIFAR100_MEAN`); defined once in tikd_jax/normalization.py.
-from tikd_jax.normalization import (CIFAR10_MEAN, CIFAR10_STD, CIFAR100_MEAN,  # noqa: F401
-                                    CIFAR100_STD, DIGITS_MEAN, DIGITS_STD, IMAGENET_MEAN,
-                                    IMAGENET_STD)
+from tikd_jax.normalization import (CIFAR10_MEAN, CIFAR10_STD, CIFAR100_MEAN, CIFAR100_STD,
+                                    DIGITS_MEAN, DIGITS_STD, IMAGENET_MEAN, IMAGENET_STD)
 
 # No weight decay on biases, norm scales, position embedding and the cls/dist tokens (DeiT).
 NO_DECAY = ('bias$', 'scale$', 'pos_embed', 'cls_token', 'dist_token', 'ctkd/raw_temperature')
@@ -19,49 +18,52 @@ def base() -> ConfigDict:
   c = ConfigDict()
   c.name = ''
   c.seed = 0
-  c.dtype = 'float32'               # compute dtype: 'bfloat16' for mixed precision
+  c.dtype = 'float32'  # compute dtype: 'bfloat16' for mixed precision
   c.grad_accum_steps = 1
-  c.data = ConfigDict(dict(
-      name='digits', dir='', download=False, tfds_name='', image_size=32, val_size=0,
-      val_seed=42, num_workers=0, crop_padding=4, flip=True, train_split='train',
-      eval_split='test'))
-  c.model = ConfigDict(dict(name='distilled_vit', variant='micro', drop_path=0.1,
-                            mean=CIFAR100_MEAN, std=CIFAR100_STD))
-  c.teacher = ConfigDict(dict(name='resnet32x4', checkpoint='', mean=CIFAR100_MEAN,
-                              std=CIFAR100_STD))
-  c.distill = ConfigDict(dict(
-      method='hard', alpha=0.5, base_weight=placeholder(float), distill_weight=placeholder(float),
-      temperature=4.0, dkd_alpha=1.0, dkd_beta=8.0, dkd_warmup_epochs=20, ctkd_ramp_epochs=10))
+  c.data = ConfigDict(
+      dict(name='digits', dir='', download=False, tfds_name='', image_size=32, val_size=0,
+           val_seed=42, num_workers=0, crop_padding=4, flip=True, train_split='train',
+           eval_split='test'))
+  c.model = ConfigDict(
+      dict(name='distilled_vit', variant='micro', drop_path=0.1, mean=CIFAR100_MEAN,
+           std=CIFAR100_STD))
+  c.teacher = ConfigDict(
+      dict(name='resnet32x4', checkpoint='', mean=CIFAR100_MEAN, std=CIFAR100_STD))
+  c.distill = ConfigDict(
+      dict(method='hard', alpha=0.5, base_weight=placeholder(float),
+           distill_weight=placeholder(float), temperature=4.0, dkd_alpha=1.0, dkd_beta=8.0,
+           dkd_warmup_epochs=20, ctkd_ramp_epochs=10))
   # The loss as (term, weight) pairs, e.g. (('ce', 0.5), ('hard', 0.5)); empty: distill.method's
   # terms (tikd_jax/train/loss_config.py). Settings of added terms: loss_settings.<term>.
   c.loss = ()
   c.loss_settings = ConfigDict()
   # IRKD saliency alignment (README "IRKD"): 'none' | 'attention' | 'gradient'.
   c.saliency = ConfigDict(dict(kind='none', weight=0.8, layers='', resize_to='teacher'))
-  c.text = ConfigDict(dict(features_dir='', class_prompt_encoder='',
-                           class_prompt_template='a photo of a {name}.'))
-  c.tikd = ConfigDict(dict(fuse_text=False, alignment_beta=0.1, text_predictor_weight=1.0,
-                           eval_text='predicted'))
+  c.text = ConfigDict(
+      dict(features_dir='', class_prompt_encoder='', class_prompt_template='a photo of a {name}.'))
+  c.tikd = ConfigDict(
+      dict(fuse_text=False, alignment_beta=0.1, text_predictor_weight=1.0, eval_text='predicted'))
   # Off by default; `deit_augment` turns on DeiT's recipe (DeiT main.py defaults; README "TIKD").
-  c.augment = ConfigDict(dict(
-      randaugment=False, randaugment_num_ops=2, randaugment_magnitude=9.0,
-      randaugment_magnitude_std=0.5, randaugment_increasing=True, interpolation='bicubic',
-      mixup_alpha=0.0, cutmix_alpha=0.0, switch_prob=0.5, mix_prob=1.0, correct_lam=True,
-      erasing_prob=0.0))
-  c.optimizer = ConfigDict(dict(name='adamw', b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.05,
-                                momentum=0.9, nesterov=False, wd_exclude=NO_DECAY,
-                                grad_clip_norm=0.0))
-  c.schedule = ConfigDict(dict(name='cosine', lr=5e-4, warmup_epochs=5.0, warmup_lr=1e-6,
-                               min_lr=1e-5, decay_epochs=(150, 180, 210), decay_factor=0.1))
+  c.augment = ConfigDict(
+      dict(randaugment=False, randaugment_num_ops=2, randaugment_magnitude=9.0,
+           randaugment_magnitude_std=0.5, randaugment_increasing=True, interpolation='bicubic',
+           mixup_alpha=0.0, cutmix_alpha=0.0, switch_prob=0.5, mix_prob=1.0, correct_lam=True,
+           erasing_prob=0.0))
+  c.optimizer = ConfigDict(
+      dict(name='adamw', b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.05, momentum=0.9,
+           nesterov=False, wd_exclude=NO_DECAY, grad_clip_norm=0.0))
+  c.schedule = ConfigDict(
+      dict(name='cosine', lr=5e-4, warmup_epochs=5.0, warmup_lr=1e-6, min_lr=1e-5,
+           decay_epochs=(150, 180, 210), decay_factor=0.1))
   c.batch_size = 128
   c.eval_batch_size = 256
   c.num_epochs = 300.0
   c.label_smoothing = 0.1
   c.log_every_steps = 50
   c.eval_every_epochs = 1.0
-  c.checkpoint_every_steps = 0      # 0: every epoch
+  c.checkpoint_every_steps = 0  # 0: every epoch
   c.keep_checkpoints = 3
-  c.stop_at_step = 0               # >0: checkpoint and exit there (rerun resumes)
+  c.stop_at_step = 0  # >0: checkpoint and exit there (rerun resumes)
   c.best_metric = 'top1'
   # Tuples, so that they can be overridden: --config.mesh="(('data',4),('fsdp',2))".
   c.mesh = (('data', -1),)
@@ -90,8 +92,10 @@ def deit_augment(c: ConfigDict) -> None:
 def tikd_stages(c: ConfigDict, warmup_epochs: float, joint_epochs: float) -> None:
   """TIKD's staged semantic-guided training: vision-only KD, then joint text-image training.
   Needs caption features: --config.text.features_dir=DIR (python -m tikd_jax.text_teacher)."""
-  c.stages = [dict(name='vision_warmup', epochs=warmup_epochs, fuse_text=False),
-              dict(name='joint', epochs=joint_epochs, fuse_text=True)]
+  c.stages = [
+      dict(name='vision_warmup', epochs=warmup_epochs, fuse_text=False),
+      dict(name='joint', epochs=joint_epochs, fuse_text=True)
+  ]
   c.num_epochs = float(warmup_epochs + joint_epochs)
 
 

@@ -8,7 +8,6 @@ ViT student trained with no distillation, with hard KD from that teacher, and wi
 TIKD's text fusion (class-prompt features from the bundled MiniLM encoder). A table of their
 accuracies closes the run. A few minutes on a 2-core CPU.
 """
-import copy
 
 from configs import common
 
@@ -18,7 +17,7 @@ TEACHER = 'resnet20'
 def digits_settings(c):
   """Digits at 16 px and the demo's batch, logging, evaluation and checkpoint cadence."""
   c.data.name = 'digits'
-  c.data.image_size = 16   # the originals are 8×8: 16 px loses nothing and keeps the demo fast
+  c.data.image_size = 16  # the originals are 8×8: 16 px loses nothing and keeps the demo fast
   c.data.crop_padding = 2
   c.batch_size = 64
   c.eval_batch_size = 120
@@ -34,8 +33,7 @@ def teacher_config():
   c = common.base()
   digits_settings(c)
   c.name = 'teacher'
-  c.model = common.ConfigDict(dict(name=TEACHER, mean=common.DIGITS_MEAN,
-                                   std=common.DIGITS_STD))
+  c.model = common.ConfigDict(dict(name=TEACHER, mean=common.DIGITS_MEAN, std=common.DIGITS_STD))
   c.distill.method = 'none'
   c.optimizer.name = 'sgd'
   c.optimizer.weight_decay = 5e-4
@@ -51,10 +49,12 @@ def student_config(method: str):
   c = common.base()
   digits_settings(c)
   c.name = f'student_{method}'
-  c.model = common.ConfigDict(dict(name='distilled_vit', variant='demo', img_size=16,
-                                   drop_path=0.0, mean=common.DIGITS_MEAN, std=common.DIGITS_STD))
-  c.teacher = common.ConfigDict(dict(name=TEACHER, checkpoint='{workdir}/teacher',
-                                     mean=common.DIGITS_MEAN, std=common.DIGITS_STD))
+  c.model = common.ConfigDict(
+      dict(name='distilled_vit', variant='demo', img_size=16, drop_path=0.0,
+           mean=common.DIGITS_MEAN, std=common.DIGITS_STD))
+  c.teacher = common.ConfigDict(
+      dict(name=TEACHER, checkpoint='{workdir}/teacher', mean=common.DIGITS_MEAN,
+           std=common.DIGITS_STD))
   c.distill.method = method
   c.schedule.lr = 3e-3
   c.schedule.warmup_epochs = 2.0

@@ -28,21 +28,21 @@ def get_config(arg: str = 'kd_cl_sal,p4'):
   c = common.base()
   c.name = f'irkd_{row}_{patch}'
   c.data.name = 'cifar10'
-  c.data.val_size = 5000     # 45k train / 5k val, seed 42 (eval on the 10k test split)
+  c.data.val_size = 5000  # 45k train / 5k val, seed 42 (eval on the 10k test split)
   c.data.val_seed = 42
   c.data.num_workers = -1
   norm = dict(mean=common.CIFAR10_MEAN, std=common.CIFAR10_STD)
-  c.model = common.ConfigDict(dict(
-      name='irkd_vit', variant='irkd_custom' if student == 'custom' else 'vit_tiny',
-      patch_size=2 if (patch == 'p2' or student == 'custom') else 4, drop_path=0.0, **norm))
+  c.model = common.ConfigDict(
+      dict(name='irkd_vit', variant='irkd_custom' if student == 'custom' else 'vit_tiny',
+           patch_size=2 if (patch == 'p2' or student == 'custom') else 4, drop_path=0.0, **norm))
   if patch == 'p4':
-    c.teacher = common.ConfigDict(dict(name='vit', variant='irkd_teacher', patch_size=4,
-                                       checkpoint='', **norm))
+    c.teacher = common.ConfigDict(
+        dict(name='vit', variant='irkd_teacher', patch_size=4, checkpoint='', **norm))
   else:  # DeiT-small distilled, re-gridded to 32 px / patch 2 (convert.from_torch --img_size 32
     # --patch_size 2), ImageNet normalisation as the Hugging Face processor does.
-    c.teacher = common.ConfigDict(dict(name='distilled_vit', variant='deit_small', patch_size=2,
-                                       checkpoint='', mean=common.IMAGENET_MEAN,
-                                       std=common.IMAGENET_STD))
+    c.teacher = common.ConfigDict(
+        dict(name='distilled_vit', variant='deit_small', patch_size=2, checkpoint='',
+             mean=common.IMAGENET_MEAN, std=common.IMAGENET_STD))
   c.distill.method = 'kd' if row.startswith('kd') else 'none'
   c.distill.alpha = 0.5
   c.distill.temperature = 4.0

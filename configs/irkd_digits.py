@@ -32,8 +32,9 @@ def teacher_config():
   c = common.base()
   _digits(c)
   c.name = 'teacher'
-  c.model = common.ConfigDict(dict(name='vit', variant='demo', patch_size=4, drop_path=0.0,
-                                   mean=common.DIGITS_MEAN, std=common.DIGITS_STD))
+  c.model = common.ConfigDict(
+      dict(name='vit', variant='demo', patch_size=4, drop_path=0.0, mean=common.DIGITS_MEAN,
+           std=common.DIGITS_STD))
   c.distill.method = 'none'
   c.schedule.lr = 3e-3
   c.schedule.warmup_epochs = 2.0
@@ -46,12 +47,12 @@ def row_config(row: str):
   with c.unlocked():
     _digits(c)
     c.name = row
-    c.model = common.ConfigDict(dict(name='irkd_vit', variant='micro', patch_size=4,
-                                     drop_path=0.0, mean=common.DIGITS_MEAN,
-                                     std=common.DIGITS_STD))
-    c.teacher = common.ConfigDict(dict(name='vit', variant='demo', patch_size=4,
-                                       checkpoint='{workdir}/teacher', mean=common.DIGITS_MEAN,
-                                       std=common.DIGITS_STD))
+    c.model = common.ConfigDict(
+        dict(name='irkd_vit', variant='micro', patch_size=4, drop_path=0.0, mean=common.DIGITS_MEAN,
+             std=common.DIGITS_STD))
+    c.teacher = common.ConfigDict(
+        dict(name='vit', variant='demo', patch_size=4, checkpoint='{workdir}/teacher',
+             mean=common.DIGITS_MEAN, std=common.DIGITS_STD))
     c.schedule.lr = 1e-3  # constant, as the paper's recipe; higher for the tiny model and budget
     c.num_epochs = float(EPOCHS)
     if c.curriculum.stages:

@@ -13,8 +13,7 @@ def get_config(arch: str = 'resnet32x4'):
   c.name = f'teacher_{arch}'
   c.data.name = 'cifar100'
   c.data.num_workers = -1
-  c.model = common.ConfigDict(dict(name=arch, mean=common.CIFAR100_MEAN,
-                                   std=common.CIFAR100_STD))
+  c.model = common.ConfigDict(dict(name=arch, mean=common.CIFAR100_MEAN, std=common.CIFAR100_STD))
   c.distill.method = 'none'
   common.sgd_recipe(c)
   c.log_every_steps = 100

@@ -24,8 +24,8 @@ def get_config(arg: str = 'hard'):
   c.data.eval_split = 'val'
   c.data.num_workers = -1
   norm = dict(mean=TINY_IMAGENET_MEAN, std=TINY_IMAGENET_STD)
-  c.model = common.ConfigDict(dict(name='distilled_vit', variant='large', img_size=64,
-                                   drop_path=0.1, **norm))
+  c.model = common.ConfigDict(
+      dict(name='distilled_vit', variant='large', img_size=64, drop_path=0.1, **norm))
   c.teacher = common.ConfigDict(dict(name='resnet32x4', checkpoint='', **norm))
   c.distill.method = method or 'hard'
   c.batch_size = 256

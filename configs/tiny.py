@@ -24,11 +24,11 @@ def get_config(arg: str = 'none'):
   c.checkpoint_every_steps = 10
   c.schedule.lr = 3e-3
   c.schedule.warmup_epochs = 0.2
-  c.model = common.ConfigDict(dict(name='distilled_vit', variant='micro', img_size=16,
-                                   drop_path=0.1, mean=common.DIGITS_MEAN,
-                                   std=common.DIGITS_STD))
-  c.teacher = common.ConfigDict(dict(name='resnet8', checkpoint='', mean=common.DIGITS_MEAN,
-                                     std=common.DIGITS_STD))
+  c.model = common.ConfigDict(
+      dict(name='distilled_vit', variant='micro', img_size=16, drop_path=0.1,
+           mean=common.DIGITS_MEAN, std=common.DIGITS_STD))
+  c.teacher = common.ConfigDict(
+      dict(name='resnet8', checkpoint='', mean=common.DIGITS_MEAN, std=common.DIGITS_STD))
   if arg == 'teacher':
     c.model = common.ConfigDict(dict(name='resnet8', mean=common.DIGITS_MEAN,
                                      std=common.DIGITS_STD))

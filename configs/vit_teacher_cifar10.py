@@ -17,9 +17,9 @@ def get_config(arg: str = ''):
   c.data.val_size = 5000
   c.data.val_seed = 42
   c.data.num_workers = -1
-  c.model = common.ConfigDict(dict(name='vit', variant='irkd_teacher', patch_size=4,
-                                   drop_path=0.1, mean=common.CIFAR10_MEAN,
-                                   std=common.CIFAR10_STD))
+  c.model = common.ConfigDict(
+      dict(name='vit', variant='irkd_teacher', patch_size=4, drop_path=0.1,
+           mean=common.CIFAR10_MEAN, std=common.CIFAR10_STD))
   c.distill.method = 'none'
   common.deit_augment(c)
   c.batch_size = 256

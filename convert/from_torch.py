@@ -34,8 +34,8 @@ from typing import Mapping, Sequence
 
 import torch
 
-from convert.mapping import (check_state_dict, hf_deit_to_timm, resample_patch_embed,
-                             torch_to_flax, unwrap_state_dict)
+from convert.mapping import (check_state_dict, hf_deit_to_timm, resample_patch_embed, torch_to_flax,
+                             unwrap_state_dict)
 from convert.to_torch import META_KEY, build_flax_model
 from convert.torch_models import resize_pos_embed, torch_model_like
 from tikd_jax import normalization
@@ -163,8 +163,10 @@ def infer_vit(sd: Mapping[str, torch.Tensor], name: str | None, heads: int | Non
       raise ValueError(f'unknown ViT variant {variant!r}; known: {sorted(SIZES)}')
     candidates = [variant]
   else:
-    fits = [v for v, s in SIZES.items() if (s.dim, s.depth, s.mlp_dim) == (dim, depth, mlp)
-            and (heads is None or s.heads == heads) and (rank is None or s.text_rank == rank)]
+    fits = [
+        v for v, s in SIZES.items() if (s.dim, s.depth, s.mlp_dim) == (dim, depth, mlp) and (
+            heads is None or s.heads == heads) and (rank is None or s.text_rank == rank)
+    ]
     if not fits:
       raise ValueError(f'no ViT size in SIZES has dim {dim}, depth {depth}, mlp {mlp}'
                        f'{f", heads {heads}" if heads else ""}'
@@ -184,8 +186,10 @@ def _norm_kwargs(args, extra) -> dict:
   if args.mean or args.std:
     if not (args.mean and args.std):
       raise ValueError('give both --mean and --std')
-    return {'mean': [float(x) for x in args.mean.split(',')],
-            'std': [float(x) for x in args.std.split(',')]}
+    return {
+        'mean': [float(x) for x in args.mean.split(',')],
+        'std': [float(x) for x in args.std.split(',')]
+    }
   if args.norm:
     mean, std = NORMS[args.norm]
     return {'mean': list(mean), 'std': list(std)}
@@ -243,8 +247,8 @@ def fresh_text_predictor(twin: torch.nn.Module, seed: int = 0) -> dict[str, torc
     for name, layer in twin.text_predictor.named_children():
       torch.nn.init.trunc_normal_(layer.weight, std=0.02, a=-2.0, b=2.0)
       torch.nn.init.zeros_(layer.bias)
-      out.update({f'text_predictor.{name}.{k}': v.detach().clone()
-                  for k, v in layer.state_dict().items()})
+      out.update(
+          {f'text_predictor.{name}.{k}': v.detach().clone() for k, v in layer.state_dict().items()})
   return out
 
 
@@ -265,13 +269,16 @@ def convert(state_dict: Mapping[str, torch.Tensor], model_meta: dict, what: str,
   if (getattr(twin, 'text_predictor', None) is not None and 'text_decoder.weight' in sd
       and not any(k.startswith('text_predictor.') for k in sd)):
     sd.update(fresh_text_predictor(twin))
-    print(f'{what}: no text predictor (a released TIKD checkpoint); a fresh one was added, '
-          f'train it before caption-free inference', file=sys.stderr)
+    print(
+        f'{what}: no text predictor (a released TIKD checkpoint); a fresh one was added, '
+        f'train it before caption-free inference', file=sys.stderr)
   check_state_dict(_without_counters(twin.state_dict()), _without_counters(sd), what)
   flat = torch_to_flax(sd)
   template = flatten(model_variables(model))
-  flat = {k: (v.astype(template[k].dtype) if k in template and v.dtype != template[k].dtype
-              else v) for k, v in flat.items()}
+  flat = {
+      k: (v.astype(template[k].dtype) if k in template and v.dtype != template[k].dtype else v)
+      for k, v in flat.items()
+  }
   load_variables(model, flat, what)
   return model
 
@@ -282,9 +289,10 @@ def _parse(argv):
   p.add_argument('--checkpoint', required=True,
                  help='.pth/.pt/.bin/.safetensors file, or a Hugging Face DeiT folder')
   p.add_argument('--out', required=True, help='output directory (a weights-only checkpoint)')
-  p.add_argument('--model', default=None,
-                 help=f'model name (default: read off the weights): {", ".join(VIT_MODELS)}, '
-                      f'{", ".join(RESNET_CONFIGS)}')
+  p.add_argument(
+      '--model', default=None,
+      help=f'model name (default: read off the weights): {", ".join(VIT_MODELS)}, '
+      f'{", ".join(RESNET_CONFIGS)}')
   p.add_argument('--variant', default=None, help=f'ViT size: {", ".join(SIZES)}')
   p.add_argument('--num_classes', type=int, default=None)
   p.add_argument('--img_size', type=int, default=None,
@@ -337,8 +345,8 @@ def main(argv: Sequence[str] | None = None) -> str:
   kwargs.setdefault('mean', list(model.mean))  # explicit in the metadata
   kwargs.setdefault('std', list(model.std))
   path = save_weights(args.out, model_variables(model),
-                      meta={'model': model_meta, 'source': os.path.abspath(args.checkpoint)},
-                      step=args.step)
+                      meta={'model': model_meta,
+                            'source': os.path.abspath(args.checkpoint)}, step=args.step)
   print(f'wrote {path}: model {name} {json.dumps(kwargs)}', file=sys.stderr)
   return path
 

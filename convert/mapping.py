@@ -30,8 +30,10 @@ from tikd_jax.tree import check_keys
 
 _MODULE_TO_TORCH = (('patch_embed', 'patch_embed.proj'), ('downsample_conv', 'downsample.0'),
                     ('downsample_bn', 'downsample.1'))
-_LEAF_TO_TORCH = {'kernel': 'weight', 'scale': 'weight', 'bias': 'bias', 'mean': 'running_mean',
-                  'var': 'running_var'}
+_LEAF_TO_TORCH = {
+    'kernel': 'weight', 'scale': 'weight', 'bias': 'bias', 'mean': 'running_mean',
+    'var': 'running_var'
+}
 
 
 def _to_numpy(x) -> np.ndarray:
@@ -139,8 +141,8 @@ def unwrap_state_dict(obj, what: str = 'checkpoint') -> dict[str, torch.Tensor]:
     raise ValueError(f'{what} holds a {type(obj).__name__}, not a state dict')
   for wrapper in ('model', 'state_dict', 'net', 'model_state_dict'):
     inner = obj.get(wrapper)
-    if isinstance(inner, Mapping) and inner and all(isinstance(v, torch.Tensor)
-                                                    for v in inner.values()):
+    if isinstance(inner, Mapping) and inner and all(
+        isinstance(v, torch.Tensor) for v in inner.values()):
       obj = inner
       break
   tensors = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}

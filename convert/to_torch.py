@@ -73,8 +73,8 @@ def export(flat: dict, model_meta: dict, what: str = 'checkpoint'):
   model = build_flax_model(model_meta)
   load_variables(model, flat, what)
   state_dict = flax_to_torch(flat)
-  torch_model = load_strict(torch_model_like(model).eval(), state_dict,
-                            f'{what} (as a PyTorch state dict)')
+  torch_model = load_strict(
+      torch_model_like(model).eval(), state_dict, f'{what} (as a PyTorch state dict)')
   return model, torch_model, state_dict
 
 
@@ -120,8 +120,9 @@ def main(argv: Sequence[str] | None = None) -> str:
   _, _, state_dict = export(flat, model_meta, what=f'checkpoint {source}')
   path = save_state_dict(state_dict, args.out, model_meta)
   n = sum(int(v.numel()) for v in state_dict.values() if v.is_floating_point())
-  print(f'wrote {path}: {len(state_dict)} tensors, {n:,} values, model {model_meta["name"]} '
-        f'{json.dumps(model_meta["kwargs"])}', file=sys.stderr)
+  print(
+      f'wrote {path}: {len(state_dict)} tensors, {n:,} values, model {model_meta["name"]} '
+      f'{json.dumps(model_meta["kwargs"])}', file=sys.stderr)
   return path
 
 

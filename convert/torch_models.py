@@ -32,16 +32,16 @@ from torch import nn
 from tikd_jax.normalization import CIFAR100_MEAN, CIFAR100_STD
 
 
-
 class _Normalize(nn.Module):
   """(x - mean) / std over channels of an NCHW batch; buffers are not part of the state dict."""
 
   def __init__(self, mean: Sequence[float], std: Sequence[float]):
     super().__init__()
-    self.register_buffer('mean', torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1),
+    self.register_buffer('mean',
+                         torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1),
                          persistent=False)
-    self.register_buffer('std', torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1),
-                         persistent=False)
+    self.register_buffer('std',
+                         torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
 
   def forward(self, x):
     return (x.float() - self.mean) / self.std
@@ -78,7 +78,7 @@ class Attention(nn.Module):
     q, k, v = qkv[0], qkv[1], qkv[2]  # [B, H, N, hd]
     if value_bias is not None:  # TIKD: the same [B, N, hd] term added to every head's values
       v = v + value_bias[:, None]
-    attn = (q @ k.transpose(-2, -1)) * (self.head_dim ** -0.5)
+    attn = (q @ k.transpose(-2, -1)) * (self.head_dim**-0.5)
     attn = attn.softmax(dim=-1)
     y = (attn @ v).transpose(1, 2).reshape(b, n, d)
     return self.proj(y)
@@ -146,9 +146,8 @@ class TorchDistilledViT(nn.Module):
   def __init__(self, *, dim: int, depth: int, heads: int, mlp_dim: int, patch: int,
                num_classes: int, img_size: int = 32, distilled: bool = True,
                dist_pos_embed: bool = True, final_norm: bool = True, eval_head: str = 'mean',
-               text_dim: int | None = None, text_rank: int = 32,
-               text_proj_layout: str = 'shared', mean: Sequence[float] = CIFAR100_MEAN,
-               std: Sequence[float] = CIFAR100_STD):
+               text_dim: int | None = None, text_rank: int = 32, text_proj_layout: str = 'shared',
+               mean: Sequence[float] = CIFAR100_MEAN, std: Sequence[float] = CIFAR100_STD):
     super().__init__()
     if eval_head not in ('mean', 'cls'):
       raise ValueError(f"eval_head must be 'mean' or 'cls', got {eval_head!r}")
@@ -167,10 +166,9 @@ class TorchDistilledViT(nn.Module):
     self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
     if distilled:
       self.dist_token = nn.Parameter(torch.zeros(1, 1, dim))
-    n_pos = self.grid ** 2 + (self.num_prefix if dist_pos_embed else 1)
+    n_pos = self.grid**2 + (self.num_prefix if dist_pos_embed else 1)
     self.pos_embed = nn.Parameter(torch.zeros(1, n_pos, dim))
-    self.blocks = nn.ModuleList([Block(dim, heads, mlp_dim, self.per_block)
-                                 for _ in range(depth)])
+    self.blocks = nn.ModuleList([Block(dim, heads, mlp_dim, self.per_block) for _ in range(depth)])
     if final_norm:
       self.norm = nn.LayerNorm(dim, eps=1e-6)
     self.head = nn.Linear(dim, num_classes)
@@ -189,7 +187,7 @@ class TorchDistilledViT(nn.Module):
     b, _, d = x.shape
     pos = self.pos_embed
     if (gh, gw) != (self.grid, self.grid):
-      pos = resize_pos_embed(pos, (gh, gw), num_prefix=pos.shape[1] - self.grid ** 2)
+      pos = resize_pos_embed(pos, (gh, gw), num_prefix=pos.shape[1] - self.grid**2)
     cls = self.cls_token.expand(b, -1, -1)
     if not self.distilled:
       return torch.cat([cls, x], dim=1) + pos
@@ -292,13 +290,14 @@ def torch_model_like(flax_model) -> nn.Module:
 
   if isinstance(flax_model, DistilledViT):
     s = flax_model.size
-    return TorchDistilledViT(
-        dim=s.dim, depth=s.depth, heads=s.heads, mlp_dim=s.mlp_dim, patch=s.patch,
-        num_classes=flax_model.num_classes, img_size=flax_model.img_size,
-        distilled=flax_model.distilled, dist_pos_embed=flax_model.dist_pos_embed,
-        final_norm=flax_model.final_norm, eval_head=flax_model.eval_head,
-        text_dim=flax_model.text_dim, text_rank=s.text_rank,
-        text_proj_layout=flax_model.text_proj_layout, mean=flax_model.mean, std=flax_model.std)
+    return TorchDistilledViT(dim=s.dim, depth=s.depth, heads=s.heads, mlp_dim=s.mlp_dim,
+                             patch=s.patch, num_classes=flax_model.num_classes,
+                             img_size=flax_model.img_size, distilled=flax_model.distilled,
+                             dist_pos_embed=flax_model.dist_pos_embed,
+                             final_norm=flax_model.final_norm, eval_head=flax_model.eval_head,
+                             text_dim=flax_model.text_dim, text_rank=s.text_rank,
+                             text_proj_layout=flax_model.text_proj_layout, mean=flax_model.mean,
+                             std=flax_model.std)
   if isinstance(flax_model, CifarResNet):
     depth, filters = CONFIGS[flax_model.arch]
     return TorchCifarResNet(depth=depth, filters=filters, num_classes=flax_model.num_classes,

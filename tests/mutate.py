@@ -45,38 +45,43 @@ _STEP_TESTS = ('tests/test_step_meaning.py tests/test_loss_terms.py tests/test_m
                'tests/test_mutation_survivors.py')
 TEST_MAP = [
     ('tikd_jax/losses/terms.py', [_STEP_TESTS]),
-    ('tikd_jax/losses/saliency.py', ['tests/test_saliency.py tests/test_losses.py '
-                                     'tests/test_step_meaning.py tests/test_irkd.py '
-                                     'tests/test_mutation_survivors.py']),
-    ('tikd_jax/losses/*.py', ['tests/test_losses.py tests/test_saliency.py '
-                              'tests/test_step_meaning.py tests/test_methods.py']),
+    ('tikd_jax/losses/saliency.py', [
+        'tests/test_saliency.py tests/test_losses.py '
+        'tests/test_step_meaning.py tests/test_irkd.py '
+        'tests/test_mutation_survivors.py'
+    ]),
+    ('tikd_jax/losses/*.py', [
+        'tests/test_losses.py tests/test_saliency.py '
+        'tests/test_step_meaning.py tests/test_methods.py'
+    ]),
     ('tikd_jax/train/step.py', [_STEP_TESTS]),
     ('tikd_jax/train/loss_config.py', [_STEP_TESTS]),
     ('tikd_jax/train/objectives.py', [_STEP_TESTS]),  # before the loss-terms refactor
-    ('tikd_jax/models/vit.py', ['tests/test_models.py tests/test_tikd.py '
-                                'tests/test_step_meaning.py tests/test_mutation_survivors.py',
-                                'tests/test_convert.py -k vit']),
+    ('tikd_jax/models/vit.py', [
+        'tests/test_models.py tests/test_tikd.py '
+        'tests/test_step_meaning.py tests/test_mutation_survivors.py',
+        'tests/test_convert.py -k vit'
+    ]),
     ('tikd_jax/train/plan.py', ['tests/test_plan.py']),
 ]
-DEFAULT_TARGETS = ['tikd_jax/losses/*.py', 'tikd_jax/train/step.py',
-                   'tikd_jax/train/loss_config.py', 'tikd_jax/models/vit.py',
-                   'tikd_jax/train/plan.py']
+DEFAULT_TARGETS = [
+    'tikd_jax/losses/*.py', 'tikd_jax/train/step.py', 'tikd_jax/train/loss_config.py',
+    'tikd_jax/models/vit.py', 'tikd_jax/train/plan.py'
+]
 # Only these functions (qualified names, nested ones included) are mutated in a file listed here;
 # --all_functions lifts it (vit.py's hand-written VJPs are pinned by their own gradient tests).
 FUNCTIONS = {
-    'tikd_jax/models/vit.py': ('drop_path', 'LowRankLinear.__call__', '_cosine',
-                               'DistilledViT.heads', 'DistilledViT.__call__',
-                               'DistilledViT._text_fusion'),
+    'tikd_jax/models/vit.py':
+        ('drop_path', 'LowRankLinear.__call__', '_cosine', 'DistilledViT.heads',
+         'DistilledViT.__call__', 'DistilledViT._text_fusion'),
 }
 
 # Named mutants from issue 13: (name, file, old text (must occur once), new text).
 MUST_KILL = [
     ('distillation term on the class head', 'tikd_jax/losses/terms.py',
-     "return self.out.get('dist_logits', self.out['cls_logits'])",
-     "return self.out['cls_logits']"),
+     "return self.out.get('dist_logits', self.out['cls_logits'])", "return self.out['cls_logits']"),
     ('CTKD reversal strength negated', 'tikd_jax/losses/ctkd.py',
-     'reversed_cotangent = (-strength * cotangent)',
-     'reversed_cotangent = (strength * cotangent)'),
+     'reversed_cotangent = (-strength * cotangent)', 'reversed_cotangent = (strength * cotangent)'),
     ('teacher in train mode inside the step', 'tikd_jax/train/step.py',
      'teacher(images, train=False)', 'teacher(images, train=True)'),
     ('TIKD alignment loss subtracted', 'tikd_jax/losses/terms.py',
@@ -84,27 +89,38 @@ MUST_KILL = [
 ]
 
 # ------------------------------------------------------------------ mutation operators
-BINOP_SWAP = {ast.Add: ast.Sub, ast.Sub: ast.Add, ast.Mult: ast.Div, ast.Div: ast.Mult,
-              ast.FloorDiv: ast.Div, ast.Pow: ast.Mult}
-CMP_SWAP = {ast.Lt: ast.LtE, ast.LtE: ast.Lt, ast.Gt: ast.GtE, ast.GtE: ast.Gt,
-            ast.Eq: ast.NotEq, ast.NotEq: ast.Eq, ast.In: ast.NotIn, ast.NotIn: ast.In,
-            ast.Is: ast.IsNot, ast.IsNot: ast.Is}
-SYMBOL = {ast.Add: '+', ast.Sub: '-', ast.Mult: '*', ast.Div: '/', ast.FloorDiv: '//',
-          ast.Pow: '**', ast.Lt: '<', ast.LtE: '<=', ast.Gt: '>', ast.GtE: '>=', ast.Eq: '==',
-          ast.NotEq: '!=', ast.In: 'in', ast.NotIn: 'not in', ast.Is: 'is', ast.IsNot: 'is not',
-          ast.And: 'and', ast.Or: 'or'}
+BINOP_SWAP = {
+    ast.Add: ast.Sub, ast.Sub: ast.Add, ast.Mult: ast.Div, ast.Div: ast.Mult, ast.FloorDiv: ast.Div,
+    ast.Pow: ast.Mult
+}
+CMP_SWAP = {
+    ast.Lt: ast.LtE, ast.LtE: ast.Lt, ast.Gt: ast.GtE, ast.GtE: ast.Gt, ast.Eq: ast.NotEq,
+    ast.NotEq: ast.Eq, ast.In: ast.NotIn, ast.NotIn: ast.In, ast.Is: ast.IsNot, ast.IsNot: ast.Is
+}
+SYMBOL = {
+    ast.Add: '+', ast.Sub: '-', ast.Mult: '*', ast.Div: '/', ast.FloorDiv: '//', ast.Pow: '**',
+    ast.Lt: '<', ast.LtE: '<=', ast.Gt: '>', ast.GtE: '>=', ast.Eq: '==', ast.NotEq: '!=',
+    ast.In: 'in', ast.NotIn: 'not in', ast.Is: 'is', ast.IsNot: 'is not', ast.And: 'and',
+    ast.Or: 'or'
+}
 # Key names and mode strings whose swap changes which tensor / branch is used.
-STRING_SWAP = {'cls_logits': 'dist_logits', 'dist_logits': 'cls_logits', 'mean': 'cls',
-               'cls': 'mean', 'attention': 'gradient', 'gradient': 'attention',
-               'crop': 'resize', 'resize': 'crop', 'teacher': 'student', 'student': 'teacher'}
+STRING_SWAP = {
+    'cls_logits': 'dist_logits', 'dist_logits': 'cls_logits', 'mean': 'cls', 'cls': 'mean',
+    'attention': 'gradient', 'gradient': 'attention', 'crop': 'resize', 'resize': 'crop',
+    'teacher': 'student', 'student': 'teacher'
+}
 # Function (attribute) names swapped in calls: jnp.mean ↔ jnp.sum and friends.
-CALL_SWAP = {'mean': 'sum', 'sum': 'mean', 'maximum': 'minimum', 'minimum': 'maximum',
-             'max': 'min', 'min': 'max', 'argmax': 'argmin', 'argmin': 'argmax',
-             'log_softmax': 'softmax', 'softmax': 'log_softmax', 'any': 'all', 'all': 'any'}
+CALL_SWAP = {
+    'mean': 'sum', 'sum': 'mean', 'maximum': 'minimum', 'minimum': 'maximum', 'max': 'min',
+    'min': 'max', 'argmax': 'argmin', 'argmin': 'argmax', 'log_softmax': 'softmax',
+    'softmax': 'log_softmax', 'any': 'all', 'all': 'any'
+}
 # Calls whose first two arguments commute (a swap is equivalent) or whose swap can only crash.
-SYMMETRIC = {'maximum', 'minimum', 'add', 'multiply', 'max', 'min', 'zip', 'dict', 'isinstance',
-             'getattr', 'hasattr', 'get', 'setdefault', 'pop', 'split', 'reshape', 'broadcast_to',
-             'asarray', 'astype', 'fold_in', 'clip', 'full', 'ones', 'zeros'}
+SYMMETRIC = {
+    'maximum', 'minimum', 'add', 'multiply', 'max', 'min', 'zip', 'dict', 'isinstance', 'getattr',
+    'hasattr', 'get', 'setdefault', 'pop', 'split', 'reshape', 'broadcast_to', 'asarray', 'astype',
+    'fold_in', 'clip', 'full', 'ones', 'zeros'
+}
 SIMPLE = (ast.Name, ast.Attribute, ast.Subscript)
 LOG_CALLS = {'info', 'warning', 'debug', 'print'}
 
@@ -115,11 +131,11 @@ class Mutant:
   line: int
   col: int
   operator: str
-  edits: list          # [(start byte, end byte, new text)]
-  original: str = ''   # the changed source line(s), before / after
+  edits: list  # [(start byte, end byte, new text)]
+  original: str = ''  # the changed source line(s), before / after
   mutated: str = ''
-  index: int = 0       # position among the mutants of the same line (for --only file:line:i)
-  name: str = ''       # must-kill mutants only
+  index: int = 0  # position among the mutants of the same line (for --only file:line:i)
+  name: str = ''  # must-kill mutants only
 
   @property
   def key(self):
@@ -139,8 +155,8 @@ class _Source:
     return self.starts[line - 1] + col
 
   def span(self, node):
-    return (self.offset(node.lineno, node.col_offset),
-            self.offset(node.end_lineno, node.end_col_offset))
+    return (self.offset(node.lineno,
+                        node.col_offset), self.offset(node.end_lineno, node.end_col_offset))
 
   def text(self, start, end):
     return self.data[start:end].decode()
@@ -155,9 +171,9 @@ def _op_edit(src: _Source, start: int, end: int, old: str, new: str):
   """Replace operator `old` inside the gap [start, end) between two operands, or None."""
   gap = src.text(start, end)
   code = _code_mask(gap)
-  pattern = (r'(?<![\w])' + r'\s+'.join(map(re.escape, old.split())) + r'(?![\w])'
-             if old[0].isalpha() else
-             r'(?<![*/<>=!])' + re.escape(old) + r'(?![*/<>=])')
+  pattern = (r'(?<![\w])' + r'\s+'.join(map(re.escape, old.split())) +
+             r'(?![\w])' if old[0].isalpha() else r'(?<![*/<>=!])' + re.escape(old) +
+             r'(?![*/<>=])')
   hits = list(re.finditer(pattern, code))
   if len(hits) != 1:
     return None
@@ -231,8 +247,9 @@ class _Collector(ast.NodeVisitor):
 
   def visit_Assign(self, node):
     # metrics['name'] = …: a logged value, not what is trained.
-    if any(isinstance(t, ast.Subscript) and isinstance(t.value, ast.Name)
-           and t.value.id == 'metrics' for t in node.targets):
+    if any(
+        isinstance(t, ast.Subscript) and isinstance(t.value, ast.Name) and t.value.id == 'metrics'
+        for t in node.targets):
       return
     self.generic_visit(node)
 
@@ -260,8 +277,7 @@ class _Collector(ast.NodeVisitor):
     if new is not None:
       start, end = self.src.span(node.target)[1], self.src.span(node.value)[0]
       old_s, new_s = SYMBOL[type(node.op)] + '=', SYMBOL[new] + '='
-      self._add(node, f'augassign {old_s}→{new_s}',
-                [_op_edit(self.src, start, end, old_s, new_s)])
+      self._add(node, f'augassign {old_s}→{new_s}', [_op_edit(self.src, start, end, old_s, new_s)])
     self.generic_visit(node)
 
   def visit_Compare(self, node):
@@ -424,15 +440,18 @@ def must_kill_mutants() -> list[Mutant]:
 
 # ------------------------------------------------------------------ selection
 def groups_for(file: str, override=None) -> list[list[str]]:
-  groups = [override] if override else next((g for p, g in TEST_MAP if fnmatch.fnmatch(file, p)),
-                                            None)
+  groups = [override] if override else next(
+      (g for p, g in TEST_MAP if fnmatch.fnmatch(file, p)), None)
   if groups is None:
     raise SystemExit(f'no tests mapped to {file}: add it to TEST_MAP or pass --tests')
   out = []
   for g in groups:
     args = shlex.split(g)
-    kept = [a for a in args if not (a.endswith('.py') or '.py::' in a)
-            or os.path.exists(os.path.join(ROOT, a.split('::')[0]))]
+    kept = [
+        a for a in args if not (a.endswith('.py') or '.py::' in a)
+        or os.path.exists(os.path.join(ROOT,
+                                       a.split('::')[0]))
+    ]
     if any(a.endswith('.py') or '.py::' in a for a in kept):
       out.append(kept)
   return out
@@ -465,10 +484,12 @@ def make_copy() -> str:
 
 def child_env(cache_dir):
   env = dict(os.environ)
-  env.update(JAX_COMPILATION_CACHE_DIR=cache_dir, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0.5',
-             JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='0',
-             PYTHONDONTWRITEBYTECODE='1',  # equal-size edits within a second: no stale .pyc
-             COLUMNS='250')  # pytest's summary line (the killing assertion) is not cut short
+  env.update(
+      JAX_COMPILATION_CACHE_DIR=cache_dir,
+      JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0.5',
+      JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='0',
+      PYTHONDONTWRITEBYTECODE='1',  # equal-size edits within a second: no stale .pyc
+      COLUMNS='250')  # pytest's summary line (the killing assertion) is not cut short
   return env
 
 
@@ -564,8 +585,9 @@ def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
                               formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument('targets', nargs='*', help=f'files / globs to mutate (default {DEFAULT_TARGETS})')
-  p.add_argument('--tests', help="pytest arguments for every target instead of TEST_MAP, e.g. "
-                 "'tests/test_losses.py -k kd'")
+  p.add_argument(
+      '--tests', help="pytest arguments for every target instead of TEST_MAP, e.g. "
+      "'tests/test_losses.py -k kd'")
   p.add_argument('--max_mutants', type=int, help='run a deterministic sample of this many')
   p.add_argument('--sample', type=int, default=0, help='sampling seed')
   p.add_argument('--jobs', type=int, default=1, help='mutants run in parallel (one tree copy each)')
@@ -575,19 +597,23 @@ def main(argv=None):
   p.add_argument('--must_kill', action='store_true', help='run the named must-kill mutants')
   p.add_argument('--all_functions', action='store_true',
                  help='mutate every function, also outside FUNCTIONS (vit.py VJPs)')
-  p.add_argument('--budget_s', type=float, help='start no mutant after this many seconds '
-                 '(baselines included); the ones not started are reported as not run')
-  p.add_argument('--timeout', type=float, help='seconds per mutant (default max(60, 3 × the '
-                 'unmutated run of its tests)); a mutant over it counts as killed (timeout)')
-  p.add_argument('--skip_baseline', action='store_true', help='do not run the unmutated tests '
-                 'first (right after a run whose baselines passed; needs --timeout)')
+  p.add_argument(
+      '--budget_s', type=float, help='start no mutant after this many seconds '
+      '(baselines included); the ones not started are reported as not run')
+  p.add_argument(
+      '--timeout', type=float, help='seconds per mutant (default max(60, 3 × the '
+      'unmutated run of its tests)); a mutant over it counts as killed (timeout)')
+  p.add_argument(
+      '--skip_baseline', action='store_true', help='do not run the unmutated tests '
+      'first (right after a run whose baselines passed; needs --timeout)')
   p.add_argument('--results', default=os.path.join(ROOT, 'workdirs', 'mutate', 'results.jsonl'),
                  help='JSON lines, appended; each line carries the run id')
   p.add_argument('--cache_dir', default=os.path.join(tempfile.gettempdir(), 'tikd-mutate-cache'),
                  help='JAX persistent compilation cache shared by all mutants')
-  p.add_argument('--pytest_arg', action='append', default=[],
-                 help="extra pytest argument (repeatable), e.g. --pytest_arg=-m "
-                 "--pytest_arg='not slow'")
+  p.add_argument(
+      '--pytest_arg', action='append', default=[],
+      help="extra pytest argument (repeatable), e.g. --pytest_arg=-m "
+      "--pytest_arg='not slow'")
   args = p.parse_args(argv)
 
   if args.must_kill:
@@ -604,8 +630,10 @@ def main(argv=None):
       keep = set()
       for spec in args.only:
         parts = spec.split(':')
-        sel = [m for m in mutants if m.file == parts[0] and str(m.line) == parts[1]
-               and (len(parts) < 3 or str(m.index) == parts[2])]
+        sel = [
+            m for m in mutants if m.file == parts[0] and str(m.line) == parts[1] and (
+                len(parts) < 3 or str(m.index) == parts[2])
+        ]
         if not sel:
           raise SystemExit(f'--only {spec}: no mutant there (see --list)')
         keep |= {m.key for m in sel}
@@ -662,17 +690,18 @@ def main(argv=None):
                   killed_by=test, detail=detail, seconds=round(secs, 1))
 
     records = []
-    with open(args.results, 'a') as out, concurrent.futures.ThreadPoolExecutor(
-        max(1, args.jobs)) as pool:
+    with open(args.results,
+              'a') as out, concurrent.futures.ThreadPoolExecutor(max(1, args.jobs)) as pool:
       for i, r in enumerate(pool.map(one, mutants)):
         if r is None:
           continue
         records.append(r)
         out.write(json.dumps(r) + '\n')
         out.flush()
-        print(f'[{i + 1}/{len(mutants)}] {r["status"]:8s} {r["seconds"]:6.1f}s '
-              f'{r["file"]}:{r["line"]}:{r["index"]} {r["name"] or r["operator"]}'
-              + (f'  ({r["killed_by"]})' if r['killed_by'] else ''), flush=True)
+        print(
+            f'[{i + 1}/{len(mutants)}] {r["status"]:8s} {r["seconds"]:6.1f}s '
+            f'{r["file"]}:{r["line"]}:{r["index"]} {r["name"] or r["operator"]}' +
+            (f'  ({r["killed_by"]})' if r['killed_by'] else ''), flush=True)
   finally:
     runner.close()
 
@@ -685,6 +714,7 @@ def main(argv=None):
     rate = (c['killed'] + c['timeout']) / max(n - c['crashed'], 1)
     return (f'{name:34s} {n:4d} {c["killed"]:7d} {c["timeout"]:8d} {c["crashed"]:8d} '
             f'{c["survived"]:9d} {rate:6.0%}')
+
   print(f'\n{"file":34s} {"run":>4s} {"killed":>7s} {"timeout":>8s} {"crashed":>8s} '
         f'{"survived":>9s} {"rate":>6s}')
   total = collections.Counter()

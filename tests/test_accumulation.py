@@ -39,15 +39,16 @@ from tikd_jax.train.step import StepOptions, make_train_step
 from tests.test_train import tiny_config
 
 B, C = 32, 10
-LR = 0.05         # plain SGD: updated parameters are params − LR · grads
-STEP0 = 4         # steps_per_epoch 1 → epoch 5: CTKD's λ > 0, DKD's warm-up 5/20
-RTOL = 1e-5       # measured ≤ 1.6e-6 (means over examples, CTKD's temperature, BatchNorm)
+LR = 0.05  # plain SGD: updated parameters are params − LR · grads
+STEP0 = 4  # steps_per_epoch 1 → epoch 5: CTKD's λ > 0, DKD's warm-up 5/20
+RTOL = 1e-5  # measured ≤ 1.6e-6 (means over examples, CTKD's temperature, BatchNorm)
 PKCD_RTOL = 3e-5  # measured ≤ 3.3e-6: InfoNCE and Pearson terms amplify rounding more
 DECOMPOSABLE = ('none', 'soft', 'hard', 'kd', 'dkd', 'ctkd')
 # Compiling is most of this file's time: on XLA:CPU these options compile its tiny programs 5×
 # faster (pkcd k = 2: 2 s against 10 s) and change no result beyond float32 rounding.
-jit = functools.partial(jax.jit, compiler_options=(
-    xla_options.compiler_options('fast_compile') if jax.default_backend() == 'cpu' else None))
+jit = functools.partial(
+    jax.jit, compiler_options=(xla_options.compiler_options('fast_compile')
+                               if jax.default_backend() == 'cpu' else None))
 
 
 def record_grads() -> optax.GradientTransformation:
@@ -73,8 +74,9 @@ def diff(a, b, absolute=False):
 
 def assert_same(what, rtol=RTOL, **pairs):
   """Each name=(actual, expected) within rtol by `diff`; prints the measured differences."""
-  print(what + ':', ', '.join(f'{n} {diff(a, b, absolute=True):.1e} abs {diff(a, b):.1e} rel'
-                              for n, (a, b) in pairs.items()))
+  print(
+      what + ':', ', '.join(f'{n} {diff(a, b, absolute=True):.1e} abs {diff(a, b):.1e} rel'
+                            for n, (a, b) in pairs.items()))
   for name, (a, b) in pairs.items():
     assert diff(a, b) <= rtol, f'{what}: {name} differs by {diff(a, b):.2e} > {rtol:.0e}'
 
@@ -82,8 +84,10 @@ def assert_same(what, rtol=RTOL, **pairs):
 @pytest.fixture(scope='module')
 def data():
   source = build_source(tiny_config().data, 'train')
-  batches = [{'image': jnp.asarray(source.images[i * B:(i + 1) * B]),
-              'label': jnp.asarray(source.labels[i * B:(i + 1) * B])} for i in range(2)]
+  batches = [{
+      'image': jnp.asarray(source.images[i * B:(i + 1) * B]),
+      'label': jnp.asarray(source.labels[i * B:(i + 1) * B])
+  } for i in range(2)]
   teacher = confident(build_model('resnet8', num_classes=C, rngs=nnx.Rngs(5)))
   tgraph, tparams, tstats = nnx.split(teacher, nnx.Param, nnx.BatchStat)
   teacher_vars = {'params': nnx.to_pure_dict(tparams), 'batch_stats': nnx.to_pure_dict(tstats)}
@@ -92,6 +96,7 @@ def data():
   def teacher_logits(images):
     model = nnx.merge(tgraph, teacher_vars['params'], teacher_vars['batch_stats'])
     return model(images.astype(jnp.float32) / 255.0, train=False)[0]
+
   return batches, tgraph, teacher_vars, teacher_logits
 
 
@@ -107,8 +112,9 @@ def confident(model, scale=20.0):
 
 @functools.cache
 def vit(drop_path=0.0):
-  return confident(build_model('distilled_vit', variant='micro', img_size=16, num_classes=C,
-                               drop_path=drop_path, rngs=nnx.Rngs(0)))
+  return confident(
+      build_model('distilled_vit', variant='micro', img_size=16, num_classes=C, drop_path=drop_path,
+                  rngs=nnx.Rngs(0)))
 
 
 def setup_step(student, method, k, *, tgraph=None, seed=0, step0=STEP0, state_rows=None):
@@ -120,11 +126,10 @@ def setup_step(student, method, k, *, tgraph=None, seed=0, step0=STEP0, state_ro
   variables = model_variables(student)
   state = init_train_state(variables, objective, TX, rng=jax.random.key(0),
                            shapes={'rows': state_rows or B // k, 'num_classes': C}, step=step0)
-  fn = make_train_step(graphdef=graphdef,
-                       teacher_graphdef=tgraph if objective.needs_teacher else None,
-                       loss=objective, tx=TX, frozen_mask=None,
-                       opts=StepOptions(num_classes=C, steps_per_epoch=1, seed=seed,
-                                        grad_accum_steps=k))
+  fn = make_train_step(
+      graphdef=graphdef, teacher_graphdef=tgraph if objective.needs_teacher else None,
+      loss=objective, tx=TX, frozen_mask=None, opts=StepOptions(num_classes=C, steps_per_epoch=1,
+                                                                seed=seed, grad_accum_steps=k))
   return fn, state
 
 
@@ -154,7 +159,6 @@ def run(data, student, method, k, *, steps=1, mesh=None, **kw):
 # ----------------------------------------------------------------------------- decomposable
 METRICS = ('base_loss', 'distill_loss', 'dkd_warmup', 'ctkd_lambda', 'ctkd_temperature')
 
-
 ONE_OF = [method_loss(kd_cifar100.get_config(m).distill) for m in DECOMPOSABLE]
 
 
@@ -170,11 +174,15 @@ def one_of(ctx):
   """The loss of DECOMPOSABLE[state['method']], picked by lax.switch: all six methods (their own
   `Loss`es, weights from configs/kd_cifar100.py) share one compiled step per k instead of one
   each (compiling is most of this file's time on CPU)."""
+
   def branch(loss):
+
     def run(params):
       total, metrics, _ = loss(ctx, params, {})
       return total, {n: jnp.asarray(metrics.get(n, 0.0), jnp.float32) for n in METRICS}
+
     return run
+
   total, metrics = jax.lax.switch(ctx.state['method'], [branch(o) for o in ONE_OF], ctx.params)
   return total, metrics, ctx.state
 
@@ -189,21 +197,20 @@ def full_batch_runs(data):
     step = jit(fn)
     for i, method in enumerate(DECOMPOSABLE):
       one_of = {'one_of': {'method': jnp.asarray(i)}}
-      new_state, metrics = step(state.replace(objective_state=one_of),
-                                data[0][0], data[2])
+      new_state, metrics = step(state.replace(objective_state=one_of), data[0][0], data[2])
       runs[method, k] = ([new_state], [metrics])
   return runs
 
 
 @pytest.mark.parametrize('method', DECOMPOSABLE)
-def test_accumulation_equals_the_full_batch_for_mean_over_examples_losses(full_batch_runs,
-                                                                          method):
+def test_accumulation_equals_the_full_batch_for_mean_over_examples_losses(full_batch_runs, method):
   (ref,), (ref_m,) = full_batch_runs[method, 1]
   assert float(optax.tree.norm(grads_of(ref))) > 0.1  # a real gradient
   for k in (2, 4):
     (acc,), (acc_m,) = full_batch_runs[method, k]
-    metrics = {n: acc_m[n] for n in ('loss', 'base_loss', 'distill_loss', 'train_top1')
-               if n in ref_m}
+    metrics = {
+        n: acc_m[n] for n in ('loss', 'base_loss', 'distill_loss', 'train_top1') if n in ref_m
+    }
     ref_metrics = {n: ref_m[n] for n in metrics}
     assert_same(f'{method} k={k}', metrics=(metrics, ref_metrics),
                 grads=(grads_of(acc), grads_of(ref)), params=(acc.params, ref.params))
@@ -256,13 +263,16 @@ def pkcd_micro_step():
 
   @jit
   def micro_step(params, state, images, labels, t_logits):
+
     def loss(p):
       _, out = nnx.merge(graphdef, p['student'], {})(images / 255.0, train=True)
       ce = optax.softmax_cross_entropy_with_integer_labels(out['cls_logits'], labels).mean()
       terms, new_state = pkcd_loss(out['dist_logits'], t_logits, labels, state,
                                    temperature=temperature)
       return ce + terms['total'], new_state
+
     return jax.value_and_grad(loss, has_aux=True)(params)
+
   return micro_step
 
 
@@ -284,8 +294,8 @@ def check_pkcd(data, micro_step, k, states, metrics, what):
   starts = [{'student': model_variables(vit())['params'], 'objective': {}},
             jax.device_get(states[0].params)]  # the reference runs on one device
   ref = pkcd_reference(data, micro_step, k, starts)
-  for i, (state, m, (loss, grads, params, pstate)) in enumerate(zip(states, metrics, ref,
-                                                                    strict=True)):
+  for i, (state, m, (loss, grads, params,
+                     pstate)) in enumerate(zip(states, metrics, ref, strict=True)):
     assert_same(f'{what} step {i}', PKCD_RTOL, loss=(m['loss'], loss),
                 grads=(grads_of(state), grads), params=(state.params, params),
                 previous_batch=(state.objective_state['pkcd'], pstate))
@@ -327,14 +337,16 @@ def test_batchnorm_student_uses_micro_batch_statistics_sequentially(data):
 
   @jit
   def micro_step(params, stats, images, labels, t_logits):
+
     def loss(p):
       model = nnx.merge(graphdef, p['student'], stats)
       logits, _ = model(images / 255.0, train=True)
       ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
       p_t = jax.nn.softmax(t_logits / t)
-      kl = jnp.sum(p_t * (jnp.log(p_t) - jax.nn.log_softmax(logits / t)), -1).mean() * t ** 2
+      kl = jnp.sum(p_t * (jnp.log(p_t) - jax.nn.log_softmax(logits / t)), -1).mean() * t**2
       return (cfg.base_weight * ce + cfg.distill_weight * kl,
               nnx.to_pure_dict(nnx.state(model, nnx.BatchStat)))
+
     return jax.value_and_grad(loss, has_aux=True)(params)
 
   def reference(layout):
@@ -405,7 +417,10 @@ def test_trainer_trains_pkcd_with_accumulation(tmp_path):
   teacher = build_model('resnet8', rngs=nnx.Rngs(5), **kwargs)
   path = save_weights(str(tmp_path / 'teacher'), model_variables(teacher),
                       {'model': {'name': 'resnet8', 'kwargs': kwargs}})
-  c = tiny_config('pkcd', **{'teacher.checkpoint': path, 'grad_accum_steps': 2,
-                             'num_epochs': 0.2, 'checkpoint_every_steps': 4})
+  c = tiny_config(
+      'pkcd', **{
+          'teacher.checkpoint': path, 'grad_accum_steps': 2, 'num_epochs': 0.2,
+          'checkpoint_every_steps': 4
+      })
   result = trainer.train_and_evaluate(c, str(tmp_path / 'run'))
   assert np.isfinite(result['loss'])

@@ -32,40 +32,62 @@ def _image(seed=0, size=32, channels=3):
 
 # --- RandAugment ------------------------------------------------------------------------------
 
+
 def _affine(img, coeffs):
-  return img.transform(img.size, Image.Transform.AFFINE, coeffs, resample=BICUBIC,
-                       fillcolor=FILL)
+  return img.transform(img.size, Image.Transform.AFFINE, coeffs, resample=BICUBIC, fillcolor=FILL)
 
 
 # (op, negate) → re-statement at magnitude 9 with the argument computed by hand.
 M9_RESTATED = {
-    ('AutoContrast', False): lambda im: ImageOps.autocontrast(im),
-    ('Equalize', False): lambda im: ImageOps.equalize(im),
-    ('Invert', False): lambda im: Image.fromarray(255 - np.asarray(im)),
-    ('Rotate', False): lambda im: im.rotate(27.0, resample=BICUBIC, fillcolor=FILL),
-    ('Rotate', True): lambda im: im.rotate(-27.0, resample=BICUBIC, fillcolor=FILL),
+    ('AutoContrast', False):
+        lambda im: ImageOps.autocontrast(im),
+    ('Equalize', False):
+        lambda im: ImageOps.equalize(im),
+    ('Invert', False):
+        lambda im: Image.fromarray(255 - np.asarray(im)),
+    ('Rotate', False):
+        lambda im: im.rotate(27.0, resample=BICUBIC, fillcolor=FILL),
+    ('Rotate', True):
+        lambda im: im.rotate(-27.0, resample=BICUBIC, fillcolor=FILL),
     # 4 − int(0.9·4) = 1 bit kept
-    ('PosterizeIncreasing', False): lambda im: Image.fromarray(np.asarray(im) & 0x80),
+    ('PosterizeIncreasing', False):
+        lambda im: Image.fromarray(np.asarray(im) & 0x80),
     # 256 − int(0.9·256) = 26: pixels ≥ 26 inverted
-    ('SolarizeIncreasing', False): lambda im: Image.fromarray(
-        np.where(np.asarray(im) >= 26, 255 - np.asarray(im), np.asarray(im)).astype(np.uint8)),
+    ('SolarizeIncreasing', False):
+        lambda im: Image.fromarray(
+            np.where(np.asarray(im) >= 26, 255 - np.asarray(im), np.asarray(im)).astype(np.uint8)),
     # add min(128, int(0.9·110)) = 99 below 128
-    ('SolarizeAdd', False): lambda im: Image.fromarray(np.where(
-        np.asarray(im) < 128, np.minimum(255, np.asarray(im).astype(int) + 99),
-        np.asarray(im)).astype(np.uint8)),
-    ('ColorIncreasing', False): lambda im: ImageEnhance.Color(im).enhance(1.81),
-    ('ColorIncreasing', True): lambda im: ImageEnhance.Color(im).enhance(0.19),
-    ('ContrastIncreasing', False): lambda im: ImageEnhance.Contrast(im).enhance(1.81),
-    ('BrightnessIncreasing', True): lambda im: ImageEnhance.Brightness(im).enhance(0.19),
-    ('SharpnessIncreasing', False): lambda im: ImageEnhance.Sharpness(im).enhance(1.81),
-    ('ShearX', False): lambda im: _affine(im, (1, 0.27, 0, 0, 1, 0)),
-    ('ShearY', True): lambda im: _affine(im, (1, 0, 0, -0.27, 1, 0)),
-    ('TranslateXRel', False): lambda im: _affine(im, (1, 0, 0.405 * 32, 0, 1, 0)),
-    ('TranslateYRel', True): lambda im: _affine(im, (1, 0, 0, 0, 1, -0.405 * 32)),
+    ('SolarizeAdd', False):
+        lambda im: Image.fromarray(
+            np.where(
+                np.asarray(im) < 128, np.minimum(255,
+                                                 np.asarray(im).astype(int) + 99), np.asarray(im)).
+            astype(np.uint8)),
+    ('ColorIncreasing', False):
+        lambda im: ImageEnhance.Color(im).enhance(1.81),
+    ('ColorIncreasing', True):
+        lambda im: ImageEnhance.Color(im).enhance(0.19),
+    ('ContrastIncreasing', False):
+        lambda im: ImageEnhance.Contrast(im).enhance(1.81),
+    ('BrightnessIncreasing', True):
+        lambda im: ImageEnhance.Brightness(im).enhance(0.19),
+    ('SharpnessIncreasing', False):
+        lambda im: ImageEnhance.Sharpness(im).enhance(1.81),
+    ('ShearX', False):
+        lambda im: _affine(im, (1, 0.27, 0, 0, 1, 0)),
+    ('ShearY', True):
+        lambda im: _affine(im, (1, 0, 0, -0.27, 1, 0)),
+    ('TranslateXRel', False):
+        lambda im: _affine(im, (1, 0, 0.405 * 32, 0, 1, 0)),
+    ('TranslateYRel', True):
+        lambda im: _affine(im, (1, 0, 0, 0, 1, -0.405 * 32)),
     # non-increasing variants (inc0)
-    ('Posterize', False): lambda im: Image.fromarray(np.asarray(im) & 0xE0),  # int(3.6) = 3 bits
-    ('Solarize', False): lambda im: ImageOps.solarize(im, 230),                   # int(0.9·256)
-    ('Contrast', False): lambda im: ImageEnhance.Contrast(im).enhance(1.72),       # 0.9·1.8 + 0.1
+    ('Posterize', False):
+        lambda im: Image.fromarray(np.asarray(im) & 0xE0),  # int(3.6) = 3 bits
+    ('Solarize', False):
+        lambda im: ImageOps.solarize(im, 230),  # int(0.9·256)
+    ('Contrast', False):
+        lambda im: ImageEnhance.Contrast(im).enhance(1.72),  # 0.9·1.8 + 0.1
 }
 
 
@@ -94,13 +116,14 @@ def test_op_arguments_and_posterize_zero_bits():
 
 def test_op_set_is_timm_inc1():
   assert len(randaugment.INCREASING_OPS) == 15 == len(set(randaugment.INCREASING_OPS))
-  assert {'PosterizeIncreasing', 'SolarizeIncreasing', 'SolarizeAdd', 'TranslateXRel'} <= set(
-      randaugment.INCREASING_OPS)
+  assert {'PosterizeIncreasing', 'SolarizeIncreasing', 'SolarizeAdd',
+          'TranslateXRel'} <= set(randaugment.INCREASING_OPS)
   assert 'Posterize' not in randaugment.INCREASING_OPS
 
 
 def test_rand_augment_shape_dtype_determinism():
   img = _image()
+
   def run(seed):  # 8 successive draws from one generator
     rng = np.random.default_rng(seed)
     return [randaugment.rand_augment(img, rng) for _ in range(8)]
@@ -118,25 +141,26 @@ def test_rand_augment_op_probability_and_count():
   img = _image()
   rng = np.random.default_rng(0)
   kw = dict(ops=('Invert',), magnitude_std=0.0)
-  inverted = [np.array_equal(randaugment.rand_augment(img, rng, num_ops=1, **kw), 255 - img)
-              for _ in range(2000)]
-  assert abs(np.mean(inverted) - 0.5) < 0.05              # each op applied with prob 0.5
+  inverted = [
+      np.array_equal(randaugment.rand_augment(img, rng, num_ops=1, **kw), 255 - img)
+      for _ in range(2000)
+  ]
+  assert abs(np.mean(inverted) - 0.5) < 0.05  # each op applied with prob 0.5
   # prob 1: two Inverts cancel, one inverts
-  np.testing.assert_array_equal(
-      randaugment.rand_augment(img, rng, num_ops=2, prob=1.0, **kw), img)
-  np.testing.assert_array_equal(
-      randaugment.rand_augment(img, rng, num_ops=1, prob=1.0, **kw), 255 - img)
+  np.testing.assert_array_equal(randaugment.rand_augment(img, rng, num_ops=2, prob=1.0, **kw), img)
+  np.testing.assert_array_equal(randaugment.rand_augment(img, rng, num_ops=1, prob=1.0, **kw),
+                                255 - img)
 
 
 def test_make_host_augment_element_and_pipeline():
-  cfg = ml_collections.ConfigDict(dict(randaugment=True, randaugment_num_ops=2,
-                                       randaugment_magnitude=9, randaugment_magnitude_std=0.5,
-                                       randaugment_increasing=True, interpolation='bicubic',
-                                       mean=MEAN))
+  cfg = ml_collections.ConfigDict(
+      dict(randaugment=True, randaugment_num_ops=2, randaugment_magnitude=9,
+           randaugment_magnitude_std=0.5, randaugment_increasing=True, interpolation='bicubic',
+           mean=MEAN))
   augment = randaugment.make_host_augment(cfg)
-  assert augment.keywords['fill'] == (129, 124, 112)       # round(255 · CIFAR-100 mean)
+  assert augment.keywords['fill'] == (129, 124, 112)  # round(255 · CIFAR-100 mean)
   assert randaugment.fill_from_mean((0.485, 0.456, 0.406)) == FILL  # DeiT's ImageNet value
-  augment = pickle.loads(pickle.dumps(augment))            # grain workers pickle it
+  augment = pickle.loads(pickle.dumps(augment))  # grain workers pickle it
   element = {'image': _image(), 'label': np.int32(3), 'index': np.int32(7)}
   out = augment(element, np.random.default_rng(5))
   assert out['label'] == 3 and out['index'] == 7 and out['image'].shape == (32, 32, 3)
@@ -160,8 +184,9 @@ ERASE_BATCH = 1024
 
 @functools.cache
 def _erase_fn():  # one compiled program shared by the erasing tests
-  return jax.jit(functools.partial(random_erasing.random_erasing_and_mask, probability=0.25,
-                                   mean=MEAN, std=STD))
+  return jax.jit(
+      functools.partial(random_erasing.random_erasing_and_mask, probability=0.25, mean=MEAN,
+                        std=STD))
 
 
 def test_erasing_rate_areas_and_untouched_pixels():
@@ -169,33 +194,35 @@ def test_erasing_rate_areas_and_untouched_pixels():
   images = np.random.default_rng(0).random((b, h, w, 3), dtype=np.float32)
   out, mask = map(np.asarray, _erase_fn()(images, jax.random.key(0)))
   erase = mask.any(axis=(1, 2))
-  assert abs(erase.mean() - 0.25) < 0.055                  # 4σ of a binomial rate at n = 1024
+  assert abs(erase.mean() - 0.25) < 0.055  # 4σ of a binomial rate at n = 1024
   np.testing.assert_array_equal(out[~mask], images[~mask])  # every untouched pixel is unchanged
   noise = (out[mask] - np.asarray(MEAN)) / np.asarray(STD)  # N(0, 1) after normalisation
   assert abs(noise.mean()) < 0.03 and abs(noise.std() - 1.0) < 0.03
 
   m = mask[erase]
-  bh, bw = m.any(axis=2).sum(1), m.any(axis=1).sum(1)      # box height / width
+  bh, bw = m.any(axis=2).sum(1), m.any(axis=1).sum(1)  # box height / width
   area = m.sum(axis=(1, 2))
-  np.testing.assert_array_equal(area, bh * bw)              # one solid h × w box per image
-  assert np.all(bh < h) and np.all(bw < w)                  # timm keeps boxes with h < H, w < W
+  np.testing.assert_array_equal(area, bh * bw)  # one solid h × w box per image
+  assert np.all(bh < h) and np.all(bw < w)  # timm keeps boxes with h < H, w < W
   # h, w are roundings of √(t·a), √(t/a), so the target area t lies in [(h−½)(w−½), (h+½)(w+½)],
   # which must meet [0.02, 1/3]·H·W.
   assert np.all((bh - 0.5) * (bw - 0.5) <= h * w / 3)
   assert np.all((bh + 0.5) * (bw + 0.5) >= 0.02 * h * w)
   frac = area / (h * w)
-  assert 0.015 < frac.min() and frac.max() < 0.36          # [0.02, 1/3] up to rounding
-  assert abs(frac.mean() - 0.175) < 0.02                   # ≈ (0.02 + 1/3)/2; timm gives 0.1755
+  assert 0.015 < frac.min() and frac.max() < 0.36  # [0.02, 1/3] up to rounding
+  assert abs(frac.mean() - 0.175) < 0.02  # ≈ (0.02 + 1/3)/2; timm gives 0.1755
 
 
 def test_erasing_rate_over_large_batch_and_determinism():
-  erase, top, left, bh, bw = map(np.asarray, jax.jit(
-      functools.partial(random_erasing.erasing_boxes, batch_size=40000, height=32, width=32,
-                        probability=0.25))(jax.random.key(3)))
-  assert abs(erase.mean() - 0.25) < 0.009                  # 4σ at n = 40000
+  erase, top, left, bh, bw = map(
+      np.asarray,
+      jax.jit(
+          functools.partial(random_erasing.erasing_boxes, batch_size=40000, height=32, width=32,
+                            probability=0.25))(jax.random.key(3)))
+  assert abs(erase.mean() - 0.25) < 0.009  # 4σ at n = 40000
   assert np.all(top + bh <= 32) and np.all(left + bw <= 32) and top.min() == 0
   heights, counts = np.unique(bh[erase], return_counts=True)
-  for hh in heights[np.argsort(counts)[-5:]]:              # top ~ U{0, …, H − h}, both ends
+  for hh in heights[np.argsort(counts)[-5:]]:  # top ~ U{0, …, H − h}, both ends
     assert top[erase & (bh == hh)].min() == 0 and top[erase & (bh == hh)].max() == 32 - hh
   images = np.full((ERASE_BATCH, 32, 32, 3), 0.5, np.float32)
   a, b, c = (np.asarray(_erase_fn()(images, jax.random.key(k))[0]) for k in (0, 0, 1))
@@ -217,8 +244,9 @@ def _smooth(labels, c, s):
 @functools.cache
 def _mixed():
   """DeiT's Mixup over MIX_KEYS keys, one compile: image i is i + U[0, ½) per pixel."""
-  x = np.arange(MIX_B, dtype=np.float32)[:, None, None, None] + 0.5 * np.random.default_rng(
-      0).random((MIX_B, 8, 8, 3), dtype=np.float32)
+  x = np.arange(MIX_B, dtype=np.float32)[:, None, None,
+                                         None] + 0.5 * np.random.default_rng(0).random(
+                                             (MIX_B, 8, 8, 3), dtype=np.float32)
   labels = np.array([0, 3, 4, 3])
   f = jax.jit(jax.vmap(lambda k: mixup.mixup_cutmix_and_lam(x, labels, MIX_C, k)))
   out = tuple(map(np.asarray, f(jax.random.split(jax.random.key(0), MIX_KEYS))))
@@ -240,20 +268,20 @@ def test_cutmix_box_area_is_one_minus_lam():
   x, _, (images, _, lam, cut) = _mixed()
   partner = np.arange(MIX_B)[::-1, None, None]
   for i in np.flatnonzero(cut)[:50]:
-    source = np.floor(images[i, ..., 0])                   # which image each pixel came from
+    source = np.floor(images[i, ..., 0])  # which image each pixel came from
     own, pasted = source == np.arange(MIX_B)[:, None, None], source == partner
     assert np.all(own | pasted)
     np.testing.assert_allclose(pasted.mean(axis=(1, 2)), 1.0 - lam[i], atol=1e-6)
     rows, cols = pasted[0].any(1), pasted[0].any(0)
-    assert pasted[0].sum() == rows.sum() * cols.sum()      # a rectangle, same for every image
+    assert pasted[0].sum() == rows.sum() * cols.sum()  # a rectangle, same for every image
     np.testing.assert_array_equal(images[i][pasted], x[::-1][pasted])
     np.testing.assert_array_equal(images[i][own], x[own])
 
 
 def test_mix_statistics_match_timm_batch_mode():
   _, _, (_, _, lam, cut) = _mixed()
-  assert abs(cut.mean() - 0.5) < 0.045                     # switch_prob 0.5, 4σ at n = 2000
-  mix = lam[~cut]                                          # Beta(0.8, 0.8): mean ½, var 1/10.4
+  assert abs(cut.mean() - 0.5) < 0.045  # switch_prob 0.5, 4σ at n = 2000
+  mix = lam[~cut]  # Beta(0.8, 0.8): mean ½, var 1/10.4
   assert abs(mix.mean() - 0.5) < 0.04 and abs(mix.var() - 1 / 10.4) < 0.012
   # corrected cutmix λ: timm gives mean ≈ 0.70 at 32 px; at 8 px the boxes are coarser
   assert np.all((lam[cut] >= 0) & (lam[cut] <= 1)) and 0.6 < lam[cut].mean() < 0.85
@@ -261,8 +289,8 @@ def test_mix_statistics_match_timm_batch_mode():
 
 def test_rand_bbox_sides():
   cut = int(32 * np.sqrt(0.5))  # 22 → half-side 11
-  boxes = jax.jit(jax.vmap(lambda k: jnp.stack(mixup.rand_bbox(k, 32, 32, 0.5))))(
-      jax.random.split(jax.random.key(0), 500))
+  boxes = jax.jit(jax.vmap(lambda k: jnp.stack(mixup.rand_bbox(k, 32, 32, 0.5))))(jax.random.split(
+      jax.random.key(0), 500))
   yl, yh, xl, xh = np.asarray(boxes).T
   assert np.all(yh - yl <= 2 * (cut // 2)) and np.all(yl >= 0) and np.all(yh <= 32)
   inside = (yl > 0) & (yh < 32)
@@ -273,9 +301,9 @@ def test_rand_bbox_sides():
 def test_alphas_zero_give_smoothed_one_hot():
   images = np.random.default_rng(0).random((4, 8, 8, 3), dtype=np.float32)
   labels = jnp.array([0, 3, 99, 3])
-  out, targets = jax.jit(functools.partial(mixup.mixup_cutmix, mixup_alpha=0.0, cutmix_alpha=0.0,
-                                           label_smoothing=0.1), static_argnums=2)(
-                                               images, labels, 100, jax.random.key(0))
+  out, targets = jax.jit(
+      functools.partial(mixup.mixup_cutmix, mixup_alpha=0.0, cutmix_alpha=0.0, label_smoothing=0.1),
+      static_argnums=2)(images, labels, 100, jax.random.key(0))
   np.testing.assert_array_equal(np.asarray(out), images)
   t = np.asarray(targets)
   assert t.shape == (4, 100)
@@ -295,7 +323,7 @@ def test_make_batch_augment_step_signature_jit_determinism():
   labels = jnp.arange(8) % 10
   smooth = _smooth(np.asarray(labels), 10, 0.1)
   aug = mixup.make_batch_augment(_cfg())
-  step = jax.jit(lambda x, y, k: aug(x, y, 10, k))         # as StepOptions.batch_augment
+  step = jax.jit(lambda x, y, k: aug(x, y, 10, k))  # as StepOptions.batch_augment
   a_img, a_t = map(np.asarray, step(images, labels, jax.random.key(0)))
   b_img, b_t = map(np.asarray, step(images, labels, jax.random.key(0)))
   c_img, _ = map(np.asarray, step(images, labels, jax.random.key(1)))
@@ -305,8 +333,8 @@ def test_make_batch_augment_step_signature_jit_determinism():
   assert not np.array_equal(a_img, c_img)
   np.testing.assert_allclose(a_t.sum(1), 1.0, atol=1e-6)
 
-  for cfg in (_cfg(mixup_alpha=0.0, cutmix_alpha=0.0, erasing_prob=0.0),
-              _cfg(mix_prob=0.0, erasing_prob=0.0)):
+  for cfg in (_cfg(mixup_alpha=0.0, cutmix_alpha=0.0,
+                   erasing_prob=0.0), _cfg(mix_prob=0.0, erasing_prob=0.0)):
     off = mixup.make_batch_augment(cfg)
     img, t = jax.jit(lambda x, y, k: off(x, y, 10, k))(images, labels, jax.random.key(0))
     np.testing.assert_array_equal(np.asarray(img), images)

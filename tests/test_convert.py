@@ -84,8 +84,8 @@ def torch_forward(torch_model, images, **kwargs):
   with torch.no_grad():
     if hasattr(torch_model, 'forward_heads'):
       out = torch_model.forward_heads(x, **kwargs)
-      return torch_model(x, **kwargs).numpy(), {k: v.numpy() for k, v in out.items()
-                                                if k.endswith('_logits')}
+      return torch_model(
+          x, **kwargs).numpy(), {k: v.numpy() for k, v in out.items() if k.endswith('_logits')}
     return torch_model(x).numpy(), {}
 
 
@@ -119,19 +119,23 @@ VIT_CASES = [
 ]
 
 
-@pytest.mark.parametrize('name,kwargs', VIT_CASES,
-                         ids=[f'{n}-{k["variant"]}{"-text" if "text_dim" in k else ""}'
-                              for n, k in VIT_CASES])
+@pytest.mark.parametrize(
+    'name,kwargs', VIT_CASES,
+    ids=[f'{n}-{k["variant"]}{"-text" if "text_dim" in k else ""}' for n, k in VIT_CASES])
 def test_vit_logits_and_round_trip(name, kwargs):
   model, flat = make_model(name, **kwargs)
   state_dict = flax_to_torch(flat)
   twin = load_strict(torch_model_like(model).eval(), state_dict, 'export')
   if name == 'distilled_vit':  # timm's names for the distilled ViT
-    assert {'cls_token', 'dist_token', 'pos_embed', 'patch_embed.proj.weight', 'norm.weight',
-            'blocks.0.attn.qkv.weight', 'head_dist.weight'} <= set(state_dict)
+    assert {
+        'cls_token', 'dist_token', 'pos_embed', 'patch_embed.proj.weight', 'norm.weight',
+        'blocks.0.attn.qkv.weight', 'head_dist.weight'
+    } <= set(state_dict)
   if 'text_dim' in kwargs:
-    assert {'text_decoder.weight', 'text_proj.weight', 'text_predictor.down.weight',
-            'text_predictor.up.bias'} <= set(state_dict)
+    assert {
+        'text_decoder.weight', 'text_proj.weight', 'text_predictor.down.weight',
+        'text_predictor.up.bias'
+    } <= set(state_dict)
     has_adapter = kwargs['text_dim'] != SIZES[kwargs['variant']].dim  # not for large (512)
     assert ('text_adapter.down.weight' in state_dict) == has_adapter
   x = images()
@@ -165,9 +169,10 @@ def test_vit_logits_and_round_trip(name, kwargs):
 def test_resnet_logits_and_round_trip(arch):
   model, flat = make_model(arch, num_classes=100)
   state_dict = flax_to_torch(flat)
-  assert {'conv1.weight', 'bn1.running_var', 'bn1.num_batches_tracked',
-          'layer1.0.downsample.0.weight', 'layer1.0.downsample.1.running_mean',
-          'layer3.0.bn2.weight', 'fc.weight'} <= set(state_dict)
+  assert {
+      'conv1.weight', 'bn1.running_var', 'bn1.num_batches_tracked', 'layer1.0.downsample.0.weight',
+      'layer1.0.downsample.1.running_mean', 'layer3.0.bn2.weight', 'fc.weight'
+  } <= set(state_dict)
   twin = load_strict(torch_model_like(model).eval(), state_dict, 'export')
   np.testing.assert_array_equal(twin.layer2[0].bn1.running_var.numpy(),
                                 flat['batch_stats/layer2/0/bn1/var'])
@@ -198,11 +203,17 @@ def test_repdistiller_checkpoint_cli(tmp_path):
     p.grad = torch.zeros_like(p)
   opt.step()
   ckpt = tmp_path / 'ckpt_epoch_240.pth'
-  torch.save({'epoch': 240, 'model': net.state_dict(), 'accuracy': torch.tensor(79.42),
-              'optimizer': opt.state_dict()}, ckpt)
+  torch.save(
+      {
+          'epoch': 240, 'model': net.state_dict(), 'accuracy': torch.tensor(79.42),
+          'optimizer': opt.state_dict()
+      }, ckpt)
   out = tmp_path / 'resnet32x4'
-  from_torch.main(['--checkpoint', str(ckpt), '--model', 'resnet32x4', '--num_classes', '100',
-                   '--out', str(out)])
+  from_torch.main([
+      '--checkpoint',
+      str(ckpt), '--model', 'resnet32x4', '--num_classes', '100', '--out',
+      str(out)
+  ])
   meta, flat = load_weights(str(out))
   assert meta['model']['name'] == 'resnet32x4'
   assert meta['model']['kwargs']['num_classes'] == 100
@@ -217,8 +228,7 @@ def test_repdistiller_checkpoint_cli(tmp_path):
   assert_bit_exact(flat, expected)
   # the model is read off the weights, also through wrappers and DataParallel prefixes
   wrapped = {'state_dict': {f'module.{k}': v for k, v in net.state_dict().items()}}
-  assert from_torch.infer_resnet(unwrap_state_dict(wrapped)) == ('resnet32x4',
-                                                                 {'num_classes': 100})
+  assert from_torch.infer_resnet(unwrap_state_dict(wrapped)) == ('resnet32x4', {'num_classes': 100})
 
 
 def test_unwrap_state_dict_variants():
@@ -240,8 +250,10 @@ def test_to_torch_cli_and_round_trip(tmp_path):
   save_weights(str(workdir / 'checkpoints'), model_variables(m1), meta, step=100)
   save_weights(str(workdir / 'checkpoints'), model_variables(m2), meta, step=200)
 
-  pt = to_torch.main(['--workdir', str(workdir), '--step', '100', '--out',
-                      str(tmp_path / 'step100.pt')])
+  pt = to_torch.main(
+      ['--workdir',
+       str(workdir), '--step', '100', '--out',
+       str(tmp_path / 'step100.pt')])
   sd = torch.load(pt, weights_only=True)
   twin = load_strict(torch_model_like(m1).eval(), sd, 'step 100')
   assert_bit_exact(torch_to_flax(sd), flat1)
@@ -282,14 +294,17 @@ def test_hf_deit_folder(tmp_path):
   folder = tmp_path / 'deit-tiny-distilled'
   hf.save_pretrained(folder)
   mean, std = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
-  (folder / 'preprocessor_config.json').write_text(json.dumps(
-      {'image_processor_type': 'DeiTImageProcessor', 'image_mean': mean, 'image_std': std}))
+  (folder / 'preprocessor_config.json').write_text(
+      json.dumps(
+          {'image_processor_type': 'DeiTImageProcessor', 'image_mean': mean, 'image_std': std}))
 
   out = tmp_path / 'deit_flax'
   from_torch.main(['--checkpoint', str(folder), '--out', str(out)])
   meta, flat = load_weights(str(out))
-  assert meta['model'] == {'name': 'distilled_vit', 'kwargs': {
-      'num_classes': 10, 'img_size': 32, 'variant': 'micro', 'mean': mean, 'std': std}}
+  assert meta['model'] == {
+      'name': 'distilled_vit',
+      'kwargs': {'num_classes': 10, 'img_size': 32, 'variant': 'micro', 'mean': mean, 'std': std}
+  }
   model = build_flax_model(meta['model'])
   load_variables(model, flat)
 
@@ -311,8 +326,12 @@ def test_hf_deit_folder(tmp_path):
                    {k: v.numpy() for k, v in hf_deit_to_timm(hf.state_dict()).items()})
 
   # re-gridded for IRKD's teacher: 16 px, patch 2, fresh 5-class heads
-  from_torch.main(['--checkpoint', str(folder), '--img_size', '16', '--patch_size', '2',
-                   '--num_classes', '5', '--reset_heads', '--out', str(tmp_path / 'p2')])
+  from_torch.main([
+      '--checkpoint',
+      str(folder), '--img_size', '16', '--patch_size', '2', '--num_classes', '5', '--reset_heads',
+      '--out',
+      str(tmp_path / 'p2')
+  ])
   meta, flat = load_weights(str(tmp_path / 'p2'))
   assert meta['model']['kwargs']['patch_size'] == 2
   assert flat['params/pos_embed'].shape == (1, 2 + 8 * 8, 32)
@@ -330,8 +349,8 @@ def test_resample_patch_embed_keeps_tokens():
   w = torch.randn(8, 3, 4, 4)
   w8 = resample_patch_embed(w, 8)
   patch = torch.rand(5, 3, 4, 4)
-  up = torch.nn.functional.interpolate(patch.double(), size=(8, 8), mode='bicubic',
-                                       antialias=True, align_corners=False).float()
+  up = torch.nn.functional.interpolate(patch.double(), size=(8, 8), mode='bicubic', antialias=True,
+                                       align_corners=False).float()
   old = torch.einsum('ochw,nchw->no', w, patch)
   new = torch.einsum('ochw,nchw->no', w8, up)
   torch.testing.assert_close(new, old, atol=1e-4, rtol=1e-4)
@@ -347,16 +366,21 @@ def test_mismatched_keys_are_listed(tmp_path):
   bad = tmp_path / 'bad.pth'
   torch.save({'model': sd, 'epoch': 240}, bad)
   with pytest.raises(ValueError) as e:
-    from_torch.main(['--checkpoint', str(bad), '--model', 'resnet32x4', '--num_classes', '100',
-                     '--out', str(tmp_path / 'x')])
+    from_torch.main([
+        '--checkpoint',
+        str(bad), '--model', 'resnet32x4', '--num_classes', '100', '--out',
+        str(tmp_path / 'x')
+    ])
   msg = str(e.value)
   assert 'missing keys (1): layer2.1.bn1.weight' in msg
   assert 'unexpected keys (1): layer4.0.conv1.weight' in msg
   assert 'fc.weight: checkpoint (10, 256) vs model (100, 256)' in msg
 
   with pytest.raises(ValueError, match='--model resnet8x4 but the checkpoint is a resnet32x4'):
-    from_torch.main(['--checkpoint', str(bad), '--model', 'resnet8x4', '--out',
-                     str(tmp_path / 'y')])
+    from_torch.main(
+        ['--checkpoint',
+         str(bad), '--model', 'resnet8x4', '--out',
+         str(tmp_path / 'y')])
 
   # the Flax side: a checkpoint that does not fit its own metadata
   model, flat = make_model('vit', variant='micro', num_classes=10)
@@ -381,7 +405,10 @@ def test_mismatched_keys_are_listed(tmp_path):
   torch.save(flax_to_torch(make_model('vit', variant='micro', num_classes=10)[1]),
              tmp_path / 'micro.pt')
   with pytest.raises(ValueError) as e:
-    from_torch.main(['--checkpoint', str(tmp_path / 'micro.pt'), '--variant', 'demo',
-                     '--out', str(tmp_path / 'z')])
+    from_torch.main([
+        '--checkpoint',
+        str(tmp_path / 'micro.pt'), '--variant', 'demo', '--out',
+        str(tmp_path / 'z')
+    ])
   assert 'missing keys (24): blocks.2.norm1.weight' in str(e.value)
   assert 'cls_token: checkpoint (1, 1, 32) vs model (1, 1, 64)' in str(e.value)

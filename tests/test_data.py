@@ -43,8 +43,7 @@ def test_digits_splits_shapes_and_balance():
   assert train.num_classes == test.num_classes == 10
   assert train.class_names == [str(i) for i in range(10)]
   assert np.bincount(test.labels, minlength=10).tolist() == [36] * 10
-  assert np.bincount(train.labels, minlength=10).tolist() == [c - 36 for c in
-                                                               SKLEARN_DIGIT_COUNTS]
+  assert np.bincount(train.labels, minlength=10).tolist() == [c - 36 for c in SKLEARN_DIGIT_COUNTS]
   # Grey digits repeated over RGB, full 0..255 range.
   assert np.array_equal(train.images[..., 0], train.images[..., 1])
   assert np.array_equal(train.images[..., 0], train.images[..., 2])
@@ -144,19 +143,24 @@ def _cifar_files(name, form):
   files = {}
   if name == 'cifar100' and form == 'pickle':
     d = 'cifar-100-python'
-    files[f'{d}/train'] = pickle.dumps({b'data': tr.reshape(len(tr), -1),
-                                        b'fine_labels': ytr.tolist(),
-                                        b'coarse_labels': ctr.tolist()})
-    files[f'{d}/test'] = pickle.dumps({b'data': te.reshape(len(te), -1),
-                                       b'fine_labels': yte.tolist(),
-                                       b'coarse_labels': cte.tolist()})
-    files[f'{d}/meta'] = pickle.dumps({b'fine_label_names': [n.encode() for n in names],
-                                       b'coarse_label_names': [b'c%d' % i for i in range(20)]})
+    files[f'{d}/train'] = pickle.dumps({
+        b'data': tr.reshape(len(tr), -1), b'fine_labels': ytr.tolist(),
+        b'coarse_labels': ctr.tolist()
+    })
+    files[f'{d}/test'] = pickle.dumps({
+        b'data': te.reshape(len(te), -1), b'fine_labels': yte.tolist(),
+        b'coarse_labels': cte.tolist()
+    })
+    files[f'{d}/meta'] = pickle.dumps({
+        b'fine_label_names': [n.encode() for n in names],
+        b'coarse_label_names': [b'c%d' % i for i in range(20)]
+    })
     return files, 'cifar-100-python', d
   if name == 'cifar100':
     d = 'cifar-100-binary'
-    rec = lambda x, y, c: np.concatenate([np.stack([c, y], 1).astype(np.uint8),
-                                          x.reshape(len(x), -1)], 1).tobytes()
+    rec = lambda x, y, c: np.concatenate(
+        [np.stack([c, y], 1).astype(np.uint8),
+         x.reshape(len(x), -1)], 1).tobytes()
     files[f'{d}/train.bin'] = rec(tr, ytr, ctr)
     files[f'{d}/test.bin'] = rec(te, yte, cte)
     files[f'{d}/fine_label_names.txt'] = ('\n'.join(names) + '\n').encode()
@@ -168,14 +172,14 @@ def _cifar_files(name, form):
       sl = slice(3 * i, 3 * i + 3)
       files[f'{d}/data_batch_{i + 1}'] = pickle.dumps(
           {b'data': tr[sl].reshape(3, -1), b'labels': ytr[sl].tolist()})
-    files[f'{d}/test_batch'] = pickle.dumps({b'data': te.reshape(len(te), -1),
-                                             b'labels': yte.tolist()})
+    files[f'{d}/test_batch'] = pickle.dumps(
+        {b'data': te.reshape(len(te), -1), b'labels': yte.tolist()})
     files[f'{d}/batches.meta'] = pickle.dumps({b'label_names': [n.encode() for n in names]})
     files[f'{d}/readme.html'] = b'<html></html>'
     return files, 'cifar-10-python', d
   d = 'cifar-10-batches-bin'
-  rec = lambda x, y: np.concatenate([y[:, None].astype(np.uint8), x.reshape(len(x), -1)],
-                                    1).tobytes()
+  rec = lambda x, y: np.concatenate([y[:, None].astype(np.uint8),
+                                     x.reshape(len(x), -1)], 1).tobytes()
   for i in range(5):
     sl = slice(3 * i, 3 * i + 3)
     files[f'{d}/data_batch_{i + 1}.bin'] = rec(tr[sl], ytr[sl])
@@ -223,10 +227,11 @@ def test_cifar_missing_archive_names_every_path(tmp_path, name):
   with pytest.raises(FileNotFoundError) as e:
     build_source(_cfg(name=name, dir=str(tmp_path)), 'train')
   msg = str(e.value)
-  searched = ([f'{stem}-python.tar.gz', f'{stem}-batches-py', f'{stem}-binary.tar.gz',
-               f'{stem}-batches-bin'] if name == 'cifar10' else
-              [f'{stem}-python.tar.gz', f'{stem}-python', f'{stem}-binary.tar.gz',
-               f'{stem}-binary'])
+  searched = ([
+      f'{stem}-python.tar.gz', f'{stem}-batches-py', f'{stem}-binary.tar.gz', f'{stem}-batches-bin'
+  ] if name == 'cifar10' else [
+      f'{stem}-python.tar.gz', f'{stem}-python', f'{stem}-binary.tar.gz', f'{stem}-binary'
+  ])
   for s in searched:
     assert os.path.join(str(tmp_path), s) in msg
   assert f'https://www.cs.toronto.edu/~kriz/{stem}-python.tar.gz' in msg
@@ -240,8 +245,9 @@ def test_cifar_truncated_binary_record(tmp_path, name):
   width = 3073 if name == 'cifar10' else 3074
   files[member] = files[member][:width + 1000]  # one whole record, then 1000 bytes of the next
   _write_folder(str(tmp_path), files)
-  with pytest.raises(ValueError, match=r'not a whole number of %d-byte records; the file is '
-                     r'truncated or corrupt' % width) as e:
+  with pytest.raises(
+      ValueError, match=r'not a whole number of %d-byte records; the file is '
+      r'truncated or corrupt' % width) as e:
     build_source(_cfg(name=name, dir=str(tmp_path)), 'train')
   assert os.path.join(str(tmp_path), d) in str(e.value)
   # The test split, untouched, still loads.
@@ -268,13 +274,15 @@ def test_cifar_corrupt_tarball(tmp_path, corruption):
   _write_tgz(path, files)
   with open(path, 'rb') as f:
     good = f.read()
-  bad = {'truncated': good[:len(good) // 2],
-         'garbage': b'<html>404 Not Found</html>' * 40,
-         'bad_deflate_block': _gzip_with_bad_block(_tar_bytes(files))}[corruption]
+  bad = {
+      'truncated': good[:len(good) // 2], 'garbage': b'<html>404 Not Found</html>' * 40,
+      'bad_deflate_block': _gzip_with_bad_block(_tar_bytes(files))
+  }[corruption]
   with open(path, 'wb') as f:
     f.write(bad)
-  with pytest.raises(ValueError, match=r'(?s)cannot read cifar100 .*the archive is corrupt or '
-                     r'truncated: delete it and download it again') as e:
+  with pytest.raises(
+      ValueError, match=r'(?s)cannot read cifar100 .*the archive is corrupt or '
+      r'truncated: delete it and download it again') as e:
     build_source(_cfg(name='cifar100', dir=str(tmp_path)), 'train')
   assert path in str(e.value)
 
@@ -313,6 +321,7 @@ def test_cifar_val_split_disjoint_and_covering(tmp_path):
 # --------------------------------------------------------------------------------------------
 # image folders
 # --------------------------------------------------------------------------------------------
+
 
 def _png(path, rgb, size=(6, 6)):
   os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -356,8 +365,9 @@ def test_image_folder_grey_and_other_size(tmp_path):
   _png(f'{root}/train/b/0.png', (90, 80, 70), size=(9, 7))
   src = build_source(_cfg(name='image_folder', dir=root, image_size=0), 'train')
   assert np.array_equal(src[1]['image'], np.full((6, 6, 3), 77, np.uint8))  # grey → RGB
-  with pytest.raises(ValueError, match=r'has shape \(9, 7, 3\) but the first image of the split '
-                     r'has \(6, 6, 3\); set --config.data.image_size'):
+  with pytest.raises(
+      ValueError, match=r'has shape \(9, 7, 3\) but the first image of the split '
+      r'has \(6, 6, 3\); set --config.data.image_size'):
     src[2]  # pylint: disable=pointless-statement
   resized = build_source(_cfg(name='image_folder', dir=root, image_size=5), 'train')
   assert resized.image_shape == (5, 5, 3)
@@ -388,6 +398,7 @@ def test_image_folder_errors(tmp_path):
 # --------------------------------------------------------------------------------------------
 # TFDS (mock data: no TensorFlow, no download)
 # --------------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize('tfds_name,size,classes', [('mnist', 28, 10), ('cifar100', 32, 100)])
 def test_tfds_source_with_mock_data(tfds_name, size, classes):
@@ -420,6 +431,7 @@ def test_tfds_unprepared_fails_fast(tmp_path):
 # --------------------------------------------------------------------------------------------
 # augmentation
 # --------------------------------------------------------------------------------------------
+
 
 class _FixedRng:
   """Stands in for np.random.Generator with known draws."""
@@ -488,8 +500,11 @@ def test_random_crop_low_res_window():
   for _ in range(20):
     w = random_crop_flip(image, g, size=8)
     assert w.shape == (8, 8, 3)
-    found = any(np.array_equal(cand, padded[t:t + 8, l:l + 8])
-                for t in range(33) for l in range(33) for cand in (w, w[:, ::-1]))
+    found = any(
+        np.array_equal(cand, padded[t:t + 8, l:l + 8])
+        for t in range(33)
+        for l in range(33)
+        for cand in (w, w[:, ::-1]))
     assert found
 
 
@@ -497,10 +512,12 @@ def test_random_crop_low_res_window():
 # pipelines
 # --------------------------------------------------------------------------------------------
 
+
 def _toy_source(n=40, size=8):
   rng = np.random.RandomState(0)
-  return ArraySource(rng.randint(1, 256, (n, size, size, 3)).astype(np.uint8), np.arange(n) % 4,
-                     list('abcd'), 'toy', 'train')
+  return ArraySource(
+      rng.randint(1, 256, (n, size, size, 3)).astype(np.uint8),
+      np.arange(n) % 4, list('abcd'), 'toy', 'train')
 
 
 def _take(ds, steps):
@@ -508,8 +525,7 @@ def _take(ds, steps):
 
 
 def _equal_batches(a, b):
-  return all(set(x) == set(y) and all(np.array_equal(x[k], y[k]) for k in x)
-             for x, y in zip(a, b))
+  return all(set(x) == set(y) and all(np.array_equal(x[k], y[k]) for k in x) for x, y in zip(a, b))
 
 
 def test_train_dataset_seeded_and_reshuffled():
@@ -590,8 +606,9 @@ def test_iterator_state_resumes_exactly(num_workers):
 
 
 def _collect_eval(src, global_batch, process_index=0, process_count=1, text=None):
-  return list(pipeline.eval_batches(src, global_batch=global_batch, process_index=process_index,
-                                    process_count=process_count, text_features=text))
+  return list(
+      pipeline.eval_batches(src, global_batch=global_batch, process_index=process_index,
+                            process_count=process_count, text_features=text))
 
 
 def test_eval_batches_cover_every_example_once():
@@ -656,8 +673,8 @@ def test_resize_image_matches_antialiased_bilinear():
   for size in (12, 16, 20):
     out = resize_image(image, size)
     want = torch.nn.functional.interpolate(
-        torch.from_numpy(image).permute(2, 0, 1)[None].double(), size=(size, size),
-        mode='bilinear', antialias=True, align_corners=False)[0].permute(1, 2, 0).numpy()
+        torch.from_numpy(image).permute(2, 0, 1)[None].double(), size=(size, size), mode='bilinear',
+        antialias=True, align_corners=False)[0].permute(1, 2, 0).numpy()
     assert out.shape == (size, size, 3) and out.dtype == np.uint8
     assert np.abs(out.astype(np.float64) - want).max() <= 1.0
   assert resize_image(image, 32) is image

@@ -64,6 +64,7 @@ def _report_faults(request):
 
 # ------------------------------------------------------------------------------- subprocess helpers
 
+
 @pytest.fixture(scope='module')
 def base(tmp_path_factory):
   return tmp_path_factory.mktemp('faults')
@@ -89,9 +90,8 @@ class Child:
     if prelude:
       command = [sys.executable, '-c', prelude + _RUN_MAIN]
     with open(self.log_path, 'w') as log:
-      self.proc = subprocess.Popen(
-          command + ARGS + list(args) + [f'--workdir={workdir}'], cwd=REPO, env=_env(base),
-          stdout=log, stderr=subprocess.STDOUT)
+      self.proc = subprocess.Popen(command + ARGS + list(args) + [f'--workdir={workdir}'], cwd=REPO,
+                                   env=_env(base), stdout=log, stderr=subprocess.STDOUT)
 
   def output(self) -> str:
     with open(self.log_path) as f:
@@ -169,14 +169,17 @@ def reference(base):
 
 def _truncate_arrays(step_dir) -> int:
   """Cuts every array data file of the model and optimizer items to half its length."""
-  paths = [p for item in ('model', 'optimizer')
-           for p in glob.glob(str(step_dir / item / '**' / 'd' / '*'), recursive=True)]
+  paths = [
+      p for item in ('model', 'optimizer')
+      for p in glob.glob(str(step_dir / item / '**' / 'd' / '*'), recursive=True)
+  ]
   for path in paths:
     os.truncate(path, os.path.getsize(path) // 2)
   return len(paths)
 
 
 # --------------------------------------------------------------------------------------- end to end
+
 
 @pytest.mark.slow
 def test_sigterm_checkpoints_the_step_it_stopped_at_and_resumes_exactly(base, reference):
@@ -261,6 +264,7 @@ def test_sigkill_at_three_points_and_a_truncated_checkpoint_resume_exactly(base,
 
 # ------------------------------------------------------------------------------ in process: signals
 
+
 def test_signal_sets_the_request_and_a_second_ctrl_c_interrupts():
   with preemption.StopRequest(process_count=1) as stop:
     assert not stop.should_stop(at_sync_point=False)
@@ -297,12 +301,16 @@ def test_hosts_stop_together_at_a_sync_point():
 
 # -------------------------------------------------------------------------------- in process: files
 
+
 def _toy_state(seed):
   rng = np.random.default_rng(seed)
-  params = {'w': jnp.asarray(rng.normal(size=(4, 3)), jnp.float32),
-            'b': jnp.asarray(rng.normal(size=(3,)), jnp.float32)}
-  return ({'params': params, 'batch_stats': {}}, {'objective': {}, 'objective_state': {}},
-          optax.adam(1e-3).init(params))
+  params = {
+      'w': jnp.asarray(rng.normal(size=(4, 3)), jnp.float32),
+      'b': jnp.asarray(rng.normal(size=(3,)), jnp.float32)
+  }
+  return ({'params': params,
+           'batch_stats': {}}, {'objective': {},
+                                'objective_state': {}}, optax.adam(1e-3).init(params))
 
 
 def _iterator(position=0):
@@ -329,6 +337,7 @@ def _restore_toy(checkpointer):
     v, _, _, _ = checkpointer.restore(step, variables_template=variables, extra_template=extra,
                                       opt_template=opt_state, data_iterator=it)
     return v, next(it)
+
   return checkpointer.restore_newest(attempt)
 
 
@@ -419,9 +428,10 @@ def test_best_checkpoint_survives_a_restart(tmp_path):
 def test_checksum_mismatch_names_the_array(tmp_path):
   directory = _toy_dir(tmp_path, steps=(1,))
   _wrong_checksum(directory / '1')
-  with pytest.raises(UnreadableCheckpointError,
-                     match=r"(?s)step 1 was named.*step 1: CheckpointIntegrityError: .*'model' "
-                           r"data differs from the checksums .* params/w"):
+  with pytest.raises(
+      UnreadableCheckpointError,
+      match=r"(?s)step 1 was named.*step 1: CheckpointIntegrityError: .*'model' "
+      r"data differs from the checksums .* params/w"):
     ckpt_lib.load_weights(str(directory / '1'))
 
 
@@ -430,9 +440,9 @@ def test_no_readable_checkpoint_says_what_to_do_and_moves_nothing(tmp_path):
   for step in (1, 2):
     _truncate(_files(directory / str(step), 'model/**/d/*'))
   checkpointer = ckpt_lib.Checkpointer(str(directory), best_metric='top1')
-  with pytest.raises(UnreadableCheckpointError,
-                     match=rf'(?s)no readable checkpoint in {directory}:.*step 2: .*'
-                           r'step 1: .*delete that folder'):
+  with pytest.raises(
+      UnreadableCheckpointError, match=rf'(?s)no readable checkpoint in {directory}:.*step 2: .*'
+      r'step 1: .*delete that folder'):
     _restore_toy(checkpointer)
   assert _steps(os.listdir(directory)) == {1, 2}
   with pytest.raises(UnreadableCheckpointError,
@@ -458,9 +468,9 @@ def test_a_model_that_does_not_fit_is_not_treated_as_damage(tmp_path):
   variables, extra, opt_state = _toy_state(0)
   variables['params']['w'] = jnp.zeros((5, 3))
   with pytest.raises(CheckpointMismatchError, match='mis-shaped keys'):
-    checkpointer.restore_newest(lambda step: checkpointer.restore(
-        step, variables_template=variables, extra_template=extra, opt_template=opt_state,
-        data_iterator=_iterator()))
+    checkpointer.restore_newest(
+        lambda step: checkpointer.restore(step, variables_template=variables, extra_template=extra,
+                                          opt_template=opt_state, data_iterator=_iterator()))
   assert _steps(os.listdir(directory)) == {1} and not checkpointer.set_aside
 
 
@@ -476,6 +486,7 @@ def test_unfinished_write_is_ignored_and_cleaned(tmp_path):
 
 
 # ---------------------------------------------------------------------------- in process: disk full
+
 
 def _enospc(*args, **kwargs):
   raise OSError(errno.ENOSPC, 'No space left on device')
@@ -526,14 +537,16 @@ def test_disk_full_on_a_real_small_filesystem(tmp_path):
   mount_point = tmp_path / 'small'
   mount_point.mkdir()
   if os.geteuid() != 0 or subprocess.run(
-      ['mount', '-t', 'tmpfs', '-o', 'size=1m', 'tmpfs', str(mount_point)],
-      capture_output=True).returncode != 0:
+      ['mount', '-t', 'tmpfs', '-o', 'size=1m', 'tmpfs',
+       str(mount_point)], capture_output=True).returncode != 0:
     pytest.skip('cannot mount a tmpfs here')
   try:
     directory = mount_point / 'checkpoints'
     checkpointer = ckpt_lib.Checkpointer(str(directory), keep=3)
-    big = {'params': {'w': jnp.asarray(np.random.default_rng(0).normal(size=(256, 256)),
-                                       jnp.float32)}, 'batch_stats': {}}
+    big = {
+        'params': {'w': jnp.asarray(np.random.default_rng(0).normal(size=(256, 256)), jnp.float32)},
+        'batch_stats': {}
+    }
     opt_state = optax.sgd(0.1).init(big['params'])
     FAULTS['ENOSPC while saving (real 1 MiB tmpfs)'] += 1
     with pytest.raises(ckpt_lib.CheckpointSaveError,

@@ -14,9 +14,10 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HEAVY = ('orbax', 'grain')
 
 
-@pytest.mark.parametrize('module', ['tikd_jax.tree', 'tikd_jax.models', 'tikd_jax.models.variables',
-                                    'tikd_jax.sharding', 'tikd_jax.train.optim',
-                                    'tikd_jax.train.checkpoint_integrity'])
+@pytest.mark.parametrize('module', [
+    'tikd_jax.tree', 'tikd_jax.models', 'tikd_jax.models.variables', 'tikd_jax.sharding',
+    'tikd_jax.train.optim', 'tikd_jax.train.checkpoint_integrity'
+])
 def test_module_imports_neither_orbax_nor_grain(module):
   code = (f'import sys, {module}; '
           f'print(sorted({{m.split(".")[0] for m in sys.modules if m.startswith({HEAVY!r})}}))')

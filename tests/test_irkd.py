@@ -16,8 +16,7 @@ from tests.test_train import tiny_config
 @pytest.fixture(scope='module')
 def vit_teacher(tmp_path_factory):
   """A plain micro ViT teacher (weights as a converted checkpoint would be stored)."""
-  kwargs = dict(variant='micro', img_size=16, num_classes=10, mean=(0.3061,) * 3,
-                std=(0.324,) * 3)
+  kwargs = dict(variant='micro', img_size=16, num_classes=10, mean=(0.3061,) * 3, std=(0.324,) * 3)
   model = build_model('vit', rngs=nnx.Rngs(7), **kwargs)
   path = str(tmp_path_factory.mktemp('vit_teacher'))
   ckpt_lib.save_weights(path, model_variables(model), {'model': {'name': 'vit', 'kwargs': kwargs}})
@@ -28,13 +27,16 @@ def vit_teacher(tmp_path_factory):
 # suffices (the gradient variant shares the same plumbing).
 def test_curriculum_visits_every_resolution_in_order_and_evaluates_at_full_size(
     tmp_path, vit_teacher, saliency='attention'):
-  c = tiny_config('kd', **{
-      'model.name': 'irkd_vit', 'model.drop_path': 0.0, 'teacher.name': 'vit',
-      'teacher.variant': 'micro', 'teacher.img_size': 16, 'teacher.checkpoint': vit_teacher,
-      'saliency.kind': saliency, 'saliency.layers': '0,1' if saliency == 'gradient' else '',
-      'log_every_steps': 4, 'checkpoint_every_steps': 100,
-      'curriculum.stages': [(8, 0.25), (12, 0.25), (16, 0.25)],
-      'curriculum.reset_optimizer': True})
+  c = tiny_config(
+      'kd', **{
+          'model.name': 'irkd_vit', 'model.drop_path': 0.0, 'teacher.name': 'vit',
+          'teacher.variant': 'micro', 'teacher.img_size': 16, 'teacher.checkpoint': vit_teacher,
+          'saliency.kind': saliency, 'saliency.layers': '0,1' if saliency == 'gradient' else '',
+          'log_every_steps': 4, 'checkpoint_every_steps': 100, 'curriculum.stages': [(8, 0.25),
+                                                                                     (12, 0.25),
+                                                                                     (16, 0.25)],
+          'curriculum.reset_optimizer': True
+      })
   result = trainer.train_and_evaluate(c, str(tmp_path))
   assert result['count'] == 360 and np.isfinite(result['loss'])  # eval at full 16 px
   rows = [json.loads(l) for l in open(tmp_path / 'metrics.jsonl')]
@@ -79,12 +81,15 @@ def test_curriculum_mode_reaches_the_trainers_input(tmp_path):
   from the first low-resolution step on; both evaluate every test image at full size."""
   train = {}
   for mode in ('crop', 'resize'):
-    c = tiny_config('teacher', log_every_steps=1, checkpoint_every_steps=100, **{
-        'curriculum.stages': [(8, 0.1), (16, 0.1)], 'curriculum.mode': mode})
+    c = tiny_config('teacher', log_every_steps=1, checkpoint_every_steps=100,
+                    **{'curriculum.stages': [(8, 0.1), (16, 0.1)], 'curriculum.mode': mode})
     result = trainer.train_and_evaluate(c, str(tmp_path / mode))
     assert result['count'] == 360 and np.isfinite(result['loss'])
-    train[mode] = [json.loads(l) for l in open(tmp_path / mode / 'metrics.jsonl')
-                   if json.loads(l)['kind'] == 'train']
+    train[mode] = [
+        json.loads(l)
+        for l in open(tmp_path / mode / 'metrics.jsonl')
+        if json.loads(l)['kind'] == 'train'
+    ]
   assert [r['resolution'] for r in train['crop']] == [r['resolution'] for r in train['resize']]
   assert [r['resolution'] for r in train['crop']] == [8] * 4 + [16] * 4
   assert train['crop'][0]['loss'] != train['resize'][0]['loss']

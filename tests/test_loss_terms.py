@@ -111,8 +111,9 @@ def test_loss_settings_add_to_and_override_the_distill_block():
 
 
 def test_unknown_term_lists_the_known_ones():
-  with pytest.raises(ValueError, match=r"unknown loss term 'fitnett'; known terms: \[.*'ce'.*"
-                                       r"'fitnet'.*'tikd_alignment'"):
+  with pytest.raises(
+      ValueError, match=r"unknown loss term 'fitnett'; known terms: \[.*'ce'.*"
+      r"'fitnet'.*'tikd_alignment'"):
     terms.Loss((('ce', 1.0), ('fitnett', 1.0)))
   with pytest.raises(ValueError, match='already registered'):
     terms.register('ce')(lambda ctx: (0.0, {}))

@@ -46,10 +46,11 @@ def test_each_method_trains_on_digits_with_its_weights(setup, method):
   state = init_train_state(variables, objective, tx, rng=jax.random.key(0),
                            shapes={'rows': 32, 'num_classes': 10})
   # steps_per_epoch=1: the epoch advances every step, so DKD's warm-up and CTKD's λ move.
-  step = jax.jit(make_train_step(
-      graphdef=graphdef, teacher_graphdef=tgraph if objective.needs_teacher else None,
-      loss=objective, tx=tx, frozen_mask=None,
-      opts=StepOptions(num_classes=10, steps_per_epoch=1, seed=0)))
+  step = jax.jit(
+      make_train_step(graphdef=graphdef,
+                      teacher_graphdef=tgraph if objective.needs_teacher else None, loss=objective,
+                      tx=tx, frozen_mask=None, opts=StepOptions(num_classes=10, steps_per_epoch=1,
+                                                                seed=0)))
   history = []
   for _ in range(25):
     state, m = step(state, batch, teacher_vars)
@@ -68,8 +69,7 @@ def test_each_method_trains_on_digits_with_its_weights(setup, method):
   elif method == 'dkd':  # CE + min(epoch/20, 1)·DKD, epoch 1-based
     assert first['dkd_warmup'] == pytest.approx(1 / 20)
     assert history[4]['dkd_warmup'] == pytest.approx(5 / 20)
-    assert first['loss'] == pytest.approx(first['base_loss'] + first['distill_loss'] / 20,
-                                          abs=1e-5)
+    assert first['loss'] == pytest.approx(first['base_loss'] + first['distill_loss'] / 20, abs=1e-5)
   elif method == 'pkcd':  # CE + KD_soft + InfoNCE + intra-class
     assert first['loss'] == pytest.approx(first['base_loss'] + first['distill_loss'], abs=1e-5)
     assert history[1]['pkcd_cbcd_previous'] != 0.0  # the previous batch is used from step 2

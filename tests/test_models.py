@@ -10,7 +10,6 @@ from tikd_jax import xla_options
 from tikd_jax.models import build_model, count_params
 from tikd_jax.models.vit import resize_pos_embed
 
-
 FAST_COMPILE = xla_options.compiler_options('fast_compile', 'cpu')
 
 
@@ -18,9 +17,9 @@ def abstract_count(name, **kw):
   return count_params(nnx.eval_shape(lambda: build_model(name, rngs=nnx.Rngs(0), **kw)))
 
 
-@pytest.mark.parametrize('variant,paper,exact', [
-    ('small', 1.09e6, 1_092_632), ('medium', 4.17e6, 4_154_664),
-    ('large', 16.35e6, 16_352_648)])
+@pytest.mark.parametrize('variant,paper,exact', [('small', 1.09e6, 1_092_632),
+                                                 ('medium', 4.17e6, 4_154_664),
+                                                 ('large', 16.35e6, 16_352_648)])
 def test_tikd_students_match_the_paper_parameter_counts(variant, paper, exact):
   n = abstract_count('distilled_vit', variant=variant, num_classes=100, text_dim=512)
   assert n == exact
@@ -109,7 +108,7 @@ def test_gelu_is_exact():
   hidden = x.astype(np.float64) @ w1 + b1
   assert hidden.std() > 1.0  # the units reach the region where tanh and erf GELU differ
   expected = gelu_np(hidden) @ w2 + b2
-  tanh_gelu = 0.5 * hidden * (1 + np.tanh(np.sqrt(2 / np.pi) * (hidden + 0.044715 * hidden ** 3)))
+  tanh_gelu = 0.5 * hidden * (1 + np.tanh(np.sqrt(2 / np.pi) * (hidden + 0.044715 * hidden**3)))
   assert np.abs(tanh_gelu @ w2 + b2 - expected).max() > 1e-4  # the check below can tell them apart
   np.testing.assert_allclose(mlp(jnp.asarray(x)), expected, rtol=1e-5, atol=1e-5)
 
@@ -120,8 +119,9 @@ def test_resnet_padding_matches_pytorch_at_stride_two():
   x = jax.random.normal(jax.random.key(0), (1, 8, 8, 16))
   ours = conv(x)
   w = torch.tensor(np.asarray(conv.kernel[...]).transpose(3, 2, 0, 1))
-  ref = torch.nn.functional.conv2d(torch.tensor(np.asarray(x)).permute(0, 3, 1, 2), w,
-                                   stride=2, padding=1).permute(0, 2, 3, 1).numpy()
+  ref = torch.nn.functional.conv2d(
+      torch.tensor(np.asarray(x)).permute(0, 3, 1, 2), w, stride=2, padding=1).permute(0, 2, 3,
+                                                                                       1).numpy()
   np.testing.assert_allclose(ours, ref, atol=1e-5)
 
 
@@ -189,8 +189,10 @@ def test_fast_layers_match_autodiff_of_the_flax_layers(layer):
     fast = lambda m, x: fast_lib.patch_embed(m.patch_embed, x, m.size.patch)
     plain = lambda m, x: m.patch_embed(x)
   weights = jnp.asarray(rng.randn(*jax.eval_shape(lambda: plain(module, x)).shape), jnp.float32)
-  results = [_value_and_grads(lambda m, x, f=f: jnp.sum(jnp.tanh(f(m, x)) * weights), module, x)
-             for f in (fast, plain)]
+  results = [
+      _value_and_grads(lambda m, x, f=f: jnp.sum(jnp.tanh(f(m, x)) * weights), module, x)
+      for f in (fast, plain)
+  ]
   (v_fast, g_fast, dx_fast), (v_plain, g_plain, dx_plain) = results
   np.testing.assert_allclose(v_fast, v_plain, rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(dx_fast, dx_plain, rtol=1e-4, atol=1e-5)
@@ -215,13 +217,13 @@ def test_vit_with_fast_layers_computes_the_plain_vit():
   text = jax.random.normal(jax.random.key(2), (3, 12))
   results = []
   for fast in (False, True):
-    model = build_model('distilled_vit', variant='micro', img_size=16, num_classes=10,
-                        text_dim=12, drop_path=0.0, fast_layers=fast, rngs=nnx.Rngs(0))
+    model = build_model('distilled_vit', variant='micro', img_size=16, num_classes=10, text_dim=12,
+                        drop_path=0.0, fast_layers=fast, rngs=nnx.Rngs(0))
     graphdef, params = nnx.split(model, nnx.Param)
 
     def loss(p, graphdef=graphdef):
       logits, out = nnx.merge(graphdef, p)(images, train=True, text=text, fuse_text=True)
-      return jnp.sum(jnp.tanh(logits) * jnp.arange(10.0)) + jnp.sum(out['dist_logits'] ** 2)
+      return jnp.sum(jnp.tanh(logits) * jnp.arange(10.0)) + jnp.sum(out['dist_logits']**2)
 
     results.append(jax.jit(jax.value_and_grad(loss), compiler_options=FAST_COMPILE)(params))
   (v_plain, g_plain), (v_fast, g_fast) = results

@@ -58,7 +58,7 @@ def test_caption_free_fusion_does_not_train_the_text_predictor():
 
   def loss(p):
     logits, out = nnx.merge(graphdef, p)(images, train=True, text=None, fuse_text=True)
-    return jnp.sum(logits ** 2) + jnp.sum(out['dist_logits'] ** 2)
+    return jnp.sum(logits**2) + jnp.sum(out['dist_logits']**2)
 
   grads = nnx.to_pure_dict(jax.jit(jax.grad(loss))(params))
   predictor = jax.tree.leaves(grads['text_predictor'])
@@ -70,9 +70,12 @@ def _random_weights(model, seed):
   """Weights far from timm's near-zero init, so that saliency maps are far from flat."""
   rng = np.random.default_rng(seed)
   params = nnx.state(model, nnx.Param)
-  nnx.update(model, jax.tree.map(
-      lambda p: jnp.asarray(rng.normal(0.0, 1.0 / np.sqrt(p.shape[0]) if p.ndim > 1 else 0.3,
-                                       p.shape), p.dtype), params))
+  nnx.update(
+      model,
+      jax.tree.map(
+          lambda p: jnp.asarray(
+              rng.normal(0.0, 1.0 / np.sqrt(p.shape[0])
+                         if p.ndim > 1 else 0.3, p.shape), p.dtype), params))
   return model
 
 
@@ -84,24 +87,26 @@ def test_saliency_terms_pass_their_layers_on(name):
   ignored, the notebooks' default used) passed: no test ran the gradient term through
   `losses/terms.py`.
   """
-  student = _random_weights(build_model('irkd_vit', variant='micro', img_size=16, num_classes=10,
-                                        drop_path=0.0, rngs=nnx.Rngs(0)), 1)
-  teacher = _random_weights(build_model('vit', variant='micro', img_size=16, num_classes=10,
-                                        drop_path=0.0, rngs=nnx.Rngs(0)), 2)
+  student = _random_weights(
+      build_model('irkd_vit', variant='micro', img_size=16, num_classes=10, drop_path=0.0,
+                  rngs=nnx.Rngs(0)), 1)
+  teacher = _random_weights(
+      build_model('vit', variant='micro', img_size=16, num_classes=10, drop_path=0.0,
+                  rngs=nnx.Rngs(0)), 2)
   images = jax.random.uniform(jax.random.key(3), (2, 16, 16, 3))
   _, out = student(images, train=True)
   _, teacher_out = teacher(images)
-  ctx = terms.Context(out=out, labels=jnp.zeros((2,), jnp.int32), targets=jnp.zeros((2, 10)),
-                      epoch=jnp.float32(1.0), step=jnp.int32(0), teacher_out=teacher_out,
-                      student=student, teacher=teacher)
+  ctx = terms.Context(out=out, labels=jnp.zeros((2,), jnp.int32), targets=jnp.zeros(
+      (2, 10)), epoch=jnp.float32(1.0), step=jnp.int32(0), teacher_out=teacher_out, student=student,
+                      teacher=teacher)
   models = dict(student_prefix=student.num_prefix, teacher_prefix=teacher.num_prefix)
   if name == 'gradient_saliency':
     direct = lambda layers: saliency.gradient_saliency_loss(
-        out, teacher_out, student_classifier=student.head, teacher_classifier=teacher.head,
-        layers=layers, **models)
+        out, teacher_out, student_classifier=student.head, teacher_classifier=teacher.head, layers=
+        layers, **models)
   else:
-    direct = lambda layers: saliency.attention_saliency_loss(out, teacher_out, layers=layers,
-                                                             **models)
+    direct = lambda layers: saliency.attention_saliency_loss(out, teacher_out, layers=layers, **
+                                                             models)
   term = terms.get_term(name).fn
   values = {}
   for spec, layers in (('0,1', (0, 1)), ('1', (1,)), ('0', (0,))):

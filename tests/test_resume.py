@@ -49,8 +49,9 @@ pytestmark = pytest.mark.filterwarnings('ignore::pytest.PytestUnraisableExceptio
 
 
 def _config(arg, **overrides):
-  overrides = dict(dict(mesh=ONE_DEVICE, num_epochs=0.5, checkpoint_every_steps=10,
-                        log_every_steps=1), **overrides)
+  overrides = dict(
+      dict(mesh=ONE_DEVICE, num_epochs=0.5, checkpoint_every_steps=10, log_every_steps=1),
+      **overrides)
   return tiny_config(arg, **overrides)
 
 
@@ -63,6 +64,7 @@ def _with(config, **changes):
 
 # ------------------------------------------------------------------------------- reading runs
 
+
 def _checkpoint(workdir, step=None) -> dict:
   """Every array of a saved step as NumPy ({item: {flat path: array}}), its step and meta."""
   ckpt_dir = os.path.join(workdir, 'checkpoints')
@@ -74,13 +76,17 @@ def _checkpoint(workdir, step=None) -> dict:
   checkpointer = ocp.Checkpointer(handler)
   device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   saved = checkpointer.metadata(step_dir).item_metadata
-  targets = {item: jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
-                                saved[item].tree) for item in ITEMS}
-  restored = checkpointer.restore(step_dir, args=ocp.args.Composite(
-      meta=ocp.args.JsonRestore(), **{k: ocp.args.StandardRestore(t) for k, t in targets.items()}))
+  targets = {
+      item:
+          jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+                       saved[item].tree) for item in ITEMS
+  }
+  restored = checkpointer.restore(
+      step_dir,
+      args=ocp.args.Composite(meta=ocp.args.JsonRestore(),
+                              **{k: ocp.args.StandardRestore(t) for k, t in targets.items()}))
   checkpointer.close()
-  out = {item: {k: np.asarray(v) for k, v in flatten(restored[item]).items()}
-         for item in ITEMS}
+  out = {item: {k: np.asarray(v) for k, v in flatten(restored[item]).items()} for item in ITEMS}
   return dict(out, step=step, meta=dict(restored['meta']))
 
 
@@ -119,12 +125,14 @@ def _assert_same_run(straight, resumed_dir, resumed_result):
 def _stop_and_resume(config, workdir, stops) -> dict:
   """Runs `config` in `workdir` stopping (checkpointed) at each of `stops`, then to the end."""
   for stop in stops:
-    assert trainer.train_and_evaluate(_with(config, stop_at_step=stop), str(workdir))['step'] == stop
+    assert trainer.train_and_evaluate(_with(config, stop_at_step=stop),
+                                      str(workdir))['step'] == stop
     assert _checkpoint(workdir)['step'] == stop
   return trainer.train_and_evaluate(config, str(workdir))
 
 
 # ------------------------------------------------------------------------------- fixtures
+
 
 @pytest.fixture(scope='module')
 def teacher_dir(tmp_path_factory):
@@ -143,9 +151,10 @@ def text_features(tmp_path_factory):
   out = tmp_path_factory.mktemp('text')
   features = np.random.default_rng(0).standard_normal((len(source), 24)).astype(np.float32)
   np.save(out / 'features.npy', features)
-  meta = {'dim': 24, 'dtype': 'float32', 'num_examples': len(source),
-          'dataset': {'name': source.name, 'split': source.split,
-                      'fingerprint': source.fingerprint()}}
+  meta = {
+      'dim': 24, 'dtype': 'float32', 'num_examples': len(source),
+      'dataset': {'name': source.name, 'split': source.split, 'fingerprint': source.fingerprint()}
+  }
   (out / 'meta.json').write_text(json.dumps(meta))
   return str(out)
 
@@ -163,6 +172,7 @@ def vit_teacher(tmp_path_factory):
     if path[-1].key == 'scale':
       return np.ones(x.shape, x.dtype)
     return (0.05 * rng.standard_normal(x.shape)).astype(x.dtype)
+
   variables = jax.tree_util.tree_map_with_path(draw, shapes)
   path = str(tmp_path_factory.mktemp('vit_teacher'))
   ckpt_lib.save_weights(path, variables, {'model': {'name': 'vit', 'kwargs': kwargs}})
@@ -179,6 +189,7 @@ def straight(tmp_path_factory):
       workdir = tmp_path_factory.mktemp(f'straight_{name}')
       runs[name] = workdir, trainer.train_and_evaluate(config, str(workdir))
     return runs[name]
+
   return run
 
 
@@ -194,14 +205,17 @@ def _tikd(text_features):
 
 
 def _irkd(vit_teacher):
-  return _config('kd', **{
-      'model.name': 'irkd_vit', 'model.drop_path': 0.0, 'teacher.name': 'vit',
-      'teacher.variant': 'micro', 'teacher.img_size': 16, 'teacher.checkpoint': vit_teacher,
-      'saliency.kind': 'attention', 'curriculum.stages': [(8, 0.25), (16, 0.25)],
-      'curriculum.reset_optimizer': True})  # resolution 8 → 16 at step 11
+  return _config(
+      'kd', **{
+          'model.name': 'irkd_vit', 'model.drop_path': 0.0, 'teacher.name': 'vit',
+          'teacher.variant': 'micro', 'teacher.img_size': 16, 'teacher.checkpoint': vit_teacher,
+          'saliency.kind': 'attention', 'curriculum.stages': [(8, 0.25), (16, 0.25)],
+          'curriculum.reset_optimizer': True
+      })  # resolution 8 → 16 at step 11
 
 
 # ------------------------------------------------------------------------------- scenarios
+
 
 def test_hard_kd_with_deit_augmentations_resumes_mid_epoch(tmp_path, teacher_dir, straight):
   """TIKD's headline recipe: hard KD from a trained teacher, RandAugment on the host (a function
@@ -261,6 +275,7 @@ def test_irkd_resumes_across_a_resolution_change(tmp_path, vit_teacher, straight
 
 # ------------------------------------------------------------------------------- a real signal
 
+
 @pytest.mark.slow
 def test_sigterm_to_main_py_resumes_pkcd_exactly(tmp_path, teacher_dir, straight):
   """`python main.py` (PKCD) gets SIGTERM mid-epoch; with no periodic checkpoint before it, the
@@ -269,11 +284,16 @@ def test_sigterm_to_main_py_resumes_pkcd_exactly(tmp_path, teacher_dir, straight
   c = _kd('pkcd', teacher_dir)
   reference = straight('pkcd', c)
   workdir = tmp_path / 'run'
-  args = ['--config=configs/tiny.py:pkcd', f'--config.teacher.checkpoint={teacher_dir}',
-          '--config.num_epochs=0.5', '--config.log_every_steps=1',
-          '--config.checkpoint_every_steps=100', "--config.mesh=(('data',1),)",
-          '--config.xla_options=fast_compile',  # as tiny_config compiles the in-process runs
-          f'--workdir={workdir}']
+  args = [
+      '--config=configs/tiny.py:pkcd',
+      f'--config.teacher.checkpoint={teacher_dir}',
+      '--config.num_epochs=0.5',
+      '--config.log_every_steps=1',
+      '--config.checkpoint_every_steps=100',
+      "--config.mesh=(('data',1),)",
+      '--config.xla_options=fast_compile',  # as tiny_config compiles the in-process runs
+      f'--workdir={workdir}'
+  ]
   log_path = tmp_path / 'main.log'
   with open(log_path, 'w') as log:
     proc = subprocess.Popen([sys.executable, os.path.join(REPO, 'main.py')] + args, cwd=REPO,

@@ -28,14 +28,16 @@ from tikd_jax.train import checkpoint as ckpt_lib
 from tikd_jax.train import trainer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-STOP = 6                                    # of the 22 steps of num_epochs=0.5
+STOP = 6  # of the 22 steps of num_epochs=0.5
 FSDP = {'mesh': [('data', 4), ('fsdp', 2)], 'sharding_rules': [('.*', 'fsdp')]}
 ONE_DEVICE = {'mesh': [('data', 1)], 'sharding_rules': []}
 # The same settings as main.py flags (the two-process job) and as config overrides (in-process).
 # drop_path 0: see test_process_shares_of_a_train_batch_are_contiguous_blocks_of_the_global_batch.
-SETTINGS = {'num_epochs': 0.5, 'stop_at_step': STOP, 'checkpoint_every_steps': 100,
-            'log_every_steps': 1, 'optimizer.name': 'sgd', 'schedule.lr': 0.05,
-            'model.drop_path': 0.0, 'xla_options': 'fast_compile'}
+SETTINGS = {
+    'num_epochs': 0.5, 'stop_at_step': STOP, 'checkpoint_every_steps': 100, 'log_every_steps': 1,
+    'optimizer.name': 'sgd', 'schedule.lr': 0.05, 'model.drop_path': 0.0,
+    'xla_options': 'fast_compile'
+}
 CHILD_TIMEOUT = 240
 
 
@@ -80,13 +82,15 @@ class TwoProcessJob:
     self.logs = [os.path.join(root, f'process_{i}.log') for i in (0, 1)]
     self.procs = []
     for i in (0, 1):
-      cmd = [sys.executable, os.path.join(REPO, 'main.py'), f'--config={config}',
-             f'--workdir={self.workdir}', f'--coordinator=127.0.0.1:{port}',
-             '--num_processes=2', f'--process_id={i}'] + [
-                 f'--config.{k}={v}' for k, v in SETTINGS.items()]
+      cmd = [
+          sys.executable,
+          os.path.join(REPO, 'main.py'), f'--config={config}', f'--workdir={self.workdir}',
+          f'--coordinator=127.0.0.1:{port}', '--num_processes=2', f'--process_id={i}'
+      ] + [f'--config.{k}={v}' for k, v in SETTINGS.items()]
       with open(self.logs[i], 'w') as log:
-        self.procs.append(subprocess.Popen(cmd, cwd=REPO, env=_child_env(4), stdout=log,
-                                           stderr=subprocess.STDOUT))
+        self.procs.append(
+            subprocess.Popen(cmd, cwd=REPO, env=_child_env(4), stdout=log,
+                             stderr=subprocess.STDOUT))
     self.returncodes = None
 
   def wait(self, timeout) -> list[int]:
@@ -151,20 +155,24 @@ def runs(tmp_path_factory):
 
 # ------------------------------------------------------------------------------- FSDP layout
 
+
 def test_fsdp_rules_split_the_largest_divisible_dimension():
   mesh = sharding_lib.make_mesh(FSDP['mesh'])
   assert dict(mesh.shape) == {'data': 4, 'fsdp': 2}
-  tree = {'blocks': [{'mlp': {'fc1': {'kernel': np.zeros((32, 64)), 'bias': np.zeros(64)}}}],
-          'patch_embed': {'kernel': np.zeros((4, 4, 3, 32))},
-          'cls_token': np.zeros((1, 1, 32)), 'odd': np.zeros((3, 5)), 'step': np.zeros(())}
+  tree = {
+      'blocks': [{'mlp': {'fc1': {'kernel': np.zeros((32, 64)), 'bias': np.zeros(64)}}}],
+      'patch_embed': {'kernel': np.zeros((4, 4, 3, 32))}, 'cls_token': np.zeros(
+          (1, 1, 32)), 'odd': np.zeros((3, 5)), 'step': np.zeros(())
+  }
   specs = jax.tree.map(lambda s: s.spec, sharding_lib.param_shardings(tree, mesh, [('.*', 'fsdp')]))
   assert specs['blocks'][0]['mlp']['fc1'] == {'kernel': P(None, 'fsdp'), 'bias': P('fsdp')}
   assert specs['patch_embed']['kernel'] == P(None, None, None, 'fsdp')
   assert specs['cls_token'] == P(None, None, 'fsdp')
   assert specs['odd'] == P() and specs['step'] == P()  # nothing divides: replicated
   # First matching rule wins; unmatched leaves are replicated.
-  specs = jax.tree.map(lambda s: s.spec, sharding_lib.param_shardings(
-      tree, mesh, [('bias$', 'replicate'), ('kernel$', 'fsdp')]))
+  specs = jax.tree.map(
+      lambda s: s.spec,
+      sharding_lib.param_shardings(tree, mesh, [('bias$', 'replicate'), ('kernel$', 'fsdp')]))
   assert specs['blocks'][0]['mlp']['fc1'] == {'kernel': P(None, 'fsdp'), 'bias': P()}
   assert specs['cls_token'] == P()
   with pytest.raises(ValueError, match='fsdp'):
@@ -201,15 +209,16 @@ def test_mesh_and_sharding_rules_can_be_set_on_the_command_line():
           "c = config_flags.DEFINE_config_file('config', None, '', lock_config=True)\n"
           'flags.FLAGS(sys.argv)\n'
           'print([tuple(a) for a in c.value.mesh], [tuple(r) for r in c.value.sharding_rules])\n')
-  proc = subprocess.run(
-      [sys.executable, '-c', code, f'--config={REPO}/configs/tiny.py',
-       "--config.mesh=(('data', 4), ('fsdp', 2))", "--config.sharding_rules=(('kernel$', 'fsdp'),)"],
-      capture_output=True, text=True, timeout=120, cwd=REPO)
+  proc = subprocess.run([
+      sys.executable, '-c', code, f'--config={REPO}/configs/tiny.py',
+      "--config.mesh=(('data', 4), ('fsdp', 2))", "--config.sharding_rules=(('kernel$', 'fsdp'),)"
+  ], capture_output=True, text=True, timeout=120, cwd=REPO)
   assert proc.returncode == 0, proc.stderr[-2000:]
   assert proc.stdout.strip().splitlines()[-1] == "[('data', 4), ('fsdp', 2)] [('kernel$', 'fsdp')]"
 
 
 # ------------------------------------------------------------------------------- two processes
+
 
 def _assert_job_succeeded(runs):
   job = runs['two']
@@ -275,8 +284,10 @@ def test_two_process_checkpoint_resumes_training_in_one_process(runs, tmp_path):
 def test_process_shares_of_a_train_batch_are_contiguous_blocks_of_the_global_batch():
   source = build_source(tiny_config().data, 'train')
   whole = pipeline.train_dataset(source, batch_size=32, seed=0)[3]
-  shares = [pipeline.train_dataset(source, batch_size=16, seed=0, process_index=p,
-                                   process_count=2)[3] for p in (0, 1)]
+  shares = [
+      pipeline.train_dataset(source, batch_size=16, seed=0, process_index=p, process_count=2)[3]
+      for p in (0, 1)
+  ]
   joined = {k: np.concatenate([s[k] for s in shares]) for k in whole}
   assert sorted(joined['index']) == sorted(whole['index'])  # the same examples (holds today)
   # make_array_from_process_local_data puts process p's rows at [16p, 16p + 16).
@@ -285,6 +296,7 @@ def test_process_shares_of_a_train_batch_are_contiguous_blocks_of_the_global_bat
 
 
 # ------------------------------------------------------------------------------- bf16
+
 
 @pytest.mark.slow
 def test_bfloat16_compute_stays_close_to_float32_with_float32_parameters(runs, tmp_path):

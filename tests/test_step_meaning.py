@@ -36,8 +36,10 @@ STEPS_PER_EPOCH, STEP, EPOCH = 2, 9, 5.0
 LOSS_RTOL = 1e-5
 # The steps' meaning, not their speed, is under test: the 'fast_compile' preset (LLVM -O0) roughly
 # halves the CPU compiles.
-COMPILE = {'compiler_options': xla_options.compiler_options('fast_compile')
-           if jax.default_backend() == 'cpu' else None}
+COMPILE = {
+    'compiler_options':
+        xla_options.compiler_options('fast_compile') if jax.default_backend() == 'cpu' else None
+}
 
 
 # ------------------------------------------------------------------ independent restatements
@@ -59,12 +61,12 @@ def kl_rows(s, t, temperature):
 
 def kd(s, t, temperature):
   """Hinton KD as RepDistiller's DistillKL: batch-mean KL · T²."""
-  return jnp.mean(kl_rows(s, t, temperature)) * temperature ** 2
+  return jnp.mean(kl_rows(s, t, temperature)) * temperature**2
 
 
 def deit_soft(s, t, temperature):
   """DeiT losses.py 'soft': KL(reduction='sum') · T² / outputs_kd.numel()."""
-  return jnp.sum(kl_rows(s, t, temperature)) * temperature ** 2 / s.size
+  return jnp.sum(kl_rows(s, t, temperature)) * temperature**2 / s.size
 
 
 def deit_hard(s, t):
@@ -76,13 +78,15 @@ def dkd(s, t, y, temperature, alpha=1.0, beta=8.0):
   """mdistiller DKD.py dkd_loss: α·TCKD + β·NCKD, TCKD the binary KL of [p_gt, 1 − p_gt], NCKD
   the KL of softmax(z/T − 1000·gt) (non-target classes), both · T² / B."""
   gt = jax.nn.one_hot(y, s.shape[-1])
+
   def binary(z):
     p = jax.nn.softmax(z / temperature, axis=-1)
     return jnp.stack([jnp.sum(p * gt, -1), jnp.sum(p * (1.0 - gt), -1)], axis=-1)
+
   bs, bt = binary(s), binary(t)
-  tckd = jnp.sum(bt * (jnp.log(bt) - jnp.log(bs))) * temperature ** 2 / s.shape[0]
+  tckd = jnp.sum(bt * (jnp.log(bt) - jnp.log(bs))) * temperature**2 / s.shape[0]
   ls, lt = log_softmax(s / temperature - 1000.0 * gt), log_softmax(t / temperature - 1000.0 * gt)
-  nckd = jnp.sum(jnp.exp(lt) * (lt - ls)) * temperature ** 2 / s.shape[0]
+  nckd = jnp.sum(jnp.exp(lt) * (lt - ls)) * temperature**2 / s.shape[0]
   return alpha * tckd + beta * nckd
 
 
@@ -107,9 +111,10 @@ def pkcd_contrast(s, t, y, prev_t, prev_y, temperature, eps=1e-8):
   count = jnp.sum(positive, -1)
   per_anchor = jnp.sum(positive * (log_den[:, None] - sim_prev), -1) / jnp.maximum(count, 1.0)
   previous = jnp.mean(jnp.where(count > 0, per_anchor, 0.0))
-  columns = jnp.diagonal(pearson(jax.nn.softmax(s / temperature, axis=0).T,
-                                 jax.nn.softmax(t / temperature, axis=0).T))
-  intra = 1.0 - temperature ** 2 * jnp.mean(columns)
+  columns = jnp.diagonal(
+      pearson(jax.nn.softmax(s / temperature, axis=0).T,
+              jax.nn.softmax(t / temperature, axis=0).T))
+  intra = 1.0 - temperature**2 * jnp.mean(columns)
   return current + previous + intra
 
 
@@ -159,10 +164,12 @@ WARM = min(EPOCH / 20.0, 1.0)  # mdistiller DKD: min(epoch / warmup, 1), warmup 
 # dkd CE + warm-up·(TCKD + 8·NCKD), pkcd CE + KD_soft(T 4) + InfoNCE + intra (as released).
 DEIT_WEIGHTS = {
     'soft': {'ce': 0.5, 'soft_t1': 0.5}, 'hard': {'ce': 0.5, 'hard': 0.5},
-    'kd': {'ce': 0.5, 'kd': 0.5}, 'ctkd': {'ce': 0.5, 'ctkd': 0.5},
-    'dkd': {'ce': 1.0, 'dkd': WARM}, 'pkcd': {'ce': 1.0, 'soft_t4': 1.0, 'pkcd_contrast': 1.0}}
-CNN_WEIGHTS = {'kd': {'ce': 0.1, 'kd': 0.9}, 'ctkd': {'ce': 0.1, 'ctkd': 0.9},
-               'dkd': {'ce': 1.0, 'dkd': WARM}}
+    'kd': {'ce': 0.5, 'kd': 0.5}, 'ctkd': {'ce': 0.5, 'ctkd': 0.5}, 'dkd': {'ce': 1.0, 'dkd': WARM},
+    'pkcd': {'ce': 1.0, 'soft_t4': 1.0, 'pkcd_contrast': 1.0}
+}
+CNN_WEIGHTS = {
+    'kd': {'ce': 0.1, 'kd': 0.9}, 'ctkd': {'ce': 0.1, 'ctkd': 0.9}, 'dkd': {'ce': 1.0, 'dkd': WARM}
+}
 
 
 def tikd_terms(out, student_params, x):
@@ -171,17 +178,24 @@ def tikd_terms(out, student_params, x):
   a = student_params['text_adapter']
   adapted = (x['text'] @ a['down']['kernel'] + a['down']['bias']) @ a['up']['kernel']
   c = jnp.clip(cosine(out['tokens'], (adapted + a['up']['bias'])[:, None, :]), 0.0, 1.0)
-  return {'alignment': jnp.mean(1.0 - c),
-          'predictor': jnp.mean(1.0 - cosine(out['text_pred'], x['text']))}
+  return {
+      'alignment': jnp.mean(1.0 - c),
+      'predictor': jnp.mean(1.0 - cosine(out['text_pred'], x['text']))
+  }
 
 
 def irkd_terms(out, student_params, x):
   """IRKD attention saliency, averaged over the layers: MSE of the student's map (prefix cls,
   dist) and the teacher's (a plain ViT: prefix cls)."""
   del student_params
-  return {'saliency': jnp.mean(jnp.stack([
-      jnp.mean((attention_map(out[f'attn{i}'], 2) - attention_map(x[f'teacher_attn{i}'], 1)) ** 2)
-      for i in range(2)]))}
+  return {
+      'saliency':
+          jnp.mean(
+              jnp.stack([
+                  jnp.mean((attention_map(out[f'attn{i}'], 2) -
+                            attention_map(x[f'teacher_attn{i}'], 1))**2) for i in range(2)
+              ]))
+  }
 
 
 # ------------------------------------------------------------------ expected loss and gradient
@@ -190,6 +204,7 @@ def expected_fn(graphdef, extra_terms=None, fuse_text=False):
   """jit(value_and_grad) of Σ_k weights[k]·term_k of the student's train-mode outputs:
   (params {'student', 'raw_temperature'}, batch_stats, images, x, weights) → ((loss, (terms,
   new batch stats)), grads). One compile per student serves every method."""
+
   def f(params, batch_stats, images, x, weights):
     model = nnx.merge(graphdef, params['student'], batch_stats)
     _, out = model(images, train=True, text=x.get('text'), fuse_text=fuse_text)
@@ -199,20 +214,25 @@ def expected_fn(graphdef, extra_terms=None, fuse_text=False):
       terms.update(extra_terms(out, params['student'], x))
     loss = sum(weights[k] * v for k, v in terms.items() if k in weights)
     return loss, (terms, nnx.to_pure_dict(nnx.state(model, nnx.BatchStat)))
+
   return jax.jit(jax.value_and_grad(f, has_aux=True), **COMPILE)
 
 
 def expected(student, params, images, x, weights, extra_terms=None, fuse_text=False):
   """(loss, terms, new batch stats, grads shaped like the step's params) of `weights`."""
   graphdef, variables = student
-  names = ['ce', 'soft_t1', 'soft_t4', 'hard', 'kd', 'ctkd', 'dkd', 'pkcd_contrast',
-           'alignment', 'predictor', 'saliency']
+  names = [
+      'ce', 'soft_t1', 'soft_t4', 'hard', 'kd', 'ctkd', 'dkd', 'pkcd_contrast', 'alignment',
+      'predictor', 'saliency'
+  ]
   assert set(weights) <= set(names)
   w = {k: jnp.float32(weights.get(k, 0.0)) for k in names}
   raw = params['objective'].get('ctkd', {}).get('raw_temperature', jnp.float32(1.0))
-  (loss, (terms, stats)), g = expected_fn(graphdef, extra_terms, fuse_text)(
-      {'student': params['student'], 'raw_temperature': raw}, variables['batch_stats'], images,
-      x, w)
+  (loss,
+   (terms,
+    stats)), g = expected_fn(graphdef, extra_terms,
+                             fuse_text)({'student': params['student'], 'raw_temperature': raw},
+                                        variables['batch_stats'], images, x, w)
   grads = {'student': g['student'], 'objective': {}}
   if 'ctkd' in params['objective']:
     # Gradient reversal (Ganin & Lempitsky 2015; CTKD temp_global.py): −λ·∂L/∂raw.
@@ -223,13 +243,15 @@ def expected(student, params, images, x, weights, extra_terms=None, fuse_text=Fa
 def assert_same_gradient(step_grads, expected_grads):
   """Per leaf allclose (atol scaled to the leaf: sums that cancel keep float32 rounding of its
   largest entries), and cosine similarity of the whole gradients above 0.9999."""
+
   def check(path, g, e):
     e = np.asarray(e, np.float64)
     np.testing.assert_allclose(g, e, rtol=1e-4, atol=max(1e-6, 1e-5 * np.abs(e).max()),
                                err_msg=jax.tree_util.keystr(path))
+
   jax.tree_util.tree_map_with_path(check, step_grads, expected_grads)
-  flat = lambda tree: np.concatenate([np.ravel(np.asarray(x, np.float64))
-                                      for x in jax.tree.leaves(tree)])
+  flat = lambda tree: np.concatenate(
+      [np.ravel(np.asarray(x, np.float64)) for x in jax.tree.leaves(tree)])
   g, e = flat(step_grads), flat(expected_grads)
   assert len(g) == len(e) and np.linalg.norm(e) > 1e-3
   assert g @ e / (np.linalg.norm(g) * np.linalg.norm(e)) > 0.9999
@@ -247,6 +269,7 @@ def make_model(name, seed, **kw):
   N(0, 0.1²), BatchNorm running statistics 0 / 1."""
   graphdef, template = abstract_model(name, num_classes=C, **kw)
   rng = np.random.default_rng(seed)
+
   def draw(path, leaf):
     name, shape = jax.tree_util.keystr(path), leaf.shape
     if name.endswith("['kernel']"):
@@ -260,14 +283,17 @@ def make_model(name, seed, **kw):
     else:
       x = rng.normal(0.0, 0.1, shape)
     return jnp.asarray(x, jnp.float32)
+
   return graphdef, jax.tree_util.tree_map_with_path(draw, template)
 
 
 @functools.lru_cache(maxsize=None)
 def _forward_fn(graphdef, train, fuse_text):
+
   def fn(variables, images, text):
     model = nnx.merge(graphdef, variables['params'], variables['batch_stats'])
     return model(images, train=train, text=text, fuse_text=fuse_text)
+
   return jax.jit(fn, **COMPILE)
 
 
@@ -290,17 +316,17 @@ def run_step(student, teacher, objective, opts, batch, *, step=STEP, objective_s
                            shapes={'rows': B, 'num_classes': C}, step=step)
   if 'ctkd' in state.params['objective']:
     # T = 1 + 20·σ(−1) ≈ 6.4, where KD is steeper in T than at the init raw 1 (T ≈ 15.6).
-    state = state.replace(params=dict(
-        state.params, objective={'ctkd': {'raw_temperature': jnp.float32(-1.0)}}))
+    state = state.replace(
+        params=dict(state.params, objective={'ctkd': {'raw_temperature': jnp.float32(-1.0)}}))
   if objective_state is not None:
     state = state.replace(objective_state=objective_state)
   params = state.params
-  fn = jitted or jax.jit(make_train_step(graphdef=graphdef, teacher_graphdef=teacher[0],
-                                         loss=objective, tx=tx, frozen_mask=None, opts=opts),
-                         **COMPILE)
+  fn = jitted or jax.jit(
+      make_train_step(graphdef=graphdef, teacher_graphdef=teacher[0], loss=objective, tx=tx,
+                      frozen_mask=None, opts=opts), **COMPILE)
   new_state, metrics = fn(state, batch, teacher[1])
-  grads = jax.tree.map(lambda p, q: np.asarray(p, np.float64) - np.asarray(q, np.float64),
-                       params, new_state.params)
+  grads = jax.tree.map(lambda p, q: np.asarray(p, np.float64) - np.asarray(q, np.float64), params,
+                       new_state.params)
   return params, new_state, jax.tree.map(np.asarray, metrics), grads, fn
 
 
@@ -308,8 +334,10 @@ def run_step(student, teacher, objective, opts, batch, *, step=STEP, objective_s
 @pytest.fixture(scope='module')
 def batch():
   rng = np.random.default_rng(0)
-  return {'image': jnp.asarray(rng.integers(0, 256, (B, IMG, IMG, 3), dtype=np.uint8)),
-          'label': jnp.asarray(LABELS)}
+  return {
+      'image': jnp.asarray(rng.integers(0, 256, (B, IMG, IMG, 3), dtype=np.uint8)),
+      'label': jnp.asarray(LABELS)
+  }
 
 
 @pytest.fixture(scope='module')
@@ -318,14 +346,18 @@ def teacher():
   its eval-mode (running statistics) and train-mode (batch statistics) logits differ clearly."""
   graphdef, variables = make_model('resnet8', 5)
   rng = np.random.default_rng(5)
+
   def randomise(path, x):
     if jax.tree_util.keystr(path).endswith("['mean']"):
       return jnp.asarray(rng.normal(0.0, 0.5, x.shape), jnp.float32)
     return jnp.asarray(rng.uniform(0.3, 3.0, x.shape), jnp.float32)
+
   params = dict(variables['params'])
   params['fc'] = dict(params['fc'], kernel=params['fc']['kernel'] * 3.0)  # a confident teacher
-  return graphdef, {'params': params, 'batch_stats': jax.tree_util.tree_map_with_path(
-      randomise, variables['batch_stats'])}
+  return graphdef, {
+      'params': params,
+      'batch_stats': jax.tree_util.tree_map_with_path(randomise, variables['batch_stats'])
+  }
 
 
 @pytest.fixture(scope='module')
@@ -344,9 +376,11 @@ def teacher_eval_logits(teacher, images):
 
 def method_inputs(teacher, batch, q):
   rng = np.random.default_rng(1)
-  return {'t': teacher_eval_logits(teacher, images_of(batch)), 'q': q, 'y': batch['label'],
-          'prev_t': jnp.asarray(rng.normal(0.0, 2.0, (B, C)), jnp.float32),
-          'prev_y': jnp.asarray(PREV_LABELS)}
+  return {
+      't': teacher_eval_logits(teacher, images_of(batch)), 'q': q, 'y': batch['label'],
+      'prev_t': jnp.asarray(rng.normal(0.0, 2.0, (B, C)),
+                            jnp.float32), 'prev_y': jnp.asarray(PREV_LABELS)
+  }
 
 
 # ------------------------------------------------------------------ methods
@@ -357,8 +391,10 @@ def check_method(student, teacher, batch, method, distill_cfg, weights, label_sm
                      label_smoothing=label_smoothing)
   onehot = jax.nn.one_hot(batch['label'], C)
   x = method_inputs(teacher, batch, (1.0 - label_smoothing) * onehot + label_smoothing / C)
-  prev = {'prev_teacher_logits': x['prev_t'], 'prev_labels': x['prev_y'],
-          'valid': jnp.ones((), jnp.bool_)}
+  prev = {
+      'prev_teacher_logits': x['prev_t'], 'prev_labels': x['prev_y'], 'valid': jnp.ones((),
+                                                                                        jnp.bool_)
+  }
   params, new_state, metrics, grads, fn = run_step(
       student, teacher, objective, opts, batch,
       objective_state={'pkcd': prev} if method == 'pkcd' else None)
@@ -406,8 +442,8 @@ def test_deit_student_ce_on_class_head_distillation_on_dist_head(deit, teacher, 
 def test_cnn_student_one_head_with_kd_cifar100_weights(cnn, teacher, batch, method):
   """ResNet students: one head for both terms; RepDistiller / mdistiller weights, no smoothing.
   The student's BatchNorm trains on batch statistics and updates its running ones."""
-  check_method(cnn, teacher, batch, method, kd_cifar100.get_config(method).distill,
-               CNN_WEIGHTS[method], 0.0)
+  check_method(cnn, teacher, batch, method,
+               kd_cifar100.get_config(method).distill, CNN_WEIGHTS[method], 0.0)
 
 
 def test_ctkd_temperature_ascends_the_kd_term(cnn, teacher, batch):
@@ -422,11 +458,13 @@ def test_ctkd_temperature_ascends_the_kd_term(cnn, teacher, batch):
   # KD with the logits fixed, in float64 (float32 KD at T ≈ 6 is too coarse for this step).
   s = np.asarray(forward(cnn, images_of(batch), train=True)[1]['cls_logits'], np.float64)
   t = np.asarray(x['t'], np.float64)
+
   def kd_at(raw):
     temperature = 1.0 + 20.0 / (1.0 + np.exp(-float(raw)))
     lt, ls = (z / temperature - np.log(np.sum(np.exp(z / temperature), -1, keepdims=True))
               for z in (t, s))
-    return np.mean(np.sum(np.exp(lt) * (lt - ls), -1)) * temperature ** 2
+    return np.mean(np.sum(np.exp(lt) * (lt - ls), -1)) * temperature**2
+
   assert abs(float(new - old)) > 1e-3
   assert kd_at(new) > kd_at(old)  # the temperature went up the KD term
   slope = (kd_at(old + 1e-4) - kd_at(old - 1e-4)) / 2e-4
@@ -440,8 +478,8 @@ def test_mixup_cutmix_targets_and_teacher_sees_the_augmented_batch(deit, teacher
   config = tikd_cifar100.get_config('small,kd')
   _, batch_augment = build_augmentations(config)
   objective = method_loss(config.distill)
-  opts = StepOptions(num_classes=C, steps_per_epoch=STEPS_PER_EPOCH, seed=SEED,
-                     label_smoothing=0.1, batch_augment=batch_augment)
+  opts = StepOptions(num_classes=C, steps_per_epoch=STEPS_PER_EPOCH, seed=SEED, label_smoothing=0.1,
+                     batch_augment=batch_augment)
   smoothed = 0.9 * jax.nn.one_hot(batch['label'], C) + 0.1 / C
   fn, mixed = None, []
   for step in (STEP, STEP + 1, STEP + 2):
@@ -461,8 +499,7 @@ def test_mixup_cutmix_targets_and_teacher_sees_the_augmented_batch(deit, teacher
     assert far(expected(deit, params, images, dict(x, t=plain_t), DEIT_WEIGHTS['kd'])[0], loss)
     mixed.append(float(np.abs(q - smoothed).max()))
     if mixed[-1] > 0.05:
-      assert far(expected(deit, params, images, dict(x, q=smoothed), DEIT_WEIGHTS['kd'])[0],
-                 loss)
+      assert far(expected(deit, params, images, dict(x, q=smoothed), DEIT_WEIGHTS['kd'])[0], loss)
   assert max(mixed) > 0.05  # the targets really were mixed
 
 
@@ -479,14 +516,15 @@ def test_tikd_alignment_and_text_predictor_terms(tikd, teacher, batch, beta, wei
   w·mean(1 − cos(text_pred, t)), with the config's β 0.1 / w 1 and with 0.3 / 2."""
   text = jnp.asarray(np.random.default_rng(3).normal(size=(B, TEXT_DIM)), jnp.float32)
   batch = dict(batch, text=text)
-  objective = method_loss(tikd_cifar100.get_config('small,hard').distill,
-                          (('tikd_alignment', beta), ('text_predictor', weight)))
+  objective = method_loss(
+      tikd_cifar100.get_config('small,hard').distill,
+      (('tikd_alignment', beta), ('text_predictor', weight)))
   opts = StepOptions(num_classes=C, steps_per_epoch=STEPS_PER_EPOCH, seed=SEED, fuse_text=True)
   params, _, metrics, grads, _ = run_step(tikd, teacher, objective, opts, batch)
   x = dict(method_inputs(teacher, batch, jax.nn.one_hot(batch['label'], C)), text=text)
   weights = dict(DEIT_WEIGHTS['hard'], alignment=beta, predictor=weight)
-  loss, terms, _, expected_grads = expected(tikd, params, images_of(batch), x, weights,
-                                            tikd_terms, fuse_text=True)
+  loss, terms, _, expected_grads = expected(tikd, params, images_of(batch), x, weights, tikd_terms,
+                                            fuse_text=True)
   np.testing.assert_allclose(metrics['loss'], loss, rtol=LOSS_RTOL)
   assert_same_gradient(grads, expected_grads)
   np.testing.assert_allclose(metrics['alignment_loss'], terms['alignment'], rtol=1e-5)
@@ -511,16 +549,15 @@ def test_irkd_attention_saliency_weight(irkd, vit_teacher, batch):
   """(1 − α)·CE + α·KD(T 4) + w·L_sal with the ViT teacher in eval mode; w 0.3, not the recipe's
   0.8, so that a hard-coded or dropped weight shows."""
   weight = 0.3
-  objective = method_loss(irkd_cifar10.get_config('kd_cl_sal,p4').distill,
-                          (('attention_saliency', weight),))
+  objective = method_loss(
+      irkd_cifar10.get_config('kd_cl_sal,p4').distill, (('attention_saliency', weight),))
   opts = StepOptions(num_classes=C, steps_per_epoch=STEPS_PER_EPOCH, seed=SEED)
   params, _, metrics, grads, _ = run_step(irkd, vit_teacher, objective, opts, batch)
   t_logits, t_out = forward(vit_teacher, images_of(batch), train=False)
   x = dict(method_inputs(vit_teacher, batch, jax.nn.one_hot(batch['label'], C)), t=t_logits,
            **{f'teacher_attn{i}': t_out[f'attn{i}'] for i in range(2)})
   loss, terms, _, expected_grads = expected(irkd, params, images_of(batch), x,
-                                            dict(DEIT_WEIGHTS['kd'], saliency=weight),
-                                            irkd_terms)
+                                            dict(DEIT_WEIGHTS['kd'], saliency=weight), irkd_terms)
   np.testing.assert_allclose(metrics['loss'], loss, rtol=LOSS_RTOL)
   assert_same_gradient(grads, expected_grads)
   np.testing.assert_allclose(metrics['saliency_loss'], terms['saliency'], rtol=1e-5)
@@ -540,8 +577,8 @@ def test_eval_step_heads(deit, irkd, batch, which):
                 dict(batch, mask=jnp.asarray(mask)))
   _, out = forward(student, images_of(batch), train=False)
   mean_logits = (out['cls_logits'] + out['dist_logits']) / 2
-  logits, other = ((mean_logits, out['cls_logits']) if which == 'deit'
-                   else (out['cls_logits'], mean_logits))
+  logits, other = ((mean_logits, out['cls_logits']) if which == 'deit' else
+                   (out['cls_logits'], mean_logits))
 
   def sums(z):
     z = np.asarray(z, np.float64)

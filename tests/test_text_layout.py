@@ -25,9 +25,9 @@ from tikd_jax.models.vit import SIZES
 
 
 def _abstract(variant, layout, text_dim=512):
-  return nnx.eval_shape(lambda: build_model('distilled_vit', variant=variant, num_classes=100,
-                                            text_dim=text_dim, text_proj_layout=layout,
-                                            rngs=nnx.Rngs(0)))
+  return nnx.eval_shape(
+      lambda: build_model('distilled_vit', variant=variant, num_classes=100, text_dim=text_dim,
+                          text_proj_layout=layout, rngs=nnx.Rngs(0)))
 
 
 # --------------------------------------------------------------------------- (a) parameter counts
@@ -72,9 +72,9 @@ def test_layouts_own_their_projections_where_the_names_say():
   assert {f'blocks/{i}/attn/text_proj/{leaf}' for i in (0, 1) for leaf in ('kernel', 'bias')} \
       <= per_block
   # Without text the option changes nothing; an unknown layout fails loudly.
-  plain = lambda layout: names(nnx.eval_shape(lambda: build_model(
-      'distilled_vit', variant='micro', num_classes=10, text_proj_layout=layout,
-      rngs=nnx.Rngs(0))))
+  plain = lambda layout: names(
+      nnx.eval_shape(lambda: build_model('distilled_vit', variant='micro', num_classes=10,
+                                         text_proj_layout=layout, rngs=nnx.Rngs(0))))
   assert plain('per_block') == plain('shared')
   with pytest.raises(ValueError, match='text_proj_layout'):
     build_model('distilled_vit', variant='micro', num_classes=10, text_dim=32,
@@ -108,9 +108,11 @@ def forward(model, images, text):
 
 @functools.partial(jax.jit, static_argnums=0, compiler_options=FAST_COMPILE)
 def _grads(graphdef, params, rest, images, text):
+
   def loss(params, what):
     logits, out = nnx.merge(graphdef, params, rest)(images, text=text, fuse_text=True)
     return jnp.sum(jnp.sin(logits if what == 'logits' else out['fused_block0']))  # no symmetry
+
   value, g_logits = jax.value_and_grad(loss)(params, 'logits')
   return value, g_logits, jax.grad(loss)(params, 'fused_block0')
 
@@ -186,8 +188,9 @@ def test_projection_gradients_are_per_block():
 
 # --------------------------------------------------------------------------- CPU fast layers
 def test_fast_layers_per_block_same_logits_and_gradients():
-  (v0, g0, _), (v1, g1, _) = [grads(m, *_inputs(m)) for m in
-                              (_per_block_micro(fast=False), _per_block_micro(fast=True))]
+  (v0, g0, _), (v1, g1, _) = [
+      grads(m, *_inputs(m)) for m in (_per_block_micro(fast=False), _per_block_micro(fast=True))
+  ]
   np.testing.assert_allclose(v1, v0, rtol=1e-5, atol=1e-5)
   for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(g1)):
     np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-5)
@@ -228,18 +231,19 @@ def released_state_dict(dim=32, depth=2, heads=2, mlp=64, classes=10, patch=4, g
   vision_transformer.py): no text predictor, text_proj inside every block's attention."""
   g = torch.Generator().manual_seed(seed)
   r = lambda *shape: torch.randn(*shape, generator=g) * 0.1
-  sd = {'cls_token': r(1, 1, dim), 'dist_token': r(1, 1, dim),
-        'pos_embed': r(1, grid * grid + 2, dim),
-        'patch_embed.proj.weight': r(dim, 3, patch, patch), 'patch_embed.proj.bias': r(dim),
-        'norm.weight': 1 + r(dim), 'norm.bias': r(dim),
-        'head.weight': r(classes, dim), 'head.bias': r(classes),
-        'head_dist.weight': r(classes, dim), 'head_dist.bias': r(classes),
-        'text_decoder.weight': r(dim, dim), 'text_decoder.bias': r(dim)}
+  sd = {
+      'cls_token': r(1, 1, dim), 'dist_token': r(1, 1, dim),
+      'pos_embed': r(1, grid * grid + 2, dim), 'patch_embed.proj.weight': r(dim, 3, patch, patch),
+      'patch_embed.proj.bias': r(dim), 'norm.weight': 1 + r(dim), 'norm.bias': r(dim),
+      'head.weight': r(classes, dim), 'head.bias': r(classes), 'head_dist.weight': r(classes, dim),
+      'head_dist.bias': r(classes), 'text_decoder.weight': r(dim, dim), 'text_decoder.bias': r(dim)
+  }
   for i in range(depth):
-    for name, (dout, din) in {'norm1': (dim, None), 'norm2': (dim, None),
-                              'attn.qkv': (3 * dim, dim), 'attn.proj': (dim, dim),
-                              'attn.text_proj': (dim // heads, dim),
-                              'mlp.fc1': (mlp, dim), 'mlp.fc2': (dim, mlp)}.items():
+    for name, (dout, din) in {
+        'norm1': (dim, None), 'norm2': (dim, None), 'attn.qkv': (3 * dim, dim),
+        'attn.proj': (dim, dim), 'attn.text_proj': (dim // heads, dim), 'mlp.fc1': (mlp, dim),
+        'mlp.fc2': (dim, mlp)
+    }.items():
       sd[f'blocks.{i}.{name}.weight'] = 1 + r(dout) if din is None else r(dout, din)
       sd[f'blocks.{i}.{name}.bias'] = r(dout)
   return sd

@@ -56,9 +56,11 @@ def env(tmp_path_factory):
   base = tmp_path_factory.mktemp('text_teacher')
   root = _write_image_folder(str(base / 'digits24'), 0)
   flags = ['--data.name', 'image_folder', '--data.dir', root, '--split', 'train']
-  return {'clip': save_tiny_clip(str(base / 'clip')), 'blip': save_tiny_blip(str(base / 'blip')),
-          'root': root, 'flags': flags, 'base': base,
-          'source': build_source(_data_config(name='image_folder', dir=root), 'train')}
+  return {
+      'clip': save_tiny_clip(str(base / 'clip')), 'blip': save_tiny_blip(str(base / 'blip')),
+      'root': root, 'flags': flags, 'base': base,
+      'source': build_source(_data_config(name='image_folder', dir=root), 'train')
+  }
 
 
 def _read_jsonl(path):
@@ -67,8 +69,11 @@ def _read_jsonl(path):
 
 
 def _caption(env, out, *extra):
-  return main(['caption', *env['flags'], '--out', str(out), '--model', env['blip'],
-               '--batch_size', '4', '--device', 'cpu', '--max_new_tokens', '8', *extra])
+  return main([
+      'caption', *env['flags'], '--out',
+      str(out), '--model', env['blip'], '--batch_size', '4', '--device', 'cpu', '--max_new_tokens',
+      '8', *extra
+  ])
 
 
 @pytest.fixture(scope='module')
@@ -76,8 +81,9 @@ def unsharded(env):
   """One uninterrupted caption + encode run: the reference the other runs must reproduce."""
   out = env['base'] / 'unsharded'
   assert _caption(env, out) == 0
-  assert main(['encode', *env['flags'], '--out', str(out), '--encoder', env['clip'],
-               '--device', 'cpu']) == 0
+  assert main(
+      ['encode', *env['flags'], '--out',
+       str(out), '--encoder', env['clip'], '--device', 'cpu']) == 0
   return out
 
 
@@ -104,8 +110,9 @@ def test_caption_and_encode_match_direct_model_calls(env, unsharded):
   meta = json.loads((unsharded / 'meta.json').read_text())
   assert meta['encoder_kind'] == 'clip' and meta['dim'] == 16 and meta['dtype'] == 'float32'
   assert meta['num_examples'] == 24 and meta['normalized'] is False
-  assert meta['dataset'] == {'name': 'digits24', 'split': 'train',
-                             'fingerprint': source.fingerprint()}
+  assert meta['dataset'] == {
+      'name': 'digits24', 'split': 'train', 'fingerprint': source.fingerprint()
+  }
   assert meta['max_length'] == 77 and meta['num_truncated'] == 0
   assert meta['commands']['features'].startswith('python -m tikd_jax.text_teacher encode ')
 
@@ -134,19 +141,20 @@ def test_resume_after_kill_gives_the_same_files(env, unsharded, tmp_path):
   assert (out / 'captions.jsonl').read_bytes() == (unsharded / 'captions.jsonl').read_bytes()
   assert [r['index'] for r in _read_jsonl(shard)] == list(range(24))  # torn line cut, not kept
   assert main(['encode', *env['flags'], '--out', str(out), '--encoder', env['clip']]) == 0
-  np.testing.assert_array_equal(np.load(out / 'features.npy'),
-                                np.load(unsharded / 'features.npy'))
+  np.testing.assert_array_equal(np.load(out / 'features.npy'), np.load(unsharded / 'features.npy'))
 
 
 @pytest.mark.slow
 def test_sigkill_mid_run_then_restart_gives_the_same_captions(env, unsharded, tmp_path):
   out = tmp_path / 'killed'
   shard = out / 'captions.shard-00000-of-00001.jsonl'
-  cmd = [sys.executable, '-m', 'tikd_jax.text_teacher', 'caption', *env['flags'], '--out',
-         str(out), '--model', env['blip'], '--batch_size', '1', '--device', 'cpu',
-         '--max_new_tokens', '8']
-  proc = subprocess.Popen(cmd, env={**os.environ, 'PYTHONPATH': REPO},
-                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  cmd = [
+      sys.executable, '-m', 'tikd_jax.text_teacher', 'caption', *env['flags'], '--out',
+      str(out), '--model', env['blip'], '--batch_size', '1', '--device', 'cpu', '--max_new_tokens',
+      '8'
+  ]
+  proc = subprocess.Popen(cmd, env={**os.environ, 'PYTHONPATH': REPO}, stdout=subprocess.DEVNULL,
+                          stderr=subprocess.DEVNULL)
   try:
     deadline = time.monotonic() + 90
     while time.monotonic() < deadline and proc.poll() is None:
@@ -198,13 +206,12 @@ def test_torn_line_only_at_the_end_is_dropped(tmp_path):
 def test_generate_captioner_drops_the_echoed_prompt(env):
   from PIL import Image
   from tikd_jax.text_teacher.captioners import load_captioner
-  captioner = load_captioner(env['blip'], 'auto', device='cpu', dtype='float32',
-                             max_new_tokens=8)
+  captioner = load_captioner(env['blip'], 'auto', device='cpu', dtype='float32', max_new_tokens=8)
   images = [Image.fromarray(env['source'][i]['image']) for i in (0, 5, 9)]
   processor = captioner.processor
   with torch.no_grad():
-    ids = captioner.model.generate(**processor(images=images, text=['a photo of'] * 3,
-                                               return_tensors='pt'), max_new_tokens=8)
+    ids = captioner.model.generate(
+        **processor(images=images, text=['a photo of'] * 3, return_tensors='pt'), max_new_tokens=8)
   raw = [' '.join(c.split()) for c in processor.batch_decode(ids, skip_special_tokens=True)]
   assert all(r.startswith('a photo of ') for r in raw)
   assert captioner(images, 'a photo of') == [r[len('a photo of '):] for r in raw]
@@ -231,16 +238,21 @@ def test_minicpm_captioner_calls_chat_as_the_model_card(tmp_path):
   model = _FakeMiniCPM()
   captioner = MiniCPMCaptioner(model, 'TOKENIZER', max_new_tokens=7, sampling=False)
   assert captioner(['IMG0', 'IMG1'], 'Describe.') == ['caption 2', 'caption 2']
-  assert model.calls == [{'image': None, 'tokenizer': 'TOKENIZER', 'sampling': False,
-                          'max_new_tokens': 7,
-                          'msgs': [[{'role': 'user', 'content': ['IMG0', 'Describe.']}],
-                                   [{'role': 'user', 'content': ['IMG1', 'Describe.']}]]}]
+  assert model.calls == [{
+      'image':
+          None, 'tokenizer':
+              'TOKENIZER', 'sampling':
+                  False, 'max_new_tokens':
+                      7, 'msgs': [[{'role': 'user', 'content': ['IMG0', 'Describe.']}],
+                                  [{'role': 'user', 'content': ['IMG1', 'Describe.']}]]
+  }]
   old = _FakeMiniCPM(batched=False)
   captioner = MiniCPMCaptioner(old, 'TOKENIZER', max_new_tokens=7, sampling=False)
   assert captioner(['IMG0', 'IMG1'], 'Describe.') == ['one caption', 'one caption']
-  assert [c['msgs'] for c in old.calls[1:]] == [
-      [{'role': 'user', 'content': ['IMG0', 'Describe.']}],
-      [{'role': 'user', 'content': ['IMG1', 'Describe.']}]]
+  assert [c['msgs'] for c in old.calls[1:]] == [[{'role': 'user', 'content': ['IMG0',
+                                                                              'Describe.']}],
+                                                [{'role': 'user', 'content': ['IMG1',
+                                                                              'Describe.']}]]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -264,8 +276,10 @@ def _distinct_features(env, out):
   os.makedirs(out, exist_ok=True)
   files.write_captions(os.path.join(out, 'captions.jsonl'),
                        [f'cat {NUMBERS[i // 10]} {NUMBERS[i % 10]}' for i in range(24)])
-  assert main(['encode', *env['flags'], '--out', str(out), '--encoder', env['clip'],
-               '--normalize', '--dtype', 'float16']) == 0
+  assert main([
+      'encode', *env['flags'], '--out',
+      str(out), '--encoder', env['clip'], '--normalize', '--dtype', 'float16'
+  ]) == 0
   return load_text_features(str(out), env['source'])
 
 
@@ -310,9 +324,10 @@ def test_loader_rejects_features_of_another_split(env, unsharded, tmp_path):
 
   other_root = _write_image_folder(str(tmp_path / 'other' / 'digits24'), 100)
   other = build_source(_data_config(name='image_folder', dir=other_root), 'train')
-  with pytest.raises(TextFeaturesError, match=(
-      rf'fingerprint {source.fingerprint()} but the train split of digits24 has fingerprint '
-      rf'{other.fingerprint()}.*python -m tikd_jax.text_teacher caption')):
+  with pytest.raises(
+      TextFeaturesError,
+      match=(rf'fingerprint {source.fingerprint()} but the train split of digits24 has fingerprint '
+             rf'{other.fingerprint()}.*python -m tikd_jax.text_teacher caption')):
     load_text_features(out, other)
 
   npy = os.path.join(out, 'features.npy')
@@ -337,20 +352,22 @@ def test_encode_refuses_captions_of_another_data_set(env, unsharded, tmp_path, c
   other_root = _write_image_folder(str(tmp_path / 'digits24'), 200)
   out = tmp_path / 'copy'
   shutil.copytree(unsharded, out)
-  assert main(['encode', '--data.name', 'image_folder', '--data.dir', other_root, '--out',
-               str(out), '--encoder', env['clip']]) == 2
+  assert main([
+      'encode', '--data.name', 'image_folder', '--data.dir', other_root, '--out',
+      str(out), '--encoder', env['clip']
+  ]) == 2
   assert 'pass the same --data.* and --split as the caption run' in capsys.readouterr().err
 
 
 @pytest.mark.slow
 def test_prompts_command_in_a_subprocess(env, tmp_path):
   out = tmp_path / 'prompts'
-  run = subprocess.run(
-      [sys.executable, '-m', 'tikd_jax.text_teacher', 'prompts', *env['flags'], '--out',
-       str(out), '--template', 'a photo of the digit {name}.', '--encode', '--encoder',
-       env['clip'], '--dtype', 'float16', '--device', 'cpu'],
-      capture_output=True, text=True, timeout=120,
-      env={**os.environ, 'PYTHONPATH': REPO, 'HF_HUB_OFFLINE': '1'}, check=False)
+  run = subprocess.run([
+      sys.executable, '-m', 'tikd_jax.text_teacher', 'prompts', *env['flags'], '--out',
+      str(out), '--template', 'a photo of the digit {name}.', '--encode', '--encoder', env['clip'],
+      '--dtype', 'float16', '--device', 'cpu'
+  ], capture_output=True, text=True, timeout=120,
+                       env={**os.environ, 'PYTHONPATH': REPO, 'HF_HUB_OFFLINE': '1'}, check=False)
   assert run.returncode == 0, run.stderr
   source = env['source']
   captions = [r['caption'] for r in _read_jsonl(out / 'captions.jsonl')]
@@ -380,9 +397,10 @@ def test_minilm_puts_cat_near_kitten_and_builds_digit_prompts(tmp_path):
 
   out = str(tmp_path / 'digits-test')
   template = 'a photo of the digit {name}.'
-  assert main(['prompts', '--data.name', 'digits', '--data.image_size', '32', '--split', 'test',
-               '--out', out, '--template', template, '--encode', '--encoder', 'minilm',
-               '--normalize']) == 0
+  assert main([
+      'prompts', '--data.name', 'digits', '--data.image_size', '32', '--split', 'test', '--out',
+      out, '--template', template, '--encode', '--encoder', 'minilm', '--normalize'
+  ]) == 0
   data_config = _data_config(name='digits', image_size=32)
   source = build_source(data_config, 'test')
   features = load_text_features(out, source)

@@ -20,7 +20,7 @@ def _np(x):
 
 def _ln(x, p, eps=1e-6):
   mu = x.mean(-1, keepdims=True)
-  var = ((x - mu) ** 2).mean(-1, keepdims=True)
+  var = ((x - mu)**2).mean(-1, keepdims=True)
   return (x - mu) / np.sqrt(var + eps) * _np(p.scale[...]) + _np(p.bias[...])
 
 
@@ -87,8 +87,8 @@ def test_fusion_forward_matches_a_numpy_restatement(text_dim):
   logits, out = model(images, text=text, fuse_text=True)
   ref_logits, ref_c, ref_align = numpy_tikd_forward(model, images, text)
   np.testing.assert_allclose(out['text_weights'], ref_c, atol=2e-5)
-  alignment = terms.tikd_alignment(terms.Context(out=out, labels=None, targets=None, epoch=1.0,
-                                                 step=0))[0]
+  alignment = terms.tikd_alignment(
+      terms.Context(out=out, labels=None, targets=None, epoch=1.0, step=0))[0]
   np.testing.assert_allclose(alignment, ref_align, atol=2e-5)
   np.testing.assert_allclose(logits, ref_logits, atol=1e-4)
   c = np.asarray(out['text_weights'])
@@ -143,8 +143,10 @@ def prompt_features(tmp_path_factory):
 
 
 def _staged(features_dir, **kw):
-  stages = [dict(name='vision_warmup', epochs=0.5, fuse_text=False),
-            dict(name='joint', epochs=0.5, fuse_text=True)]
+  stages = [
+      dict(name='vision_warmup', epochs=0.5, fuse_text=False),
+      dict(name='joint', epochs=0.5, fuse_text=True)
+  ]
   return tiny_config('none', stages=stages, **{'text.features_dir': features_dir}, **kw)
 
 

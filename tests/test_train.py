@@ -50,17 +50,18 @@ def teacher_dir(tmp_path_factory):
 
 
 def test_step_lowers_loss_on_a_fixed_batch():
-  model = build_model('distilled_vit', variant='micro', img_size=16, num_classes=10,
-                      drop_path=0.0, rngs=nnx.Rngs(0))
+  model = build_model('distilled_vit', variant='micro', img_size=16, num_classes=10, drop_path=0.0,
+                      rngs=nnx.Rngs(0))
   graphdef, _, _ = nnx.split(model, nnx.Param, nnx.BatchStat)
   variables = model_variables(model)
   tx = optax.adam(3e-3)
   objective = method_loss(tiny_config().distill)
   state = init_train_state(variables, objective, tx, rng=jax.random.key(0),
                            shapes={'rows': 32, 'num_classes': 10})
-  step = jax.jit(make_train_step(graphdef=graphdef, teacher_graphdef=None, loss=objective,
-                                 tx=tx, frozen_mask=None,
-                                 opts=StepOptions(num_classes=10, steps_per_epoch=10, seed=0)))
+  step = jax.jit(
+      make_train_step(graphdef=graphdef, teacher_graphdef=None, loss=objective, tx=tx,
+                      frozen_mask=None, opts=StepOptions(num_classes=10, steps_per_epoch=10,
+                                                         seed=0)))
   source = build_source(tiny_config().data, 'train')
   batch = {'image': jnp.asarray(source.images[:32]), 'label': jnp.asarray(source.labels[:32])}
   losses = []
@@ -106,8 +107,8 @@ def test_evaluation_counts_every_example_once(tmp_path, teacher_dir):
   load_variables(model, flat)
   logits, _ = model(jnp.asarray(source.images, jnp.float32) / 255.0, train=False)
   expected_top1 = 100.0 * float(np.mean(np.argmax(np.asarray(logits), -1) == source.labels))
-  expected_loss = float(optax.softmax_cross_entropy_with_integer_labels(
-      logits, jnp.asarray(source.labels)).mean())
+  expected_loss = float(
+      optax.softmax_cross_entropy_with_integer_labels(logits, jnp.asarray(source.labels)).mean())
   assert abs(result['top1'] - expected_top1) < 1e-6
   assert abs(result['loss'] - expected_loss) < 1e-4
 
@@ -160,8 +161,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, teacher_dir
   assert all(np.array_equal(before[k], after[k]) for k in before)
 
 
-def test_resume_with_another_worker_count_continues_the_same_stream(tmp_path, teacher_dir,
-                                                                   capfd):
+def test_resume_with_another_worker_count_continues_the_same_stream(tmp_path, teacher_dir, capfd):
   """grain's iterator state belongs to one worker layout; another one resumes by position (batch
   k of the run is element k of the stream) and reaches the uninterrupted run's parameters."""
   workdir = str(tmp_path / 'run')
@@ -175,18 +175,19 @@ def test_resume_with_another_worker_count_continues_the_same_stream(tmp_path, te
       capfd.readouterr().out)
   a, b = _final_params(teacher_dir), _final_params(workdir)
   assert a.keys() == b.keys()
-  assert all(np.array_equal(a[k], b[k]) for k in a), [k for k in a if not np.array_equal(a[k], b[k])]
+  assert all(
+      np.array_equal(a[k], b[k]) for k in a), [k for k in a if not np.array_equal(a[k], b[k])]
 
 
 def _main(args, **kw):
   env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=1')
-  return subprocess.run([sys.executable, os.path.join(REPO, 'main.py')] + args, cwd=REPO,
-                        env=env, capture_output=True, text=True, **kw)
+  return subprocess.run([sys.executable, os.path.join(REPO, 'main.py')] + args, cwd=REPO, env=env,
+                        capture_output=True, text=True, **kw)
 
 
 def test_misspelt_override_fails_loudly(tmp_path):
-  proc = _main(['--config=configs/tiny.py', f'--workdir={tmp_path}',
-                '--config.optimzer.lr=0.1'], timeout=120)
+  proc = _main(['--config=configs/tiny.py', f'--workdir={tmp_path}', '--config.optimzer.lr=0.1'],
+               timeout=120)
   assert proc.returncode != 0
   assert 'optimzer' in proc.stderr
 
@@ -200,8 +201,8 @@ def test_killed_run_resumes_to_the_same_parameters(tmp_path):
 
   workdir = tmp_path / 'killed'
   proc = subprocess.Popen(
-      [sys.executable, os.path.join(REPO, 'main.py')] + args + [f'--workdir={workdir}'],
-      cwd=REPO, env=dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=1'),
+      [sys.executable, os.path.join(REPO, 'main.py')] + args + [f'--workdir={workdir}'], cwd=REPO,
+      env=dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=1'),
       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
   ckpt_dir = workdir / 'checkpoints'
   import time
@@ -220,4 +221,5 @@ def test_killed_run_resumes_to_the_same_parameters(tmp_path):
   assert 'resumed at step' in resumed.stdout + resumed.stderr
   a, b = _final_params(tmp_path / 'straight'), _final_params(workdir)
   assert a.keys() == b.keys()
-  assert all(np.array_equal(a[k], b[k]) for k in a), [k for k in a if not np.array_equal(a[k], b[k])]
+  assert all(
+      np.array_equal(a[k], b[k]) for k in a), [k for k in a if not np.array_equal(a[k], b[k])]

@@ -73,8 +73,11 @@ def _make_workdir(root, which, metrics=True):
   save_weights(os.path.join(workdir, 'checkpoints'), variables,
                {'step': 30, 'model': {'name': name, 'kwargs': kwargs}}, step=30)
   with open(os.path.join(workdir, 'config.json'), 'w') as f:
-    json.dump({'name': f'test_{which}', 'data': DATA, 'model': dict(kwargs, name=name),
-               'tikd': {'eval_text': 'predicted'}}, f)
+    json.dump(
+        {
+            'name': f'test_{which}', 'data': DATA, 'model': dict(kwargs, name=name),
+            'tikd': {'eval_text': 'predicted'}
+        }, f)
   if metrics:
     with open(os.path.join(workdir, 'metrics.jsonl'), 'w') as f:
       f.writelines(json.dumps(r) + '\n' for r in METRICS)
@@ -106,8 +109,8 @@ def test_grad_cam_hand_computed():
   a[0, :, :, 0] = [[1, 2], [3, 4]]
   a[0, :, :, 1] = [[4, 0], [0, -8]]
   g = np.zeros_like(a)
-  g[0, :, :, 0] = [[0.5, 0.5], [1.0, 0.0]]    # mean 0.5
-  g[0, :, :, 1] = [[-1.0, 0.0], [0.0, 0.0]]   # mean -0.25
+  g[0, :, :, 0] = [[0.5, 0.5], [1.0, 0.0]]  # mean 0.5
+  g[0, :, :, 1] = [[-1.0, 0.0], [0.0, 0.0]]  # mean -0.25
   # 0.5·A0 − 0.25·A1 = [[-0.5, 1], [1.5, 4]] → ReLU → / 4
   np.testing.assert_allclose(maps.grad_cam(a, g)[0], [[0.0, 0.25], [0.375, 1.0]], atol=1e-7)
   # no positive evidence: the map stays zero instead of dividing by zero
@@ -133,8 +136,8 @@ def test_stage_gradients_go_through_the_model():
   """resnet8: logits = fc(mean_ij A), so ∂y_k/∂A[i, j, c] = W[c, k] / (h·w) everywhere."""
   graphdef, variables = _random_model('resnet8', SPECS['resnet'][1], seed=1)
   images = np.random.RandomState(0).rand(3, 16, 16, 3).astype(np.float32)
-  ref_logits, ref_out = jax.jit(
-      lambda v, x: nnx.merge(graphdef, v['params'], v['batch_stats'])(x))(variables, images)
+  ref_logits, ref_out = jax.jit(lambda v, x: nnx.merge(graphdef, v['params'], v['batch_stats'])(x))(
+      variables, images)
   logits, acts, grads = maps.stage_gradients(graphdef, variables, images, 'layer3')
   np.testing.assert_allclose(logits, ref_logits, rtol=1e-5, atol=1e-5)  # the probe is a zero
   np.testing.assert_allclose(acts, ref_out['layer3'], rtol=1e-5, atol=1e-5)
@@ -193,42 +196,49 @@ def test_read_metrics_last_row_per_step_wins(tmp_path):
   m = read_metrics(str(tmp_path))
   assert [r['step'] for r in m.train] == [10, 20, 30]
   assert [r['loss'] for r in m.train] == [2.30, 2.00, 1.50]
-  assert [(r['step'], r['top1'], r['top5']) for r in m.eval] == [(20, 40.0, 85.0),
-                                                                 (30, 55.0, 93.0)]
+  assert [(r['step'], r['top1'], r['top5']) for r in m.eval] == [(20, 40.0, 85.0), (30, 55.0, 93.0)]
   assert m.resumes == [20] and m.skipped_lines == 1
 
 
 # --------------------------------------------------------------------------------- commands
 def test_attention_vit(workdirs, tmp_path):
-  path = main(['attention', '--workdir', workdirs['vit'], '--out', str(tmp_path),
-               '--num_images', '8'])
+  path = main(
+      ['attention', '--workdir', workdirs['vit'], '--out',
+       str(tmp_path), '--num_images', '8'])
   assert path == str(tmp_path / 'attention.png')
   w, h = _check_png(path, min_side=300)
   assert w > h  # 4 columns × 2 rows
-  last = main(['attention', '--workdir', workdirs['vit'], '--out', str(tmp_path / 'last'),
-               '--num_images', '3', '--attention', 'last'])
+  last = main([
+      'attention', '--workdir', workdirs['vit'], '--out',
+      str(tmp_path / 'last'), '--num_images', '3', '--attention', 'last'
+  ])
   _check_png(last)
 
 
 def test_attention_resnet_grad_cam(workdirs, tmp_path, capsys):
-  path = main(['attention', '--workdir', workdirs['resnet'], '--out', str(tmp_path),
-               '--num_images', '6', '--split', 'train'])
+  path = main([
+      'attention', '--workdir', workdirs['resnet'], '--out',
+      str(tmp_path), '--num_images', '6', '--split', 'train'
+  ])
   assert capsys.readouterr().out.strip() == path  # prints the path it wrote
   _check_png(path, min_side=300)
 
 
 def test_tsne(workdirs, tmp_path):
-  path = main(['tsne', '--workdir', workdirs['vit'], '--out', str(tmp_path),
-               '--max_points', '120', '--batch_size', '64'])
+  path = main([
+      'tsne', '--workdir', workdirs['vit'], '--out',
+      str(tmp_path), '--max_points', '120', '--batch_size', '64'
+  ])
   w, h = _check_png(path, min_side=400)
   assert w > h  # the legend sits right of the scatter
 
 
 def test_curves_through_python_m(workdirs, tmp_path):
   env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS='cpu')
-  proc = subprocess.run([sys.executable, '-m', 'tikd_jax.visualize', 'curves', '--workdir',
-                         workdirs['vit'], '--out', str(tmp_path)],
-                        capture_output=True, text=True, env=env, cwd=REPO, timeout=120)
+  proc = subprocess.run([
+      sys.executable, '-m', 'tikd_jax.visualize', 'curves', '--workdir', workdirs['vit'], '--out',
+      str(tmp_path)
+  ], capture_output=True, text=True, env=env, cwd=REPO, timeout=120)
   assert proc.returncode == 0, proc.stderr
   assert proc.stdout.strip() == str(tmp_path / 'curves.png')
   w, h = _check_png(proc.stdout.strip())

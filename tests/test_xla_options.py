@@ -10,8 +10,7 @@ from tikd_jax.models import build_model
 
 
 def test_auto_turns_ynnpack_off_on_cpu_only():
-  assert xla_options.compiler_options('auto', 'cpu') == {
-      'xla_cpu_experimental_ynn_fusion_type': ''}
+  assert xla_options.compiler_options('auto', 'cpu') == {'xla_cpu_experimental_ynn_fusion_type': ''}
   assert xla_options.compiler_options('auto', 'gpu') is None
   assert xla_options.compiler_options('default', 'cpu') is None
   with pytest.raises(ValueError, match="xla_options='fastest'.*auto or one of"):

@@ -48,8 +48,10 @@ def check_keys(expected: dict, got: dict, what: str) -> None:
   """Raises CheckpointMismatchError listing every missing, unexpected and mis-shaped key."""
   missing = [n for n in expected if n not in got]
   unexpected = sorted(set(got) - set(expected))
-  misshaped = [f'{n}: checkpoint {_shape(got[n])} vs model {_shape(t)}'
-               for n, t in expected.items() if n in got and _shape(got[n]) != _shape(t)]
+  misshaped = [
+      f'{n}: checkpoint {_shape(got[n])} vs model {_shape(t)}' for n, t in expected.items()
+      if n in got and _shape(got[n]) != _shape(t)
+  ]
   if missing or unexpected or misshaped:
     lines = [f'{what} does not fit the model:']
     for title, items in (('missing keys', missing), ('unexpected keys', unexpected),

@@ -18,8 +18,10 @@ PRESETS: dict[str, dict[str, object]] = {
     'ynn_reduce_only': {'xla_cpu_experimental_ynn_fusion_type': 'LIBRARY_FUSION_TYPE_REDUCE'},
     # Compile several times faster, run slower: LLVM at -O0, no fusion emitters. For tests and
     # smoke runs, where compiling the tiny steps costs more than running them.
-    'fast_compile': {'xla_backend_optimization_level': 0, 'xla_cpu_use_fusion_emitters': False,
-                     'xla_cpu_experimental_ynn_fusion_type': ''},
+    'fast_compile': {
+        'xla_backend_optimization_level': 0, 'xla_cpu_use_fusion_emitters': False,
+        'xla_cpu_experimental_ynn_fusion_type': ''
+    },
 }
 CPU_AUTO = 'no_ynn'
 

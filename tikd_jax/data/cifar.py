@@ -82,8 +82,8 @@ def _from_binary(reader: _Reader, name: str, split: str):
     files, label_bytes, label_offset = ['train.bin' if split == 'train' else 'test.bin'], 2, 1
     classes = reader.read('fine_label_names.txt').decode().split()
   else:
-    files = ([f'data_batch_{i}.bin' for i in range(1, 6)] if split == 'train'
-             else ['test_batch.bin'])
+    files = ([f'data_batch_{i}.bin' for i in range(1, 6)]
+             if split == 'train' else ['test_batch.bin'])
     label_bytes, label_offset = 1, 0
     classes = reader.read('batches.meta.txt').decode().split()
   raw = np.concatenate([np.frombuffer(reader.read(f), np.uint8) for f in files])

@@ -23,7 +23,8 @@ def _load(image_size: int) -> tuple[np.ndarray, np.ndarray]:
   small = (digits.images / 16.0 * 255.0).round().astype(np.uint8)
   big = np.stack([
       np.asarray(Image.fromarray(im).resize((image_size, image_size), Image.BILINEAR))
-      for im in small])
+      for im in small
+  ])
   return np.repeat(big[..., None], 3, axis=-1), digits.target.astype(np.int32)
 
 

@@ -54,17 +54,17 @@ def rand_bbox(rng: jax.Array, height: int, width: int, lam):
   return _bbox(u[0], u[1], height, width, lam)
 
 
-def mixup_cutmix_and_lam(images: jax.Array, labels: jax.Array, num_classes: int, rng: jax.Array,
-                         *, mixup_alpha: float = 0.8, cutmix_alpha: float = 1.0,
-                         switch_prob: float = 0.5, prob: float = 1.0,
-                         label_smoothing: float = 0.1, correct_lam: bool = True):
+def mixup_cutmix_and_lam(images: jax.Array, labels: jax.Array, num_classes: int, rng: jax.Array, *,
+                         mixup_alpha: float = 0.8, cutmix_alpha: float = 1.0,
+                         switch_prob: float = 0.5, prob: float = 1.0, label_smoothing: float = 0.1,
+                         correct_lam: bool = True):
   """`mixup_cutmix` that also returns λ (after correction) and whether cutmix was used."""
   if images.ndim != 4:
     raise ValueError(f'mixup_cutmix wants a [B, H, W, C] batch, got shape {images.shape}')
   if (mixup_alpha <= 0 and cutmix_alpha <= 0) or prob <= 0:  # never mixes (timm asserts on
     # both alphas 0; we fall back to the plain smoothed targets)
-    return (images, one_hot_smoothed(labels, num_classes, label_smoothing),
-            jnp.float32(1.0), jnp.bool_(False))
+    return (images, one_hot_smoothed(labels, num_classes,
+                                     label_smoothing), jnp.float32(1.0), jnp.bool_(False))
   _, height, width, _ = images.shape
   # Few, flat random draws keep the compile short: u = (apply, switch, box y, box x), and one
   # Beta sample whose α is the chosen method's (same law as timm's two separate samplers).
@@ -126,14 +126,9 @@ def make_batch_augment(cfg):
   `label_smoothing`, `erasing_prob` and `mean`/`std` (the student's normalisation, for the erasing
   noise). Build it once and reuse it: the step is compiled per distinct callable.
   """
-  return functools.partial(
-      _batch_augment,
-      erasing_prob=float(cfg.erasing_prob),
-      mean=tuple(float(v) for v in cfg.mean),
-      std=tuple(float(v) for v in cfg.std),
-      mixup_alpha=float(cfg.mixup_alpha),
-      cutmix_alpha=float(cfg.cutmix_alpha),
-      switch_prob=float(cfg.switch_prob),
-      prob=float(cfg.mix_prob),
-      label_smoothing=float(cfg.label_smoothing),
-      correct_lam=bool(cfg.correct_lam))
+  return functools.partial(_batch_augment, erasing_prob=float(cfg.erasing_prob),
+                           mean=tuple(float(v) for v in cfg.mean),
+                           std=tuple(float(v) for v in cfg.std), mixup_alpha=float(cfg.mixup_alpha),
+                           cutmix_alpha=float(cfg.cutmix_alpha), switch_prob=float(cfg.switch_prob),
+                           prob=float(cfg.mix_prob), label_smoothing=float(cfg.label_smoothing),
+                           correct_lam=bool(cfg.correct_lam))

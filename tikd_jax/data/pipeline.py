@@ -37,7 +37,7 @@ def _augment(element: dict, rng: np.random.Generator, crop_size: int | None, pad
   if crop_mode == 'resize':  # the whole (shifted, flipped) image, downscaled to crop_size
     image = random_crop_flip(element['image'], rng, padding=padding, flip=flip)
     image = resize_image(image, crop_size) if crop_size else image
-  else:                      # a crop_size × crop_size window of the padded image
+  else:  # a crop_size × crop_size window of the padded image
     image = random_crop_flip(element['image'], rng, size=crop_size, padding=padding, flip=flip)
   return {**element, 'image': image}
 
@@ -60,8 +60,9 @@ def train_dataset(source, *, batch_size: int, seed: int, crop_padding: int = 4,
   ds = grain.MapDataset.source(source).seed(seed).shuffle().repeat()
   if text_features is not None:
     ds = ds.map(functools.partial(_attach_text, features=text_features))
-  ds = ds.random_map(functools.partial(_augment, crop_size=crop_size, padding=crop_padding,
-                                       flip=flip, crop_mode=crop_mode))
+  ds = ds.random_map(
+      functools.partial(_augment, crop_size=crop_size, padding=crop_padding, flip=flip,
+                        crop_mode=crop_mode))
   if extra_augment is not None:
     ds = ds.random_map(extra_augment)
   ds = ds.batch(batch_size, drop_remainder=True)
@@ -100,8 +101,8 @@ def eval_batches(source, *, global_batch: int, process_index: int = 0, process_c
   idx = np.full(num_batches * global_batch, -1, np.int64)
   idx[:n] = np.arange(n)
   local = global_batch // process_count
-  rows = idx.reshape(num_batches, global_batch)[:, process_index * local:(process_index + 1) *
-                                                local]
+  rows = idx.reshape(num_batches, global_batch)[:,
+                                                process_index * local:(process_index + 1) * local]
   shape = None
   for row in rows:
     elements = [source[int(i)] for i in row if i >= 0]

@@ -26,40 +26,41 @@ from typing import Callable, Sequence
 import numpy as np
 from PIL import Image, ImageEnhance, ImageOps
 
-LEVEL_DENOM = 10.0           # timm `_LEVEL_DENOM`: magnitudes live on a 0…10 scale
-TRANSLATE_PCT = 0.45         # timm `translate_pct` default for TranslateX/YRel
+LEVEL_DENOM = 10.0  # timm `_LEVEL_DENOM`: magnitudes live on a 0…10 scale
+TRANSLATE_PCT = 0.45  # timm `translate_pct` default for TranslateX/YRel
 DEIT_FILL = (124, 116, 104)  # round(255 · IMAGENET_DEFAULT_MEAN), DeiT's hparams['img_mean']
 
 # timm `_RAND_INCREASING_TRANSFORMS` (`inc1`): severity grows with magnitude for every op.
-INCREASING_OPS = (
-    'AutoContrast', 'Equalize', 'Invert', 'Rotate', 'PosterizeIncreasing', 'SolarizeIncreasing',
-    'SolarizeAdd', 'ColorIncreasing', 'ContrastIncreasing', 'BrightnessIncreasing',
-    'SharpnessIncreasing', 'ShearX', 'ShearY', 'TranslateXRel', 'TranslateYRel')
+INCREASING_OPS = ('AutoContrast', 'Equalize', 'Invert', 'Rotate', 'PosterizeIncreasing',
+                  'SolarizeIncreasing', 'SolarizeAdd', 'ColorIncreasing', 'ContrastIncreasing',
+                  'BrightnessIncreasing', 'SharpnessIncreasing', 'ShearX', 'ShearY',
+                  'TranslateXRel', 'TranslateYRel')
 # timm `_RAND_TRANSFORMS` (no `inc1`).
-DEFAULT_OPS = (
-    'AutoContrast', 'Equalize', 'Invert', 'Rotate', 'Posterize', 'Solarize', 'SolarizeAdd',
-    'Color', 'Contrast', 'Brightness', 'Sharpness', 'ShearX', 'ShearY', 'TranslateXRel',
-    'TranslateYRel')
+DEFAULT_OPS = ('AutoContrast', 'Equalize', 'Invert', 'Rotate', 'Posterize', 'Solarize',
+               'SolarizeAdd', 'Color', 'Contrast', 'Brightness', 'Sharpness', 'ShearX', 'ShearY',
+               'TranslateXRel', 'TranslateYRel')
 
-_RESAMPLE = {'bilinear': Image.Resampling.BILINEAR, 'bicubic': Image.Resampling.BICUBIC,
-             'nearest': Image.Resampling.NEAREST}
-
+_RESAMPLE = {
+    'bilinear': Image.Resampling.BILINEAR, 'bicubic': Image.Resampling.BICUBIC,
+    'nearest': Image.Resampling.NEAREST
+}
 
 # --- magnitude (0…10) → op argument, as timm's `*_level_to_arg` ------------------------------
+
 
 def _signed(value: float, negate: bool) -> float:
   return -value if negate else value
 
 
-def _posterize_bits(m: float) -> int:            # [0, 4] bits kept, severity falls with m
+def _posterize_bits(m: float) -> int:  # [0, 4] bits kept, severity falls with m
   return int(m / LEVEL_DENOM * 4)
 
 
-def _solarize_threshold(m: float) -> int:        # [0, 256], severity falls with m
+def _solarize_threshold(m: float) -> int:  # [0, 256], severity falls with m
   return min(256, int(m / LEVEL_DENOM * 256))
 
 
-def _enhance_factor(m: float) -> float:          # [0.1, 1.9], 1.0 (no change) at m = 5
+def _enhance_factor(m: float) -> float:  # [0.1, 1.9], 1.0 (no change) at m = 5
   return m / LEVEL_DENOM * 1.8 + 0.1
 
 
@@ -71,12 +72,12 @@ _LEVEL_TO_ARG: dict[str, Callable[[float, bool], float | int | None]] = {
     'AutoContrast': lambda m, neg: None,
     'Equalize': lambda m, neg: None,
     'Invert': lambda m, neg: None,
-    'Rotate': lambda m, neg: _signed(m / LEVEL_DENOM * 30.0, neg),         # degrees, ±30
+    'Rotate': lambda m, neg: _signed(m / LEVEL_DENOM * 30.0, neg),  # degrees, ±30
     'Posterize': lambda m, neg: _posterize_bits(m),
-    'PosterizeIncreasing': lambda m, neg: 4 - _posterize_bits(m),          # bits, 4 → 0
+    'PosterizeIncreasing': lambda m, neg: 4 - _posterize_bits(m),  # bits, 4 → 0
     'Solarize': lambda m, neg: _solarize_threshold(m),
-    'SolarizeIncreasing': lambda m, neg: 256 - _solarize_threshold(m),     # threshold, 256 → 0
-    'SolarizeAdd': lambda m, neg: min(128, int(m / LEVEL_DENOM * 110)),    # added, 0 → 110
+    'SolarizeIncreasing': lambda m, neg: 256 - _solarize_threshold(m),  # threshold, 256 → 0
+    'SolarizeAdd': lambda m, neg: min(128, int(m / LEVEL_DENOM * 110)),  # added, 0 → 110
     'Color': lambda m, neg: _enhance_factor(m),
     'Contrast': lambda m, neg: _enhance_factor(m),
     'Brightness': lambda m, neg: _enhance_factor(m),
@@ -85,7 +86,7 @@ _LEVEL_TO_ARG: dict[str, Callable[[float, bool], float | int | None]] = {
     'ContrastIncreasing': _enhance_increasing_factor,
     'BrightnessIncreasing': _enhance_increasing_factor,
     'SharpnessIncreasing': _enhance_increasing_factor,
-    'ShearX': lambda m, neg: _signed(m / LEVEL_DENOM * 0.3, neg),          # shear factor, ±0.3
+    'ShearX': lambda m, neg: _signed(m / LEVEL_DENOM * 0.3, neg),  # shear factor, ±0.3
     'ShearY': lambda m, neg: _signed(m / LEVEL_DENOM * 0.3, neg),
     'TranslateXRel': lambda m, neg: _signed(m / LEVEL_DENOM * TRANSLATE_PCT, neg),  # of width
     'TranslateYRel': lambda m, neg: _signed(m / LEVEL_DENOM * TRANSLATE_PCT, neg),  # of height
@@ -101,9 +102,9 @@ def op_argument(name: str, magnitude: float, negate: bool = False) -> float | in
 
 # --- the ops on PIL images ------------------------------------------------------------------
 
+
 def _affine(img: Image.Image, coeffs, fill, resample) -> Image.Image:
-  return img.transform(img.size, Image.Transform.AFFINE, coeffs, resample=resample,
-                       fillcolor=fill)
+  return img.transform(img.size, Image.Transform.AFFINE, coeffs, resample=resample, fillcolor=fill)
 
 
 def _solarize_add(img: Image.Image, add: int, threshold: int = 128) -> Image.Image:
@@ -116,7 +117,7 @@ def _posterize(img: Image.Image, bits: int) -> Image.Image:
   so timm/DeiT) turned into a black image; PosterizeIncreasing reaches 0 bits at magnitude 10."""
   if bits >= 8:
     return img
-  mask = ~(2 ** (8 - bits) - 1) & 0xFF
+  mask = ~(2**(8 - bits) - 1) & 0xFF
   return img.point([i & mask for i in range(256)] * len(img.getbands()))
 
 
@@ -230,11 +231,8 @@ def make_host_augment(cfg) -> Callable[[dict, np.random.Generator], dict] | None
   """
   if not cfg.randaugment:
     return None
-  return functools.partial(
-      _augment_element,
-      num_ops=int(cfg.randaugment_num_ops),
-      magnitude=float(cfg.randaugment_magnitude),
-      magnitude_std=float(cfg.randaugment_magnitude_std),
-      increasing=bool(cfg.randaugment_increasing),
-      interpolation=str(cfg.interpolation),
-      fill=fill_from_mean(cfg.mean))
+  return functools.partial(_augment_element, num_ops=int(cfg.randaugment_num_ops),
+                           magnitude=float(cfg.randaugment_magnitude),
+                           magnitude_std=float(cfg.randaugment_magnitude_std),
+                           increasing=bool(cfg.randaugment_increasing),
+                           interpolation=str(cfg.interpolation), fill=fill_from_mean(cfg.mean))

@@ -48,7 +48,7 @@ def erasing_boxes(rng: jax.Array, batch_size: int, height: int, width: int, *,
   h = jnp.round(jnp.sqrt(area * aspect)).astype(jnp.int32)
   w = jnp.round(jnp.sqrt(area / aspect)).astype(jnp.int32)
   fits = (h < height) & (w < width)
-  first = jnp.argmax(fits, axis=1)                 # first fitting attempt (0 if none fits)
+  first = jnp.argmax(fits, axis=1)  # first fitting attempt (0 if none fits)
   pick = lambda x: jnp.take_along_axis(x, first[:, None], axis=1)[:, 0]
   h, w = pick(h), pick(w)
   erase = (u[:, 2 * a] < probability) & jnp.any(fits, axis=1)
@@ -82,18 +82,20 @@ def random_erasing_and_mask(images: jax.Array, rng: jax.Array, *, probability: f
     raise ValueError(f'erasing mean {tuple(mean)} / std {tuple(std)} need {channels} values, one '
                      f'per image channel: pass the model normalisation')
   box_key, noise_key = jax.random.split(rng)
-  mask = box_mask(*erasing_boxes(box_key, batch, height, width, probability=probability,
-                                 min_area=min_area, max_area=max_area, min_aspect=min_aspect,
-                                 max_aspect=max_aspect), height, width)
+  mask = box_mask(
+      *erasing_boxes(box_key, batch, height, width, probability=probability, min_area=min_area,
+                     max_area=max_area, min_aspect=min_aspect, max_aspect=max_aspect), height,
+      width)
   noise = jax.random.normal(noise_key, (images.size,), jnp.float32).reshape(images.shape)
   fill = jnp.asarray(mean, jnp.float32) + jnp.asarray(std, jnp.float32) * noise
   return jnp.where(mask[..., None], fill.astype(images.dtype), images), mask
 
 
-def random_erasing(images: jax.Array, rng: jax.Array, *, probability: float = 0.25,
-                   min_area: float = 0.02, max_area: float = 1 / 3, min_aspect: float = 0.3,
-                   max_aspect: float | None = None, mean: Sequence[float] = (0.0, 0.0, 0.0),
-                   std: Sequence[float] = (1.0, 1.0, 1.0)) -> jax.Array:
+def random_erasing(
+    images: jax.Array, rng: jax.Array, *, probability: float = 0.25, min_area: float = 0.02,
+    max_area: float = 1 / 3, min_aspect: float = 0.3, max_aspect: float | None = None,
+    mean: Sequence[float] = (0.0, 0.0, 0.0), std: Sequence[float] = (1.0, 1.0, 1.0)
+) -> jax.Array:
   """timm RandomErasing(probability, mode='pixel', max_count=1) on float images [B, H, W, C].
 
   `images` are in [0, 1] (before the model's normalisation); `mean`/`std` must be that

@@ -16,8 +16,8 @@ import numpy as np
 class ArraySource:
   """An image-classification split held in memory as uint8 NHWC arrays."""
 
-  def __init__(self, images: np.ndarray, labels: np.ndarray, class_names: Sequence[str],
-               name: str, split: str):
+  def __init__(self, images: np.ndarray, labels: np.ndarray, class_names: Sequence[str], name: str,
+               split: str):
     images = np.asarray(images)
     labels = np.asarray(labels)
     if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
@@ -48,8 +48,7 @@ class ArraySource:
 
   def __getitem__(self, index: int) -> dict:
     index = int(index)
-    return {'image': self.images[index], 'label': self.labels[index],
-            'index': np.int32(index)}
+    return {'image': self.images[index], 'label': self.labels[index], 'index': np.int32(index)}
 
   def subset(self, indices: np.ndarray, split: str) -> 'ArraySource':
     return ArraySource(self.images[indices], self.labels[indices], self.class_names, self.name,
@@ -64,11 +63,11 @@ class ArraySource:
     return h.hexdigest()[:16]
 
 
-def split_train_val(source: ArraySource, val_size: int, seed: int) -> tuple[ArraySource,
-                                                                               ArraySource]:
+def split_train_val(source: ArraySource, val_size: int,
+                    seed: int) -> tuple[ArraySource, ArraySource]:
   """A fixed random hold-out: `val_size` examples for validation, the rest for training."""
   if not 0 < val_size < len(source):
     raise ValueError(f'val_size must be in (0, {len(source)}), got {val_size}')
   perm = np.random.RandomState(seed).permutation(len(source))
-  return (source.subset(np.sort(perm[val_size:]), 'train'),
-          source.subset(np.sort(perm[:val_size]), 'val'))
+  return (source.subset(np.sort(perm[val_size:]),
+                        'train'), source.subset(np.sort(perm[:val_size]), 'val'))

@@ -125,16 +125,16 @@ def load_text_features(features_dir: str, source, *, verify_checksum: bool = Tru
   if int(meta['num_examples']) != n:
     raise TextFeaturesError(
         f'{where} have {int(meta["num_examples"]):,} rows (made for '
-        f'{found_ds.get("name")}/{found_ds.get("split")}) but {split_desc} has {n:,} examples; '
-        + _regenerate(meta, features_dir, source, 'captions'))
+        f'{found_ds.get("name")}/{found_ds.get("split")}) but {split_desc} has {n:,} examples; ' +
+        _regenerate(meta, features_dir, source, 'captions'))
   fingerprint = source.fingerprint()
   if found_ds.get('fingerprint') != fingerprint:
     raise TextFeaturesError(
         f'{where} were made for data set {found_ds.get("name")}/{found_ds.get("split")} with '
         f'fingerprint {found_ds.get("fingerprint")} but {split_desc} has fingerprint '
         f'{fingerprint}: the captions describe other images (another data set, split, '
-        f'val_size/val_seed, image size or file list); '
-        + _regenerate(meta, features_dir, source, 'captions'))
+        f'val_size/val_seed, image size or file list); ' +
+        _regenerate(meta, features_dir, source, 'captions'))
   path = os.path.join(features_dir, meta.get('features_file', FEATURES_FILE))
   fix = _regenerate(meta, features_dir, source, 'features')
   if not os.path.isfile(path):
@@ -144,8 +144,8 @@ def load_text_features(features_dir: str, source, *, verify_checksum: bool = Tru
   try:
     with open(path, 'rb') as f:
       version = np.lib.format.read_magic(f)
-      read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0) else
-                     np.lib.format.read_array_header_2_0)
+      read_header = (np.lib.format.read_array_header_1_0
+                     if version == (1, 0) else np.lib.format.read_array_header_2_0)
       shape, _, file_dtype = read_header(f)
       data_bytes = os.fstat(f.fileno()).st_size - f.tell()
   except (ValueError, OSError, EOFError) as e:
@@ -171,5 +171,7 @@ def load_text_features(features_dir: str, source, *, verify_checksum: bool = Tru
   return np.asarray(features, np.float32)
 
 
-__all__ = ['CAPTIONS_FILE', 'CAPTION_META_FILE', 'FEATURES_FILE', 'META_FILE', 'TextFeaturesError',
-           'file_sha256', 'load_text_features', 'read_meta', 'text_dim']
+__all__ = [
+    'CAPTIONS_FILE', 'CAPTION_META_FILE', 'FEATURES_FILE', 'META_FILE', 'TextFeaturesError',
+    'file_sha256', 'load_text_features', 'read_meta', 'text_dim'
+]

@@ -8,8 +8,8 @@ import numpy as np
 
 class TfdsSource:
 
-  def __init__(self, name: str, split: str, data_dir: str | None = None,
-               image_key: str = 'image', label_key: str = 'label'):
+  def __init__(self, name: str, split: str, data_dir: str | None = None, image_key: str = 'image',
+               label_key: str = 'label'):
     import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
     try:
       # download=False: an unprepared set must fail here, not start a download-and-prepare run.
@@ -40,8 +40,7 @@ class TfdsSource:
       image = image[..., None]
     if image.shape[-1] == 1:
       image = np.repeat(image, 3, axis=-1)
-    return {'image': image, 'label': np.int32(record[self.label_key]),
-            'index': np.int32(index)}
+    return {'image': image, 'label': np.int32(record[self.label_key]), 'index': np.int32(index)}
 
   def fingerprint(self) -> str:
     h = hashlib.sha256(f'{self.name}/{self.split}/{len(self)}'.encode())

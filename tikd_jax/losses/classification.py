@@ -8,7 +8,7 @@ import jax.numpy as jnp
 
 
 def cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
-    """Mean cross-entropy over the batch, for hard or soft targets.
+  """Mean cross-entropy over the batch, for hard or soft targets.
 
     Hard targets (int labels ``[B]``):   CE = mean_b [ -log_softmax(z_b)[y_b] ]
     Soft targets (``[B, C]`` rows summing to 1, e.g. mixup / label smoothing):
@@ -19,40 +19,38 @@ def cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
     ``torch.sum(-target * F.log_softmax(x, dim=-1), dim=-1).mean()``). Which form is used is
     decided from the static rank of ``targets``.
     """
-    logits = jnp.asarray(logits, jnp.float32)
-    log_probs = jax.nn.log_softmax(logits, axis=-1)
-    targets = jnp.asarray(targets)
-    if targets.ndim == logits.ndim:
-        targets = jnp.asarray(targets, jnp.float32)
-        return jnp.mean(-jnp.sum(targets * log_probs, axis=-1))
-    if targets.ndim != logits.ndim - 1:
-        raise ValueError(
-            f"cross_entropy: targets have shape {targets.shape} but logits have shape "
-            f"{logits.shape}; pass int labels [B] or soft targets [B, C]."
-        )
-    picked = jnp.take_along_axis(log_probs, targets.astype(jnp.int32)[..., None], axis=-1)
-    return -jnp.mean(picked)
+  logits = jnp.asarray(logits, jnp.float32)
+  log_probs = jax.nn.log_softmax(logits, axis=-1)
+  targets = jnp.asarray(targets)
+  if targets.ndim == logits.ndim:
+    targets = jnp.asarray(targets, jnp.float32)
+    return jnp.mean(-jnp.sum(targets * log_probs, axis=-1))
+  if targets.ndim != logits.ndim - 1:
+    raise ValueError(f"cross_entropy: targets have shape {targets.shape} but logits have shape "
+                     f"{logits.shape}; pass int labels [B] or soft targets [B, C].")
+  picked = jnp.take_along_axis(log_probs, targets.astype(jnp.int32)[..., None], axis=-1)
+  return -jnp.mean(picked)
 
 
 def one_hot_smoothed(labels: jax.Array, num_classes: int, label_smoothing: float) -> jax.Array:
-    """timm-style smoothed one-hot targets ``[B, C]`` (float32).
+  """timm-style smoothed one-hot targets ``[B, C]`` (float32).
 
     off = s / C,  on = 1 − s + s / C   (timm/data/mixup.py ``mixup_target``:
     ``off_value = smoothing / num_classes; on_value = 1. - smoothing + off_value``).
     Each row sums to 1.
     """
-    off_value = label_smoothing / num_classes
-    on_value = 1.0 - label_smoothing + off_value
-    one_hot = jax.nn.one_hot(labels, num_classes, dtype=jnp.float32)
-    return one_hot * (on_value - off_value) + off_value
+  off_value = label_smoothing / num_classes
+  on_value = 1.0 - label_smoothing + off_value
+  one_hot = jax.nn.one_hot(labels, num_classes, dtype=jnp.float32)
+  return one_hot * (on_value - off_value) + off_value
 
 
 def topk_correct(logits: jax.Array, labels: jax.Array, k: int) -> jax.Array:
-    """Per-example top-k hit, float32 ``[B]`` (1.0 if the label is among the k largest logits).
+  """Per-example top-k hit, float32 ``[B]`` (1.0 if the label is among the k largest logits).
 
     Same as the per-example part of timm's ``accuracy`` (``output.topk(k)`` then ``eq(target)``);
     ``jnp.mean`` of it is the top-k accuracy, ``jnp.sum`` the number of hits.
     """
-    _, top_indices = jax.lax.top_k(jnp.asarray(logits, jnp.float32), k)
-    hits = jnp.any(top_indices == labels.astype(top_indices.dtype)[:, None], axis=-1)
-    return hits.astype(jnp.float32)
+  _, top_indices = jax.lax.top_k(jnp.asarray(logits, jnp.float32), k)
+  hits = jnp.any(top_indices == labels.astype(top_indices.dtype)[:, None], axis=-1)
+  return hits.astype(jnp.float32)

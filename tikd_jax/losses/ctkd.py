@@ -20,50 +20,50 @@ from tikd_jax.losses.kd import kd_loss
 
 @jax.custom_vjp
 def gradient_reversal(x: jax.Array, strength) -> jax.Array:
-    """Gradient-reversal layer (Ganin & Lempitsky 2015): identity forward, backward × (−strength).
+  """Gradient-reversal layer (Ganin & Lempitsky 2015): identity forward, backward × (−strength).
 
     CTKD models/temp_global.py ``GradientReversalFunction``: ``forward: x.clone()``,
     ``backward: dx = lambda_ * grads`` where CTKD passes ``lambda_`` = its cosine value in
     [−1, 0]; here ``strength`` = −lambda_ ≥ 0 and the minus sign lives in the layer.
     ``strength`` is an ordinary (traceable) argument and receives a zero cotangent.
     """
-    return x
+  return x
 
 
 def _gradient_reversal_fwd(x, strength):
-    return x, strength
+  return x, strength
 
 
 def _gradient_reversal_bwd(strength, cotangent):
-    reversed_cotangent = (-strength * cotangent).astype(cotangent.dtype)
-    return reversed_cotangent, jnp.zeros_like(strength)
+  reversed_cotangent = (-strength * cotangent).astype(cotangent.dtype)
+  return reversed_cotangent, jnp.zeros_like(strength)
 
 
 gradient_reversal.defvjp(_gradient_reversal_fwd, _gradient_reversal_bwd)
 
 
 def ctkd_init_raw_temperature() -> jax.Array:
-    """Initial raw temperature: a float32 scalar 1.0 (CTKD ``nn.Parameter(torch.ones(1))``).
+  """Initial raw temperature: a float32 scalar 1.0 (CTKD ``nn.Parameter(torch.ones(1))``).
 
     At init T = 1 + 20·sigmoid(1) ≈ 15.62.
     """
-    return jnp.ones((), jnp.float32)
+  return jnp.ones((), jnp.float32)
 
 
 def ctkd_temperature(raw_temperature, strength, t_start: float = 1.0, t_range: float = 20.0):
-    """T = t_start + t_range · sigmoid(gradient_reversal(raw_temperature, strength)).
+  """T = t_start + t_range · sigmoid(gradient_reversal(raw_temperature, strength)).
 
     CTKD helper/loops.py: ``temp = mlp_net(logit_t, logit_s, cos_value)`` (= GRL(global_T))
     then ``temp = opt.t_start + opt.t_end * torch.sigmoid(temp)``; defaults t_start 1, t_end 20
     (scripts/run_cifar_distill.sh), so T ∈ (1, 21).
     """
-    raw_temperature = jnp.asarray(raw_temperature, jnp.float32)
-    strength = jnp.asarray(strength, jnp.float32)
-    return t_start + t_range * jax.nn.sigmoid(gradient_reversal(raw_temperature, strength))
+  raw_temperature = jnp.asarray(raw_temperature, jnp.float32)
+  strength = jnp.asarray(strength, jnp.float32)
+  return t_start + t_range * jax.nn.sigmoid(gradient_reversal(raw_temperature, strength))
 
 
 def ctkd_lambda(epoch, ramp_epochs: int = 10, lambda_max: float = 1.0, lambda_min: float = 0.0):
-    """Gradient-reversal strength λ(epoch): cosine ramp from lambda_min to lambda_max.
+  """Gradient-reversal strength λ(epoch): cosine ramp from lambda_min to lambda_max.
 
         i = clip(epoch, 0, ramp_epochs)
         λ = lambda_min + (lambda_max − lambda_min) · (1 − cos(π · i / ramp_epochs)) / 2
@@ -77,9 +77,9 @@ def ctkd_lambda(epoch, ramp_epochs: int = 10, lambda_max: float = 1.0, lambda_mi
     once per epoch with its 1-based epoch counter (``for epoch in range(1, opt.epochs + 1)``):
     λ(1) = 0.0245, λ(5) = 0.5, λ(≥10) = 1. Returns a float32 scalar.
     """
-    i = jnp.clip(jnp.asarray(epoch, jnp.float32), 0.0, float(ramp_epochs))
-    ramp = (1.0 - jnp.cos(i * math.pi / ramp_epochs)) * 0.5
-    return lambda_min + (lambda_max - lambda_min) * ramp
+  i = jnp.clip(jnp.asarray(epoch, jnp.float32), 0.0, float(ramp_epochs))
+  ramp = (1.0 - jnp.cos(i * math.pi / ramp_epochs)) * 0.5
+  return lambda_min + (lambda_max - lambda_min) * ramp
 
 
 def ctkd_loss(
@@ -90,7 +90,7 @@ def ctkd_loss(
     t_start: float = 1.0,
     t_range: float = 20.0,
 ) -> jax.Array:
-    """KD at the learned temperature: kd_loss(s, t, ctkd_temperature(raw, strength)).
+  """KD at the learned temperature: kd_loss(s, t, ctkd_temperature(raw, strength)).
 
         L = T² / B · Σ KL(softmax(z_t/T) ‖ softmax(z_s/T)),  T = t_start + t_range·σ(GRL(raw))
 
@@ -99,5 +99,5 @@ def ctkd_loss(
     gradient, so a descent step on the total loss increases KD w.r.t. the temperature while the
     student logits' gradient is untouched. The caller weights it (CTKD: 0.1·CE + 0.9·KD).
     """
-    temperature = ctkd_temperature(raw_temperature, strength, t_start=t_start, t_range=t_range)
-    return kd_loss(student_logits, teacher_logits, temperature)
+  temperature = ctkd_temperature(raw_temperature, strength, t_start=t_start, t_range=t_range)
+  return kd_loss(student_logits, teacher_logits, temperature)

@@ -15,7 +15,7 @@ def dkd_loss(
     beta,
     temperature,
 ) -> jax.Array:
-    """DKD = alpha · TCKD + beta · NCKD (no CE, no warm-up: the caller adds both).
+  """DKD = alpha · TCKD + beta · NCKD (no CE, no warm-up: the caller adds both).
 
     With p = softmax(z / T), g the ground-truth class and B the batch size:
 
@@ -34,37 +34,37 @@ def dkd_loss(
     non-target classes), which equals mdistiller's ``torch.log(cat_mask(softmax))`` but stays
     finite for T = 0.1 and logits ±50.
     """
-    student_logits = jnp.asarray(student_logits, jnp.float32)
-    teacher_logits = jax.lax.stop_gradient(jnp.asarray(teacher_logits, jnp.float32))
-    temperature = jnp.asarray(temperature, jnp.float32)
-    batch_size, num_classes = student_logits.shape
-    gt_mask = jax.nn.one_hot(labels, num_classes, dtype=jnp.bool_)
+  student_logits = jnp.asarray(student_logits, jnp.float32)
+  teacher_logits = jax.lax.stop_gradient(jnp.asarray(teacher_logits, jnp.float32))
+  temperature = jnp.asarray(temperature, jnp.float32)
+  batch_size, num_classes = student_logits.shape
+  gt_mask = jax.nn.one_hot(labels, num_classes, dtype=jnp.bool_)
 
-    def binary_log_probs(logits):
-        scaled = logits / temperature
-        log_norm = jax.nn.logsumexp(scaled, axis=-1)
-        log_p_gt = jnp.sum(jnp.where(gt_mask, scaled, 0.0), axis=-1) - log_norm
-        log_p_other = jax.nn.logsumexp(jnp.where(gt_mask, -jnp.inf, scaled), axis=-1) - log_norm
-        return jnp.stack([log_p_gt, log_p_other], axis=-1)  # [B, 2]
+  def binary_log_probs(logits):
+    scaled = logits / temperature
+    log_norm = jax.nn.logsumexp(scaled, axis=-1)
+    log_p_gt = jnp.sum(jnp.where(gt_mask, scaled, 0.0), axis=-1) - log_norm
+    log_p_other = jax.nn.logsumexp(jnp.where(gt_mask, -jnp.inf, scaled), axis=-1) - log_norm
+    return jnp.stack([log_p_gt, log_p_other], axis=-1)  # [B, 2]
 
-    log_bin_student = binary_log_probs(student_logits)
-    log_bin_teacher = binary_log_probs(teacher_logits)
-    tckd = jnp.sum(jnp.exp(log_bin_teacher) * (log_bin_teacher - log_bin_student))
-    tckd = tckd * temperature**2 / batch_size
+  log_bin_student = binary_log_probs(student_logits)
+  log_bin_teacher = binary_log_probs(teacher_logits)
+  tckd = jnp.sum(jnp.exp(log_bin_teacher) * (log_bin_teacher - log_bin_student))
+  tckd = tckd * temperature**2 / batch_size
 
-    mask_offset = 1000.0 * gt_mask.astype(jnp.float32)
-    log_p_teacher_part2 = jax.nn.log_softmax(teacher_logits / temperature - mask_offset, axis=-1)
-    log_p_student_part2 = jax.nn.log_softmax(student_logits / temperature - mask_offset, axis=-1)
-    nckd = jnp.sum(jnp.exp(log_p_teacher_part2) * (log_p_teacher_part2 - log_p_student_part2))
-    nckd = nckd * temperature**2 / batch_size
+  mask_offset = 1000.0 * gt_mask.astype(jnp.float32)
+  log_p_teacher_part2 = jax.nn.log_softmax(teacher_logits / temperature - mask_offset, axis=-1)
+  log_p_student_part2 = jax.nn.log_softmax(student_logits / temperature - mask_offset, axis=-1)
+  nckd = jnp.sum(jnp.exp(log_p_teacher_part2) * (log_p_teacher_part2 - log_p_student_part2))
+  nckd = nckd * temperature**2 / batch_size
 
-    return alpha * tckd + beta * nckd
+  return alpha * tckd + beta * nckd
 
 
 def dkd_warmup_factor(epoch, warmup_epochs: int = 20) -> jax.Array:
-    """DKD warm-up weight min(epoch / warmup_epochs, 1).
+  """DKD warm-up weight min(epoch / warmup_epochs, 1).
 
     From mdistiller ``DKD.forward_train``: ``min(kwargs["epoch"] / self.warmup, 1.0)``; mdistiller
     counts epochs from 1, so the first epoch has weight 1/20. Returns a float32 scalar.
     """
-    return jnp.minimum(jnp.asarray(epoch, jnp.float32) / warmup_epochs, 1.0)
+  return jnp.minimum(jnp.asarray(epoch, jnp.float32) / warmup_epochs, 1.0)

@@ -9,17 +9,17 @@ import jax.numpy as jnp
 
 
 def _kl_from_log_probs(log_p_teacher: jax.Array, log_p_student: jax.Array) -> jax.Array:
-    """Element-wise p_t · (log p_t − log p_s), with p_t = exp(log p_t) (0 where p_t underflows).
+  """Element-wise p_t · (log p_t − log p_s), with p_t = exp(log p_t) (0 where p_t underflows).
 
     This is what ``F.kl_div(input=log p_s, target=p_t)`` and
     ``F.kl_div(input=log p_s, target=log p_t, log_target=True)`` compute per element; computing
     it from log-probabilities (never ``log(softmax)``) keeps it finite for T = 0.1, logits ±50.
     """
-    return jnp.exp(log_p_teacher) * (log_p_teacher - log_p_student)
+  return jnp.exp(log_p_teacher) * (log_p_teacher - log_p_student)
 
 
 def kd_loss(student_logits: jax.Array, teacher_logits: jax.Array, temperature) -> jax.Array:
-    """Hinton KD: KL(p_t^T ‖ p_s^T) summed over classes, averaged over the batch, × T².
+  """Hinton KD: KL(p_t^T ‖ p_s^T) summed over classes, averaged over the batch, × T².
 
         L = T² / B · Σ_b Σ_c p_t(c) · (log p_t(c) − log p_s(c)),  p = softmax(z / T)
 
@@ -28,19 +28,18 @@ def kd_loss(student_logits: jax.Array, teacher_logits: jax.Array, temperature) -
     * T * T``) and mdistiller ``kd_loss``. ``temperature`` may be a Python float or a traced
     scalar (CTKD learns it; the gradient then flows through both softmaxes and T²).
     """
-    student_logits = jnp.asarray(student_logits, jnp.float32)
-    teacher_logits = jax.lax.stop_gradient(jnp.asarray(teacher_logits, jnp.float32))
-    temperature = jnp.asarray(temperature, jnp.float32)
-    log_p_student = jax.nn.log_softmax(student_logits / temperature, axis=-1)
-    log_p_teacher = jax.nn.log_softmax(teacher_logits / temperature, axis=-1)
-    kl = jnp.sum(_kl_from_log_probs(log_p_teacher, log_p_student)) / student_logits.shape[0]
-    return kl * temperature**2
+  student_logits = jnp.asarray(student_logits, jnp.float32)
+  teacher_logits = jax.lax.stop_gradient(jnp.asarray(teacher_logits, jnp.float32))
+  temperature = jnp.asarray(temperature, jnp.float32)
+  log_p_student = jax.nn.log_softmax(student_logits / temperature, axis=-1)
+  log_p_teacher = jax.nn.log_softmax(teacher_logits / temperature, axis=-1)
+  kl = jnp.sum(_kl_from_log_probs(log_p_teacher, log_p_student)) / student_logits.shape[0]
+  return kl * temperature**2
 
 
-def soft_distillation_loss(
-    student_logits: jax.Array, teacher_logits: jax.Array, temperature
-) -> jax.Array:
-    """DeiT soft distillation: KL summed over ALL elements, × T², divided by B·C.
+def soft_distillation_loss(student_logits: jax.Array, teacher_logits: jax.Array,
+                           temperature) -> jax.Array:
+  """DeiT soft distillation: KL summed over ALL elements, × T², divided by B·C.
 
         L = T² / (B·C) · Σ_b Σ_c p_t(c) · (log p_t(c) − log p_s(c)),  p = softmax(z / T)
 
@@ -49,17 +48,17 @@ def soft_distillation_loss(
     reduction='sum', log_target=True) * (T * T) / outputs_kd.numel()``.
     Note the division by ``numel`` (B·C), not B: this is C times smaller than ``kd_loss``.
     """
-    student_logits = jnp.asarray(student_logits, jnp.float32)
-    teacher_logits = jax.lax.stop_gradient(jnp.asarray(teacher_logits, jnp.float32))
-    temperature = jnp.asarray(temperature, jnp.float32)
-    log_p_student = jax.nn.log_softmax(student_logits / temperature, axis=-1)
-    log_p_teacher = jax.nn.log_softmax(teacher_logits / temperature, axis=-1)
-    kl = jnp.sum(_kl_from_log_probs(log_p_teacher, log_p_student))
-    return kl * temperature**2 / student_logits.size
+  student_logits = jnp.asarray(student_logits, jnp.float32)
+  teacher_logits = jax.lax.stop_gradient(jnp.asarray(teacher_logits, jnp.float32))
+  temperature = jnp.asarray(temperature, jnp.float32)
+  log_p_student = jax.nn.log_softmax(student_logits / temperature, axis=-1)
+  log_p_teacher = jax.nn.log_softmax(teacher_logits / temperature, axis=-1)
+  kl = jnp.sum(_kl_from_log_probs(log_p_teacher, log_p_student))
+  return kl * temperature**2 / student_logits.size
 
 
 def hard_distillation_loss(student_logits: jax.Array, teacher_logits: jax.Array) -> jax.Array:
-    """DeiT hard distillation: cross-entropy against the teacher's argmax.
+  """DeiT hard distillation: cross-entropy against the teacher's argmax.
 
         L = mean_b [ -log_softmax(z_s,b)[argmax_c z_t,b] ]
 
@@ -67,8 +66,8 @@ def hard_distillation_loss(student_logits: jax.Array, teacher_logits: jax.Array)
     ``F.cross_entropy(outputs_kd, teacher_outputs.argmax(dim=1))``. The teacher gets
     ``stop_gradient`` (argmax has no gradient anyway).
     """
-    student_logits = jnp.asarray(student_logits, jnp.float32)
-    teacher_labels = jnp.argmax(jax.lax.stop_gradient(teacher_logits), axis=-1)
-    log_probs = jax.nn.log_softmax(student_logits, axis=-1)
-    picked = jnp.take_along_axis(log_probs, teacher_labels[:, None], axis=-1)
-    return -jnp.mean(picked)
+  student_logits = jnp.asarray(student_logits, jnp.float32)
+  teacher_labels = jnp.argmax(jax.lax.stop_gradient(teacher_logits), axis=-1)
+  log_probs = jax.nn.log_softmax(student_logits, axis=-1)
+  picked = jnp.take_along_axis(log_probs, teacher_labels[:, None], axis=-1)
+  return -jnp.mean(picked)

@@ -22,22 +22,22 @@ from tikd_jax.losses.kd import soft_distillation_loss
 
 
 def pkcd_init_state(batch_size: int, num_classes: int) -> dict:
-    """Empty previous-batch state: zeros teacher logits, labels −1, ``valid`` False."""
-    return {
-        "prev_teacher_logits": jnp.zeros((batch_size, num_classes), jnp.float32),
-        "prev_labels": jnp.full((batch_size,), -1, jnp.int32),
-        "valid": jnp.zeros((), jnp.bool_),
-    }
+  """Empty previous-batch state: zeros teacher logits, labels −1, ``valid`` False."""
+  return {
+      "prev_teacher_logits": jnp.zeros((batch_size, num_classes), jnp.float32),
+      "prev_labels": jnp.full((batch_size,), -1, jnp.int32),
+      "valid": jnp.zeros((), jnp.bool_),
+  }
 
 
 def _safe_sqrt(x: jax.Array) -> jax.Array:
-    """sqrt with value 0 and gradient 0 at x = 0 (plain sqrt has an infinite gradient there)."""
-    positive = x > 0
-    return jnp.where(positive, jnp.sqrt(jnp.where(positive, x, 1.0)), 0.0)
+  """sqrt with value 0 and gradient 0 at x = 0 (plain sqrt has an infinite gradient there)."""
+  positive = x > 0
+  return jnp.where(positive, jnp.sqrt(jnp.where(positive, x, 1.0)), 0.0)
 
 
 def _pearson_matrix(a: jax.Array, b: jax.Array, eps: float = 1e-8) -> jax.Array:
-    """Pearson correlation of every row of ``a`` [N, D] with every row of ``b`` [M, D] → [N, M].
+  """Pearson correlation of every row of ``a`` [N, D] with every row of ``b`` [M, D] → [N, M].
 
         r_ij = clip( Σ_d ā_id b̄_jd / (‖ā_i‖ ‖b̄_j‖ + eps), −1, 1 ),  x̄ = x − mean_d x
 
@@ -46,23 +46,23 @@ def _pearson_matrix(a: jax.Array, b: jax.Array, eps: float = 1e-8) -> jax.Array:
     root is made gradient-safe at 0 (constant rows, e.g. the all-zero initial state); the value
     is unchanged.
     """
-    a_centered = a - jnp.mean(a, axis=-1, keepdims=True)
-    b_centered = b - jnp.mean(b, axis=-1, keepdims=True)
-    covariance = a_centered @ b_centered.T
-    a_norm = _safe_sqrt(jnp.sum(a_centered**2, axis=-1))
-    b_norm = _safe_sqrt(jnp.sum(b_centered**2, axis=-1))
-    correlation = covariance / (a_norm[:, None] * b_norm[None, :] + eps)
-    return jnp.clip(correlation, -1.0, 1.0)
+  a_centered = a - jnp.mean(a, axis=-1, keepdims=True)
+  b_centered = b - jnp.mean(b, axis=-1, keepdims=True)
+  covariance = a_centered @ b_centered.T
+  a_norm = _safe_sqrt(jnp.sum(a_centered**2, axis=-1))
+  b_norm = _safe_sqrt(jnp.sum(b_centered**2, axis=-1))
+  correlation = covariance / (a_norm[:, None] * b_norm[None, :] + eps)
+  return jnp.clip(correlation, -1.0, 1.0)
 
 
 def _pearson_rows(a: jax.Array, b: jax.Array, eps: float = 1e-8) -> jax.Array:
-    """Row-wise Pearson correlation of ``a`` [N, D] and ``b`` [N, D] → [N] (same formula)."""
-    a_centered = a - jnp.mean(a, axis=-1, keepdims=True)
-    b_centered = b - jnp.mean(b, axis=-1, keepdims=True)
-    covariance = jnp.sum(a_centered * b_centered, axis=-1)
-    a_norm = _safe_sqrt(jnp.sum(a_centered**2, axis=-1))
-    b_norm = _safe_sqrt(jnp.sum(b_centered**2, axis=-1))
-    return jnp.clip(covariance / (a_norm * b_norm + eps), -1.0, 1.0)
+  """Row-wise Pearson correlation of ``a`` [N, D] and ``b`` [N, D] → [N] (same formula)."""
+  a_centered = a - jnp.mean(a, axis=-1, keepdims=True)
+  b_centered = b - jnp.mean(b, axis=-1, keepdims=True)
+  covariance = jnp.sum(a_centered * b_centered, axis=-1)
+  a_norm = _safe_sqrt(jnp.sum(a_centered**2, axis=-1))
+  b_norm = _safe_sqrt(jnp.sum(b_centered**2, axis=-1))
+  return jnp.clip(covariance / (a_norm * b_norm + eps), -1.0, 1.0)
 
 
 def pkcd_loss(
@@ -76,7 +76,7 @@ def pkcd_loss(
     pkcd_beta: float = 1.0,
     eps: float = 1e-8,
 ):
-    """PKCD terms for one batch → (dict of terms with ``total``, new_state).
+  """PKCD terms for one batch → (dict of terms with ``total``, new_state).
 
     T = ``temperature``; τ = ``contrastive_temperature`` (released code: the same T, the
     default when None); S_ij = Pearson(z_s,i, z_t,j) over the current batch; Q_ik =
@@ -99,63 +99,61 @@ def pkcd_loss(
     gets stop_gradient. new_state = {stop_gradient(teacher logits), labels, valid=True}
     (released: ``self.previous_teacher_logits = teacher_outputs.detach().clone()``).
     """
-    student_logits = jnp.asarray(student_logits, jnp.float32)
-    teacher_logits = jax.lax.stop_gradient(jnp.asarray(teacher_logits, jnp.float32))
-    labels = jnp.asarray(labels)
-    if labels.ndim == 2:
-        labels = jnp.argmax(labels, axis=-1)
-    labels = labels.astype(jnp.int32)
-    temperature = jnp.asarray(temperature, jnp.float32)
-    tau = temperature if contrastive_temperature is None else jnp.asarray(
-        contrastive_temperature, jnp.float32
-    )
-    prev_teacher_logits = jax.lax.stop_gradient(
-        jnp.asarray(state["prev_teacher_logits"], jnp.float32)
-    )
-    prev_labels = state["prev_labels"].astype(jnp.int32)
-    valid = jnp.asarray(state["valid"], jnp.bool_)
+  student_logits = jnp.asarray(student_logits, jnp.float32)
+  teacher_logits = jax.lax.stop_gradient(jnp.asarray(teacher_logits, jnp.float32))
+  labels = jnp.asarray(labels)
+  if labels.ndim == 2:
+    labels = jnp.argmax(labels, axis=-1)
+  labels = labels.astype(jnp.int32)
+  temperature = jnp.asarray(temperature, jnp.float32)
+  tau = temperature if contrastive_temperature is None else jnp.asarray(
+      contrastive_temperature, jnp.float32)
+  prev_teacher_logits = jax.lax.stop_gradient(jnp.asarray(state["prev_teacher_logits"],
+                                                          jnp.float32))
+  prev_labels = state["prev_labels"].astype(jnp.int32)
+  valid = jnp.asarray(state["valid"], jnp.bool_)
 
-    kd_soft = soft_distillation_loss(student_logits, teacher_logits, temperature)
+  kd_soft = soft_distillation_loss(student_logits, teacher_logits, temperature)
 
-    # Current batch: positive is the own teacher row (the diagonal), negatives the others.
-    sim_current = _pearson_matrix(student_logits, teacher_logits, eps) / tau  # [B, B]
-    log_denominator = jnp.log(jnp.sum(jnp.exp(sim_current), axis=-1) + eps)
-    cbcd_current = jnp.mean(log_denominator - jnp.diagonal(sim_current))
+  # Current batch: positive is the own teacher row (the diagonal), negatives the others.
+  sim_current = _pearson_matrix(student_logits, teacher_logits, eps) / tau  # [B, B]
+  log_denominator = jnp.log(jnp.sum(jnp.exp(sim_current), axis=-1) + eps)
+  cbcd_current = jnp.mean(log_denominator - jnp.diagonal(sim_current))
 
-    # Previous batch: every previous teacher row with the same label is a positive; the
-    # denominator runs over all previous rows (released: ``torch.cat([positive, negative])``).
-    sim_previous = _pearson_matrix(student_logits, prev_teacher_logits, eps) / tau  # [B, B']
-    log_denominator_prev = jnp.log(jnp.sum(jnp.exp(sim_previous), axis=-1) + eps)
-    positive_mask = (labels[:, None] == prev_labels[None, :]).astype(jnp.float32)
-    num_positives = jnp.sum(positive_mask, axis=-1)
-    per_positive = log_denominator_prev[:, None] - sim_previous
-    per_anchor = jnp.sum(positive_mask * per_positive, axis=-1) / jnp.maximum(num_positives, 1.0)
-    cbcd_previous = jnp.mean(jnp.where(num_positives > 0, per_anchor, 0.0))
+  # Previous batch: every previous teacher row with the same label is a positive; the
+  # denominator runs over all previous rows (released: ``torch.cat([positive, negative])``).
+  sim_previous = _pearson_matrix(student_logits, prev_teacher_logits, eps) / tau  # [B, B']
+  log_denominator_prev = jnp.log(jnp.sum(jnp.exp(sim_previous), axis=-1) + eps)
+  positive_mask = (labels[:, None] == prev_labels[None, :]).astype(jnp.float32)
+  num_positives = jnp.sum(positive_mask, axis=-1)
+  per_positive = log_denominator_prev[:, None] - sim_previous
+  per_anchor = jnp.sum(positive_mask * per_positive, axis=-1) / jnp.maximum(num_positives, 1.0)
+  cbcd_previous = jnp.mean(jnp.where(num_positives > 0, per_anchor, 0.0))
 
-    # Intra-class term: Pearson over the batch dimension of the batch-softmax columns.
-    p_student_columns = jax.nn.softmax(student_logits / temperature, axis=0)
-    p_teacher_columns = jax.nn.softmax(teacher_logits / temperature, axis=0)
-    column_corr = _pearson_rows(p_student_columns.T, p_teacher_columns.T, eps)  # [C]
-    intra = 1.0 - temperature**2 * jnp.mean(column_corr)
+  # Intra-class term: Pearson over the batch dimension of the batch-softmax columns.
+  p_student_columns = jax.nn.softmax(student_logits / temperature, axis=0)
+  p_teacher_columns = jax.nn.softmax(teacher_logits / temperature, axis=0)
+  column_corr = _pearson_rows(p_student_columns.T, p_teacher_columns.T, eps)  # [C]
+  intra = 1.0 - temperature**2 * jnp.mean(column_corr)
 
-    zero = jnp.zeros((), jnp.float32)
-    cbcd_current = jnp.where(valid, cbcd_current, zero)
-    cbcd_previous = jnp.where(valid, cbcd_previous, zero)
-    intra = jnp.where(valid, intra, zero)
-    cbcd = cbcd_current + cbcd_previous
-    total = kd_soft + pkcd_alpha * cbcd + pkcd_beta * intra
+  zero = jnp.zeros((), jnp.float32)
+  cbcd_current = jnp.where(valid, cbcd_current, zero)
+  cbcd_previous = jnp.where(valid, cbcd_previous, zero)
+  intra = jnp.where(valid, intra, zero)
+  cbcd = cbcd_current + cbcd_previous
+  total = kd_soft + pkcd_alpha * cbcd + pkcd_beta * intra
 
-    terms = {
-        "kd_soft": kd_soft,
-        "cbcd_current": cbcd_current,
-        "cbcd_previous": cbcd_previous,
-        "cbcd": cbcd,
-        "intra": intra,
-        "total": total,
-    }
-    new_state = {
-        "prev_teacher_logits": teacher_logits,
-        "prev_labels": labels,
-        "valid": jnp.ones((), jnp.bool_),
-    }
-    return terms, new_state
+  terms = {
+      "kd_soft": kd_soft,
+      "cbcd_current": cbcd_current,
+      "cbcd_previous": cbcd_previous,
+      "cbcd": cbcd,
+      "intra": intra,
+      "total": total,
+  }
+  new_state = {
+      "prev_teacher_logits": teacher_logits,
+      "prev_labels": labels,
+      "valid": jnp.ones((), jnp.bool_),
+  }
+  return terms, new_state

@@ -30,18 +30,18 @@ from tikd_jax.losses.saliency import attention_saliency_loss, gradient_saliency_
 @dataclasses.dataclass(frozen=True)
 class Context:
   """What a term may read. Teacher values are eval-mode and stop-gradient."""
-  out: Mapping[str, jax.Array]              # the student's named outputs (train mode)
-  labels: jax.Array                         # [B] int hard labels
-  targets: jax.Array                        # [B, C] smoothed / mixed soft targets
-  epoch: jax.Array                          # 1-based epoch (float), for warm-ups and ramps
-  step: jax.Array                           # optimizer steps taken
-  teacher_logits: jax.Array | None = None   # [B, C]
+  out: Mapping[str, jax.Array]  # the student's named outputs (train mode)
+  labels: jax.Array  # [B] int hard labels
+  targets: jax.Array  # [B, C] smoothed / mixed soft targets
+  epoch: jax.Array  # 1-based epoch (float), for warm-ups and ramps
+  step: jax.Array  # optimizer steps taken
+  teacher_logits: jax.Array | None = None  # [B, C]
   teacher_out: Mapping[str, jax.Array] = dataclasses.field(default_factory=dict)
-  text: jax.Array | None = None             # [B, D] caption features, or None
-  student: Any = None                       # the merged student module
-  teacher: Any = None                       # the merged teacher module, or None
-  params: Any = None                        # this term's trainable parameters
-  state: Any = None                         # this term's carried state
+  text: jax.Array | None = None  # [B, D] caption features, or None
+  student: Any = None  # the merged student module
+  teacher: Any = None  # the merged teacher module, or None
+  params: Any = None  # this term's trainable parameters
+  state: Any = None  # this term's carried state
 
   @property
   def distill_logits(self) -> jax.Array:
@@ -62,14 +62,16 @@ TERMS: dict[str, Term] = {}
 
 def register(name: str, *, init=None, needs_teacher: bool = False):
   """Decorator: `@register('fitnet', init=fitnet_init, needs_teacher=True)` on `term(ctx, **kw)`."""
+
   def wrap(fn):
     old = TERMS.get(name)
     if old is not None and (old.fn.__module__, old.fn.__qualname__) != (fn.__module__,
-                                                                         fn.__qualname__):
+                                                                        fn.__qualname__):
       raise ValueError(f'loss term {name!r} is already registered by {old.fn.__module__}.'
                        f'{old.fn.__qualname__}; pick another name')
     TERMS[name] = Term(name, fn, init, needs_teacher)
     return fn
+
   return wrap
 
 
@@ -133,8 +135,9 @@ class Loss:
     total, metrics, new_state = None, {}, dict(state)
     for name, weight in self.terms:
       term = TERMS[name]
-      result = term.fn(dataclasses.replace(ctx, params=params.get(name, {}),
-                                           state=state.get(name, {})), **self.settings[name])
+      result = term.fn(
+          dataclasses.replace(ctx, params=params.get(name, {}), state=state.get(name, {})),
+          **self.settings[name])
       if len(result) == 3:
         new_state[name] = result[2]
       metrics.update(result[1])
@@ -190,9 +193,10 @@ def ctkd(ctx: Context, ramp_epochs: int = 10):
   strength = ctkd_lambda(ctx.epoch, ramp_epochs=ramp_epochs)
   raw = ctx.params['raw_temperature']
   loss = ctkd_loss(ctx.distill_logits, _teacher_logits(ctx, 'ctkd'), raw, strength)
-  return loss, {'distill_loss': loss,
-                'ctkd_temperature': ctkd_temperature(jax.lax.stop_gradient(raw), 0.0),
-                'ctkd_lambda': jnp.asarray(strength, jnp.float32)}
+  return loss, {
+      'distill_loss': loss, 'ctkd_temperature': ctkd_temperature(jax.lax.stop_gradient(raw), 0.0),
+      'ctkd_lambda': jnp.asarray(strength, jnp.float32)
+  }
 
 
 @register('dkd', needs_teacher=True)
@@ -264,8 +268,7 @@ def _saliency_models(ctx, name):
 def attention_saliency(ctx: Context, layers='', resize_to: str = 'teacher'):
   """IRKD's attention saliency alignment (README "IRKD"), averaged over layer pairs."""
   loss = attention_saliency_loss(ctx.out, ctx.teacher_out, layers=_parse_layers(layers) or 'all',
-                                 resize_to=resize_to,
-                                 **_saliency_models(ctx, 'attention_saliency'))
+                                 resize_to=resize_to, **_saliency_models(ctx, 'attention_saliency'))
   return loss, {'saliency_loss': loss}
 
 

@@ -28,10 +28,12 @@ def _irkd_vit(variant: str = 'irkd_custom', **kw):
 
 
 def _resnet(arch: str):
+
   def build(variant: str | None = None, **kw):
     if variant not in (None, '', arch):
       raise ValueError(f'{arch} takes no variant, got {variant!r}')
     return CifarResNet(arch, **kw)
+
   return build
 
 
@@ -41,7 +43,6 @@ MODELS: dict[str, Callable[..., nnx.Module]] = {
     'irkd_vit': _irkd_vit,
     **{name: _resnet(name) for name in RESNET_CONFIGS},
 }
-
 
 VIT_MODELS = ('distilled_vit', 'vit', 'irkd_vit')
 

@@ -67,8 +67,7 @@ def dense(layer: nnx.Linear, x: jax.Array) -> jax.Array:
   """`layer(x)` for an `nnx.Linear` with bias: x @ kernel + bias, with the fast VJP."""
   if layer.bias is None or layer.precision is not None or layer.preferred_element_type is not None:
     return layer(x)
-  x, kernel, bias = layer.promote_dtype((x, layer.kernel[...], layer.bias[...]),
-                                        dtype=layer.dtype)
+  x, kernel, bias = layer.promote_dtype((x, layer.kernel[...], layer.bias[...]), dtype=layer.dtype)
   return _dense_fn(x, kernel, bias)
 
 

@@ -119,7 +119,7 @@ class CifarResNet(nnx.Module):
 
 
 def _torch_bias_init(fan_in: int):
-  bound = 1.0 / (fan_in ** 0.5)
+  bound = 1.0 / (fan_in**0.5)
 
   def init(key, shape, dtype=jnp.float32):
     return jax.random.uniform(key, shape, dtype, -bound, bound)

@@ -8,8 +8,10 @@ from tikd_jax.tree import fill_template
 
 def model_variables(model: nnx.Module) -> dict:
   """{'params': …, 'batch_stats': …} as nested dicts of arrays (nnx.List indices as int keys)."""
-  return {'params': nnx.to_pure_dict(nnx.state(model, nnx.Param)),
-          'batch_stats': nnx.to_pure_dict(nnx.state(model, nnx.BatchStat))}
+  return {
+      'params': nnx.to_pure_dict(nnx.state(model, nnx.Param)),
+      'batch_stats': nnx.to_pure_dict(nnx.state(model, nnx.BatchStat))
+  }
 
 
 def load_variables(model: nnx.Module, flat: dict, what: str = 'checkpoint') -> None:

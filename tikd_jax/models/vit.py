@@ -34,7 +34,6 @@ from jax import lax
 from tikd_jax.models import cpu_fast_layers
 from tikd_jax.normalization import CIFAR100_MEAN, CIFAR100_STD
 
-
 # timm initialises every Linear weight and the tokens with trunc_normal(0.02), biases with zeros.
 _trunc_normal = nnx.initializers.truncated_normal(stddev=0.02, lower=-2.0 / 0.02, upper=2.0 / 0.02)
 # PyTorch's default Conv2d init (kaiming_uniform, a=sqrt(5)) is uniform with variance 1/(3 fan_in).
@@ -65,7 +64,6 @@ SIZES: dict[str, ViTSize] = {
     'irkd_teacher': ViTSize(dim=384, depth=12, heads=6, mlp_dim=1536, patch=4),
     'deit_small': ViTSize(dim=384, depth=12, heads=6, mlp_dim=1536, patch=16),
 }
-
 
 # Where TIKD's value projection lives: one for all blocks (ours) or one per attention (released).
 TEXT_PROJ_LAYOUTS = ('shared', 'per_block')
@@ -133,7 +131,7 @@ class Attention(nnx.Module):
                for t in jnp.split(_dense(self.qkv, x, self.fast), 3, axis=-1))
     if value_bias is not None:
       v = v + value_bias[:, None, :, :].astype(v.dtype)
-    scores = jnp.matmul(q, jnp.swapaxes(k, -1, -2)) * (self.head_dim ** -0.5)  # [B, H, N, N]
+    scores = jnp.matmul(q, jnp.swapaxes(k, -1, -2)) * (self.head_dim**-0.5)  # [B, H, N, N]
     attn = jax.nn.softmax(scores.astype(jnp.float32), axis=-1).astype(q.dtype)
     y = jnp.matmul(attn, v).transpose(0, 2, 1, 3).reshape(b, n, d)
     return _dense(self.proj, y, self.fast), attn
@@ -244,19 +242,19 @@ class DistilledViT(nnx.Module):
     d = size.dim
     self.grid = img_size // size.patch
     self.num_prefix = 2 if distilled else 1
-    self.patch_embed = nnx.Conv(3, d, (size.patch, size.patch), strides=size.patch,
-                                padding='VALID', kernel_init=_torch_conv_default, dtype=dtype,
-                                rngs=rngs)
+    self.patch_embed = nnx.Conv(3, d, (size.patch, size.patch), strides=size.patch, padding='VALID',
+                                kernel_init=_torch_conv_default, dtype=dtype, rngs=rngs)
     self.cls_token = nnx.Param(_trunc_normal(rngs.params(), (1, 1, d)))
     if distilled:
       init = nnx.initializers.zeros if not dist_pos_embed else _trunc_normal
       self.dist_token = nnx.Param(init(rngs.params(), (1, 1, d)))
-    n_pos = self.grid ** 2 + (self.num_prefix if dist_pos_embed else 1)
+    n_pos = self.grid**2 + (self.num_prefix if dist_pos_embed else 1)
     self.pos_embed = nnx.Param(_trunc_normal(rngs.params(), (1, n_pos, d)))
     rates = [float(r) for r in np.linspace(0.0, drop_path, size.depth)]
     per_block = text_dim is not None and text_proj_layout == 'per_block'
-    self.blocks = nnx.List([Block(size, r, rngs=rngs, dtype=dtype, fast=fast_layers,
-                                  text_proj=per_block) for r in rates])
+    self.blocks = nnx.List([
+        Block(size, r, rngs=rngs, dtype=dtype, fast=fast_layers, text_proj=per_block) for r in rates
+    ])
     self.norm = nnx.LayerNorm(d, epsilon=1e-6, dtype=dtype, rngs=rngs) if final_norm else None
     self.head = _linear(d, num_classes, rngs, dtype)
     self.head_dist = _linear(d, num_classes, rngs, dtype) if distilled else None
@@ -283,7 +281,7 @@ class DistilledViT(nnx.Module):
     x = x.reshape(b, gh * gw, d)
     pos = self.pos_embed[...]
     if (gh, gw) != (self.grid, self.grid):
-      pos = resize_pos_embed(pos, (gh, gw), num_prefix=pos.shape[1] - self.grid ** 2)
+      pos = resize_pos_embed(pos, (gh, gw), num_prefix=pos.shape[1] - self.grid**2)
     cls = jnp.broadcast_to(self.cls_token[...], (b, 1, d)).astype(x.dtype)
     if not self.distilled:
       return jnp.concatenate([cls, x], axis=1) + pos.astype(x.dtype)
@@ -300,8 +298,8 @@ class DistilledViT(nnx.Module):
     return self.patch_embed(x)
 
   def run_blocks(self, x, rng, out, prefix, value_bias=None, decoded=None):
-    rngs = list(jax.random.split(rng, len(self.blocks))) if rng is not None else [None] * len(
-        self.blocks)
+    rngs = list(jax.random.split(rng, len(
+        self.blocks))) if rng is not None else [None] * len(self.blocks)
     for i, (block, r) in enumerate(zip(self.blocks, rngs)):
       x, attn = block(x, r, value_bias, decoded)
       out[f'{prefix}block{i}'] = x
@@ -380,16 +378,19 @@ def resize_pos_embed(pos_embed: jax.Array, grid: tuple[int, int], num_prefix: in
   d = patches.shape[-1]
   img = patches.reshape(old, old, d).astype(jnp.float32)
   img = _bicubic_resize_torch(img, grid)
-  return jnp.concatenate([prefix, img.reshape(1, grid[0] * grid[1], d).astype(pos_embed.dtype)],
-                         axis=1)
+  return jnp.concatenate(
+      [prefix, img.reshape(1, grid[0] * grid[1], d).astype(pos_embed.dtype)], axis=1)
 
 
 def _cubic_weights(t: jax.Array, a: float = -0.75) -> jax.Array:
   """Keys' cubic convolution weights for offsets (t+1, t, 1-t, 2-t) with PyTorch's a = -0.75."""
+
   def near(x):  # |x| <= 1
     return ((a + 2) * x - (a + 3)) * x * x + 1
+
   def far(x):  # 1 < |x| < 2
     return ((a * x - 5 * a) * x + 8 * a) * x - 4 * a
+
   return jnp.stack([far(t + 1), near(t), near(1 - t), far(2 - t)], axis=-1)
 
 

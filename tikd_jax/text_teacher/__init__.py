@@ -31,5 +31,7 @@ def minilm_folder() -> str:
   return folder
 
 
-__all__ = ['DEFAULT_TEMPLATE', 'TextTeacherError', 'build_class_prompt_features',
-           'class_prompt_captions', 'minilm_folder']
+__all__ = [
+    'DEFAULT_TEMPLATE', 'TextTeacherError', 'build_class_prompt_features', 'class_prompt_captions',
+    'minilm_folder'
+]

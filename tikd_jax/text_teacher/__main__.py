@@ -28,12 +28,14 @@ log = logging.getLogger('tikd_jax.text_teacher')
 
 def _add_encoder_flags(parser: argparse.ArgumentParser, required: bool) -> None:
   group = parser.add_argument_group('text encoder')
-  group.add_argument('--encoder', required=required,
-                     help='CLIP or sentence-encoder folder or hub id (CLIP ViT-B/32: 512-d); '
-                          '`minilm` = the offline all-MiniLM-L6-v2 (384-d)')
-  group.add_argument('--encoder_kind', choices=('auto', 'clip', 'mean_pool'), default='auto',
-                     help='auto: clip for CLIP configs, else mean pooling of the last hidden '
-                          'states')
+  group.add_argument(
+      '--encoder', required=required,
+      help='CLIP or sentence-encoder folder or hub id (CLIP ViT-B/32: 512-d); '
+      '`minilm` = the offline all-MiniLM-L6-v2 (384-d)')
+  group.add_argument(
+      '--encoder_kind', choices=('auto', 'clip', 'mean_pool'), default='auto',
+      help='auto: clip for CLIP configs, else mean pooling of the last hidden '
+      'states')
   group.add_argument('--normalize', action='store_true', help='L2-normalize every feature')
   group.add_argument('--dtype', choices=('float32', 'float16'), default='float32',
                      help='storage dtype of features.npy (computed in float32)')
@@ -55,9 +57,10 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument('--model', required=True, help='captioner folder or hub id')
   p.add_argument('--kind', choices=('auto', 'minicpm', 'generate'), default='auto',
                  help='minicpm: MiniCPM-V chat(); generate: image-to-text generate() (BLIP, ...)')
-  p.add_argument('--prompt', default=None,
-                 help='instruction (minicpm default: a one-sentence description) or text prefix '
-                      '(generate default: none)')
+  p.add_argument(
+      '--prompt', default=None,
+      help='instruction (minicpm default: a one-sentence description) or text prefix '
+      '(generate default: none)')
   p.add_argument('--batch_size', type=int, default=8)
   p.add_argument('--device', default='auto', help='auto | cpu | cuda | cuda:N')
   p.add_argument('--dtype', choices=('auto', 'float32', 'float16', 'bfloat16'), default='auto',
@@ -83,8 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument('--captions', default=None, help='captions.jsonl elsewhere (default: in --out)')
   _add_encoder_flags(p, required=True)
 
-  p = sub.add_parser('prompts', help='class-name prompts as captions (no VLM)',
-                     parents=[common])
+  p = sub.add_parser('prompts', help='class-name prompts as captions (no VLM)', parents=[common])
   data.add_data_flags(p)
   p.add_argument('--out', required=True)
   p.add_argument('--template', default='a photo of a {name}.',
@@ -104,9 +106,13 @@ def _caption(args) -> None:
   kind = captioners.resolve_kind(args.model, args.kind)
   prompt = captioners.DEFAULT_PROMPTS[kind] if args.prompt is None else args.prompt
   model = os.path.abspath(args.model) if os.path.isdir(args.model) else args.model
-  flags = ['--out', os.path.abspath(args.out), '--model', model, '--kind', kind, '--prompt', prompt,
-           '--batch_size', str(args.batch_size), '--device', args.device, '--dtype', args.dtype,
-           '--max_new_tokens', str(args.max_new_tokens)]
+  flags = [
+      '--out',
+      os.path.abspath(args.out), '--model', model, '--kind', kind, '--prompt', prompt,
+      '--batch_size',
+      str(args.batch_size), '--device', args.device, '--dtype', args.dtype, '--max_new_tokens',
+      str(args.max_new_tokens)
+  ]
   flags += ['--num_beams', str(args.num_beams)] if args.num_beams != 1 else []
   flags += ['--sampling', '--seed', str(args.seed)] if args.sampling else []
   flags += ['--image_size', str(args.image_size)] if args.image_size else []
@@ -114,16 +120,16 @@ def _caption(args) -> None:
   caption_meta = {
       'captioner': model, 'captioner_kind': kind, 'prompt': prompt, 'template': None,
       'max_new_tokens': args.max_new_tokens, 'sampling': args.sampling,
-      'num_beams': args.num_beams if kind == 'generate' else None,
-      'image_size': args.image_size, 'dataset': data.describe(source),
-      'data_config': data.data_config_dict(data_config),
-      'command': data.command('caption', data_config, args.split, *flags), 'created': data.now()}
+      'num_beams': args.num_beams if kind == 'generate' else None, 'image_size': args.image_size,
+      'dataset': data.describe(source), 'data_config': data.data_config_dict(data_config),
+      'command': data.command('caption', data_config, args.split, *flags), 'created': data.now()
+  }
 
   def load():
-    return captioners.load_captioner(
-        args.model, kind, device=args.device, dtype=args.dtype,
-        max_new_tokens=args.max_new_tokens, sampling=args.sampling, num_beams=args.num_beams,
-        trust_remote_code=args.trust_remote_code)
+    return captioners.load_captioner(args.model, kind, device=args.device, dtype=args.dtype,
+                                     max_new_tokens=args.max_new_tokens, sampling=args.sampling,
+                                     num_beams=args.num_beams,
+                                     trust_remote_code=args.trust_remote_code)
 
   caption_split(source, args.out, load, prompt=prompt, caption_meta=caption_meta,
                 batch_size=args.batch_size, num_shards=args.num_shards,
@@ -141,8 +147,10 @@ def _merge(args) -> None:
 
 def _encoder_flags(args) -> list[str]:
   from tikd_jax.text_teacher.encoders import encoder_name  # pylint: disable=g-import-not-at-top
-  return (['--encoder', encoder_name(args.encoder), '--encoder_kind', args.encoder_kind,
-           '--dtype', args.dtype] + (['--normalize'] if args.normalize else []))
+  return ([
+      '--encoder',
+      encoder_name(args.encoder), '--encoder_kind', args.encoder_kind, '--dtype', args.dtype
+  ] + (['--normalize'] if args.normalize else []))
 
 
 def _encode(args, command: str | None = None) -> None:
@@ -153,8 +161,8 @@ def _encode(args, command: str | None = None) -> None:
   encoder = TextEncoder(args.encoder, args.encoder_kind, args.device)
   encode_folder(args.out, source, encoder, data_config=data_config, normalize=args.normalize,
                 dtype=args.dtype, batch_size=args.batch_size,
-                captions_path=getattr(args, 'captions', None), command=command,
-                progress_interval=args.log_every)
+                captions_path=getattr(args, 'captions',
+                                      None), command=command, progress_interval=args.log_every)
 
 
 def _prompts(args) -> None:
@@ -181,8 +189,8 @@ def main(argv: list[str] | None = None) -> int:
   log.setLevel(logging.INFO)
   log.info('python -m tikd_jax.text_teacher %s', shlex.join(sys.argv[1:] if argv is None else argv))
   try:
-    {'caption': _caption, 'merge': _merge, 'encode': _encode, 'prompts': _prompts}[args.command](
-        args)
+    {'caption': _caption, 'merge': _merge, 'encode': _encode,
+     'prompts': _prompts}[args.command](args)
   except (TextTeacherError, TextFeaturesError) as e:
     print(f'error: {e}', file=sys.stderr)
     return 2

@@ -21,8 +21,8 @@ from tikd_jax.text_teacher.progress import Progress
 log = logging.getLogger('tikd_jax.text_teacher')
 
 # Keys of caption_meta.json that must agree for a restart (or another shard) to add captions.
-IDENTITY_KEYS = ('captioner', 'captioner_kind', 'prompt', 'template', 'max_new_tokens',
-                 'sampling', 'num_beams', 'image_size', 'dataset')
+IDENTITY_KEYS = ('captioner', 'captioner_kind', 'prompt', 'template', 'max_new_tokens', 'sampling',
+                 'num_beams', 'image_size', 'dataset')
 
 
 def check_or_write_caption_meta(out_dir: str, caption_meta: dict, overwrite: bool = False) -> None:
@@ -32,8 +32,8 @@ def check_or_write_caption_meta(out_dir: str, caption_meta: dict, overwrite: boo
     old = files.read_json(path)
     diff = [k for k in IDENTITY_KEYS if old.get(k) != caption_meta.get(k)]
     if diff:
-      details = '; '.join(f'{k}: folder has {old.get(k)!r}, this run {caption_meta.get(k)!r}'
-                          for k in diff)
+      details = '; '.join(
+          f'{k}: folder has {old.get(k)!r}, this run {caption_meta.get(k)!r}' for k in diff)
       raise TextTeacherError(
           f'{out_dir} already holds captions made differently ({details}). Use another --out, '
           f'or delete {out_dir}/captions* and {CAPTION_META_FILE} to start over.')
@@ -100,14 +100,17 @@ def caption_split(source, out_dir: str, load_captioner: Callable[[], Callable], 
   shard_missing = [int(i) for i in mine if int(i) not in done]
   done = files.read_all_shards(out_dir)  # other shards may have finished meanwhile
   missing = np.setdiff1d(np.arange(n), np.fromiter(done, np.int64, len(done)))
-  status = {'captioned': len(todo), 'shard_done': not shard_missing, 'complete': not len(missing),
-            'missing': int(len(missing))}
+  status = {
+      'captioned': len(todo), 'shard_done': not shard_missing, 'complete': not len(missing),
+      'missing': int(len(missing))
+  }
   if not len(missing):
     path = files.merge_captions(out_dir, n)
     log.info('all %s examples captioned: wrote %s', f'{n:,}', path)
   elif not shard_missing:
-    log.info('shard %d/%d is done; %s. Run `merge` (or this command again) once the other shards '
-             'finish.', shard_index, num_shards, files.missing_message(missing, n))
+    log.info(
+        'shard %d/%d is done; %s. Run `merge` (or this command again) once the other shards '
+        'finish.', shard_index, num_shards, files.missing_message(missing, n))
   else:
     log.info('stopped after %s new captions (--limit); %s', f'{len(todo):,}',
              files.missing_message(missing, n))

@@ -86,8 +86,8 @@ class MiniCPMCaptioner:
     self.batched = True
 
   def _chat(self, msgs):
-    return self.model.chat(image=None, msgs=msgs, tokenizer=self.tokenizer,
-                           sampling=self.sampling, max_new_tokens=self.max_new_tokens)
+    return self.model.chat(image=None, msgs=msgs, tokenizer=self.tokenizer, sampling=self.sampling,
+                           max_new_tokens=self.max_new_tokens)
 
   def __call__(self, images: list, prompt: str) -> list[str]:
     conversations = [[{'role': 'user', 'content': [image, prompt]}] for image in images]
@@ -98,8 +98,10 @@ class MiniCPMCaptioner:
           return [_clean(a) for a in answers]
         raise TypeError(f'batched chat returned {type(answers).__name__}')
       except (AssertionError, TypeError, KeyError, AttributeError, IndexError) as e:
-        log.warning('this MiniCPM-V remote code does not batch (%s: %s); captioning one image '
-                    'at a time', type(e).__name__, e)
+        log.warning(
+            'this MiniCPM-V remote code does not batch (%s: %s); captioning one image '
+            'at a time',
+            type(e).__name__, e)
         self.batched = False
     return [_clean(self._chat(conversation)) for conversation in conversations]
 
@@ -151,8 +153,9 @@ class GenerateCaptioner:
     captions = [_clean(c) for c in self.tokenizer.batch_decode(out, skip_special_tokens=True)]
     if text is not None:  # BLIP-style models continue the prompt: keep only the continuation
       echoed = _clean(self.tokenizer.decode(input_ids[0], skip_special_tokens=True))
-      captions = [c[len(echoed):].strip() if echoed and c.startswith(echoed) else c
-                  for c in captions]
+      captions = [
+          c[len(echoed):].strip() if echoed and c.startswith(echoed) else c for c in captions
+      ]
     return captions
 
 
@@ -160,8 +163,8 @@ def load_generate(model: str, device: str, dtype, *, max_new_tokens: int, sampli
                   num_beams: int, trust_remote_code: bool) -> GenerateCaptioner:
   import transformers  # pylint: disable=g-import-not-at-top
   local = os.path.isdir(model)
-  processor = transformers.AutoProcessor.from_pretrained(
-      model, trust_remote_code=trust_remote_code, local_files_only=local)
+  processor = transformers.AutoProcessor.from_pretrained(model, trust_remote_code=trust_remote_code,
+                                                         local_files_only=local)
   tokenizer = getattr(processor, 'tokenizer', None)
   if tokenizer is not None:
     tokenizer.padding_side = 'left'  # batched decoder-only generation needs left padding

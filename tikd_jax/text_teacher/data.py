@@ -30,10 +30,11 @@ def add_data_flags(parser: argparse.ArgumentParser) -> None:
   group.add_argument('--data.name', dest='data_name', choices=SOURCES, default=default['name'])
   group.add_argument('--data.dir', dest='data_dir', metavar='DIR', default=default['dir'],
                      help='folder of the CIFAR archives / image folder root / tfds data_dir')
-  group.add_argument('--data.image_size', dest='data_image_size', metavar='PIXELS', type=int,
-                     default=default['image_size'],
-                     help='image size of digits / image_folder (the trainer default, '
-                          '%(default)s); 0 = image_folder images as stored')
+  group.add_argument(
+      '--data.image_size', dest='data_image_size', metavar='PIXELS', type=int,
+      default=default['image_size'],
+      help='image size of digits / image_folder (the trainer default, '
+      '%(default)s); 0 = image_folder images as stored')
   group.add_argument('--data.val_size', dest='data_val_size', metavar='N', type=int,
                      default=default['val_size'],
                      help='hold out this many train examples as the val split')
@@ -72,8 +73,8 @@ def data_flags(data_config, split: str) -> list[str]:
 
 
 def command(subcommand: str, data_config, split: str, *rest: str) -> str:
-  return shlex.join(['python', '-m', 'tikd_jax.text_teacher', subcommand,
-                     *data_flags(data_config, split), *rest])
+  return shlex.join(
+      ['python', '-m', 'tikd_jax.text_teacher', subcommand, *data_flags(data_config, split), *rest])
 
 
 def load_source(data_config, split: str):
@@ -81,8 +82,10 @@ def load_source(data_config, split: str):
 
 
 def describe(source) -> dict:
-  return {'name': source.name, 'split': source.split, 'fingerprint': source.fingerprint(),
-          'num_examples': len(source)}
+  return {
+      'name': source.name, 'split': source.split, 'fingerprint': source.fingerprint(),
+      'num_examples': len(source)
+  }
 
 
 def now() -> str:

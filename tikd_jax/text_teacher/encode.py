@@ -19,8 +19,11 @@ DTYPES = ('float32', 'float16')
 
 def encode_command(data_config, split: str, out_dir: str, encoder: str, encoder_kind: str,
                    normalize: bool, dtype: str, captions: str | None = None) -> str:
-  rest = ['--out', os.path.abspath(out_dir), '--encoder', encoder, '--encoder_kind', encoder_kind,
-          '--dtype', dtype]
+  rest = [
+      '--out',
+      os.path.abspath(out_dir), '--encoder', encoder, '--encoder_kind', encoder_kind, '--dtype',
+      dtype
+  ]
   rest += ['--normalize'] if normalize else []
   rest += ['--captions', os.path.abspath(captions)] if captions else []
   return data.command('encode', data_config, split, *rest)
@@ -62,10 +65,9 @@ def encode_folder(out_dir: str, source, encoder, *, data_config, normalize: bool
   features_path = os.path.join(out_dir, FEATURES_FILE)
   files.save_npy(features_path, features)
   if command is None:
-    command = encode_command(data_config, source.split, out_dir, encoder.name, encoder.kind,
-                             normalize, dtype,
-                             None if captions_path == os.path.join(out_dir, CAPTIONS_FILE)
-                             else captions_path)
+    command = encode_command(
+        data_config, source.split, out_dir, encoder.name, encoder.kind, normalize, dtype,
+        None if captions_path == os.path.join(out_dir, CAPTIONS_FILE) else captions_path)
   meta = {
       'format': FORMAT_VERSION,
       'encoder': encoder.name,
@@ -91,6 +93,6 @@ def encode_folder(out_dir: str, source, encoder, *, data_config, normalize: bool
   files.write_json(os.path.join(out_dir, META_FILE), meta)
   log.info('wrote %s: %s [%d, %d] (%s, %.1f MB) from %s captions with %s (%s)', features_path,
            dtype, features.shape[0], features.shape[1],
-           'L2-normalized' if normalize else 'unnormalized', os.path.getsize(features_path) / 1e6,
-           f'{len(captions):,}', encoder.name, encoder.kind)
+           'L2-normalized' if normalize else 'unnormalized',
+           os.path.getsize(features_path) / 1e6, f'{len(captions):,}', encoder.name, encoder.kind)
   return meta

@@ -98,9 +98,12 @@ class TextEncoder:
     torch = self._torch
     batch = self.tokenizer(list(texts), padding=True, truncation=True, max_length=self.max_length,
                            return_tensors='pt')
-    inputs = {k: v.to(self.device) for k, v in batch.items()
-              if k in ('input_ids', 'attention_mask') or
-              (k == 'token_type_ids' and self.kind == 'mean_pool')}
+    inputs = {
+        k: v.to(self.device)
+        for k, v in batch.items()
+        if k in ('input_ids',
+                 'attention_mask') or (k == 'token_type_ids' and self.kind == 'mean_pool')
+    }
     with torch.inference_mode():
       if self.kind == 'clip':
         if hasattr(self.model, 'get_text_features'):
@@ -137,10 +140,10 @@ def encode_texts(encoder: TextEncoder, texts: list[str], *, batch_size: int = 25
   if normalize:
     out /= np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)
   truncated = lengths > encoder.max_length
-  stats = {'max_length': encoder.max_length,
-           'num_truncated': int(counts[truncated].sum()),
-           'max_tokens': int(lengths.max()) if len(lengths) else 0,
-           'num_unique_captions': len(unique)}
+  stats = {
+      'max_length': encoder.max_length, 'num_truncated': int(counts[truncated].sum()),
+      'max_tokens': int(lengths.max()) if len(lengths) else 0, 'num_unique_captions': len(unique)
+  }
   if stats['num_truncated']:
     log.info('%s of %s captions are longer than %d tokens and were truncated (longest: %d)',
              f'{stats["num_truncated"]:,}', f'{len(texts):,}', encoder.max_length,

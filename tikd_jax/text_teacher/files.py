@@ -165,7 +165,7 @@ def read_captions(path: str, num_examples: int | None = None) -> list[str]:
   missing = np.setdiff1d(np.arange(n), np.fromiter(captions, np.int64, len(captions)))
   if len(missing) or len(captions) != n:
     raise TextTeacherError(
-        f'{path} has {len(captions):,} captions but the split has {n:,} examples'
-        + (f'; {missing_message(missing, n)}' if len(missing) else '')
-        + ': the captions belong to another split or are incomplete')
+        f'{path} has {len(captions):,} captions but the split has {n:,} examples' +
+        (f'; {missing_message(missing, n)}' if len(missing) else '') +
+        ': the captions belong to another split or are incomplete')
   return [captions[i] for i in range(n)]

@@ -48,11 +48,12 @@ def write_class_prompts(source, out_dir: str, *, data_config, template: str = DE
   """captions.jsonl with one class prompt per example, and its caption_meta.json."""
   dataset = data.describe(source)
   command = command or prompts_command(data_config, source.split, out_dir, template)
-  caption_meta = {'captioner': 'class_prompts', 'captioner_kind': 'class_prompts', 'prompt': None,
-                  'template': template, 'max_new_tokens': None, 'sampling': None,
-                  'num_beams': None, 'image_size': None, 'dataset': dataset,
-                  'data_config': data.data_config_dict(data_config), 'command': command,
-                  'created': data.now()}
+  caption_meta = {
+      'captioner': 'class_prompts', 'captioner_kind': 'class_prompts', 'prompt': None,
+      'template': template, 'max_new_tokens': None, 'sampling': None, 'num_beams': None,
+      'image_size': None, 'dataset': dataset, 'data_config': data.data_config_dict(data_config),
+      'command': command, 'created': data.now()
+  }
   os.makedirs(out_dir, exist_ok=True)
   check_or_write_caption_meta(out_dir, caption_meta, overwrite=overwrite)
   path = os.path.join(out_dir, CAPTIONS_FILE)
@@ -69,8 +70,10 @@ def _cached(out_dir: str, source, *, encoder: str, encoder_kind: str, template: 
     return False
   meta = files.read_json(meta_path)
   from tikd_jax.text_teacher.encoders import encoder_name  # pylint: disable=g-import-not-at-top
-  wanted = {'captioner': 'class_prompts', 'template': template, 'encoder': encoder_name(encoder),
-            'encoder_kind': encoder_kind, 'normalized': normalize, 'dtype': dtype}
+  wanted = {
+      'captioner': 'class_prompts', 'template': template, 'encoder': encoder_name(encoder),
+      'encoder_kind': encoder_kind, 'normalized': normalize, 'dtype': dtype
+  }
   if any(meta.get(k) != v for k, v in wanted.items()):
     return False
   try:
@@ -98,14 +101,16 @@ def build_class_prompt_features(data_config, split: str, out_dir: str, encoder_p
              normalize=normalize, dtype=dtype):
     log.info('class-prompt features in %s are up to date', out_dir)
     return out_dir
-  encode_flags = ['--encoder', encoders.encoder_name(encoder_path), '--encoder_kind', kind,
-                  '--dtype', dtype] + (['--normalize'] if normalize else [])
+  encode_flags = [
+      '--encoder',
+      encoders.encoder_name(encoder_path), '--encoder_kind', kind, '--dtype', dtype
+  ] + (['--normalize'] if normalize else [])
   command = prompts_command(data_config, split, out_dir, template, encode_flags)
   write_class_prompts(source, out_dir, data_config=data_config, template=template,
                       overwrite=only_class_prompts(out_dir), command=command)
   encoder = encoders.TextEncoder(encoder_path, kind, device)
-  encode_folder(out_dir, source, encoder, data_config=data_config, normalize=normalize,
-                dtype=dtype, batch_size=batch_size, command=command)
+  encode_folder(out_dir, source, encoder, data_config=data_config, normalize=normalize, dtype=dtype,
+                batch_size=batch_size, command=command)
   return out_dir
 
 

@@ -23,22 +23,22 @@ def save_tiny_clip(folder: str, *, max_length: int = 77, seed: int = 0) -> str:
   tok.normalizer = normalizers.Lowercase()
   tok.pre_tokenizer = pre_tokenizers.Whitespace()
   tok.train_from_iterator([' '.join(WORDS + list('0123456789.,'))] * 20,
-                          trainers.BpeTrainer(vocab_size=160, special_tokens=[
-                              '<pad>', '<unk>', '<bos>', '<eos>']))
+                          trainers.BpeTrainer(vocab_size=160,
+                                              special_tokens=['<pad>', '<unk>', '<bos>', '<eos>']))
   bos, eos = tok.token_to_id('<bos>'), tok.token_to_id('<eos>')
   tok.post_processor = processors.TemplateProcessing(
       single='<bos> $A <eos>', special_tokens=[('<bos>', bos), ('<eos>', eos)])
-  tokenizer = transformers.PreTrainedTokenizerFast(
-      tokenizer_object=tok, bos_token='<bos>', eos_token='<eos>', pad_token='<pad>',
-      unk_token='<unk>', model_max_length=max_length)
-  text = dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
-              num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=max_length,
-              projection_dim=16, bos_token_id=bos, eos_token_id=eos, pad_token_id=0)
+  tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token='<bos>',
+                                                   eos_token='<eos>', pad_token='<pad>',
+                                                   unk_token='<unk>', model_max_length=max_length)
+  text = dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+              num_attention_heads=2, max_position_embeddings=max_length, projection_dim=16,
+              bos_token_id=bos, eos_token_id=eos, pad_token_id=0)
   vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
                 image_size=32, patch_size=8, projection_dim=16)
   torch.manual_seed(seed)
-  model = transformers.CLIPModel(transformers.CLIPConfig(text_config=text, vision_config=vision,
-                                                         projection_dim=16))
+  model = transformers.CLIPModel(
+      transformers.CLIPConfig(text_config=text, vision_config=vision, projection_dim=16))
   model.save_pretrained(folder)
   tokenizer.save_pretrained(folder)
   return folder
@@ -58,11 +58,10 @@ def save_tiny_blip(folder: str, *, seed: int = 0) -> str:
   tokenizer = transformers.BertTokenizerFast(vocab, bos_token='[DEC]', model_max_length=32)
   processor = transformers.BlipProcessor(
       transformers.BlipImageProcessor(size={'height': 32, 'width': 32}), tokenizer)
-  text = dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
-              num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=32,
+  text = dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+              num_attention_heads=2, max_position_embeddings=32,
               bos_token_id=tokenizer.bos_token_id, sep_token_id=tokenizer.sep_token_id,
-              pad_token_id=tokenizer.pad_token_id, encoder_hidden_size=32,
-              initializer_range=0.2)
+              pad_token_id=tokenizer.pad_token_id, encoder_hidden_size=32, initializer_range=0.2)
   vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
                 image_size=32, patch_size=8, initializer_range=0.5)
   torch.manual_seed(seed)

@@ -42,7 +42,7 @@ from tikd_jax.train.checkpoint_integrity import (CheckpointIntegrityError, brief
                                                  verify)
 from tikd_jax.tree import fill_template, flatten
 
-_DELETED = '_deleted'          # old steps are renamed here, then purged
+_DELETED = '_deleted'  # old steps are renamed here, then purged
 UNREADABLE_DIR = 'unreadable_checkpoints'  # beside the checkpoints folder
 _DAMAGED_ADVICE = ('If the storage is healthy, the checkpoints are damaged: delete that folder '
                    '(or move it away) to start fresh, or point --workdir at a new directory.')
@@ -53,12 +53,15 @@ class CheckpointSaveError(RuntimeError):
 
 
 def _abstract(tree):
+
   def leaf(x):
     return jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=getattr(x, 'sharding', None))
+
   return jax.tree.map(leaf, tree)
 
 
 # ------------------------------------------------------------------------------- save errors
+
 
 def _is_disk_full(e: BaseException) -> bool:
   seen = set()
@@ -73,8 +76,8 @@ def _is_disk_full(e: BaseException) -> bool:
 
 
 def _save_error(step: int, directory: str, previous: int | None, e: BaseException):
-  intact = (f'the previous checkpoint (step {previous}) is intact' if previous is not None
-            else 'no earlier checkpoint exists')
+  intact = (f'the previous checkpoint (step {previous}) is intact'
+            if previous is not None else 'no earlier checkpoint exists')
   if _is_disk_full(e):
     return CheckpointSaveError(
         f'disk full while saving checkpoint step {step} in {directory}; {intact}; free space and '
@@ -105,8 +108,10 @@ def _sync(name: str):
 def _step_dirs(directory: str) -> list[int]:
   if not os.path.isdir(directory):
     return []
-  return sorted(int(d) for d in os.listdir(directory)
-                if d.isdigit() and os.path.isdir(os.path.join(directory, d)))
+  return sorted(
+      int(d)
+      for d in os.listdir(directory)
+      if d.isdigit() and os.path.isdir(os.path.join(directory, d)))
 
 
 def _reset_unreadable_metrics(directory: str):
@@ -120,8 +125,9 @@ def _reset_unreadable_metrics(directory: str):
       with open(path) as f:
         json.load(f)
     except (OSError, ValueError) as e:
-      logging.warning('the metrics file of checkpoint step %d is unreadable (%s); reset, so the '
-                      'step no longer counts as the best', step, brief(e))
+      logging.warning(
+          'the metrics file of checkpoint step %d is unreadable (%s); reset, so the '
+          'step no longer counts as the best', step, brief(e))
       with open(path, 'w') as f:
         f.write('{}')
 
@@ -132,7 +138,7 @@ class Checkpointer:
   def __init__(self, directory: str, *, keep: int = 3, best_metric: str | None = None,
                best_mode: str = 'max', async_save: bool = True):
     self.directory = os.path.abspath(directory)
-    self.set_aside: list[tuple[int, str]] = []   # (step, reason) moved to unreadable_checkpoints
+    self.set_aside: list[tuple[int, str]] = []  # (step, reason) moved to unreadable_checkpoints
     self._pending: tuple[int, int | None] | None = None  # async save in flight: (step, previous)
     self._purge_deleted()  # steps a killed run had started to drop
     if _is_primary():
@@ -147,21 +153,23 @@ class Checkpointer:
       def best_fn(metrics):  # checkpoints saved without the metric never rank first
         value = (metrics or {}).get(best_metric)
         return worst if value is None else float(value)
-      policies.append(pp.BestN(get_metric_fn=best_fn, n=1, reverse=best_mode == 'min',
-                               keep_checkpoints_without_metrics=False))
+
+      policies.append(
+          pp.BestN(get_metric_fn=best_fn, n=1, reverse=best_mode == 'min',
+                   keep_checkpoints_without_metrics=False))
     options = ocp.CheckpointManagerOptions(
         preservation_policy=pp.AnyPreservationPolicy(policies),
         best_fn=best_fn,  # with it orbax writes each step's metrics, so 'best' survives restarts
-        enable_async_checkpointing=async_save, create=True,
+        enable_async_checkpointing=async_save,
+        create=True,
         cleanup_tmp_directories=True,  # leftovers of a save killed midway
-        todelete_subdir=_DELETED)      # drop old steps by an atomic rename first
+        todelete_subdir=_DELETED)  # drop old steps by an atomic rename first
     self.manager = ocp.CheckpointManager(
-        self.directory, options=options,
-        item_handlers={'model': ocp.StandardCheckpointHandler(),
-                       'extra': ocp.StandardCheckpointHandler(),
-                       'optimizer': ocp.StandardCheckpointHandler(),
-                       'data': grain.checkpoint.CheckpointHandler(),
-                       'meta': ocp.JsonCheckpointHandler()})
+        self.directory, options=options, item_handlers={
+            'model': ocp.StandardCheckpointHandler(), 'extra': ocp.StandardCheckpointHandler(),
+            'optimizer': ocp.StandardCheckpointHandler(),
+            'data': grain.checkpoint.CheckpointHandler(), 'meta': ocp.JsonCheckpointHandler()
+        })
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
@@ -182,9 +190,9 @@ class Checkpointer:
     previous = max((s for s in self.manager.all_steps() if s < step), default=None)
     items = {'model': flatten(variables), 'extra': _nonempty(extra), 'optimizer': opt_state}
     meta = dict(meta, checksums={name: checksums(tree) for name, tree in items.items()})
-    args = ocp.args.Composite(
-        data=grain.checkpoint.CheckpointSave(data_iterator), meta=ocp.args.JsonSave(meta),
-        **{name: ocp.args.StandardSave(tree) for name, tree in items.items()})
+    args = ocp.args.Composite(data=grain.checkpoint.CheckpointSave(data_iterator),
+                              meta=ocp.args.JsonSave(meta),
+                              **{name: ocp.args.StandardSave(tree) for name, tree in items.items()})
     if self.best_metric and metrics is None:
       metrics = {}  # written as {}: ranks last for 'best' (None would log a warning per save)
     try:
@@ -233,15 +241,13 @@ class Checkpointer:
   # ----------------------------------------------------------------------------- restore
   def read_meta(self, step: int) -> dict:
     """The run metadata saved with `step` (step, epoch, model, phase, data position, …)."""
-    meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))[
-        'meta']
+    meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))['meta']
     if meta.get('step', step) != step:
       raise CheckpointIntegrityError(f'checkpoint {self.directory}/{step}: its metadata says '
                                      f'step {meta.get("step")}')
     return meta
 
-  def restore(self, step: int, *, variables_template, extra_template, opt_template,
-              data_iterator):
+  def restore(self, step: int, *, variables_template, extra_template, opt_template, data_iterator):
     """Restores into the templates' structure and shardings → (variables, extra, opt, meta).
 
     Raises CheckpointMismatchError when the checkpoint does not fit the templates, and
@@ -251,10 +257,9 @@ class Checkpointer:
     what = f'checkpoint {self.directory}/{step}'
     meta = self.read_meta(step)
     check_fits(self.manager.item_metadata(step)['model'], variables_template, what)
-    items = dict(
-        model=ocp.args.StandardRestore(_abstract(flatten(variables_template))),
-        extra=ocp.args.StandardRestore(_abstract(_nonempty(extra_template))),
-        optimizer=ocp.args.StandardRestore(_abstract(opt_template)))
+    items = dict(model=ocp.args.StandardRestore(_abstract(flatten(variables_template))),
+                 extra=ocp.args.StandardRestore(_abstract(_nonempty(extra_template))),
+                 optimizer=ocp.args.StandardRestore(_abstract(opt_template)))
     if data_iterator is not None:
       items['data'] = grain.checkpoint.CheckpointRestore(data_iterator)
     restored = self.manager.restore(step, args=ocp.args.Composite(**items))
@@ -273,9 +278,9 @@ class Checkpointer:
     can write those steps again). When none restores nothing is moved and
     UnreadableCheckpointError says what to do. `restore_fn` must start afresh on every call.
     """
-    step, result, failures = newest_readable(
-        reversed(self.all_steps()), restore_fn, directory=self.directory,
-        advice=_DAMAGED_ADVICE, agree=_all_hosts)
+    step, result, failures = newest_readable(reversed(self.all_steps()), restore_fn,
+                                             directory=self.directory, advice=_DAMAGED_ADVICE,
+                                             agree=_all_hosts)
     if failures:
       self._set_aside(failures)
     return step, result
@@ -301,12 +306,14 @@ def _nonempty(tree: dict) -> dict:
 
 def check_fits(saved_metadata, template, what: str):
   """Raises the key-by-key mismatch list before orbax would fail deep inside."""
-  shapes = {k: np.empty(getattr(v, 'shape', ()), dtype=np.uint8)
-            for k, v in dict(saved_metadata).items()}
+  shapes = {
+      k: np.empty(getattr(v, 'shape', ()), dtype=np.uint8) for k, v in dict(saved_metadata).items()
+  }
   fill_template(template, shapes, what)
 
 
 # ------------------------------------------------------------------------------- weights only
+
 
 def _resolve_weights_dir(path: str) -> tuple[str, list[int], bool]:
   """A workdir, its `checkpoints/` folder or one step folder → (dir, steps newest first, whether
@@ -328,16 +335,20 @@ def _resolve_weights_dir(path: str) -> tuple[str, list[int], bool]:
 
 def _load_step_weights(step_dir: str) -> tuple[dict, dict[str, np.ndarray]]:
   # Handlers for every item a step may hold, so orbax skips the unrequested ones silently.
-  handler = ocp.CompositeCheckpointHandler(
-      model=ocp.StandardCheckpointHandler(), meta=ocp.JsonCheckpointHandler(),
-      extra=ocp.StandardCheckpointHandler(), optimizer=ocp.StandardCheckpointHandler(),
-      data=grain.checkpoint.CheckpointHandler())
+  handler = ocp.CompositeCheckpointHandler(model=ocp.StandardCheckpointHandler(),
+                                           meta=ocp.JsonCheckpointHandler(),
+                                           extra=ocp.StandardCheckpointHandler(),
+                                           optimizer=ocp.StandardCheckpointHandler(),
+                                           data=grain.checkpoint.CheckpointHandler())
   checkpointer = ocp.Checkpointer(handler)
   device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-  target = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=device) for k, v in
-            dict(checkpointer.metadata(step_dir).item_metadata['model']).items()}
-  restored = checkpointer.restore(step_dir, args=ocp.args.Composite(
-      model=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))
+  target = {
+      k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=device)
+      for k, v in dict(checkpointer.metadata(step_dir).item_metadata['model']).items()
+  }
+  restored = checkpointer.restore(
+      step_dir, args=ocp.args.Composite(model=ocp.args.StandardRestore(target),
+                                        meta=ocp.args.JsonRestore()))
   meta = dict(restored['meta'] or {})
   flat = {k: np.asarray(v) for k, v in dict(restored['model']).items()}
   verify('model', host_checksums(flat), (meta.pop('checksums', None) or {}).get('model'),
@@ -352,22 +363,22 @@ def load_weights(path: str) -> tuple[dict, dict[str, np.ndarray]]:
   unreadable step is reported and the previous one used; none readable → a clear error.
   """
   directory, steps, named = _resolve_weights_dir(path)
-  return newest_readable(
-      steps, lambda step: _load_step_weights(os.path.join(directory, str(step))),
-      directory=directory, named=named,
-      advice='Point the path at another checkpoint, or retrain it.')[1]
+  return newest_readable(steps, lambda step: _load_step_weights(os.path.join(directory, str(step))),
+                         directory=directory, named=named,
+                         advice='Point the path at another checkpoint, or retrain it.')[1]
 
 
 def save_weights(directory: str, variables: dict, meta: dict, step: int = 0) -> str:
   """A weights-only checkpoint (`model` + `meta`) that `config.teacher.checkpoint` accepts."""
   directory = os.path.abspath(directory)
   flat = flatten(jax.tree.map(np.asarray, variables))
-  mngr = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(create=True),
-                               item_handlers={'model': ocp.StandardCheckpointHandler(),
-                                              'meta': ocp.JsonCheckpointHandler()})
-  mngr.save(step, args=ocp.args.Composite(
-      model=ocp.args.StandardSave(flat),
-      meta=ocp.args.JsonSave(dict(meta, checksums={'model': host_checksums(flat)}))),
+  mngr = ocp.CheckpointManager(
+      directory, options=ocp.CheckpointManagerOptions(create=True),
+      item_handlers={'model': ocp.StandardCheckpointHandler(), 'meta': ocp.JsonCheckpointHandler()})
+  mngr.save(
+      step, args=ocp.args.Composite(
+          model=ocp.args.StandardSave(flat),
+          meta=ocp.args.JsonSave(dict(meta, checksums={'model': host_checksums(flat)}))),
       force=True)
   mngr.wait_until_finished()
   mngr.close()

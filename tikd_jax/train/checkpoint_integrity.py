@@ -41,6 +41,7 @@ def brief(e: BaseException, limit: int = 300) -> str:
 # sum_i bits(x_i) · (2i + 1) mod 2^32 over the raw bits of every element: integer arithmetic, so
 # exact in any reduction order and sharding; odd weights catch any single changed element.
 
+
 def _uint_bits(x, xp):
   if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
     x = jax.random.key_data(x)
@@ -86,6 +87,7 @@ def verify(item: str, got: dict[str, int], expected: dict[str, int] | None, what
 
 # ------------------------------------------------------------------------------- fallback
 
+
 def newest_readable(steps: Iterable[int], read: Callable[[int], Any], *, directory: str,
                     advice: str, named: bool = False,
                     agree: Callable[[bool], bool] = bool) -> tuple[int | None, Any, list]:
@@ -119,9 +121,9 @@ def newest_readable(steps: Iterable[int], read: Callable[[int], Any], *, directo
   if not failures:
     return None, None, []
   lines = '\n'.join(f'  step {s}: {r}' for s, r in failures)
-  raise UnreadableCheckpointError(
-      f'no readable checkpoint in {directory}' + (f' (step {steps[0]} was named)' if named else '')
-      + f':\n{lines}\n{advice}')
+  raise UnreadableCheckpointError(f'no readable checkpoint in {directory}' +
+                                  (f' (step {steps[0]} was named)' if named else '') +
+                                  f':\n{lines}\n{advice}')
 
 
 def quarantine(directory: str, step: int, reason: str, into: str) -> str:

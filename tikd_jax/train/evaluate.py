@@ -28,13 +28,11 @@ def evaluate(run: Run, state: TrainState, phase: Phase) -> dict[str, float]:
   """
   eval_text = run.config.tikd.eval_text
   fused = phase.fuse_text and eval_text == 'predicted'
-  metrics = evaluate_source(_eval_step(run, fused), state.params, state.batch_stats,
-                            run.data.eval, batch_size=run.config.eval_batch_size,
-                            data_sharding=run.data_sharding)
+  metrics = evaluate_source(_eval_step(run, fused), state.params, state.batch_stats, run.data.eval,
+                            batch_size=run.config.eval_batch_size, data_sharding=run.data_sharding)
   if fused:
-    plain = evaluate_source(_eval_step(run, False), state.params, state.batch_stats,
-                            run.data.eval, batch_size=run.config.eval_batch_size,
-                            data_sharding=run.data_sharding)
+    plain = evaluate_source(_eval_step(run, False), state.params, state.batch_stats, run.data.eval,
+                            batch_size=run.config.eval_batch_size, data_sharding=run.data_sharding)
     metrics.update({f'{k}_no_text': v for k, v in plain.items() if k != 'count'})
   return metrics
 
@@ -62,8 +60,10 @@ def evaluate_source(eval_step, params, batch_stats, source, *, batch_size, data_
   n = float(sums['count'])
   if n != len(source):
     raise RuntimeError(f'evaluation counted {n} examples, the split has {len(source)}')
-  return {'top1': 100.0 * float(sums['top1_sum']) / n, 'top5': 100.0 * float(sums['top5_sum']) / n,
-          'loss': float(sums['loss_sum']) / n, 'count': int(n)}
+  return {
+      'top1': 100.0 * float(sums['top1_sum']) / n, 'top5': 100.0 * float(sums['top5_sum']) / n,
+      'loss': float(sums['loss_sum']) / n, 'count': int(n)
+  }
 
 
 def format_eval(m: dict) -> str:
@@ -85,9 +85,9 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict
   rules = [tuple(r) for r in config.sharding_rules]
   variables = place(variables, sharding_lib.param_shardings(variables, mesh, rules))
   fuse = bool(meta['model']['kwargs'].get('text_dim')) and config.tikd.eval_text == 'predicted'
-  eval_step = jax.jit(make_eval_step(graphdef=graphdef, eval_text=config.tikd.eval_text,
-                                     fuse_text=fuse),
-                      compiler_options=xla_options.compiler_options(config.xla_options))
+  eval_step = jax.jit(
+      make_eval_step(graphdef=graphdef, eval_text=config.tikd.eval_text, fuse_text=fuse),
+      compiler_options=xla_options.compiler_options(config.xla_options))
   result = evaluate_source(eval_step, variables['params'], variables['batch_stats'], eval_source,
                            batch_size=config.eval_batch_size,
                            data_sharding=sharding_lib.batch_sharding(mesh))

@@ -68,8 +68,9 @@ class MetricLogger:
       return
     eta = (self.total_steps - step) / rate if rate > 0 and self.total_steps else float('nan')
     parts = ' '.join(f'{k}={v:.4g}' for k, v in shown.items())
-    print(f'{self.prefix}[step {step}/{self.total_steps}] {parts} ({rate:.2f} steps/s, '
-          f'eta {eta:.0f}s)', flush=True)
+    print(
+        f'{self.prefix}[step {step}/{self.total_steps}] {parts} ({rate:.2f} steps/s, '
+        f'eta {eta:.0f}s)', flush=True)
 
   def message(self, text: str):
     if not self.is_chief:

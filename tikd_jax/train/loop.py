@@ -37,12 +37,12 @@ class Stream:
 
 def train_stream(run: Run, phase: Phase, start: int) -> Stream:
   config, data = run.config, run.data
-  ds = pipeline.train_dataset(
-      data.train, batch_size=config.batch_size // jax.process_count(), seed=config.seed,
-      crop_padding=config.data.crop_padding, crop_size=phase.resolution,
-      crop_mode=config.curriculum.mode, flip=config.data.flip,
-      text_features=data.text_features, extra_augment=data.host_augment,
-      process_index=jax.process_index(), process_count=jax.process_count())
+  ds = pipeline.train_dataset(data.train, batch_size=config.batch_size // jax.process_count(),
+                              seed=config.seed, crop_padding=config.data.crop_padding,
+                              crop_size=phase.resolution, crop_mode=config.curriculum.mode,
+                              flip=config.data.flip, text_features=data.text_features,
+                              extra_augment=data.host_augment, process_index=jax.process_index(),
+                              process_count=jax.process_count())
   return Stream(pipeline.make_iterator(ds[start:], data.num_workers), start)
 
 
@@ -78,9 +78,9 @@ def _restore(run: Run, template: TrainState, checkpointer, step: int):
            and saved.get('workers') == num_workers)
   stream = train_stream(run, phase, saved['start'] if exact else step)
   variables, extra, opt_state, _ = checkpointer.restore(
-      step, variables_template={'params': template.params['student'],
-                                'batch_stats': template.batch_stats},
-      extra_template=_extra(template), opt_template=template.opt_state,
+      step, variables_template={
+          'params': template.params['student'], 'batch_stats': template.batch_stats
+      }, extra_template=_extra(template), opt_template=template.opt_state,
       data_iterator=stream.iterator if exact else None)
   restored = TrainState(step=jnp.asarray(step, jnp.int32),
                         params={'student': variables['params'], 'objective': extra['objective']},
@@ -138,8 +138,8 @@ def _enter_phase(run: Run, state: TrainState, progress: Progress, phase: Phase,
   if boundary and step > 0 and step != progress.start_step:
     progress.stream = train_stream(run, phase, step)
   if boundary and phase.reset_optimizer and step > 0:
-    state = state.replace(opt_state=jax.jit(
-        run.tx.init, out_shardings=run.state_shardings.opt_state)(state.params))
+    state = state.replace(
+        opt_state=jax.jit(run.tx.init, out_shardings=run.state_shardings.opt_state)(state.params))
     logger.message(f'phase {phase.name}: optimizer state re-created')
   if boundary or step == progress.start_step:
     logger.message(f'phase {phase.name} (steps {phase.start_step}–{phase.end_step}, '
@@ -234,16 +234,20 @@ def _evaluate_and_log(run: Run, state: TrainState, step: int, logger: MetricLogg
 
 def _save(run: Run, state: TrainState, progress: Progress, checkpointer, metrics=None) -> None:
   step = progress.step
-  meta = {'step': int(step), 'epoch': step / run.data.steps_per_epoch,
-          'num_params': run.student.num_params,
-          'model': {'name': run.student.name, 'kwargs': run.student.kwargs},
-          'phase': run.phases[phase_at(run.phases, step)].name,
-          # Where the saved iterator's stream starts, and the layout its state belongs to.
-          'data': {'start': progress.stream.start, 'processes': jax.process_count(),
-                   'workers': run.data.num_workers}}
-  checkpointer.save(step, variables={'params': state.params['student'],
-                                     'batch_stats': state.batch_stats},
+  meta = {
+      'step': int(step),
+      'epoch': step / run.data.steps_per_epoch,
+      'num_params': run.student.num_params,
+      'model': {'name': run.student.name, 'kwargs': run.student.kwargs},
+      'phase': run.phases[phase_at(run.phases, step)].name,
+      # Where the saved iterator's stream starts, and the layout its state belongs to.
+      'data': {
+          'start': progress.stream.start, 'processes': jax.process_count(),
+          'workers': run.data.num_workers
+      }
+  }
+  checkpointer.save(step,
+                    variables={'params': state.params['student'], 'batch_stats': state.batch_stats},
                     extra=_extra(state), opt_state=state.opt_state,
                     data_iterator=progress.stream.iterator, meta=meta, metrics=metrics, force=True)
   progress.last_saved = step
-

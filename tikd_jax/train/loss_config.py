@@ -32,8 +32,8 @@ def method_terms(distill) -> tuple[tuple[str, float], ...]:
   if method in ('dkd', 'pkcd'):
     return (('ce', 1.0 if bw is None else float(bw)), (method, 1.0))
   alpha, dw = distill.alpha, distill.distill_weight
-  return (('ce', float(1.0 - alpha if bw is None else bw)),
-          (method, float(alpha if dw is None else dw)))
+  return (('ce', float(1.0 - alpha if bw is None else bw)), (method,
+                                                             float(alpha if dw is None else dw)))
 
 
 def saliency_terms(saliency) -> tuple[tuple[str, float], ...]:
@@ -59,8 +59,10 @@ def distill_settings(distill) -> dict[str, dict[str, Any]]:
       'soft': {'temperature': distill.temperature},
       'kd': {'temperature': distill.temperature},
       'ctkd': {'ramp_epochs': distill.ctkd_ramp_epochs},
-      'dkd': {'alpha': distill.dkd_alpha, 'beta': distill.dkd_beta,
-              'temperature': distill.temperature, 'warmup_epochs': distill.dkd_warmup_epochs},
+      'dkd': {
+          'alpha': distill.dkd_alpha, 'beta': distill.dkd_beta, 'temperature': distill.temperature,
+          'warmup_epochs': distill.dkd_warmup_epochs
+      },
       'pkcd': {'temperature': distill.temperature},
   }
 
@@ -82,11 +84,10 @@ def stage_terms(config, stage: dict, *, fuse_text: bool, alignment_beta: float,
   explicit = stage.get('loss') or config.loss  # a stage's keys are optional (plan._STAGE_KEYS)
   if explicit:
     return tuple((str(name), float(weight)) for name, weight in explicit)
-  return (method_terms(config.distill)
-          + tikd_terms(fuse_text=fuse_text, alignment_beta=alignment_beta,
-                       text_predictor_weight=text_predictor_weight,
-                       has_text=bool(config.text.features_dir))
-          + saliency_terms(config.saliency))
+  return (method_terms(config.distill) +
+          tikd_terms(fuse_text=fuse_text, alignment_beta=alignment_beta,
+                     text_predictor_weight=text_predictor_weight, has_text=bool(
+                         config.text.features_dir)) + saliency_terms(config.saliency))
 
 
 def method_loss(distill, extra: tuple[tuple[str, float], ...] = ()):

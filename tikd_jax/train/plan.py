@@ -19,12 +19,12 @@ from tikd_jax.train.loss_config import stage_terms
 class Phase:
   name: str
   start_step: int
-  end_step: int                      # exclusive
+  end_step: int  # exclusive
   fuse_text: bool = False
   loss: tuple[tuple[str, float], ...] = (('ce', 1.0),)  # (term, weight) (train/loss_config.py)
   frozen: tuple[str, ...] = ()
-  resolution: int | None = None      # None: full size
-  reset_optimizer: bool = False      # re-create the optimizer state when the phase starts
+  resolution: int | None = None  # None: full size
+  reset_optimizer: bool = False  # re-create the optimizer state when the phase starts
 
   @property
   def switches(self) -> tuple:
@@ -32,8 +32,10 @@ class Phase:
     return (self.fuse_text, self.loss, self.frozen, self.resolution)
 
 
-_STAGE_KEYS = {'name', 'epochs', 'fuse_text', 'alignment_beta', 'text_predictor_weight',
-               'frozen', 'resolution', 'reset_optimizer', 'loss'}
+_STAGE_KEYS = {
+    'name', 'epochs', 'fuse_text', 'alignment_beta', 'text_predictor_weight', 'frozen',
+    'resolution', 'reset_optimizer', 'loss'
+}
 
 
 def build_phases(config, steps_per_epoch: int) -> list[Phase]:
@@ -52,8 +54,10 @@ def build_phases(config, steps_per_epoch: int) -> list[Phase]:
                      f"padded image, as IRKD) or 'resize' (the whole image downscaled to res)")
   if curriculum_stages:
     reset = bool(curriculum.reset_optimizer)
-    stages = [dict(name=f'res{int(r)}', epochs=e, resolution=int(r), reset_optimizer=reset)
-              for r, e in curriculum_stages]
+    stages = [
+        dict(name=f'res{int(r)}', epochs=e, resolution=int(r), reset_optimizer=reset)
+        for r, e in curriculum_stages
+    ]
   if not stages:
     stages = [dict(name='main', epochs=config.num_epochs)]
   phases, start = [], 0
@@ -67,13 +71,14 @@ def build_phases(config, steps_per_epoch: int) -> list[Phase]:
       raise ValueError(f'stage {i} ({stage.get("name")}) has {stage["epochs"]} epochs = {steps} '
                        f'steps; give it at least one step')
     kw = dict(defaults)
-    kw.update({k: stage[k] for k in ('fuse_text', 'alignment_beta', 'text_predictor_weight')
-               if k in stage})
-    phases.append(Phase(
-        name=str(stage.get('name', f'stage{i}')), start_step=start, end_step=start + steps,
-        fuse_text=bool(kw['fuse_text']), loss=stage_terms(config, stage, **kw),
-        frozen=tuple(stage.get('frozen', ())), resolution=stage.get('resolution'),
-        reset_optimizer=bool(stage.get('reset_optimizer', False)) and i > 0))
+    kw.update({
+        k: stage[k] for k in ('fuse_text', 'alignment_beta', 'text_predictor_weight') if k in stage
+    })
+    phases.append(
+        Phase(name=str(stage.get('name', f'stage{i}')), start_step=start, end_step=start + steps,
+              fuse_text=bool(kw['fuse_text']), loss=stage_terms(config, stage, **kw),
+              frozen=tuple(stage.get('frozen', ())), resolution=stage.get('resolution'),
+              reset_optimizer=bool(stage.get('reset_optimizer', False)) and i > 0))
     start += steps
   return phases
 

@@ -59,7 +59,7 @@ class StopRequest:
       process_count = jax.process_count()
     self.process_count = process_count
     self._allgather = allgather or _process_allgather
-    self.reason: str | None = None   # e.g. 'SIGTERM'; set by the handler or by another host
+    self.reason: str | None = None  # e.g. 'SIGTERM'; set by the handler or by another host
     self._previous: dict[int, object] = {}
 
   # -- signal handling -------------------------------------------------------------------------
@@ -82,9 +82,9 @@ class StopRequest:
       signal.signal(signal.SIGINT, signal.default_int_handler)
     # os.write, not print: a handler may run in the middle of another print.
     os.write(2, (f'\nreceived {name}: finishing the current step, then saving a checkpoint and '
-                 f'exiting (status {EXIT_PREEMPTED}); rerun to resume.'
-                 + (' Press Ctrl-C again to exit at once.' if signum == signal.SIGINT else '')
-                 + '\n').encode())
+                 f'exiting (status {EXIT_PREEMPTED}); rerun to resume.' +
+                 (' Press Ctrl-C again to exit at once.' if signum == signal.SIGINT else '') +
+                 '\n').encode())
 
   def request(self, reason: str = 'request') -> None:
     """Asks for a stop without a signal (tests, callbacks)."""

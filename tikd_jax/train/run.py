@@ -34,13 +34,13 @@ from tikd_jax.train.step import StepOptions, loss_shapes, make_train_step
 @dataclasses.dataclass(frozen=True)
 class Data:
   """The splits and what the input pipeline applies to them."""
-  train: Any                       # a source: len(), [i] → {'image', 'label'}, num_classes
+  train: Any  # a source: len(), [i] → {'image', 'label'}, num_classes
   eval: Any
   num_classes: int
   steps_per_epoch: int
   text_features: np.ndarray | None  # caption features, one row per train example (TIKD)
-  host_augment: Callable | None    # per example, in the grain workers (RandAugment)
-  batch_augment: Callable | None   # per batch, inside the jitted step (erasing, Mixup/CutMix)
+  host_augment: Callable | None  # per example, in the grain workers (RandAugment)
+  batch_augment: Callable | None  # per batch, inside the jitted step (erasing, Mixup/CutMix)
   num_workers: int
 
 
@@ -55,14 +55,13 @@ class Model:
   num_params: int
 
   def build(self, seed: int) -> nnx.Module:
-    return build_model(self.name, rngs=nnx.Rngs(seed), fast_layers=self.fast_layers,
-                       **self.kwargs)
+    return build_model(self.name, rngs=nnx.Rngs(seed), fast_layers=self.fast_layers, **self.kwargs)
 
 
 @dataclasses.dataclass(frozen=True)
 class Teacher:
   graphdef: Any
-  variables: dict                  # {'params', 'batch_stats'}, placed on the mesh
+  variables: dict  # {'params', 'batch_stats'}, placed on the mesh
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,15 +69,15 @@ class Run:
   config: ml_collections.ConfigDict
   workdir: str
   mesh: jax.sharding.Mesh
-  rules: list                      # sharding rules (tikd_jax/sharding.py)
-  compiler_options: dict | None    # the steps' XLA options (tikd_jax/xla_options.py)
+  rules: list  # sharding rules (tikd_jax/sharding.py)
+  compiler_options: dict | None  # the steps' XLA options (tikd_jax/xla_options.py)
   data: Data
   phases: list[Phase]
   student: Model
   teacher: Teacher | None
-  loss: Loss                       # every phase's terms: the state holds their parameters
-  phase_losses: dict               # phase.loss → its Loss
-  loss_shapes: dict                # what the terms' init(rng, shapes) reads
+  loss: Loss  # every phase's terms: the state holds their parameters
+  phase_losses: dict  # phase.loss → its Loss
+  loss_shapes: dict  # what the terms' init(rng, shapes) reads
   schedule: optax.Schedule
   tx: optax.GradientTransformation
   state_shardings: Any = None
@@ -116,14 +115,15 @@ def setup(config: ml_collections.ConfigDict, workdir: str, *, sources: tuple | N
     teacher = load_teacher(config, data.num_classes, mesh, rules)
   shapes = _loss_shapes(config, data, student, teacher)
   schedule = optim.make_schedule(config.schedule, data.steps_per_epoch, phases[-1].end_step)
-  abstract_params = {'student': _abstract_variables(student)['params'],
-                     'objective': jax.eval_shape(lambda: loss.init(jax.random.key(0), shapes))[0]}
+  abstract_params = {
+      'student': _abstract_variables(student)['params'],
+      'objective': jax.eval_shape(lambda: loss.init(jax.random.key(0), shapes))[0]
+  }
   run = Run(config=config, workdir=workdir, mesh=mesh, rules=rules,
             compiler_options=xla_options.compiler_options(config.xla_options), data=data,
             phases=phases, student=student, teacher=teacher, loss=loss,
             phase_losses={p.loss: Loss(p.loss, settings) for p in phases}, loss_shapes=shapes,
-            schedule=schedule,
-            tx=optim.make_optimizer(config.optimizer, schedule, abstract_params))
+            schedule=schedule, tx=optim.make_optimizer(config.optimizer, schedule, abstract_params))
   abstract_state = jax.eval_shape(_fresh_state_fn(run))
   return dataclasses.replace(
       run, state_shardings=sharding_lib.param_shardings(abstract_state, mesh, rules))
@@ -139,8 +139,8 @@ def _fresh_state_fn(run: Run) -> Callable[[], TrainState]:
 
   def init() -> TrainState:
     return init_train_state(model_variables(run.student.build(seed)), run.loss, run.tx,
-                            rng=jax.random.fold_in(jax.random.key(seed), 1),
-                            shapes=run.loss_shapes)
+                            rng=jax.random.fold_in(jax.random.key(seed), 1), shapes=run.loss_shapes)
+
   return init
 
 
@@ -149,20 +149,20 @@ def train_step_for(run: Run, phase: Phase):
   once per distinct `phase.switches`; the state is donated."""
   if phase.switches not in run.compiled_steps:
     config = run.config
-    opts = StepOptions(
-        num_classes=run.data.num_classes, steps_per_epoch=run.data.steps_per_epoch,
-        seed=config.seed, label_smoothing=config.label_smoothing, fuse_text=phase.fuse_text,
-        frozen=phase.frozen, batch_augment=run.data.batch_augment,
-        grad_accum_steps=config.grad_accum_steps)
+    opts = StepOptions(num_classes=run.data.num_classes, steps_per_epoch=run.data.steps_per_epoch,
+                       seed=config.seed, label_smoothing=config.label_smoothing,
+                       fuse_text=phase.fuse_text, frozen=phase.frozen,
+                       batch_augment=run.data.batch_augment,
+                       grad_accum_steps=config.grad_accum_steps)
     frozen_mask = (optim.frozen_mask(run.state_shardings.params, phase.frozen)
                    if phase.frozen else None)
     fn = make_train_step(graphdef=run.student.graphdef,
                          teacher_graphdef=run.teacher.graphdef if run.teacher else None,
                          loss=run.phase_losses[phase.loss], tx=run.tx, frozen_mask=frozen_mask,
                          opts=opts)
-    run.compiled_steps[phase.switches] = jax.jit(
-        fn, out_shardings=(run.state_shardings, None), donate_argnums=(0,),
-        compiler_options=run.compiler_options)
+    run.compiled_steps[phase.switches] = jax.jit(fn, out_shardings=(run.state_shardings, None),
+                                                 donate_argnums=(0,),
+                                                 compiler_options=run.compiler_options)
   return run.compiled_steps[phase.switches]
 
 
@@ -181,8 +181,8 @@ def load_data(config, sources: tuple | None = None) -> Data:
   host_augment, batch_augment = build_augmentations(config)
   return Data(train=train, eval=eval_, num_classes=train.num_classes,
               steps_per_epoch=steps_per_epoch,
-              text_features=load_train_text_features(config, train),
-              host_augment=host_augment, batch_augment=batch_augment,
+              text_features=load_train_text_features(config, train), host_augment=host_augment,
+              batch_augment=batch_augment,
               num_workers=pipeline.resolve_num_workers(config.data.num_workers))
 
 
@@ -196,9 +196,9 @@ def build_augmentations(config):
   from tikd_jax.data.mixup import make_batch_augment  # pylint: disable=g-import-not-at-top
   from tikd_jax.data.randaugment import make_host_augment  # pylint: disable=g-import-not-at-top
   aug = config.augment
-  cfg = ml_collections.ConfigDict(dict(
-      aug.to_dict(), label_smoothing=config.label_smoothing, mean=tuple(config.model.mean),
-      std=tuple(config.model.std)))
+  cfg = ml_collections.ConfigDict(
+      dict(aug.to_dict(), label_smoothing=config.label_smoothing, mean=tuple(config.model.mean),
+           std=tuple(config.model.std)))
   host = make_host_augment(cfg) if aug.randaugment else None
   on_device = aug.mixup_alpha > 0 or aug.cutmix_alpha > 0 or aug.erasing_prob > 0
   return host, (make_batch_augment(cfg) if on_device else None)
@@ -222,9 +222,10 @@ def load_train_text_features(config, train_source) -> np.ndarray | None:
       encoder = text.class_prompt_encoder
       if encoder == 'minilm':
         encoder = text_teacher.minilm_folder()
-      text_teacher.build_class_prompt_features(
-          config.data, config.data.train_split, text.features_dir, encoder,
-          template=text.class_prompt_template, source=train_source)
+      text_teacher.build_class_prompt_features(config.data, config.data.train_split,
+                                               text.features_dir, encoder,
+                                               template=text.class_prompt_template,
+                                               source=train_source)
     if jax.process_count() > 1:
       from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
       multihost_utils.sync_global_devices('class prompt features written')
@@ -259,8 +260,8 @@ def student_model(config, data: Data) -> Model:
   if data.text_features is not None and name in VIT_MODELS:
     kwargs.setdefault('text_dim', int(data.text_features.shape[1]))
   fast_layers = cpu_fast_layers.enabled(config.cpu_fast_layers)
-  abstract = nnx.eval_shape(lambda: build_model(name, rngs=nnx.Rngs(config.seed),
-                                                fast_layers=fast_layers, **kwargs))
+  abstract = nnx.eval_shape(
+      lambda: build_model(name, rngs=nnx.Rngs(config.seed), fast_layers=fast_layers, **kwargs))
   graphdef, _, _ = nnx.split(abstract, nnx.Param, nnx.BatchStat)
   return Model(name=name, kwargs=kwargs, fast_layers=fast_layers, graphdef=graphdef,
                num_params=count_params(abstract))
@@ -289,9 +290,11 @@ def load_teacher(config, num_classes: int, mesh, rules) -> Teacher:
 
 def place(tree, shardings):
   """Host NumPy → global arrays with the given shardings (works on every host of a pod)."""
+
   def put(x, s):
     x = np.asarray(x)
     return jax.make_array_from_callback(x.shape, s, lambda idx: x[idx])
+
   return jax.tree.map(put, tree, shardings)
 
 

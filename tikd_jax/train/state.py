@@ -14,11 +14,11 @@ from tikd_jax.losses.terms import Loss
 
 @flax.struct.dataclass
 class TrainState:
-  step: jax.Array                 # int32 scalar: optimizer steps taken
-  params: dict                    # {'student': …, 'objective': {term: its parameters}} trainable
-  batch_stats: dict               # the student's BatchNorm statistics (empty for ViTs)
+  step: jax.Array  # int32 scalar: optimizer steps taken
+  params: dict  # {'student': …, 'objective': {term: its parameters}} trainable
+  batch_stats: dict  # the student's BatchNorm statistics (empty for ViTs)
   opt_state: Any
-  objective_state: dict           # {term: its carried state} (PKCD's previous batch)
+  objective_state: dict  # {term: its carried state} (PKCD's previous batch)
 
 
 def init_train_state(variables: dict, loss: Loss, tx: optax.GradientTransformation, *,

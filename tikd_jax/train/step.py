@@ -29,10 +29,10 @@ class StepOptions:
   steps_per_epoch: int
   seed: int
   label_smoothing: float = 0.0
-  fuse_text: bool = False          # TIKD second pass on (stage switch)
-  frozen: tuple[str, ...] = ()     # regexes of frozen parameter paths
+  fuse_text: bool = False  # TIKD second pass on (stage switch)
+  frozen: tuple[str, ...] = ()  # regexes of frozen parameter paths
   batch_augment: Callable | None = None  # (images, labels, num_classes, rng) → (images, targets)
-  grad_accum_steps: int = 1        # micro-batches per optimizer step (gradients averaged)
+  grad_accum_steps: int = 1  # micro-batches per optimizer step (gradients averaged)
 
 
 def _teacher_forward(teacher_graphdef, teacher_vars, images):
@@ -48,28 +48,33 @@ def _shapes_of(tree):
   return jax.tree.map(lambda x: jax.ShapeDtypeStruct(jnp.shape(x), x.dtype), tree)
 
 
-def loss_shapes(*, graphdef, variables, teacher_graphdef=None, teacher_vars=None,
-                image_shape, rows: int, num_classes: int) -> dict:
+def loss_shapes(*, graphdef, variables, teacher_graphdef=None, teacher_vars=None, image_shape,
+                rows: int, num_classes: int) -> dict:
   """The `shapes` a term's `init(rng, shapes)` reads: 'rows' (one micro-batch), 'num_classes',
   and the eval_shape of the student's and the teacher's named outputs on `image_shape` images."""
   x = jax.ShapeDtypeStruct((rows,) + tuple(image_shape), jnp.float32)
   student_out = jax.eval_shape(
-      lambda v, x: nnx.merge(graphdef, v['params'], v['batch_stats'])(x, train=False)[1],
-      variables, x)
+      lambda v, x: nnx.merge(graphdef, v['params'], v['batch_stats'])(x, train=False)[1], variables,
+      x)
   teacher_out = {} if teacher_graphdef is None else jax.eval_shape(
       lambda v, x: _teacher_forward(teacher_graphdef, v, x)[2], teacher_vars, x)
-  return {'rows': rows, 'num_classes': num_classes, 'student_out': student_out,
-          'teacher_out': teacher_out}
+  return {
+      'rows': rows, 'num_classes': num_classes, 'student_out': student_out,
+      'teacher_out': teacher_out
+  }
 
 
 def tree_any_nonfinite(tree: Any) -> jax.Array:
-  leaves = [jnp.any(~jnp.isfinite(x)) for x in jax.tree.leaves(tree)
-            if jnp.issubdtype(x.dtype, jnp.floating)]
+  leaves = [
+      jnp.any(~jnp.isfinite(x))
+      for x in jax.tree.leaves(tree)
+      if jnp.issubdtype(x.dtype, jnp.floating)
+  ]
   return jnp.any(jnp.stack(leaves)) if leaves else jnp.asarray(False)
 
 
-def make_train_step(*, graphdef, teacher_graphdef, loss: Loss,
-                    tx: optax.GradientTransformation, frozen_mask, opts: StepOptions):
+def make_train_step(*, graphdef, teacher_graphdef, loss: Loss, tx: optax.GradientTransformation,
+                    frozen_mask, opts: StepOptions):
   """(state, batch, teacher_vars) → (state, metrics): Σ weight · term over `loss`'s terms.
   Metrics are device scalars."""
   if loss.needs_teacher and teacher_graphdef is None:
@@ -85,14 +90,13 @@ def make_train_step(*, graphdef, teacher_graphdef, loss: Loss,
       images, targets = opts.batch_augment(images, labels, opts.num_classes, aug_rng)
     else:
       targets = losses.one_hot_smoothed(labels, opts.num_classes, opts.label_smoothing)
-    teacher, teacher_logits, teacher_out = _teacher_forward(teacher_graphdef, teacher_vars,
-                                                            images)
+    teacher, teacher_logits, teacher_out = _teacher_forward(teacher_graphdef, teacher_vars, images)
     epoch = state.step.astype(jnp.float32) // opts.steps_per_epoch + 1.0
 
     def loss_fn(params, batch_stats=None, objective_state=None, micro=None, rng=model_rng):
       """The loss of one (micro-)batch; `micro` overrides the full-batch inputs."""
-      x, y_soft, y, t_logits, t_out, text = (images, targets, labels, teacher_logits,
-                                             teacher_out, batch.get('text'))
+      x, y_soft, y, t_logits, t_out, text = (images, targets, labels, teacher_logits, teacher_out,
+                                             batch.get('text'))
       if micro is not None:
         x, y_soft, y, t_logits, t_out, text = micro
       bstats = state.batch_stats if batch_stats is None else batch_stats
@@ -112,12 +116,13 @@ def make_train_step(*, graphdef, teacher_graphdef, loss: Loss,
     if images.shape[0] % k:
       raise ValueError(f'batch {images.shape[0]} is not divisible by grad_accum_steps {k}')
     if k == 1:
-      (total, (metrics, new_stats, new_obj_state)), grads = jax.value_and_grad(
-          loss_fn, has_aux=True)(state.params)
+      (total, (metrics, new_stats,
+               new_obj_state)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     else:
-      total, metrics, new_stats, new_obj_state, grads = _accumulate(
-          loss_fn, state, images, targets, labels, teacher_logits, teacher_out, batch, k,
-          model_rng)
+      total, metrics, new_stats, new_obj_state, grads = _accumulate(loss_fn, state, images, targets,
+                                                                    labels, teacher_logits,
+                                                                    teacher_out, batch, k,
+                                                                    model_rng)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     if frozen_mask is not None:
       updates = zero_frozen(updates, frozen_mask)
@@ -135,8 +140,10 @@ def _check_loss_state(loss, params, state, ctx, opts):
   """At trace time: each term's parameters and carried state have the shapes its init gives for
   this (micro-)batch (PKCD's previous batch holds one micro-batch)."""
   rows = ctx.labels.shape[0]
-  shapes = {'rows': rows, 'num_classes': opts.num_classes, 'student_out': _shapes_of(ctx.out),
-            'teacher_out': _shapes_of(ctx.teacher_out)}
+  shapes = {
+      'rows': rows, 'num_classes': opts.num_classes, 'student_out': _shapes_of(ctx.out),
+      'teacher_out': _shapes_of(ctx.teacher_out)
+  }
   want_params, want_state = jax.eval_shape(lambda: loss.init(jax.random.key(0), shapes))
   shape = lambda tree: (jax.tree.structure(tree), [jnp.shape(x) for x in jax.tree.leaves(tree)])
   for name in loss.names:
@@ -162,18 +169,21 @@ def _accumulate(loss_fn, state, images, targets, labels, teacher_logits, teacher
   """
   b = images.shape[0]
   split = lambda x: None if x is None else jnp.swapaxes(x.reshape((b // k, k) + x.shape[1:]), 0, 1)
-  micro = jax.tree.map(split, (images, targets, labels, teacher_logits, teacher_out,
-                               batch.get('text')))
+  micro = jax.tree.map(split,
+                       (images, targets, labels, teacher_logits, teacher_out, batch.get('text')))
   zeros = jax.tree.map(jnp.zeros_like, state.params)
 
   def body(carry, xs):
     grads_sum, stats, obj_state, i = carry
-    (loss, (metrics, stats, obj_state)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        state.params, stats, obj_state, xs, jax.random.fold_in(rng, i))
+    (loss, (metrics, stats,
+            obj_state)), grads = jax.value_and_grad(loss_fn,
+                                                    has_aux=True)(state.params, stats, obj_state,
+                                                                  xs, jax.random.fold_in(rng, i))
     return (jax.tree.map(jnp.add, grads_sum, grads), stats, obj_state, i + 1), (loss, metrics)
 
-  (grads, stats, obj_state, _), (losses_, metrics) = jax.lax.scan(
-      body, (zeros, state.batch_stats, state.objective_state, 0), micro)
+  (grads, stats, obj_state,
+   _), (losses_, metrics) = jax.lax.scan(body, (zeros, state.batch_stats, state.objective_state, 0),
+                                         micro)
   grads = jax.tree.map(lambda g: g / k, grads)
   return (jnp.mean(losses_), jax.tree.map(jnp.mean, metrics), stats, obj_state, grads)
 

@@ -34,8 +34,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     _write_json(workdir, 'config.json', config.to_json_best_effort(indent=2))
     run = setup(config, workdir)
     state = create_train_state(run)
-    checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, 'checkpoints'),
-                                         keep=config.keep_checkpoints,
+    checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir,
+                                                      'checkpoints'), keep=config.keep_checkpoints,
                                          best_metric=config.best_metric)
     state, stream, resume_note = restore_or_start(run, state, checkpointer)
     start_step = int(jax.device_get(state.step))
@@ -63,8 +63,8 @@ def _log_start(run: Run, logger: MetricLogger, checkpointer, start_step: int, re
       f'{student.name} {student.kwargs.get("variant", "")}: {student.num_params:,} parameters; '
       f'{len(data.train)} train / {len(data.eval)} eval examples; {data.steps_per_epoch} steps '
       f'per epoch, {run.total_steps} steps in {len(run.phases)} phase(s); mesh '
-      f'{dict(run.mesh.shape)}; ' + (f'resumed at step {start_step}' if start_step
-                                     else 'starting fresh'))
+      f'{dict(run.mesh.shape)}; ' +
+      (f'resumed at step {start_step}' if start_step else 'starting fresh'))
   if resume_note:
     logger.message(resume_note)
   for bad_step, reason in checkpointer.set_aside:

@@ -60,8 +60,8 @@ def _forward_fn(checkpoint, fuse_text: bool):
   def forward(params, batch_stats, images):
     return nnx.merge(graphdef, params, batch_stats)(images, train=False, **kwargs)
 
-  return lambda images: forward(checkpoint.variables['params'],
-                                checkpoint.variables['batch_stats'], images)
+  return lambda images: forward(checkpoint.variables['params'], checkpoint.variables['batch_stats'],
+                                images)
 
 
 def attention(args) -> str:
@@ -94,9 +94,9 @@ def attention(args) -> str:
   heat = np.asarray(maps.upsample(heat, images.shape[1:3]))
   preds = np.argmax(np.asarray(logits), axis=-1)
   names = wd.class_names(source, int(logits.shape[-1]))
-  fig = figures.heatmap_grid(
-      images, heat, [names[int(i)] for i in labels], [names[int(i)] for i in preds],
-      f'{ckpt.name} step {ckpt.step}, {split} split: {method}')
+  fig = figures.heatmap_grid(images, heat, [names[int(i)] for i in labels],
+                             [names[int(i)] for i in preds],
+                             f'{ckpt.name} step {ckpt.step}, {split} split: {method}')
   return figures.save(fig, _out_path(args, 'attention.png'))
 
 
@@ -112,8 +112,7 @@ def _features(ckpt, config, images: np.ndarray, batch_size: int) -> np.ndarray:
     chunk = images[start:start + batch_size]
     real = len(chunk)
     if real < batch_size:
-      chunk = np.concatenate([chunk, np.zeros((batch_size - real,) + chunk.shape[1:],
-                                              chunk.dtype)])
+      chunk = np.concatenate([chunk, np.zeros((batch_size - real,) + chunk.shape[1:], chunk.dtype)])
     _, out = forward(jnp.asarray(chunk, jnp.float32) / 255.0)
     feats.append(np.asarray(out['pre_logits'], np.float32)[:real])
     _log(f'features: {min(start + batch_size, n)}/{n} examples')
@@ -148,8 +147,8 @@ def curves(args) -> str:
     raise WorkdirError(f'{args.workdir}/metrics.jsonl holds no train or eval rows')
   fig = figures.training_curves(
       m.train, m.eval, m.resumes,
-      f'{os.path.basename(args.workdir)}: {len(m.train)} train / {len(m.eval)} eval points'
-      + (f', resumed {len(m.resumes)}×' if m.resumes else ''))
+      f'{os.path.basename(args.workdir)}: {len(m.train)} train / {len(m.eval)} eval points' +
+      (f', resumed {len(m.resumes)}×' if m.resumes else ''))
   return figures.save(fig, _out_path(args, 'curves.png'))
 
 

@@ -71,14 +71,15 @@ def embedding_scatter(points: np.ndarray, labels: np.ndarray, names: Sequence[st
   ax.set_xticks([])
   ax.set_yticks([])
   ax.set_title(title, fontsize=10)
-  ax.legend(loc='center left', bbox_to_anchor=(1.01, 0.5),
-            ncol=max(1, math.ceil(len(present) / 25)), fontsize=8 if len(present) <= 25 else 6,
-            markerscale=1.5, title='class', frameon=False)
+  ax.legend(loc='center left', bbox_to_anchor=(1.01, 0.5), ncol=max(1,
+                                                                    math.ceil(len(present) / 25)),
+            fontsize=8 if len(present) <= 25 else 6, markerscale=1.5, title='class', frameon=False)
   return fig
 
 
 def _series(rows: list[dict], key: str, scale: float = 1.0):
-  pts = [(r['step'], float(r[key]) * scale) for r in rows
+  pts = [(r['step'], float(r[key]) * scale)
+         for r in rows
          if isinstance(r.get(key), (int, float)) and math.isfinite(r[key])]
   return ([s for s, _ in pts], [v for _, v in pts])
 
@@ -111,8 +112,8 @@ def training_curves(train: list[dict], evals: list[dict], resumes: Sequence[int]
     ax_acc.text(0.5, 0.5, 'no eval rows in metrics.jsonl yet', transform=ax_acc.transAxes,
                 ha='center', va='center', color='grey')
   if not _series(train, 'loss')[0] and not evals:
-    ax_loss.text(0.5, 0.5, 'no loss rows', transform=ax_loss.transAxes, ha='center',
-                 va='center', color='grey')
+    ax_loss.text(0.5, 0.5, 'no loss rows', transform=ax_loss.transAxes, ha='center', va='center',
+                 color='grey')
   ax_loss.set_title('loss')
   ax_acc.set_title('accuracy')
   for ax in (ax_loss, ax_acc):

@@ -30,7 +30,7 @@ MIN_MAX_EPS = 1e-8
 
 def _grid(num_patches: int, grid: int | Sequence[int] | None) -> tuple[int, int]:
   if grid is None:
-    side = int(round(num_patches ** 0.5))
+    side = int(round(num_patches**0.5))
     grid = (side, side)
   elif isinstance(grid, int):
     grid = (grid, grid)
@@ -51,8 +51,7 @@ def min_max(maps: jax.Array, eps: float = MIN_MAX_EPS) -> jax.Array:
 
 @functools.partial(jax.jit, static_argnames=('num_prefix', 'grid', 'residual'))
 def attention_rollout(attns: Sequence[jax.Array], num_prefix: int,
-                      grid: int | Sequence[int] | None = None,
-                      residual: float = 0.5) -> jax.Array:
+                      grid: int | Sequence[int] | None = None, residual: float = 0.5) -> jax.Array:
   """Attention rollout from the cls token: per-block [B, heads, T, T] probabilities → [B, gh, gw].
 
       Â_l = (1 − r)·mean_h A_l + r·I,  rows renormalised to sum 1
@@ -134,11 +133,13 @@ def stage_gradients(graphdef, variables: dict, images: jax.Array, stage: str = '
 
   @jax.jit
   def run(probe, rest, images, classes):
+
     def selected_logits(probe):
       logits, out = nnx.merge(probed_def, probe, rest)(images, train=False)
       chosen = jnp.argmax(logits, axis=-1) if classes is None else classes
       picked = jnp.take_along_axis(logits, chosen[:, None].astype(jnp.int32), axis=1)
       return jnp.sum(picked), (logits, out[stage])
+
     grads, (logits, acts) = jax.grad(selected_logits, has_aux=True)(probe)
     return logits, acts, jax.tree.leaves(grads)[0]
 

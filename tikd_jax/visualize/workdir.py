@@ -38,10 +38,10 @@ def read_config(workdir: str):
 
 @dataclasses.dataclass
 class Checkpoint:
-  name: str          # model name in tikd_jax.models.MODELS
-  kwargs: dict       # its build_model keyword arguments
+  name: str  # model name in tikd_jax.models.MODELS
+  kwargs: dict  # its build_model keyword arguments
   graphdef: Any
-  variables: dict    # {'params', 'batch_stats'} as NumPy
+  variables: dict  # {'params', 'batch_stats'} as NumPy
   meta: dict
 
   @property
@@ -98,10 +98,10 @@ def gather(source, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 # ------------------------------------------------------------------------------------ metrics
 @dataclasses.dataclass
 class Metrics:
-  train: list[dict]      # sorted by step; the last row logged for each step
+  train: list[dict]  # sorted by step; the last row logged for each step
   eval: list[dict]
-  resumes: list[int]     # steps at which the train log went back (a resumed run)
-  skipped_lines: int     # unreadable lines (e.g. the half-written last line of a killed run)
+  resumes: list[int]  # steps at which the train log went back (a resumed run)
+  skipped_lines: int  # unreadable lines (e.g. the half-written last line of a killed run)
 
 
 def read_metrics(workdir: str) -> Metrics:
