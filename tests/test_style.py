@@ -1,4 +1,6 @@
 """One formatter (yapf) and one linter (ruff) for the whole tree, configured in pyproject.toml."""
+import ast
+import glob
 import os
 import subprocess
 import sys
@@ -21,3 +23,15 @@ def test_the_tree_is_formatted_by_yapf():
 def test_ruff_finds_nothing():
   out = _run('ruff', 'check', '.')
   assert out.returncode == 0, f'ruff check . (fix with `ruff check --fix .`):\n{out.stdout[-4000:]}'
+
+
+def test_no_function_in_the_trainer_is_longer_than_60_lines():
+  """The trainer reads as small named pieces (README "How it is organised")."""
+  long = []
+  for path in sorted(glob.glob(os.path.join(ROOT, 'tikd_jax', 'train', '*.py'))):
+    for node in ast.walk(ast.parse(open(path).read())):
+      if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+        lines = node.end_lineno - node.lineno + 1
+        if lines > 60:
+          long.append(f'{os.path.relpath(path, ROOT)}:{node.lineno} {node.name} ({lines} lines)')
+  assert not long, long

@@ -93,36 +93,24 @@ def make_train_step(*, graphdef, teacher_graphdef, loss: Loss, tx: optax.Gradien
     teacher, teacher_logits, teacher_out = _teacher_forward(teacher_graphdef, teacher_vars, images)
     epoch = state.step.astype(jnp.float32) // opts.steps_per_epoch + 1.0
 
-    def loss_fn(params, batch_stats=None, objective_state=None, micro=None, rng=model_rng):
-      """The loss of one (micro-)batch; `micro` overrides the full-batch inputs."""
-      x, y_soft, y, t_logits, t_out, text = (images, targets, labels, teacher_logits, teacher_out,
-                                             batch.get('text'))
-      if micro is not None:
-        x, y_soft, y, t_logits, t_out, text = micro
-      bstats = state.batch_stats if batch_stats is None else batch_stats
-      obj_state = state.objective_state if objective_state is None else objective_state
-      student = nnx.merge(graphdef, params['student'], bstats)
+    inputs = (images, targets, labels, teacher_logits, teacher_out, batch.get('text'))
+
+    def loss_fn(params, batch_stats, objective_state, micro, rng):
+      """The loss of one (micro-)batch `micro` (the rows of `inputs`)."""
+      x, y_soft, y, t_logits, t_out, text = micro
+      student = nnx.merge(graphdef, params['student'], batch_stats)
       logits, out = student(x, train=True, rng=rng, text=text, fuse_text=opts.fuse_text)
       ctx = Context(out=out, labels=y, targets=y_soft, epoch=epoch, step=state.step,
                     teacher_logits=t_logits, teacher_out=t_out, text=text, student=student,
                     teacher=teacher)
-      _check_loss_state(loss, params['objective'], obj_state, ctx, opts)
-      total, metrics, new_obj_state = loss(ctx, params['objective'], obj_state)
+      _check_loss_state(loss, params['objective'], objective_state, ctx, opts)
+      total, metrics, new_obj_state = loss(ctx, params['objective'], objective_state)
       new_stats = nnx.to_pure_dict(nnx.state(student, nnx.BatchStat))
       metrics['train_top1'] = jnp.mean(jnp.argmax(logits, -1) == y)
       return total, (metrics, new_stats, new_obj_state)
 
-    k = opts.grad_accum_steps
-    if images.shape[0] % k:
-      raise ValueError(f'batch {images.shape[0]} is not divisible by grad_accum_steps {k}')
-    if k == 1:
-      (total, (metrics, new_stats,
-               new_obj_state)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-    else:
-      total, metrics, new_stats, new_obj_state, grads = _accumulate(loss_fn, state, images, targets,
-                                                                    labels, teacher_logits,
-                                                                    teacher_out, batch, k,
-                                                                    model_rng)
+    total, metrics, new_stats, new_obj_state, grads = _accumulate(loss_fn, state, inputs,
+                                                                  opts.grad_accum_steps, model_rng)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     if frozen_mask is not None:
       updates = zero_frozen(updates, frozen_mask)
@@ -156,9 +144,9 @@ def _check_loss_state(loss, params, state, ctx, opts):
             f'for rows={rows}, num_classes={opts.num_classes}, i.e. from the micro-batch size')
 
 
-def _accumulate(loss_fn, state, images, targets, labels, teacher_logits, teacher_out, batch, k,
-                rng):
-  """Mean loss and gradients over k micro-batches (rows j, j + k, j + 2k, …), scanned.
+def _accumulate(loss_fn, state, inputs, k, rng):
+  """Mean loss and gradients over k micro-batches (rows j, j + k, j + 2k, …), scanned; k = 1 is
+  the plain full-batch value_and_grad with the step's model key `rng`.
 
   PyTorch's accumulation: each micro-batch is a batch of its own, so BatchNorm normalises with
   its statistics and updates the running ones micro-batch after micro-batch, and carried
@@ -167,18 +155,22 @@ def _accumulate(loss_fn, state, images, targets, labels, teacher_logits, teacher
   the step's model key (config.seed, step). Strided rows keep every micro-batch spread over all
   devices of the batch sharding. Losses that are means over examples equal the full batch's.
   """
-  b = images.shape[0]
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+  if k == 1:
+    (loss, (metrics, stats, obj_state)), grads = grad_fn(state.params, state.batch_stats,
+                                                         state.objective_state, inputs, rng)
+    return loss, metrics, stats, obj_state, grads
+  b = inputs[0].shape[0]
+  if b % k:
+    raise ValueError(f'batch {b} is not divisible by grad_accum_steps {k}')
   split = lambda x: None if x is None else jnp.swapaxes(x.reshape((b // k, k) + x.shape[1:]), 0, 1)
-  micro = jax.tree.map(split,
-                       (images, targets, labels, teacher_logits, teacher_out, batch.get('text')))
+  micro = jax.tree.map(split, inputs)
   zeros = jax.tree.map(jnp.zeros_like, state.params)
 
   def body(carry, xs):
     grads_sum, stats, obj_state, i = carry
-    (loss, (metrics, stats,
-            obj_state)), grads = jax.value_and_grad(loss_fn,
-                                                    has_aux=True)(state.params, stats, obj_state,
-                                                                  xs, jax.random.fold_in(rng, i))
+    (loss, (metrics, stats, obj_state)), grads = grad_fn(state.params, stats, obj_state, xs,
+                                                         jax.random.fold_in(rng, i))
     return (jax.tree.map(jnp.add, grads_sum, grads), stats, obj_state, i + 1), (loss, metrics)
 
   (grads, stats, obj_state,
