@@ -39,10 +39,17 @@ def base() -> ConfigDict:
   c.loss_settings = ConfigDict()
   # IRKD saliency alignment (README "IRKD"): 'none' | 'attention' | 'gradient'.
   c.saliency = ConfigDict(dict(kind='none', weight=0.8, layers='', resize_to='teacher'))
+  # eval_features_dir: the eval split's own caption features (tikd.eval_text='captions').
   c.text = ConfigDict(
-      dict(features_dir='', class_prompt_encoder='', class_prompt_template='a photo of a {name}.'))
+      dict(features_dir='', eval_features_dir='', class_prompt_encoder='',
+           class_prompt_template='a photo of a {name}.'))
+  # eval_text: the headline test-time text ('predicted' | 'none' | 'captions' | 'released'; all
+  # available ones are reported). fusion_text: what the fused pass trains on ('caption' |
+  # 'predicted' | 'scheduled'). self_distill_weight: KD from the fused to the first pass.
+  # README "Caption-free inference".
   c.tikd = ConfigDict(
-      dict(fuse_text=False, alignment_beta=0.1, text_predictor_weight=1.0, eval_text='predicted'))
+      dict(fuse_text=False, alignment_beta=0.1, text_predictor_weight=1.0, eval_text='predicted',
+           fusion_text='caption', self_distill_weight=0.0))
   # Off by default; `deit_augment` turns on DeiT's recipe (DeiT main.py defaults; README "TIKD").
   c.augment = ConfigDict(
       dict(randaugment=False, randaugment_num_ops=2, randaugment_magnitude=9.0,

@@ -249,6 +249,23 @@ def text_predictor(ctx: Context):
   return loss, {'text_predictor_loss': loss}
 
 
+@register('tikd_self_distill')
+def tikd_self_distill(ctx: Context, temperature: float = 1.0):
+  """Text-guided self-distillation (ours, for caption-free inference): the fused pass, which saw
+  the caption, teaches the first pass, which needs none. KD (fused → first, T²-scaled) on the
+  logits eval uses, the mean of the heads; no gradient into the fused side."""
+  if 'first_cls_logits' not in ctx.out:
+    raise ValueError("loss term 'tikd_self_distill' needs the fused TIKD pass: use it in a stage "
+                     "with fuse_text=True on a model built with text_dim")
+  loss = kd_loss(_mean_of_heads(ctx.out, 'first_'), _mean_of_heads(ctx.out, ''), temperature)
+  return loss, {'self_distill_loss': loss}
+
+
+def _mean_of_heads(out: Mapping[str, jax.Array], prefix: str) -> jax.Array:
+  heads = [out[f'{prefix}{h}_logits'] for h in ('cls', 'dist') if f'{prefix}{h}_logits' in out]
+  return sum(heads) / len(heads)
+
+
 # ----------------------------------------------------------------------------- IRKD saliency
 def _parse_layers(spec):
   if spec in ('', 'all', None):

@@ -320,11 +320,14 @@ class DistilledViT(nnx.Module):
 
   # ------------------------------------------------------------------ forward
   def __call__(self, images, *, train: bool = False, rng: jax.Array | None = None,
-               text: jax.Array | None = None, fuse_text: bool = False):
+               text: jax.Array | None = None, fuse_text: bool = False,
+               text_keep: jax.Array | None = None):
     """images: [B, H, W, 3] floats in [0, 1]. text: [B, text_dim] caption features or None.
 
     With `fuse_text` (TIKD models only) the second, text-conditioned pass produces the logits;
-    `text=None` then uses the text predictor's output (caption-free inference).
+    `text=None` then uses the text predictor's output (caption-free inference). `text_keep` [B]
+    bool picks per example: True fuses `text`, False the predictor's output (scheduled
+    sampling). The first pass's head logits stay in `out` as `first_{cls,dist}_logits`.
     """
     out: dict[str, jax.Array] = {}
     if not train:
@@ -342,13 +345,25 @@ class DistilledViT(nnx.Module):
     if fuse_text:
       if self.text_dim is None:
         raise ValueError('fuse_text=True needs a TIKD model: build it with text_dim set')
-      x = self._text_fusion(x, text, out, r2)
+      first = {}
+      self.heads(x, first, train)
+      out.update({f'first_{k}': v for k, v in first.items() if k.endswith('_logits')})
+      x = self._text_fusion(x, self._fusion_text(text, text_keep, out), out, r2)
     return self.heads(x, out, train), out
+
+  @staticmethod
+  def _fusion_text(text, keep, out):
+    """The text the second pass fuses: the caption feature, or the predictor's output (no
+    gradient into the predictor through fusion: captions alone train it)."""
+    predicted = jax.lax.stop_gradient(out['text_pred'])
+    if text is None:
+      return predicted
+    if keep is None:
+      return text.astype(jnp.float32)
+    return jnp.where(keep[:, None], text.astype(jnp.float32), predicted)
 
   def _text_fusion(self, x, text, out, rng):
     """TIKD's released fusion: cos-weighted tokens → text_decoder → second pass with value bias."""
-    if text is None:
-      text = jax.lax.stop_gradient(out['text_pred'])
     t = text.astype(jnp.float32)
     if self.text_adapter is not None:
       t = self.text_adapter(t.astype(x.dtype)).astype(jnp.float32)

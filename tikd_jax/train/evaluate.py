@@ -7,10 +7,12 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 
 from tikd_jax import sharding as sharding_lib
 from tikd_jax import xla_options
 from tikd_jax.data import build_source, pipeline
+from tikd_jax.data.text_features import load_text_features
 from tikd_jax.models import cpu_fast_layers
 from tikd_jax.models.variables import load_model
 from tikd_jax.train import checkpoint as ckpt_lib
@@ -19,21 +21,63 @@ from tikd_jax.train.run import Run, place
 from tikd_jax.train.state import TrainState
 from tikd_jax.train.step import make_eval_step
 
+# TIKD's text inputs at test time (`config.tikd.eval_text` picks the headline one); the suffix
+# of each one's metrics (`top1_no_text`, …).
+EVAL_TEXT = {
+    'predicted': 'predicted', 'none': 'no_text', 'captions': 'captions', 'released': 'released'
+}
+
 
 def evaluate(run: Run, state: TrainState, phase: Phase) -> dict[str, float]:
   """The eval split's metrics for `state`, trained so far in `phase`.
 
-  After a text-fusing phase with `tikd.eval_text='predicted'` (caption-free TIKD) the fused pass
-  is what counts, and the first pass alone is reported beside it as `*_no_text`.
+  After a text-fusing phase every available text input is evaluated side by side (README
+  "Caption-free inference"): 'predicted' (the text predictor's output: caption-free), 'none'
+  (the first pass alone), 'captions' (the test split's own captions, `text.eval_features_dir`)
+  and 'released' (rows 0…b−1 of the train feature file for every batch, as the released code
+  does). `top1` etc. are the `tikd.eval_text` one's; each mode's are also under `top1_<suffix>`.
   """
-  eval_text = run.config.tikd.eval_text
-  fused = phase.fuse_text and eval_text == 'predicted'
-  metrics = evaluate_source(_eval_step(run, fused), state.params, state.batch_stats, run.data.eval,
-                            batch_size=run.config.eval_batch_size, data_sharding=run.data_sharding)
-  if fused:
-    plain = evaluate_source(_eval_step(run, False), state.params, state.batch_stats, run.data.eval,
-                            batch_size=run.config.eval_batch_size, data_sharding=run.data_sharding)
-    metrics.update({f'{k}_no_text': v for k, v in plain.items() if k != 'count'})
+  modes = ('none',)
+  if phase.fuse_text:
+    modes = tuple(m for m in EVAL_TEXT if _eval_text_features(run, m) is not False)
+  return evaluate_modes(lambda mode: _eval_step(run, mode != 'none'), state.params,
+                        state.batch_stats, run.data.eval, modes=modes,
+                        headline=run.config.tikd.eval_text,
+                        texts={m: _eval_text_features(run, m) for m in modes},
+                        batch_size=run.config.eval_batch_size, data_sharding=run.data_sharding)
+
+
+def _eval_text_features(run: Run, mode: str):
+  """The per-example text of the eval split for `mode`: None (none needed) or False (not
+  available in this run)."""
+  if mode in ('predicted', 'none'):
+    return None
+  if mode == 'captions':
+    return False if run.data.eval_text_features is None else run.data.eval_text_features
+  if run.data.text_features is None:
+    return False
+  return released_rows(run.data.text_features, len(run.data.eval), run.config.eval_batch_size)
+
+
+def released_rows(features: np.ndarray, num_examples: int, batch_size: int) -> np.ndarray:
+  """The released code's text for `num_examples` examples in batches of `batch_size`: rows
+  0…b−1 of the train feature file for every batch (JSJ515-Group/TIKD main.py calls
+  `model.set_text_features` once with every caption, and the model takes the first B rows)."""
+  return features[np.arange(num_examples) % batch_size]
+
+
+def evaluate_modes(eval_step_for, params, batch_stats, source, *, modes, headline, texts,
+                   batch_size, data_sharding) -> dict[str, float]:
+  """`evaluate_source` once per text mode; the `headline` mode's metrics (or the first pass's
+  when it is not among `modes`) unsuffixed, every mode's with its suffix."""
+  metrics = {}
+  for mode in modes:
+    m = evaluate_source(eval_step_for(mode), params, batch_stats, source, batch_size=batch_size,
+                        data_sharding=data_sharding, text_features=texts[mode])
+    if mode == headline or (headline not in modes and mode == 'none'):
+      metrics.update(m)
+    if len(modes) > 1:
+      metrics.update({f'{k}_{EVAL_TEXT[mode]}': v for k, v in m.items() if k != 'count'})
   return metrics
 
 
@@ -41,8 +85,8 @@ def _eval_step(run: Run, fuse_text: bool):
   key = ('eval', fuse_text)
   if key not in run.compiled_steps:
     run.compiled_steps[key] = jax.jit(
-        make_eval_step(graphdef=run.student.graphdef, eval_text=run.config.tikd.eval_text,
-                       fuse_text=fuse_text), compiler_options=run.compiler_options)
+        make_eval_step(graphdef=run.student.graphdef, fuse_text=fuse_text),
+        compiler_options=run.compiler_options)
   return run.compiled_steps[key]
 
 
@@ -84,11 +128,27 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict
   variables = {'params': {'student': loaded['params']}, 'batch_stats': loaded['batch_stats']}
   rules = [tuple(r) for r in config.sharding_rules]
   variables = place(variables, sharding_lib.param_shardings(variables, mesh, rules))
-  fuse = bool(meta['model']['kwargs'].get('text_dim')) and config.tikd.eval_text == 'predicted'
-  eval_step = jax.jit(
-      make_eval_step(graphdef=graphdef, eval_text=config.tikd.eval_text, fuse_text=fuse),
-      compiler_options=xla_options.compiler_options(config.xla_options))
-  result = evaluate_source(eval_step, variables['params'], variables['batch_stats'], eval_source,
-                           batch_size=config.eval_batch_size,
-                           data_sharding=sharding_lib.batch_sharding(mesh))
+  # The fused modes need a TIKD model; 'captions' the eval split's caption features.
+  modes = ('none',)
+  texts = {'none': None, 'predicted': None}
+  if meta['model']['kwargs'].get('text_dim'):
+    modes = ('predicted', 'none')
+    if config.text.eval_features_dir:
+      texts['captions'] = load_text_features(config.text.eval_features_dir, eval_source)
+      modes += ('captions',)
+    if config.tikd.eval_text == 'released':  # the only mode that reads training captions
+      train = load_text_features(config.text.features_dir,
+                                 build_source(config.data, config.data.train_split))
+      texts['released'] = released_rows(train, len(eval_source), config.eval_batch_size)
+      modes += ('released',)
+  options = xla_options.compiler_options(config.xla_options)
+  steps = {
+      fuse: jax.jit(make_eval_step(graphdef=graphdef, fuse_text=fuse), compiler_options=options)
+      for fuse in (False, True)
+  }
+  result = evaluate_modes(lambda mode: steps[mode != 'none'], variables['params'],
+                          variables['batch_stats'], eval_source, modes=modes,
+                          headline=config.tikd.eval_text, texts=texts,
+                          batch_size=config.eval_batch_size,
+                          data_sharding=sharding_lib.batch_sharding(mesh))
   return dict(result, step=meta.get('step'), num_params=meta.get('num_params'))

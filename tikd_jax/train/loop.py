@@ -16,7 +16,7 @@ import numpy as np
 
 from tikd_jax.data import pipeline
 from tikd_jax.train import checkpoint as ckpt_lib
-from tikd_jax.train.evaluate import evaluate, format_eval
+from tikd_jax.train.evaluate import EVAL_TEXT, evaluate, format_eval
 from tikd_jax.train.logger import MetricLogger
 from tikd_jax.train.plan import Phase, phase_at
 from tikd_jax.train.preemption import StopRequest
@@ -225,7 +225,11 @@ def _flush(run: Run, progress: Progress, out: Outputs) -> None:
 def _evaluate_and_log(run: Run, state: TrainState, step: int, logger: MetricLogger) -> dict:
   t = time.time()
   m = evaluate(run, state, run.phases[phase_at(run.phases, step - 1)])
-  extra = f'; first pass only: Acc@1 {m["top1_no_text"]:.3f}' if 'top1_no_text' in m else ''
+  modes = [
+      f'{mode} {m[f"top1_{suffix}"]:.3f}' for mode, suffix in EVAL_TEXT.items()
+      if f'top1_{suffix}' in m
+  ]
+  extra = f'; Acc@1 by text input: {", ".join(modes)}' if modes else ''
   logger.message(f'{run.config.name}[step {step}] {format_eval(m)} '
                  f'({m["count"]} examples, {time.time() - t:.1f}s{extra})')
   logger.write(step, m, kind='eval')

@@ -44,10 +44,12 @@ def saliency_terms(saliency) -> tuple[tuple[str, float], ...]:
 
 
 def tikd_terms(*, fuse_text: bool, alignment_beta: float, text_predictor_weight: float,
-               has_text: bool) -> tuple[tuple[str, float], ...]:
+               has_text: bool, self_distill_weight: float = 0.0) -> tuple[tuple[str, float], ...]:
   terms = []
   if fuse_text and alignment_beta:
     terms.append(('tikd_alignment', float(alignment_beta)))
+  if fuse_text and self_distill_weight:
+    terms.append(('tikd_self_distill', float(self_distill_weight)))
   if has_text and text_predictor_weight:
     terms.append(('text_predictor', float(text_predictor_weight)))
   return tuple(terms)
@@ -84,10 +86,10 @@ def stage_terms(config, stage: dict, *, fuse_text: bool, alignment_beta: float,
   explicit = stage.get('loss') or config.loss  # a stage's keys are optional (plan._STAGE_KEYS)
   if explicit:
     return tuple((str(name), float(weight)) for name, weight in explicit)
-  return (method_terms(config.distill) +
-          tikd_terms(fuse_text=fuse_text, alignment_beta=alignment_beta,
-                     text_predictor_weight=text_predictor_weight, has_text=bool(
-                         config.text.features_dir)) + saliency_terms(config.saliency))
+  return (method_terms(config.distill) + tikd_terms(
+      fuse_text=fuse_text, alignment_beta=alignment_beta,
+      text_predictor_weight=text_predictor_weight, has_text=bool(config.text.features_dir),
+      self_distill_weight=config.tikd.self_distill_weight) + saliency_terms(config.saliency))
 
 
 def method_loss(distill, extra: tuple[tuple[str, float], ...] = ()):

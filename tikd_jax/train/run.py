@@ -28,7 +28,7 @@ from tikd_jax.train import optim
 from tikd_jax.train.loss_config import term_settings
 from tikd_jax.train.plan import Phase, build_phases
 from tikd_jax.train.state import TrainState, init_train_state
-from tikd_jax.train.step import StepOptions, loss_shapes, make_train_step
+from tikd_jax.train.step import FUSION_TEXT, StepOptions, loss_shapes, make_train_step
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,6 +39,7 @@ class Data:
   num_classes: int
   steps_per_epoch: int
   text_features: np.ndarray | None  # caption features, one row per train example (TIKD)
+  eval_text_features: np.ndarray | None  # the eval split's own caption features, if encoded
   host_augment: Callable | None  # per example, in the grain workers (RandAugment)
   batch_augment: Callable | None  # per batch, inside the jitted step (erasing, Mixup/CutMix)
   num_workers: int
@@ -107,7 +108,7 @@ def setup(config: ml_collections.ConfigDict, workdir: str, *, sources: tuple | N
   rules = [tuple(r) for r in config.sharding_rules]
   data = load_data(config, sources)
   phases = build_phases(config, data.steps_per_epoch)
-  _check_text_for(phases, data)
+  _check_text_for(phases, data, config.tikd)
   student = student_model(config, data)
   settings = term_settings(config)
   loss = Loss(tuple(dict.fromkeys(t for p in phases for t in p.loss)), settings)
@@ -153,7 +154,9 @@ def train_step_for(run: Run, phase: Phase):
                        seed=config.seed, label_smoothing=config.label_smoothing,
                        fuse_text=phase.fuse_text, frozen=phase.frozen,
                        batch_augment=run.data.batch_augment,
-                       grad_accum_steps=config.grad_accum_steps)
+                       grad_accum_steps=config.grad_accum_steps,
+                       fusion_text=config.tikd.fusion_text, phase_steps=(phase.start_step,
+                                                                         phase.end_step))
     frozen_mask = (optim.frozen_mask(run.state_shardings.params, phase.frozen)
                    if phase.frozen else None)
     fn = make_train_step(graphdef=run.student.graphdef,
@@ -181,7 +184,8 @@ def load_data(config, sources: tuple | None = None) -> Data:
   host_augment, batch_augment = build_augmentations(config)
   return Data(train=train, eval=eval_, num_classes=train.num_classes,
               steps_per_epoch=steps_per_epoch,
-              text_features=load_train_text_features(config, train), host_augment=host_augment,
+              text_features=load_train_text_features(config, train),
+              eval_text_features=_load_eval_text_features(config, eval_), host_augment=host_augment,
               batch_augment=batch_augment,
               num_workers=pipeline.resolve_num_workers(config.data.num_workers))
 
@@ -232,13 +236,31 @@ def load_train_text_features(config, train_source) -> np.ndarray | None:
   return load_text_features(text.features_dir, train_source)
 
 
-def _check_text_for(phases: list[Phase], data: Data) -> None:
+def _load_eval_text_features(config, eval_source) -> np.ndarray | None:
+  """The eval split's own caption features (`text.eval_features_dir`: `python -m
+  tikd_jax.text_teacher caption/encode` on that split), for eval_text='captions'."""
+  if not config.text.eval_features_dir:
+    return None
+  from tikd_jax.data.text_features import load_text_features  # pylint: disable=g-import-not-at-top
+  return load_text_features(config.text.eval_features_dir, eval_source)
+
+
+def _check_text_for(phases: list[Phase], data: Data, tikd) -> None:
   fusing = [p.name for p in phases if p.fuse_text]
   if fusing and data.text_features is None:
     raise ValueError(f'stage(s) {fusing} fuse text but config.text.features_dir is empty: '
                      f'generate caption features (python -m tikd_jax.text_teacher, see README) '
                      f'and pass --config.text.features_dir=DIR, or use a config without text '
                      f'stages (e.g. configs/tikd_cifar100.py:large,hard,notext)')
+  from tikd_jax.train.evaluate import EVAL_TEXT  # pylint: disable=g-import-not-at-top
+  if tikd.eval_text not in EVAL_TEXT:
+    raise ValueError(f'tikd.eval_text={tikd.eval_text!r}: use one of {sorted(EVAL_TEXT)}')
+  if tikd.eval_text == 'captions' and data.eval_text_features is None:
+    raise ValueError("tikd.eval_text='captions' reads the eval split's own caption features: "
+                     'caption and encode that split (python -m tikd_jax.text_teacher, README "The '
+                     'text teacher") and pass --config.text.eval_features_dir=DIR')
+  if tikd.fusion_text not in FUSION_TEXT:
+    raise ValueError(f'tikd.fusion_text={tikd.fusion_text!r}: use one of {FUSION_TEXT}')
 
 
 # ------------------------------------------------------------------------------------ models

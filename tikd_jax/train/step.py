@@ -20,6 +20,8 @@ from tikd_jax.losses.terms import Context, Loss
 from tikd_jax.train.optim import zero_frozen
 from tikd_jax.train.state import TrainState
 
+FUSION_TEXT = ('caption', 'predicted', 'scheduled')
+
 
 @dataclasses.dataclass(frozen=True)
 class StepOptions:
@@ -33,6 +35,11 @@ class StepOptions:
   frozen: tuple[str, ...] = ()  # regexes of frozen parameter paths
   batch_augment: Callable | None = None  # (images, labels, num_classes, rng) → (images, targets)
   grad_accum_steps: int = 1  # micro-batches per optimizer step (gradients averaged)
+  # What TIKD's second pass fuses in training (`tikd.fusion_text`): 'caption' | 'predicted' (the
+  # text predictor's output) | 'scheduled' (caption with a probability falling linearly from 1 to
+  # 0 over the phase's steps `phase_steps`, else the prediction).
+  fusion_text: str = 'caption'
+  phase_steps: tuple[int, int] = (0, 1)
 
 
 def _teacher_forward(teacher_graphdef, teacher_vars, images):
@@ -93,13 +100,15 @@ def make_train_step(*, graphdef, teacher_graphdef, loss: Loss, tx: optax.Gradien
     teacher, teacher_logits, teacher_out = _teacher_forward(teacher_graphdef, teacher_vars, images)
     epoch = state.step.astype(jnp.float32) // opts.steps_per_epoch + 1.0
 
-    inputs = (images, targets, labels, teacher_logits, teacher_out, batch.get('text'))
+    keep = _caption_keep(opts, state.step, jax.random.fold_in(rng, 2), labels.shape[0])
+    inputs = (images, targets, labels, teacher_logits, teacher_out, batch.get('text'), keep)
 
     def loss_fn(params, batch_stats, objective_state, micro, rng):
       """The loss of one (micro-)batch `micro` (the rows of `inputs`)."""
-      x, y_soft, y, t_logits, t_out, text = micro
+      x, y_soft, y, t_logits, t_out, text, text_keep = micro
       student = nnx.merge(graphdef, params['student'], batch_stats)
-      logits, out = student(x, train=True, rng=rng, text=text, fuse_text=opts.fuse_text)
+      logits, out = student(x, train=True, rng=rng, text=text, fuse_text=opts.fuse_text,
+                            text_keep=text_keep)
       ctx = Context(out=out, labels=y, targets=y_soft, epoch=epoch, step=state.step,
                     teacher_logits=t_logits, teacher_out=t_out, text=text, student=student,
                     teacher=teacher)
@@ -122,6 +131,21 @@ def make_train_step(*, graphdef, teacher_graphdef, loss: Loss, tx: optax.Gradien
     return new_state, metrics
 
   return train_step
+
+
+def _caption_keep(opts: StepOptions, step, rng, rows: int):
+  """Per example: True fuses its caption, False the text predictor's output; None: captions
+  for all (the released fusion). Training on the predictor's output is what caption-free
+  inference will see (`tikd.fusion_text`, README "Caption-free inference")."""
+  if not opts.fuse_text or opts.fusion_text == 'caption':
+    return None
+  if opts.fusion_text == 'predicted':
+    return jnp.zeros((rows,), bool)
+  if opts.fusion_text not in FUSION_TEXT:
+    raise ValueError(f'tikd.fusion_text={opts.fusion_text!r}: use one of {FUSION_TEXT}')
+  start, end = opts.phase_steps
+  caption_probability = 1.0 - (step - start).astype(jnp.float32) / max(end - start, 1)
+  return jax.random.uniform(rng, (rows,)) < caption_probability
 
 
 def _check_loss_state(loss, params, state, ctx, opts):
@@ -180,18 +204,18 @@ def _accumulate(loss_fn, state, inputs, k, rng):
   return (jnp.mean(losses_), jax.tree.map(jnp.mean, metrics), stats, obj_state, grads)
 
 
-def make_eval_step(*, graphdef, eval_text: str = 'none', fuse_text: bool = False):
+def make_eval_step(*, graphdef, fuse_text: bool = False):
   """(params, batch_stats, batch) → summed loss / top-1 / top-5 / count over real rows.
 
-  `eval_text`: 'none' (first pass only), 'predicted' (the text predictor stands in for the
-  caption) — eval never reads training captions.
+  Without `fuse_text`, the first pass alone. With it, TIKD's second pass fuses the batch's
+  `text` (the test split's own captions, or the released code's rows) or, when the batch has
+  none, the text predictor's output (caption-free).
   """
-  use_fusion = fuse_text and eval_text == 'predicted'
 
   def eval_step(params, batch_stats, batch):
     student = nnx.merge(graphdef, params['student'], batch_stats)
     images = batch['image'].astype(jnp.float32) / 255.0
-    logits, _ = student(images, train=False, text=None, fuse_text=use_fusion)
+    logits, _ = student(images, train=False, text=batch.get('text'), fuse_text=fuse_text)
     mask = batch['mask']
     ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch['label'])
     return {
