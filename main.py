@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import statistics
 import sys
 
 from absl import app
@@ -60,7 +62,10 @@ def run(config, workdir: str, mode: str) -> dict:
         if 'text' in sub and sub.text.features_dir:
           sub.text.features_dir = sub.text.features_dir.format(workdir=workdir)
       results[name] = run(sub, sub_dir, mode)
-    _print_summary(results, config)
+    summary = _summary(results, config)
+    print(summary, flush=True)
+    with open(os.path.join(workdir, 'summary.txt'), 'w') as f:
+      f.write(summary + '\n')
     return results
   if mode == 'eval':
     result = trainer.evaluate_checkpoint(config, workdir)
@@ -70,13 +75,29 @@ def run(config, workdir: str, mode: str) -> dict:
   return result
 
 
-def _print_summary(results: dict, config) -> None:
-  rows = [(name, r) for name, r in results.items() if isinstance(r, dict) and 'top1' in r]
-  print('\n' + config.get('summary_title', 'Summary'))
-  print(f'{"run":<24}{"params":>12}{"Acc@1":>9}{"Acc@5":>9}{"loss":>8}')
-  for name, r in rows:
-    print(f'{name:<24}{r.get("num_params", 0):>12,}{r["top1"]:>9.2f}{r["top5"]:>9.2f}'
-          f'{r["loss"]:>8.3f}')
+def _summary(results: dict, config) -> str:
+  """One row per run; runs named `<run>_seed<k>` are one row, mean ± std (n − 1) over seeds."""
+  groups: dict[str, list[dict]] = {}
+  for name, r in results.items():
+    if isinstance(r, dict) and 'top1' in r:
+      groups.setdefault(re.sub(r'_seed\d+$', '', name), []).append(r)
+  lines = [
+      '',
+      config.get('summary_title', 'Summary'),  # a suite config has no base()
+      f'{"run":<24}{"params":>12}{"Acc@1":>16}{"Acc@5":>16}{"loss":>8}  seeds'
+  ]
+  for name, rows in groups.items():
+    cells = [_mean_std([r[k] for r in rows]) for k in ('top1', 'top5')]
+    loss = sum(r['loss'] for r in rows) / len(rows)
+    lines.append(f'{name:<24}{rows[0].get("num_params", 0):>12,}{cells[0]:>16}{cells[1]:>16}'
+                 f'{loss:>8.3f}  {len(rows)}')
+  return '\n'.join(lines)
+
+
+def _mean_std(values: list[float]) -> str:
+  if len(values) == 1:
+    return f'{values[0]:.2f}'
+  return f'{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}'
 
 
 def main(argv):

@@ -18,7 +18,7 @@ from typing import Any, Callable, Mapping, Sequence
 import jax
 import jax.numpy as jnp
 
-from tikd_jax.losses.classification import cross_entropy
+from tikd_jax.losses.classification import cross_entropy, one_hot_smoothed
 from tikd_jax.losses.ctkd import (ctkd_init_raw_temperature, ctkd_lambda, ctkd_loss,
                                   ctkd_temperature)
 from tikd_jax.losses.dkd import dkd_loss, dkd_warmup_factor
@@ -168,9 +168,26 @@ def soft(ctx: Context, temperature: float = 1.0):
 
 
 @register('hard', needs_teacher=True)
-def hard(ctx: Context):
-  """DeiT hard distillation: CE against the teacher's argmax (losses.py, 'hard')."""
-  loss = hard_distillation_loss(ctx.distill_logits, _teacher_logits(ctx, 'hard'))
+def hard(ctx: Context, label_smoothing: float = 0.0):
+  """DeiT hard distillation: CE against the teacher's argmax (losses.py, 'hard'). The code
+  smooths nothing; `label_smoothing` > 0 smooths the teacher's label as DeiT's paper (§5.1)
+  suggests."""
+  return _hard_label_loss(ctx.distill_logits, _teacher_logits(ctx, 'hard'), label_smoothing)
+
+
+@register('hard_oracle')
+def hard_oracle(ctx: Context, label_smoothing: float = 0.0):
+  """`hard` with the data's own label (the argmax of the smoothed / mixed target) in place of
+  the teacher's: the two-head mechanism without teacher knowledge, the control for `hard`."""
+  return _hard_label_loss(ctx.distill_logits, ctx.targets, label_smoothing)
+
+
+def _hard_label_loss(logits, label_logits, label_smoothing: float):
+  if not label_smoothing:
+    loss = hard_distillation_loss(logits, label_logits)
+  else:
+    labels = jnp.argmax(jax.lax.stop_gradient(label_logits), axis=-1)
+    loss = cross_entropy(logits, one_hot_smoothed(labels, logits.shape[-1], label_smoothing))
   return loss, {'distill_loss': loss}
 
 

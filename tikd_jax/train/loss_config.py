@@ -4,7 +4,7 @@
 and a stage may override it (`loss=...`). Left empty, `config.distill.method` is a shorthand
 with the weights of README "Distillation methods" (α = distill.alpha):
   none                 ce
-  soft|hard|kd|ctkd    base_weight·ce + distill_weight·method   (default 1 − α, α)
+  soft|hard|kd|ctkd|hard_oracle  base_weight·ce + distill_weight·method  (default 1 − α, α)
   dkd                  base_weight·ce + dkd    (base_weight default 1; the warm-up is in dkd)
   pkcd                 base_weight·ce + pkcd   (base_weight default 1)
 plus TIKD's alignment_beta·tikd_alignment in stages that fuse text, text_predictor_weight·
@@ -16,7 +16,8 @@ from __future__ import annotations
 
 from typing import Any
 
-DISTILL_METHODS = ('none', 'soft', 'hard', 'kd', 'ctkd', 'dkd', 'pkcd')
+# hard_oracle: hard with the data's own label as the teacher (a control, README "The demo").
+DISTILL_METHODS = ('none', 'soft', 'hard', 'hard_oracle', 'kd', 'ctkd', 'dkd', 'pkcd')
 SALIENCY_KINDS = ('none', 'attention', 'gradient')
 
 
