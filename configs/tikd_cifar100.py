@@ -70,5 +70,8 @@ def released_recipe(c: common.ConfigDict) -> None:
   c.tikd.fuse_text = True  # one phase: the released model fuses in every forward
   c.tikd.text_rows = 'released'
   c.tikd.eval_text = 'released'
+  # Its eval batch is 1.5 × the train batch (main.py data_loader_val); with text rows 0..b-1
+  # per eval batch of b, this decides which test image meets which caption row.
+  c.eval_batch_size = int(1.5 * c.batch_size)
   c.tikd.alignment_beta = 0.0
   c.tikd.text_predictor_weight = 0.0

@@ -204,6 +204,7 @@ def test_released_preset_is_one_fused_phase_with_the_released_terms(method):
   assert settings['soft'] == settings['kd'] == {'temperature': RELEASED_TAU}
   assert settings['dkd']['temperature'] == RELEASED_TAU
   assert (c.tikd.text_rows, c.tikd.eval_text) == ('released', 'released')
+  assert c.eval_batch_size == 384  # main.py: int(1.5 * args.batch_size)
   assert c.augment.mixup_alpha == 0.8 and c.label_smoothing == 0.1  # DeiT's augmentation kept
 
 
