@@ -29,8 +29,10 @@ def base() -> ConfigDict:
            std=CIFAR100_STD))
   c.teacher = ConfigDict(
       dict(name='resnet32x4', checkpoint='', mean=CIFAR100_MEAN, std=CIFAR100_STD))
+  # base: how the base CE (and DKD / PKCD's label) read the targets: 'deit' soft targets, or
+  # 'released' their argmax as the released TIKD code does (train/loss_config.py BASES).
   c.distill = ConfigDict(
-      dict(method='hard', alpha=0.5, base_weight=placeholder(float),
+      dict(method='hard', base='deit', alpha=0.5, base_weight=placeholder(float),
            distill_weight=placeholder(float), temperature=4.0, dkd_alpha=1.0, dkd_beta=8.0,
            dkd_warmup_epochs=20, ctkd_ramp_epochs=10))
   # The loss as (term, weight) pairs, e.g. (('ce', 0.5), ('hard', 0.5)); empty: distill.method's
@@ -46,10 +48,12 @@ def base() -> ConfigDict:
   # eval_text: the headline test-time text ('predicted' | 'none' | 'captions' | 'released'; all
   # available ones are reported). fusion_text: what the fused pass trains on ('caption' |
   # 'predicted' | 'scheduled'). self_distill_weight: KD from the fused to the first pass.
-  # README "Caption-free inference".
+  # README "Caption-free inference". text_rows: which caption rows a train batch carries:
+  # 'index' (each image its own caption) or 'released' (rows 0..B-1 for every batch, as the
+  # released code; data/pipeline.py TEXT_ROWS).
   c.tikd = ConfigDict(
       dict(fuse_text=False, alignment_beta=0.1, text_predictor_weight=1.0, eval_text='predicted',
-           fusion_text='caption', self_distill_weight=0.0))
+           fusion_text='caption', self_distill_weight=0.0, text_rows='index'))
   # Off by default; `deit_augment` turns on DeiT's recipe (DeiT main.py defaults; README "TIKD").
   c.augment = ConfigDict(
       dict(randaugment=False, randaugment_num_ops=2, randaugment_magnitude=9.0,

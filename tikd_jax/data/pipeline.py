@@ -25,8 +25,31 @@ def resolve_num_workers(num_workers: int) -> int:
   return max(0, min(16, (os.cpu_count() or 1) - 1))
 
 
+# Which caption-feature rows a train batch carries (config.tikd.text_rows): 'index', each image
+# its own caption's row; 'released', rows 0..B-1 of the feature file for every batch of B, as the
+# released TIKD code does (JSJ515-Group/TIKD models.py: `set_text_features` once, then
+# `self.text_features[:B]` in every forward).
+TEXT_ROWS = ('index', 'released')
+
+
 def _attach_text(element: dict, features: np.ndarray) -> dict:
   return {**element, 'text': np.asarray(features[element['index']], np.float32)}
+
+
+def released_text_rows(features: np.ndarray, batch_size: int, process_index: int = 0,
+                       process_count: int = 1) -> np.ndarray:
+  """Rows 0..B−1 of `features` (B = batch_size · process_count, the global batch), the part of
+  them that process `process_index` holds: rows p·b … (p + 1)·b − 1 of its per-process batch b."""
+  if len(features) < batch_size * process_count:
+    raise ValueError(f"text_rows='released' gives a batch of {batch_size * process_count} rows "
+                     f"0..{batch_size * process_count - 1} of the text features, which have only "
+                     f"{len(features)} rows: use a smaller batch or text_rows='index'")
+  start = process_index * batch_size
+  return np.asarray(features[start:start + batch_size], np.float32)
+
+
+def _with_text(batch: dict, rows: np.ndarray) -> dict:
+  return {**batch, 'text': rows}
 
 
 CROP_MODES = ('crop', 'resize')
@@ -44,7 +67,7 @@ def _augment(element: dict, rng: np.random.Generator, crop_size: int | None, pad
 
 def train_dataset(source, *, batch_size: int, seed: int, crop_padding: int = 4,
                   crop_size: int | None = None, crop_mode: str = 'crop', flip: bool = True,
-                  text_features: np.ndarray | None = None,
+                  text_features: np.ndarray | None = None, text_rows: str = 'index',
                   extra_augment: Callable[[dict, np.random.Generator], dict] | None = None,
                   process_index: int = 0, process_count: int = 1) -> grain.MapDataset:
   """Shuffled (anew every epoch), repeated, augmented, batched train stream of one process.
@@ -53,12 +76,15 @@ def train_dataset(source, *, batch_size: int, seed: int, crop_padding: int = 4,
   position), so the stream is the same whatever the number of workers and resumes exactly.
   `crop_size` (IRKD's low resolution) with `crop_mode` 'crop' takes a crop_size window of the
   padded image (the original IRKD notebooks); 'resize' downscales the whole augmented image.
+  With `text_features`, each batch carries `text`: the rows `text_rows` names (TEXT_ROWS).
   """
   if crop_mode not in CROP_MODES:
     raise ValueError(f'crop_mode {crop_mode!r}: use one of {CROP_MODES} '
                      f'(config.curriculum.mode)')
+  if text_rows not in TEXT_ROWS:
+    raise ValueError(f'text_rows {text_rows!r}: use one of {TEXT_ROWS} (config.tikd.text_rows)')
   ds = grain.MapDataset.source(source).seed(seed).shuffle().repeat()
-  if text_features is not None:
+  if text_features is not None and text_rows == 'index':
     ds = ds.map(functools.partial(_attach_text, features=text_features))
   ds = ds.random_map(
       functools.partial(_augment, crop_size=crop_size, padding=crop_padding, flip=flip,
@@ -71,6 +97,9 @@ def train_dataset(source, *, batch_size: int, seed: int, crop_padding: int = 4,
     # elements, in order, so the global batch is exactly the single-process one (same rows, same
     # augmentation draws, same row order for the per-row randomness inside the step).
     ds = ds[process_index::process_count]
+  if text_features is not None and text_rows == 'released':
+    rows = released_text_rows(text_features, batch_size, process_index, process_count)
+    ds = ds.map(functools.partial(_with_text, rows=rows))
   return ds
 
 

@@ -151,11 +151,35 @@ def _teacher_logits(ctx, name):
   return ctx.teacher_logits
 
 
+# ----------------------------------------------------------------------------- labels
+CE_TARGETS = ('soft', 'argmax')
+LABELS = ('true', 'argmax_target')
+
+
+def _label(ctx: Context, label: str, name: str) -> jax.Array:
+  """The [B] int label a label-reading term uses: the example's own ('true'), or the argmax of
+  the smoothed / mixed target ('argmax_target': JSJ515-Group/TIKD losses.py `DistillationLoss.
+  forward`, `original_labels = labels.argmax(dim=1)` on the 2-D mixed target). Both argmaxes
+  take the first of tied classes."""
+  if label == 'true':
+    return ctx.labels
+  if label == 'argmax_target':
+    return jnp.argmax(ctx.targets, axis=-1).astype(ctx.labels.dtype)
+  raise ValueError(f'loss term {name!r}: label={label!r}; use one of {LABELS} '
+                   f"(config.distill.base='deit' | 'released' sets it)")
+
+
 # ----------------------------------------------------------------------------- classification
 @register('ce')
-def ce(ctx: Context):
-  """Cross-entropy of the class head against the smoothed / mixed targets (DeiT's base loss)."""
-  loss = cross_entropy(ctx.out['cls_logits'], ctx.targets)
+def ce(ctx: Context, target: str = 'soft'):
+  """Cross-entropy of the class head. target='soft': against the smoothed / mixed targets
+  (DeiT's base loss); 'argmax': against their argmax, unsmoothed (JSJ515-Group/TIKD main.py's
+  `torch.nn.CrossEntropyLoss()` base criterion, applied in losses.py to the argmax label)."""
+  if target not in CE_TARGETS:
+    raise ValueError(f"loss term 'ce': target={target!r}; use one of {CE_TARGETS} "
+                     f"(config.distill.base='deit' | 'released' sets it)")
+  y = ctx.targets if target == 'soft' else _label(ctx, 'argmax_target', 'ce')
+  loss = cross_entropy(ctx.out['cls_logits'], y)
   return loss, {'base_loss': loss}
 
 
@@ -218,10 +242,11 @@ def ctkd(ctx: Context, ramp_epochs: int = 10):
 
 @register('dkd', needs_teacher=True)
 def dkd(ctx: Context, alpha: float = 1.0, beta: float = 8.0, temperature: float = 4.0,
-        warmup_epochs: int = 20):
-  """mdistiller DKD: min(epoch / warmup, 1) · (α·TCKD + β·NCKD); the metric is unwarmed."""
-  loss = dkd_loss(ctx.distill_logits, _teacher_logits(ctx, 'dkd'), ctx.labels, alpha=alpha,
-                  beta=beta, temperature=temperature)
+        warmup_epochs: int = 20, label: str = 'true'):
+  """mdistiller DKD: min(epoch / warmup, 1) · (α·TCKD + β·NCKD); the metric is unwarmed. The
+  target class is `label` ('true' | 'argmax_target', see `_label`)."""
+  loss = dkd_loss(ctx.distill_logits, _teacher_logits(ctx, 'dkd'), _label(ctx, label, 'dkd'),
+                  alpha=alpha, beta=beta, temperature=temperature)
   warm = dkd_warmup_factor(ctx.epoch, warmup_epochs)
   return warm * loss, {'distill_loss': loss, 'dkd_warmup': warm}
 
@@ -232,11 +257,12 @@ def _pkcd_init(rng, shapes, **settings):
 
 
 @register('pkcd', init=_pkcd_init, needs_teacher=True)
-def pkcd(ctx: Context, temperature: float = 4.0):
+def pkcd(ctx: Context, temperature: float = 4.0, label: str = 'true'):
   """PKCD as released with TIKD: KD_soft + InfoNCE + intra-class over the previous batch, whose
-  teacher logits and labels are the carried state (one micro-batch under accumulation)."""
-  parts, new_state = pkcd_loss(ctx.distill_logits, _teacher_logits(ctx, 'pkcd'), ctx.labels,
-                               ctx.state, temperature=temperature)
+  teacher logits and labels are the carried state (one micro-batch under accumulation). The
+  positives' label is `label` ('true' | 'argmax_target', see `_label`), also what is carried."""
+  parts, new_state = pkcd_loss(ctx.distill_logits, _teacher_logits(ctx, 'pkcd'),
+                               _label(ctx, label, 'pkcd'), ctx.state, temperature=temperature)
   metrics = {'distill_loss': parts['total']}
   metrics.update({f'pkcd_{k}': v for k, v in parts.items() if k != 'total'})
   return parts['total'], metrics, new_state

@@ -41,8 +41,8 @@ def train_stream(run: Run, phase: Phase, start: int) -> Stream:
                               seed=config.seed, crop_padding=config.data.crop_padding,
                               crop_size=phase.resolution, crop_mode=config.curriculum.mode,
                               flip=config.data.flip, text_features=data.text_features,
-                              extra_augment=data.host_augment, process_index=jax.process_index(),
-                              process_count=jax.process_count())
+                              text_rows=config.tikd.text_rows, extra_augment=data.host_augment,
+                              process_index=jax.process_index(), process_count=jax.process_count())
   return Stream(pipeline.make_iterator(ds[start:], data.num_workers), start)
 
 

@@ -10,7 +10,10 @@ with the weights of README "Distillation methods" (α = distill.alpha):
 plus TIKD's alignment_beta·tikd_alignment in stages that fuse text, text_predictor_weight·
 text_predictor when the run has caption features, and saliency.weight·<kind>_saliency (IRKD).
 Settings: the built-in terms take theirs from config.distill and config.saliency;
-`config.loss_settings.<term>` adds to or overrides them.
+`config.loss_settings.<term>` adds to or overrides them. `distill.base` picks the reading of the
+targets: 'deit' (ce against the smoothed / mixed targets, dkd / pkcd on the true label) or
+'released' (the released TIKD code: ce against their argmax, unsmoothed, and that argmax as the
+dkd / pkcd label; README "The released recipe").
 """
 from __future__ import annotations
 
@@ -19,6 +22,11 @@ from typing import Any
 # hard_oracle: hard with the data's own label as the teacher (a control, README "The demo").
 DISTILL_METHODS = ('none', 'soft', 'hard', 'hard_oracle', 'kd', 'ctkd', 'dkd', 'pkcd')
 SALIENCY_KINDS = ('none', 'attention', 'gradient')
+# distill.base → the settings of the terms that read the targets or the label.
+BASES = {
+    'deit': dict(target='soft', label='true'),
+    'released': dict(target='argmax', label='argmax_target'),
+}
 
 
 def method_terms(distill) -> tuple[tuple[str, float], ...]:
@@ -58,15 +66,19 @@ def tikd_terms(*, fuse_text: bool, alignment_beta: float, text_predictor_weight:
 
 def distill_settings(distill) -> dict[str, dict[str, Any]]:
   """The built-in distillation terms' settings from a `distill` block."""
+  if distill.base not in BASES:
+    raise ValueError(f'config.distill.base={distill.base!r}; use one of {sorted(BASES)}')
+  base = BASES[distill.base]
   return {
+      'ce': {'target': base['target']},
       'soft': {'temperature': distill.temperature},
       'kd': {'temperature': distill.temperature},
       'ctkd': {'ramp_epochs': distill.ctkd_ramp_epochs},
       'dkd': {
           'alpha': distill.dkd_alpha, 'beta': distill.dkd_beta, 'temperature': distill.temperature,
-          'warmup_epochs': distill.dkd_warmup_epochs
+          'warmup_epochs': distill.dkd_warmup_epochs, 'label': base['label']
       },
-      'pkcd': {'temperature': distill.temperature},
+      'pkcd': {'temperature': distill.temperature, 'label': base['label']},
   }
 
 
