@@ -38,7 +38,8 @@ Student: `irkd_vit`, IRKD's own (dist token zero-initialised without a position 
 final norm, cls head at eval). It is the same `DistilledViT` class as TIKD's students, so the
 trainer builds its text modules (`text_dim` from the features) like theirs; without a final
 norm the fusion weighs and re-runs the raw last-block tokens (the cosine does not care about
-their scale). DistilledViT's `distilled_vit` would change IRKD's student, not only add text.
+their scale). `distilled_vit` (the DeiT / TIKD layout) would change IRKD's student, not only
+add text.
 """
 from configs import common, irkd_cifar10
 
