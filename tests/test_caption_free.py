@@ -139,14 +139,14 @@ def _image_folder(root, start, count, split):
 
 @pytest.fixture(scope='module')
 def captioned(tmp_path_factory):
-  """Digits in an image folder (train 128 / val 40) whose two splits a tiny random BLIP captions
+  """Digits in an image folder (train 64 / val 24) whose two splits a tiny random BLIP captions
   (it sees images only, never labels) and a tiny random CLIP encodes."""
   from tikd_jax.text_teacher.__main__ import main  # pylint: disable=g-import-not-at-top
   from tikd_jax.text_teacher.tiny import save_tiny_blip, save_tiny_clip  # pylint: disable=g-import-not-at-top
   base = tmp_path_factory.mktemp('captioned')
   root = str(base / 'digits')
-  _image_folder(root, 0, 128, 'train')
-  _image_folder(root, 128, 40, 'val')
+  _image_folder(root, 0, 64, 'train')
+  _image_folder(root, 64, 24, 'val')
   blip, clip = save_tiny_blip(str(base / 'blip')), save_tiny_clip(str(base / 'clip'))
   features = {}
   for split in ('train', 'val'):
@@ -198,9 +198,9 @@ def test_every_eval_text_input_is_what_it_says(tmp_path, captioned):
     assert result[f'top1_{suffix}'] == pytest.approx(value, abs=1e-6), suffix
   assert result['top1'] == result['top1_captions']  # the headline is tikd.eval_text's
   np.testing.assert_array_equal(
-      evaluate_lib.released_rows(data.text_features, 40, 16)[16:32], data.text_features[:16])
+      evaluate_lib.released_rows(data.text_features, 24, 16)[16:24], data.text_features[:8])
   # The captions are the val split's own, read by example index, and not the train rows.
-  assert not np.allclose(data.eval_text_features, data.text_features[:40])
+  assert not np.allclose(data.eval_text_features, data.text_features[:24])
 
 
 def test_captions_mode_needs_the_eval_splits_features(tmp_path):
