@@ -1,5 +1,6 @@
 """The trainer end to end on digits: steps, sharding, evaluation, resume, bad input."""
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -223,3 +224,12 @@ def test_killed_run_resumes_to_the_same_parameters(tmp_path):
   assert a.keys() == b.keys()
   assert all(
       np.array_equal(a[k], b[k]) for k in a), [k for k in a if not np.array_equal(a[k], b[k])]
+
+
+def test_loading_weights_prints_no_orbax_warnings(teacher_dir, caplog):
+  """Eval and convert.to_torch read checkpoints through load_weights: orbax must not warn the
+  user about the items it is not asked for (issue: 'Item "metrics" … could not be restored')."""
+  with caplog.at_level(logging.WARNING):
+    meta, flat = ckpt_lib.load_weights(teacher_dir)
+  assert meta['step'] > 0 and flat
+  assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []

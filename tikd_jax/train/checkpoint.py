@@ -339,7 +339,8 @@ def _load_step_weights(step_dir: str) -> tuple[dict, dict[str, np.ndarray]]:
                                            meta=ocp.JsonCheckpointHandler(),
                                            extra=ocp.StandardCheckpointHandler(),
                                            optimizer=ocp.StandardCheckpointHandler(),
-                                           data=grain.checkpoint.CheckpointHandler())
+                                           data=grain.checkpoint.CheckpointHandler(),
+                                           metrics=ocp.JsonCheckpointHandler())
   checkpointer = ocp.Checkpointer(handler)
   device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   target = {
