@@ -16,14 +16,12 @@ import pytest
 
 from configs import tikd_cifar100
 from tests.test_step_meaning import (B, C, COMPILE, DEIT_WEIGHTS, SEED, STEP, STEPS_PER_EPOCH,
-                                     TEXT_DIM, batch, cosine, expected, far, forward, images_of, kd,
-                                     method_inputs, run_step, teacher, tikd, tikd_terms)
+                                     make_model, TEXT_DIM, batch, cosine, expected, far, forward,
+                                     images_of, kd, method_inputs, run_step, teacher, tikd,
+                                     tikd_terms)
 from tests.test_train import tiny_config
 from tikd_jax.train import evaluate as evaluate_lib
 from tikd_jax.train import step as step_lib
-from tikd_jax.train import trainer
-from tikd_jax.train.checkpoint import Checkpointer
-from tikd_jax.train.loop import restore_or_start
 from tikd_jax.train.run import create_train_state, setup
 from tikd_jax.train.loss_config import method_loss
 from tikd_jax.train.step import StepOptions
@@ -173,29 +171,40 @@ def test_every_eval_text_input_is_what_it_says(tmp_path, captioned):
           'text.features_dir': features['train'], 'text.eval_features_dir': features['val'],
           'tikd.eval_text': 'captions'
       })
-  result = trainer.train_and_evaluate(config, str(tmp_path))
   run = setup(config, str(tmp_path))
-  state, _, _ = restore_or_start(run, create_train_state(run),
-                                 Checkpointer(str(tmp_path / 'checkpoints')))
+  assert run.data.num_classes == C
+  # Weights drawn at full scale (the initialisers' 0.02 would leave the text almost no effect),
+  # evaluated after the fusing stage as the trainer does.
+  kwargs = {k: v for k, v in run.student.kwargs.items() if k != 'num_classes'}
+  graphdef, variables = make_model(run.student.name, 4, **kwargs)
+  state = create_train_state(run)
+  state = state.replace(params=dict(state.params, student=variables['params']),
+                        batch_stats=variables['batch_stats'])
+  result = evaluate_lib.evaluate(run, state, run.phases[-1])
   data = run.data
   images = np.stack([data.eval[i]['image'] for i in range(len(data.eval))])
   labels = np.array([data.eval[i]['label'] for i in range(len(data.eval))])
-  model = (run.student.graphdef,
-           {'params': state.params['student'], 'batch_stats': state.batch_stats})
+  model = (graphdef, variables)
 
-  def top1(text=None, fuse_text=True):
+  def top1_and_loss(text=None, fuse_text=True):
     logits, _ = forward(model,
                         jnp.asarray(images, jnp.float32) / 255.0, False,
                         None if text is None else jnp.asarray(text), fuse_text)
-    return 100.0 * float(np.mean(np.argmax(np.asarray(logits), -1) == labels))
+    log_probs = np.asarray(jax.nn.log_softmax(logits), np.float64)
+    return (100.0 * float(np.mean(np.argmax(np.asarray(logits), -1) == labels)),
+            float(-np.mean(log_probs[np.arange(len(labels)), labels])))
 
   released = data.text_features[np.arange(len(labels)) % 16]  # rows 0…15 for every batch
   expected = {
-      'captions': top1(data.eval_text_features), 'predicted': top1(),
-      'no_text': top1(fuse_text=False), 'released': top1(released)
+      'captions': top1_and_loss(data.eval_text_features), 'predicted': top1_and_loss(),
+      'no_text': top1_and_loss(fuse_text=False), 'released': top1_and_loss(released)
   }
-  for suffix, value in expected.items():
-    assert result[f'top1_{suffix}'] == pytest.approx(value, abs=1e-6), suffix
+  for suffix, (top1, loss) in expected.items():
+    assert result[f'top1_{suffix}'] == pytest.approx(top1, abs=1e-6), suffix
+    assert result[f'loss_{suffix}'] == pytest.approx(loss, rel=1e-5), suffix
+  # Each input changes the fused pass's output, so the losses above can tell them apart.
+  losses = sorted(loss for _, loss in expected.values())
+  assert all(b - a > 3e-4 * a for a, b in zip(losses, losses[1:])), expected
   assert result['top1'] == result['top1_captions']  # the headline is tikd.eval_text's
   np.testing.assert_array_equal(
       evaluate_lib.released_rows(data.text_features, 24, 16)[16:24], data.text_features[:8])
