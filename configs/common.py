@@ -20,10 +20,13 @@ def base() -> ConfigDict:
   c.seed = 0
   c.dtype = 'float32'  # compute dtype: 'bfloat16' for mixed precision
   c.grad_accum_steps = 1
+  # val_size > 0 holds out that many train examples as split 'val', drawn with val_seed by
+  # val_split_method: 'numpy' (RandomState permutation) or 'torch' (the indices of torch's
+  # random_split with a manual_seed generator, as IRKD's notebooks; no torch needed).
   c.data = ConfigDict(
       dict(name='digits', dir='', download=False, tfds_name='', image_size=32, val_size=0,
-           val_seed=42, num_workers=0, crop_padding=4, flip=True, train_split='train',
-           eval_split='test'))
+           val_seed=42, val_split_method='numpy', num_workers=0, crop_padding=4, flip=True,
+           train_split='train', eval_split='test'))
   c.model = ConfigDict(
       dict(name='distilled_vit', variant='micro', drop_path=0.1, mean=CIFAR100_MEAN,
            std=CIFAR100_STD))
