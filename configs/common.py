@@ -66,9 +66,16 @@ def base() -> ConfigDict:
   c.optimizer = ConfigDict(
       dict(name='adamw', b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.05, momentum=0.9,
            nesterov=False, wd_exclude=NO_DECAY, grad_clip_norm=0.0))
+  # onecycle (tikd_jax/train/optim.py OneCycle): torch's OneCycleLR with `lr` as max_lr, stepped
+  # per optimizer step. Its settings below are torch's defaults under torch's names, so that a
+  # recipe written against torch (IRKD's P4 teacher) reads across one to one; cycle_momentum
+  # cycles AdamW's b1 (SGD's momentum) between max_momentum and base_momentum in place of
+  # optimizer.b1 / .momentum, as torch does by default.
   c.schedule = ConfigDict(
       dict(name='cosine', lr=5e-4, warmup_epochs=5.0, warmup_lr=1e-6, min_lr=1e-5,
-           decay_epochs=(150, 180, 210), decay_factor=0.1))
+           decay_epochs=(150, 180, 210), decay_factor=0.1, pct_start=0.3, anneal_strategy='cos',
+           div_factor=25.0, final_div_factor=1e4, three_phase=False, cycle_momentum=True,
+           base_momentum=0.85, max_momentum=0.95))
   c.batch_size = 128
   c.eval_batch_size = 256
   c.num_epochs = 300.0
