@@ -20,10 +20,13 @@ def base() -> ConfigDict:
   c.seed = 0
   c.dtype = 'float32'  # compute dtype: 'bfloat16' for mixed precision
   c.grad_accum_steps = 1
+  # val_size > 0 holds out that many train examples as split 'val', drawn with val_seed by
+  # val_split_method: 'numpy' (RandomState permutation) or 'torch' (the indices of torch's
+  # random_split with a manual_seed generator, as IRKD's notebooks; no torch needed).
   c.data = ConfigDict(
       dict(name='digits', dir='', download=False, tfds_name='', image_size=32, val_size=0,
-           val_seed=42, num_workers=0, crop_padding=4, flip=True, train_split='train',
-           eval_split='test'))
+           val_seed=42, val_split_method='numpy', num_workers=0, crop_padding=4, flip=True,
+           train_split='train', eval_split='test'))
   c.model = ConfigDict(
       dict(name='distilled_vit', variant='micro', drop_path=0.1, mean=CIFAR100_MEAN,
            std=CIFAR100_STD))
@@ -63,9 +66,16 @@ def base() -> ConfigDict:
   c.optimizer = ConfigDict(
       dict(name='adamw', b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.05, momentum=0.9,
            nesterov=False, wd_exclude=NO_DECAY, grad_clip_norm=0.0))
+  # onecycle (tikd_jax/train/optim.py OneCycle): torch's OneCycleLR with `lr` as max_lr, stepped
+  # per optimizer step. Its settings below are torch's defaults under torch's names, so that a
+  # recipe written against torch (IRKD's P4 teacher) reads across one to one; cycle_momentum
+  # cycles AdamW's b1 (SGD's momentum) between max_momentum and base_momentum in place of
+  # optimizer.b1 / .momentum, as torch does by default.
   c.schedule = ConfigDict(
       dict(name='cosine', lr=5e-4, warmup_epochs=5.0, warmup_lr=1e-6, min_lr=1e-5,
-           decay_epochs=(150, 180, 210), decay_factor=0.1))
+           decay_epochs=(150, 180, 210), decay_factor=0.1, pct_start=0.3, anneal_strategy='cos',
+           div_factor=25.0, final_div_factor=1e4, three_phase=False, cycle_momentum=True,
+           base_momentum=0.85, max_momentum=0.95))
   c.batch_size = 128
   c.eval_batch_size = 256
   c.num_epochs = 300.0

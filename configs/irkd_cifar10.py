@@ -28,8 +28,11 @@ def get_config(arg: str = 'kd_cl_sal,p4'):
   c = common.base()
   c.name = f'irkd_{row}_{patch}'
   c.data.name = 'cifar10'
-  c.data.val_size = 5000  # 45k train / 5k val, seed 42 (eval on the 10k test split)
+  # 45k train / 5k val: the notebooks' torch random_split with manual_seed(42), the same
+  # indices (eval on the 10k test split).
+  c.data.val_size = 5000
   c.data.val_seed = 42
+  c.data.val_split_method = 'torch'
   c.data.num_workers = -1
   norm = dict(mean=common.CIFAR10_MEAN, std=common.CIFAR10_STD)
   c.model = common.ConfigDict(

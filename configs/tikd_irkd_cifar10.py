@@ -15,8 +15,9 @@ guess, `top1`) with the first pass alone beside it (`top1_no_text`).
 
 `--config.text.features_dir=DIR` is required: caption features of the 45k training images (the
 train split with the 5k validation images held out, so give the text teacher the same
-`--data.val_size 5000 --data.val_seed 42`), from `python -m tikd_jax.text_teacher caption` +
-`encode` (README "The text teacher"); a run that fuses text stops with a message without them.
+`--data.val_size 5000 --data.val_seed 42 --data.val_split_method torch`), from
+`python -m tikd_jax.text_teacher caption` + `encode` (README "The text teacher"); a run that
+fuses text stops with a message without them.
 Without a captioner, `--config.text.class_prompt_encoder=minilm` (or a CLIP folder) writes
 class-prompt features into DIR first.
 

@@ -19,7 +19,7 @@ from configs import common
 from tikd_jax.data import build_source
 from tikd_jax.data import pipeline
 from tikd_jax.data.augment import random_crop_flip, resize_image
-from tikd_jax.data.source import ArraySource
+from tikd_jax.data.source import ArraySource, split_indices, torch_randperm
 
 
 def _cfg(**kw):
@@ -316,6 +316,58 @@ def test_cifar_val_split_disjoint_and_covering(tmp_path):
   other = build_source(_cfg(name='cifar100', dir=str(tmp_path), val_size=4, val_seed=7), 'val')
   other_rows = [row[im.tobytes()] for im in other.images]
   assert other_rows == sorted(np.random.RandomState(7).permutation(12)[:4].tolist())
+
+
+def _torch_random_split(n: int, val_size: int, seed: int) -> tuple[list[int], list[int]]:
+  """IRKD's notebooks: the (train, val) Subset indices of torch's random_split."""
+  import torch  # pylint: disable=g-import-not-at-top
+  train, val = torch.utils.data.random_split(range(n), [n - val_size, val_size],
+                                             generator=torch.Generator().manual_seed(seed))
+  return list(train.indices), list(val.indices)
+
+
+@pytest.mark.parametrize('n,val_size,seed', [(50000, 5000, 42), (12, 4, 42), (2, 1, 0),
+                                             (1000, 999, 7), (777, 100, 2**32 - 1)])
+def test_torch_val_split_equals_torch_random_split(n, val_size, seed):
+  """val_split_method='torch' holds out exactly the examples torch's random_split does (IRKD's
+  45k/5k with manual_seed(42) among them); the numpy default draws a different subset."""
+  want_train, want_val = _torch_random_split(n, val_size, seed)
+  train, val = split_indices(n, val_size, seed, 'torch')
+  assert train.tolist() == sorted(want_train) and val.tolist() == sorted(want_val)
+  perm = torch_randperm(n, seed)
+  assert perm[:n - val_size].tolist() == want_train and perm[n - val_size:].tolist() == want_val
+  if n > 100:
+    assert split_indices(n, val_size, seed, 'numpy')[1].tolist() != val.tolist()
+
+
+def test_torch_val_split_through_build_source(tmp_path):
+  _write_cifar(str(tmp_path), 'cifar10', 'binary', 'tarball')
+  full = build_source(_cfg(name='cifar10', dir=str(tmp_path)), 'train')
+  cfg = _cfg(name='cifar10', dir=str(tmp_path), val_size=4, val_split_method='torch')
+  train, val = build_source(cfg, 'train'), build_source(cfg, 'val')
+  row = {im.tobytes(): i for i, im in enumerate(full.images)}
+  assert len(row) == len(full) == 15
+  want_train, want_val = _torch_random_split(15, 4, 42)
+  assert [row[im.tobytes()] for im in val.images] == sorted(want_val)
+  assert [row[im.tobytes()] for im in train.images] == sorted(want_train)
+  with pytest.raises(ValueError, match=r"unknown val_split_method 'tensorflow'.*numpy.*torch"):
+    build_source(_cfg(name='cifar10', dir=str(tmp_path), val_size=4, val_split_method='tensorflow'),
+                 'val')
+
+
+def test_irkd_configs_hold_out_torch_random_split():
+  from configs import irkd_cifar10  # pylint: disable=g-import-not-at-top
+  for row in irkd_cifar10.ROWS:
+    data = irkd_cifar10.get_config(f'{row},p4').data
+    assert (data.val_size, data.val_seed, data.val_split_method) == (5000, 42, 'torch')
+  assert common.base().data.val_split_method == 'numpy'  # the default is unchanged
+
+
+def test_torch_randperm_refuses_what_it_cannot_reproduce():
+  with pytest.raises(ValueError, match=r'seed must be in \[0, 2\*\*32\)'):
+    torch_randperm(10, 2**32)
+  with pytest.raises(ValueError, match='n must be in'):
+    torch_randperm(2**32 // 20, 0)
 
 
 # --------------------------------------------------------------------------------------------

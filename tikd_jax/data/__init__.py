@@ -13,7 +13,9 @@ def build_source(data_config, split: str):
   """The source for `split` of `data_config.name`.
 
   For the in-memory sources, `data_config.val_size > 0` holds out a fixed random part of the train
-  split (seed `val_seed`): 'train' is then the rest and 'val' the held-out part (IRKD's 45k/5k).
+  split (seed `val_seed`, drawn as `val_split_method` says: 'numpy' or 'torch', the latter
+  torch's `random_split` as IRKD's notebooks): 'train' is then the rest and 'val' the held-out
+  part (IRKD's 45k/5k).
   """
   name = data_config.name
   if name not in SOURCES:
@@ -31,7 +33,9 @@ def build_source(data_config, split: str):
   else:
     source = cifar.load(name, base_split, data_config.dir, data_config.download)
   if base_split == 'train' and val_size:
-    train, val = split_train_val(source, val_size, data_config.val_seed)
+    # A workdir's config.json from before `val_split_method` existed was split with numpy.
+    method = data_config.get('val_split_method', 'numpy')
+    train, val = split_train_val(source, val_size, data_config.val_seed, method)
     source = val if split == 'val' else train
   return source
 

@@ -9,6 +9,7 @@ import shlex
 import ml_collections
 
 from tikd_jax.data import SOURCES, build_source
+from tikd_jax.data.source import VAL_SPLIT_METHODS
 
 # key → (type, default): the keys and defaults of the trainer's `config.data` (configs/common.py;
 # tikd_jax does not import configs, so tests/test_text_teacher.py pins them equal), so the same
@@ -19,6 +20,7 @@ DATA_FIELDS = {
     'image_size': (int, 32),
     'val_size': (int, 0),
     'val_seed': (int, 42),
+    'val_split_method': (str, 'numpy'),
     'tfds_name': (str, ''),
     'download': (bool, False),
 }
@@ -40,6 +42,9 @@ def add_data_flags(parser: argparse.ArgumentParser) -> None:
                      help='hold out this many train examples as the val split')
   group.add_argument('--data.val_seed', dest='data_val_seed', metavar='SEED', type=int,
                      default=default['val_seed'])
+  group.add_argument('--data.val_split_method', dest='data_val_split_method',
+                     choices=VAL_SPLIT_METHODS, default=default['val_split_method'],
+                     help='how the val examples are drawn: numpy, or torch (random_split)')
   group.add_argument('--data.tfds_name', dest='data_tfds_name', metavar='NAME',
                      default=default['tfds_name'])
   group.add_argument('--data.download', dest='data_download', action='store_true',
