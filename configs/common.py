@@ -94,6 +94,10 @@ def base() -> ConfigDict:
   # The ViT's layers lowered for XLA:CPU (tikd_jax/models/cpu_fast_layers.py): 'auto' turns them
   # on on CPU only, where they measured faster; 'on' | 'off'.
   c.cpu_fast_layers = 'auto'
+  # Start from other weights (README "Fine-tuning from a checkpoint"): a workdir or converted
+  # checkpoint; init_exclude: regexes of flat keys ('params/head/kernel') that start fresh.
+  c.init_from = ''
+  c.init_exclude = ()
   c.stages = []
   # Curriculum mode: 'crop' a res×res window of the padded image (IRKD) or 'resize' the whole image.
   c.curriculum = ConfigDict(dict(stages=[], mode='crop', reset_optimizer=False))

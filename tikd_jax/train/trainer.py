@@ -3,6 +3,7 @@
   setup(config, workdir) → Run            train/run.py: mesh, data, models, loss terms, optimizer
   create_train_state(run) → TrainState    train/run.py
   restore_or_start(run, state, ckpt)      train/loop.py: the newest readable checkpoint, if any
+  init_from(run, state)                   train/init_from.py: a fresh run from other weights
   train_loop(run, state, stream, outputs) train/loop.py: steps, logs, evals, checkpoints
   evaluate(run, state, phase)             train/evaluate.py
 """
@@ -16,6 +17,7 @@ import jax
 import ml_collections
 
 from tikd_jax.train import checkpoint as ckpt_lib
+from tikd_jax.train.init_from import init_from
 from tikd_jax.train.evaluate import evaluate_checkpoint, format_eval  # noqa: F401  (main.py's API)
 from tikd_jax.train.logger import MetricLogger
 from tikd_jax.train.loop import NonFiniteLossError, Outputs, restore_or_start, train_loop  # noqa: F401
@@ -39,6 +41,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                                          best_metric=config.best_metric)
     state, stream, resume_note = restore_or_start(run, state, checkpointer)
     start_step = int(jax.device_get(state.step))
+    if config.init_from and start_step == 0:  # a resumed run continues from its own weights
+      state, resume_note = init_from(run, state)
     logger = MetricLogger(workdir, is_chief=run.is_chief, total_steps=run.total_steps,
                           initial_step=start_step, prefix=config.name)
     _log_start(run, logger, checkpointer, start_step, resume_note)
