@@ -62,7 +62,9 @@ def check_evaluation(run: Run, state: TrainState) -> float:
           pipeline.eval_batches(run.data.eval, global_batch=run.config.eval_batch_size,
                                 process_index=jax.process_index(),
                                 process_count=jax.process_count(),
-                                text_features=_eval_text_features(run, mode)))
+                                text_features=_eval_text_features(run, mode)), None)
+      if batch is None:
+        raise ValueError(f'the eval split {run.config.data.eval_split!r} has no examples')
       try:
         jax.block_until_ready(
             _eval_step(run, mode != 'none')(state.params, state.batch_stats,
