@@ -87,7 +87,13 @@ def _summary(results: dict, config) -> str:
       f'{"run":<24}{"params":>12}{"Acc@1":>16}{"Acc@5":>16}{"loss":>8}  seeds'
   ]
   for name, rows in groups.items():
-    cells = [_mean_std([r[k] for r in rows]) for k in ('top1', 'top5')]
+    # Acc@5 is '–' for fewer than 5 classes (the runs report no top5; README "Configs").
+    cells = [
+        _mean_std([r[k]
+                   for r in rows]) if all(k in r
+                                          for r in rows) else '–'
+        for k in ('top1', 'top5')
+    ]
     loss = sum(r['loss'] for r in rows) / len(rows)
     lines.append(f'{name:<24}{rows[0].get("num_params", 0):>12,}{cells[0]:>16}{cells[1]:>16}'
                  f'{loss:>8.3f}  {len(rows)}')

@@ -1,7 +1,9 @@
-"""Evaluation: top-1 / top-5 / loss over every example of the eval split, during training
-(`evaluate(run, state)`) or from a saved checkpoint (`evaluate_checkpoint`)."""
+"""Evaluation: top-1 / top-5 (k ≤ the number of classes only) / loss over every example of the
+eval split, during training (`evaluate(run, state)`) or from a saved checkpoint
+(`evaluate_checkpoint`); `check_evaluation` runs it on one batch before training starts."""
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import jax
@@ -19,7 +21,10 @@ from tikd_jax.train import checkpoint as ckpt_lib
 from tikd_jax.train.plan import Phase
 from tikd_jax.train.run import Run, place
 from tikd_jax.train.state import TrainState
-from tikd_jax.train.step import make_eval_step
+from tikd_jax.train.step import EVAL_TOPK, make_eval_step
+
+# What the final table shows for a top-k accuracy that does not apply (k > the number of classes).
+NOT_APPLICABLE = '–'
 
 # TIKD's text inputs at test time (`config.tikd.eval_text` picks the headline one); the suffix
 # of each one's metrics (`top1_no_text`, …).
@@ -37,14 +42,46 @@ def evaluate(run: Run, state: TrainState, phase: Phase) -> dict[str, float]:
   and 'released' (rows 0…b−1 of the train feature file for every batch, as the released code
   does). `top1` etc. are the `tikd.eval_text` one's; each mode's are also under `top1_<suffix>`.
   """
-  modes = ('none',)
-  if phase.fuse_text:
-    modes = tuple(m for m in EVAL_TEXT if _eval_text_features(run, m) is not False)
+  modes = _eval_modes(run, phase.fuse_text)
   return evaluate_modes(lambda mode: _eval_step(run, mode != 'none'), state.params,
                         state.batch_stats, run.data.eval, modes=modes,
                         headline=run.config.tikd.eval_text,
                         texts={m: _eval_text_features(run, m) for m in modes},
                         batch_size=run.config.eval_batch_size, data_sharding=run.data_sharding)
+
+
+def check_evaluation(run: Run, state: TrainState) -> float:
+  """Compiles and runs every eval step the run's phases will use, on the first eval batch, so
+  that a broken evaluation fails before the first train step (seconds) rather than at the first
+  evaluation (epochs). Draws no random numbers and changes no state; the compiled steps are the
+  ones `evaluate` reuses. Returns the seconds it took."""
+  t0 = time.time()
+  for fuse_text in dict.fromkeys(p.fuse_text for p in run.phases):
+    for mode in _eval_modes(run, fuse_text):
+      batch = next(
+          pipeline.eval_batches(run.data.eval, global_batch=run.config.eval_batch_size,
+                                process_index=jax.process_index(),
+                                process_count=jax.process_count(),
+                                text_features=_eval_text_features(run, mode)), None)
+      if batch is None:
+        raise ValueError(f'the eval split {run.config.data.eval_split!r} has no examples')
+      try:
+        jax.block_until_ready(
+            _eval_step(run, mode != 'none')(state.params, state.batch_stats,
+                                            pipeline.to_global(batch, run.data_sharding)))
+      except Exception as e:
+        e.add_note(f'(evaluation ({mode!r} text input) failed on its first batch, checked before '
+                   f'the first train step of this start: nothing more was trained)')
+        raise
+  return time.time() - t0
+
+
+def _eval_modes(run: Run, fuse_text: bool) -> tuple[str, ...]:
+  """The text inputs evaluated after a phase: the first pass alone, or after a fusing phase
+  every one available in this run."""
+  if not fuse_text:
+    return ('none',)
+  return tuple(m for m in EVAL_TEXT if _eval_text_features(run, m) is not False)
 
 
 def _eval_text_features(run: Run, mode: str):
@@ -92,7 +129,8 @@ def _eval_step(run: Run, fuse_text: bool):
 
 def evaluate_source(eval_step, params, batch_stats, source, *, batch_size, data_sharding,
                     text_features=None) -> dict[str, float]:
-  """Top-1, top-5 and mean loss over every example of `source` (padded last batch masked)."""
+  """Top-1, top-5 (with ≥ 5 classes) and mean loss over every example of `source` (padded last
+  batch masked)."""
   sums = None
   for batch in pipeline.eval_batches(source, global_batch=batch_size,
                                      process_index=jax.process_index(),
@@ -104,14 +142,16 @@ def evaluate_source(eval_step, params, batch_stats, source, *, batch_size, data_
   n = float(sums['count'])
   if n != len(source):
     raise RuntimeError(f'evaluation counted {n} examples, the split has {len(source)}')
-  return {
-      'top1': 100.0 * float(sums['top1_sum']) / n, 'top5': 100.0 * float(sums['top5_sum']) / n,
-      'loss': float(sums['loss_sum']) / n, 'count': int(n)
-  }
+  topk = {
+      f'top{k}': 100.0 * float(sums[f'top{k}_sum']) / n for k in EVAL_TOPK if f'top{k}_sum' in sums
+  }  # k ≤ the number of classes only
+  return dict(topk, loss=float(sums['loss_sum']) / n, count=int(n))
 
 
 def format_eval(m: dict) -> str:
-  return f"* Acc@1 {m['top1']:.3f} Acc@5 {m['top5']:.3f} loss {m['loss']:.3f}"
+  """The final line; Acc@5 is '–' when the model has fewer than 5 classes."""
+  top5 = f"{m['top5']:.3f}" if 'top5' in m else NOT_APPLICABLE
+  return f"* Acc@1 {m['top1']:.3f} Acc@5 {top5} loss {m['loss']:.3f}"
 
 
 def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:

@@ -9,6 +9,7 @@ data and an already built teacher in place of the configured ones.
 from __future__ import annotations
 
 import dataclasses
+import re
 from typing import Any, Callable
 
 import jax
@@ -107,6 +108,7 @@ def setup(config: ml_collections.ConfigDict, workdir: str, *, sources: tuple | N
                      f'{config.eval_batch_size} must divide by the {mesh.size} devices')
   rules = [tuple(r) for r in config.sharding_rules]
   data = load_data(config, sources)
+  _check_best_metric(config.best_metric, data.num_classes)
   phases = build_phases(config, data.steps_per_epoch)
   _check_text_for(phases, data, config.tikd)
   student = student_model(config, data)
@@ -264,6 +266,15 @@ def _check_text_for(phases: list[Phase], data: Data, tikd) -> None:
 
 
 # ------------------------------------------------------------------------------------ models
+def _check_best_metric(best_metric: str, num_classes: int) -> None:
+  """`best_metric='top<k>'` needs k ≤ the number of classes: evaluation reports no top-k beyond."""
+  match = re.fullmatch(r'top(\d+)', best_metric or '')
+  if match and int(match.group(1)) > num_classes:
+    raise ValueError(f'best_metric={best_metric!r}, but the data has {num_classes} classes and '
+                     'evaluation reports top-k only for k ≤ the number of classes; set '
+                     f"--config.best_metric=top1 (the default)")
+
+
 def model_spec(model_config, num_classes: int) -> tuple[str, dict]:
   """(name, kwargs) for build_model from a config block; num_classes filled from the data."""
   kwargs = {k: v for k, v in model_config.to_dict().items() if k not in ('name', 'checkpoint')}

@@ -204,8 +204,14 @@ def _accumulate(loss_fn, state, inputs, k, rng):
   return (jnp.mean(losses_), jax.tree.map(jnp.mean, metrics), stats, obj_state, grads)
 
 
+# The top-k accuracies evaluation reports, each only where k ≤ the number of classes (a 2-class
+# model has top-1 alone: no `top5` key anywhere, rather than a meaningless 100%).
+EVAL_TOPK = (1, 5)
+
+
 def make_eval_step(*, graphdef, fuse_text: bool = False):
-  """(params, batch_stats, batch) → summed loss / top-1 / top-5 / count over real rows.
+  """(params, batch_stats, batch) → summed loss / top-k (`EVAL_TOPK`, k ≤ classes) / count over
+  real rows.
 
   Without `fuse_text`, the first pass alone. With it, TIKD's second pass fuses the batch's
   `text` (the test split's own captions, or the released code's rows) or, when the batch has
@@ -218,11 +224,10 @@ def make_eval_step(*, graphdef, fuse_text: bool = False):
     logits, _ = student(images, train=False, text=batch.get('text'), fuse_text=fuse_text)
     mask = batch['mask']
     ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch['label'])
-    return {
-        'loss_sum': jnp.sum(ce * mask),
-        'top1_sum': jnp.sum(losses.topk_correct(logits, batch['label'], 1) * mask),
-        'top5_sum': jnp.sum(losses.topk_correct(logits, batch['label'], 5) * mask),
-        'count': jnp.sum(mask),
-    }
+    sums = {'loss_sum': jnp.sum(ce * mask), 'count': jnp.sum(mask)}
+    for k in EVAL_TOPK:
+      if k <= logits.shape[-1]:
+        sums[f'top{k}_sum'] = jnp.sum(losses.topk_correct(logits, batch['label'], k) * mask)
+    return sums
 
   return eval_step

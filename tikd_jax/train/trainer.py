@@ -4,6 +4,7 @@
   create_train_state(run) → TrainState    train/run.py
   restore_or_start(run, state, ckpt)      train/loop.py: the newest readable checkpoint, if any
   init_from(run, state)                   train/init_from.py: a fresh run from other weights
+  check_evaluation(run, state)            train/evaluate.py: the eval step(s) on one batch, first
   train_loop(run, state, stream, outputs) train/loop.py: steps, logs, evals, checkpoints
   evaluate(run, state, phase)             train/evaluate.py
 """
@@ -17,8 +18,9 @@ import jax
 import ml_collections
 
 from tikd_jax.train import checkpoint as ckpt_lib
-from tikd_jax.train.init_from import init_from
+from tikd_jax.train.evaluate import check_evaluation
 from tikd_jax.train.evaluate import evaluate_checkpoint, format_eval  # noqa: F401  (main.py's API)
+from tikd_jax.train.init_from import init_from
 from tikd_jax.train.logger import MetricLogger
 from tikd_jax.train.loop import NonFiniteLossError, Outputs, restore_or_start, train_loop  # noqa: F401
 from tikd_jax.train.preemption import Preempted, StopRequest
@@ -48,6 +50,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     _log_start(run, logger, checkpointer, start_step, resume_note)
     completed = False
     try:
+      logger.message(f'evaluation checked on one batch before training (compile + run): '
+                     f'{check_evaluation(run, state):.1f}s')
       state, progress = train_loop(run, state, stream, Outputs(checkpointer, logger, stop))
       completed = True
     finally:

@@ -5,7 +5,8 @@
              Grad-CAM on layer3 w.r.t. the predicted class. One grid, tiles titled true/pred.
   tsne       t-SNE (fixed --seed) of the model's pre-logits features of up to --max_points eval
              examples, coloured by class.
-  curves     train loss and eval top-1/top-5 vs step from metrics.jsonl (last row per step wins).
+  curves     train loss and eval top-1/top-5 (top-5 with ≥ 5 classes) vs step from metrics.jsonl
+             (last row per step wins).
 
 Images come from the split --split (default: the config's eval split) of the data set named in
 `<workdir>/config.json`; weights from the newest checkpoint in `<workdir>/checkpoints`.
