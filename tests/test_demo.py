@@ -11,7 +11,7 @@ from tikd_jax.losses import terms
 
 def test_demo_runs_one_seed_and_every_design_with_seeds():
   one = demo.get_config('')
-  assert one.run_order == ('teacher', 'student_none', 'student_hard', 'student_tikd')
+  assert one.run_order == ('teacher', 'student_none', 'student_hard', 'student_tikd_self_distill')
   three = demo.get_config('seeds=3')
   assert len(three.run_order) == 3 * (1 + 4 + len(demo.TIKD_DESIGNS))
   for name in three.run_order:
