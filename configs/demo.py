@@ -32,7 +32,7 @@ QUICK_METHODS = ('none', 'hard')
 ALL_METHODS = ('none', 'soft', 'hard', 'hard_oracle')
 
 
-def digits_settings(c, seed: int):
+def digits_settings(c, seed: int = 0):
   """Digits at 16 px and the demo's batch, logging, evaluation and checkpoint cadence."""
   c.seed = seed
   c.data.name = 'digits'
