@@ -20,6 +20,7 @@ from tests.test_step_meaning import (B, C, COMPILE, DEIT_WEIGHTS, SEED, STEP, ST
                                      images_of, kd, method_inputs, run_step, teacher, tikd,
                                      tikd_terms)
 from tests.test_train import tiny_config
+from tikd_jax.data import pipeline
 from tikd_jax.train import evaluate as evaluate_lib
 from tikd_jax.train import step as step_lib
 from tikd_jax.train.run import create_train_state, setup
@@ -207,7 +208,7 @@ def test_every_eval_text_input_is_what_it_says(tmp_path, captioned):
   assert all(b - a > 3e-4 * a for a, b in zip(losses, losses[1:])), expected
   assert result['top1'] == result['top1_captions']  # the headline is tikd.eval_text's
   np.testing.assert_array_equal(
-      evaluate_lib.released_rows(data.text_features, 24, 16)[16:24], data.text_features[:8])
+      pipeline.released_rows(data.text_features, 24, 16)[16:24], data.text_features[:8])
   # The captions are the val split's own, read by example index, and not the train rows.
   assert not np.allclose(data.eval_text_features, data.text_features[:24])
 

@@ -48,6 +48,13 @@ def released_text_rows(features: np.ndarray, batch_size: int, process_index: int
   return np.asarray(features[start:start + batch_size], np.float32)
 
 
+def released_rows(features: np.ndarray, num_examples: int, batch_size: int) -> np.ndarray:
+  """The released code's text for `num_examples` examples in batches of `batch_size`: rows
+  0…b−1 of the train feature file for every batch (JSJ515-Group/TIKD main.py calls
+  `model.set_text_features` once with every caption, and the model takes the first B rows)."""
+  return features[np.arange(num_examples) % batch_size]
+
+
 def _with_text(batch: dict, rows: np.ndarray) -> dict:
   return {**batch, 'text': rows}
 

@@ -9,7 +9,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 
 from tikd_jax import sharding as sharding_lib
 from tikd_jax import xla_options
@@ -91,16 +90,7 @@ def _eval_text_features(run: Run, mode: str):
     return None
   if mode == 'captions':
     return False if run.data.eval_text_features is None else run.data.eval_text_features
-  if run.data.text_features is None:
-    return False
-  return released_rows(run.data.text_features, len(run.data.eval), run.config.eval_batch_size)
-
-
-def released_rows(features: np.ndarray, num_examples: int, batch_size: int) -> np.ndarray:
-  """The released code's text for `num_examples` examples in batches of `batch_size`: rows
-  0…b−1 of the train feature file for every batch (JSJ515-Group/TIKD main.py calls
-  `model.set_text_features` once with every caption, and the model takes the first B rows)."""
-  return features[np.arange(num_examples) % batch_size]
+  return False if run.data.eval_released_text is None else run.data.eval_released_text
 
 
 def evaluate_modes(eval_step_for, params, batch_stats, source, *, modes, headline, texts,
@@ -179,7 +169,7 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict
     if config.tikd.eval_text == 'released':  # the only mode that reads training captions
       train = load_text_features(config.text.features_dir,
                                  build_source(config.data, config.data.train_split))
-      texts['released'] = released_rows(train, len(eval_source), config.eval_batch_size)
+      texts['released'] = pipeline.released_rows(train, len(eval_source), config.eval_batch_size)
       modes += ('released',)
   options = xla_options.compiler_options(config.xla_options)
   steps = {

@@ -41,6 +41,7 @@ class Data:
   steps_per_epoch: int
   text_features: np.ndarray | None  # caption features, one row per train example (TIKD)
   eval_text_features: np.ndarray | None  # the eval split's own caption features, if encoded
+  eval_released_text: np.ndarray | None  # the released code's rows for each eval example
   host_augment: Callable | None  # per example, in the grain workers (RandAugment)
   batch_augment: Callable | None  # per batch, inside the jitted step (erasing, Mixup/CutMix)
   num_workers: int
@@ -116,10 +117,11 @@ def setup(config: ml_collections.ConfigDict, workdir: str, *, sources: tuple | N
   loss = Loss(tuple(dict.fromkeys(t for p in phases for t in p.loss)), settings)
   if loss.needs_teacher and teacher is None:
     teacher = load_teacher(config, data.num_classes, mesh, rules)
-  shapes = _loss_shapes(config, data, student, teacher)
+  abstract_variables = _abstract_variables(student)
+  shapes = _loss_shapes(config, data, student, abstract_variables, teacher)
   schedule = optim.make_schedule(config.schedule, data.steps_per_epoch, phases[-1].end_step)
   abstract_params = {
-      'student': _abstract_variables(student)['params'],
+      'student': abstract_variables['params'],
       'objective': jax.eval_shape(lambda: loss.init(jax.random.key(0), shapes))[0]
   }
   run = Run(config=config, workdir=workdir, mesh=mesh, rules=rules,
@@ -184,12 +186,14 @@ def load_data(config, sources: tuple | None = None) -> Data:
     raise ValueError(f'batch_size {config.batch_size} is larger than the train split '
                      f'({len(train)} examples)')
   host_augment, batch_augment = build_augmentations(config)
-  return Data(train=train, eval=eval_, num_classes=train.num_classes,
-              steps_per_epoch=steps_per_epoch,
-              text_features=load_train_text_features(config, train),
-              eval_text_features=_load_eval_text_features(config, eval_), host_augment=host_augment,
-              batch_augment=batch_augment,
-              num_workers=pipeline.resolve_num_workers(config.data.num_workers))
+  text_features = load_train_text_features(config, train)
+  return Data(
+      train=train, eval=eval_, num_classes=train.num_classes, steps_per_epoch=steps_per_epoch,
+      text_features=text_features, eval_text_features=_load_eval_text_features(config, eval_),
+      eval_released_text=None if text_features is None else pipeline.released_rows(
+          text_features, len(eval_), config.eval_batch_size), host_augment=host_augment,
+      batch_augment=batch_augment,
+      num_workers=pipeline.resolve_num_workers(config.data.num_workers))
 
 
 def build_augmentations(config):
@@ -331,9 +335,10 @@ def place(tree, shardings):
   return jax.tree.map(put, tree, shardings)
 
 
-def _loss_shapes(config, data: Data, student: Model, teacher: Teacher | None) -> dict:
+def _loss_shapes(config, data: Data, student: Model, abstract_variables: dict,
+                 teacher: Teacher | None) -> dict:
   """The shapes the loss terms' init reads, for one micro-batch."""
-  return loss_shapes(graphdef=student.graphdef, variables=_abstract_variables(student),
+  return loss_shapes(graphdef=student.graphdef, variables=abstract_variables,
                      teacher_graphdef=teacher.graphdef if teacher else None,
                      teacher_vars=teacher.variables if teacher else None,
                      image_shape=data.train[0]['image'].shape,
