@@ -48,3 +48,40 @@ class JsonLines:
   def __exit__(self, *exc):
     if self._file:
       self._file.close()
+
+
+def table(rows: list[dict]) -> str:
+  """A markdown table of benchmarks/train_step.py rows: one line per (size, dtype, framework, step
+  part), each with its speed ratio against PyTorch eager of the same size, dtype and part."""
+  timed = [r for r in rows if 'median_s' in r]
+  eager = {(r['size'], r.get('dtype', 'float32'), r['name']): r['median_s']
+           for r in timed
+           if r['framework'] == 'torch'}
+  lines = [
+      '| size | dtype | part | framework | median ms | images/s | × torch eager | '
+      'fraction of peak | compile s | load |', '|---|---|---|---|---|---|---|---|---|---|'
+  ]
+  for r in timed:
+    key = (r['size'], r.get('dtype', 'float32'), r['name'])
+    ratio = f'{eager[key] / r["median_s"]:.2f}' if key in eager else '–'
+    fraction = r.get('fraction_of_peak')
+    lines.append(f'| {r["size"]} | {key[1]} | {r["name"]} | {r["framework"]} | '
+                 f'{1000 * r["median_s"]:.1f} | {r["images_per_s"]:.0f} | {ratio} | '
+                 f'{"–" if fraction is None else f"{fraction:.3f}"} | '
+                 f'{r.get("compile_s", "–")} | {r["load_1min"]["median"]} |')
+  for r in rows:
+    if 'skipped' in r:
+      lines.append(f'\n{r.get("framework", "all")} {r["size"]} {r.get("dtype", "")}: '
+                   f'skipped ({r["skipped"]})')
+    elif r.get('name') == 'peak':
+      lines.append(f'\npeak: {r["what"]} {r["dtype"]} n={r["n"]}: {r["gflops"]} GFLOP/s'
+                   f' on {r.get("device", "cpu")}')
+  return '\n'.join(lines)
+
+
+if __name__ == '__main__':
+  import sys  # pylint: disable=g-import-not-at-top
+  if len(sys.argv) != 3 or sys.argv[1] != 'table':
+    sys.exit('usage: python benchmarks/report.py table ROWS.jsonl')
+  with open(sys.argv[2]) as f:
+    print(table([json.loads(line) for line in f if line.strip()]))

@@ -3,6 +3,8 @@ r"""Speed of the full distillation train step: our jitted JAX step vs PyTorch ea
   python benchmarks/train_step.py [--sizes small,medium,large] [--batch 128] [--runs 5]
       [--frameworks jax,torch,torch_compile] [--parts] [--out benchmarks/results/train_step.jsonl]
   python benchmarks/train_step.py --quick          # micro + demo students, a few seconds each
+  python benchmarks/train_step.py --device gpu --batch 1024 --dtypes float32,bfloat16 --peak measure
+      # on a GPU: both frameworks on CUDA; bfloat16 = our config.dtype / torch.autocast
 
 One step = what the trainer runs per batch: teacher forward (resnet32x4, eval mode, no gradient),
 student forward + backward (TIKD DistilledViT, train mode, drop path 0.1), hard distillation
@@ -16,13 +18,14 @@ student forward + backward (TIKD DistilledViT, train mode, drop path 0.1), hard 
   torch_compile  the same, with the teacher forward + student forward/loss under torch.compile
                  (backward through AOTAutograd); skipped with the reason when it fails here.
 
-Each (framework, size) warms up (compiles), then times `--runs` steps one by one (host sync after
-each). One JSON line per row: median / p10 / p90 seconds per step, steps/s, images/s, model FLOPs
-(analytic conv + matmul count, training = 3 × forward for the student, forward only for the teacher)
-and the achieved GFLOP/s and fraction of --peak_gflops (188 measured for float32 matmul on this
-2-core machine), the XLA cost-analysis FLOPs of the compiled JAX step, the 1-minute load average
-before and after, versions, XLA_FLAGS. `--parts` adds rows for the teacher forward alone and the
-student forward/backward alone. Speed is measured here, never asserted in tests.
+Each (framework, size, dtype) warms up (compiles), then times `--runs` steps one by one (device
+sync after each). One JSON line per row: median / p10 / p90 seconds per step, steps/s, images/s,
+model FLOPs (analytic conv + matmul count, training = 3 × forward for the student, forward only for
+the teacher) and the achieved GFLOP/s and fraction of the peak (`--peak measure`: on CPU the
+float32 jax dot measured in this run, on a GPU the card's datasheet dense bfloat16 peak, i.e. MFU;
+benchmarks/peak.py), the XLA cost-analysis FLOPs of the compiled JAX step, compile seconds, the
+1-minute load average, versions, XLA_FLAGS. `--parts` adds rows for the teacher forward alone and
+the student forward/backward alone. Speed is measured here, never asserted in tests.
 """
 from __future__ import annotations
 
@@ -38,7 +41,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks import report  # noqa: E402  pylint: disable=g-import-not-at-top
 
-PEAK_GFLOPS = 188.0  # float32 matmul peak measured on this machine (2 cores)
+PEAK_GFLOPS = 188.0  # float32 matmul peak of the 2-core AVX-512 machine; `--peak measure` measures
 NUM_CLASSES = 100
 IMG = 32
 TEACHER = 'resnet32x4'
@@ -97,7 +100,7 @@ def _summary(times: list[float]) -> dict:
 
 def _compiler_options(preset: str):
   from tikd_jax import xla_options  # pylint: disable=g-import-not-at-top
-  return xla_options.compiler_options(preset, 'cpu')
+  return xla_options.compiler_options(preset)
 
 
 def _versions() -> dict:
@@ -114,20 +117,26 @@ def _row(name, framework, size, batch, times, flops, loads, extra=None) -> dict:
   s = _summary(times)
   med = s['median_s']
   row = {
-      'name': name, 'framework': framework, 'size': size, 'teacher': TEACHER,
-      'batch': batch, 'img': IMG, **{
-          k: round(v, 4) if isinstance(v, float) else v for k, v in s.items()
-      }, 'steps_per_s': round(1.0 / med,
-                              3), 'images_per_s': round(batch / med,
-                                                        1), 'model_gflop': round(flops / 1e9, 2),
-      'achieved_gflops': round(flops / med / 1e9,
-                               1), 'fraction_of_peak': round(flops / med / 1e9 / PEAK_GFLOPS, 3),
-      'peak_gflops': PEAK_GFLOPS, 'load_1min': report.load_summary(loads), 'cpus': os.cpu_count(),
-      'xla_flags': os.environ.get('XLA_FLAGS', ''), 'versions': _versions()
+      'name': name, 'framework': framework, 'size': size, 'teacher': TEACHER, 'batch': batch,
+      'img': IMG,
+      **{k: round(v, 4) if isinstance(v, float) else v for k, v in s.items()}, 'steps_per_s': round(
+          1.0 / med, 3), 'images_per_s': round(batch / med,
+                                               1), 'model_gflop': round(flops / 1e9, 2),
+      'achieved_gflops': round(flops / med / 1e9, 1), 'load_1min': report.load_summary(loads),
+      'cpus': os.cpu_count(), 'xla_flags': os.environ.get('XLA_FLAGS', ''), 'versions': _versions()
   }
   if extra:
     row.update(extra)
   return row
+
+
+def with_peak(row: dict, peak_gflops: float, peak_source: str) -> dict:
+  """`row` with its fraction of the peak; set in the parent process, which alone knows the peak
+  (the spawned workers re-import this module and never see `--peak_gflops`)."""
+  if 'achieved_gflops' not in row:
+    return row
+  return dict(row, peak_gflops=peak_gflops, peak_source=peak_source,
+              fraction_of_peak=round(row['achieved_gflops'] / peak_gflops, 4))
 
 
 def _batch(batch: int, seed: int = DRAW_SEED):
@@ -139,7 +148,7 @@ def _batch(batch: int, seed: int = DRAW_SEED):
 
 
 # --------------------------------------------------------------------------- JAX
-def build_jax(size: str, batch: int, xla_options: str):
+def build_jax(size: str, batch: int, xla_options: str, dtype: str = 'float32'):
   """The trainer's own run for `size` (setup → create_train_state → train_step_for) on
   synthetic data with a random teacher: (jitted step, state, batch, teacher_vars, graphs)."""
   import jax  # pylint: disable=g-import-not-at-top
@@ -159,6 +168,7 @@ def build_jax(size: str, batch: int, xla_options: str):
     config.model.variant = size
     config.batch_size = batch
     config.xla_options = xla_options
+    config.dtype = dtype
     # The PyTorch side runs no Mixup/CutMix, erasing or RandAugment: neither does this one.
     config.augment.randaugment = False
     config.augment.mixup_alpha = config.augment.cutmix_alpha = config.augment.erasing_prob = 0.0
@@ -167,8 +177,10 @@ def build_jax(size: str, batch: int, xla_options: str):
   train = ArraySource(np.broadcast_to(images[:1], (50_000,) + images.shape[1:]),
                       np.zeros(50_000, np.int32), [str(i) for i in range(NUM_CLASSES)], 'synthetic',
                       'train')
+  # As run.load_teacher builds it: in config.dtype under mixed precision.
   teacher = build_model(TEACHER, rngs=nnx.Rngs(1), num_classes=NUM_CLASSES,
-                        mean=config.teacher.mean, std=config.teacher.std)
+                        mean=config.teacher.mean, std=config.teacher.std,
+                        **({} if dtype == 'float32' else {'dtype': dtype}))
   teacher_vars = model_variables(teacher)
   mesh = sharding_lib.make_mesh(config.mesh)
   teacher_vars = jax.device_put(teacher_vars, sharding_lib.param_shardings(teacher_vars, mesh))
@@ -183,6 +195,15 @@ def build_jax(size: str, batch: int, xla_options: str):
       'batch': batch_arrays, 'teacher_vars': teacher_vars, 'graphdef': run.student.graphdef,
       'teacher_graphdef': run.teacher.graphdef
   }
+
+
+def _bf16_dots(lowered) -> int:
+  """How many dots/convolutions of the lowered step (StableHLO, before XLA:CPU rewrites bf16
+  into f32) take bfloat16 operands: 0 in float32, many under config.dtype='bfloat16' (the proof
+  that mixed precision reached the matmuls)."""
+  return sum(
+      1 for line in lowered.as_text().splitlines()
+      if ('stablehlo.dot_general' in line or 'stablehlo.convolution' in line) and 'bf16' in line)
 
 
 def xla_flops(compiled) -> float | None:
@@ -205,23 +226,25 @@ class Contestant:
     self.loads: list[float] = []
 
   def label(self):
-    return f'{self.framework}{"/" + self.extra["xla_options"] if "xla_options" in self.extra else ""}'
+    preset = f'/{self.extra["xla_options"]}' if 'xla_options' in self.extra else ''
+    return f'{self.framework}{preset}/{self.extra.get("dtype", "float32")}'
 
   def row(self) -> dict:
     return _row(self.name, self.framework, self.size, self.batch, self.times, self.flops,
                 self.loads, self.extra)
 
 
-def jax_contestants(size, batch, parts, xla_options='default') -> list[Contestant]:
+def jax_contestants(size, batch, parts, xla_options='default', dtype='float32') -> list[Contestant]:
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from flax import nnx  # pylint: disable=g-import-not-at-top
 
-  b = build_jax(size, batch, xla_options)
+  b = build_jax(size, batch, xla_options, dtype)
   flops = step_flops(size, batch)
   options = _compiler_options(xla_options)
   t0 = time.perf_counter()
-  compiled = b['step'].lower(b['state'], b['batch'], b['teacher_vars']).compile()
+  lowered = b['step'].lower(b['state'], b['batch'], b['teacher_vars'])
+  compiled = lowered.compile()
   compile_s = time.perf_counter() - t0
   holder = {'state': b['state']}
 
@@ -229,12 +252,12 @@ def jax_contestants(size, batch, parts, xla_options='default') -> list[Contestan
     holder['state'], metrics = compiled(holder['state'], b['batch'], b['teacher_vars'])
     jax.block_until_ready((holder['state'], metrics))
 
-  extra = {'xla_options': xla_options}
+  extra = {'xla_options': xla_options, 'dtype': dtype, 'device': jax.devices()[0].device_kind}
   out = [
       Contestant(
           'train_step', 'jax', size, batch, flops['step'], one,
           dict(extra, compile_s=round(compile_s, 2), xla_cost_gflop=round(
-              (xla_flops(compiled) or float('nan')) / 1e9, 2)))
+              (xla_flops(compiled) or float('nan')) / 1e9, 2), bf16_dots=_bf16_dots(lowered)))
   ]
   if not parts:
     return out
@@ -270,7 +293,9 @@ def jax_contestants(size, batch, parts, xla_options='default') -> list[Contestan
 
 
 # --------------------------------------------------------------------------- PyTorch
-def build_torch(size: str, batch: int):
+def build_torch(size: str, batch: int, device: str = 'cpu', dtype: str = 'float32'):
+  """The PyTorch twins on `device` ('cpu' or 'cuda'); dtype 'bfloat16' runs the forward passes
+  under torch.autocast (parameters and optimizer float32, like our config.dtype)."""
   import torch  # pylint: disable=g-import-not-at-top
   import torch.nn.functional as F  # pylint: disable=g-import-not-at-top
 
@@ -286,42 +311,69 @@ def build_torch(size: str, batch: int):
   teacher = TorchCifarResNet(depth=depth, filters=filters, num_classes=NUM_CLASSES).eval()
   for p in teacher.parameters():
     p.requires_grad_(False)
+  student, teacher = student.to(device), teacher.to(device)
+  if device == 'cuda':  # float32 matmuls and convolutions in TF32, as JAX's default precision does
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
   opt = torch.optim.AdamW(student.parameters(), lr=5e-4, weight_decay=0.05)
   images, labels = _batch(batch)
-  x = torch.from_numpy(images)
-  y = torch.from_numpy(labels).long()
+  x = torch.from_numpy(images).to(device)
+  y = torch.from_numpy(labels).long().to(device)
 
   def loss_fn(x, y):
-    images = x.permute(0, 3, 1, 2).float() / 255.0
-    with torch.no_grad():
-      teacher_labels = teacher(images).argmax(dim=1)
-    out = student.forward_heads(images)
-    base = F.cross_entropy(out['cls_logits'], y, label_smoothing=0.1)
-    distill = F.cross_entropy(out['dist_logits'], teacher_labels)
-    return 0.5 * base + 0.5 * distill
+    with torch.autocast(device, dtype=torch.bfloat16, enabled=dtype == 'bfloat16'):
+      images = x.permute(0, 3, 1, 2).float() / 255.0
+      with torch.no_grad():
+        teacher_labels = teacher(images).argmax(dim=1)
+      out = student.forward_heads(images)
+      base = F.cross_entropy(out['cls_logits'].float(), y, label_smoothing=0.1)
+      distill = F.cross_entropy(out['dist_logits'].float(), teacher_labels)
+      return 0.5 * base + 0.5 * distill
 
-  return {'student': student, 'teacher': teacher, 'opt': opt, 'x': x, 'y': y, 'loss_fn': loss_fn}
+  return {
+      'student': student, 'teacher': teacher, 'opt': opt, 'x': x, 'y': y, 'loss_fn': loss_fn,
+      'images': x.permute(0, 3, 1, 2).float() / 255.0
+  }
 
 
-def torch_contestants(size, batch, parts, compiled: bool) -> list[Contestant] | dict:
+def _sync(device: str) -> None:
+  if device == 'cuda':
+    import torch  # pylint: disable=g-import-not-at-top
+    torch.cuda.synchronize()
+
+
+def _autocast_dtype(b: dict, device: str, dtype: str) -> str:
+  """The dtype the student's logits come out in under this contestant's autocast setting."""
+  import torch  # pylint: disable=g-import-not-at-top
+  with torch.no_grad(), torch.autocast(device, dtype=torch.bfloat16, enabled=dtype == 'bfloat16'):
+    logits = b['student'].forward_heads(b['images'][:2])['cls_logits']
+  return str(logits.dtype).replace('torch.', '')
+
+
+def torch_contestants(size, batch, parts, compiled: bool, device: str = 'cpu',
+                      dtype: str = 'float32') -> list[Contestant] | dict:
   """PyTorch eager (or torch.compile) contestants; a `skipped` row when compiling fails."""
   import torch  # pylint: disable=g-import-not-at-top
   framework = 'torch_compile' if compiled else 'torch'
-  b = build_torch(size, batch)
+  b = build_torch(size, batch, device, dtype)
   flops = step_flops(size, batch)
   loss_fn = b['loss_fn']
-  extra = {'torch_threads': torch.get_num_threads()}
+  extra = {
+      'torch_threads': torch.get_num_threads(), 'dtype': dtype,
+      'device': torch.cuda.get_device_name() if device == 'cuda' else 'cpu',
+      'compute_dtype': _autocast_dtype(b, device, dtype)
+  }
   if compiled:
     loss_fn = torch.compile(loss_fn)
     t0 = time.perf_counter()
     try:
       loss_fn(b['x'], b['y']).backward()
       b['opt'].zero_grad(set_to_none=True)
+      _sync(device)
     except Exception as e:  # pylint: disable=broad-except
       first = str(e).strip().splitlines()[0][:300] if str(e).strip() else ''
       return {
           'name': 'train_step', 'framework': framework, 'size': size, 'batch': batch,
-          'skipped': f'torch.compile failed here: {type(e).__name__}: {first}',
+          'dtype': dtype, 'skipped': f'torch.compile failed here: {type(e).__name__}: {first}',
           'load': report.load_now(), 'versions': _versions()
       }
     extra['compile_s'] = round(time.perf_counter() - t0, 2)
@@ -330,18 +382,26 @@ def torch_contestants(size, batch, parts, compiled: bool) -> list[Contestant] | 
     b['opt'].zero_grad(set_to_none=True)
     loss_fn(b['x'], b['y']).backward()
     b['opt'].step()
+    _sync(device)
 
   out = [Contestant('train_step', framework, size, batch, flops['step'], one, extra)]
   if parts and not compiled:
-    images = b['x'].permute(0, 3, 1, 2).float() / 255.0
+    images = b['images']
+    autocast = functools.partial(torch.autocast, device, dtype=torch.bfloat16,
+                                 enabled=dtype == 'bfloat16')
 
     def teacher_only():
-      with torch.no_grad():
+      with torch.no_grad(), autocast():
         b['teacher'](images)
+      _sync(device)
 
     def student_only():
-      o = b['student'].forward_heads(images)
-      (o['cls_logits'].logsumexp(-1).mean() + o['dist_logits'].logsumexp(-1).mean()).backward()
+      with autocast():
+        o = b['student'].forward_heads(images)
+        loss = o['cls_logits'].float().logsumexp(-1).mean() + o['dist_logits'].float().logsumexp(
+            -1).mean()
+      loss.backward()
+      _sync(device)
 
     out.append(
         Contestant('teacher_forward', framework, size, batch, flops['teacher_forward'],
@@ -362,31 +422,45 @@ def _baseline_module(root: str):
   return module
 
 
-def _worker(conn, framework, size, batch, parts, presets, warmup, baseline_root=None):
-  """One process per framework, so that one framework's idle thread pool (OpenMP or Eigen
-  threads spinning after their last op) never competes with another's timed step."""
-  make_jax_contestants = jax_contestants
-  if framework == 'jax_baseline':  # the other checkout's own benchmark of its own step
-    sys.path.insert(0, os.path.abspath(baseline_root))
-    make_jax_contestants = _baseline_module(baseline_root).jax_contestants
+def _framework_contestants(framework, size, batch, parts, presets, dtypes, device,
+                           baseline_root) -> tuple[list[Contestant], list[dict]]:
+  """(contestants, skipped rows) of one framework for every preset and dtype."""
+  contestants, skipped = [], []
   if framework in ('jax', 'jax_baseline'):
+    make = jax_contestants
+    if framework == 'jax_baseline':  # the other checkout's own benchmark of its own step
+      sys.path.insert(0, os.path.abspath(baseline_root))
+      make = _baseline_module(baseline_root).jax_contestants
     import tikd_jax  # pylint: disable=g-import-not-at-top
     code = os.path.dirname(os.path.dirname(os.path.abspath(tikd_jax.__file__)))
-    contestants = []
     for preset in presets:
-      contestants += make_jax_contestants(size, batch, parts, preset)
+      for dtype in dtypes:  # an older checkout's jax_contestants may take no dtype
+        contestants += (make(size, batch, parts, preset) if dtype == 'float32' else make(
+            size, batch, parts, preset, dtype))
     for c in contestants:
       c.framework = framework
       c.extra['code'] = code
-  else:
-    contestants = torch_contestants(size, batch, parts, compiled=framework == 'torch_compile')
-  if isinstance(contestants, dict):  # skipped
-    conn.send(('skipped', contestants))
-    return
+    return contestants, skipped
+  torch_device = 'cuda' if device == 'gpu' else 'cpu'
+  for dtype in dtypes:
+    made = torch_contestants(size, batch, parts, framework == 'torch_compile', torch_device, dtype)
+    if isinstance(made, dict):
+      skipped.append(made)
+    else:
+      contestants += made
+  return contestants, skipped
+
+
+def _worker(conn, framework, size, batch, parts, presets, dtypes, device, warmup,
+            baseline_root=None):
+  """One process per framework, so that one framework's idle thread pool (OpenMP or Eigen
+  threads spinning after their last op) never competes with another's timed step."""
+  contestants, skipped = _framework_contestants(framework, size, batch, parts, presets, dtypes,
+                                                device, baseline_root)
   for c in contestants:
     for _ in range(warmup):
       c.fn()
-  conn.send(('ready', [c.label() + ':' + c.name for c in contestants]))
+  conn.send(('ready', [c.label() + ':' + c.name for c in contestants], skipped))
   while True:
     msg = conn.recv()
     if msg[0] == 'step':
@@ -401,8 +475,8 @@ def _worker(conn, framework, size, batch, parts, presets, warmup, baseline_root=
       return
 
 
-def run_size(size, batch, frameworks, presets, parts, runs, warmup, emit,
-             baseline_root=None) -> None:
+def run_size(size, batch, frameworks, presets, parts, runs, warmup, emit, baseline_root=None,
+             dtypes=('float32',), device='cpu') -> None:
   """Starts one worker per framework, then runs `runs` rounds of one step per contestant (order
   rotated every round) so that a change in the machine's load hits all contestants alike."""
   import multiprocessing as mp  # pylint: disable=g-import-not-at-top
@@ -410,17 +484,24 @@ def run_size(size, batch, frameworks, presets, parts, runs, warmup, emit,
   workers = []
   for fw in frameworks:
     parent, child = ctx.Pipe()
-    proc = ctx.Process(target=_worker, daemon=True,
-                       args=(child, fw, size, batch, parts, presets, warmup, baseline_root))
+    proc = ctx.Process(
+        target=_worker, daemon=True,
+        args=(child, fw, size, batch, parts, presets, dtypes, device, warmup, baseline_root))
     proc.start()
     workers.append((fw, parent, proc))
   slots = []  # (worker index, contestant index, label)
   for w, (fw, conn, proc) in enumerate(workers):
-    kind, payload = conn.recv()  # sequential: one worker compiles / warms up at a time
-    if kind == 'skipped':
-      emit(payload)
+    try:
+      _, labels, skipped = conn.recv()  # one worker at a time reports ready
+    except EOFError:  # the worker died (out of memory, a crash): say so, keep the others
+      emit({
+          'name': 'train_step', 'framework': fw, 'size': size, 'batch': batch,
+          'skipped': f'worker exited with code {proc.join(5) or proc.exitcode}'
+      })
       continue
-    slots += [(w, i, label) for i, label in enumerate(payload)]
+    for row in skipped:
+      emit(row)
+    slots += [(w, i, label) for i, label in enumerate(labels)]
   print(
       f'# {size}: {len(slots)} contestants ({", ".join(l for _, _, l in slots)}), '
       f'{warmup} warm-up + {runs} timed steps each, interleaved', file=sys.stderr, flush=True)
@@ -437,9 +518,30 @@ def run_size(size, batch, frameworks, presets, parts, runs, warmup, emit,
     proc.join(timeout=60)
 
 
+def measured_peak(device: str, emit) -> tuple[float, str]:
+  """Runs benchmarks/peak.py in a child process (its thread pools never meet the workers'),
+  emits its rows and returns (peak GFLOP/s, where it comes from): on CPU the jitted float32 jax
+  dot, on a GPU the card's datasheet dense bfloat16 peak (so fraction_of_peak is MFU)."""
+  import json  # pylint: disable=g-import-not-at-top
+  import subprocess  # pylint: disable=g-import-not-at-top
+  script = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'peak.py')
+  out = subprocess.run([sys.executable, script, '--device', device], check=True,
+                       capture_output=True, text=True)
+  rows = [json.loads(line) for line in out.stdout.splitlines() if line.startswith('{')]
+  for row in rows:
+    emit(row)
+  if device == 'cpu':
+    jax_dot = next(r for r in rows if r['what'] == 'jax_dot')
+    return jax_dot['gflops'], 'jax_dot_float32_measured'
+  sheet = rows[0].get('datasheet_bf16_gflops')
+  if sheet:
+    return sheet, f'datasheet_bf16:{rows[0]["device"]}'
+  best = max(r['gflops'] for r in rows if r['dtype'] == 'bfloat16')
+  return best, 'bf16_matmul_measured'
+
+
 # --------------------------------------------------------------------------- main
 def main() -> None:
-  global PEAK_GFLOPS  # pylint: disable=global-statement
   parser = argparse.ArgumentParser(description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument('--sizes', default='small,medium,large')
@@ -452,6 +554,10 @@ def main() -> None:
   parser.add_argument('--warmup', type=int, default=1, help='untimed steps after compiling')
   parser.add_argument('--frameworks', default=None,
                       help='jax,torch,torch_compile (default all; jax,torch with --quick)')
+  parser.add_argument('--device', default='cpu', choices=('cpu', 'gpu'),
+                      help='gpu: JAX on its default GPU backend and PyTorch on cuda')
+  parser.add_argument('--dtypes', default='float32',
+                      help='float32,bfloat16: our config.dtype; torch.autocast for PyTorch')
   parser.add_argument(
       '--xla_options', default='auto', help='one JAX contestant per preset: auto or one of '
       'tikd_jax/xla_options.py PRESETS')
@@ -461,10 +567,14 @@ def main() -> None:
       'its JAX step as framework jax_baseline, interleaved with the rest')
   parser.add_argument('--parts', action='store_true',
                       help='also time the teacher forward and the student fwd/bwd alone')
-  parser.add_argument('--peak_gflops', type=float, default=PEAK_GFLOPS)
+  parser.add_argument(
+      '--peak', default=str(PEAK_GFLOPS), help='GFLOP/s that fraction_of_peak divides by, or '
+      '"measure" (benchmarks/peak.py in this run: jax float32 dot on CPU, datasheet bf16 on GPU)')
+  parser.add_argument('--deadline_s', type=float, default=None,
+                      help='start no new size after this many seconds (a `skipped` row instead)')
   parser.add_argument('--out', default=None, help='also append the JSON lines to this file')
   args = parser.parse_args()
-  PEAK_GFLOPS = args.peak_gflops
+  start = time.perf_counter()
   sizes = QUICK_SIZES if args.quick else tuple(s for s in args.sizes.split(',') if s)
   batch = args.batch or (32 if args.quick else 128)
   base_runs = args.runs or (3 if args.quick else 5)
@@ -478,16 +588,30 @@ def main() -> None:
   unknown = set(frameworks) - {'jax', 'jax_baseline', 'torch', 'torch_compile'}
   if unknown:
     parser.error(f'unknown frameworks {sorted(unknown)}; use jax, torch, torch_compile')
+  dtypes = tuple(d for d in args.dtypes.split(',') if d)
+  if set(dtypes) - {'float32', 'bfloat16'}:
+    parser.error(f'--dtypes {args.dtypes!r}: use float32 and/or bfloat16')
   presets = [p for p in args.xla_options.split(',') if p]
   from tikd_jax.xla_options import PRESETS  # pylint: disable=g-import-not-at-top
   unknown = set(presets) - set(PRESETS) - {'auto'}
   if unknown:
     parser.error(f'unknown --xla_options {sorted(unknown)}; use auto or one of {sorted(PRESETS)}')
-  with report.JsonLines(args.out) as emit:
+  with report.JsonLines(args.out) as write:
+    if args.peak == 'measure':
+      peak, source = measured_peak(args.device, write)
+    else:
+      peak, source = float(args.peak), 'given'
+    emit = lambda row: write(with_peak(row, peak, source))  # noqa: E731
     for size in sizes:
+      if args.deadline_s is not None and time.perf_counter() - start > args.deadline_s:
+        emit({
+            'name': 'train_step', 'size': size, 'batch': batch,
+            'skipped': f'--deadline_s {args.deadline_s:g} passed before this size started'
+        })
+        continue
       runs = args.large_runs if size == 'large' else base_runs
       run_size(size, batch, frameworks, presets, args.parts, runs, args.warmup, emit,
-               args.baseline_root)
+               args.baseline_root, dtypes, args.device)
 
 
 if __name__ == '__main__':

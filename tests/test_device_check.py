@@ -1,0 +1,107 @@
+"""benchmarks/device_check.sh in its CPU mode: the GPU check's own code path, CI-sized.
+
+Speed is never asserted; what is asserted is that every contestant of the matrix is there, that
+bfloat16 really reaches the matmuls on both sides, and that the numbers the rows report are the
+ones their definitions give (FLOP counts, fraction of the peak, the ratio against PyTorch eager).
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from benchmarks import peak as peak_lib  # noqa: E402
+from benchmarks import report  # noqa: E402
+from benchmarks import train_step  # noqa: E402
+
+
+@pytest.fixture(scope='module')
+def cpu_check(tmp_path_factory):
+  out = tmp_path_factory.mktemp('device_check')
+  env = dict(os.environ, OUT=str(out), PYTHON=sys.executable)
+  subprocess.run(['bash', os.path.join(ROOT, 'benchmarks', 'device_check.sh'), '--cpu'], env=env,
+                 check=True, cwd=ROOT, timeout=900)
+  with open(out / 'device_check.jsonl') as f:
+    rows = [json.loads(line) for line in f]
+  return out, rows
+
+
+def test_every_framework_and_dtype_is_timed(cpu_check):
+  _, rows = cpu_check
+  steps = {(r['framework'], r['dtype']): r for r in rows if r['name'] == 'train_step'}
+  assert set(steps) == {('jax', 'float32'), ('jax', 'bfloat16'), ('torch', 'float32'),
+                        ('torch', 'bfloat16')}
+  for row in steps.values():
+    assert row['median_s'] > 0 and row['runs'] == 1 and row['size'] == 'micro'
+  assert steps['jax', 'float32']['compile_s'] > 0
+
+
+def test_bfloat16_reaches_the_matmuls_on_both_sides(cpu_check):
+  _, rows = cpu_check
+  steps = {(r['framework'], r['dtype']): r for r in rows if r['name'] == 'train_step'}
+  assert steps['jax', 'float32']['bf16_dots'] == 0
+  assert steps['jax', 'bfloat16']['bf16_dots'] > 20  # every ViT and ResNet matmul, fwd and bwd
+  assert steps['torch', 'float32']['compute_dtype'] == 'float32'
+  assert steps['torch', 'bfloat16']['compute_dtype'] == 'bfloat16'
+
+
+def test_rows_report_what_their_definitions_give(cpu_check):
+  out, rows = cpu_check
+  peaks = {r['what']: r for r in rows if r['name'] == 'peak'}
+  assert set(peaks) == {'jax_dot', 'numpy_sgemm'}
+  assert all(p['gflops'] > 0 for p in peaks.values())
+  for row in (r for r in rows if r['name'] == 'train_step'):
+    # 8 images: the teacher forward once, the micro student's forward three times.
+    flops = 8 * (train_step.resnet_forward_flops('resnet32x4') +
+                 3 * train_step.vit_forward_flops('micro'))
+    assert row['model_gflop'] == pytest.approx(flops / 1e9, abs=0.01)
+    assert row['peak_gflops'] == peaks['jax_dot']['gflops']
+    assert row['peak_source'] == 'jax_dot_float32_measured'
+    assert row['fraction_of_peak'] == pytest.approx(
+        row['achieved_gflops'] / peaks['jax_dot']['gflops'], rel=1e-3)
+  table = (out / 'device_check.md').read_text()
+  assert table.count('| micro |') == 4
+  torch_rows = [line for line in table.splitlines() if '| torch |' in line]
+  assert len(torch_rows) == 2 and all('| 1.00 |' in line for line in torch_rows)
+  assert 'jax' in (out / 'environment.txt').read_text()
+
+
+def test_resnet32x4_flops_match_the_published_count():
+  # CRD / TIKD tables: ResNet32x4 on 32×32 CIFAR is 1.08 G multiply-adds per image.
+  assert train_step.resnet_forward_flops('resnet32x4') / 2 / 1e9 == pytest.approx(1.08, abs=0.01)
+
+
+def test_deadline_skips_sizes_without_building_them(tmp_path):
+  out = tmp_path / 'rows.jsonl'
+  subprocess.run([
+      sys.executable,
+      os.path.join(ROOT, 'benchmarks', 'train_step.py'), '--sizes', 'small,large', '--deadline_s',
+      '0', '--peak', '100', '--out',
+      str(out)
+  ], check=True, cwd=ROOT, timeout=120, capture_output=True)
+  rows = [json.loads(line) for line in out.read_text().splitlines()]
+  assert [(r['size'], 'deadline' in r['skipped']) for r in rows] == [('small', True),
+                                                                     ('large', True)]
+
+
+def test_datasheet_peaks_pick_the_specific_part_first():
+  assert peak_lib.datasheet_bf16_tflops('NVIDIA H100 80GB HBM3') == 989.4
+  assert peak_lib.datasheet_bf16_tflops('NVIDIA H100 PCIe') == 756.0
+  assert peak_lib.datasheet_bf16_tflops('NVIDIA H200') == 989.4
+  assert peak_lib.datasheet_bf16_tflops('cpu') is None
+
+
+def test_table_ratio_is_torch_eager_time_over_ours():
+  base = {
+      'size': 's', 'dtype': 'float32', 'name': 'train_step', 'images_per_s': 1.0,
+      'load_1min': {'median': 0}
+  }
+  rows = [dict(base, framework='torch', median_s=2.0), dict(base, framework='jax', median_s=0.5)]
+  jax_line = next(line for line in report.table(rows).splitlines() if '| jax |' in line)
+  assert '| 4.00 |' in jax_line
