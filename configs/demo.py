@@ -14,11 +14,12 @@ mean ± std; it adds soft KD, hard KD's control (the data's own label in the tea
 Arguments (comma-separated): `seeds=N` (default 1), `regime=mix|plain` (default mix: DeiT's Mixup
 / CutMix on the students, so that the teacher relabels images whose label the data gets wrong;
 plain: no batch mixing), `epochs=N` (the students' epochs, default 30; a TIKD student keeps its
-1 : 2 warm-up : joint split), `rows=all|core` (core: with seeds=N, the four vision rows and only
-the default TIKD design).
+1 : 2 warm-up : joint split), `rows=all|core` (core: the four vision rows and only the default
+TIKD design, named per seed even for one seed), `first_seed=K` (seeds K … K+N−1, so that seeds
+can run in parallel processes on one workdir). Digits are never flipped: a mirrored 2, 3, 4, 5, 7
+or 9 is not that digit.
 
-  python main.py --config=configs/demo.py:seeds=5,epochs=60,rows=core --workdir=workdirs/demo5 Digits are never flipped: a mirrored 2, 3, 4, 5, 7 or 9 is not that
-digit.
+  python main.py --config=configs/demo.py:seeds=5,epochs=60,rows=core --workdir=workdirs/demo5
 """
 from configs import common
 
@@ -108,12 +109,13 @@ def tikd_student_config(design: str, seed: int, regime: str, teacher: str,
 
 
 def _parse(arg: str) -> dict:
-  options = dict(seeds='1', regime='mix', epochs=str(STUDENT_EPOCHS), rows='all')
+  options = dict(seeds='1', regime='mix', epochs=str(STUDENT_EPOCHS), rows='all', first_seed='0')
   for part in filter(None, arg.split(',')):
     key, _, value = part.partition('=')
     if key not in options or not value:
       raise ValueError(
-          f'configs/demo.py takes seeds=N,regime=mix|plain,epochs=N,rows=all|core; got {arg!r}')
+          f'configs/demo.py takes seeds=N,regime=mix|plain,epochs=N,rows=all|core,first_seed=K; '
+          f'got {arg!r}')
     options[key] = value
   if options['regime'] not in ('mix', 'plain'):
     raise ValueError(f"regime must be 'mix' or 'plain', got {options['regime']!r}")
@@ -121,14 +123,17 @@ def _parse(arg: str) -> dict:
     raise ValueError(f"rows must be 'all' or 'core', got {options['rows']!r}")
   if not options['epochs'].isdigit() or int(options['epochs']) < 3:
     raise ValueError(f"epochs must be a whole number ≥ 3, got {options['epochs']!r}")
+  if not options['first_seed'].isdigit():
+    raise ValueError(f"first_seed must be a whole number, got {options['first_seed']!r}")
   return dict(seeds=int(options['seeds']), regime=options['regime'], epochs=int(options['epochs']),
-              rows=options['rows'])
+              first_seed=int(options['first_seed']), rows=options['rows'])
 
 
 def get_config(arg: str = ''):
   options = _parse(arg)
-  seeds, regime = range(options['seeds']), options['regime']
-  many = len(seeds) > 1
+  first = options['first_seed']
+  seeds, regime = range(first, first + options['seeds']), options['regime']
+  many = len(seeds) > 1 or options['rows'] == 'core' or first > 0
   methods, designs = (ALL_METHODS, list(TIKD_DESIGNS)) if many else (QUICK_METHODS, [DEFAULT_TIKD])
   if options['rows'] == 'core':
     designs = [DEFAULT_TIKD]

@@ -49,7 +49,10 @@ def test_epochs_and_core_rows_scale_every_student_and_keep_the_tikd_split():
       assert run.num_epochs == 60.0
   default = demo.get_config('seeds=2')
   assert all(default.runs[n].num_epochs == 30.0 for n in default.run_order if 'student' in n)
-  for bad in ('epochs=2', 'epochs=x', 'rows=some'):
+  later = demo.get_config('seeds=1,first_seed=3,rows=core')  # one process per seed
+  assert later.run_order[0] == 'teacher_seed3' and later.runs.student_hard_seed3.seed == 3
+  assert later.runs.student_hard_seed3.teacher.checkpoint == '{workdir}/teacher_seed3'
+  for bad in ('epochs=2', 'epochs=x', 'rows=some', 'first_seed=-1'):
     with pytest.raises(ValueError):
       demo.get_config(bad)
 
