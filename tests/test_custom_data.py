@@ -256,3 +256,21 @@ def test_main_on_a_folder_with_a_corrupt_image(tmp_path):
   with open(workdir / 'config.json') as f:  # the config as run holds the measured numbers
     np.testing.assert_allclose(json.load(f)['model']['mean'], saved['mean'], atol=1e-12)
   assert 'normalization: mean' in done.stdout and 'computed from the 383 images' in done.stdout
+
+
+def test_custom_config_measures_the_data_and_follows_the_image_size():
+  """configs/custom.py (the README's commands): image folder, measured mean/std, eval split
+  'auto'; the student ViT's img_size follows data.image_size (a 64-px folder builds a 64-px
+  ViT, not a 32-px one that would fail on the first batch)."""
+  from configs import custom
+  teacher, student = custom.get_config('teacher'), custom.get_config('hard')
+  for c in (teacher, student):
+    assert (c.data.name, c.data.normalization, c.data.eval_split) == ('image_folder', 'compute',
+                                                                      'auto')
+    assert 'mean' in c.model and 'mean' in c.teacher  # what normalization.resolve fills
+  assert (teacher.model.name, teacher.distill.method) == ('resnet20', 'none')
+  assert (student.model.name, student.distill.method) == ('distilled_vit', 'hard')
+  student.data.image_size = 64
+  assert run_lib.model_spec(student.model, 3)[1]['img_size'] == 64
+  with pytest.raises(ValueError, match='custom takes teacher or a method'):
+    custom.get_config('small')
