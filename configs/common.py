@@ -8,7 +8,8 @@ from ml_collections.config_dict import placeholder
 
 # Re-exported for the configs (`common.CIFAR100_MEAN`); defined once in tikd_jax/normalization.py.
 from tikd_jax.normalization import (CIFAR10_MEAN, CIFAR10_STD, CIFAR100_MEAN, CIFAR100_STD,
-                                    DIGITS_MEAN, DIGITS_STD, IMAGENET_MEAN, IMAGENET_STD)
+                                    DIGITS_MEAN, DIGITS_STD, IMAGENET_MEAN, IMAGENET_STD,
+                                    TINY_IMAGENET_MEAN, TINY_IMAGENET_STD)
 
 # No weight decay on biases, norm scales, position embedding and the cls/dist tokens (DeiT).
 NO_DECAY = ('bias$', 'scale$', 'pos_embed', 'cls_token', 'dist_token', 'ctkd/raw_temperature')
@@ -23,10 +24,15 @@ def base() -> ConfigDict:
   # val_size > 0 holds out that many train examples as split 'val', drawn with val_seed by
   # val_split_method: 'numpy' (RandomState permutation) or 'torch' (the indices of torch's
   # random_split with a manual_seed generator, as IRKD's notebooks; no torch needed).
+  # eval_split 'auto': an image folder's val/ (else test/), a TFDS set's 'test' (else
+  # 'validation'), 'test' otherwise (tikd_jax/data/__init__.py). normalization: 'explicit' (the
+  # model's and teacher's mean/std below) or 'compute' (measured on the train split, saved as
+  # <workdir>/normalization.json; tikd_jax/normalization.py). bad_images: an image-folder file
+  # that does not decode stops the run ('error') or is left out with a warning ('skip').
   c.data = ConfigDict(
       dict(name='digits', dir='', download=False, tfds_name='', image_size=32, val_size=0,
            val_seed=42, val_split_method='numpy', num_workers=0, crop_padding=4, flip=True,
-           train_split='train', eval_split='test'))
+           train_split='train', eval_split='auto', normalization='explicit', bad_images='error'))
   c.model = ConfigDict(
       dict(name='distilled_vit', variant='micro', drop_path=0.1, mean=CIFAR100_MEAN,
            std=CIFAR100_STD))

@@ -285,21 +285,52 @@ class TorchCifarResNet(nn.Module):
 # --------------------------------------------------------------------------- from our models
 def torch_model_like(flax_model) -> nn.Module:
   """The PyTorch twin of a built `DistilledViT` or `CifarResNet` (same sizes and options)."""
+  cls, kwargs = torch_twin_args(flax_model)
+  return cls(**kwargs)
+
+
+def torch_twin_args(flax_model) -> tuple[type, dict]:
+  """(twin class, its constructor arguments) for a built `DistilledViT` or `CifarResNet`."""
   from tikd_jax.models.resnet_cifar import CONFIGS, CifarResNet
   from tikd_jax.models.vit import DistilledViT
 
+  mean, std = tuple(float(v) for v in flax_model.mean), tuple(float(v) for v in flax_model.std)
   if isinstance(flax_model, DistilledViT):
     s = flax_model.size
-    return TorchDistilledViT(dim=s.dim, depth=s.depth, heads=s.heads, mlp_dim=s.mlp_dim,
-                             patch=s.patch, num_classes=flax_model.num_classes,
-                             img_size=flax_model.img_size, distilled=flax_model.distilled,
-                             dist_pos_embed=flax_model.dist_pos_embed,
-                             final_norm=flax_model.final_norm, eval_head=flax_model.eval_head,
-                             text_dim=flax_model.text_dim, text_rank=s.text_rank,
-                             text_proj_layout=flax_model.text_proj_layout, mean=flax_model.mean,
-                             std=flax_model.std)
+    return TorchDistilledViT, dict(dim=s.dim, depth=s.depth, heads=s.heads, mlp_dim=s.mlp_dim,
+                                   patch=s.patch, num_classes=flax_model.num_classes,
+                                   img_size=flax_model.img_size, distilled=flax_model.distilled,
+                                   dist_pos_embed=flax_model.dist_pos_embed,
+                                   final_norm=flax_model.final_norm, eval_head=flax_model.eval_head,
+                                   text_dim=flax_model.text_dim, text_rank=s.text_rank,
+                                   text_proj_layout=flax_model.text_proj_layout, mean=mean, std=std)
   if isinstance(flax_model, CifarResNet):
     depth, filters = CONFIGS[flax_model.arch]
-    return TorchCifarResNet(depth=depth, filters=filters, num_classes=flax_model.num_classes,
-                            mean=flax_model.mean, std=flax_model.std)
+    return TorchCifarResNet, dict(depth=depth, filters=list(filters),
+                                  num_classes=flax_model.num_classes, mean=mean, std=std)
   raise TypeError(f'no PyTorch twin for {type(flax_model).__name__}')
+
+
+def timm_args(flax_model) -> tuple[str, dict] | None:
+  """(timm class path, its constructor arguments) of the timm model that loads this model's
+  exported state dict with strict=True and computes the same eval logits from normalised input,
+  or None when timm has no such model (ResNets, text modules, IRKD's layout).
+
+  A distilled ViT is timm's `VisionTransformerDistilled` (eval logits: the mean of both heads),
+  a plain one `VisionTransformer` (class token, head on the normed cls token); both default to
+  qkv bias, LayerNorm eps 1e-6 and exact GELU, as ours.
+  """
+  from tikd_jax.models.vit import DistilledViT
+
+  if not isinstance(flax_model, DistilledViT) or flax_model.text_dim or not flax_model.final_norm:
+    return None
+  s = flax_model.size
+  if int(s.dim * (s.mlp_dim / s.dim)) != s.mlp_dim:
+    return None  # timm sizes the MLP as int(embed_dim * mlp_ratio)
+  args = dict(img_size=flax_model.img_size, patch_size=s.patch, embed_dim=s.dim, depth=s.depth,
+              num_heads=s.heads, mlp_ratio=s.mlp_dim / s.dim, num_classes=flax_model.num_classes)
+  if not flax_model.distilled:
+    return 'timm.models.vision_transformer.VisionTransformer', args
+  if flax_model.dist_pos_embed and flax_model.eval_head == 'mean':
+    return 'timm.models.deit.VisionTransformerDistilled', args
+  return None  # IRKD's layout: the dist token has no position, eval reads the cls head

@@ -63,7 +63,8 @@ def check_evaluation(run: Run, state: TrainState) -> float:
                                 process_count=jax.process_count(),
                                 text_features=_eval_text_features(run, mode)), None)
       if batch is None:
-        raise ValueError(f'the eval split {run.config.data.eval_split!r} has no examples')
+        split = getattr(run.data.eval, 'split', run.config.data.eval_split)
+        raise ValueError(f'the eval split {split!r} has no examples')
       try:
         jax.block_until_ready(
             _eval_step(run, mode != 'none')(state.params, state.batch_stats,
@@ -148,6 +149,9 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict
   """Evaluates the newest checkpoint in `workdir` on the eval split (no training state needed)."""
   mesh = sharding_lib.make_mesh(config.mesh)
   eval_source = build_source(config.data, config.data.eval_split)
+  if jax.process_index() == 0:
+    for note in getattr(eval_source, 'notes', ()):  # the split 'auto' chose, skipped files
+      print(note, flush=True)
   meta, flat = ckpt_lib.load_weights(workdir)
   if 'model' not in meta:
     raise ValueError(f'{workdir}: checkpoint metadata names no model; was it written by tikd-jax?')

@@ -18,6 +18,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+from tikd_jax import normalization
 from tikd_jax import sharding as sharding_lib
 from tikd_jax import xla_options
 from tikd_jax.data import build_source, pipeline
@@ -45,6 +46,7 @@ class Data:
   host_augment: Callable | None  # per example, in the grain workers (RandAugment)
   batch_augment: Callable | None  # per batch, inside the jitted step (erasing, Mixup/CutMix)
   num_workers: int
+  notes: tuple[str, ...] = ()  # how the data was read, for the log (eval split, skipped files)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,7 +110,13 @@ def setup(config: ml_collections.ConfigDict, workdir: str, *, sources: tuple | N
     raise ValueError(f'batch_size {config.batch_size} and eval_batch_size '
                      f'{config.eval_batch_size} must divide by the {mesh.size} devices')
   rules = [tuple(r) for r in config.sharding_rules]
+  if sources is None:
+    sources = (build_source(config.data, config.data.train_split),
+               build_source(config.data, config.data.eval_split))
+  # data.normalization='compute': the model and teacher mean/std measured on the train split.
+  config, norm_notes = normalization.resolve(config, workdir, sources[0])
   data = load_data(config, sources)
+  data = dataclasses.replace(data, notes=data.notes + tuple(norm_notes))
   _check_best_metric(config.best_metric, data.num_classes)
   phases = build_phases(config, data.steps_per_epoch)
   _check_text_for(phases, data, config.tikd)
@@ -181,6 +189,7 @@ def load_data(config, sources: tuple | None = None) -> Data:
     sources = (build_source(config.data, config.data.train_split),
                build_source(config.data, config.data.eval_split))
   train, eval_ = sources
+  notes = tuple(n for source in sources for n in getattr(source, 'notes', ()))
   steps_per_epoch = len(train) // config.batch_size
   if steps_per_epoch == 0:
     raise ValueError(f'batch_size {config.batch_size} is larger than the train split '
@@ -193,7 +202,7 @@ def load_data(config, sources: tuple | None = None) -> Data:
       eval_released_text=None if text_features is None else pipeline.released_rows(
           text_features, len(eval_), config.eval_batch_size), host_augment=host_augment,
       batch_augment=batch_augment,
-      num_workers=pipeline.resolve_num_workers(config.data.num_workers))
+      num_workers=pipeline.resolve_num_workers(config.data.num_workers), notes=notes)
 
 
 def build_augmentations(config):
