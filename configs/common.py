@@ -23,10 +23,13 @@ def base() -> ConfigDict:
   # val_size > 0 holds out that many train examples as split 'val', drawn with val_seed by
   # val_split_method: 'numpy' (RandomState permutation) or 'torch' (the indices of torch's
   # random_split with a manual_seed generator, as IRKD's notebooks; no torch needed).
+  # repeated_aug: DeiT's repeated-augmentation sampler with that many repeats (3 in DeiT; 0 or 1:
+  # off), over repeated_aug_replicas replicas (DeiT's GPUs; 0: one per JAX process), each taking
+  # batch_size / replicas rows of every global batch (tikd_jax/data/repeated_aug.py).
   c.data = ConfigDict(
       dict(name='digits', dir='', download=False, tfds_name='', image_size=32, val_size=0,
            val_seed=42, val_split_method='numpy', num_workers=0, crop_padding=4, flip=True,
-           train_split='train', eval_split='test'))
+           train_split='train', eval_split='test', repeated_aug=0, repeated_aug_replicas=0))
   c.model = ConfigDict(
       dict(name='distilled_vit', variant='micro', drop_path=0.1, mean=CIFAR100_MEAN,
            std=CIFAR100_STD))

@@ -287,7 +287,7 @@ def test_train_stream_takes_text_rows_from_the_config(text_rows):
     c.batch_size = 8
     c.tikd.text_rows = text_rows
   data = types.SimpleNamespace(train=_source(), text_features=FEATURES, host_augment=None,
-                               num_workers=0)
+                               num_workers=0, sampler=None)
   stream = loop.train_stream(types.SimpleNamespace(config=c, data=data),
                              types.SimpleNamespace(resolution=None), 0)
   b = next(stream.iterator)

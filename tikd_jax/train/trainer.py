@@ -73,6 +73,11 @@ def _log_start(run: Run, logger: MetricLogger, checkpointer, start_step: int, re
       f'per epoch, {run.total_steps} steps in {len(run.phases)} phase(s); mesh '
       f'{dict(run.mesh.shape)}; ' +
       (f'resumed at step {start_step}' if start_step else 'starting fresh'))
+  if data.sampler:
+    s = data.sampler
+    logger.message(f'repeated augmentation: {s.num_repeats} repeats over {s.num_replicas} '
+                   f'replica(s) of {s.replica_batch} rows, {s.per_replica} examples per replica '
+                   f'and epoch (DeiT\'s RASampler)')
   if resume_note:
     logger.message(resume_note)
   for bad_step, reason in checkpointer.set_aside:
