@@ -38,15 +38,19 @@ def _attach_text(element: dict, features: np.ndarray) -> dict:
 
 
 def released_text_rows(features: np.ndarray, batch_size: int, process_index: int = 0,
-                       process_count: int = 1) -> np.ndarray:
-  """Rows 0..B−1 of `features` (B = batch_size · process_count, the global batch), the part of
-  them that process `process_index` holds: rows p·b … (p + 1)·b − 1 of its per-process batch b."""
-  if len(features) < batch_size * process_count:
-    raise ValueError(f"text_rows='released' gives a batch of {batch_size * process_count} rows "
-                     f"0..{batch_size * process_count - 1} of the text features, which have only "
+                       process_count: int = 1, replica_batch: int | None = None) -> np.ndarray:
+  """The released code's text for a global batch of B = batch_size · process_count rows, the part
+  process `process_index` holds (its rows p·b … (p + 1)·b − 1). Each of the released code's GPUs
+  took rows 0…b_gpu−1 for its batch of b_gpu: with `replica_batch` (the repeated-augmentation
+  sampler's rows per replica, standing for those GPUs) global row j gets feature row
+  j mod replica_batch; without it, the global batch is one GPU's and gets rows 0…B−1."""
+  replica_batch = replica_batch or batch_size * process_count
+  if len(features) < replica_batch:
+    raise ValueError(f"text_rows='released' gives each batch of {replica_batch} rows 0.."
+                     f"{replica_batch - 1} of the text features, which have only "
                      f"{len(features)} rows: use a smaller batch or text_rows='index'")
-  start = process_index * batch_size
-  return np.asarray(features[start:start + batch_size], np.float32)
+  rows = np.arange(process_index * batch_size, (process_index + 1) * batch_size) % replica_batch
+  return np.asarray(features[rows], np.float32)
 
 
 def released_rows(features: np.ndarray, num_examples: int, batch_size: int) -> np.ndarray:
@@ -118,7 +122,8 @@ def train_dataset(source, *, batch_size: int, seed: int, crop_padding: int = 4,
     # augmentation draws, same row order for the per-row randomness inside the step).
     ds = ds[process_index::process_count]
   if text_features is not None and text_rows == 'released':
-    rows = released_text_rows(text_features, batch_size, process_index, process_count)
+    rows = released_text_rows(text_features, batch_size, process_index, process_count,
+                              sampler.replica_batch if sampler else None)
     ds = ds.map(functools.partial(_with_text, rows=rows))
   return ds
 
