@@ -29,10 +29,14 @@ def base() -> ConfigDict:
   # model's and teacher's mean/std below) or 'compute' (measured on the train split, saved as
   # <workdir>/normalization.json; tikd_jax/normalization.py). bad_images: an image-folder file
   # that does not decode stops the run ('error') or is left out with a warning ('skip').
+  # repeated_aug: DeiT's repeated-augmentation sampler with that many repeats (3 in DeiT; 0 or 1:
+  # off), over repeated_aug_replicas replicas (DeiT's GPUs; 0: one per JAX process), each taking
+  # batch_size / replicas rows of every global batch (tikd_jax/data/repeated_aug.py).
   c.data = ConfigDict(
       dict(name='digits', dir='', download=False, tfds_name='', image_size=32, val_size=0,
            val_seed=42, val_split_method='numpy', num_workers=0, crop_padding=4, flip=True,
-           train_split='train', eval_split='auto', normalization='explicit', bad_images='error'))
+           train_split='train', eval_split='auto', normalization='explicit', bad_images='error',
+           repeated_aug=0, repeated_aug_replicas=0))
   c.model = ConfigDict(
       dict(name='distilled_vit', variant='micro', drop_path=0.1, mean=CIFAR100_MEAN,
            std=CIFAR100_STD))

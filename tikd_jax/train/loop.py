@@ -42,7 +42,8 @@ def train_stream(run: Run, phase: Phase, start: int) -> Stream:
                               crop_size=phase.resolution, crop_mode=config.curriculum.mode,
                               flip=config.data.flip, text_features=data.text_features,
                               text_rows=config.tikd.text_rows, extra_augment=data.host_augment,
-                              process_index=jax.process_index(), process_count=jax.process_count())
+                              process_index=jax.process_index(), process_count=jax.process_count(),
+                              sampler=data.sampler)
   return Stream(pipeline.make_iterator(ds[start:], data.num_workers), start)
 
 

@@ -22,6 +22,7 @@ from tikd_jax import normalization
 from tikd_jax import sharding as sharding_lib
 from tikd_jax import xla_options
 from tikd_jax.data import build_source, pipeline
+from tikd_jax.data.repeated_aug import RepeatedAugmentation
 from tikd_jax.losses.terms import Loss
 from tikd_jax.models import VIT_MODELS, build_model, count_params, cpu_fast_layers
 from tikd_jax.models.variables import load_model, model_variables
@@ -43,6 +44,7 @@ class Data:
   text_features: np.ndarray | None  # caption features, one row per train example (TIKD)
   eval_text_features: np.ndarray | None  # the eval split's own caption features, if encoded
   eval_released_text: np.ndarray | None  # the released code's rows for each eval example
+  sampler: RepeatedAugmentation | None  # DeiT's repeated augmentation: the order of examples
   host_augment: Callable | None  # per example, in the grain workers (RandAugment)
   batch_augment: Callable | None  # per batch, inside the jitted step (erasing, Mixup/CutMix)
   num_workers: int
@@ -190,7 +192,8 @@ def load_data(config, sources: tuple | None = None) -> Data:
                build_source(config.data, config.data.eval_split))
   train, eval_ = sources
   notes = tuple(n for source in sources for n in getattr(source, 'notes', ()))
-  steps_per_epoch = len(train) // config.batch_size
+  sampler = repeated_augmentation(config, len(train))
+  steps_per_epoch = sampler.steps_per_epoch if sampler else len(train) // config.batch_size
   if steps_per_epoch == 0:
     raise ValueError(f'batch_size {config.batch_size} is larger than the train split '
                      f'({len(train)} examples)')
@@ -200,9 +203,23 @@ def load_data(config, sources: tuple | None = None) -> Data:
       train=train, eval=eval_, num_classes=train.num_classes, steps_per_epoch=steps_per_epoch,
       text_features=text_features, eval_text_features=_load_eval_text_features(config, eval_),
       eval_released_text=None if text_features is None else pipeline.released_rows(
-          text_features, len(eval_), config.eval_batch_size), host_augment=host_augment,
-      batch_augment=batch_augment,
+          text_features, len(eval_), config.eval_batch_size), sampler=sampler,
+      host_augment=host_augment, batch_augment=batch_augment,
       num_workers=pipeline.resolve_num_workers(config.data.num_workers), notes=notes)
+
+
+def repeated_augmentation(config, num_examples: int) -> RepeatedAugmentation | None:
+  """DeiT's sampler when `config.data.repeated_aug` > 1, over `repeated_aug_replicas` replicas
+  (0: one per JAX process, as DeiT's one per GPU)."""
+  repeats, replicas = int(config.data.repeated_aug), int(config.data.repeated_aug_replicas)
+  if repeats <= 1:
+    return None
+  replicas = replicas or jax.process_count()
+  if replicas % jax.process_count():
+    raise ValueError(f'config.data.repeated_aug_replicas={replicas} does not split over '
+                     f'{jax.process_count()} processes: use a multiple of {jax.process_count()}')
+  return RepeatedAugmentation(num_examples=num_examples, batch_size=config.batch_size,
+                              num_repeats=repeats, num_replicas=replicas, seed=config.seed)
 
 
 def build_augmentations(config):

@@ -77,6 +77,11 @@ def _log_start(run: Run, logger: MetricLogger, checkpointer, start_step: int, re
       (f'resumed at step {start_step}' if start_step else 'starting fresh'))
   for note in data.notes:
     logger.message(note)
+  if data.sampler:
+    s = data.sampler
+    logger.message(f'repeated augmentation: {s.num_repeats} repeats over {s.num_replicas} '
+                   f'replica(s) of {s.replica_batch} rows, {s.per_replica} examples per replica '
+                   f'and epoch (DeiT\'s RASampler)')
   if resume_note:
     logger.message(resume_note)
   for bad_step, reason in checkpointer.set_aside:
