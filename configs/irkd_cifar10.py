@@ -12,7 +12,8 @@ DeiT-small distilled from Hugging Face, converted with convert.from_torch and fi
 plain ViT without distillation token (`vit`) for ce and cl. Weight decay 1e-4 spares the biases
 for p4 (P_4_ALL's decay groups) and covers every parameter for p2 (the P2 notebooks' AdamW).
 Curriculum: 12, 16, 20, 24, 28, 32 px crops of the padded 32-px image, 10 epochs each, the
-optimizer re-created per stage; without it, 60 epochs at 32 px. Test is always at 32 px.
+optimizer re-created per stage where the row's notebook does so (`_optimizer_per_stage`); without
+it, 60 epochs at 32 px. Test is always at 32 px.
 `--config.curriculum.mode=resize` downscales the whole image to each resolution instead of
 cropping a window of it.
 """
@@ -20,6 +21,17 @@ from configs import common
 
 ROWS = ('ce', 'cl', 'kd', 'kd_cl', 'kd_cl_sal')
 RESOLUTIONS = (12, 16, 20, 24, 28, 32)
+
+
+def _optimizer_per_stage(row: str, patch: str, student: str) -> bool:
+  """Whether the row's notebook creates its AdamW inside the stage loop (fresh moments at every
+  resolution) rather than once before it: P_4_ALL cells 11 and 14 (kd_cl, kd_cl_sal) and
+  P_2_OUR_STUDENT cell 3 (kd_cl, custom student) do; P_4_ALL cell 3 and P_2_OUR_STUDENT cell 8
+  (cl), P_2_KD_CL and P_2_SaliencyMap (ViT-Tiny kd_cl, kd_cl_sal) and P_2_OUR_STUDENT_SAL_MAP
+  (custom kd_cl_sal) do not."""
+  if patch == 'p4':
+    return row in ('kd_cl', 'kd_cl_sal')
+  return row == 'kd_cl' and student == 'custom'
 
 
 def get_config(arg: str = 'kd_cl_sal,p4'):
@@ -73,7 +85,7 @@ def get_config(arg: str = 'kd_cl_sal,p4'):
   c.label_smoothing = 0.0
   if row.endswith('cl') or row.endswith('cl_sal'):
     c.curriculum.stages = [(r, 10) for r in RESOLUTIONS]
-    c.curriculum.reset_optimizer = True
+    c.curriculum.reset_optimizer = _optimizer_per_stage(row, patch, student)
   c.num_epochs = 60.0
   c.log_every_steps = 100
   c.lock()

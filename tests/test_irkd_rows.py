@@ -13,6 +13,7 @@ from configs import deit_teacher_cifar10, irkd_cifar10, irkd_digits
 from tikd_jax.models import build_model
 from tikd_jax.models.variables import model_variables
 from tikd_jax.train import optim
+from tikd_jax.train.plan import build_phases
 from tikd_jax.train.run import model_spec
 from tikd_jax.tree import flatten
 
@@ -158,3 +159,26 @@ def test_digits_rows_train_the_same_model_kinds():
   for row in irkd_cifar10.ROWS:
     assert c.runs[row].model.name == irkd_cifar10.get_config(f'{row},p4').model.name
     assert tuple(c.runs[row].optimizer.wd_exclude) == ('bias$',)
+
+
+# Where each curriculum row's notebook creates its optimizer: inside the stage loop (True, fresh
+# AdamW moments at every resolution) or once before it (False).
+NB_OPTIMIZER_PER_STAGE = {
+    ('cl', 'p4', 'vit_tiny'): False,  # P_4_ALL cell 3: optimizer = optim.AdamW(...) before
+    ('kd_cl', 'p4', 'vit_tiny'): True,  # P_4_ALL cell 11: optimizer_s = ... in `for res, epochs`
+    ('kd_cl_sal', 'p4', 'vit_tiny'): True,  # P_4_ALL cell 14: the same
+    ('cl', 'p2', 'custom'): False,  # P_2_OUR_STUDENT cell 8: before `for resolution, epochs`
+    ('kd_cl', 'p2', 'custom'): True,  # P_2_OUR_STUDENT cell 3: optimizer_s inside the stage loop
+    ('kd_cl_sal', 'p2', 'custom'): False,  # P_2_OUR_STUDENT_SAL_MAP cell 1: opt before the loop
+    ('kd_cl', 'p2', 'vit_tiny'): False,  # P_2_KD_CL cell 1: opt before the loop
+    ('kd_cl_sal', 'p2', 'vit_tiny'): False,  # P_2_SaliencyMap cell 1: opt before the loop
+}
+
+
+def test_curriculum_rows_recreate_the_optimizer_where_their_notebook_does():
+  for (row, patch, student), per_stage in NB_OPTIMIZER_PER_STAGE.items():
+    c = irkd_cifar10.get_config(f'{row},{patch},{student}')
+    phases = build_phases(c, steps_per_epoch=10)
+    assert [p.resolution for p in phases] == list(irkd_cifar10.RESOLUTIONS)
+    # The first stage starts fresh anyway; the next five do only where the notebook says so.
+    assert [p.reset_optimizer for p in phases] == [False] + [per_stage] * 5, (row, patch, student)
