@@ -47,9 +47,9 @@ def row_config(row: str):
   with c.unlocked():
     _digits(c)
     c.name = row
-    c.model = common.ConfigDict(
-        dict(name='irkd_vit', variant='micro', patch_size=4, drop_path=0.0, mean=common.DIGITS_MEAN,
-             std=common.DIGITS_STD))
+    c.model = common.ConfigDict(  # the row's model kind: irkd_vit (kd rows) or vit (ce, cl)
+        dict(name=c.model.name, variant='micro', patch_size=4, drop_path=0.0,
+             mean=common.DIGITS_MEAN, std=common.DIGITS_STD))
     c.teacher = common.ConfigDict(
         dict(name='vit', variant='demo', patch_size=4, checkpoint='{workdir}/teacher',
              mean=common.DIGITS_MEAN, std=common.DIGITS_STD))
