@@ -26,9 +26,9 @@ from configs import common
 TEACHER = 'resnet20'
 # Caption-free TIKD designs (README "Caption-free inference"): name → tikd settings.
 TIKD_DESIGNS = {
-    'tikd': dict(fusion_text='caption', eval_text='predicted'),
-    'tikd_predicted': dict(fusion_text='predicted', eval_text='predicted'),
-    'tikd_scheduled': dict(fusion_text='scheduled', eval_text='predicted'),
+    'tikd': dict(fusion_text='caption', eval_text='predicted', self_distill_weight=0.0),
+    'tikd_predicted': dict(fusion_text='predicted', eval_text='predicted', self_distill_weight=0.0),
+    'tikd_scheduled': dict(fusion_text='scheduled', eval_text='predicted', self_distill_weight=0.0),
     'tikd_self_distill': dict(fusion_text='caption', eval_text='none', self_distill_weight=1.0),
 }
 DEFAULT_TIKD = 'tikd_self_distill'  # the single-seed demo's TIKD row: the best by the 3-seed table
