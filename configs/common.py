@@ -27,9 +27,11 @@ def base() -> ConfigDict:
       dict(name='digits', dir='', download=False, tfds_name='', image_size=32, val_size=0,
            val_seed=42, val_split_method='numpy', num_workers=0, crop_padding=4, flip=True,
            train_split='train', eval_split='test'))
+  # ViTs: drop_path (stochastic depth, DeiT / TIKD); dropout / attn_dropout (Hugging Face ViT's
+  # hidden / attention-probability dropout, IRKD's notebooks; tikd_jax/models/vit.py).
   c.model = ConfigDict(
-      dict(name='distilled_vit', variant='micro', drop_path=0.1, mean=CIFAR100_MEAN,
-           std=CIFAR100_STD))
+      dict(name='distilled_vit', variant='micro', drop_path=0.1, dropout=0.0, attn_dropout=0.0,
+           mean=CIFAR100_MEAN, std=CIFAR100_STD))
   c.teacher = ConfigDict(
       dict(name='resnet32x4', checkpoint='', mean=CIFAR100_MEAN, std=CIFAR100_STD))
   # base: how the base CE (and DKD / PKCD's label) read the targets: 'deit' soft targets, or
