@@ -78,6 +78,9 @@ def base() -> ConfigDict:
            decay_epochs=(150, 180, 210), decay_factor=0.1, pct_start=0.3, anneal_strategy='cos',
            div_factor=25.0, final_div_factor=1e4, three_phase=False, cycle_momentum=True,
            base_momentum=0.85, max_momentum=0.95))
+  # Model EMA (tikd_jax/train/ema.py; DeiT / TIKD main.py --model-ema): decay per optimizer step,
+  # 0 = off. Evaluated beside the raw weights (metrics `ema_top1`, …; best_metric may name them).
+  c.ema = ConfigDict(dict(decay=0.0))
   c.batch_size = 128
   c.eval_batch_size = 256
   c.num_epochs = 300.0

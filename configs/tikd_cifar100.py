@@ -16,8 +16,10 @@ Stages: a vision-only KD warm-up (50 epochs), then joint text-image training (25
   * per-block value projections `blocks.i.attn.text_proj` (model.text_proj_layout='per_block');
   * text fused in every step from the first (no stages), with rows 0..B−1 of the caption
     features for every batch of B (tikd.text_rows='released') and eval_text='released';
-  * no alignment loss (computed but never added there) and no text predictor loss (it has none).
-Left for later: its model EMA (decay 0.99996) and repeated-augmentation sampler. Its README
+  * no alignment loss (computed but never added there) and no text predictor loss (it has none);
+  * its model EMA (timm ModelEma, decay 0.99996 per step), evaluated beside the raw weights
+    (metrics `ema_top1`, …; the released code only saves it).
+Left for later: its repeated-augmentation sampler. Its README
 launch is 4 GPUs × 256 (global batch 1,024, lr 1e-3), each GPU taking rows 0..255; here rows
 0..B−1 of the global batch (a one-GPU launch of batch B).
 """
@@ -75,3 +77,4 @@ def released_recipe(c: common.ConfigDict) -> None:
   c.eval_batch_size = int(1.5 * c.batch_size)
   c.tikd.alignment_beta = 0.0
   c.tikd.text_predictor_weight = 0.0
+  c.ema.decay = 0.99996  # main.py --model-ema (on by default), --model-ema-decay
