@@ -37,9 +37,11 @@ def base() -> ConfigDict:
            val_seed=42, val_split_method='numpy', num_workers=0, crop_padding=4, flip=True,
            train_split='train', eval_split='auto', normalization='explicit', bad_images='error',
            repeated_aug=0, repeated_aug_replicas=0))
+  # ViTs: drop_path (stochastic depth, DeiT / TIKD); dropout / attn_dropout (Hugging Face ViT's
+  # hidden / attention-probability dropout, IRKD's notebooks; tikd_jax/models/vit.py).
   c.model = ConfigDict(
-      dict(name='distilled_vit', variant='micro', drop_path=0.1, mean=CIFAR100_MEAN,
-           std=CIFAR100_STD))
+      dict(name='distilled_vit', variant='micro', drop_path=0.1, dropout=0.0, attn_dropout=0.0,
+           mean=CIFAR100_MEAN, std=CIFAR100_STD))
   c.teacher = ConfigDict(
       dict(name='resnet32x4', checkpoint='', mean=CIFAR100_MEAN, std=CIFAR100_STD))
   # base: how the base CE (and DKD / PKCD's label) read the targets: 'deit' soft targets, or
@@ -87,6 +89,9 @@ def base() -> ConfigDict:
            decay_epochs=(150, 180, 210), decay_factor=0.1, pct_start=0.3, anneal_strategy='cos',
            div_factor=25.0, final_div_factor=1e4, three_phase=False, cycle_momentum=True,
            base_momentum=0.85, max_momentum=0.95))
+  # Model EMA (tikd_jax/train/ema.py; DeiT / TIKD main.py --model-ema): decay per optimizer step,
+  # 0 = off. Evaluated beside the raw weights (metrics `ema_top1`, …; best_metric may name them).
+  c.ema = ConfigDict(dict(decay=0.0))
   c.batch_size = 128
   c.eval_batch_size = 256
   c.num_epochs = 300.0

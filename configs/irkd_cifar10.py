@@ -11,6 +11,7 @@ DeiT-small distilled from Hugging Face, converted with convert.from_torch and fi
 (128/4/4, MLP 256, patch 2). Students: IRKD's ViTWithDistillation (`irkd_vit`) for the kd rows, a
 plain ViT without distillation token (`vit`) for ce and cl. Weight decay 1e-4 spares the biases
 for p4 (P_4_ALL's decay groups) and covers every parameter for p2 (the P2 notebooks' AdamW).
+ViT-Tiny students: hidden dropout 0.1, and attention dropout 0.1 with p2 (the notebooks).
 Curriculum: 12, 16, 20, 24, 28, 32 px crops of the padded 32-px image, 10 epochs each, the
 optimizer re-created per stage where the row's notebook does so (`_optimizer_per_stage`); without
 it, 60 epochs at 32 px. Test is always at 32 px.
@@ -50,9 +51,13 @@ def get_config(arg: str = 'kd_cl_sal,p4'):
   c.data.val_split_method = 'torch'
   c.data.num_workers = -1
   norm = dict(mean=common.CIFAR10_MEAN, std=common.CIFAR10_STD)
+  # Dropout as the notebooks' HF ViTConfigs: ViT-Tiny hidden 0.1, attention 0.1 in P2 only (P4
+  # leaves it at HF's default 0); the custom student keeps HF's defaults (none).
+  tiny = student == 'vit_tiny'
   c.model = common.ConfigDict(
-      dict(name='irkd_vit', variant='irkd_custom' if student == 'custom' else 'vit_tiny',
-           patch_size=2 if (patch == 'p2' or student == 'custom') else 4, drop_path=0.0, **norm))
+      dict(name='irkd_vit', variant='vit_tiny' if tiny else 'irkd_custom', patch_size=2 if
+           (patch == 'p2' or not tiny) else 4, drop_path=0.0, dropout=0.1 if tiny else 0.0,
+           attn_dropout=0.1 if tiny and patch == 'p2' else 0.0, **norm))
   if row in ('ce', 'cl'):  # no teacher, no distillation token: a plain ViT of the same size
     # (P_4_ALL cells 1, 3: ViTForImageClassification / ViTModel + classifier on the cls token;
     # P_2_OUR_STUDENT cells 8, 14: the same), final norm included.

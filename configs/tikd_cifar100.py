@@ -17,14 +17,15 @@ Stages: a vision-only KD warm-up (50 epochs), then joint text-image training (25
   * text fused in every step from the first (no stages), with rows 0..b−1 of the caption
     features for every GPU batch of b (tikd.text_rows='released') and eval_text='released';
   * no alignment loss (computed but never added there) and no text predictor loss (it has none);
+  * its model EMA (timm ModelEma, decay 0.99996 per step), evaluated beside the raw weights
+    (metrics `ema_top1`, …; the released code only saves it).
   * its README launch, 4 GPUs × --batch-size 256: a global batch of 1,024 at lr 5e-4 · 1,024 / 512
     = 1e-3 (main.py's linear scaling), drawn by DeiT's repeated-augmentation sampler (on by
     default there) over 4 replicas of 256, each replica's rows meeting caption rows 0..255, and
     the per-GPU eval batch 1.5 × 256 = 384. On one device the 1,024 rows are one batch (lower
     `--config.batch_size` with `--config.grad_accum_steps` to fit memory).
-Its model EMA (decay 0.99996, on by default) is not in this preset. The launch passes no
---distillation-type, whose default is 'none': `large,none,released` is that launch as written;
-the paper's headline (and our default) is hard KD.
+The launch passes no --distillation-type, whose default is 'none': `large,none,released` is that
+launch as written; the paper's headline (and our default) is hard KD.
 """
 from configs import common
 
@@ -94,3 +95,4 @@ def released_recipe(c: common.ConfigDict) -> None:
   c.eval_batch_size = int(1.5 * RELEASED_GPU_BATCH)
   c.tikd.alignment_beta = 0.0
   c.tikd.text_predictor_weight = 0.0
+  c.ema.decay = 0.99996  # main.py --model-ema (on by default), --model-ema-decay

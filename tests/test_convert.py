@@ -166,6 +166,24 @@ def test_vit_logits_and_round_trip(name, kwargs):
   assert_bit_exact(torch_to_flax(twin.state_dict()), flat)
 
 
+def test_vit_dropout_rates_reach_the_torch_twin():
+  """Dropout owns no weights: a model built with IRKD's rates (from checkpoint metadata, as
+  to_torch does) converts strictly, its twin drops at the same places with the same rates, and
+  the eval logits agree; in train mode the twin does drop."""
+  model, flat = make_model('irkd_vit', variant='micro', num_classes=10, dropout=0.1,
+                           attn_dropout=0.2)
+  twin = load_strict(torch_model_like(model).eval(), flax_to_torch(flat), 'export')
+  block = twin.blocks[1]
+  assert (twin.pos_drop.p, block.attn.proj_drop.p, block.mlp.drop.p,
+          block.attn.attn_drop.p) == (0.1, 0.1, 0.1, 0.2)
+  x = images()
+  assert_close(flax_forward(model, x)['logits'], torch_forward(twin, x)[0], 'eval logits')
+  torch.manual_seed(0)
+  train_logits, _ = torch_forward(twin.train(), x)
+  assert np.max(np.abs(train_logits - torch_forward(twin.eval(), x)[0])) > 1e-3
+  assert_bit_exact(torch_to_flax(twin.state_dict()), flat)
+
+
 @pytest.mark.parametrize('arch', ['resnet8x4', 'resnet32x4'])
 def test_resnet_logits_and_round_trip(arch):
   model, flat = make_model(arch, num_classes=100)

@@ -232,6 +232,7 @@ RELEASED_MAIN = {
     'mixup_switch_prob': 0.5,  # main.py:139 --mixup-switch-prob
     'distillation_alpha': 0.5,  # main.py:149 --distillation-alpha
     'distillation_tau': 0.2,  # main.py:151 --distillation-tau
+    'model_ema_decay': 0.99996,  # main.py:51-54 --model-ema (on by default), --model-ema-decay
 }
 README_LAUNCH = {'nproc_per_node': 4, 'batch_size': 256}
 
@@ -259,6 +260,7 @@ def test_released_preset_resolves_to_the_released_main_defaults():
                              RELEASED_MAIN['cutmix'], RELEASED_MAIN['mixup_prob'],
                              RELEASED_MAIN['mixup_switch_prob'])
   assert c.label_smoothing == RELEASED_MAIN['smoothing']
+  assert c.ema.decay == RELEASED_MAIN['model_ema_decay']
   assert (c.distill.alpha, c.distill.temperature) == (RELEASED_MAIN['distillation_alpha'],
                                                       RELEASED_MAIN['distillation_tau'])
   # The sampler under the launch: 4 ranks of 256; per rank floor(50,000 // 256 · 256 / 4) =

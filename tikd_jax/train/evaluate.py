@@ -25,6 +25,9 @@ from tikd_jax.train.step import EVAL_TOPK, make_eval_step
 # What the final table shows for a top-k accuracy that does not apply (k > the number of classes).
 NOT_APPLICABLE = '–'
 
+# The model EMA's metrics are the raw weights' names with this prefix (`ema_top1`).
+EMA_PREFIX = 'ema_'
+
 # TIKD's text inputs at test time (`config.tikd.eval_text` picks the headline one); the suffix
 # of each one's metrics (`top1_no_text`, …).
 EVAL_TEXT = {
@@ -40,13 +43,23 @@ def evaluate(run: Run, state: TrainState, phase: Phase) -> dict[str, float]:
   (the first pass alone), 'captions' (the test split's own captions, `text.eval_features_dir`)
   and 'released' (rows 0…b−1 of the train feature file for every batch, as the released code
   does). `top1` etc. are the `tikd.eval_text` one's; each mode's are also under `top1_<suffix>`.
+  With a model EMA (train/ema.py) its weights are evaluated the same way, every metric but the
+  count prefixed `ema_` (`ema_top1`, `ema_top1_no_text`, …).
   """
   modes = _eval_modes(run, phase.fuse_text)
-  return evaluate_modes(lambda mode: _eval_step(run, mode != 'none'), state.params,
-                        state.batch_stats, run.data.eval, modes=modes,
-                        headline=run.config.tikd.eval_text,
-                        texts={m: _eval_text_features(run, m) for m in modes},
-                        batch_size=run.config.eval_batch_size, data_sharding=run.data_sharding)
+
+  def metrics_of(params, batch_stats):
+    return evaluate_modes(lambda mode: _eval_step(run, mode != 'none'), params, batch_stats,
+                          run.data.eval, modes=modes, headline=run.config.tikd.eval_text,
+                          texts={m: _eval_text_features(run, m) for m in modes},
+                          batch_size=run.config.eval_batch_size, data_sharding=run.data_sharding)
+
+  metrics = metrics_of(state.params, state.batch_stats)
+  if state.ema:
+    # The same params structure as the raw weights' (the objective's unused): no new compile.
+    ema = metrics_of(dict(state.params, student=state.ema['params']), state.ema['batch_stats'])
+    metrics.update({f'{EMA_PREFIX}{k}': v for k, v in ema.items() if k != 'count'})
+  return metrics
 
 
 def check_evaluation(run: Run, state: TrainState) -> float:
@@ -139,10 +152,20 @@ def evaluate_source(eval_step, params, batch_stats, source, *, batch_size, data_
   return dict(topk, loss=float(sums['loss_sum']) / n, count=int(n))
 
 
-def format_eval(m: dict) -> str:
-  """The final line; Acc@5 is '–' when the model has fewer than 5 classes."""
-  top5 = f"{m['top5']:.3f}" if 'top5' in m else NOT_APPLICABLE
-  return f"* Acc@1 {m['top1']:.3f} Acc@5 {top5} loss {m['loss']:.3f}"
+def format_eval(m: dict, prefix: str = '') -> str:
+  """The final line; Acc@5 is '–' when the model has fewer than 5 classes. `prefix=EMA_PREFIX`:
+  the model EMA's line (`* EMA Acc@1 …`)."""
+  top5 = f"{m[prefix + 'top5']:.3f}" if prefix + 'top5' in m else NOT_APPLICABLE
+  label = 'EMA ' if prefix == EMA_PREFIX else prefix
+  return f"* {label}Acc@1 {m[prefix + 'top1']:.3f} Acc@5 {top5} loss {m[prefix + 'loss']:.3f}"
+
+
+def format_evals(m: dict) -> str:
+  """The raw weights' final line, and the model EMA's below it when the run has one."""
+  lines = [format_eval(m)]
+  if EMA_PREFIX + 'top1' in m:
+    lines.append(format_eval(m, EMA_PREFIX))
+  return '\n'.join(lines)
 
 
 def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:

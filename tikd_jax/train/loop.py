@@ -16,12 +16,13 @@ import numpy as np
 
 from tikd_jax.data import pipeline
 from tikd_jax.train import checkpoint as ckpt_lib
-from tikd_jax.train.evaluate import EVAL_TEXT, evaluate, format_eval
+from tikd_jax.train.evaluate import EMA_PREFIX, EVAL_TEXT, evaluate, format_eval
 from tikd_jax.train.logger import MetricLogger
 from tikd_jax.train.plan import Phase, phase_at
 from tikd_jax.train.preemption import StopRequest
 from tikd_jax.train.run import Run, train_step_for
 from tikd_jax.train.state import TrainState
+from tikd_jax.tree import CheckpointMismatchError
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -71,12 +72,14 @@ def _restore(run: Run, template: TrainState, checkpointer, step: int):
   """The state and stream at checkpoint `step` (fresh iterators every call, so a failed
   attempt leaves nothing behind)."""
   phase = run.phases[phase_at(run.phases, step)]
-  saved = checkpointer.read_meta(step).get('data', {})  # metadata: absent in old checkpoints
+  meta = checkpointer.read_meta(step)
+  saved = meta.get('data', {})  # metadata: absent in old checkpoints
   num_workers = run.data.num_workers
   # grain's saved iterator state is per process and per worker layout; with another host or
   # worker count (or at a phase boundary, where a new stream starts) resume by position.
   exact = (step > phase.start_step and saved.get('processes') == jax.process_count()
            and saved.get('workers') == num_workers)
+  _check_ema_saved(f'{checkpointer.directory}/{step}', meta, bool(template.ema))
   stream = train_stream(run, phase, saved['start'] if exact else step)
   variables, extra, opt_state, _ = checkpointer.restore(
       step, variables_template={
@@ -86,7 +89,7 @@ def _restore(run: Run, template: TrainState, checkpointer, step: int):
   restored = TrainState(step=jnp.asarray(step, jnp.int32),
                         params={'student': variables['params'], 'objective': extra['objective']},
                         batch_stats=variables['batch_stats'], opt_state=opt_state,
-                        objective_state=extra['objective_state'])
+                        objective_state=extra['objective_state'], ema=extra.get('ema', {}))
   note = '' if exact or step == phase.start_step else (
       f'checkpoint {step} was written by {saved.get("processes", "?")} process(es) with '
       f'{saved.get("workers", "?")} input worker(s), this run has {jax.process_count()} with '
@@ -95,8 +98,21 @@ def _restore(run: Run, template: TrainState, checkpointer, step: int):
 
 
 def _extra(state: TrainState) -> dict:
-  """Trained state that is not the model's: the loss terms' parameters and carried state."""
-  return {'objective': state.params['objective'], 'objective_state': state.objective_state}
+  """Trained state that is not the model's: the loss terms' parameters and carried state, and
+  the model EMA when the run keeps one."""
+  extra = {'objective': state.params['objective'], 'objective_state': state.objective_state}
+  return dict(extra, ema=state.ema) if state.ema else extra
+
+
+def _check_ema_saved(where: str, meta: dict, want: bool) -> None:
+  """A checkpoint holds a model EMA exactly when the run keeps one (metadata 'ema')."""
+  saved = bool(meta.get('ema', False))
+  if saved != want:
+    raise CheckpointMismatchError(
+        f'checkpoint {where} was written '
+        f'{"with" if saved else "without"} a model EMA, and this run has config.ema.decay '
+        f'{"> 0" if want else "= 0"}: resume with the ema.decay it was trained with, or start '
+        f'a new workdir (config.init_from=<this workdir> starts from its weights)')
 
 
 # ------------------------------------------------------------------------------------ loop
@@ -231,6 +247,8 @@ def _evaluate_and_log(run: Run, state: TrainState, step: int, logger: MetricLogg
       if f'top1_{suffix}' in m
   ]
   extra = f'; Acc@1 by text input: {", ".join(modes)}' if modes else ''
+  if EMA_PREFIX + 'top1' in m:
+    extra += f'; {format_eval(m, EMA_PREFIX)[2:]}'
   logger.message(f'{run.config.name}[step {step}] {format_eval(m)} '
                  f'({m["count"]} examples, {time.time() - t:.1f}s{extra})')
   logger.write(step, m, kind='eval')
@@ -245,6 +263,7 @@ def _save(run: Run, state: TrainState, progress: Progress, checkpointer, metrics
       'num_params': run.student.num_params,
       'model': {'name': run.student.name, 'kwargs': run.student.kwargs},
       'phase': run.phases[phase_at(run.phases, step)].name,
+      'ema': bool(state.ema),
       # Where the saved iterator's stream starts, and the layout its state belongs to.
       'data': {
           'start': progress.stream.start, 'processes': jax.process_count(),

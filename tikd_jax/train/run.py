@@ -28,6 +28,7 @@ from tikd_jax.models import VIT_MODELS, build_model, count_params, cpu_fast_laye
 from tikd_jax.models.variables import load_model, model_variables
 from tikd_jax.train import checkpoint as ckpt_lib
 from tikd_jax.train import optim
+from tikd_jax.train.ema import check_decay
 from tikd_jax.train.loss_config import term_settings
 from tikd_jax.train.plan import Phase, build_phases
 from tikd_jax.train.state import TrainState, init_train_state
@@ -119,7 +120,7 @@ def setup(config: ml_collections.ConfigDict, workdir: str, *, sources: tuple | N
   config, norm_notes = normalization.resolve(config, workdir, sources[0])
   data = load_data(config, sources)
   data = dataclasses.replace(data, notes=data.notes + tuple(norm_notes))
-  _check_best_metric(config.best_metric, data.num_classes)
+  _check_best_metric(config.best_metric, data.num_classes, check_decay(config.ema.decay))
   phases = build_phases(config, data.steps_per_epoch)
   _check_text_for(phases, data, config.tikd)
   student = student_model(config, data)
@@ -154,7 +155,8 @@ def _fresh_state_fn(run: Run) -> Callable[[], TrainState]:
 
   def init() -> TrainState:
     return init_train_state(model_variables(run.student.build(seed)), run.loss, run.tx,
-                            rng=jax.random.fold_in(jax.random.key(seed), 1), shapes=run.loss_shapes)
+                            rng=jax.random.fold_in(jax.random.key(seed), 1), shapes=run.loss_shapes,
+                            ema=run.config.ema.decay > 0)
 
   return init
 
@@ -164,13 +166,12 @@ def train_step_for(run: Run, phase: Phase):
   once per distinct `phase.switches`; the state is donated."""
   if phase.switches not in run.compiled_steps:
     config = run.config
-    opts = StepOptions(num_classes=run.data.num_classes, steps_per_epoch=run.data.steps_per_epoch,
-                       seed=config.seed, label_smoothing=config.label_smoothing,
-                       fuse_text=phase.fuse_text, frozen=phase.frozen,
-                       batch_augment=run.data.batch_augment,
-                       grad_accum_steps=config.grad_accum_steps,
-                       fusion_text=config.tikd.fusion_text, phase_steps=(phase.start_step,
-                                                                         phase.end_step))
+    opts = StepOptions(
+        num_classes=run.data.num_classes, steps_per_epoch=run.data.steps_per_epoch,
+        seed=config.seed, label_smoothing=config.label_smoothing, fuse_text=phase.fuse_text,
+        frozen=phase.frozen, batch_augment=run.data.batch_augment,
+        grad_accum_steps=config.grad_accum_steps, fusion_text=config.tikd.fusion_text,
+        phase_steps=(phase.start_step, phase.end_step), ema_decay=float(config.ema.decay))
     frozen_mask = (optim.frozen_mask(run.state_shardings.params, phase.frozen)
                    if phase.frozen else None)
     fn = make_train_step(graphdef=run.student.graphdef,
@@ -296,9 +297,14 @@ def _check_text_for(phases: list[Phase], data: Data, tikd) -> None:
 
 
 # ------------------------------------------------------------------------------------ models
-def _check_best_metric(best_metric: str, num_classes: int) -> None:
-  """`best_metric='top<k>'` needs k ≤ the number of classes: evaluation reports no top-k beyond."""
-  match = re.fullmatch(r'top(\d+)', best_metric or '')
+def _check_best_metric(best_metric: str, num_classes: int, ema_decay: float) -> None:
+  """`best_metric='[ema_]top<k>'` needs k ≤ the number of classes (evaluation reports no top-k
+  beyond), and the `ema_` ones a model EMA."""
+  if (best_metric or '').startswith('ema_') and not ema_decay:
+    raise ValueError(f'best_metric={best_metric!r} ranks checkpoints by the model EMA, but '
+                     'config.ema.decay is 0 (no EMA): set --config.ema.decay (e.g. 0.99996) or '
+                     'rank by the raw weights (--config.best_metric=top1)')
+  match = re.fullmatch(r'(?:ema_)?top(\d+)', best_metric or '')
   if match and int(match.group(1)) > num_classes:
     raise ValueError(f'best_metric={best_metric!r}, but the data has {num_classes} classes and '
                      'evaluation reports top-k only for k ≤ the number of classes; set '

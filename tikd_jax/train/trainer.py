@@ -19,7 +19,7 @@ import ml_collections
 
 from tikd_jax.train import checkpoint as ckpt_lib
 from tikd_jax.train.evaluate import check_evaluation
-from tikd_jax.train.evaluate import evaluate_checkpoint, format_eval  # noqa: F401  (main.py's API)
+from tikd_jax.train.evaluate import evaluate_checkpoint, format_eval, format_evals  # noqa: F401  (main.py's API)
 from tikd_jax.train.init_from import init_from
 from tikd_jax.train.logger import MetricLogger
 from tikd_jax.train.loop import NonFiniteLossError, Outputs, restore_or_start, train_loop  # noqa: F401
