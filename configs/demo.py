@@ -14,8 +14,9 @@ mean ± std; it adds soft KD, hard KD's control (the data's own label in the tea
 Arguments (comma-separated): `seeds=N` (default 1), `regime=mix|plain` (default mix: DeiT's Mixup
 / CutMix on the students, so that the teacher relabels images whose label the data gets wrong;
 plain: no batch mixing), `epochs=N` (the students' epochs, default 30; a TIKD student keeps its
-1 : 2 warm-up : joint split), `rows=all|core` (core: the four vision rows and only the default
-TIKD design, named per seed even for one seed), `first_seed=K` (seeds K … K+N−1, so that seeds
+1 : 2 warm-up : joint split), `rows=all|core|tikd` (core: the four vision rows and only the default
+TIKD design, named per seed even for one seed; tikd: the teacher and that design alone),
+`tikd_base=hard|soft` (the distillation TIKD is added to, default hard as the paper's headline), `first_seed=K` (seeds K … K+N−1, so that seeds
 can run in parallel processes on one workdir). Digits are never flipped: a mirrored 2, 3, 4, 5, 7
 or 9 is not that digit.
 
@@ -95,10 +96,10 @@ def student_config(method: str, seed: int, regime: str, teacher: str, epochs: in
 
 
 def tikd_student_config(design: str, seed: int, regime: str, teacher: str,
-                        epochs: int = STUDENT_EPOCHS):
+                        epochs: int = STUDENT_EPOCHS, base: str = 'hard'):
   """Hard KD + TIKD fusion with class-prompt text features from the offline MiniLM encoder:
   a vision-only warm-up stage, then joint text-image training (README "TIKD")."""
-  c = student_config('hard', seed, regime, teacher, epochs)
+  c = student_config(base, seed, regime, teacher, epochs)
   c.name = f'student_{design}'
   c.text.features_dir = '{workdir}/text/digits-train'
   c.text.class_prompt_encoder = 'minilm'
@@ -109,34 +110,41 @@ def tikd_student_config(design: str, seed: int, regime: str, teacher: str,
 
 
 def _parse(arg: str) -> dict:
-  options = dict(seeds='1', regime='mix', epochs=str(STUDENT_EPOCHS), rows='all', first_seed='0')
+  options = dict(seeds='1', regime='mix', epochs=str(STUDENT_EPOCHS), rows='all', first_seed='0',
+                 tikd_base='hard')
   for part in filter(None, arg.split(',')):
     key, _, value = part.partition('=')
     if key not in options or not value:
       raise ValueError(
-          f'configs/demo.py takes seeds=N,regime=mix|plain,epochs=N,rows=all|core,first_seed=K; '
+          f'configs/demo.py takes seeds=N,regime=mix|plain,epochs=N,rows=all|core|tikd,first_seed=K,'
+          f'tikd_base=hard|soft; '
           f'got {arg!r}')
     options[key] = value
   if options['regime'] not in ('mix', 'plain'):
     raise ValueError(f"regime must be 'mix' or 'plain', got {options['regime']!r}")
-  if options['rows'] not in ('all', 'core'):
-    raise ValueError(f"rows must be 'all' or 'core', got {options['rows']!r}")
+  if options['rows'] not in ('all', 'core', 'tikd'):
+    raise ValueError(f"rows must be 'all', 'core' or 'tikd', got {options['rows']!r}")
+  if options['tikd_base'] not in ('hard', 'soft'):
+    raise ValueError(f"tikd_base must be 'hard' or 'soft', got {options['tikd_base']!r}")
   if not options['epochs'].isdigit() or int(options['epochs']) < 3:
     raise ValueError(f"epochs must be a whole number ≥ 3, got {options['epochs']!r}")
   if not options['first_seed'].isdigit():
     raise ValueError(f"first_seed must be a whole number, got {options['first_seed']!r}")
   return dict(seeds=int(options['seeds']), regime=options['regime'], epochs=int(options['epochs']),
-              first_seed=int(options['first_seed']), rows=options['rows'])
+              first_seed=int(options['first_seed']), rows=options['rows'],
+              tikd_base=options['tikd_base'])
 
 
 def get_config(arg: str = ''):
   options = _parse(arg)
   first = options['first_seed']
   seeds, regime = range(first, first + options['seeds']), options['regime']
-  many = len(seeds) > 1 or options['rows'] == 'core' or first > 0
+  many = len(seeds) > 1 or options['rows'] != 'all' or first > 0
   methods, designs = (ALL_METHODS, list(TIKD_DESIGNS)) if many else (QUICK_METHODS, [DEFAULT_TIKD])
-  if options['rows'] == 'core':
+  if options['rows'] != 'all':
     designs = [DEFAULT_TIKD]
+  if options['rows'] == 'tikd':
+    methods = ()
   epochs = options['epochs']
   c = common.ConfigDict()
   c.summary_title = (f'Digits demo ({regime}): test accuracy (360 images)' +
@@ -150,7 +158,8 @@ def get_config(arg: str = ''):
     for method in methods:
       runs[f'student_{method}{suffix}'] = student_config(method, seed, regime, teacher, epochs)
     for design in designs:
-      runs[f'student_{design}{suffix}'] = tikd_student_config(design, seed, regime, teacher, epochs)
+      runs[f'student_{design}{suffix}'] = tikd_student_config(design, seed, regime, teacher, epochs,
+                                                              options['tikd_base'])
     for name, run in runs.items():
       c.runs[name] = run
       order.append(name)

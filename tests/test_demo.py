@@ -52,7 +52,12 @@ def test_epochs_and_core_rows_scale_every_student_and_keep_the_tikd_split():
   later = demo.get_config('seeds=1,first_seed=3,rows=core')  # one process per seed
   assert later.run_order[0] == 'teacher_seed3' and later.runs.student_hard_seed3.seed == 3
   assert later.runs.student_hard_seed3.teacher.checkpoint == '{workdir}/teacher_seed3'
-  for bad in ('epochs=2', 'epochs=x', 'rows=some', 'first_seed=-1'):
+  on_soft = demo.get_config('seeds=2,rows=tikd,tikd_base=soft')
+  assert on_soft.run_order == ('teacher_seed0', f'student_{demo.DEFAULT_TIKD}_seed0',
+                               'teacher_seed1', f'student_{demo.DEFAULT_TIKD}_seed1')
+  assert on_soft.runs[on_soft.run_order[1]].distill.method == 'soft'
+  assert core.runs[f'student_{demo.DEFAULT_TIKD}_seed0'].distill.method == 'hard'
+  for bad in ('epochs=2', 'epochs=x', 'rows=some', 'first_seed=-1', 'tikd_base=kd'):
     with pytest.raises(ValueError):
       demo.get_config(bad)
 
