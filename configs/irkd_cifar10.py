@@ -10,7 +10,10 @@ DeiT-small distilled from Hugging Face, converted with convert.from_torch and fi
 / patch 2). Optional third: `custom` for the 0.58M student (128/4/4, MLP 256, patch 2).
 ViT-Tiny students: hidden dropout 0.1, and attention dropout 0.1 with p2 (the notebooks).
 Curriculum: 12, 16, 20, 24, 28, 32 px crops of the padded 32-px image, 10 epochs each, the
-optimizer re-created per stage; without it, 60 epochs at 32 px. Test is always at 32 px.
+optimizer re-created per stage, each stage validated after every epoch on the 5k hold-out at its
+resolution (p2: center crop, p4: resize, as the notebooks), stopped after 3 epochs without a
+better top-1 and its best weights restored; without it, 60 epochs at 32 px. Test is always at
+32 px.
 `--config.curriculum.mode=resize` downscales the whole image to each resolution instead of
 cropping a window of it.
 """
@@ -67,6 +70,10 @@ def get_config(arg: str = 'kd_cl_sal,p4'):
   if row.endswith('cl') or row.endswith('cl_sal'):
     c.curriculum.stages = [(r, 10) for r in RESOLUTIONS]
     c.curriculum.reset_optimizer = True
+    # Every stage validated on the 5k hold-out at its resolution (P2: CenterCrop, P4: Resize),
+    # stopped after 3 epochs without a better top-1, its best weights restored.
+    c.curriculum.val_transform = 'center_crop' if patch == 'p2' else 'resize'
+    c.curriculum.patience = 3
   c.num_epochs = 60.0
   c.log_every_steps = 100
   c.lock()
