@@ -116,7 +116,12 @@ def base() -> ConfigDict:
   c.init_exclude = ()
   c.stages = []
   # Curriculum mode: 'crop' a res×res window of the padded image (IRKD) or 'resize' the whole image.
-  c.curriculum = ConfigDict(dict(stages=[], mode='crop', reset_optimizer=False))
+  # val_transform: validate every stage after each epoch on split `val_split` shown at the stage's
+  # resolution ('center_crop' as IRKD's P2 notebooks, 'resize' as P4; '' = no), stop a stage after
+  # `patience` epochs without a better top-1 and restore its best weights (train/stage_val.py).
+  c.curriculum = ConfigDict(
+      dict(stages=[], mode='crop', reset_optimizer=False, val_transform='', val_split='val',
+           patience=3))
   return c
 
 

@@ -13,8 +13,10 @@ plain ViT without distillation token (`vit`) for ce and cl. Weight decay 1e-4 sp
 for p4 (P_4_ALL's decay groups) and covers every parameter for p2 (the P2 notebooks' AdamW).
 ViT-Tiny students: hidden dropout 0.1, and attention dropout 0.1 with p2 (the notebooks).
 Curriculum: 12, 16, 20, 24, 28, 32 px crops of the padded 32-px image, 10 epochs each, the
-optimizer re-created per stage where the row's notebook does so (`_optimizer_per_stage`); without
-it, 60 epochs at 32 px. Test is always at 32 px.
+optimizer re-created per stage where the row's notebook does so (`_optimizer_per_stage`), each
+stage validated after every epoch on the 5k hold-out at its resolution (p2: center crop, p4:
+resize, as the notebooks), stopped after 3 epochs without a better top-1 and its best weights
+restored; without it, 60 epochs at 32 px. Test is always at 32 px.
 `--config.curriculum.mode=resize` downscales the whole image to each resolution instead of
 cropping a window of it.
 """
@@ -91,6 +93,10 @@ def get_config(arg: str = 'kd_cl_sal,p4'):
   if row.endswith('cl') or row.endswith('cl_sal'):
     c.curriculum.stages = [(r, 10) for r in RESOLUTIONS]
     c.curriculum.reset_optimizer = _optimizer_per_stage(row, patch, student)
+    # Every stage validated on the 5k hold-out at its resolution (P2: CenterCrop, P4: Resize),
+    # stopped after 3 epochs without a better top-1, its best weights restored.
+    c.curriculum.val_transform = 'center_crop' if patch == 'p2' else 'resize'
+    c.curriculum.patience = 3
   c.num_epochs = 60.0
   c.log_every_steps = 100
   c.lock()

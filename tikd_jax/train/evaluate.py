@@ -49,7 +49,7 @@ def evaluate(run: Run, state: TrainState, phase: Phase) -> dict[str, float]:
   modes = _eval_modes(run, phase.fuse_text)
 
   def metrics_of(params, batch_stats):
-    return evaluate_modes(lambda mode: _eval_step(run, mode != 'none'), params, batch_stats,
+    return evaluate_modes(lambda mode: compiled_eval_step(run, mode != 'none'), params, batch_stats,
                           run.data.eval, modes=modes, headline=run.config.tikd.eval_text,
                           texts={m: _eval_text_features(run, m) for m in modes},
                           batch_size=run.config.eval_batch_size, data_sharding=run.data_sharding)
@@ -80,8 +80,8 @@ def check_evaluation(run: Run, state: TrainState) -> float:
         raise ValueError(f'the eval split {split!r} has no examples')
       try:
         jax.block_until_ready(
-            _eval_step(run, mode != 'none')(state.params, state.batch_stats,
-                                            pipeline.to_global(batch, run.data_sharding)))
+            compiled_eval_step(run, mode != 'none')(state.params, state.batch_stats,
+                                                    pipeline.to_global(batch, run.data_sharding)))
       except Exception as e:
         e.add_note(f'(evaluation ({mode!r} text input) failed on its first batch, checked before '
                    f'the first train step of this start: nothing more was trained)')
@@ -122,7 +122,9 @@ def evaluate_modes(eval_step_for, params, batch_stats, source, *, modes, headlin
   return metrics
 
 
-def _eval_step(run: Run, fuse_text: bool):
+def compiled_eval_step(run: Run, fuse_text: bool):
+  """The run's jitted eval step (params, batch_stats, batch) → sums, compiled once per input
+  shape (a curriculum stage's validation has its own resolution)."""
   key = ('eval', fuse_text)
   if key not in run.compiled_steps:
     run.compiled_steps[key] = jax.jit(

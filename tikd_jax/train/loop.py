@@ -16,7 +16,9 @@ import numpy as np
 
 from tikd_jax.data import pipeline
 from tikd_jax.train import checkpoint as ckpt_lib
-from tikd_jax.train.evaluate import EMA_PREFIX, EVAL_TEXT, evaluate, format_eval
+from tikd_jax.train import stage_val
+from tikd_jax.train.evaluate import (EMA_PREFIX, EVAL_TEXT, compiled_eval_step, evaluate,
+                                     evaluate_source, format_eval)
 from tikd_jax.train.logger import MetricLogger
 from tikd_jax.train.plan import Phase, phase_at
 from tikd_jax.train.preemption import StopRequest
@@ -79,7 +81,7 @@ def _restore(run: Run, template: TrainState, checkpointer, step: int):
   # worker count (or at a phase boundary, where a new stream starts) resume by position.
   exact = (step > phase.start_step and saved.get('processes') == jax.process_count()
            and saved.get('workers') == num_workers)
-  _check_ema_saved(f'{checkpointer.directory}/{step}', meta, bool(template.ema))
+  _check_optional_items(f'{checkpointer.directory}/{step}', meta, template)
   stream = train_stream(run, phase, saved['start'] if exact else step)
   variables, extra, opt_state, _ = checkpointer.restore(
       step, variables_template={
@@ -89,7 +91,8 @@ def _restore(run: Run, template: TrainState, checkpointer, step: int):
   restored = TrainState(step=jnp.asarray(step, jnp.int32),
                         params={'student': variables['params'], 'objective': extra['objective']},
                         batch_stats=variables['batch_stats'], opt_state=opt_state,
-                        objective_state=extra['objective_state'], ema=extra.get('ema', {}))
+                        objective_state=extra['objective_state'], ema=extra.get('ema', {}),
+                        stage_val=extra.get('stage_val', {}))
   note = '' if exact or step == phase.start_step else (
       f'checkpoint {step} was written by {saved.get("processes", "?")} process(es) with '
       f'{saved.get("workers", "?")} input worker(s), this run has {jax.process_count()} with '
@@ -97,22 +100,29 @@ def _restore(run: Run, template: TrainState, checkpointer, step: int):
   return jax.device_put(restored, run.state_shardings), stream, note
 
 
+# State a run keeps only with some settings: (TrainState field, what it is, the setting).
+OPTIONAL_ITEMS = (('ema', 'a model EMA', 'config.ema.decay'), ('stage_val', 'per-stage validation',
+                                                               'config.curriculum.val_transform'))
+
+
 def _extra(state: TrainState) -> dict:
   """Trained state that is not the model's: the loss terms' parameters and carried state, and
-  the model EMA when the run keeps one."""
+  the OPTIONAL_ITEMS the run keeps (model EMA, the stage's validation record)."""
   extra = {'objective': state.params['objective'], 'objective_state': state.objective_state}
-  return dict(extra, ema=state.ema) if state.ema else extra
+  extra.update({name: getattr(state, name) for name, _, _ in OPTIONAL_ITEMS if getattr(state, name)})
+  return extra
 
 
-def _check_ema_saved(where: str, meta: dict, want: bool) -> None:
-  """A checkpoint holds a model EMA exactly when the run keeps one (metadata 'ema')."""
-  saved = bool(meta.get('ema', False))
-  if saved != want:
-    raise CheckpointMismatchError(
-        f'checkpoint {where} was written '
-        f'{"with" if saved else "without"} a model EMA, and this run has config.ema.decay '
-        f'{"> 0" if want else "= 0"}: resume with the ema.decay it was trained with, or start '
-        f'a new workdir (config.init_from=<this workdir> starts from its weights)')
+def _check_optional_items(where: str, meta: dict, template: TrainState) -> None:
+  """A checkpoint holds each of OPTIONAL_ITEMS exactly when the run keeps it (metadata)."""
+  for name, what, setting in OPTIONAL_ITEMS:
+    saved, want = bool(meta.get(name, False)), bool(getattr(template, name))
+    if saved != want:
+      raise CheckpointMismatchError(
+          f'checkpoint {where} was written {"with" if saved else "without"} {what}, and this '
+          f'run is {"with" if want else "without"} it: resume with the {setting} it was trained '
+          f'with, or start a new workdir (config.init_from=<this workdir> starts from its '
+          f'weights)')
 
 
 # ------------------------------------------------------------------------------------ loop
@@ -178,7 +188,9 @@ def _train_phase(run: Run, state: TrainState, progress: Progress, phase: Phase, 
                          f'{time.time() - t0:.1f}s')
     progress.pending.append(metrics)
     progress.step += 1
-    _log_evaluate_save(run, state, progress, out)
+    before = progress.step
+    state = _validate_stage(run, state, progress, phase, out)
+    _log_evaluate_save(run, state, progress, out, force_save=progress.step != before)
     # SIGTERM / SIGINT: every step on one host; at log intervals (agreed) on several.
     at_sync_point = progress.step % run.config.log_every_steps == 0
     if progress.step < run.total_steps and out.stop.should_stop(at_sync_point=at_sync_point):
@@ -187,9 +199,55 @@ def _train_phase(run: Run, state: TrainState, progress: Progress, phase: Phase, 
   return state
 
 
-def _log_evaluate_save(run: Run, state: TrainState, progress: Progress, out: Outputs) -> None:
+def _validate_stage(run: Run, state: TrainState, progress: Progress, phase: Phase,
+                    out: Outputs) -> TrainState:
+  """After each epoch of a validated stage (train/stage_val.py): the hold-out's top-1 at the
+  stage's resolution, one `stage_val` row, the record updated; at the stage's end or an early
+  stop its best weights restored (an early stop also moves the step to the stage's end)."""
+  step, spe = progress.step, run.data.steps_per_epoch
+  if not state.stage_val or ((step - phase.start_step) % spe and step != phase.end_step):
+    return state
+  curriculum = run.config.curriculum
+  source = stage_val.ValSource(run.data.val, phase.resolution, curriculum.val_transform)
+  # A text-fusing stage is validated on its fused pass with predicted text (caption-free).
+  eval_step = compiled_eval_step(run, phase.fuse_text)
+  m = evaluate_source(eval_step, state.params, state.batch_stats, source,
+                      batch_size=run.config.eval_batch_size, data_sharding=run.data_sharding)
+  variables = {'params': state.params['student'], 'batch_stats': state.batch_stats}
+  record, stop = stage_val.update(state.stage_val, variables, m['top1'], int(curriculum.patience))
+  stop = stop and step < phase.end_step  # out of patience at the stage's last epoch: its end
+  row = {
+      'stage': phase.name, 'resolution': phase.resolution or 0,
+      'stage_epoch': int(record['epochs']), 'val_top1': m['top1'], 'val_loss': m['loss'],
+      'best_val_top1': float(record['best_top1']), 'bad_epochs': int(record['bad_epochs']),
+      'early_stop': stop
+  }
+  out.logger.write(step, row, kind='stage_val')
+  out.logger.message(f'phase {phase.name}: validation epoch {row["stage_epoch"]} top-1 '
+                     f'{m["top1"]:.3f} at {phase.resolution or "full"} px (best '
+                     f'{row["best_val_top1"]:.3f}, {row["bad_epochs"]} epoch(s) without a better)')
+  if stop or step == phase.end_step:
+    _flush(run, progress, out)  # the train rows up to here, before the step may move
+    best = jax.tree.map(jnp.copy, record['best'])
+    state = state.replace(params=dict(state.params, student=best['params']),
+                          batch_stats=best['batch_stats'], stage_val=stage_val.fresh(best))
+    if stop:
+      progress.step = phase.end_step
+      state = state.replace(step=jnp.asarray(phase.end_step, jnp.int32))
+    out.logger.message(
+        f'phase {phase.name}: {"stopped early" if stop else "done"} after {row["stage_epoch"]} '
+        f'validated epoch(s); its best weights (validation top-1 {row["best_val_top1"]:.3f}) '
+        f'go on' + (f' at step {progress.step}' if stop else ''))
+  else:
+    state = state.replace(stage_val=record)
+  return jax.device_put(state, run.state_shardings)
+
+
+def _log_evaluate_save(run: Run, state: TrainState, progress: Progress, out: Outputs,
+                       force_save: bool = False) -> None:
   """The intervals: metrics every `log_every_steps`, eval every `eval_every_epochs`, a
-  checkpoint every `checkpoint_every_steps` (0: every epoch) and after every eval."""
+  checkpoint every `checkpoint_every_steps` (0: every epoch), after every eval and when
+  `force_save` (a stage stopped early: the step moved)."""
   config, step, total = run.config, progress.step, run.total_steps
   eval_every = int(round(config.eval_every_epochs * run.data.steps_per_epoch)) or total
   checkpoint_every = config.checkpoint_every_steps or run.data.steps_per_epoch
@@ -198,7 +256,7 @@ def _log_evaluate_save(run: Run, state: TrainState, progress: Progress, out: Out
     _flush(run, progress, out)
   if evaluating:
     progress.eval_metrics = _evaluate_and_log(run, state, step, out.logger)
-  if evaluating or step % checkpoint_every == 0:
+  if evaluating or step % checkpoint_every == 0 or force_save:
     best = config.best_metric
     _save(run, state, progress, out.checkpointer,
           {best: progress.eval_metrics[best]} if evaluating else None)
@@ -263,7 +321,7 @@ def _save(run: Run, state: TrainState, progress: Progress, checkpointer, metrics
       'num_params': run.student.num_params,
       'model': {'name': run.student.name, 'kwargs': run.student.kwargs},
       'phase': run.phases[phase_at(run.phases, step)].name,
-      'ema': bool(state.ema),
+      **{name: bool(getattr(state, name)) for name, _, _ in OPTIONAL_ITEMS},
       # Where the saved iterator's stream starts, and the layout its state belongs to.
       'data': {
           'start': progress.stream.start, 'processes': jax.process_count(),

@@ -27,7 +27,7 @@ from tikd_jax.losses.terms import Loss
 from tikd_jax.models import VIT_MODELS, build_model, count_params, cpu_fast_layers
 from tikd_jax.models.variables import load_model, model_variables
 from tikd_jax.train import checkpoint as ckpt_lib
-from tikd_jax.train import optim
+from tikd_jax.train import optim, stage_val
 from tikd_jax.train.ema import check_decay
 from tikd_jax.train.loss_config import term_settings
 from tikd_jax.train.plan import Phase, build_phases
@@ -40,6 +40,7 @@ class Data:
   """The splits and what the input pipeline applies to them."""
   train: Any  # a source: len(), [i] → {'image', 'label'}, num_classes
   eval: Any
+  val: Any  # the hold-out the stages are validated on (curriculum.val_transform), or None
   num_classes: int
   steps_per_epoch: int
   text_features: np.ndarray | None  # caption features, one row per train example (TIKD)
@@ -154,9 +155,13 @@ def _fresh_state_fn(run: Run) -> Callable[[], TrainState]:
   seed = run.config.seed
 
   def init() -> TrainState:
-    return init_train_state(model_variables(run.student.build(seed)), run.loss, run.tx,
-                            rng=jax.random.fold_in(jax.random.key(seed), 1), shapes=run.loss_shapes,
-                            ema=run.config.ema.decay > 0)
+    variables = model_variables(run.student.build(seed))
+    state = init_train_state(variables, run.loss, run.tx,
+                             rng=jax.random.fold_in(jax.random.key(seed), 1),
+                             shapes=run.loss_shapes, ema=run.config.ema.decay > 0)
+    if stage_val.enabled(run.config):
+      state = state.replace(stage_val=stage_val.fresh(variables))
+    return state
 
   return init
 
@@ -188,10 +193,16 @@ def train_step_for(run: Run, phase: Phase):
 def load_data(config, sources: tuple | None = None) -> Data:
   """The train and eval splits (`config.data`, or `sources` = (train, eval)) and their
   augmentations."""
+  validated = stage_val.enabled(config)
   if sources is None:
     sources = (build_source(config.data, config.data.train_split),
                build_source(config.data, config.data.eval_split))
-  train, eval_ = sources
+    if validated:
+      sources += (build_source(config.data, config.curriculum.val_split),)
+  if validated and len(sources) != 3:
+    raise ValueError('curriculum.val_transform validates the stages on a hold-out: pass sources '
+                     '= (train, eval, val)')
+  train, eval_ = sources[:2]
   notes = tuple(n for source in sources for n in getattr(source, 'notes', ()))
   sampler = repeated_augmentation(config, len(train))
   steps_per_epoch = sampler.steps_per_epoch if sampler else len(train) // config.batch_size
@@ -201,8 +212,9 @@ def load_data(config, sources: tuple | None = None) -> Data:
   host_augment, batch_augment = build_augmentations(config)
   text_features = load_train_text_features(config, train)
   return Data(
-      train=train, eval=eval_, num_classes=train.num_classes, steps_per_epoch=steps_per_epoch,
-      text_features=text_features, eval_text_features=_load_eval_text_features(config, eval_),
+      train=train, eval=eval_, val=sources[2] if validated else None, num_classes=train.num_classes,
+      steps_per_epoch=steps_per_epoch, text_features=text_features,
+      eval_text_features=_load_eval_text_features(config, eval_),
       eval_released_text=None if text_features is None else pipeline.released_rows(
           text_features, len(eval_), config.eval_batch_size), sampler=sampler,
       host_augment=host_augment, batch_augment=batch_augment,

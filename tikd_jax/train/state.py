@@ -23,6 +23,9 @@ class TrainState:
   # The model EMA (config.ema.decay > 0; train/ema.py): the student's {'params', 'batch_stats'}
   # averaged after every optimizer step. {} without EMA.
   ema: dict = flax.struct.field(default_factory=dict)
+  # The current curriculum stage's validation record (config.curriculum.val_transform;
+  # train/stage_val.py): checkpointed with the state, passed through the step unchanged. {} off.
+  stage_val: dict = flax.struct.field(default_factory=dict)
 
 
 def init_train_state(variables: dict, loss: Loss, tx: optax.GradientTransformation, *,

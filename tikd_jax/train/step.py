@@ -146,8 +146,8 @@ def _apply_gradients(state: TrainState, grads, tx, frozen_mask, after) -> TrainS
   ema = state.ema
   if ema_decay:
     ema = update_ema(ema, {'params': params['student'], 'batch_stats': batch_stats}, ema_decay)
-  return TrainState(step=state.step + 1, params=params, batch_stats=batch_stats,
-                    opt_state=opt_state, objective_state=objective_state, ema=ema)
+  return state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
+                       opt_state=opt_state, objective_state=objective_state, ema=ema)
 
 
 def _caption_keep(opts: StepOptions, step, rng, rows: int):
