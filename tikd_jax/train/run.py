@@ -108,15 +108,15 @@ class Run:
 def setup(config: ml_collections.ConfigDict, workdir: str, *, sources: tuple | None = None,
           teacher: Teacher | None = None) -> Run:
   """Everything `config` trains with, built once. `sources` = (train, eval) replaces the
-  configured data; `teacher` replaces loading `config.teacher.checkpoint`."""
+  configured data (with the stages' hold-out as a third when the curriculum validates); `teacher`
+  replaces loading `config.teacher.checkpoint`."""
   mesh = sharding_lib.make_mesh(config.mesh)
   if config.batch_size % mesh.size or config.eval_batch_size % mesh.size:
     raise ValueError(f'batch_size {config.batch_size} and eval_batch_size '
                      f'{config.eval_batch_size} must divide by the {mesh.size} devices')
   rules = [tuple(r) for r in config.sharding_rules]
   if sources is None:
-    sources = (build_source(config.data, config.data.train_split),
-               build_source(config.data, config.data.eval_split))
+    sources = configured_sources(config)
   # data.normalization='compute': the model and teacher mean/std measured on the train split.
   config, norm_notes = normalization.resolve(config, workdir, sources[0])
   data = load_data(config, sources)
@@ -190,15 +190,22 @@ def train_step_for(run: Run, phase: Phase):
 
 
 # ------------------------------------------------------------------------------------ data
+def configured_sources(config) -> tuple:
+  """(train, eval) from `config.data`, and the stages' hold-out when the curriculum validates."""
+  sources = (build_source(config.data,
+                          config.data.train_split), build_source(config.data,
+                                                                 config.data.eval_split))
+  if stage_val.enabled(config):
+    sources += (build_source(config.data, config.curriculum.val_split),)
+  return sources
+
+
 def load_data(config, sources: tuple | None = None) -> Data:
   """The train and eval splits (`config.data`, or `sources` = (train, eval)) and their
   augmentations."""
   validated = stage_val.enabled(config)
   if sources is None:
-    sources = (build_source(config.data, config.data.train_split),
-               build_source(config.data, config.data.eval_split))
-    if validated:
-      sources += (build_source(config.data, config.curriculum.val_split),)
+    sources = configured_sources(config)
   if validated and len(sources) != 3:
     raise ValueError('curriculum.val_transform validates the stages on a hold-out: pass sources '
                      '= (train, eval, val)')
