@@ -12,7 +12,8 @@ from tikd_jax.normalization import (CIFAR10_MEAN, CIFAR10_STD, CIFAR100_MEAN, CI
                                     TINY_IMAGENET_MEAN, TINY_IMAGENET_STD)
 
 # No weight decay on biases, norm scales, position embedding and the cls/dist tokens (DeiT).
-NO_DECAY = ('bias$', 'scale$', 'pos_embed', 'cls_token', 'dist_token', 'ctkd/raw_temperature')
+NO_DECAY = ('bias$', 'scale$', 'pos_embed', 'cls_token', 'dist_token', 'text_gate',
+            'ctkd/raw_temperature')
 
 
 def base() -> ConfigDict:
@@ -64,12 +65,14 @@ def base() -> ConfigDict:
   # available ones are reported). fusion_text: what the fused pass trains on ('caption' |
   # 'predicted' | 'scheduled'). self_distill_weight: KD from the fused to the first pass.
   # Default: design (c), text-guided self-distillation evaluated without text, the best of the
-  # three caption-free designs in the demo's measurements (README "Caption-free inference"). text_rows: which caption rows a train batch carries:
-  # 'index' (each image its own caption) or 'released' (rows 0..B-1 for every batch, as the
-  # released code; data/pipeline.py TEXT_ROWS).
+  # three caption-free designs in the demo's measurements (README "Caption-free inference").
+  # text_rows: which caption rows a train batch carries: 'index' (each image its own caption) or
+  # 'released' (rows 0..B-1 for every batch, as the released code; data/pipeline.py TEXT_ROWS).
+  # fusion_gate: the fused pass enters through a zero-initialised gain (ours; models/vit.py), so
+  # that the joint stage starts from the first pass's logits; the released fusion has none.
   c.tikd = ConfigDict(
       dict(fuse_text=False, alignment_beta=0.1, text_predictor_weight=1.0, eval_text='none',
-           fusion_text='caption', self_distill_weight=1.0, text_rows='index'))
+           fusion_text='caption', self_distill_weight=1.0, text_rows='index', fusion_gate=False))
   # Off by default; `deit_augment` turns on DeiT's recipe (DeiT main.py defaults; README "TIKD").
   c.augment = ConfigDict(
       dict(randaugment=False, randaugment_num_ops=2, randaugment_magnitude=9.0,

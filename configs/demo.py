@@ -16,8 +16,9 @@ Arguments (comma-separated): `seeds=N` (default 1), `regime=mix|plain` (default 
 plain: no batch mixing), `epochs=N` (the students' epochs, default 30; a TIKD student keeps its
 1 : 2 warm-up : joint split), `rows=all|core|tikd` (core: the four vision rows and only the default
 TIKD design, named per seed even for one seed; tikd: the teacher and that design alone),
-`tikd_base=hard|soft` (the distillation TIKD is added to, default hard as the paper's headline), `first_seed=K` (seeds K … K+N−1, so that seeds
-can run in parallel processes on one workdir). Digits are never flipped: a mirrored 2, 3, 4, 5, 7
+`tikd_base=hard|soft` (the distillation TIKD is added to, default hard as the paper's headline),
+`gate=0|1` (the TIKD rows' `tikd.fusion_gate`; default: the library's), `first_seed=K` (seeds
+K … K+N−1, so that seeds can run in parallel processes on one workdir). Digits are never flipped: a mirrored 2, 3, 4, 5, 7
 or 9 is not that digit.
 
   python main.py --config=configs/demo.py:seeds=5,epochs=60,rows=core --workdir=workdirs/demo5
@@ -96,7 +97,7 @@ def student_config(method: str, seed: int, regime: str, teacher: str, epochs: in
 
 
 def tikd_student_config(design: str, seed: int, regime: str, teacher: str,
-                        epochs: int = STUDENT_EPOCHS, base: str = 'hard'):
+                        epochs: int = STUDENT_EPOCHS, base: str = 'hard', gate: str = ''):
   """Hard KD + TIKD fusion with class-prompt text features from the offline MiniLM encoder:
   a vision-only warm-up stage, then joint text-image training (README "TIKD")."""
   c = student_config(base, seed, regime, teacher, epochs)
@@ -105,20 +106,21 @@ def tikd_student_config(design: str, seed: int, regime: str, teacher: str,
   c.text.class_prompt_encoder = 'minilm'
   c.text.class_prompt_template = 'a photo of the digit {name}.'
   c.tikd.update(TIKD_DESIGNS[design])
+  if gate:
+    c.tikd.fusion_gate = gate == '1'
   common.tikd_stages(c, warmup_epochs=epochs // 3, joint_epochs=epochs - epochs // 3)
   return c
 
 
 def _parse(arg: str) -> dict:
   options = dict(seeds='1', regime='mix', epochs=str(STUDENT_EPOCHS), rows='all', first_seed='0',
-                 tikd_base='hard')
+                 tikd_base='hard', gate='')
   for part in filter(None, arg.split(',')):
     key, _, value = part.partition('=')
     if key not in options or not value:
       raise ValueError(
           f'configs/demo.py takes seeds=N,regime=mix|plain,epochs=N,rows=all|core|tikd,first_seed=K,'
-          f'tikd_base=hard|soft; '
-          f'got {arg!r}')
+          f'tikd_base=hard|soft,gate=0|1; got {arg!r}')
     options[key] = value
   if options['regime'] not in ('mix', 'plain'):
     raise ValueError(f"regime must be 'mix' or 'plain', got {options['regime']!r}")
@@ -126,13 +128,15 @@ def _parse(arg: str) -> dict:
     raise ValueError(f"rows must be 'all', 'core' or 'tikd', got {options['rows']!r}")
   if options['tikd_base'] not in ('hard', 'soft'):
     raise ValueError(f"tikd_base must be 'hard' or 'soft', got {options['tikd_base']!r}")
+  if options['gate'] not in ('', '0', '1'):
+    raise ValueError(f"gate must be 0 or 1, got {options['gate']!r}")
   if not options['epochs'].isdigit() or int(options['epochs']) < 3:
     raise ValueError(f"epochs must be a whole number ≥ 3, got {options['epochs']!r}")
   if not options['first_seed'].isdigit():
     raise ValueError(f"first_seed must be a whole number, got {options['first_seed']!r}")
   return dict(seeds=int(options['seeds']), regime=options['regime'], epochs=int(options['epochs']),
               first_seed=int(options['first_seed']), rows=options['rows'],
-              tikd_base=options['tikd_base'])
+              tikd_base=options['tikd_base'], gate=options['gate'])
 
 
 def get_config(arg: str = ''):
@@ -159,7 +163,7 @@ def get_config(arg: str = ''):
       runs[f'student_{method}{suffix}'] = student_config(method, seed, regime, teacher, epochs)
     for design in designs:
       runs[f'student_{design}{suffix}'] = tikd_student_config(design, seed, regime, teacher, epochs,
-                                                              options['tikd_base'])
+                                                              options['tikd_base'], options['gate'])
     for name, run in runs.items():
       c.runs[name] = run
       order.append(name)

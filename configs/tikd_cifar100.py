@@ -81,6 +81,7 @@ def released_recipe(c: common.ConfigDict) -> None:
   c.tikd.eval_text = 'released'
   c.tikd.fusion_text = 'caption'  # the released fusion trains on the caption rows it is given
   c.tikd.self_distill_weight = 0.0  # and has no self-distillation term (our design (c))
+  c.tikd.fusion_gate = False  # nor a gate on the fused pass
   # The README launch: one global batch = the 4 GPUs' batches; main.py scales the lr by the
   # global batch (lr · batch_size · world_size / 512, unless --unscale-lr).
   c.batch_size = RELEASED_GPUS * RELEASED_GPU_BATCH

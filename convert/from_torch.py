@@ -158,6 +158,8 @@ def infer_vit(sd: Mapping[str, torch.Tensor], name: str | None, heads: int | Non
     kwargs['text_dim'] = dim
   if 'blocks.0.attn.text_proj.weight' in sd:
     kwargs['text_proj_layout'] = 'per_block'
+  if 'text_gate' in sd:
+    kwargs['fusion_gate'] = True
   if variant is not None:  # as told; the strict key check reports what does not fit
     if variant not in SIZES:
       raise ValueError(f'unknown ViT variant {variant!r}; known: {sorted(SIZES)}')

@@ -154,8 +154,9 @@ class TorchDistilledViT(nn.Module):
                num_classes: int, img_size: int = 32, distilled: bool = True,
                dist_pos_embed: bool = True, final_norm: bool = True, eval_head: str = 'mean',
                text_dim: int | None = None, text_rank: int = 32, text_proj_layout: str = 'shared',
-               mean: Sequence[float] = CIFAR100_MEAN, std: Sequence[float] = CIFAR100_STD,
-               dropout: float = 0.0, attn_dropout: float = 0.0):
+               fusion_gate: bool = False, mean: Sequence[float] = CIFAR100_MEAN,
+               std: Sequence[float] = CIFAR100_STD, dropout: float = 0.0,
+               attn_dropout: float = 0.0):
     super().__init__()
     if eval_head not in ('mean', 'cls'):
       raise ValueError(f"eval_head must be 'mean' or 'cls', got {eval_head!r}")
@@ -191,6 +192,7 @@ class TorchDistilledViT(nn.Module):
       if text_dim != dim:
         self.text_adapter = LowRankLinear(text_dim, text_rank, dim)
       self.text_predictor = LowRankLinear(dim, text_rank, text_dim)
+      self.text_gate = nn.Parameter(torch.zeros(dim)) if fusion_gate else None
 
   def embed(self, images):
     x, (gh, gw) = self.patch_embed(self.normalize(images))
@@ -228,8 +230,10 @@ class TorchDistilledViT(nn.Module):
       out['text_weights'] = c
       decoded = self.text_decoder(c[..., None] * x)
       value_bias = None if self.per_block else self.text_proj(decoded)
+      fused = x
       for block in self.blocks:  # second pass, no final norm after it
-        x = block(x, value_bias, decoded if self.per_block else None)
+        fused = block(fused, value_bias, decoded if self.per_block else None)
+      x = fused if self.text_gate is None else x + self.text_gate * (fused - x)
     out['cls_logits'] = self.head(x[:, 0])
     if self.distilled:
       out['dist_logits'] = self.head_dist(x[:, 1])
@@ -313,7 +317,8 @@ def torch_twin_args(flax_model) -> tuple[type, dict]:
                                    dist_pos_embed=flax_model.dist_pos_embed,
                                    final_norm=flax_model.final_norm, eval_head=flax_model.eval_head,
                                    text_dim=flax_model.text_dim, text_rank=s.text_rank,
-                                   text_proj_layout=flax_model.text_proj_layout, mean=mean, std=std,
+                                   text_proj_layout=flax_model.text_proj_layout,
+                                   fusion_gate=flax_model.fusion_gate, mean=mean, std=std,
                                    dropout=flax_model.dropout, attn_dropout=flax_model.attn_dropout)
   if isinstance(flax_model, CifarResNet):
     depth, filters = CONFIGS[flax_model.arch]

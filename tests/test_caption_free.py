@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from configs import tikd_cifar100
-from tests.test_step_meaning import (B, C, COMPILE, DEIT_WEIGHTS, SEED, STEP, STEPS_PER_EPOCH,
+from tests.test_step_meaning import (B, C, COMPILE, DEIT_WEIGHTS, IMG, SEED, STEP, STEPS_PER_EPOCH,
                                      make_model, TEXT_DIM, batch, cosine, expected, far, forward,
                                      images_of, kd, method_inputs, run_step, teacher, tikd,
                                      tikd_terms)
@@ -219,3 +219,49 @@ def test_captions_mode_needs_the_eval_splits_features(tmp_path):
     setup(config, str(tmp_path))
   with pytest.raises(ValueError, match="tikd.fusion_text='prediction'"):
     setup(tiny_config('none', **{'tikd.fusion_text': 'prediction'}), str(tmp_path))
+
+
+# ------------------------------------------------------------------ the fusion gate
+@pytest.fixture(scope='module')
+def gated():
+  """The `tikd` student with `fusion_gate`: its gain as built (zeros), other weights drawn."""
+  graphdef, variables = make_model('distilled_vit', 2, variant='micro', img_size=IMG, drop_path=0.0,
+                                   text_dim=TEXT_DIM, fusion_gate=True)
+  params = dict(variables['params'], text_gate=jnp.zeros_like(variables['params']['text_gate']))
+  return graphdef, dict(variables, params=params)
+
+
+def test_a_closed_gate_starts_the_joint_stage_from_the_first_pass(gated, teacher, batch):
+  """At the switch to fused training the gated student predicts exactly as its first pass: no
+  self-distillation pull, no gradient into the fused-only modules, and the gain itself learns."""
+  _, _, metrics, grads, _ = _fused_step(gated, teacher, batch, fusion_text='caption',
+                                        extra=(('tikd_self_distill', 1.0),))
+  assert float(metrics['self_distill_loss']) == 0.0
+  student = grads['student']
+  assert float(jnp.abs(student['text_decoder']['kernel']).max()) == 0.0
+  assert float(jnp.abs(student['text_proj']['kernel']).max()) == 0.0
+  assert float(jnp.abs(student['text_gate']).max()) > 1e-4
+  # With the gain open the fused pass counts again, exactly as x + g ⊙ (fused(x) − x).
+  graphdef, variables = gated
+  g = jnp.asarray(
+      np.random.default_rng(4).uniform(0.2, 1.0, variables['params']['text_gate'].shape),
+      jnp.float32)
+  opened = dict(variables, params=dict(variables['params'], text_gate=g))
+  ungated_graphdef, _ = make_model('distilled_vit', 2, variant='micro', img_size=IMG, drop_path=0.0,
+                                   text_dim=TEXT_DIM)
+  plain_params = {k: v for k, v in opened['params'].items() if k != 'text_gate'}
+  images, caption = images_of(batch), _caption()
+  _, gated_out = forward((graphdef, opened), images, True, text=caption, fuse_text=True)
+  _, plain_out = forward((ungated_graphdef, dict(opened, params=plain_params)), images, True,
+                         text=caption, fuse_text=True)
+  x = gated_out['tokens']
+  expected_pre = x + g * (plain_out['fused_block1'] - x)
+  np.testing.assert_allclose(gated_out['pre_logits'], expected_pre[:, 0], atol=1e-5)
+  assert float(jnp.abs(gated_out['pre_logits'] - plain_out['pre_logits']).max()) > 1e-3
+
+
+def test_only_our_default_design_is_gated():
+  from configs import common  # pylint: disable=g-import-not-at-top
+  from tikd_jax.train.optim import decay_mask  # pylint: disable=g-import-not-at-top
+  assert not tikd_cifar100.get_config('small,hard,released').tikd.fusion_gate
+  assert not decay_mask({'text_gate': 0, 'head': {'kernel': 0}}, common.NO_DECAY)['text_gate']

@@ -225,6 +225,27 @@ def test_per_block_round_trip_through_torch(text_dim):
     np.testing.assert_allclose(again[k], ours[k], atol=1e-5, err_msg=k)
 
 
+@pytest.mark.parametrize('layout', ['shared', 'per_block'])
+def test_the_fusion_gate_round_trips_through_torch(layout):
+  """Our gated fusion (`fusion_gate`, random non-zero gain here): the twin computes the same fused
+  logits, and `convert.from_torch` reads the gate off its key."""
+  model, flat = make_model('distilled_vit', variant='micro', num_classes=10, text_dim=12,
+                           text_proj_layout=layout, fusion_gate=True)
+  sd = flax_to_torch(flat)
+  assert tuple(sd['text_gate'].shape) == (32,)
+  twin = load_strict(torch_model_like(model).eval(), sd, 'export')
+  x = np.random.default_rng(1).uniform(size=(2, 32, 32, 3)).astype(np.float32)
+  text = np.random.default_rng(2).standard_normal((2, 12)).astype(np.float32)
+  ours = flax_forward(model, x, text, fused=True)
+  np.testing.assert_allclose(ours['fused'],
+                             torch_forward(twin, x, text=text, fuse_text=True)[0], atol=1e-5)
+  name, kwargs = from_torch.infer_vit(sd, None)
+  assert kwargs['fusion_gate'] and name == 'distilled_vit'
+  back = from_torch.convert(sd, {'name': name, 'kwargs': kwargs}, 'round trip')
+  np.testing.assert_allclose(
+      flax_forward(back, x, text, fused=True)['fused'], ours['fused'], atol=1e-5)
+
+
 # --------------------------------------------------------------------------- (d) released names
 def released_state_dict(dim=32, depth=2, heads=2, mlp=64, classes=10, patch=4, grid=8, seed=0):
   """A state dict with the released TIKD DistilledVisionTransformer's names (models.py,

@@ -11,6 +11,10 @@ The TIKD text fusion (TIKD's released vision_transformer.py; README "TIKD") is e
   * 'shared' (ours, the default): one `text_proj` for all blocks;
   * 'per_block' (released): every attention owns one, `blocks.<i>.attn.text_proj`, the names of
     the released checkpoints (their `blocks.i.attn.text_proj.weight/bias`).
+`fusion_gate` (ours, off in the released layout) blends the fused pass into the tokens it starts
+from, x + g ⊙ (fused(x) − x), with g a per-channel gain initialised to zero (ReZero, Bachlechner
+et al. 2020; LayerScale, Touvron et al. 2021): when a joint stage begins the fused logits equal
+the first pass's, so a stage switch does not throw the student back to chance.
 
 Every call returns `(logits, out)`: `logits` are what the model predicts in the current mode, `out`
 names the intermediates (both heads, tokens after every block, pre-logits, attention maps).
@@ -249,6 +253,7 @@ class DistilledViT(nnx.Module):
       eval_head: str = 'mean',
       text_dim: int | None = None,
       text_proj_layout: str = 'shared',
+      fusion_gate: bool = False,
       mean: Sequence[float] = CIFAR100_MEAN,
       std: Sequence[float] = CIFAR100_STD,
       dtype: Any = None,
@@ -282,6 +287,7 @@ class DistilledViT(nnx.Module):
     self.eval_head = eval_head
     self.text_dim = text_dim
     self.text_proj_layout = text_proj_layout
+    self.fusion_gate = bool(fusion_gate)
     self.mean = tuple(mean)
     self.std = tuple(std)
     self.dtype = dtype
@@ -315,6 +321,7 @@ class DistilledViT(nnx.Module):
       self.text_adapter = (LowRankLinear(text_dim, size.text_rank, d, rngs=rngs, dtype=dtype)
                            if text_dim != d else None)
       self.text_predictor = LowRankLinear(d, size.text_rank, text_dim, rngs=rngs, dtype=dtype)
+      self.text_gate = nnx.Param(jnp.zeros((d,), jnp.float32)) if fusion_gate else None
 
   # ------------------------------------------------------------------ helpers
   def normalize(self, images: jax.Array) -> jax.Array:
@@ -423,9 +430,13 @@ class DistilledViT(nnx.Module):
     x_decoded = _dense(self.text_decoder, (c[..., None] * x).astype(x.dtype), self.fast_layers)
     # The second pass starts from the normed first-pass tokens, with no final norm after it.
     if self.text_proj is None:  # per-block: each attention projects the decoded tokens itself
-      return self.run_blocks(x, rng, out, prefix='fused_', decoded=x_decoded)
-    value_bias = _dense(self.text_proj, x_decoded, self.fast_layers)
-    return self.run_blocks(x, rng, out, prefix='fused_', value_bias=value_bias)
+      fused = self.run_blocks(x, rng, out, prefix='fused_', decoded=x_decoded)
+    else:
+      value_bias = _dense(self.text_proj, x_decoded, self.fast_layers)
+      fused = self.run_blocks(x, rng, out, prefix='fused_', value_bias=value_bias)
+    if self.text_gate is None:
+      return fused
+    return x + self.text_gate[...].astype(x.dtype) * (fused - x)
 
 
 def resize_pos_embed(pos_embed: jax.Array, grid: tuple[int, int], num_prefix: int) -> jax.Array:

@@ -347,6 +347,7 @@ def student_model(config, data: Data) -> Model:
     kwargs['dtype'] = config.dtype
   if data.text_features is not None and name in VIT_MODELS:
     kwargs.setdefault('text_dim', int(data.text_features.shape[1]))
+    kwargs.setdefault('fusion_gate', bool(config.tikd.fusion_gate))
   fast_layers = cpu_fast_layers.enabled(config.cpu_fast_layers)
   abstract = nnx.eval_shape(
       lambda: build_model(name, rngs=nnx.Rngs(config.seed), fast_layers=fast_layers, **kwargs))
