@@ -57,8 +57,10 @@ def test_epochs_and_core_rows_scale_every_student_and_keep_the_tikd_split():
                                'teacher_seed1', f'student_{demo.DEFAULT_TIKD}_seed1')
   assert on_soft.runs[on_soft.run_order[1]].distill.method == 'soft'
   assert core.runs[f'student_{demo.DEFAULT_TIKD}_seed0'].distill.method == 'hard'
-  gates = [demo.get_config(f'rows=tikd{g}').runs[f'student_{demo.DEFAULT_TIKD}'].tikd.fusion_gate
-           for g in (',gate=0', ',gate=1', '')]
+  gates = [
+      demo.get_config(f'rows=tikd{g}').runs[f'student_{demo.DEFAULT_TIKD}_seed0'].tikd.fusion_gate
+      for g in (',gate=0', ',gate=1', '')
+  ]
   assert gates == [False, True, common.base().tikd.fusion_gate]
   for bad in ('epochs=2', 'epochs=x', 'rows=some', 'first_seed=-1', 'tikd_base=kd', 'gate=2'):
     with pytest.raises(ValueError):
