@@ -139,9 +139,9 @@ def _parse(argv):
                  help='training workdir, its checkpoints/ folder, or one step folder')
   p.add_argument('--step', type=int, default=None, help='checkpoint step (default: the newest)')
   p.add_argument('--out', required=True, help='output file, .pt or .safetensors')
-  # Default raw: what DeiT's and timm's tools hand out unless asked (DeiT's checkpoint.pth keeps
-  # `model_ema` beside `model`, and its released weights and timm's load_checkpoint /
-  # clean_checkpoint.py take `model` unless --use-ema / use_ema=True).
+  # Default raw, as DeiT / timm users expect: DeiT's checkpoint.pth saves `model_ema` beside
+  # `model`, its released weights are the `model` entry, and timm's load_checkpoint /
+  # clean_checkpoint.py read `model` unless use_ema=True / --use-ema; the EMA is opt-in here too.
   p.add_argument(
       '--weights', choices=('raw', 'ema'), default='raw',
       help='raw: the trained weights (default); ema: the model EMA the checkpoint holds '
