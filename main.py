@@ -3,6 +3,8 @@ r"""tikd-jax entry point.
   python main.py --config=configs/demo.py --workdir=workdirs/demo
   python main.py --config=configs/tikd_cifar100.py:large --workdir=DIR --config.batch_size=512
   python main.py --config=configs/tikd_cifar100.py:large --workdir=DIR --mode=eval
+  python main.py --config=configs/tikd_cifar100.py:large,hard,released --workdir=DIR \
+      --mode=eval --ema=on
 
 A config with `runs` (e.g. the demo) is a sequence of runs, each in `<workdir>/<run name>`; a
 run's `teacher.checkpoint` may name an earlier run as '{workdir}/<run name>'. Rerunning a
@@ -32,6 +34,11 @@ _MODE = flags.DEFINE_enum(
     'mode', 'train', ['train', 'eval'],
     'train (resumes if the workdir has a checkpoint) or eval the newest '
     'checkpoint.')
+_EMA = flags.DEFINE_enum(
+    'ema', 'auto', ['auto', 'on', 'off'],
+    '--mode=eval: also evaluate the checkpoint\'s model EMA (config.ema.decay), reported as '
+    'training reports it (ema_top1, ema_loss, …): auto = when the checkpoint holds one, on = it '
+    'must hold one (an error otherwise), off = the raw weights only.')
 _COORDINATOR = flags.DEFINE_string('coordinator', None,
                                    'host:port of process 0 for multi-host runs.')
 _NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Number of processes (hosts).')
@@ -49,7 +56,7 @@ def _maybe_initialize_distributed():
     jax.distributed.initialize()  # JAX's cluster auto-detection
 
 
-def run(config, workdir: str, mode: str) -> dict:
+def run(config, workdir: str, mode: str, ema: str = 'auto') -> dict:
   from tikd_jax.train import trainer  # pylint: disable=g-import-not-at-top
   if 'runs' in config:
     results = {}
@@ -61,14 +68,14 @@ def run(config, workdir: str, mode: str) -> dict:
           sub.teacher.checkpoint = sub.teacher.checkpoint.format(workdir=workdir)
         if 'text' in sub and sub.text.features_dir:
           sub.text.features_dir = sub.text.features_dir.format(workdir=workdir)
-      results[name] = run(sub, sub_dir, mode)
+      results[name] = run(sub, sub_dir, mode, ema)
     summary = _summary(results, config)
     print(summary, flush=True)
     with open(os.path.join(workdir, 'summary.txt'), 'w') as f:
       f.write(summary + '\n')
     return results
   if mode == 'eval':
-    result = trainer.evaluate_checkpoint(config, workdir)
+    result = trainer.evaluate_checkpoint(config, workdir, ema=ema)
   else:
     result = trainer.train_and_evaluate(config, workdir)
   print(trainer.format_evals(result), flush=True)
@@ -117,10 +124,13 @@ def main(argv):
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   if not flags.FLAGS['verbosity'].present:
     logging.set_verbosity(logging.WARNING)  # orbax logs every file it writes at INFO
+  if flags.FLAGS['ema'].present and _MODE.value != 'eval':
+    raise app.UsageError('--ema applies to --mode=eval; a training run keeps and evaluates a '
+                         'model EMA when --config.ema.decay > 0')
   _maybe_initialize_distributed()
   from tikd_jax.train import preemption  # pylint: disable=g-import-not-at-top
   try:
-    results = run(_CONFIG.value, _WORKDIR.value, _MODE.value)
+    results = run(_CONFIG.value, _WORKDIR.value, _MODE.value, _EMA.value)
   except preemption.Preempted as e:  # SIGTERM / SIGINT: checkpoint complete, rerun resumes
     print(f'{e} (exit status {preemption.EXIT_PREEMPTED})', flush=True)
     return preemption.EXIT_PREEMPTED

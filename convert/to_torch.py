@@ -2,6 +2,10 @@
 
   python -m convert.to_torch --workdir runs/tikd_small --out tikd_small.safetensors
   python -m convert.to_torch --workdir runs/tikd_small --step 60000 --out tikd_small.pt
+  python -m convert.to_torch --workdir runs/tikd_released --weights=ema --out tikd_ema.pt
+
+`--weights=ema` exports the model EMA (`config.ema.decay`) the checkpoint holds instead of the raw
+weights: the same keys and shapes, so the printed load calls are the same.
 
 The checkpoint's `meta['model']` ({'name': …, 'kwargs': …}, what `build_model` takes) says which
 model the weights belong to; the Flax model is built from it and loaded strictly, so a checkpoint
@@ -31,9 +35,10 @@ from convert.mapping import flax_to_torch, load_strict
 from convert.torch_models import timm_args, torch_model_like, torch_twin_args
 from tikd_jax.models import build_model
 from tikd_jax.models.variables import load_variables
-from tikd_jax.train.checkpoint import load_weights
+from tikd_jax.train.checkpoint import load_weights_and_ema
 
 META_KEY = 'tikd_model'
+WEIGHTS_KEY = 'tikd_weights'  # .safetensors metadata: 'raw' or 'ema' (which weights were written)
 
 
 def step_dir(workdir: str, step: int | None) -> str:
@@ -80,7 +85,8 @@ def export(flat: dict, model_meta: dict, what: str = 'checkpoint'):
   return model, torch_model, state_dict
 
 
-def save_state_dict(state_dict: dict, path: str, model_meta: dict | None = None) -> str:
+def save_state_dict(state_dict: dict, path: str, model_meta: dict | None = None,
+                    weights: str | None = None) -> str:
   path = os.path.abspath(os.path.expanduser(path))
   os.makedirs(os.path.dirname(path), exist_ok=True)
   if path.endswith('.safetensors'):
@@ -88,6 +94,8 @@ def save_state_dict(state_dict: dict, path: str, model_meta: dict | None = None)
     metadata = {'format': 'pt'}
     if model_meta is not None:
       metadata[META_KEY] = json.dumps(model_meta)
+    if weights is not None:
+      metadata[WEIGHTS_KEY] = weights
     save_file({k: v.contiguous() for k, v in state_dict.items()}, path, metadata=metadata)
   elif path.endswith(('.pt', '.pth', '.bin')):
     torch.save(state_dict, path)
@@ -131,6 +139,13 @@ def _parse(argv):
                  help='training workdir, its checkpoints/ folder, or one step folder')
   p.add_argument('--step', type=int, default=None, help='checkpoint step (default: the newest)')
   p.add_argument('--out', required=True, help='output file, .pt or .safetensors')
+  # Default raw, as DeiT / timm users expect: DeiT's checkpoint.pth saves `model_ema` beside
+  # `model`, its released weights are the `model` entry, and timm's load_checkpoint /
+  # clean_checkpoint.py read `model` unless use_ema=True / --use-ema; the EMA is opt-in here too.
+  p.add_argument(
+      '--weights', choices=('raw', 'ema'), default='raw',
+      help='raw: the trained weights (default); ema: the model EMA the checkpoint holds '
+      '(config.ema.decay > 0), e.g. for DeiT / TIKD released-recipe runs')
   p.add_argument('--model', default=None, help="override meta['model']['name']")
   p.add_argument('--model_kwargs', default=None,
                  help="JSON object overriding meta['model']['kwargs']")
@@ -140,19 +155,28 @@ def _parse(argv):
 def main(argv: Sequence[str] | None = None) -> str:
   args = _parse(argv)
   source = step_dir(args.workdir, args.step)
-  meta, flat = load_weights(source)
+  meta, flat, ema = load_weights_and_ema(source, with_ema=args.weights == 'ema')
+  what = f'checkpoint {source}'
+  if args.weights == 'ema':
+    if ema is None:
+      raise ValueError(
+          f'--weights=ema: the checkpoint in {source} (step {meta.get("step")}) holds no model '
+          f'EMA (trained with config.ema.decay=0, or weights only); export its raw weights with '
+          f'--weights=raw (the default)')
+    flat, what = ema, f'model EMA of checkpoint {source}'
   model_meta = dict(meta.get('model') or {})
   if args.model:
     model_meta['name'] = args.model
   if args.model_kwargs:
     model_meta['kwargs'] = json.loads(args.model_kwargs)
   model_meta.setdefault('kwargs', {})
-  model, _, state_dict = export(flat, model_meta, what=f'checkpoint {source}')
-  path = save_state_dict(state_dict, args.out, model_meta)
+  model, _, state_dict = export(flat, model_meta, what=what)
+  path = save_state_dict(state_dict, args.out, model_meta, weights=args.weights)
   n = sum(int(v.numel()) for v in state_dict.values() if v.is_floating_point())
   print(
-      f'wrote {path}: {len(state_dict)} tensors, {n:,} values, model {model_meta["name"]} '
-      f'{json.dumps(model_meta["kwargs"])}', file=sys.stderr)
+      f'wrote {path}: {len(state_dict)} tensors, {n:,} values ({args.weights} weights of step '
+      f'{meta.get("step")}), model {model_meta["name"]} {json.dumps(model_meta["kwargs"])}',
+      file=sys.stderr)
   print(load_instructions(model, path), flush=True)
   return path
 

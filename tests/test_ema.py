@@ -5,29 +5,37 @@ parameter and BatchNorm statistic is decay · ema + (1 − decay) · (the step's
 the first step on (no warm-up), the raw weights untouched by it; a run stopped and resumed ends
 on a bit-identical EMA (and everything else); the EMA is evaluated beside the raw weights
 (`ema_` metrics in metrics.jsonl, final_eval.json, the final lines and the suite table) and
-those numbers are the EMA weights' own; the released TIKD preset carries decay 0.99996.
+those numbers are the EMA weights' own; the released TIKD preset carries decay 0.99996. Through
+the public entry points: `main.py --mode=eval` reports the same ema_ metrics, recomputed from the
+checkpoint's EMA (`--ema=on` refuses a checkpoint without one), and `convert.to_torch
+--weights=ema` writes the checkpoint's EMA, which the printed load calls load strictly.
 """
 import json
 import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+import torch
 
 from configs import tikd_cifar100
 from tikd_jax.data import build_source
 from tikd_jax.losses.terms import Loss
 from tikd_jax.train import evaluate as evaluate_lib
 from tikd_jax.train import trainer
+from tikd_jax.train.checkpoint import load_weights, save_weights
 from tikd_jax.train.state import init_train_state
 from tikd_jax.train.step import StepOptions, make_eval_step, make_train_step
-from tikd_jax.models.variables import abstract_model
+from tikd_jax.models.variables import abstract_model, load_variables
 from tikd_jax.tree import CheckpointMismatchError, fill_template
 from tests.test_resume import (ONE_DEVICE, STEPS, STOP, _assert_same_run, _checkpoint, _config,
                                _stop_and_resume)
 from tests.test_step_meaning import COMPILE, make_model
+from tests.test_train import REPO
 
 B, C, IMG = 8, 10, 16
 DECAY = 0.9  # far from 1, so that one step moves the average visibly
@@ -194,3 +202,139 @@ def test_suite_table_has_an_ema_row_below_the_raw_one():
   assert lines == [['kd', '1,000', '80.00', '95.00', '0.500', '1'],
                    ['kd', '(EMA)', '1,000', '81.00', '96.00', '0.400', '1'],
                    ['ce', '1,000', '80.00', '95.00', '0.500', '1']], table
+
+
+# ------------------------------------------------------------------------------ --mode=eval, export
+def _weights_only_copy(tmp_path, workdir) -> str:
+  """The run's newest raw weights as a weights-only checkpoint (no model EMA)."""
+  meta, flat = load_weights(str(workdir))
+  _, template = abstract_model(meta['model']['name'], **meta['model']['kwargs'])
+  nested = fill_template(template, flat, 'weights')
+  save_weights(str(tmp_path / 'raw_only' / 'checkpoints'), nested, {'model': meta['model']})
+  return str(tmp_path / 'raw_only')
+
+
+def test_eval_mode_reports_the_ema_beside_the_raw_weights(tmp_path, capsys, straight_ema):
+  """`main.py --mode=eval` on a checkpoint with an EMA: the ema_ metrics training reports (same
+  names, same numbers at the final step), each the recomputation from the checkpoint's EMA
+  weights, unlike the raw ones; --ema=off skips it, --ema=on refuses a checkpoint without one."""
+  import main  # pylint: disable=g-import-not-at-top  (its flags are defined once per process)
+  c, (workdir, trained) = straight_ema
+  final = _checkpoint(workdir)
+  assert final['step'] == STEPS
+  ema = {k[len('ema/'):]: v for k, v in final['extra'].items() if k.startswith('ema/')}
+
+  result = main.run(c, str(workdir), 'eval')  # --ema=auto
+  assert {k for k in result if k.startswith('ema_')} == {k for k in trained if k.startswith('ema_')}
+  assert {'ema_top1', 'ema_top5', 'ema_loss'} <= set(result)
+  for prefix, weights in (('', final['model']), ('ema_', ema)):
+    m = _evaluate_flat(c, weights)
+    assert (result[prefix + 'top1'], result[prefix + 'loss']) == pytest.approx(
+        (m['top1'], m['loss']), rel=1e-5), prefix
+    assert (result[prefix + 'top1'], result[prefix + 'loss']) == pytest.approx(
+        (trained[prefix + 'top1'], trained[prefix + 'loss']), rel=1e-5), prefix
+  assert result['ema_loss'] != pytest.approx(result['loss'], rel=1e-3)
+  assert capsys.readouterr().out.splitlines()[-2:] == evaluate_lib.format_evals(result).splitlines()
+  assert evaluate_lib.format_evals(result).splitlines()[1].startswith('* EMA Acc@1 ')
+
+  on = main.run(c, str(workdir), 'eval', 'on')
+  assert on['ema_loss'] == result['ema_loss'] and on['loss'] == result['loss']
+  off = main.run(c, str(workdir), 'eval', 'off')
+  assert not any(k.startswith('ema_') for k in off) and off['loss'] == result['loss']
+
+  raw_only = _weights_only_copy(tmp_path, workdir)
+  assert not any(k.startswith('ema_') for k in main.run(c, raw_only, 'eval'))
+  assert 'holds no model EMA' in capsys.readouterr().out  # config.ema.decay > 0: said so
+  with pytest.raises(
+      ValueError, match=r'--ema=on: the checkpoint in .*raw_only.* holds no model '
+      r'EMA.*--ema=auto or --ema=off'):
+    main.run(c, raw_only, 'eval', 'on')
+
+
+def test_ema_flag_is_for_eval_mode_only(tmp_path):
+  out = subprocess.run([
+      sys.executable,
+      os.path.join(REPO, 'main.py'), '--config=configs/tiny.py', f'--workdir={tmp_path}', '--ema=on'
+  ], cwd=REPO, capture_output=True, text=True, timeout=120)
+  assert out.returncode != 0 and '--ema applies to --mode=eval' in out.stdout + out.stderr
+  assert not os.listdir(tmp_path)  # nothing trained
+
+
+def test_to_torch_exports_the_ema_on_request(tmp_path, capsys, straight_ema):
+  """`convert.to_torch --weights=ema`: the state dict is the checkpoint's EMA, of the step asked
+  for (the raw weights by default); the printed load calls are the raw export's; a checkpoint
+  without an EMA is refused naming the option."""
+  from convert import to_torch  # pylint: disable=g-import-not-at-top
+  from convert.mapping import torch_to_flax  # pylint: disable=g-import-not-at-top
+  workdir = straight_ema[1][0]
+
+  def export(*args):
+    path = to_torch.main(['--workdir', str(workdir), *args])
+    return path, capsys.readouterr().out
+
+  def flat_of(path):
+    if path.endswith('.pt'):
+      return {k: np.asarray(v) for k, v in torch_to_flax(torch.load(path)).items()}
+    from safetensors import safe_open  # pylint: disable=g-import-not-at-top
+    with safe_open(path, framework='pt') as f:
+      return dict(torch_to_flax({k: f.get_tensor(k) for k in f.keys()}),
+                  weights=f.metadata()[to_torch.WEIGHTS_KEY])
+
+  for step in (STEPS, 10):
+    saved = _checkpoint(workdir, step)
+    ema = {k[len('ema/'):]: v for k, v in saved['extra'].items() if k.startswith('ema/')}
+    raw_path, raw_text = export('--step', str(step), '--out', str(tmp_path / f'raw{step}.pt'))
+    ema_path, ema_text = export('--step', str(step), '--weights=ema', '--out',
+                                str(tmp_path / f'ema{step}.pt'))
+    got_raw, got_ema = flat_of(raw_path), flat_of(ema_path)
+    assert got_ema.keys() == ema.keys() == got_raw.keys() and any('batch_stats' in k for k in ema)
+    for k in ema:
+      np.testing.assert_array_equal(got_ema[k], ema[k], err_msg=k)
+      np.testing.assert_array_equal(got_raw[k], saved['model'][k], err_msg=k)
+    assert max(np.abs(got_ema[k] - got_raw[k]).max() for k in ema) > 1e-3
+    assert ema_text == raw_text.replace(raw_path, ema_path)  # the same load calls
+  st, _ = export('--weights', 'ema', '--out', str(tmp_path / 'ema.safetensors'))
+  assert flat_of(st)['weights'] == 'ema'
+
+  raw_only = _weights_only_copy(tmp_path, workdir)
+  with pytest.raises(
+      ValueError, match=r'--weights=ema: the checkpoint in .*raw_only.* holds no '
+      r'model EMA.*--weights=raw'):
+    to_torch.main(['--workdir', raw_only, '--weights=ema', '--out', str(tmp_path / 'x.pt')])
+
+
+def test_exported_vit_ema_loads_as_printed_and_gives_the_ema_s_logits(tmp_path, capsys):
+  """A micro distilled ViT trained a few steps with an EMA: `--weights=ema` prints timm's
+  VisionTransformerDistilled call (as the raw export does) and the twin's lines, which, run as
+  printed, load the EMA strictly and give the Flax EMA weights' logits (not the raw ones')."""
+  from convert import to_torch  # pylint: disable=g-import-not-at-top
+  from tests.test_convert import (  # pylint: disable=g-import-not-at-top
+      assert_close, flax_forward, images, torch_forward)
+  c = _config('none', num_epochs=0.15, **{'ema.decay': DECAY})
+  trainer.train_and_evaluate(c, str(tmp_path / 'run'))
+  capsys.readouterr()  # the run's log lines
+  saved = _checkpoint(tmp_path / 'run')
+  ema = {k[len('ema/'):]: v for k, v in saved['extra'].items() if k.startswith('ema/')}
+
+  texts = {}
+  for weights in ('raw', 'ema'):
+    path = to_torch.main([
+        '--workdir',
+        str(tmp_path / 'run'), f'--weights={weights}', '--out',
+        str(tmp_path / f'{weights}.pt')
+    ])
+    texts[weights] = capsys.readouterr().out.replace(path, 'EXPORTED')
+  assert texts['ema'] == texts['raw']
+  assert 'model = timm.models.deit.VisionTransformerDistilled(' in texts['ema']
+  twin_lines = texts['ema'][texts['ema'].index("# this repository's PyTorch twin"):]
+  namespace = {}
+  exec(twin_lines.replace('EXPORTED', str(tmp_path / 'ema.pt')), namespace)  # pylint: disable=exec-used
+  x = images(size=c.data.image_size)
+  twin_logits = torch_forward(namespace['model'].eval(), x)[0]
+  logits = {}
+  for name, flat in (('raw', saved['model']), ('ema', ema)):
+    model = to_torch.build_flax_model(saved['meta']['model'])
+    load_variables(model, flat)
+    logits[name] = flax_forward(model, x)['logits']
+  assert_close(logits['ema'], twin_logits, 'printed twin, EMA weights')
+  assert np.abs(logits['raw'] - twin_logits).max() > 1e-3

@@ -333,7 +333,13 @@ def _resolve_weights_dir(path: str) -> tuple[str, list[int], bool]:
   return path, steps[::-1], False
 
 
-def _load_step_weights(step_dir: str) -> tuple[dict, dict[str, np.ndarray]]:
+# The model EMA's key in a checkpoint's `extra` item (TrainState.ema: {'params', 'batch_stats'}).
+EMA_ITEM = 'ema'
+
+
+def _load_step_weights(step_dir: str, with_ema: bool = False):
+  """(meta, flat model variables, flat EMA or None) of one step folder, checksums verified; the
+  EMA (in the `extra` item) is read only `with_ema` and when the metadata says the step has one."""
   # Handlers for every item a step may hold, so orbax skips the unrequested ones silently.
   handler = ocp.CompositeCheckpointHandler(model=ocp.StandardCheckpointHandler(),
                                            meta=ocp.JsonCheckpointHandler(),
@@ -343,18 +349,36 @@ def _load_step_weights(step_dir: str) -> tuple[dict, dict[str, np.ndarray]]:
                                            metrics=ocp.JsonCheckpointHandler())
   checkpointer = ocp.Checkpointer(handler)
   device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  saved = checkpointer.metadata(step_dir).item_metadata
   target = {
       k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=device)
-      for k, v in dict(checkpointer.metadata(step_dir).item_metadata['model']).items()
+      for k, v in dict(saved['model']).items()
   }
   restored = checkpointer.restore(
       step_dir, args=ocp.args.Composite(model=ocp.args.StandardRestore(target),
                                         meta=ocp.args.JsonRestore()))
   meta = dict(restored['meta'] or {})
+  expected = meta.pop('checksums', None) or {}
   flat = {k: np.asarray(v) for k, v in dict(restored['model']).items()}
-  verify('model', host_checksums(flat), (meta.pop('checksums', None) or {}).get('model'),
-         f'checkpoint {step_dir}')
-  return meta, flat
+  verify('model', host_checksums(flat), expected.get('model'), f'checkpoint {step_dir}')
+  ema = None
+  if with_ema and meta.get('ema'):
+    # The whole `extra` item (the loss terms' state beside the EMA: small), so that its
+    # checksums can be verified as written.
+    extra_target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+                                saved['extra'].tree)
+    extra = flatten(
+        checkpointer.restore(
+            step_dir,
+            args=ocp.args.Composite(extra=ocp.args.StandardRestore(extra_target)))['extra'])
+    extra = {k: np.asarray(v) for k, v in extra.items()}
+    verify('extra', host_checksums(extra), expected.get('extra'), f'checkpoint {step_dir}')
+    ema = {k[len(EMA_ITEM) + 1:]: v for k, v in extra.items() if k.startswith(EMA_ITEM + '/')}
+    if not ema:
+      raise CheckpointIntegrityError(f'checkpoint {step_dir}: its metadata says it holds a model '
+                                     f'EMA, its extra item has none')
+  checkpointer.close()
+  return meta, flat, ema
 
 
 def load_weights(path: str) -> tuple[dict, dict[str, np.ndarray]]:
@@ -363,10 +387,19 @@ def load_weights(path: str) -> tuple[dict, dict[str, np.ndarray]]:
   `path`: a workdir, its checkpoints/ folder, or one step folder (then only that step). An
   unreadable step is reported and the previous one used; none readable → a clear error.
   """
+  return load_weights_and_ema(path, with_ema=False)[:2]
+
+
+def load_weights_and_ema(path: str, with_ema: bool = True):
+  """(meta, flat variables, flat model EMA) of the newest readable checkpoint under `path`, as
+  `load_weights`; the EMA has the variables' keys ('params/…', 'batch_stats/…'), None when the
+  checkpoint holds none (trained with config.ema.decay = 0, or weights only). Both come from the
+  same step."""
   directory, steps, named = _resolve_weights_dir(path)
-  return newest_readable(steps, lambda step: _load_step_weights(os.path.join(directory, str(step))),
-                         directory=directory, named=named,
-                         advice='Point the path at another checkpoint, or retrain it.')[1]
+  return newest_readable(
+      steps, lambda step: _load_step_weights(os.path.join(directory, str(step)), with_ema),
+      directory=directory, named=named,
+      advice='Point the path at another checkpoint, or retrain it.')[1]
 
 
 def save_weights(directory: str, variables: dict, meta: dict, step: int = 0) -> str:

@@ -170,24 +170,64 @@ def format_evals(m: dict) -> str:
   return '\n'.join(lines)
 
 
-def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-  """Evaluates the newest checkpoint in `workdir` on the eval split (no training state needed)."""
+# `evaluate_checkpoint`'s choices for the model EMA (main.py --ema).
+EVAL_EMA = ('auto', 'on', 'off')
+
+
+def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str,
+                        ema: str = 'auto') -> dict[str, Any]:
+  """Evaluates the newest checkpoint in `workdir` on the eval split (no training state needed).
+
+  `ema`: the checkpoint's model EMA (train/ema.py) is evaluated beside the raw weights as
+  training evaluates it (`ema_top1`, `ema_loss`, … ) — 'auto': when the checkpoint holds one;
+  'on': it must (ValueError otherwise); 'off': the raw weights only.
+  """
+  if ema not in EVAL_EMA:
+    raise ValueError(f'ema={ema!r}: use one of {EVAL_EMA}')
   mesh = sharding_lib.make_mesh(config.mesh)
   eval_source = build_source(config.data, config.data.eval_split)
   if jax.process_index() == 0:
     for note in getattr(eval_source, 'notes', ()):  # the split 'auto' chose, skipped files
       print(note, flush=True)
-  meta, flat = ckpt_lib.load_weights(workdir)
+  meta, flat, ema_flat = ckpt_lib.load_weights_and_ema(workdir, with_ema=ema != 'off')
   if 'model' not in meta:
     raise ValueError(f'{workdir}: checkpoint metadata names no model; was it written by tikd-jax?')
+  _check_ema_request(ema, ema_flat is not None, config, f'{workdir} (step {meta.get("step")})')
   kwargs = dict(meta['model']['kwargs'],
                 fast_layers=cpu_fast_layers.enabled(config.cpu_fast_layers))
-  graphdef, loaded = load_model(meta['model']['name'], kwargs, flat,
-                                what=f'checkpoint in {workdir}')
-  variables = {'params': {'student': loaded['params']}, 'batch_stats': loaded['batch_stats']}
   rules = [tuple(r) for r in config.sharding_rules]
-  variables = place(variables, sharding_lib.param_shardings(variables, mesh, rules))
-  # The fused modes need a TIKD model; 'captions' the eval split's caption features.
+
+  def load(weights: dict, what: str):
+    graphdef, loaded = load_model(meta['model']['name'], kwargs, weights, what=what)
+    variables = {'params': {'student': loaded['params']}, 'batch_stats': loaded['batch_stats']}
+    return graphdef, place(variables, sharding_lib.param_shardings(variables, mesh, rules))
+
+  graphdef, variables = load(flat, f'checkpoint in {workdir}')
+  modes, texts = _checkpoint_text_modes(config, meta, eval_source)
+  options = xla_options.compiler_options(config.xla_options)
+  steps = {
+      fuse: jax.jit(make_eval_step(graphdef=graphdef, fuse_text=fuse), compiler_options=options)
+      for fuse in (False, True)
+  }
+
+  def metrics_of(variables):
+    return evaluate_modes(lambda mode: steps[mode != 'none'], variables['params'],
+                          variables['batch_stats'], eval_source, modes=modes,
+                          headline=config.tikd.eval_text, texts=texts,
+                          batch_size=config.eval_batch_size,
+                          data_sharding=sharding_lib.batch_sharding(mesh))
+
+  result = metrics_of(variables)
+  if ema_flat is not None:  # the same names as training's evaluation (`evaluate` above)
+    _, ema_variables = load(ema_flat, f'model EMA of the checkpoint in {workdir}')
+    result.update(
+        {f'{EMA_PREFIX}{k}': v for k, v in metrics_of(ema_variables).items() if k != 'count'})
+  return dict(result, step=meta.get('step'), num_params=meta.get('num_params'))
+
+
+def _checkpoint_text_modes(config: ml_collections.ConfigDict, meta: dict, eval_source):
+  """(text modes, their eval-split text) for a checkpoint's model: the fused modes need a TIKD
+  model; 'captions' the eval split's caption features."""
   modes = ('none',)
   texts = {'none': None, 'predicted': None}
   if meta['model']['kwargs'].get('text_dim'):
@@ -200,14 +240,18 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict
                                  build_source(config.data, config.data.train_split))
       texts['released'] = pipeline.released_rows(train, len(eval_source), config.eval_batch_size)
       modes += ('released',)
-  options = xla_options.compiler_options(config.xla_options)
-  steps = {
-      fuse: jax.jit(make_eval_step(graphdef=graphdef, fuse_text=fuse), compiler_options=options)
-      for fuse in (False, True)
-  }
-  result = evaluate_modes(lambda mode: steps[mode != 'none'], variables['params'],
-                          variables['batch_stats'], eval_source, modes=modes,
-                          headline=config.tikd.eval_text, texts=texts,
-                          batch_size=config.eval_batch_size,
-                          data_sharding=sharding_lib.batch_sharding(mesh))
-  return dict(result, step=meta.get('step'), num_params=meta.get('num_params'))
+  return modes, texts
+
+
+def _check_ema_request(ema: str, has_ema: bool, config: ml_collections.ConfigDict, where: str):
+  """`ema='on'` needs a checkpoint with a model EMA; 'auto' notes a config that trains one when
+  the checkpoint has none."""
+  if ema == 'on' and not has_ema:
+    raise ValueError(
+        f'--ema=on: the checkpoint in {where} holds no model EMA (trained with '
+        f'config.ema.decay=0, or weights only): evaluate its raw weights with --ema=auto or '
+        f'--ema=off, or train with --config.ema.decay (e.g. 0.99996) to have one')
+  if ema == 'auto' and not has_ema and config.ema.decay and jax.process_index() == 0:
+    print(
+        f'config.ema.decay={config.ema.decay}, but the checkpoint in {where} holds no model '
+        f'EMA: evaluating its raw weights only', flush=True)
