@@ -8,12 +8,14 @@ A config with `runs` (e.g. the demo) is a sequence of runs, each in `<workdir>/<
 run's `teacher.checkpoint` may name an earlier run as '{workdir}/<run name>'. Rerunning a
 command resumes every run from its newest checkpoint.
 Exit status 75 (EX_TEMPFAIL): stopped by SIGTERM/SIGINT after a complete checkpoint; rerun to
-resume (README "Reliability").
+resume (README "Reliability"). Exit status 2: an error in the data or the config that names it
+(tikd_jax/data/errors.py), printed as `error: <what and what to do>` without a traceback.
 Multi-host: `jax.distributed.initialize()` is called when --coordinator is given or when JAX
 detects a cluster (SLURM, TPU pod, Open MPI); see README "Scaling out".
 """
 from __future__ import annotations
 
+import gc
 import json
 import os
 import re
@@ -37,6 +39,7 @@ _COORDINATOR = flags.DEFINE_string('coordinator', None,
 _NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Number of processes (hosts).')
 _PROCESS_ID = flags.DEFINE_integer('process_id', None, 'This process\'s index.')
 flags.mark_flags_as_required(['config', 'workdir'])
+EXIT_DATA_ERROR = 2  # as `python -m tikd_jax.text_teacher` exits on its user errors
 
 
 def _maybe_initialize_distributed():
@@ -118,12 +121,24 @@ def main(argv):
   if not flags.FLAGS['verbosity'].present:
     logging.set_verbosity(logging.WARNING)  # orbax logs every file it writes at INFO
   _maybe_initialize_distributed()
+  from tikd_jax.data.errors import DataError  # pylint: disable=g-import-not-at-top
   from tikd_jax.train import preemption  # pylint: disable=g-import-not-at-top
   try:
     results = run(_CONFIG.value, _WORKDIR.value, _MODE.value)
   except preemption.Preempted as e:  # SIGTERM / SIGINT: checkpoint complete, rerun resumes
     print(f'{e} (exit status {preemption.EXIT_PREEMPTED})', flush=True)
     return preemption.EXIT_PREEMPTED
+  except DataError as e:  # the user fixes the data or the config; the message says how
+    print(f'error: {e}', file=sys.stderr, flush=True)
+    failed = True
+  else:
+    failed = False
+  if failed:
+    # The failed run's input iterators (grain worker processes and their shared memory) are
+    # only referenced from the traceback: collect them now, not at interpreter exit, where
+    # Python's resource tracker would warn about "leaked shared_memory objects".
+    gc.collect()
+    return EXIT_DATA_ERROR
   import jax  # pylint: disable=g-import-not-at-top
   if jax.process_index() == 0:
     with open(os.path.join(_WORKDIR.value, 'results.json'), 'w') as f:

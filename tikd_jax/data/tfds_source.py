@@ -5,6 +5,8 @@ import hashlib
 
 import numpy as np
 
+from tikd_jax.data.errors import DataError, DataNotFoundError
+
 # config.data.eval_split='auto' on a TFDS data set: the first of these splits it has.
 AUTO_EVAL_SPLITS = ('test', 'validation')
 
@@ -17,15 +19,15 @@ def auto_eval_split(name: str, data_dir: str | None = None) -> str:
     if not splits:  # a known builder with nothing prepared
       raise FileNotFoundError('no prepared splits')
   except Exception as e:  # tfds raises many types for an unknown or unprepared set
-    raise FileNotFoundError(
+    raise DataNotFoundError(
         f'tfds data set {name!r} is not prepared in {data_dir!r} ({type(e).__name__}: {e}). '
         f'Prepare it once with `tfds build {name} --data_dir={data_dir} '
         f'--file_format=array_record`.') from e
   for split in AUTO_EVAL_SPLITS:
     if split in splits:
       return split
-  raise ValueError(f'tfds data set {name!r} has splits {sorted(splits)}, none of '
-                   f'{AUTO_EVAL_SPLITS}: set --config.data.eval_split to one of its splits')
+  raise DataError(f'tfds data set {name!r} has splits {sorted(splits)}, none of '
+                  f'{AUTO_EVAL_SPLITS}: set --config.data.eval_split to one of its splits')
 
 
 class TfdsSource:
@@ -38,7 +40,7 @@ class TfdsSource:
       self.source = tfds.data_source(name, split=split, data_dir=data_dir or None, download=False)
       builder = tfds.builder(name, data_dir=data_dir or None)
     except Exception as e:  # tfds raises many types for a missing preparation
-      raise FileNotFoundError(
+      raise DataNotFoundError(
           f'tfds data set {name!r} split {split!r} is not prepared in {data_dir!r} '
           f'({type(e).__name__}: {e}). Prepare it once with `tfds build {name} '
           f'--data_dir={data_dir} --file_format=array_record`.') from e
