@@ -97,6 +97,26 @@ def test_tfds_eval_split_defaults_to_validation_without_test(tmp_path):
   assert sorted(int(source[i]['image'][0, 0, 0]) for i in range(4)) == [0, 10, 20, 30]
   assert any("eval split: 'validation'" in n for n in source.notes)
   assert build_source(data, 'train').split == 'train'
+  with pytest.raises(DataError, match=r"has splits \['train', 'validation'\], not 'test'"):
+    build_source(data, 'test')
+
+
+def test_tfds_not_prepared_says_how_to_prepare_it(tmp_path, caplog):
+  """README's TFDS commands with nothing prepared in data.dir: one sentence with the `tfds
+  build` command, not tfds' list of every data set or its warning about dataset_info.json."""
+  pytest.importorskip('tensorflow_datasets')
+  empty = str(tmp_path / 'tfds')
+  with caplog.at_level(logging.WARNING), pytest.raises(FileNotFoundError) as e:
+    build_source(_data(name='tfds', tfds_name='cifar10', dir=empty), 'auto')
+  assert str(
+      e.value) == (f"tfds data set 'cifar10' is not prepared in {empty}. Prepare it once "
+                   f'with `tfds build cifar10 --data_dir={empty} --file_format=array_record`.')
+  assert isinstance(e.value, DataError)
+  assert not [r for r in caplog.records if 'dataset_info.json' in r.getMessage()]
+  with pytest.raises(DataError) as e:
+    build_source(_data(name='tfds', tfds_name='cifar_ten', dir=empty), 'train')
+  assert "tfds knows no data set 'cifar_ten' (config.data.tfds_name)" in str(e.value)
+  assert 'Available datasets' not in str(e.value) and len(str(e.value)) < 400
 
 
 # -------------------------------------------------------------------------------- bad images
