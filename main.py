@@ -71,6 +71,10 @@ def run(config, workdir: str, mode: str) -> dict:
       f.write(summary + '\n')
     return results
   if mode == 'eval':
+    if not os.path.isdir(workdir):
+      from tikd_jax.data.errors import DataNotFoundError  # pylint: disable=g-import-not-at-top
+      raise DataNotFoundError(f'--mode=eval: workdir {workdir} does not exist; train first with '
+                              f'the same --config and --workdir')
     result = trainer.evaluate_checkpoint(config, workdir)
   else:
     result = trainer.train_and_evaluate(config, workdir)

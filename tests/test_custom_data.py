@@ -336,16 +336,30 @@ def test_main_unchecked_folder_stops_at_the_bad_image_with_workers(tmp_path):
   assert not os.path.exists(workdir / 'final_eval.json')
 
 
-def test_main_missing_data_is_one_line_without_a_traceback(tmp_path):
-  """A README command with no data where it points: the error says where it looked and what
-  to do, with no traceback (exit 2)."""
-  failed = _main([
-      '--config=configs/teacher_cifar100.py', f'--config.data.dir={tmp_path / "nowhere"}',
-      f'--workdir={tmp_path / "run"}'
-  ])
+@pytest.mark.parametrize('case', ['no_cifar', 'no_teacher', 'eval_no_workdir'])
+def test_main_missing_inputs_are_one_message_without_a_traceback(tmp_path, case):
+  """README commands pointing at nothing (CIFAR-100 data, the teacher's workdir, the workdir
+  to evaluate): the error says where it looked and what to do, with no traceback (exit 2)."""
+  nowhere = str(tmp_path / 'nowhere')
+  folder = str(tmp_path / 'pets')
+  _random_folder(folder, size=(8, 8))
+  args, starts, says = {
+      'no_cifar': (['--config=configs/teacher_cifar100.py', f'--config.data.dir={nowhere}'],
+                   'error: cifar100: no archive found. Searched:', '--config.data.download=True'),
+      'no_teacher': ([
+          '--config=configs/custom.py:hard', f'--config.data.dir={folder}',
+          f'--config.teacher.checkpoint={nowhere}', '--config.batch_size=8'
+      ], f'error: config.teacher.checkpoint: checkpoint path {nowhere} does not exist',
+                     'Train the teacher first'),
+      'eval_no_workdir':
+          (['--config=configs/custom.py:hard', f'--config.data.dir={folder}',
+            '--mode=eval'], f'error: --mode=eval: workdir {nowhere} does not exist', 'train first'),
+  }[case]
+  workdir = nowhere if case == 'eval_no_workdir' else str(tmp_path / 'run')
+  failed = _main(args + [f'--workdir={workdir}', '--config.xla_options=fast_compile'])
   assert failed.returncode == 2, failed.stdout[-3000:] + failed.stderr[-3000:]
-  assert failed.stderr.startswith('error: cifar100: no archive found. Searched:')
-  assert '--config.data.download=True' in failed.stderr
+  assert failed.stderr.startswith(starts), failed.stderr[-3000:]
+  assert says in failed.stderr
   assert 'Traceback' not in failed.stderr + failed.stdout
 
 
