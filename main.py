@@ -21,6 +21,7 @@ import os
 import re
 import statistics
 import sys
+import traceback
 
 from absl import app
 from absl import flags
@@ -39,7 +40,8 @@ _COORDINATOR = flags.DEFINE_string('coordinator', None,
 _NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Number of processes (hosts).')
 _PROCESS_ID = flags.DEFINE_integer('process_id', None, 'This process\'s index.')
 flags.mark_flags_as_required(['config', 'workdir'])
-EXIT_DATA_ERROR = 2  # as `python -m tikd_jax.text_teacher` exits on its user errors
+# A DataError or a misspelt override; as `python -m tikd_jax.text_teacher` exits on its user errors.
+EXIT_DATA_ERROR = 2
 
 
 def _maybe_initialize_distributed():
@@ -119,6 +121,30 @@ def _mean_std(values: list[float]) -> str:
   return f'{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}'
 
 
+def _parse_flags(argv: list[str]) -> list[str]:
+  """absl's parser, except that an override naming no config field (`--config.optimzer.lr=…`;
+  ml_collections raises AttributeError / KeyError from inside flag parsing) prints one line with
+  ml_collections' suggestion, not two chained tracebacks."""
+  try:
+    return app.parse_flags_with_usage(argv)
+  except (AttributeError, KeyError) as e:
+    frames = traceback.extract_tb(e.__traceback__)
+    if not frames or f'ml_collections{os.sep}config_dict' not in frames[-1].filename:
+      raise  # not a misspelt override: keep the traceback
+    detail = e
+    while isinstance(detail, BaseException):  # AttributeError(KeyError("'key'\nDid you mean…"))
+      detail = detail.args[0] if detail.args else ''
+    detail = str(detail)
+    key, _, hint = detail.partition('\n')
+    name = key.strip('\'"')
+    override = next((a.split('=')[0]
+                     for a in argv[1:]
+                     if a.startswith('--config.') and name in a.split('=')[0].split('.')),
+                    '--config.…')
+    print(f'error: {override}: the config has no field {key}. {hint}'.rstrip(), file=sys.stderr)
+    sys.exit(EXIT_DATA_ERROR)
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
@@ -151,4 +177,4 @@ def main(argv):
 
 if __name__ == '__main__':
   sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-  app.run(main)
+  app.run(main, flags_parser=_parse_flags)

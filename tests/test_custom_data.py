@@ -363,6 +363,18 @@ def test_main_missing_inputs_are_one_message_without_a_traceback(tmp_path, case)
   assert 'Traceback' not in failed.stderr + failed.stdout
 
 
+def test_main_misspelt_override_is_one_line(tmp_path):
+  """`--config.data.bad_image=skip` (no such field): ml_collections' suggestion on one line,
+  exit 2, not the two chained tracebacks absl's flag parsing would print."""
+  failed = _main([
+      '--config=configs/custom.py:hard', '--config.data.bad_image=skip',
+      f'--workdir={tmp_path / "run"}'
+  ])
+  assert failed.returncode == 2, failed.stderr[-3000:]
+  assert failed.stderr == ('error: --config.data.bad_image: the config has no field '
+                           '\'bad_image\'. Did you mean "bad_images" instead of "bad_image"?\n')
+
+
 def test_custom_config_measures_the_data_and_follows_the_image_size():
   """configs/custom.py (the README's commands): image folder, measured mean/std, eval split
   'auto'; the student ViT's img_size follows data.image_size (a 64-px folder builds a 64-px
