@@ -90,19 +90,21 @@ def _summary(results: dict, config) -> str:
   for name, r in results.items():
     if isinstance(r, dict) and 'top1' in r:
       groups.setdefault(re.sub(r'_seed\d+$', '', name), []).append(r)
+  # The run column fits the longest name ('student_tikd_self_distill (EMA)'), two spaces after.
+  width = max([24] + [len(f'{name} (EMA)') + 2 for name in groups])
   lines = [
       '',
       config.get('summary_title', 'Summary'),  # a suite config has no base()
-      f'{"run":<24}{"params":>12}{"Acc@1":>16}{"Acc@5":>16}{"loss":>8}  seeds'
+      f'{"run":<{width}}{"params":>12}{"Acc@1":>16}{"Acc@5":>16}{"loss":>8}  seeds'
   ]
   for name, rows in groups.items():
-    lines.append(_summary_row(name, rows, ''))
+    lines.append(_summary_row(name, rows, '', width))
     if all('ema_top1' in r for r in rows):  # the model EMA's row below the raw weights'
-      lines.append(_summary_row(f'{name} (EMA)', rows, 'ema_'))
+      lines.append(_summary_row(f'{name} (EMA)', rows, 'ema_', width))
   return '\n'.join(lines)
 
 
-def _summary_row(name: str, rows: list[dict], prefix: str) -> str:
+def _summary_row(name: str, rows: list[dict], prefix: str, width: int) -> str:
   # Acc@5 is '–' for fewer than 5 classes (the runs report no top5; README "Configs").
   cells = [
       _mean_std([r[prefix + k]
@@ -111,7 +113,7 @@ def _summary_row(name: str, rows: list[dict], prefix: str) -> str:
       for k in ('top1', 'top5')
   ]
   loss = sum(r[prefix + 'loss'] for r in rows) / len(rows)
-  return (f'{name:<24}{rows[0].get("num_params", 0):>12,}{cells[0]:>16}{cells[1]:>16}'
+  return (f'{name:<{width}}{rows[0].get("num_params", 0):>12,}{cells[0]:>16}{cells[1]:>16}'
           f'{loss:>8.3f}  {len(rows)}')
 
 
