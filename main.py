@@ -10,17 +10,20 @@ A config with `runs` (e.g. the demo) is a sequence of runs, each in `<workdir>/<
 run's `teacher.checkpoint` may name an earlier run as '{workdir}/<run name>'. Rerunning a
 command resumes every run from its newest checkpoint.
 Exit status 75 (EX_TEMPFAIL): stopped by SIGTERM/SIGINT after a complete checkpoint; rerun to
-resume (README "Reliability").
+resume (README "Reliability"). Exit status 2: an error in the data or the config that names it
+(tikd_jax/data/errors.py), printed as `error: <what and what to do>` without a traceback.
 Multi-host: `jax.distributed.initialize()` is called when --coordinator is given or when JAX
 detects a cluster (SLURM, TPU pod, Open MPI); see README "Scaling out".
 """
 from __future__ import annotations
 
+import gc
 import json
 import os
 import re
 import statistics
 import sys
+import traceback
 
 from absl import app
 from absl import flags
@@ -44,6 +47,8 @@ _COORDINATOR = flags.DEFINE_string('coordinator', None,
 _NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Number of processes (hosts).')
 _PROCESS_ID = flags.DEFINE_integer('process_id', None, 'This process\'s index.')
 flags.mark_flags_as_required(['config', 'workdir'])
+# A DataError or a misspelt override; as `python -m tikd_jax.text_teacher` exits on its user errors.
+EXIT_DATA_ERROR = 2
 
 
 def _maybe_initialize_distributed():
@@ -75,6 +80,10 @@ def run(config, workdir: str, mode: str, ema: str = 'auto') -> dict:
       f.write(summary + '\n')
     return results
   if mode == 'eval':
+    if not os.path.isdir(workdir):
+      from tikd_jax.data.errors import DataNotFoundError  # pylint: disable=g-import-not-at-top
+      raise DataNotFoundError(f'--mode=eval: workdir {workdir} does not exist; train first with '
+                              f'the same --config and --workdir')
     result = trainer.evaluate_checkpoint(config, workdir, ema=ema)
   else:
     result = trainer.train_and_evaluate(config, workdir)
@@ -88,19 +97,21 @@ def _summary(results: dict, config) -> str:
   for name, r in results.items():
     if isinstance(r, dict) and 'top1' in r:
       groups.setdefault(re.sub(r'_seed\d+$', '', name), []).append(r)
+  # The run column fits the longest name ('student_tikd_self_distill (EMA)'), two spaces after.
+  width = max([24] + [len(f'{name} (EMA)') + 2 for name in groups])
   lines = [
       '',
       config.get('summary_title', 'Summary'),  # a suite config has no base()
-      f'{"run":<24}{"params":>12}{"Acc@1":>16}{"Acc@5":>16}{"loss":>8}  seeds'
+      f'{"run":<{width}}{"params":>12}{"Acc@1":>16}{"Acc@5":>16}{"loss":>8}  seeds'
   ]
   for name, rows in groups.items():
-    lines.append(_summary_row(name, rows, ''))
+    lines.append(_summary_row(name, rows, '', width))
     if all('ema_top1' in r for r in rows):  # the model EMA's row below the raw weights'
-      lines.append(_summary_row(f'{name} (EMA)', rows, 'ema_'))
+      lines.append(_summary_row(f'{name} (EMA)', rows, 'ema_', width))
   return '\n'.join(lines)
 
 
-def _summary_row(name: str, rows: list[dict], prefix: str) -> str:
+def _summary_row(name: str, rows: list[dict], prefix: str, width: int) -> str:
   # Acc@5 is '–' for fewer than 5 classes (the runs report no top5; README "Configs").
   cells = [
       _mean_std([r[prefix + k]
@@ -109,7 +120,7 @@ def _summary_row(name: str, rows: list[dict], prefix: str) -> str:
       for k in ('top1', 'top5')
   ]
   loss = sum(r[prefix + 'loss'] for r in rows) / len(rows)
-  return (f'{name:<24}{rows[0].get("num_params", 0):>12,}{cells[0]:>16}{cells[1]:>16}'
+  return (f'{name:<{width}}{rows[0].get("num_params", 0):>12,}{cells[0]:>16}{cells[1]:>16}'
           f'{loss:>8.3f}  {len(rows)}')
 
 
@@ -117,6 +128,30 @@ def _mean_std(values: list[float]) -> str:
   if len(values) == 1:
     return f'{values[0]:.2f}'
   return f'{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}'
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+  """absl's parser, except that an override naming no config field (`--config.optimzer.lr=…`;
+  ml_collections raises AttributeError / KeyError from inside flag parsing) prints one line with
+  ml_collections' suggestion, not two chained tracebacks."""
+  try:
+    return app.parse_flags_with_usage(argv)
+  except (AttributeError, KeyError) as e:
+    frames = traceback.extract_tb(e.__traceback__)
+    if not frames or f'ml_collections{os.sep}config_dict' not in frames[-1].filename:
+      raise  # not a misspelt override: keep the traceback
+    detail = e
+    while isinstance(detail, BaseException):  # AttributeError(KeyError("'key'\nDid you mean…"))
+      detail = detail.args[0] if detail.args else ''
+    detail = str(detail)
+    key, _, hint = detail.partition('\n')
+    name = key.strip('\'"')
+    override = next((a.split('=')[0]
+                     for a in argv[1:]
+                     if a.startswith('--config.') and name in a.split('=')[0].split('.')),
+                    '--config.…')
+    print(f'error: {override}: the config has no field {key}. {hint}'.rstrip(), file=sys.stderr)
+    sys.exit(EXIT_DATA_ERROR)
 
 
 def main(argv):
@@ -128,12 +163,24 @@ def main(argv):
     raise app.UsageError('--ema applies to --mode=eval; a training run keeps and evaluates a '
                          'model EMA when --config.ema.decay > 0')
   _maybe_initialize_distributed()
+  from tikd_jax.data.errors import DataError  # pylint: disable=g-import-not-at-top
   from tikd_jax.train import preemption  # pylint: disable=g-import-not-at-top
   try:
     results = run(_CONFIG.value, _WORKDIR.value, _MODE.value, _EMA.value)
   except preemption.Preempted as e:  # SIGTERM / SIGINT: checkpoint complete, rerun resumes
     print(f'{e} (exit status {preemption.EXIT_PREEMPTED})', flush=True)
     return preemption.EXIT_PREEMPTED
+  except DataError as e:  # the user fixes the data or the config; the message says how
+    print(f'error: {e}', file=sys.stderr, flush=True)
+    failed = True
+  else:
+    failed = False
+  if failed:
+    # The failed run's input iterators (grain worker processes and their shared memory) are
+    # only referenced from the traceback: collect them now, not at interpreter exit, where
+    # Python's resource tracker would warn about "leaked shared_memory objects".
+    gc.collect()
+    return EXIT_DATA_ERROR
   import jax  # pylint: disable=g-import-not-at-top
   if jax.process_index() == 0:
     with open(os.path.join(_WORKDIR.value, 'results.json'), 'w') as f:
@@ -142,4 +189,4 @@ def main(argv):
 
 if __name__ == '__main__':
   sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-  app.run(main)
+  app.run(main, flags_parser=_parse_flags)

@@ -29,7 +29,10 @@ def base() -> ConfigDict:
   # 'validation'), 'test' otherwise (tikd_jax/data/__init__.py). normalization: 'explicit' (the
   # model's and teacher's mean/std below) or 'compute' (measured on the train split, saved as
   # <workdir>/normalization.json; tikd_jax/normalization.py). bad_images: an image-folder file
-  # that does not decode stops the run ('error') or is left out with a warning ('skip').
+  # that does not decode, found by decoding every image when the folder opens, stops the run
+  # ('error') or is left out with a warning ('skip'); 'unchecked' skips that check (ImageNet-sized
+  # folders) and such a file stops the run, with its path, when it is first read
+  # (tikd_jax/data/image_folder.py).
   # repeated_aug: DeiT's repeated-augmentation sampler with that many repeats (3 in DeiT; 0 or 1:
   # off), over repeated_aug_replicas replicas (DeiT's GPUs; 0: one per JAX process), each taking
   # batch_size / replicas rows of every global batch (tikd_jax/data/repeated_aug.py).

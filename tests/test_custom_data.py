@@ -16,7 +16,7 @@ from configs import common
 from tests.test_class_count import TRAIN_PER_CLASS, _write_folder
 from tests.test_train import REPO, tiny_config
 from tikd_jax import normalization
-from tikd_jax.data import build_source
+from tikd_jax.data import DataError, build_source
 from tikd_jax.train import run as run_lib
 
 
@@ -97,6 +97,26 @@ def test_tfds_eval_split_defaults_to_validation_without_test(tmp_path):
   assert sorted(int(source[i]['image'][0, 0, 0]) for i in range(4)) == [0, 10, 20, 30]
   assert any("eval split: 'validation'" in n for n in source.notes)
   assert build_source(data, 'train').split == 'train'
+  with pytest.raises(DataError, match=r"has splits \['train', 'validation'\], not 'test'"):
+    build_source(data, 'test')
+
+
+def test_tfds_not_prepared_says_how_to_prepare_it(tmp_path, caplog):
+  """README's TFDS commands with nothing prepared in data.dir: one sentence with the `tfds
+  build` command, not tfds' list of every data set or its warning about dataset_info.json."""
+  pytest.importorskip('tensorflow_datasets')
+  empty = str(tmp_path / 'tfds')
+  with caplog.at_level(logging.WARNING), pytest.raises(FileNotFoundError) as e:
+    build_source(_data(name='tfds', tfds_name='cifar10', dir=empty), 'auto')
+  assert str(
+      e.value) == (f"tfds data set 'cifar10' is not prepared in {empty}. Prepare it once "
+                   f'with `tfds build cifar10 --data_dir={empty} --file_format=array_record`.')
+  assert isinstance(e.value, DataError)
+  assert not [r for r in caplog.records if 'dataset_info.json' in r.getMessage()]
+  with pytest.raises(DataError) as e:
+    build_source(_data(name='tfds', tfds_name='cifar_ten', dir=empty), 'train')
+  assert "tfds knows no data set 'cifar_ten' (config.data.tfds_name)" in str(e.value)
+  assert 'Available datasets' not in str(e.value) and len(str(e.value)) < 400
 
 
 # -------------------------------------------------------------------------------- bad images
@@ -141,6 +161,40 @@ def test_bad_images_skip_leaves_them_out_with_warnings_and_a_count(broken_folder
   with pytest.raises(ValueError, match="bad_images='maybe': use one of"):
     build_source(_data(name='image_folder', dir=broken_folder, image_size=0, bad_images='maybe'),
                  'train')
+
+
+def test_bad_images_unchecked_opens_without_decoding_and_names_the_file_when_read(
+    broken_folder, monkeypatch):
+  """'unchecked' (ImageNet-sized folders): no decode at open, every file with an image extension
+  listed; reading a bad one raises DataError naming the file and the switches."""
+  from tikd_jax.data import image_folder
+
+  def no_check(path):
+    raise AssertionError(f'{path} decoded at open')
+
+  monkeypatch.setattr(image_folder, '_decode_error', no_check)
+  data = _data(name='image_folder', dir=broken_folder, image_size=0, bad_images='unchecked')
+  source = build_source(data, 'train')
+  assert len(source) == 10 and source.skipped == []
+  assert any('ignored 1 file(s)' in n for n in source.notes)  # notes.txt: not an image by name
+  good = source.files.index(f'{broken_folder}/train/cat/0.png')
+  assert source[good]['image'].shape == (6, 6, 3)
+  for name, why in (('cat/1.png', 'truncated'), ('dog/3.png', 'UnidentifiedImageError')):
+    with pytest.raises(DataError) as e:
+      source[source.files.index(f'{broken_folder}/train/{name}')]
+    message = str(e.value)
+    assert message.startswith(f'{broken_folder}/train/{name} is not a readable image')
+    assert why in message
+    assert "data.bad_images='unchecked'" in message and '--config.data.bad_images=skip' in message
+
+
+def test_bad_images_checked_file_that_breaks_later_is_named(broken_folder):
+  """'skip' checked the folder at open; a file broken after that stops the read with its path."""
+  data = _data(name='image_folder', dir=broken_folder, image_size=0, bad_images='skip')
+  source = build_source(data, 'train')
+  _truncate(source.files[2])
+  with pytest.raises(DataError, match=f'^{source.files[2]} is no longer a readable image'):
+    source[2]
 
 
 # -------------------------------------------------------------------------------- mean / std
@@ -232,8 +286,11 @@ def test_main_on_a_folder_with_a_corrupt_image(tmp_path):
       '--config.xla_options=fast_compile', '--config.num_epochs=1'
   ]
   failed = _main(flags + [f'--workdir={tmp_path / "stopped"}'])
-  assert failed.returncode != 0
+  assert failed.returncode == 2  # main.EXIT_DATA_ERROR
+  # Our message alone: the path and the switch, no traceback above it.
+  assert failed.stderr.startswith('error: 1 of ') or '\nerror: 1 of ' in failed.stderr
   assert train_files[0] in failed.stderr and '--config.data.bad_images=skip' in failed.stderr
+  assert 'Traceback' not in failed.stderr + failed.stdout
   assert not os.path.exists(tmp_path / 'stopped' / 'checkpoints')
 
   workdir = tmp_path / 'run'
@@ -256,6 +313,66 @@ def test_main_on_a_folder_with_a_corrupt_image(tmp_path):
   with open(workdir / 'config.json') as f:  # the config as run holds the measured numbers
     np.testing.assert_allclose(json.load(f)['model']['mean'], saved['mean'], atol=1e-12)
   assert 'normalization: mean' in done.stdout and 'computed from the 383 images' in done.stdout
+
+
+def test_main_unchecked_folder_stops_at_the_bad_image_with_workers(tmp_path):
+  """bad_images='unchecked' with two grain worker processes: the truncated PNG is found when
+  training reads it; main.py prints only our message (exit 2), no traceback, no grain noise."""
+  folder = _write_folder(tmp_path / 'data', 2)
+  bad = sorted(os.listdir(f'{folder}/train/digit1'))[50]
+  _truncate(f'{folder}/train/digit1/{bad}')
+  workdir = tmp_path / 'run'
+  failed = _main([
+      '--config=configs/tiny.py:teacher', '--config.data.name=image_folder',
+      f'--config.data.dir={folder}', '--config.data.bad_images=unchecked',
+      '--config.data.num_workers=2', '--config.xla_options=fast_compile', '--config.num_epochs=1',
+      f'--workdir={workdir}'
+  ])
+  assert failed.returncode == 2, failed.stdout[-3000:] + failed.stderr[-3000:]
+  assert failed.stderr.startswith(f'error: {folder}/train/digit1/{bad} is not a readable image')
+  assert '--config.data.bad_images=skip' in failed.stderr
+  assert failed.stderr.count('\n') == 1  # one line: no traceback, no leaked-memory warning
+  assert 'phase main: first step' in failed.stdout  # found mid-training, not at open
+  assert not os.path.exists(workdir / 'final_eval.json')
+
+
+@pytest.mark.parametrize('case', ['no_cifar', 'no_teacher', 'eval_no_workdir'])
+def test_main_missing_inputs_are_one_message_without_a_traceback(tmp_path, case):
+  """README commands pointing at nothing (CIFAR-100 data, the teacher's workdir, the workdir
+  to evaluate): the error says where it looked and what to do, with no traceback (exit 2)."""
+  nowhere = str(tmp_path / 'nowhere')
+  folder = str(tmp_path / 'pets')
+  _random_folder(folder, size=(8, 8))
+  args, starts, says = {
+      'no_cifar': (['--config=configs/teacher_cifar100.py', f'--config.data.dir={nowhere}'],
+                   'error: cifar100: no archive found. Searched:', '--config.data.download=True'),
+      'no_teacher': ([
+          '--config=configs/custom.py:hard', f'--config.data.dir={folder}',
+          f'--config.teacher.checkpoint={nowhere}', '--config.batch_size=8'
+      ], f'error: config.teacher.checkpoint: checkpoint path {nowhere} does not exist',
+                     'Train the teacher first'),
+      'eval_no_workdir':
+          (['--config=configs/custom.py:hard', f'--config.data.dir={folder}',
+            '--mode=eval'], f'error: --mode=eval: workdir {nowhere} does not exist', 'train first'),
+  }[case]
+  workdir = nowhere if case == 'eval_no_workdir' else str(tmp_path / 'run')
+  failed = _main(args + [f'--workdir={workdir}', '--config.xla_options=fast_compile'])
+  assert failed.returncode == 2, failed.stdout[-3000:] + failed.stderr[-3000:]
+  assert failed.stderr.startswith(starts), failed.stderr[-3000:]
+  assert says in failed.stderr
+  assert 'Traceback' not in failed.stderr + failed.stdout
+
+
+def test_main_misspelt_override_is_one_line(tmp_path):
+  """`--config.data.bad_image=skip` (no such field): ml_collections' suggestion on one line,
+  exit 2, not the two chained tracebacks absl's flag parsing would print."""
+  failed = _main([
+      '--config=configs/custom.py:hard', '--config.data.bad_image=skip',
+      f'--workdir={tmp_path / "run"}'
+  ])
+  assert failed.returncode == 2, failed.stderr[-3000:]
+  assert failed.stderr == ('error: --config.data.bad_image: the config has no field '
+                           '\'bad_image\'. Did you mean "bad_images" instead of "bad_image"?\n')
 
 
 def test_custom_config_measures_the_data_and_follows_the_image_size():

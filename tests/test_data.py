@@ -474,7 +474,7 @@ def test_tfds_source_with_mock_data(tfds_name, size, classes):
 
 def test_tfds_unprepared_fails_fast(tmp_path):
   pytest.importorskip('tensorflow_datasets')
-  with pytest.raises(FileNotFoundError, match=r"(?s)'mnist' split 'train' is not prepared.*tfds "
+  with pytest.raises(FileNotFoundError, match=r"(?s)'mnist' is not prepared in .*tfds "
                      r'build mnist'):
     build_source(_cfg(name='tfds', tfds_name='mnist', dir=str(tmp_path)), 'train')
   assert not (tmp_path / 'downloads').exists()  # no download-and-prepare was started

@@ -79,6 +79,20 @@ def test_summary_groups_seeds_into_mean_and_sample_std():
   assert next(line for line in table if line.startswith('student_x')).split()[2] == '80.00'
 
 
+def test_summary_columns_line_up_with_long_run_names():
+  """'student_tikd_self_distill' (25 characters) pushed its row one column right of the header."""
+  row = dict(top1=90.0, top5=100.0, loss=0.5, num_params=159_748)
+  table = main._summary(
+      {'teacher': row, 'student_tikd_self_distill': row},  # pylint: disable=protected-access
+      demo.get_config()).splitlines()[2:]
+  ends = {
+      line.index('params') + len('params') if line.startswith('run') else line.index('159,748') +
+      len('159,748') for line in table
+  }
+  assert len(ends) == 1, '\n'.join(table)
+  assert table[2].startswith('student_tikd_self_distill  ')
+
+
 def test_hard_oracle_is_hard_distillation_with_the_datas_own_label():
   rng = np.random.default_rng(0)
   dist = jnp.asarray(rng.normal(size=(6, 4)), jnp.float32)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from tikd_jax.data import cifar, digits, image_folder, tfds_source
+from tikd_jax.data.errors import DataError, DataNotFoundError
 from tikd_jax.data.image_folder import ImageFolderSource
 from tikd_jax.data.source import ArraySource, split_train_val
 from tikd_jax.data.tfds_source import TfdsSource
@@ -33,7 +34,7 @@ def build_source(data_config, split: str):
   """
   name = data_config.name
   if name not in SOURCES:
-    raise ValueError(f'unknown data source {name!r}; known sources: {SOURCES}')
+    raise DataError(f'unknown data source {name!r} (config.data.name); known sources: {SOURCES}')
   source = _build(data_config, resolve_split(data_config, split))
   if split == AUTO and name in ('image_folder', 'tfds'):
     where = data_config.dir if name == 'image_folder' else data_config.tfds_name
@@ -48,7 +49,7 @@ def _build(data_config, split: str):
   name = data_config.name
   val_size = data_config.val_size
   if split == 'val' and not val_size and name in ('digits', 'cifar10', 'cifar100'):
-    raise ValueError(f"split 'val' of {name} needs --config.data.val_size > 0")
+    raise DataError(f"split 'val' of {name} needs --config.data.val_size > 0")
   if name == 'image_folder':
     # A workdir's config.json from before `bad_images` existed: the old behaviour, an error.
     return ImageFolderSource(data_config.dir, split, data_config.image_size or None,
@@ -69,6 +70,6 @@ def _build(data_config, split: str):
 
 
 __all__ = [
-    'ArraySource', 'ImageFolderSource', 'TfdsSource', 'build_source', 'resolve_split', 'SOURCES',
-    'AUTO'
+    'ArraySource', 'DataError', 'DataNotFoundError', 'ImageFolderSource', 'TfdsSource',
+    'build_source', 'resolve_split', 'SOURCES', 'AUTO'
 ]

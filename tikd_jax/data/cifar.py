@@ -17,6 +17,7 @@ import zlib
 
 import numpy as np
 
+from tikd_jax.data.errors import DataError, DataNotFoundError
 from tikd_jax.data.source import ArraySource
 
 _URL = 'https://www.cs.toronto.edu/~kriz/'
@@ -135,7 +136,7 @@ def load(name: str, split: str, data_dir: str, allow_download: bool = False) -> 
     found = [(download(name, data_dir), _from_pickle)]
   if not found:
     searched = '\n  '.join(p for p, _ in candidates)
-    raise FileNotFoundError(
+    raise DataNotFoundError(
         f'{name}: no archive found. Searched:\n  {searched}\n'
         f'Download {_URL}{n["python"]}.tar.gz into {data_dir or "a folder"} and set '
         f'--config.data.dir to it, or set --config.data.download=True on a machine with '
@@ -145,6 +146,6 @@ def load(name: str, split: str, data_dir: str, allow_download: bool = False) -> 
     images, labels, classes = parse(_Reader(path), name, split)
   except (tarfile.TarError, EOFError, pickle.UnpicklingError, KeyError, OSError,
           zlib.error) as e:  # zlib.error: a corrupt gzip stream inside a member
-    raise ValueError(f'{path}: cannot read {name} ({type(e).__name__}: {e}); the archive is '
-                     f'corrupt or truncated: delete it and download it again') from e
+    raise DataError(f'{path}: cannot read {name} ({type(e).__name__}: {e}); the archive is '
+                    f'corrupt or truncated: delete it and download it again') from e
   return ArraySource(np.ascontiguousarray(images), labels, classes, name, split)

@@ -21,6 +21,8 @@ import shlex
 
 import numpy as np
 
+from tikd_jax.data.errors import DataError
+
 CAPTIONS_FILE = 'captions.jsonl'
 CAPTION_META_FILE = 'caption_meta.json'
 FEATURES_FILE = 'features.npy'
@@ -29,7 +31,7 @@ FORMAT_VERSION = 1
 CLI = 'python -m tikd_jax.text_teacher'
 
 
-class TextFeaturesError(ValueError):
+class TextFeaturesError(DataError):
   """Text features that cannot serve the split they were asked for."""
 
 

@@ -1,31 +1,64 @@
 """A prepared TensorFlow Datasets data set through `tfds.data_source` (ArrayRecord, no TF)."""
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import logging
 
 import numpy as np
+
+from tikd_jax.data.errors import DataError, DataNotFoundError
 
 # config.data.eval_split='auto' on a TFDS data set: the first of these splits it has.
 AUTO_EVAL_SPLITS = ('test', 'validation')
 
 
+@contextlib.contextmanager
+def _quiet_absl():
+  """tfds warns "Variant folder … has no dataset_info.json" for an unprepared set: the errors
+  below say that, and what to do."""
+  absl_logger = logging.getLogger('absl')
+  level = absl_logger.level
+  absl_logger.setLevel(logging.ERROR)
+  try:
+    yield
+  finally:
+    absl_logger.setLevel(level)
+
+
+def _prepared_builder(name: str, data_dir: str | None):
+  """The TFDS builder of `name` in `data_dir`; DataNotFoundError, with the command that prepares
+  it, for an unknown or unprepared set."""
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  where = data_dir or '~/tensorflow_datasets (config.data.dir is empty)'
+  prepare = (f'Prepare it once with `tfds build {name} --data_dir={data_dir or "DIR"} '
+             f'--file_format=array_record`' +
+             ('' if data_dir else ' and pass --config.data.dir=DIR'))
+  try:
+    with _quiet_absl():
+      builder = tfds.builder(name, data_dir=data_dir or None)
+      splits = list(builder.info.splits)
+  except Exception as e:  # tfds raises many types for an unknown name or a broken folder
+    if type(e).__name__ == 'DatasetNotFoundError':  # its message lists every known data set
+      raise DataNotFoundError(f'tfds knows no data set {name!r} (config.data.tfds_name) and '
+                              f'none of that name is prepared in {where}: check the name, or '
+                              f'{prepare[0].lower()}{prepare[1:]}.') from None
+    first_line = str(e).strip().splitlines()[0] if str(e).strip() else ''
+    raise DataNotFoundError(f'tfds data set {name!r} cannot be opened in {where} '
+                            f'({type(e).__name__}: {first_line}). {prepare}.') from None
+  if not splits:  # a known builder with nothing prepared
+    raise DataNotFoundError(f'tfds data set {name!r} is not prepared in {where}. {prepare}.')
+  return builder
+
+
 def auto_eval_split(name: str, data_dir: str | None = None) -> str:
   """The eval split of TFDS data set `name` when config.data.eval_split is 'auto'."""
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  try:
-    splits = list(tfds.builder(name, data_dir=data_dir or None).info.splits)
-    if not splits:  # a known builder with nothing prepared
-      raise FileNotFoundError('no prepared splits')
-  except Exception as e:  # tfds raises many types for an unknown or unprepared set
-    raise FileNotFoundError(
-        f'tfds data set {name!r} is not prepared in {data_dir!r} ({type(e).__name__}: {e}). '
-        f'Prepare it once with `tfds build {name} --data_dir={data_dir} '
-        f'--file_format=array_record`.') from e
+  splits = list(_prepared_builder(name, data_dir).info.splits)
   for split in AUTO_EVAL_SPLITS:
     if split in splits:
       return split
-  raise ValueError(f'tfds data set {name!r} has splits {sorted(splits)}, none of '
-                   f'{AUTO_EVAL_SPLITS}: set --config.data.eval_split to one of its splits')
+  raise DataError(f'tfds data set {name!r} has splits {sorted(splits)}, none of '
+                  f'{AUTO_EVAL_SPLITS}: set --config.data.eval_split to one of its splits')
 
 
 class TfdsSource:
@@ -35,13 +68,22 @@ class TfdsSource:
     import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
     try:
       # download=False: an unprepared set must fail here, not start a download-and-prepare run.
-      self.source = tfds.data_source(name, split=split, data_dir=data_dir or None, download=False)
+      with _quiet_absl():
+        self.source = tfds.data_source(name, split=split, data_dir=data_dir or None, download=False)
+    except Exception as e:  # tfds raises many types: say which of the cases it is
+      builder = _prepared_builder(name, data_dir)  # unknown or unprepared: raises
+      splits = sorted(builder.info.splits)
+      if split not in splits:
+        raise DataError(f'tfds data set {name!r} in {data_dir!r} has splits {splits}, not '
+                        f'{split!r}: set --config.data.train_split / --config.data.eval_split to '
+                        f'one of them') from None
+      first_line = str(e).strip().splitlines()[0] if str(e).strip() else ''
+      raise DataNotFoundError(
+          f'tfds data set {name!r} split {split!r} in {data_dir!r} cannot be read by index '
+          f'({type(e).__name__}: {first_line}). Prepare it once with `tfds build {name} '
+          f'--data_dir={data_dir} --file_format=array_record`.') from None
+    with _quiet_absl():
       builder = tfds.builder(name, data_dir=data_dir or None)
-    except Exception as e:  # tfds raises many types for a missing preparation
-      raise FileNotFoundError(
-          f'tfds data set {name!r} split {split!r} is not prepared in {data_dir!r} '
-          f'({type(e).__name__}: {e}). Prepare it once with `tfds build {name} '
-          f'--data_dir={data_dir} --file_format=array_record`.') from e
     self.class_names = list(builder.info.features[label_key].names)
     self.image_key, self.label_key = image_key, label_key
     self.name, self.split = name, split

@@ -22,6 +22,7 @@ from tikd_jax import normalization
 from tikd_jax import sharding as sharding_lib
 from tikd_jax import xla_options
 from tikd_jax.data import build_source, pipeline
+from tikd_jax.data.errors import DataError, DataNotFoundError
 from tikd_jax.data.repeated_aug import RepeatedAugmentation
 from tikd_jax.losses.terms import Loss
 from tikd_jax.models import VIT_MODELS, build_model, count_params, cpu_fast_layers
@@ -368,10 +369,15 @@ def load_teacher(config, num_classes: int, mesh, rules) -> Teacher:
   kwargs['fast_layers'] = cpu_fast_layers.enabled(config.cpu_fast_layers)
   path = config.teacher.checkpoint
   if not path:
-    raise ValueError(f'the loss terms of distill.method={config.distill.method!r} / config.loss '
-                     f'need a teacher: set '
-                     f'--config.teacher.checkpoint to a workdir or converted checkpoint')
-  _, flat = ckpt_lib.load_weights(path)
+    raise DataError(f'the loss terms of distill.method={config.distill.method!r} / config.loss '
+                    f'need a teacher: set '
+                    f'--config.teacher.checkpoint to a workdir or converted checkpoint')
+  try:
+    _, flat = ckpt_lib.load_weights(path)
+  except FileNotFoundError as e:  # a path to fix, not a fault: main.py prints it without a trace
+    raise DataNotFoundError(f'config.teacher.checkpoint: {e}. Train the teacher first (its '
+                            f'--workdir is the path) or convert one (python -m '
+                            f'convert.from_torch)') from None
   graphdef, variables = load_model(name, kwargs, flat,
                                    what=f'teacher checkpoint {path} (for model {name})')
   return Teacher(graphdef, place(variables, sharding_lib.param_shardings(variables, mesh, rules)))
