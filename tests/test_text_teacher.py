@@ -476,6 +476,16 @@ def test_encode_refuses_captions_of_another_data_set(env, unsharded, tmp_path, c
   assert 'pass the same --data.* and --split as the caption run' in capsys.readouterr().err
 
 
+def test_missing_data_is_one_error_line(tmp_path, capsys):
+  """No data where the flags point: the data source's message and exit 2, not a traceback."""
+  assert main([
+      'prompts', '--data.name', 'cifar100', '--data.dir',
+      str(tmp_path), '--split', 'train', '--out',
+      str(tmp_path / 'features'), '--encoder', 'minilm'
+  ]) == 2
+  assert 'cifar100: no archive found' in capsys.readouterr().err
+
+
 @pytest.mark.slow
 def test_prompts_command_in_a_subprocess(env, tmp_path):
   out = tmp_path / 'prompts'

@@ -24,7 +24,8 @@ import os
 import shlex
 import sys
 
-from tikd_jax.data.text_features import CAPTION_META_FILE, TextFeaturesError
+from tikd_jax.data.errors import DataError
+from tikd_jax.data.text_features import CAPTION_META_FILE
 from tikd_jax.text_teacher import data, files, released_log
 from tikd_jax.text_teacher.files import TextTeacherError
 
@@ -218,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
         'caption': _caption, 'merge': _merge, 'encode': _encode, 'prompts': _prompts,
         'import-log': _import_log
     }[args.command](args)
-  except (TextTeacherError, TextFeaturesError) as e:
+  except (TextTeacherError, DataError) as e:  # DataError covers missing data and bad features
     print(f'error: {e}', file=sys.stderr)
     return 2
   return 0
