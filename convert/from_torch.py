@@ -34,6 +34,7 @@ from typing import Mapping, Sequence
 
 import torch
 
+from convert import cli
 from convert.mapping import (check_state_dict, hf_deit_to_timm, resample_patch_embed, torch_to_flax,
                              unwrap_state_dict)
 from convert.to_torch import META_KEY, build_flax_model
@@ -354,4 +355,4 @@ def main(argv: Sequence[str] | None = None) -> str:
 
 
 if __name__ == '__main__':
-  main()
+  cli.run(main)

@@ -31,6 +31,7 @@ import jax
 import torch
 from flax import nnx
 
+from convert import cli
 from convert.mapping import flax_to_torch, load_strict
 from convert.torch_models import timm_args, torch_model_like, torch_twin_args
 from tikd_jax.models import build_model
@@ -182,4 +183,4 @@ def main(argv: Sequence[str] | None = None) -> str:
 
 
 if __name__ == '__main__':
-  main()
+  cli.run(main)

@@ -7,7 +7,10 @@ CLIs run on a RepDistiller-format checkpoint, on a Hugging Face DeiT folder (thr
 `from_pretrained`) and on checkpoints written by `save_weights`.
 """
 import json
+import os
 import re
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -497,3 +500,16 @@ def test_printed_timm_call_loads_strictly_in_timm(tmp_path, capsys):
   with torch.no_grad():
     logits = namespace['model'].eval()(torch.from_numpy(((x - mean) / std).transpose(0, 3, 1, 2)))
   assert_close(flax_forward(model, x)['logits'], logits.numpy(), 'timm')
+
+
+@pytest.mark.parametrize('command,flags', [
+    ('convert.to_torch', ['--workdir', '{tmp}/no_run', '--out', '{tmp}/x.pt']),
+    ('convert.from_torch', ['--checkpoint', '{tmp}/no_file.pth', '--out', '{tmp}/x']),
+])
+def test_a_missing_input_is_one_error_line(tmp_path, command, flags):
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  done = subprocess.run([sys.executable, '-m', command] + [f.format(tmp=tmp_path) for f in flags],
+                        cwd=root, capture_output=True, text=True, timeout=300, check=False)
+  assert done.returncode == 2, done.stderr
+  assert 'Traceback' not in done.stderr
+  assert done.stderr.strip().startswith('error:') and 'does not exist' in done.stderr

@@ -1,0 +1,20 @@
+"""The conversion commands' exit: a user error is one 'error:' line and exit status 2.
+
+The converters raise FileNotFoundError (no such file or workdir) and ValueError (weights that do
+not fit, contradicting flags) with messages that say what to change; a traceback above them adds
+nothing. Any other exception is a bug and keeps its traceback.
+"""
+from __future__ import annotations
+
+import sys
+from typing import Callable
+
+EXIT_USER_ERROR = 2  # as argparse and `python -m tikd_jax.text_teacher`
+
+
+def run(main: Callable[[], object]) -> None:
+  try:
+    main()
+  except (FileNotFoundError, ValueError) as e:
+    print(f'error: {e}', file=sys.stderr, flush=True)
+    sys.exit(EXIT_USER_ERROR)
