@@ -14,8 +14,9 @@ mean ± std; it adds soft KD, hard KD's control (the data's own label in the tea
 Arguments (comma-separated): `seeds=N` (default 1), `regime=mix|plain` (default mix: DeiT's Mixup
 / CutMix on the students, so that the teacher relabels images whose label the data gets wrong;
 plain: no batch mixing), `epochs=N` (the students' epochs, default 30; a TIKD student keeps its
-1 : 2 warm-up : joint split), `rows=all|core|tikd` (core: the four vision rows and only the default
-TIKD design, named per seed even for one seed; tikd: the teacher and that design alone),
+1 : 2 warm-up : joint split), `rows=all|core|tikd|pair` (core: the four vision rows and only the
+default TIKD design, named per seed even for one seed; tikd: the teacher and that design alone;
+pair: that design and its base method, for a comparison paired by seed),
 `tikd_base=hard|soft` (the distillation TIKD is added to, default hard as the paper's headline),
 `gate=0|1` (the TIKD rows' `tikd.fusion_gate`; default: the library's), `first_seed=K` (seeds
 K … K+N−1, so that seeds can run in parallel processes on one workdir). Digits are never flipped: a mirrored 2, 3, 4, 5, 7
@@ -36,6 +37,7 @@ TIKD_DESIGNS = {
 DEFAULT_TIKD = 'tikd_self_distill'  # the single-seed demo's TIKD row: the best by the 3-seed table
 # The single-seed demo keeps to four runs (under 5 minutes on 2 cores); seeds=N runs them all.
 QUICK_METHODS = ('none', 'hard')
+ROWS = ('all', 'core', 'tikd', 'pair')
 ALL_METHODS = ('none', 'soft', 'hard', 'hard_oracle')
 
 
@@ -119,13 +121,13 @@ def _parse(arg: str) -> dict:
     key, _, value = part.partition('=')
     if key not in options or not value:
       raise ValueError(
-          f'configs/demo.py takes seeds=N,regime=mix|plain,epochs=N,rows=all|core|tikd,first_seed=K,'
+          f'configs/demo.py takes seeds=N,regime=mix|plain,epochs=N,rows={"|".join(ROWS)},first_seed=K,'
           f'tikd_base=hard|soft,gate=0|1; got {arg!r}')
     options[key] = value
   if options['regime'] not in ('mix', 'plain'):
     raise ValueError(f"regime must be 'mix' or 'plain', got {options['regime']!r}")
-  if options['rows'] not in ('all', 'core', 'tikd'):
-    raise ValueError(f"rows must be 'all', 'core' or 'tikd', got {options['rows']!r}")
+  if options['rows'] not in ROWS:
+    raise ValueError(f"rows must be one of {', '.join(ROWS)}, got {options['rows']!r}")
   if options['tikd_base'] not in ('hard', 'soft'):
     raise ValueError(f"tikd_base must be 'hard' or 'soft', got {options['tikd_base']!r}")
   if options['gate'] not in ('', '0', '1'):
@@ -149,6 +151,8 @@ def get_config(arg: str = ''):
     designs = [DEFAULT_TIKD]
   if options['rows'] == 'tikd':
     methods = ()
+  if options['rows'] == 'pair':
+    methods = (options['tikd_base'],)
   epochs = options['epochs']
   c = common.ConfigDict()
   c.summary_title = (f'Digits demo ({regime}): test accuracy (360 images)' +
