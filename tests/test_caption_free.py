@@ -263,5 +263,11 @@ def test_a_closed_gate_starts_the_joint_stage_from_the_first_pass(gated, teacher
 def test_only_our_default_design_is_gated():
   from configs import common  # pylint: disable=g-import-not-at-top
   from tikd_jax.train.optim import decay_mask  # pylint: disable=g-import-not-at-top
+  from configs import demo, tikd_cifar10  # pylint: disable=g-import-not-at-top
+  assert common.base().tikd.fusion_gate and common.base().tikd.self_distill_weight > 0
+  assert tikd_cifar100.get_config('small,hard').tikd.fusion_gate
   assert not tikd_cifar100.get_config('small,hard,released').tikd.fusion_gate
+  assert not tikd_cifar10.get_config('small,hard,released').tikd.fusion_gate
+  assert [d.get('fusion_gate', True) for d in demo.TIKD_DESIGNS.values()] == \
+      [False, False, False, True]
   assert not decay_mask({'text_gate': 0, 'head': {'kernel': 0}}, common.NO_DECAY)['text_gate']
