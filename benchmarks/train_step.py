@@ -15,6 +15,7 @@ student forward + backward (TIKD DistilledViT, train mode, drop path 0.1), hard 
                  augmentations off, on synthetic data with a random teacher.
   torch          convert/torch_models.py twins (TorchDistilledViT, TorchCifarResNet) in eager
                  mode, torch.optim.AdamW (defaults), the same loss.
+  torch_<n>t     torch eager with n threads (e.g. torch_1t), beside torch's default count.
   torch_compile  the same, with the teacher forward + student forward/loss under torch.compile
                  (backward through AOTAutograd); skipped with the reason when it fails here.
 
@@ -33,6 +34,7 @@ import argparse
 import functools
 import os
 import platform
+import re
 import statistics
 import sys
 import time
@@ -442,13 +444,28 @@ def _framework_contestants(framework, size, batch, parts, presets, dtypes, devic
       c.extra['code'] = code
     return contestants, skipped
   torch_device = 'cuda' if device == 'gpu' else 'cpu'
+  threads = torch_threads(framework)
+  if threads:
+    import torch  # pylint: disable=g-import-not-at-top
+    torch.set_num_threads(threads)
   for dtype in dtypes:
     made = torch_contestants(size, batch, parts, framework == 'torch_compile', torch_device, dtype)
     if isinstance(made, dict):
       skipped.append(made)
     else:
       contestants += made
+  if threads:
+    for c in contestants:
+      c.framework = framework
   return contestants, skipped
+
+
+def torch_threads(framework: str) -> int | None:
+  """`torch_<n>t`: PyTorch eager with n threads (torch.set_num_threads), None otherwise. On a
+  loaded machine OpenMP's barrier at 2 threads can stall on every small op; the 1-thread twin
+  shows PyTorch at its best there."""
+  match = re.fullmatch(r'torch_(\d+)t', framework)
+  return int(match.group(1)) if match else None
 
 
 def _worker(conn, framework, size, batch, parts, presets, dtypes, device, warmup,
@@ -585,9 +602,11 @@ def main() -> None:
   ]
   if args.baseline_root:
     frameworks = ['jax_baseline'] + frameworks
-  unknown = set(frameworks) - {'jax', 'jax_baseline', 'torch', 'torch_compile'}
+  unknown = {f for f in frameworks if not torch_threads(f)
+            } - {'jax', 'jax_baseline', 'torch', 'torch_compile'}
   if unknown:
-    parser.error(f'unknown frameworks {sorted(unknown)}; use jax, torch, torch_compile')
+    parser.error(f'unknown frameworks {sorted(unknown)}; use jax, torch, torch_<n>t, '
+                 'torch_compile')
   dtypes = tuple(d for d in args.dtypes.split(',') if d)
   if set(dtypes) - {'float32', 'bfloat16'}:
     parser.error(f'--dtypes {args.dtypes!r}: use float32 and/or bfloat16')
