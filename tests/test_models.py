@@ -200,51 +200,6 @@ def test_fast_layers_match_autodiff_of_the_flax_layers(layer):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize('cotangent', ['output', 'attention_map', 'both'])
-def test_fast_attention_matches_autodiff_of_the_plain_attention(cotangent):
-  """cpu_fast_layers.attention (scale on q, FlashAttention's Σ dO·O in the softmax gradient,
-  symbolic zeros for an unused output) gives the plain matmul → softmax → matmul values and the
-  gradients of q, k, v to float32 rounding, whichever of its two outputs the loss reads."""
-  from tikd_jax.models import cpu_fast_layers as fast_lib  # pylint: disable=g-import-not-at-top
-  rng = np.random.RandomState(0)
-  b, h, n, d = 2, 3, 11, 8
-  q, k, v = (jnp.asarray(2 * rng.randn(b, h, n, d), jnp.float32) for _ in range(3))
-  w_out = jnp.asarray(rng.randn(b, h, n, d), jnp.float32)
-  w_attn = jnp.asarray(rng.randn(b, h, n, n), jnp.float32)
-
-  def plain(q, k, v):
-    attn = jax.nn.softmax(jnp.matmul(q, jnp.swapaxes(k, -1, -2)) * d**-0.5, axis=-1)
-    return jnp.matmul(attn, v), attn
-
-  def loss(fn):
-
-    def f(q, k, v):
-      out, attn = fn(q, k, v)
-      terms = {'output': jnp.sum(out * w_out), 'attention_map': jnp.sum(attn * w_attn)}
-      return terms['output'] + terms['attention_map'] if cotangent == 'both' else terms[cotangent]
-
-    return jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2)))
-
-  fast = lambda q, k, v: fast_lib.attention(q, k, v, d**-0.5)
-  (v_fast, g_fast), (v_plain, g_plain) = loss(fast)(q, k, v), loss(plain)(q, k, v)
-  np.testing.assert_allclose(v_fast, v_plain, rtol=1e-5, atol=1e-5)
-  for a, b_ in zip(g_fast, g_plain):
-    np.testing.assert_allclose(a, b_, rtol=1e-4, atol=1e-5)
-  out_fast, attn_fast = fast(q, k, v)
-  out_plain, attn_plain = plain(q, k, v)
-  np.testing.assert_allclose(attn_fast, attn_plain, rtol=1e-5, atol=1e-6)
-  np.testing.assert_allclose(out_fast, out_plain, rtol=1e-5, atol=1e-5)
-
-
-def test_fast_gelu_matches_the_exact_gelu_and_its_derivative():
-  from tikd_jax.models import cpu_fast_layers as fast_lib  # pylint: disable=g-import-not-at-top
-  from tikd_jax.models.vit import gelu_exact  # pylint: disable=g-import-not-at-top
-  x = jnp.linspace(-8.0, 8.0, 2001, dtype=jnp.float32)
-  np.testing.assert_allclose(fast_lib.gelu_exact(x), gelu_exact(x), rtol=1e-6, atol=1e-7)
-  grad = lambda f: jax.vmap(jax.grad(f))(x)
-  np.testing.assert_allclose(grad(fast_lib.gelu_exact), grad(gelu_exact), rtol=1e-5, atol=1e-6)
-
-
 def test_cpu_fast_layers_switch_resolves_per_backend():
   from tikd_jax.models import cpu_fast_layers  # pylint: disable=g-import-not-at-top
   assert cpu_fast_layers.enabled('auto', backend='cpu')

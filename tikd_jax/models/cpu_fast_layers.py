@@ -8,24 +8,15 @@ only the lowering differs:
     activation gradient and 2-D reduce-windows over (B, N), which together cost more than the
     matmuls at these widths (one [8448, 1024] bias gradient: 32 ms → ~7 ms; benchmarks/README.md).
   * the patch embedding is non-overlapping patches @ kernel instead of an XLA:CPU convolution.
-  * the attention core (softmax(q·kᵀ·scale)·v) has a hand-written VJP: the scale is applied to q
-    (not to the [B, H, N, N] scores, one pass over them fewer), and the softmax gradient uses
-    FlashAttention's identity Σ_m P·dP = Σ_d dO·O, a sum over head_dim instead of a second pass
-    over the scores (XLA:CPU lowers that row sum to a padded reduce-window).
-  * exact GELU has a hand-written VJP: the forward is one pass (autodiff stores erf(x/√2) as a
-    second [M, mlp_dim] array) and the backward recomputes erf and the Gaussian density.
 On GPU/TPU the plain layers are what the compiler expects, so 'auto' turns these on only on CPU.
 Results differ from autodiff of the plain layers by float32 rounding (tests/test_models.py).
 """
 from __future__ import annotations
 
-import math
-
 import jax
 import jax.numpy as jnp
 from flax import nnx
 from jax import lax
-from jax.custom_derivatives import SymbolicZero
 
 SETTINGS = ('auto', 'on', 'off')
 
@@ -138,93 +129,3 @@ def patch_embed(conv: nnx.Conv, x: jax.Array, patch: int) -> jax.Array:
   x, kernel, bias = conv.promote_dtype((x, conv.kernel[...], conv.bias[...]), dtype=conv.dtype)
   patches = x[:, :gh * p, :gw * p].reshape(b, gh, p, gw, p, c).transpose(0, 1, 3, 2, 4, 5)
   return _dense_fn(patches.reshape(b, gh, gw, p * p * c), kernel.reshape(p * p * c, -1), bias)
-
-
-def _batched(a, b, a_contract: int, b_contract: int):
-  """a·b over the two leading (batch, head) axes, contracting a's and b's given axes."""
-  return lax.dot_general(a, b, (((a_contract,), (b_contract,)), ((0, 1), (0, 1))))
-
-
-def _attention_forward(q, k, v, scale):
-  scores = _batched(q * jnp.asarray(scale, q.dtype), k, 3, 3)  # [B, H, N, M]
-  e = jnp.exp(scores - lax.stop_gradient(jnp.max(scores, axis=-1, keepdims=True)))
-  attn = e / jnp.sum(e, axis=-1, keepdims=True)
-  return _batched(attn, v, 3, 2), attn
-
-
-@jax.custom_vjp
-def _attention_fn(q, k, v, scale):
-  return _attention_forward(q, k, v, scale)
-
-
-def _attention_fwd(q, k, v, scale):  # symbolic_zeros: arguments arrive as CustomVJPPrimal
-  q, k, v, scale = q.value, k.value, v.value, scale.value
-  out, attn = _attention_forward(q, k, v, scale)
-  return (out, attn), (q, k, v, out, attn, scale)
-
-
-def _t_product(a, b):
-  """aᵀ·b per (batch, head), contracting the token axis of both [B, H, N, ·] operands, computed
-  as (bᵀ·a)ᵀ so that the transposed operand is the head_dim-wide one, not the [N, N] one."""
-  return jnp.swapaxes(_batched(b, a, 2, 2), -1, -2)
-
-
-def _attention_bwd(res, cotangents):
-  q, k, v, out, attn, scale = res
-  d_out, d_attn = cotangents
-  out_zero, attn_zero = isinstance(d_out, SymbolicZero), isinstance(d_attn, SymbolicZero)
-  if out_zero and attn_zero:
-    return jnp.zeros_like(q), jnp.zeros_like(k), jnp.zeros_like(v), None
-  if out_zero:
-    dp, dv = d_attn, jnp.zeros_like(v)
-  else:
-    dp = _batched(d_out, v, 3, 3)  # dO·vᵀ [B, H, N, M]
-    dv = _t_product(attn, d_out)  # Pᵀ·dO
-    if not attn_zero:
-      dp = dp + d_attn
-  if attn_zero:  # Σ_m P·dP = Σ_m P·(dO·vᵀ) = Σ_d dO·O: a sum over head_dim, not over the scores
-    row = jnp.sum(d_out * out, axis=-1, keepdims=True)
-  else:
-    row = jnp.sum(attn * dp, axis=-1, keepdims=True)
-  d_scores = attn * (dp - row)
-  s = jnp.asarray(scale, q.dtype)
-  return _batched(d_scores, k, 3, 2) * s, _t_product(d_scores, q) * s, dv, None
-
-
-_attention_fn.defvjp(_attention_fwd, _attention_bwd, symbolic_zeros=True)
-
-
-def attention(q: jax.Array, k: jax.Array, v: jax.Array, scale: float):
-  """(softmax(q·kᵀ·scale)·v, the softmax) for heads-major q, k, v [B, H, N, head_dim].
-
-  Same values as the plain `matmul(q, kᵀ)·scale → softmax → matmul(·, v)` to float32 rounding;
-  other dtypes take the plain path (which keeps the softmax in float32).
-  """
-  if not q.dtype == k.dtype == v.dtype == jnp.float32:
-    scores = jnp.matmul(q, jnp.swapaxes(k, -1, -2)) * scale
-    attn = jax.nn.softmax(scores.astype(jnp.float32), axis=-1).astype(q.dtype)
-    return jnp.matmul(attn, v), attn
-  return _attention_fn(q, k, v, float(scale))
-
-
-_SQRT_HALF = 1.0 / math.sqrt(2.0)
-_INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
-
-
-@jax.custom_vjp
-def gelu_exact(x: jax.Array) -> jax.Array:
-  """x·Φ(x) = x/2·(1 + erf(x/√2)), PyTorch's exact GELU, with a one-pass forward."""
-  return 0.5 * x * (1.0 + lax.erf(x * jnp.asarray(_SQRT_HALF, x.dtype)))
-
-
-def _gelu_fwd(x):
-  return gelu_exact(x), x
-
-
-def _gelu_bwd(x, dy):
-  cdf = 0.5 * (1.0 + lax.erf(x * jnp.asarray(_SQRT_HALF, x.dtype)))
-  pdf = jnp.exp(-0.5 * x * x) * jnp.asarray(_INV_SQRT_2PI, x.dtype)
-  return (dy * (cdf + x * pdf),)
-
-
-gelu_exact.defvjp(_gelu_fwd, _gelu_bwd)

@@ -131,13 +131,9 @@ class Attention(nnx.Module):
                for t in jnp.split(_dense(self.qkv, x, self.fast), 3, axis=-1))
     if value_bias is not None:
       v = v + value_bias[:, None, :, :].astype(v.dtype)
-    if self.fast:
-      y, attn = cpu_fast_layers.attention(q, k, v, self.head_dim**-0.5)
-    else:
-      scores = jnp.matmul(q, jnp.swapaxes(k, -1, -2)) * (self.head_dim**-0.5)  # [B, H, N, N]
-      attn = jax.nn.softmax(scores.astype(jnp.float32), axis=-1).astype(q.dtype)
-      y = jnp.matmul(attn, v)
-    y = y.transpose(0, 2, 1, 3).reshape(b, n, d)
+    scores = jnp.matmul(q, jnp.swapaxes(k, -1, -2)) * (self.head_dim**-0.5)  # [B, H, N, N]
+    attn = jax.nn.softmax(scores.astype(jnp.float32), axis=-1).astype(q.dtype)
+    y = jnp.matmul(attn, v).transpose(0, 2, 1, 3).reshape(b, n, d)
     return _dense(self.proj, y, self.fast), attn
 
 
@@ -150,8 +146,7 @@ class Mlp(nnx.Module):
 
   def __call__(self, x):
     # timm and DeiT use the exact (erf) GELU; flax's default is the tanh approximation.
-    gelu = cpu_fast_layers.gelu_exact if self.fast else gelu_exact
-    return _dense(self.fc2, gelu(_dense(self.fc1, x, self.fast)), self.fast)
+    return _dense(self.fc2, gelu_exact(_dense(self.fc1, x, self.fast)), self.fast)
 
 
 class Block(nnx.Module):
