@@ -232,22 +232,24 @@ def _worker(conn, framework, args):
 
 def _row(framework, res, times, loads, extra, args, peak) -> dict:
   import jax  # pylint: disable=g-import-not-at-top
+  by_round = [round(t, 4) for t in times]
   times = sorted(times)
   med = report.quantile(times, 0.5)
-  gflops = vit_step_flops(res, args.batch) / med / 1e9
-  row = dict(benchmark='curriculum_step', framework=framework, student=f'irkd_vit/{STUDENT}/p4',
-             teacher=f'vit/{TEACHER}/p4', resolution=res, tokens=(res // 4)**2, batch=args.batch,
-             saliency=args.saliency, runs=len(times), median_s=round(med, 4),
-             p10_s=round(report.quantile(times, 0.1), 4), p90_s=round(report.quantile(times, 0.9),
-                                                                      4), min_s=round(times[0], 4),
-             times_s=[round(t, 4) for t in times], images_per_s=round(args.batch / med, 1),
-             model_gflop=round(vit_step_flops(res, args.batch) / 1e9,
-                               2), achieved_gflops=round(gflops,
-                                                         1), load_1min=report.load_summary(loads),
+  flops = vit_step_flops(res, args.batch)
+  row = {
+      'benchmark': 'curriculum_step', 'framework': framework, 'student': f'irkd_vit/{STUDENT}/p4',
+      'teacher': f'vit/{TEACHER}/p4', 'resolution': res, 'tokens': (res // 4)**2,
+      'batch': args.batch, 'saliency': args.saliency, 'runs': len(times)
+  }
+  row.update(median_s=round(med, 4), p10_s=round(report.quantile(times, 0.1), 4),
+             p90_s=round(report.quantile(times, 0.9), 4), min_s=round(times[0], 4),
+             times_s=[round(t, 4) for t in times], times_by_round_s=by_round)
+  row.update(images_per_s=round(args.batch / med, 1), model_gflop=round(flops / 1e9, 2),
+             achieved_gflops=round(flops / med / 1e9, 1), load_1min=report.load_summary(loads),
              jax=jax.__version__, machine=platform.machine(), cpus=os.cpu_count(), **extra)
   if peak:
     row.update(peak_gflops=peak[0], peak_source=peak[1],
-               fraction_of_peak=round(gflops / peak[0], 4))
+               fraction_of_peak=round(flops / med / 1e9 / peak[0], 4))
   return row
 
 
@@ -314,29 +316,35 @@ def main(argv=None):
         rows.append(_row(framework, res, times, loads, extra, args, peak))
         emit(rows[-1])
       proc.join(timeout=60)
-    medians = {(r['framework'], r['resolution']): r['median_s'] for r in rows}
     for res in sorted({r['resolution'] for r in rows}):
-      # PyTorch at its best thread count in this run: the bar is the faster of its contestants
-      torch_fw = min((f for f, r in medians if r == res and f.startswith('torch')),
-                     key=lambda f, res=res: medians[(f, res)], default=None)
-      torch_s = medians.get((torch_fw, res))
-      ratio = {
-          f'torch_over_{fw}': round(torch_s / medians[(fw, res)], 3)
-          for fw in ('jax', 'jax_baseline')
-          if torch_s and (fw, res) in medians
-      }
-      if ratio:
-        emit(
-            dict(
-                benchmark='curriculum_ratio', resolution=res, batch=args.batch, torch=torch_fw,
-                torch_median_s=torch_s, **{
-                    f'{fw}_median_s': medians.get((fw, res))
-                    for fw in ('jax', 'jax_baseline')
-                    if (fw, res) in medians
-                }, **ratio, load_1min=report.load_summary([
-                    x for r in rows if r['resolution'] == res
-                    for x in (r['load_1min']['min'], r['load_1min']['max'])
-                ])))
+      summary = ratio_row([r for r in rows if r['resolution'] == res])
+      if summary:
+        emit(dict(summary, batch=args.batch))
+
+
+def ratio_row(rows: list[dict]) -> dict | None:
+  """The `curriculum_ratio` row of one resolution's contestant rows: PyTorch (its fastest thread
+  count of the run) over ours, as a ratio of medians and as the median of the ratios taken round
+  by round (both steps of a round ran seconds apart, under the same load: steadier when the load
+  swings during a run). None without a PyTorch and a JAX row."""
+  by_fw = {r['framework']: r for r in rows}
+  torch_rows = [r for fw, r in by_fw.items() if fw.startswith('torch')]
+  ours = [fw for fw in ('jax', 'jax_baseline') if fw in by_fw]
+  if not torch_rows or not ours:
+    return None
+  best = min(torch_rows, key=lambda r: r['median_s'])
+  out = {
+      'benchmark': 'curriculum_ratio', 'resolution': rows[0]['resolution'],
+      'torch': best['framework'], 'torch_median_s': best['median_s']
+  }
+  for fw in ours:
+    out[f'{fw}_median_s'] = by_fw[fw]['median_s']
+    out[f'torch_over_{fw}'] = round(best['median_s'] / by_fw[fw]['median_s'], 3)
+    paired = [t / j for t, j in zip(best['times_by_round_s'], by_fw[fw]['times_by_round_s'])]
+    out[f'paired_torch_over_{fw}'] = round(report.quantile(paired, 0.5), 3)
+  loads = [x for r in rows for x in (r['load_1min']['min'], r['load_1min']['max'])]
+  out['load_1min'] = report.load_summary(loads)
+  return out
 
 
 if __name__ == '__main__':

@@ -232,8 +232,10 @@ class Contestant:
     return f'{self.framework}{preset}/{self.extra.get("dtype", "float32")}'
 
   def row(self) -> dict:
+    # times in round order too (`times_s` is sorted): pairs a contestant with another of the same
+    # round, run seconds apart under the same load
     return _row(self.name, self.framework, self.size, self.batch, self.times, self.flops,
-                self.loads, self.extra)
+                self.loads, dict(self.extra, times_by_round_s=[round(t, 4) for t in self.times]))
 
 
 def jax_contestants(size, batch, parts, xla_options='default', dtype='float32') -> list[Contestant]:
