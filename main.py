@@ -71,7 +71,7 @@ def run(config, workdir: str, mode: str) -> dict:
     result = trainer.evaluate_checkpoint(config, workdir)
   else:
     result = trainer.train_and_evaluate(config, workdir)
-  print(trainer.format_eval(result), flush=True)
+  print(trainer.format_evals(result), flush=True)
   return result
 
 
@@ -87,17 +87,23 @@ def _summary(results: dict, config) -> str:
       f'{"run":<24}{"params":>12}{"Acc@1":>16}{"Acc@5":>16}{"loss":>8}  seeds'
   ]
   for name, rows in groups.items():
-    # Acc@5 is '–' for fewer than 5 classes (the runs report no top5; README "Configs").
-    cells = [
-        _mean_std([r[k]
-                   for r in rows]) if all(k in r
-                                          for r in rows) else '–'
-        for k in ('top1', 'top5')
-    ]
-    loss = sum(r['loss'] for r in rows) / len(rows)
-    lines.append(f'{name:<24}{rows[0].get("num_params", 0):>12,}{cells[0]:>16}{cells[1]:>16}'
-                 f'{loss:>8.3f}  {len(rows)}')
+    lines.append(_summary_row(name, rows, ''))
+    if all('ema_top1' in r for r in rows):  # the model EMA's row below the raw weights'
+      lines.append(_summary_row(f'{name} (EMA)', rows, 'ema_'))
   return '\n'.join(lines)
+
+
+def _summary_row(name: str, rows: list[dict], prefix: str) -> str:
+  # Acc@5 is '–' for fewer than 5 classes (the runs report no top5; README "Configs").
+  cells = [
+      _mean_std([r[prefix + k]
+                 for r in rows]) if all(prefix + k in r
+                                        for r in rows) else '–'
+      for k in ('top1', 'top5')
+  ]
+  loss = sum(r[prefix + 'loss'] for r in rows) / len(rows)
+  return (f'{name:<24}{rows[0].get("num_params", 0):>12,}{cells[0]:>16}{cells[1]:>16}'
+          f'{loss:>8.3f}  {len(rows)}')
 
 
 def _mean_std(values: list[float]) -> str:

@@ -8,7 +8,8 @@ from ml_collections.config_dict import placeholder
 
 # Re-exported for the configs (`common.CIFAR100_MEAN`); defined once in tikd_jax/normalization.py.
 from tikd_jax.normalization import (CIFAR10_MEAN, CIFAR10_STD, CIFAR100_MEAN, CIFAR100_STD,
-                                    DIGITS_MEAN, DIGITS_STD, IMAGENET_MEAN, IMAGENET_STD)
+                                    DIGITS_MEAN, DIGITS_STD, IMAGENET_MEAN, IMAGENET_STD,
+                                    TINY_IMAGENET_MEAN, TINY_IMAGENET_STD)
 
 # No weight decay on biases, norm scales, position embedding and the cls/dist tokens (DeiT).
 NO_DECAY = ('bias$', 'scale$', 'pos_embed', 'cls_token', 'dist_token', 'ctkd/raw_temperature')
@@ -23,13 +24,24 @@ def base() -> ConfigDict:
   # val_size > 0 holds out that many train examples as split 'val', drawn with val_seed by
   # val_split_method: 'numpy' (RandomState permutation) or 'torch' (the indices of torch's
   # random_split with a manual_seed generator, as IRKD's notebooks; no torch needed).
+  # eval_split 'auto': an image folder's val/ (else test/), a TFDS set's 'test' (else
+  # 'validation'), 'test' otherwise (tikd_jax/data/__init__.py). normalization: 'explicit' (the
+  # model's and teacher's mean/std below) or 'compute' (measured on the train split, saved as
+  # <workdir>/normalization.json; tikd_jax/normalization.py). bad_images: an image-folder file
+  # that does not decode stops the run ('error') or is left out with a warning ('skip').
+  # repeated_aug: DeiT's repeated-augmentation sampler with that many repeats (3 in DeiT; 0 or 1:
+  # off), over repeated_aug_replicas replicas (DeiT's GPUs; 0: one per JAX process), each taking
+  # batch_size / replicas rows of every global batch (tikd_jax/data/repeated_aug.py).
   c.data = ConfigDict(
       dict(name='digits', dir='', download=False, tfds_name='', image_size=32, val_size=0,
            val_seed=42, val_split_method='numpy', num_workers=0, crop_padding=4, flip=True,
-           train_split='train', eval_split='test'))
+           train_split='train', eval_split='auto', normalization='explicit', bad_images='error',
+           repeated_aug=0, repeated_aug_replicas=0))
+  # ViTs: drop_path (stochastic depth, DeiT / TIKD); dropout / attn_dropout (Hugging Face ViT's
+  # hidden / attention-probability dropout, IRKD's notebooks; tikd_jax/models/vit.py).
   c.model = ConfigDict(
-      dict(name='distilled_vit', variant='micro', drop_path=0.1, mean=CIFAR100_MEAN,
-           std=CIFAR100_STD))
+      dict(name='distilled_vit', variant='micro', drop_path=0.1, dropout=0.0, attn_dropout=0.0,
+           mean=CIFAR100_MEAN, std=CIFAR100_STD))
   c.teacher = ConfigDict(
       dict(name='resnet32x4', checkpoint='', mean=CIFAR100_MEAN, std=CIFAR100_STD))
   # base: how the base CE (and DKD / PKCD's label) read the targets: 'deit' soft targets, or
@@ -51,12 +63,13 @@ def base() -> ConfigDict:
   # eval_text: the headline test-time text ('predicted' | 'none' | 'captions' | 'released'; all
   # available ones are reported). fusion_text: what the fused pass trains on ('caption' |
   # 'predicted' | 'scheduled'). self_distill_weight: KD from the fused to the first pass.
-  # README "Caption-free inference". text_rows: which caption rows a train batch carries:
+  # Default: design (c), text-guided self-distillation evaluated without text, the best of the
+  # three caption-free designs in the demo's measurements (README "Caption-free inference"). text_rows: which caption rows a train batch carries:
   # 'index' (each image its own caption) or 'released' (rows 0..B-1 for every batch, as the
   # released code; data/pipeline.py TEXT_ROWS).
   c.tikd = ConfigDict(
-      dict(fuse_text=False, alignment_beta=0.1, text_predictor_weight=1.0, eval_text='predicted',
-           fusion_text='caption', self_distill_weight=0.0, text_rows='index'))
+      dict(fuse_text=False, alignment_beta=0.1, text_predictor_weight=1.0, eval_text='none',
+           fusion_text='caption', self_distill_weight=1.0, text_rows='index'))
   # Off by default; `deit_augment` turns on DeiT's recipe (DeiT main.py defaults; README "TIKD").
   c.augment = ConfigDict(
       dict(randaugment=False, randaugment_num_ops=2, randaugment_magnitude=9.0,
@@ -76,6 +89,9 @@ def base() -> ConfigDict:
            decay_epochs=(150, 180, 210), decay_factor=0.1, pct_start=0.3, anneal_strategy='cos',
            div_factor=25.0, final_div_factor=1e4, three_phase=False, cycle_momentum=True,
            base_momentum=0.85, max_momentum=0.95))
+  # Model EMA (tikd_jax/train/ema.py; DeiT / TIKD main.py --model-ema): decay per optimizer step,
+  # 0 = off. Evaluated beside the raw weights (metrics `ema_top1`, …; best_metric may name them).
+  c.ema = ConfigDict(dict(decay=0.0))
   c.batch_size = 128
   c.eval_batch_size = 256
   c.num_epochs = 300.0
@@ -100,7 +116,12 @@ def base() -> ConfigDict:
   c.init_exclude = ()
   c.stages = []
   # Curriculum mode: 'crop' a res×res window of the padded image (IRKD) or 'resize' the whole image.
-  c.curriculum = ConfigDict(dict(stages=[], mode='crop', reset_optimizer=False))
+  # val_transform: validate every stage after each epoch on split `val_split` shown at the stage's
+  # resolution ('center_crop' as IRKD's P2 notebooks, 'resize' as P4; '' = no), stop a stage after
+  # `patience` epochs without a better top-1 and restore its best weights (train/stage_val.py).
+  c.curriculum = ConfigDict(
+      dict(stages=[], mode='crop', reset_optimizer=False, val_transform='', val_split='val',
+           patience=3))
   return c
 
 

@@ -13,17 +13,23 @@ mean ± std; it adds soft KD, hard KD's control (the data's own label in the tea
 
 Arguments (comma-separated): `seeds=N` (default 1), `regime=mix|plain` (default mix: DeiT's Mixup
 / CutMix on the students, so that the teacher relabels images whose label the data gets wrong;
-plain: no batch mixing). Digits are never flipped: a mirrored 2, 3, 4, 5, 7 or 9 is not that
-digit.
+plain: no batch mixing), `epochs=N` (the students' epochs, default 30; a TIKD student keeps its
+1 : 2 warm-up : joint split), `rows=all|core|tikd` (core: the four vision rows and only the default
+TIKD design, named per seed even for one seed; tikd: the teacher and that design alone),
+`tikd_base=hard|soft` (the distillation TIKD is added to, default hard as the paper's headline), `first_seed=K` (seeds K … K+N−1, so that seeds
+can run in parallel processes on one workdir). Digits are never flipped: a mirrored 2, 3, 4, 5, 7
+or 9 is not that digit.
+
+  python main.py --config=configs/demo.py:seeds=5,epochs=60,rows=core --workdir=workdirs/demo5
 """
 from configs import common
 
 TEACHER = 'resnet20'
 # Caption-free TIKD designs (README "Caption-free inference"): name → tikd settings.
 TIKD_DESIGNS = {
-    'tikd': dict(fusion_text='caption', eval_text='predicted'),
-    'tikd_predicted': dict(fusion_text='predicted', eval_text='predicted'),
-    'tikd_scheduled': dict(fusion_text='scheduled', eval_text='predicted'),
+    'tikd': dict(fusion_text='caption', eval_text='predicted', self_distill_weight=0.0),
+    'tikd_predicted': dict(fusion_text='predicted', eval_text='predicted', self_distill_weight=0.0),
+    'tikd_scheduled': dict(fusion_text='scheduled', eval_text='predicted', self_distill_weight=0.0),
     'tikd_self_distill': dict(fusion_text='caption', eval_text='none', self_distill_weight=1.0),
 }
 DEFAULT_TIKD = 'tikd_self_distill'  # the single-seed demo's TIKD row: the best by the 3-seed table
@@ -65,7 +71,10 @@ def teacher_config(seed: int):
   return c
 
 
-def student_config(method: str, seed: int, regime: str, teacher: str):
+STUDENT_EPOCHS = 30
+
+
+def student_config(method: str, seed: int, regime: str, teacher: str, epochs: int = STUDENT_EPOCHS):
   c = common.base()
   digits_settings(c, seed)
   c.name = f'student_{method}'
@@ -79,43 +88,64 @@ def student_config(method: str, seed: int, regime: str, teacher: str):
   c.distill.temperature = 1.0  # DeiT's soft-distillation tau (as configs/tikd_cifar100.py)
   c.schedule.lr = 3e-3
   c.schedule.warmup_epochs = 2.0
-  c.num_epochs = 30.0
+  c.num_epochs = float(epochs)
   if regime == 'mix':  # DeiT's batch mixing (the teacher labels the mixed image)
     c.augment.mixup_alpha = 0.8
     c.augment.cutmix_alpha = 1.0
   return c
 
 
-def tikd_student_config(design: str, seed: int, regime: str, teacher: str):
+def tikd_student_config(design: str, seed: int, regime: str, teacher: str,
+                        epochs: int = STUDENT_EPOCHS, base: str = 'hard'):
   """Hard KD + TIKD fusion with class-prompt text features from the offline MiniLM encoder:
   a vision-only warm-up stage, then joint text-image training (README "TIKD")."""
-  c = student_config('hard', seed, regime, teacher)
+  c = student_config(base, seed, regime, teacher, epochs)
   c.name = f'student_{design}'
   c.text.features_dir = '{workdir}/text/digits-train'
   c.text.class_prompt_encoder = 'minilm'
   c.text.class_prompt_template = 'a photo of the digit {name}.'
   c.tikd.update(TIKD_DESIGNS[design])
-  common.tikd_stages(c, warmup_epochs=10, joint_epochs=20)
+  common.tikd_stages(c, warmup_epochs=epochs // 3, joint_epochs=epochs - epochs // 3)
   return c
 
 
 def _parse(arg: str) -> dict:
-  options = dict(seeds='1', regime='mix')
+  options = dict(seeds='1', regime='mix', epochs=str(STUDENT_EPOCHS), rows='all', first_seed='0',
+                 tikd_base='hard')
   for part in filter(None, arg.split(',')):
     key, _, value = part.partition('=')
     if key not in options or not value:
-      raise ValueError(f'configs/demo.py takes seeds=N,regime=mix|plain; got {arg!r}')
+      raise ValueError(
+          f'configs/demo.py takes seeds=N,regime=mix|plain,epochs=N,rows=all|core|tikd,first_seed=K,'
+          f'tikd_base=hard|soft; '
+          f'got {arg!r}')
     options[key] = value
   if options['regime'] not in ('mix', 'plain'):
     raise ValueError(f"regime must be 'mix' or 'plain', got {options['regime']!r}")
-  return dict(seeds=int(options['seeds']), regime=options['regime'])
+  if options['rows'] not in ('all', 'core', 'tikd'):
+    raise ValueError(f"rows must be 'all', 'core' or 'tikd', got {options['rows']!r}")
+  if options['tikd_base'] not in ('hard', 'soft'):
+    raise ValueError(f"tikd_base must be 'hard' or 'soft', got {options['tikd_base']!r}")
+  if not options['epochs'].isdigit() or int(options['epochs']) < 3:
+    raise ValueError(f"epochs must be a whole number ≥ 3, got {options['epochs']!r}")
+  if not options['first_seed'].isdigit():
+    raise ValueError(f"first_seed must be a whole number, got {options['first_seed']!r}")
+  return dict(seeds=int(options['seeds']), regime=options['regime'], epochs=int(options['epochs']),
+              first_seed=int(options['first_seed']), rows=options['rows'],
+              tikd_base=options['tikd_base'])
 
 
 def get_config(arg: str = ''):
   options = _parse(arg)
-  seeds, regime = range(options['seeds']), options['regime']
-  many = len(seeds) > 1
+  first = options['first_seed']
+  seeds, regime = range(first, first + options['seeds']), options['regime']
+  many = len(seeds) > 1 or options['rows'] != 'all' or first > 0
   methods, designs = (ALL_METHODS, list(TIKD_DESIGNS)) if many else (QUICK_METHODS, [DEFAULT_TIKD])
+  if options['rows'] != 'all':
+    designs = [DEFAULT_TIKD]
+  if options['rows'] == 'tikd':
+    methods = ()
+  epochs = options['epochs']
   c = common.ConfigDict()
   c.summary_title = (f'Digits demo ({regime}): test accuracy (360 images)' +
                      (f', mean ± std over {len(seeds)} seeds' if many else ''))
@@ -126,9 +156,10 @@ def get_config(arg: str = ''):
     teacher = f'teacher{suffix}'
     runs = {teacher: teacher_config(seed)}
     for method in methods:
-      runs[f'student_{method}{suffix}'] = student_config(method, seed, regime, teacher)
+      runs[f'student_{method}{suffix}'] = student_config(method, seed, regime, teacher, epochs)
     for design in designs:
-      runs[f'student_{design}{suffix}'] = tikd_student_config(design, seed, regime, teacher)
+      runs[f'student_{design}{suffix}'] = tikd_student_config(design, seed, regime, teacher, epochs,
+                                                              options['tikd_base'])
     for name, run in runs.items():
       c.runs[name] = run
       order.append(name)

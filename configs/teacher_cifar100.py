@@ -3,17 +3,28 @@ r"""ResNet32x4 teacher on CIFAR-100 with the RepDistiller recipe: 79.42% reporte
   python main.py --config=configs/teacher_cifar100.py --workdir=workdirs/resnet32x4 \
       --config.data.dir=/path/to/folder/with/cifar-100-python.tar.gz
 
-The argument picks the architecture: `configs/teacher_cifar100.py:resnet8x4`.
+The argument picks the architecture, then optionally the data set: `resnet8x4`,
+`resnet32x4,cifar10` (the teacher of configs/tikd_cifar10.py: the same recipe on CIFAR-10 with
+its normalisation; no reference number, RepDistiller reports CIFAR-100 only).
 """
 from configs import common
 
+DATASETS = {
+    'cifar100': (common.CIFAR100_MEAN, common.CIFAR100_STD),
+    'cifar10': (common.CIFAR10_MEAN, common.CIFAR10_STD)
+}
 
-def get_config(arch: str = 'resnet32x4'):
+
+def get_config(arg: str = 'resnet32x4'):
+  arch, dataset = (arg.split(',') + ['cifar100'])[:2]
+  if dataset not in DATASETS or arg.count(',') > 1:
+    raise ValueError(f'teacher_cifar100 takes ARCH[,cifar100|cifar10], got {arg!r}')
+  mean, std = DATASETS[dataset]
   c = common.base()
-  c.name = f'teacher_{arch}'
-  c.data.name = 'cifar100'
+  c.name = f'teacher_{arch}' + ('' if dataset == 'cifar100' else f'_{dataset}')
+  c.data.name = dataset
   c.data.num_workers = -1
-  c.model = common.ConfigDict(dict(name=arch, mean=common.CIFAR100_MEAN, std=common.CIFAR100_STD))
+  c.model = common.ConfigDict(dict(name=arch, mean=mean, std=std))
   c.distill.method = 'none'
   common.sgd_recipe(c)
   c.log_every_steps = 100

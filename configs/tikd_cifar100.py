@@ -14,16 +14,25 @@ Stages: a vision-only KD warm-up (50 epochs), then joint text-image training (25
   * base loss CE of the class head against the argmax of the mixed target, unsmoothed, and that
     argmax as DKD's / PKCD's label (distill.base='released'); τ 0.2 (its --distillation-tau);
   * per-block value projections `blocks.i.attn.text_proj` (model.text_proj_layout='per_block');
-  * text fused in every step from the first (no stages), with rows 0..B−1 of the caption
-    features for every batch of B (tikd.text_rows='released') and eval_text='released';
-  * no alignment loss (computed but never added there) and no text predictor loss (it has none).
-Left for later: its model EMA (decay 0.99996) and repeated-augmentation sampler. Its README
-launch is 4 GPUs × 256 (global batch 1,024, lr 1e-3), each GPU taking rows 0..255; here rows
-0..B−1 of the global batch (a one-GPU launch of batch B).
+  * text fused in every step from the first (no stages), with rows 0..b−1 of the caption
+    features for every GPU batch of b (tikd.text_rows='released') and eval_text='released';
+  * no alignment loss (computed but never added there) and no text predictor loss (it has none);
+  * its model EMA (timm ModelEma, decay 0.99996 per step), evaluated beside the raw weights
+    (metrics `ema_top1`, …; the released code only saves it).
+  * its README launch, 4 GPUs × --batch-size 256: a global batch of 1,024 at lr 5e-4 · 1,024 / 512
+    = 1e-3 (main.py's linear scaling), drawn by DeiT's repeated-augmentation sampler (on by
+    default there) over 4 replicas of 256, each replica's rows meeting caption rows 0..255, and
+    the per-GPU eval batch 1.5 × 256 = 384. On one device the 1,024 rows are one batch (lower
+    `--config.batch_size` with `--config.grad_accum_steps` to fit memory).
+The launch passes no --distillation-type, whose default is 'none': `large,none,released` is that
+launch as written; the paper's headline (and our default) is hard KD.
 """
 from configs import common
 
 METHODS = ('none', 'soft', 'hard', 'kd', 'dkd', 'ctkd', 'pkcd')
+# The released README's training launch: torch.distributed.launch --nproc_per_node=4 … --batch-size
+# 256 (JSJ515-Group/TIKD README_tikd.md, "Training").
+RELEASED_GPUS, RELEASED_GPU_BATCH = 4, 256
 FLAGS = ('notext', 'released')
 
 
@@ -70,8 +79,20 @@ def released_recipe(c: common.ConfigDict) -> None:
   c.tikd.fuse_text = True  # one phase: the released model fuses in every forward
   c.tikd.text_rows = 'released'
   c.tikd.eval_text = 'released'
-  # Its eval batch is 1.5 × the train batch (main.py data_loader_val); with text rows 0..b-1
-  # per eval batch of b, this decides which test image meets which caption row.
-  c.eval_batch_size = int(1.5 * c.batch_size)
+  c.tikd.fusion_text = 'caption'  # the released fusion trains on the caption rows it is given
+  c.tikd.self_distill_weight = 0.0  # and has no self-distillation term (our design (c))
+  # The README launch: one global batch = the 4 GPUs' batches; main.py scales the lr by the
+  # global batch (lr · batch_size · world_size / 512, unless --unscale-lr).
+  c.batch_size = RELEASED_GPUS * RELEASED_GPU_BATCH
+  c.schedule.lr = 5e-4 * c.batch_size / 512
+  # --repeated-aug is on by default; under the distributed launch main.py draws with DeiT's
+  # RASampler (3 repeats) over the world's GPUs, here the replicas of data/repeated_aug.py.
+  c.data.repeated_aug = 3
+  c.data.repeated_aug_replicas = RELEASED_GPUS
+  # Its eval batch is 1.5 × the per-GPU batch (main.py data_loader_val; without --dist-eval every
+  # GPU evaluates the whole test set); with text rows 0..b-1 per eval batch of b, this decides
+  # which test image meets which caption row.
+  c.eval_batch_size = int(1.5 * RELEASED_GPU_BATCH)
   c.tikd.alignment_beta = 0.0
   c.tikd.text_predictor_weight = 0.0
+  c.ema.decay = 0.99996  # main.py --model-ema (on by default), --model-ema-decay

@@ -6,8 +6,11 @@ r"""TIKD's text fusion on IRKD's resolution curriculum, in one run (beyond both 
 
 IRKD's `kd_cl` row (configs/irkd_cifar10.py): CIFAR-10 45k/5k (seed 42), the ViT-Tiny student,
 the p4 ViT teacher (configs/vit_teacher_cifar10.py), 0.5·CE + 0.5·KD at T 4, AdamW 3e-4 wd 1e-4
-constant, batch 128, crops of 12, 16, 20, 24, 28, 32 px × 10 epochs with the optimizer re-created
-per stage. The curriculum is written as `config.stages`, each stage with a `resolution`, so that
+constant, batch 128, hidden dropout 0.1, crops of 12, 16, 20, 24, 28, 32 px × 10 epochs with the
+optimizer re-created per stage, each stage validated on the 5k hold-out at its resolution
+(resized; a fusing stage on its fused pass with predicted text) with early stopping after 3
+epochs and its best weights restored (the digits variant has no hold-out and no validation).
+The curriculum is written as `config.stages`, each stage with a `resolution`, so that
 TIKD's switches ride on it: from `fuse_from` px on the stages fuse text (TIKD's joint
 text-image training: the fused second pass, alignment 0.1, text predictor 1.0); before, they are
 vision-only and train neither text term. Test is at 32 px, caption-free (the text predictor's
@@ -101,6 +104,7 @@ def _digits(c) -> None:
   c.data.val_size = 0
   c.data.num_workers = 0
   c.curriculum.mode = 'resize'
+  c.curriculum.val_transform = ''  # no hold-out here: no per-stage validation
   norm = dict(mean=common.DIGITS_MEAN, std=common.DIGITS_STD)
   c.model = common.ConfigDict(
       dict(name='irkd_vit', variant='demo', img_size=16, patch_size=4, drop_path=0.0, **norm))

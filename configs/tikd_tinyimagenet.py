@@ -11,8 +11,6 @@ tikd_cifar100 after the size: `[method][,notext]`.
 """
 from configs import common
 
-TINY_IMAGENET_MEAN, TINY_IMAGENET_STD = (0.4802, 0.4481, 0.3975), (0.2770, 0.2691, 0.2821)
-
 
 def get_config(arg: str = 'hard'):
   method, notext = (arg.split(',') + [''])[:2]
@@ -23,7 +21,7 @@ def get_config(arg: str = 'hard'):
   c.data.train_split = 'train'
   c.data.eval_split = 'val'
   c.data.num_workers = -1
-  norm = dict(mean=TINY_IMAGENET_MEAN, std=TINY_IMAGENET_STD)
+  norm = dict(mean=common.TINY_IMAGENET_MEAN, std=common.TINY_IMAGENET_STD)
   c.model = common.ConfigDict(
       dict(name='distilled_vit', variant='large', img_size=64, drop_path=0.1, **norm))
   c.teacher = common.ConfigDict(dict(name='resnet32x4', checkpoint='', **norm))

@@ -10,8 +10,10 @@ way against the PyTorch twin (`convert.torch_models`) before it is written:
   * `.pt`: `torch.save(state_dict)`, a bare state dict (timm / RepDistiller layout);
   * `.safetensors`: the same tensors, with `meta['model']` as JSON under the metadata key
     'tikd_model' (`convert.from_torch` reads it back for an exact round trip).
-Load it with `convert.torch_models.TorchDistilledViT` / `TorchCifarResNet` (or timm's DeiT for a
-distilled ViT without text modules); those take [0, 1] NCHW images and normalise them internally.
+It prints the exact calls that load the file strictly: timm's class and arguments where timm has
+the model (a ViT without text modules; timm expects normalised input), and always the PyTorch twin
+(`convert.torch_models.TorchDistilledViT` / `TorchCifarResNet`, [0, 1] NCHW images, normalised
+inside).
 """
 from __future__ import annotations
 
@@ -26,7 +28,7 @@ import torch
 from flax import nnx
 
 from convert.mapping import flax_to_torch, load_strict
-from convert.torch_models import torch_model_like
+from convert.torch_models import timm_args, torch_model_like, torch_twin_args
 from tikd_jax.models import build_model
 from tikd_jax.models.variables import load_variables
 from tikd_jax.train.checkpoint import load_weights
@@ -94,6 +96,34 @@ def save_state_dict(state_dict: dict, path: str, model_meta: dict | None = None)
   return path
 
 
+def _call(name: str, kwargs: dict) -> str:
+  return f'{name}(' + ', '.join(f'{k}={v!r}' for k, v in kwargs.items()) + ')'
+
+
+def load_instructions(flax_model, path: str) -> str:
+  """The Python lines that load the exported file at `path` with strict=True."""
+  if path.endswith('.safetensors'):
+    imports, read = 'from safetensors.torch import load_file', f'load_file({path!r})'
+  else:
+    imports, read = 'import torch', f'torch.load({path!r})'
+  lines = []
+  timm = timm_args(flax_model)
+  if timm is not None:
+    mean, std = tuple(map(float, flax_model.mean)), tuple(map(float, flax_model.std))
+    lines += [
+        '# timm (input: (x - mean) / std for x in [0, 1], NCHW; '
+        f'mean={mean}, std={std})', f'import timm; {imports}', f'model = {_call(*timm)}',
+        f'model.load_state_dict({read}, strict=True)'
+    ]
+  cls, kwargs = torch_twin_args(flax_model)
+  lines += [
+      '# this repository\'s PyTorch twin (input: x in [0, 1], NCHW; it normalises inside)',
+      f'from convert.torch_models import {cls.__name__}; {imports}',
+      f'model = {_call(cls.__name__, kwargs)}', f'model.load_state_dict({read}, strict=True)'
+  ]
+  return '\n'.join(lines)
+
+
 def _parse(argv):
   p = argparse.ArgumentParser(prog='python -m convert.to_torch', description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -117,12 +147,13 @@ def main(argv: Sequence[str] | None = None) -> str:
   if args.model_kwargs:
     model_meta['kwargs'] = json.loads(args.model_kwargs)
   model_meta.setdefault('kwargs', {})
-  _, _, state_dict = export(flat, model_meta, what=f'checkpoint {source}')
+  model, _, state_dict = export(flat, model_meta, what=f'checkpoint {source}')
   path = save_state_dict(state_dict, args.out, model_meta)
   n = sum(int(v.numel()) for v in state_dict.values() if v.is_floating_point())
   print(
       f'wrote {path}: {len(state_dict)} tensors, {n:,} values, model {model_meta["name"]} '
       f'{json.dumps(model_meta["kwargs"])}', file=sys.stderr)
+  print(load_instructions(model, path), flush=True)
   return path
 
 

@@ -12,7 +12,9 @@ checkpoints can be checked key by key before import. No timm needed:
     `text_proj` or, with `text_proj_layout='per_block'`, the released `blocks.i.attn.text_proj`,
     `text_adapter.{down,up}`, `text_predictor.{down,up}`) are held and the fused pass is
     implemented as well. A state dict of the distilled variant without text modules loads into
-    timm's `deit_*_distilled_patch*` models with strict=True.
+    timm's `deit_*_distilled_patch*` models with strict=True. Hidden and attention dropout
+    (`dropout`, `attn_dropout`) are `nn.Dropout`s where the JAX model drops (no parameters, no
+    effect in eval mode); drop path is not restated (eval mode only).
   * `TorchCifarResNet`: RepDistiller's CIFAR ResNet (`conv1`, `bn1`, `layer{1,2,3}.i.{conv1,bn1,
     conv2,bn2,downsample.0,downsample.1}`, `fc`).
 
@@ -61,12 +63,15 @@ class PatchEmbed(nn.Module):
 
 class Attention(nn.Module):
 
-  def __init__(self, dim: int, heads: int, text_proj: bool = False):
+  def __init__(self, dim: int, heads: int, text_proj: bool = False, dropout: float = 0.0,
+               attn_dropout: float = 0.0):
     super().__init__()
     self.heads = heads
     self.head_dim = dim // heads
     self.qkv = nn.Linear(dim, 3 * dim)
+    self.attn_drop = nn.Dropout(attn_dropout)  # timm's names; no parameters
     self.proj = nn.Linear(dim, dim)
+    self.proj_drop = nn.Dropout(dropout)
     if text_proj:  # TIKD's released per-block layout (its Linear(512, head_dim) at width 512)
       self.text_proj = nn.Linear(dim, self.head_dim)
 
@@ -79,30 +84,32 @@ class Attention(nn.Module):
     if value_bias is not None:  # TIKD: the same [B, N, hd] term added to every head's values
       v = v + value_bias[:, None]
     attn = (q @ k.transpose(-2, -1)) * (self.head_dim**-0.5)
-    attn = attn.softmax(dim=-1)
+    attn = self.attn_drop(attn.softmax(dim=-1))
     y = (attn @ v).transpose(1, 2).reshape(b, n, d)
-    return self.proj(y)
+    return self.proj_drop(self.proj(y))
 
 
 class Mlp(nn.Module):
 
-  def __init__(self, dim: int, hidden: int):
+  def __init__(self, dim: int, hidden: int, dropout: float = 0.0):
     super().__init__()
     self.fc1 = nn.Linear(dim, hidden)
     self.fc2 = nn.Linear(hidden, dim)
+    self.drop = nn.Dropout(dropout)  # HF's hidden dropout after fc2 only (none after the GELU)
 
   def forward(self, x):
-    return self.fc2(F.gelu(self.fc1(x)))  # exact (erf) GELU, as timm / DeiT
+    return self.drop(self.fc2(F.gelu(self.fc1(x))))  # exact (erf) GELU, as timm / DeiT
 
 
 class Block(nn.Module):
 
-  def __init__(self, dim: int, heads: int, mlp_dim: int, text_proj: bool = False):
+  def __init__(self, dim: int, heads: int, mlp_dim: int, text_proj: bool = False,
+               dropout: float = 0.0, attn_dropout: float = 0.0):
     super().__init__()
     self.norm1 = nn.LayerNorm(dim, eps=1e-6)
-    self.attn = Attention(dim, heads, text_proj)
+    self.attn = Attention(dim, heads, text_proj, dropout, attn_dropout)
     self.norm2 = nn.LayerNorm(dim, eps=1e-6)
-    self.mlp = Mlp(dim, mlp_dim)
+    self.mlp = Mlp(dim, mlp_dim, dropout)
 
   def forward(self, x, value_bias=None, decoded=None):
     x = x + self.attn(self.norm1(x), value_bias, decoded)
@@ -147,7 +154,8 @@ class TorchDistilledViT(nn.Module):
                num_classes: int, img_size: int = 32, distilled: bool = True,
                dist_pos_embed: bool = True, final_norm: bool = True, eval_head: str = 'mean',
                text_dim: int | None = None, text_rank: int = 32, text_proj_layout: str = 'shared',
-               mean: Sequence[float] = CIFAR100_MEAN, std: Sequence[float] = CIFAR100_STD):
+               mean: Sequence[float] = CIFAR100_MEAN, std: Sequence[float] = CIFAR100_STD,
+               dropout: float = 0.0, attn_dropout: float = 0.0):
     super().__init__()
     if eval_head not in ('mean', 'cls'):
       raise ValueError(f"eval_head must be 'mean' or 'cls', got {eval_head!r}")
@@ -168,7 +176,9 @@ class TorchDistilledViT(nn.Module):
       self.dist_token = nn.Parameter(torch.zeros(1, 1, dim))
     n_pos = self.grid**2 + (self.num_prefix if dist_pos_embed else 1)
     self.pos_embed = nn.Parameter(torch.zeros(1, n_pos, dim))
-    self.blocks = nn.ModuleList([Block(dim, heads, mlp_dim, self.per_block) for _ in range(depth)])
+    self.pos_drop = nn.Dropout(dropout)  # HF's embeddings dropout (IRKD: not on the dist token)
+    self.blocks = nn.ModuleList(
+        [Block(dim, heads, mlp_dim, self.per_block, dropout, attn_dropout) for _ in range(depth)])
     if final_norm:
       self.norm = nn.LayerNorm(dim, eps=1e-6)
     self.head = nn.Linear(dim, num_classes)
@@ -190,11 +200,11 @@ class TorchDistilledViT(nn.Module):
       pos = resize_pos_embed(pos, (gh, gw), num_prefix=pos.shape[1] - self.grid**2)
     cls = self.cls_token.expand(b, -1, -1)
     if not self.distilled:
-      return torch.cat([cls, x], dim=1) + pos
+      return self.pos_drop(torch.cat([cls, x], dim=1) + pos)
     dist = self.dist_token.expand(b, -1, -1)
     if self.dist_pos_embed:
-      return torch.cat([cls, dist, x], dim=1) + pos
-    x = torch.cat([cls, x], dim=1) + pos  # IRKD: the dist token has no position
+      return self.pos_drop(torch.cat([cls, dist, x], dim=1) + pos)
+    x = self.pos_drop(torch.cat([cls, x], dim=1) + pos)  # IRKD: the dist token has no position
     return torch.cat([x[:, :1], dist, x[:, 1:]], dim=1)
 
   def forward_heads(self, images, text=None, fuse_text: bool = False) -> dict:
@@ -285,21 +295,53 @@ class TorchCifarResNet(nn.Module):
 # --------------------------------------------------------------------------- from our models
 def torch_model_like(flax_model) -> nn.Module:
   """The PyTorch twin of a built `DistilledViT` or `CifarResNet` (same sizes and options)."""
+  cls, kwargs = torch_twin_args(flax_model)
+  return cls(**kwargs)
+
+
+def torch_twin_args(flax_model) -> tuple[type, dict]:
+  """(twin class, its constructor arguments) for a built `DistilledViT` or `CifarResNet`."""
   from tikd_jax.models.resnet_cifar import CONFIGS, CifarResNet
   from tikd_jax.models.vit import DistilledViT
 
+  mean, std = tuple(float(v) for v in flax_model.mean), tuple(float(v) for v in flax_model.std)
   if isinstance(flax_model, DistilledViT):
     s = flax_model.size
-    return TorchDistilledViT(dim=s.dim, depth=s.depth, heads=s.heads, mlp_dim=s.mlp_dim,
-                             patch=s.patch, num_classes=flax_model.num_classes,
-                             img_size=flax_model.img_size, distilled=flax_model.distilled,
-                             dist_pos_embed=flax_model.dist_pos_embed,
-                             final_norm=flax_model.final_norm, eval_head=flax_model.eval_head,
-                             text_dim=flax_model.text_dim, text_rank=s.text_rank,
-                             text_proj_layout=flax_model.text_proj_layout, mean=flax_model.mean,
-                             std=flax_model.std)
+    return TorchDistilledViT, dict(dim=s.dim, depth=s.depth, heads=s.heads, mlp_dim=s.mlp_dim,
+                                   patch=s.patch, num_classes=flax_model.num_classes,
+                                   img_size=flax_model.img_size, distilled=flax_model.distilled,
+                                   dist_pos_embed=flax_model.dist_pos_embed,
+                                   final_norm=flax_model.final_norm, eval_head=flax_model.eval_head,
+                                   text_dim=flax_model.text_dim, text_rank=s.text_rank,
+                                   text_proj_layout=flax_model.text_proj_layout, mean=mean, std=std,
+                                   dropout=flax_model.dropout, attn_dropout=flax_model.attn_dropout)
   if isinstance(flax_model, CifarResNet):
     depth, filters = CONFIGS[flax_model.arch]
-    return TorchCifarResNet(depth=depth, filters=filters, num_classes=flax_model.num_classes,
-                            mean=flax_model.mean, std=flax_model.std)
+    return TorchCifarResNet, dict(depth=depth, filters=list(filters),
+                                  num_classes=flax_model.num_classes, mean=mean, std=std)
   raise TypeError(f'no PyTorch twin for {type(flax_model).__name__}')
+
+
+def timm_args(flax_model) -> tuple[str, dict] | None:
+  """(timm class path, its constructor arguments) of the timm model that loads this model's
+  exported state dict with strict=True and computes the same eval logits from normalised input,
+  or None when timm has no such model (ResNets, text modules, IRKD's layout).
+
+  A distilled ViT is timm's `VisionTransformerDistilled` (eval logits: the mean of both heads),
+  a plain one `VisionTransformer` (class token, head on the normed cls token); both default to
+  qkv bias, LayerNorm eps 1e-6 and exact GELU, as ours.
+  """
+  from tikd_jax.models.vit import DistilledViT
+
+  if not isinstance(flax_model, DistilledViT) or flax_model.text_dim or not flax_model.final_norm:
+    return None
+  s = flax_model.size
+  if int(s.dim * (s.mlp_dim / s.dim)) != s.mlp_dim:
+    return None  # timm sizes the MLP as int(embed_dim * mlp_ratio)
+  args = dict(img_size=flax_model.img_size, patch_size=s.patch, embed_dim=s.dim, depth=s.depth,
+              num_heads=s.heads, mlp_ratio=s.mlp_dim / s.dim, num_classes=flax_model.num_classes)
+  if not flax_model.distilled:
+    return 'timm.models.vision_transformer.VisionTransformer', args
+  if flax_model.dist_pos_embed and flax_model.eval_head == 'mean':
+    return 'timm.models.deit.VisionTransformerDistilled', args
+  return None  # IRKD's layout: the dist token has no position, eval reads the cls head

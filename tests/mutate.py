@@ -58,7 +58,7 @@ TEST_MAP = [
     ('tikd_jax/train/loss_config.py', [_STEP_TESTS]),
     ('tikd_jax/train/objectives.py', [_STEP_TESTS]),  # before the loss-terms refactor
     ('tikd_jax/models/vit.py', [
-        'tests/test_models.py tests/test_tikd.py '
+        'tests/test_models.py tests/test_dropout.py tests/test_tikd.py '
         'tests/test_step_meaning.py tests/test_mutation_survivors.py',
         'tests/test_convert.py -k vit'
     ]),
@@ -72,8 +72,8 @@ DEFAULT_TARGETS = [
 # --all_functions lifts it (vit.py's hand-written VJPs are pinned by their own gradient tests).
 FUNCTIONS = {
     'tikd_jax/models/vit.py':
-        ('drop_path', 'LowRankLinear.__call__', '_cosine', 'DistilledViT.heads',
-         'DistilledViT.__call__', 'DistilledViT._text_fusion'),
+        ('drop_path', 'dropout', '_dropout_keys', 'Block.__call__', 'LowRankLinear.__call__',
+         '_cosine', 'DistilledViT.heads', 'DistilledViT.__call__', 'DistilledViT._text_fusion'),
 }
 
 # Named mutants from issue 13: (name, file, old text (must occur once), new text).

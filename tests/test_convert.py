@@ -7,6 +7,7 @@ CLIs run on a RepDistiller-format checkpoint, on a Hugging Face DeiT folder (thr
 `from_pretrained`) and on checkpoints written by `save_weights`.
 """
 import json
+import re
 
 import jax
 import numpy as np
@@ -162,6 +163,24 @@ def test_vit_logits_and_round_trip(name, kwargs):
   if name == 'irkd_vit':  # IRKD's curriculum: lower resolution, resized position grid
     small = images(size=16)
     assert_close(flax_forward(model, small)['logits'], torch_forward(twin, small)[0], '16 px')
+  assert_bit_exact(torch_to_flax(twin.state_dict()), flat)
+
+
+def test_vit_dropout_rates_reach_the_torch_twin():
+  """Dropout owns no weights: a model built with IRKD's rates (from checkpoint metadata, as
+  to_torch does) converts strictly, its twin drops at the same places with the same rates, and
+  the eval logits agree; in train mode the twin does drop."""
+  model, flat = make_model('irkd_vit', variant='micro', num_classes=10, dropout=0.1,
+                           attn_dropout=0.2)
+  twin = load_strict(torch_model_like(model).eval(), flax_to_torch(flat), 'export')
+  block = twin.blocks[1]
+  assert (twin.pos_drop.p, block.attn.proj_drop.p, block.mlp.drop.p,
+          block.attn.attn_drop.p) == (0.1, 0.1, 0.1, 0.2)
+  x = images()
+  assert_close(flax_forward(model, x)['logits'], torch_forward(twin, x)[0], 'eval logits')
+  torch.manual_seed(0)
+  train_logits, _ = torch_forward(twin.train(), x)
+  assert np.max(np.abs(train_logits - torch_forward(twin.eval(), x)[0])) > 1e-3
   assert_bit_exact(torch_to_flax(twin.state_dict()), flat)
 
 
@@ -412,3 +431,69 @@ def test_mismatched_keys_are_listed(tmp_path):
     ])
   assert 'missing keys (24): blocks.2.norm1.weight' in str(e.value)
   assert 'cls_token: checkpoint (1, 1, 32) vs model (1, 1, 64)' in str(e.value)
+
+
+# --------------------------------------------------------------------------- the printed load call
+def _printed(capsys, workdir, out) -> str:
+  to_torch.main(['--workdir', str(workdir), '--out', str(out)])
+  return capsys.readouterr().out
+
+
+@pytest.mark.parametrize('name,kwargs,timm_class', [
+    ('distilled_vit', dict(variant='demo', img_size=16, num_classes=10,
+                           mean=(0.3, 0.4, 0.5)), 'timm.models.deit.VisionTransformerDistilled'),
+    ('vit', dict(variant='micro',
+                 num_classes=5), 'timm.models.vision_transformer.VisionTransformer'),
+    ('distilled_vit', dict(variant='micro', num_classes=10, text_dim=48), None),
+    ('irkd_vit', dict(variant='micro', num_classes=10), None),
+    ('resnet8', dict(num_classes=3), None),
+])
+def test_to_torch_prints_the_strict_load_calls(tmp_path, capsys, name, kwargs, timm_class):
+  """The timm call's arguments are those of the written state dict (token count and grid from
+  pos_embed, patch and width from the patch kernel, depth from the blocks, MLP width, classes);
+  the twin's printed lines, run as printed, load the file strictly and give our logits."""
+  model, flat = make_model(name, seed=3, **kwargs)
+  save_weights(str(tmp_path / 'run'), model_variables(model),
+               {'model': {'name': name, 'kwargs': kwargs}})
+  out = tmp_path / 'exported.pt'
+  text = _printed(capsys, tmp_path / 'run', out)
+  sd = torch.load(out, weights_only=True)
+  twin_lines = text[text.index("# this repository's PyTorch twin"):]
+  if timm_class is None:
+    assert 'timm' not in text
+  else:
+    call = re.search(r'^model = ' + re.escape(timm_class) + r'\((.*)\)$', text, re.M)
+    assert call, text
+    args = eval(f'dict({call.group(1)})')  # pylint: disable=eval-used
+    dim, patch = args['embed_dim'], args['patch_size']
+    assert tuple(sd['patch_embed.proj.weight'].shape) == (dim, 3, patch, patch)
+    prefix = 2 if 'dist_token' in sd else 1
+    assert tuple(sd['pos_embed'].shape) == (1, (args['img_size'] // patch)**2 + prefix, dim)
+    assert args['depth'] == 1 + max(int(k.split('.')[1]) for k in sd if k.startswith('blocks.'))
+    assert sd['blocks.0.mlp.fc1.weight'].shape[0] == int(dim * args['mlp_ratio'])
+    assert sd['head.weight'].shape[0] == args['num_classes'] == kwargs['num_classes']
+    assert args['num_heads'] == model.size.heads
+    assert f"model.load_state_dict(torch.load('{out}'), strict=True)" in text
+    assert f'mean={tuple(float(v) for v in model.mean)}' in text  # timm does not normalise
+  namespace = {}
+  exec(twin_lines, namespace)  # pylint: disable=exec-used
+  twin = namespace['model'].eval()
+  x = images(size=kwargs.get('img_size', 32))
+  assert_close(flax_forward(model, x)['logits'], torch_forward(twin, x)[0], f'printed {name}')
+
+
+def test_printed_timm_call_loads_strictly_in_timm(tmp_path, capsys):
+  """Where timm is installed (it is not in requirements.txt): the printed lines run as printed."""
+  pytest.importorskip('timm')
+  kwargs = dict(variant='demo', img_size=16, num_classes=10)
+  model, _ = make_model('distilled_vit', seed=4, **kwargs)
+  save_weights(str(tmp_path / 'run'), model_variables(model),
+               {'model': {'name': 'distilled_vit', 'kwargs': kwargs}})
+  text = _printed(capsys, tmp_path / 'run', tmp_path / 'exported.safetensors')
+  namespace = {}
+  exec(text[:text.index("# this repository's PyTorch twin")], namespace)  # pylint: disable=exec-used
+  x = images(size=16)
+  mean, std = np.asarray(model.mean, np.float32), np.asarray(model.std, np.float32)
+  with torch.no_grad():
+    logits = namespace['model'].eval()(torch.from_numpy(((x - mean) / std).transpose(0, 3, 1, 2)))
+  assert_close(flax_forward(model, x)['logits'], logits.numpy(), 'timm')

@@ -31,6 +31,37 @@ def test_demo_runs_one_seed_and_every_design_with_seeds():
     demo.get_config('seed=3')
 
 
+def test_epochs_and_core_rows_scale_every_student_and_keep_the_tikd_split():
+  core = demo.get_config('seeds=5,epochs=60,rows=core')
+  names = {n.rsplit('_seed', 1)[0] for n in core.run_order}
+  assert names == {
+      'teacher', 'student_none', 'student_soft', 'student_hard', 'student_hard_oracle',
+      f'student_{demo.DEFAULT_TIKD}'
+  }
+  assert len(core.run_order) == 5 * 6
+  for name in core.run_order:
+    run = core.runs[name]
+    if name.startswith('teacher'):
+      assert run.num_epochs == 10.0  # the teacher's recipe does not move with the students'
+    elif 'tikd' in name:
+      assert [s['epochs'] for s in run.stages] == [20, 40]  # 1 : 2 vision warm-up : joint
+    else:
+      assert run.num_epochs == 60.0
+  default = demo.get_config('seeds=2')
+  assert all(default.runs[n].num_epochs == 30.0 for n in default.run_order if 'student' in n)
+  later = demo.get_config('seeds=1,first_seed=3,rows=core')  # one process per seed
+  assert later.run_order[0] == 'teacher_seed3' and later.runs.student_hard_seed3.seed == 3
+  assert later.runs.student_hard_seed3.teacher.checkpoint == '{workdir}/teacher_seed3'
+  on_soft = demo.get_config('seeds=2,rows=tikd,tikd_base=soft')
+  assert on_soft.run_order == ('teacher_seed0', f'student_{demo.DEFAULT_TIKD}_seed0',
+                               'teacher_seed1', f'student_{demo.DEFAULT_TIKD}_seed1')
+  assert on_soft.runs[on_soft.run_order[1]].distill.method == 'soft'
+  assert core.runs[f'student_{demo.DEFAULT_TIKD}_seed0'].distill.method == 'hard'
+  for bad in ('epochs=2', 'epochs=x', 'rows=some', 'first_seed=-1', 'tikd_base=kd'):
+    with pytest.raises(ValueError):
+      demo.get_config(bad)
+
+
 def test_summary_groups_seeds_into_mean_and_sample_std():
   results = {
       'teacher_seed0': dict(top1=90.0, top5=100.0, loss=0.5, num_params=10),

@@ -2,6 +2,7 @@
 import numpy as np
 import pytest
 
+from tests.test_resume import _checkpoint
 from tests.test_train import tiny_config
 from tikd_jax.models.vit import resize_pos_embed
 from tikd_jax.train import checkpoint as ckpt_lib
@@ -29,7 +30,9 @@ def test_a_run_starts_from_the_checkpoint_with_a_resampled_grid_and_fresh_exclud
   _, source = ckpt_lib.load_weights(source_run)
   # 24-px digits: the patch grid grows from 4×4 to 6×6; the classifier starts fresh.
   grid24 = {'data.image_size': 24, 'model.img_size': 24}
-  config = _frozen(**grid24, init_from=source_run, init_exclude=('^params/head/',))
+  # With a model EMA (decay 0.5): it starts from the loaded weights, not the fresh ones.
+  config = _frozen(**grid24, init_from=source_run, init_exclude=('^params/head/',),
+                   **{'ema.decay': 0.5})
   trainer.train_and_evaluate(config, str(tmp_path / 'tuned'))
   trainer.train_and_evaluate(_frozen(**grid24), str(tmp_path / 'fresh'))
   _, tuned = ckpt_lib.load_weights(str(tmp_path / 'tuned'))
@@ -45,6 +48,13 @@ def test_a_run_starts_from_the_checkpoint_with_a_resampled_grid_and_fresh_exclud
                                  atol=1e-6)
     else:
       np.testing.assert_array_equal(tuned[key], source[key], err_msg=key)
+  # lr 0: the weights stay, and an EMA that started from them equals them (0.5·p + 0.5·p = p);
+  # one that started from the fresh model would still hold 0.5^steps of it.
+  extra = _checkpoint(str(tmp_path / 'tuned'))['extra']
+  ema = {k[len('ema/'):]: v for k, v in extra.items() if k.startswith('ema/')}
+  assert ema.keys() == tuned.keys()
+  for key in tuned:
+    np.testing.assert_array_equal(ema[key], tuned[key], err_msg=key)
 
 
 def test_a_checkpoint_that_does_not_fit_names_every_key_and_the_remedy(source_run, tmp_path):

@@ -83,7 +83,9 @@ def test_tikd_stages_and_irkd_saliency_add_their_terms():
   c = tikd_cifar100.get_config('small,hard')
   phases = build_phases(c, steps_per_epoch=10)
   assert phases[0].loss == (('ce', 0.5), ('hard', 0.5))  # no caption features: no predictor
-  assert phases[-1].loss == (('ce', 0.5), ('hard', 0.5), ('tikd_alignment', 0.1))
+  # The joint stage adds the alignment and, by default, design (c)'s self-distillation.
+  assert phases[-1].loss == (('ce', 0.5), ('hard', 0.5), ('tikd_alignment', 0.1),
+                             ('tikd_self_distill', 1.0))
   with c.unlocked():
     c.text.features_dir = '/features'
   assert build_phases(c, steps_per_epoch=10)[-1].loss[-1] == ('text_predictor', 1.0)

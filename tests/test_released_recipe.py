@@ -22,12 +22,13 @@ from tests.test_step_meaning import (B, C, LABELS, LOSS_RTOL, PREV_LABELS, SEED,
                                      assert_same_gradient, expected, far, forward, images_of,
                                      method_inputs, pkcd_contrast, run_step, teacher_eval_logits)
 from tikd_jax.data import pipeline
+from tikd_jax.data.repeated_aug import RepeatedAugmentation
 from tikd_jax.data.source import ArraySource
 from tikd_jax.models import build_model, count_params
 from tikd_jax.train import loop
 from tikd_jax.train.loss_config import method_loss, term_settings
 from tikd_jax.train.plan import build_phases
-from tikd_jax.train.run import build_augmentations, model_spec
+from tikd_jax.train.run import build_augmentations, model_spec, repeated_augmentation
 from tikd_jax.train.step import StepOptions
 
 # For SEED 0 at this step the batch is mixed with λ < 0.5: every row's mixed target has its
@@ -208,6 +209,84 @@ def test_released_preset_is_one_fused_phase_with_the_released_terms(method):
   assert c.augment.mixup_alpha == 0.8 and c.label_smoothing == 0.1  # DeiT's augmentation kept
 
 
+# JSJ515-Group/TIKD at a8f73e5: main.py's argparse defaults (line numbers in main.py) and the
+# README_tikd.md "Training" launch (torch.distributed.launch --nproc_per_node=4, --batch-size 256).
+RELEASED_MAIN = {
+    'epochs': 300,  # main.py:37 --epochs
+    'lr': 5e-4,  # main.py:74 --lr
+    'drop_path': 0.1,  # main.py:48 --drop-path
+    'opt_eps': 1e-8,  # main.py:61 --opt-eps
+    'clip_grad': None,  # main.py:65 --clip-grad
+    'weight_decay': 0.05,  # main.py:69 --weight-decay
+    'warmup_lr': 1e-6,  # main.py:82 --warmup-lr
+    'min_lr': 1e-5,  # main.py:84 --min-lr
+    'warmup_epochs': 5,  # main.py:89 --warmup-epochs
+    'aa': 'rand-m9-mstd0.5-inc1',  # main.py:101 --aa
+    'smoothing': 0.1,  # main.py:104 --smoothing
+    'repeated_aug': True,  # main.py:108-110, set_defaults(repeated_aug=True)
+    'num_repeats': 3,  # samplers.py RASampler(num_repeats=3), called without it at main.py:232
+    'reprob': 0.25,  # main.py:121 --reprob
+    'mixup': 0.8,  # main.py:131 --mixup
+    'cutmix': 1.0,  # main.py:133 --cutmix
+    'mixup_prob': 1.0,  # main.py:137 --mixup-prob
+    'mixup_switch_prob': 0.5,  # main.py:139 --mixup-switch-prob
+    'distillation_alpha': 0.5,  # main.py:149 --distillation-alpha
+    'distillation_tau': 0.2,  # main.py:151 --distillation-tau
+    'model_ema_decay': 0.99996,  # main.py:51-54 --model-ema (on by default), --model-ema-decay
+}
+README_LAUNCH = {'nproc_per_node': 4, 'batch_size': 256}
+
+
+def test_released_preset_resolves_to_the_released_main_defaults():
+  c = tikd_cifar100.get_config('large,hard,released')
+  gpus, per_gpu = README_LAUNCH['nproc_per_node'], README_LAUNCH['batch_size']
+  assert c.batch_size == gpus * per_gpu == 1024
+  # main.py:370-372: lr · batch_size · world_size / 512 unless --unscale-lr.
+  assert c.schedule.lr == pytest.approx(RELEASED_MAIN['lr'] * per_gpu * gpus / 512.0) == 1e-3
+  assert c.eval_batch_size == int(1.5 * per_gpu) == 384  # main.py:264, per GPU, no --dist-eval
+  assert c.num_epochs == RELEASED_MAIN['epochs'] and not c.stages
+  assert c.model.drop_path == RELEASED_MAIN['drop_path']
+  assert (c.optimizer.name, c.optimizer.eps, c.optimizer.weight_decay,
+          c.optimizer.grad_clip_norm) == ('adamw', RELEASED_MAIN['opt_eps'],
+                                          RELEASED_MAIN['weight_decay'], 0.0)
+  assert (c.schedule.name, c.schedule.warmup_lr, c.schedule.min_lr,
+          c.schedule.warmup_epochs) == ('cosine', RELEASED_MAIN['warmup_lr'],
+                                        RELEASED_MAIN['min_lr'], RELEASED_MAIN['warmup_epochs'])
+  a = c.augment  # rand-m9-mstd0.5-inc1: RandAugment, 2 ops (timm's default n), m 9, std 0.5, inc
+  assert (a.randaugment, a.randaugment_num_ops, a.randaugment_magnitude,
+          a.randaugment_magnitude_std, a.randaugment_increasing) == (True, 2, 9.0, 0.5, True)
+  assert (a.erasing_prob, a.mixup_alpha, a.cutmix_alpha, a.mix_prob,
+          a.switch_prob) == (RELEASED_MAIN['reprob'], RELEASED_MAIN['mixup'],
+                             RELEASED_MAIN['cutmix'], RELEASED_MAIN['mixup_prob'],
+                             RELEASED_MAIN['mixup_switch_prob'])
+  assert c.label_smoothing == RELEASED_MAIN['smoothing']
+  assert c.ema.decay == RELEASED_MAIN['model_ema_decay']
+  assert (c.distill.alpha, c.distill.temperature) == (RELEASED_MAIN['distillation_alpha'],
+                                                      RELEASED_MAIN['distillation_tau'])
+  # The sampler under the launch: 4 ranks of 256; per rank floor(50,000 // 256 · 256 / 4) =
+  # 12,480 examples (len(RASampler)), 48 batches of 256 with drop_last: 48 steps per epoch.
+  assert RELEASED_MAIN['repeated_aug']
+  sampler = repeated_augmentation(c, 50_000)
+  assert (sampler.num_repeats, sampler.num_replicas,
+          sampler.replica_batch) == (RELEASED_MAIN['num_repeats'], gpus, per_gpu)
+  assert (sampler.per_replica, sampler.steps_per_epoch) == (12_480, 48)
+
+
+def test_released_text_rows_restart_at_every_replica():
+  """Each released GPU took caption rows 0…b−1 for its b images: with 2 replicas of 8 rows, the
+  global batch of 16 gets rows 0…7 twice, and each of 2 processes (one replica each) 0…7."""
+  src = ArraySource(np.zeros((300, 8, 8, 3), np.uint8), np.zeros(300, np.int32), ['a'], 'toy',
+                    'train')
+  features = np.arange(300 * 2, dtype=np.float32).reshape(300, 2)
+  sampler = RepeatedAugmentation(num_examples=300, batch_size=16, num_replicas=2)
+  kw = dict(seed=0, text_features=features, text_rows='released', sampler=sampler)
+  b = pipeline.train_dataset(src, batch_size=16, **kw)[3]
+  np.testing.assert_array_equal(b['text'], features[np.r_[0:8, 0:8]])
+  for p in (0, 1):
+    b = pipeline.train_dataset(src, batch_size=8, process_index=p, process_count=2, **kw)[3]
+    np.testing.assert_array_equal(b['text'], features[:8])
+
+
 def test_released_preset_builds_the_per_block_student():
   c = tikd_cifar100.get_config('large,hard,released')
   name, kwargs = model_spec(c.model, 100)
@@ -287,7 +366,7 @@ def test_train_stream_takes_text_rows_from_the_config(text_rows):
     c.batch_size = 8
     c.tikd.text_rows = text_rows
   data = types.SimpleNamespace(train=_source(), text_features=FEATURES, host_augment=None,
-                               num_workers=0)
+                               num_workers=0, sampler=None)
   stream = loop.train_stream(types.SimpleNamespace(config=c, data=data),
                              types.SimpleNamespace(resolution=None), 0)
   b = next(stream.iterator)

@@ -7,7 +7,7 @@ state, the optimizer state), its metadata (phase, input position), every step's 
 the final evaluation. Scenarios: hard KD from a trained teacher with DeiT's augmentations
 (RandAugment on the host, erasing + mixup/cutmix in the step), PKCD (carried previous batch; also
 through a real SIGTERM), CTKD (trained temperature), TIKD across its stage switch, IRKD across a
-resolution change with the optimizer re-created.
+resolution change with the optimizer re-created (and IRKD's hidden and attention dropout).
 
 Runs use one CPU device: compiles dominate their runtime, and resume on 8 devices is covered by
 tests/test_train.py (method none).
@@ -207,10 +207,10 @@ def _tikd(text_features):
 def _irkd(vit_teacher):
   return _config(
       'kd', **{
-          'model.name': 'irkd_vit', 'model.drop_path': 0.0, 'teacher.name': 'vit',
-          'teacher.variant': 'micro', 'teacher.img_size': 16, 'teacher.checkpoint': vit_teacher,
-          'saliency.kind': 'attention', 'curriculum.stages': [(8, 0.25), (16, 0.25)],
-          'curriculum.reset_optimizer': True
+          'model.name': 'irkd_vit', 'model.drop_path': 0.0, 'model.dropout': 0.1,
+          'model.attn_dropout': 0.1, 'teacher.name': 'vit', 'teacher.variant': 'micro',
+          'teacher.img_size': 16, 'teacher.checkpoint': vit_teacher, 'saliency.kind': 'attention',
+          'curriculum.stages': [(8, 0.25), (16, 0.25)], 'curriculum.reset_optimizer': True
       })  # resolution 8 → 16 at step 11
 
 

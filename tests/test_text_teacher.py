@@ -258,6 +258,123 @@ def test_minicpm_captioner_calls_chat_as_the_model_card(tmp_path):
 # ------------------------------------------------------------------------------------------------
 # Encoders and the loader.
 # ------------------------------------------------------------------------------------------------
+# A remote-code model folder with the three traits of MiniCPM-V 2.6's code that break under our pins
+# (transformers 5, torch 2.13): `List` taken from `torch.nn.functional import *`, an __init__ that
+# never calls post_init(), and a resampler position table in a non-persistent buffer.
+_TINYCPM_CONFIG = """
+from transformers import PretrainedConfig
+
+
+class TinyCPMConfig(PretrainedConfig):
+  model_type = 'minicpmv'
+
+  def __init__(self, width=4, **kwargs):
+    self.width = width
+    super().__init__(**kwargs)
+"""
+_TINYCPM_MODELING = """
+import numpy as np
+import torch
+from torch.nn.functional import *  # noqa: F403
+from transformers import PreTrainedModel
+
+from .configuration_tinycpm import TinyCPMConfig
+
+
+def positions(n: int) -> List[float]:  # noqa: F405
+  return [float(i + 1) for i in range(n)]
+
+
+class Resampler(torch.nn.Module):
+
+  def __init__(self, width):
+    super().__init__()
+    self.max_size = (width,)
+    self._set_2d_pos_cache(self.max_size)
+
+  def _set_2d_pos_cache(self, max_size, device='cpu'):
+    pos = torch.tensor(positions(max_size[0]), device=device)
+    self.register_buffer('pos_embed', pos, persistent=False)
+
+
+class TinyCPM(PreTrainedModel):
+  config_class = TinyCPMConfig
+  _supports_sdpa = True
+
+  def __init__(self, config):
+    super().__init__(config)
+    self.proj = torch.nn.Linear(3, config.width, bias=False)
+    self.resampler = Resampler(config.width)
+
+  def chat(self, image, msgs, tokenizer, sampling=True, max_new_tokens=2048, **kwargs):
+    batched = isinstance(msgs[0], list)
+    answers = []
+    for msg in msgs if batched else [msgs]:
+      picture, prompt = msg[0]['content']
+      rgb = torch.tensor(np.asarray(picture, np.float32).mean(axis=(0, 1)) / 255)
+      with torch.no_grad():
+        score = float(self.proj(rgb) @ self.resampler.pos_embed)
+      answers.append(f'{tokenizer.decode(tokenizer.encode(prompt.split()[0]))} {score:.4f}')
+    return answers if batched else answers[0]
+"""
+
+
+def _save_tinycpm(folder, weight):
+  from safetensors.torch import save_file
+  from tokenizers import Tokenizer, models, pre_tokenizers
+  os.makedirs(folder)
+  for name, text in (('configuration_tinycpm.py', _TINYCPM_CONFIG), ('modeling_tinycpm.py',
+                                                                     _TINYCPM_MODELING)):
+    with open(os.path.join(folder, name), 'w') as f:
+      f.write(text)
+  with open(os.path.join(folder, 'config.json'), 'w') as f:
+    json.dump(
+        {
+            'model_type': 'minicpmv', 'architectures': ['TinyCPM'], 'width': weight.shape[0],
+            'auto_map': {
+                'AutoConfig': 'configuration_tinycpm.TinyCPMConfig',
+                'AutoModel': 'modeling_tinycpm.TinyCPM'
+            }
+        }, f)
+  save_file({'proj.weight': torch.tensor(weight)}, os.path.join(folder, 'model.safetensors'),
+            metadata={'format': 'pt'})
+  tok = Tokenizer(models.WordLevel({'[UNK]': 0, 'Describe': 1}, unk_token='[UNK]'))
+  tok.pre_tokenizer = pre_tokenizers.Whitespace()
+  transformers.PreTrainedTokenizerFast(tokenizer_object=tok,
+                                       unk_token='[UNK]').save_pretrained(folder)
+  return folder
+
+
+def test_minicpm_remote_code_captions_through_the_command(env, tmp_path):
+  """Loading fixes each trait; every caption is its own image's, computed with loaded weights."""
+  weight = np.arange(12, dtype=np.float32).reshape(4, 3) / 10 - 0.5
+  model = _save_tinycpm(str(tmp_path / 'tinycpm'), weight)
+  out = tmp_path / 'captions'
+  assert main([
+      'caption', *env['flags'], '--out',
+      str(out), '--model', model, '--batch_size', '5', '--device', 'cpu'
+  ]) == 0
+  lines = _read_jsonl(out / 'captions.jsonl')
+  assert [r['index'] for r in lines] == list(range(24))
+  pos = np.arange(1, 5, dtype=np.float32)
+  expected = [
+      f'Describe {float(weight @ (env["source"][i]["image"].mean(axis=(0, 1)) / 255) @ pos):.4f}'
+      for i in range(24)
+  ]
+  assert [r['caption'] for r in lines] == expected and len(set(expected)) > 12
+  assert json.loads((out / 'caption_meta.json').read_text())['captioner_kind'] == 'minicpm'
+  import builtins
+  assert not hasattr(builtins, 'List')  # lent for the import only
+
+
+def test_minicpm_load_explains_a_torchvision_that_does_not_import():
+  from tikd_jax.text_teacher.captioners import _explain_torchvision
+  error = _explain_torchvision(RuntimeError('operator torchvision::nms does not exist'))
+  minor = int(torch.__version__.split('.')[1])
+  assert f'torchvision 0.{minor + 15}.*' in str(error) and 'operator torchvision::nms' in str(error)
+  assert _explain_torchvision(RuntimeError('out of memory')) is None
+
+
 def test_long_caption_is_truncated_not_fatal(env):
   from tikd_jax.text_teacher.encoders import TextEncoder, encode_texts
   encoder = TextEncoder(env['clip'], 'auto', 'cpu')

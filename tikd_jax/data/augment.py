@@ -23,6 +23,16 @@ def random_crop_flip(image: np.ndarray, rng: np.random.Generator, *, size: int |
   return np.ascontiguousarray(out)
 
 
+def center_crop(image: np.ndarray, size: int) -> np.ndarray:
+  """torchvision `CenterCrop(size)` of a uint8 HWC image at least `size` on each side: the window
+  starts at round((H − size) / 2), round((W − size) / 2) (Python's round, as torchvision's)."""
+  h, w = image.shape[:2]
+  if size > h or size > w:
+    raise ValueError(f'center crop of {size} px from a {h}×{w} image: the crop must fit')
+  top, left = int(round((h - size) / 2.0)), int(round((w - size) / 2.0))
+  return np.ascontiguousarray(image[top:top + size, left:left + size])
+
+
 def resize_image(image: np.ndarray, size: int) -> np.ndarray:
   """Downscale a uint8 HWC image to size×size: torchvision `Resize(size)` on a PIL image (PIL's
   bilinear filter, widened by the scale factor, so a downscale averages every source pixel)."""

@@ -16,6 +16,7 @@ from absl import flags
 import numpy as np
 
 from tikd_jax.data.augment import random_crop_flip, resize_image
+from tikd_jax.data.repeated_aug import RepeatedAugmentation, RepeatedAugmentationSource
 
 
 def resolve_num_workers(num_workers: int) -> int:
@@ -37,15 +38,19 @@ def _attach_text(element: dict, features: np.ndarray) -> dict:
 
 
 def released_text_rows(features: np.ndarray, batch_size: int, process_index: int = 0,
-                       process_count: int = 1) -> np.ndarray:
-  """Rows 0..B−1 of `features` (B = batch_size · process_count, the global batch), the part of
-  them that process `process_index` holds: rows p·b … (p + 1)·b − 1 of its per-process batch b."""
-  if len(features) < batch_size * process_count:
-    raise ValueError(f"text_rows='released' gives a batch of {batch_size * process_count} rows "
-                     f"0..{batch_size * process_count - 1} of the text features, which have only "
+                       process_count: int = 1, replica_batch: int | None = None) -> np.ndarray:
+  """The released code's text for a global batch of B = batch_size · process_count rows, the part
+  process `process_index` holds (its rows p·b … (p + 1)·b − 1). Each of the released code's GPUs
+  took rows 0…b_gpu−1 for its batch of b_gpu: with `replica_batch` (the repeated-augmentation
+  sampler's rows per replica, standing for those GPUs) global row j gets feature row
+  j mod replica_batch; without it, the global batch is one GPU's and gets rows 0…B−1."""
+  replica_batch = replica_batch or batch_size * process_count
+  if len(features) < replica_batch:
+    raise ValueError(f"text_rows='released' gives each batch of {replica_batch} rows 0.."
+                     f"{replica_batch - 1} of the text features, which have only "
                      f"{len(features)} rows: use a smaller batch or text_rows='index'")
-  start = process_index * batch_size
-  return np.asarray(features[start:start + batch_size], np.float32)
+  rows = np.arange(process_index * batch_size, (process_index + 1) * batch_size) % replica_batch
+  return np.asarray(features[rows], np.float32)
 
 
 def released_rows(features: np.ndarray, num_examples: int, batch_size: int) -> np.ndarray:
@@ -76,7 +81,8 @@ def train_dataset(source, *, batch_size: int, seed: int, crop_padding: int = 4,
                   crop_size: int | None = None, crop_mode: str = 'crop', flip: bool = True,
                   text_features: np.ndarray | None = None, text_rows: str = 'index',
                   extra_augment: Callable[[dict, np.random.Generator], dict] | None = None,
-                  process_index: int = 0, process_count: int = 1) -> grain.MapDataset:
+                  process_index: int = 0, process_count: int = 1,
+                  sampler: RepeatedAugmentation | None = None) -> grain.MapDataset:
   """Shuffled (anew every epoch), repeated, augmented, batched train stream of one process.
 
   `batch_size` is the per-process batch. Augmentation randomness is a function of (seed, element
@@ -84,13 +90,24 @@ def train_dataset(source, *, batch_size: int, seed: int, crop_padding: int = 4,
   `crop_size` (IRKD's low resolution) with `crop_mode` 'crop' takes a crop_size window of the
   padded image (the original IRKD notebooks); 'resize' downscales the whole augmented image.
   With `text_features`, each batch carries `text`: the rows `text_rows` names (TEXT_ROWS).
+  With `sampler` (DeiT's repeated augmentation, data/repeated_aug.py) the order of examples is
+  the sampler's: global batch s holds its replicas' batches s in replica order, and process p the
+  replicas p·R/P … (p + 1)·R/P − 1 (`sampler.num_replicas` a multiple of `process_count`).
   """
   if crop_mode not in CROP_MODES:
     raise ValueError(f'crop_mode {crop_mode!r}: use one of {CROP_MODES} '
                      f'(config.curriculum.mode)')
   if text_rows not in TEXT_ROWS:
     raise ValueError(f'text_rows {text_rows!r}: use one of {TEXT_ROWS} (config.tikd.text_rows)')
-  ds = grain.MapDataset.source(source).seed(seed).shuffle().repeat()
+  if sampler is None:
+    ds = grain.MapDataset.source(source).seed(seed).shuffle().repeat()
+  else:
+    if sampler.num_replicas % process_count or sampler.batch_size != batch_size * process_count:
+      raise ValueError(f'the repeated-augmentation sampler has {sampler.num_replicas} replicas and '
+                       f'a global batch of {sampler.batch_size}; {process_count} processes with '
+                       f'batches of {batch_size} need a multiple of {process_count} replicas and '
+                       f'a global batch of {batch_size * process_count}')
+    ds = grain.MapDataset.source(RepeatedAugmentationSource(source, sampler)).seed(seed)
   if text_features is not None and text_rows == 'index':
     ds = ds.map(functools.partial(_attach_text, features=text_features))
   ds = ds.random_map(
@@ -105,7 +122,8 @@ def train_dataset(source, *, batch_size: int, seed: int, crop_padding: int = 4,
     # augmentation draws, same row order for the per-row randomness inside the step).
     ds = ds[process_index::process_count]
   if text_features is not None and text_rows == 'released':
-    rows = released_text_rows(text_features, batch_size, process_index, process_count)
+    rows = released_text_rows(text_features, batch_size, process_index, process_count,
+                              sampler.replica_batch if sampler else None)
     ds = ds.map(functools.partial(_with_text, rows=rows))
   return ds
 

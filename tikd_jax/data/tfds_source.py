@@ -5,6 +5,28 @@ import hashlib
 
 import numpy as np
 
+# config.data.eval_split='auto' on a TFDS data set: the first of these splits it has.
+AUTO_EVAL_SPLITS = ('test', 'validation')
+
+
+def auto_eval_split(name: str, data_dir: str | None = None) -> str:
+  """The eval split of TFDS data set `name` when config.data.eval_split is 'auto'."""
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  try:
+    splits = list(tfds.builder(name, data_dir=data_dir or None).info.splits)
+    if not splits:  # a known builder with nothing prepared
+      raise FileNotFoundError('no prepared splits')
+  except Exception as e:  # tfds raises many types for an unknown or unprepared set
+    raise FileNotFoundError(
+        f'tfds data set {name!r} is not prepared in {data_dir!r} ({type(e).__name__}: {e}). '
+        f'Prepare it once with `tfds build {name} --data_dir={data_dir} '
+        f'--file_format=array_record`.') from e
+  for split in AUTO_EVAL_SPLITS:
+    if split in splits:
+      return split
+  raise ValueError(f'tfds data set {name!r} has splits {sorted(splits)}, none of '
+                   f'{AUTO_EVAL_SPLITS}: set --config.data.eval_split to one of its splits')
+
 
 class TfdsSource:
 

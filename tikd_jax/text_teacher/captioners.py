@@ -3,6 +3,8 @@
 Two kinds (`--kind`, `auto` reads config.json):
   minicpm   MiniCPM-V (2.6) through its own `chat` (AutoModel, trust_remote_code): batched as a
             list of conversations `[[{'role': 'user', 'content': [image, prompt]}], ...]`.
+            Its remote code was written for transformers 4.40 and torch 2.1; `load_minicpm` makes
+            it load and compute the same under our pins (see there).
   generate  any image-to-text model with `generate()`: AutoProcessor + AutoModelForImageTextToText
             (AutoModelForVision2Seq on transformers 4): BLIP, GIT, LLaVA-style chat models (their
             chat template is applied when the processor has one). Echoed prompts are removed.
@@ -11,11 +13,17 @@ A captioner is a callable `(images: list[PIL.Image], prompt: str) -> list[str]`.
 """
 from __future__ import annotations
 
+import builtins
+import contextlib
 import json
 import logging
 import os
 import sys
+import typing
+import warnings
 from typing import Callable
+
+from tikd_jax.text_teacher.files import TextTeacherError
 
 log = logging.getLogger('tikd_jax.text_teacher')
 
@@ -86,8 +94,9 @@ class MiniCPMCaptioner:
     self.batched = True
 
   def _chat(self, msgs):
-    return self.model.chat(image=None, msgs=msgs, tokenizer=self.tokenizer, sampling=self.sampling,
-                           max_new_tokens=self.max_new_tokens)
+    with _quiet_remote_code():
+      return self.model.chat(image=None, msgs=msgs, tokenizer=self.tokenizer,
+                             sampling=self.sampling, max_new_tokens=self.max_new_tokens)
 
   def __call__(self, images: list, prompt: str) -> list[str]:
     conversations = [[{'role': 'user', 'content': [image, prompt]}] for image in images]
@@ -106,14 +115,138 @@ class MiniCPMCaptioner:
     return [_clean(self._chat(conversation)) for conversation in conversations]
 
 
+# Names `from torch.nn.functional import *` gave before torch made its typing imports private.
+_TORCH_TYPING_NAMES = ('Callable', 'List', 'Optional', 'Tuple', 'Union')
+# Library messages about the remote code that a user can do nothing about.
+_REMOTE_CODE_NOISE = ("defines `image_processor_class = 'AutoImageProcessor'`",
+                      '`use_return_dict` is deprecated')
+
+
+@contextlib.contextmanager
+def _torch_typing_names_as_builtins():
+  """MiniCPM-V's resampler.py annotates with `List` that it only got from `from
+  torch.nn.functional import *`; on torch 2.13 its import fails (`NameError: name 'List' is not
+  defined`). The names are lent as builtins while the remote code is imported, then taken back."""
+  lent = [n for n in _TORCH_TYPING_NAMES if not hasattr(builtins, n)]
+  for name in lent:
+    setattr(builtins, name, getattr(typing, name))
+  try:
+    yield
+  finally:
+    for name in lent:
+      delattr(builtins, name)
+
+
+class _DropMessages(logging.Filter):
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return not any(m in record.getMessage() for m in _REMOTE_CODE_NOISE)
+
+
+@contextlib.contextmanager
+def _quiet_remote_code():
+  """Drops the library warnings that MiniCPM-V's remote code triggers on every run: those in
+  _REMOTE_CODE_NOISE, generate()'s note that the repetition penalty skips the prompt (so it did
+  under transformers 4.40) and the deprecation of the attention-mask helper its vision tower
+  imports. Every other warning still shows."""
+  drop = _DropMessages()
+  loggers = [
+      logging.getLogger(n)
+      for n in ('transformers.processing_utils', 'transformers.configuration_utils')
+  ]
+  for logger in loggers:
+    logger.addFilter(drop)
+  try:
+    with warnings.catch_warnings():
+      warnings.filterwarnings('ignore', message='Passing `repetition_penalty` with `inputs_embeds`')
+      warnings.filterwarnings('ignore', message='The attention mask API under',
+                              category=FutureWarning)
+      yield
+  finally:
+    for logger in loggers:
+      logger.removeFilter(drop)
+
+
+def _transformers_major() -> int:
+  import transformers  # pylint: disable=g-import-not-at-top
+  return int(transformers.__version__.split('.')[0])
+
+
+def _with_post_init(cls):
+  """transformers 5 needs every model's __init__ to end in `post_init()` (from_pretrained reads
+  what it sets: `AttributeError: 'MiniCPMV' object has no attribute 'all_tied_weights_keys'`);
+  MiniCPM-V's does not call it. A subclass that does, when the remote class did not."""
+
+  class WithPostInit(cls):
+
+    def __init__(self, config, *args, **kwargs):
+      super().__init__(config, *args, **kwargs)
+      if not hasattr(self, 'all_tied_weights_keys'):
+        self.post_init()
+
+  WithPostInit.__name__ = WithPostInit.__qualname__ = cls.__name__
+  return WithPostInit
+
+
+def _restore_resampler_positions(net, device: str) -> None:
+  """transformers 5 builds the model on the meta device and leaves non-persistent buffers that no
+  `_init_weights` knows uninitialised: MiniCPM-V's resampler position table (`pos_embed`, 2D
+  sin-cos, computed in its __init__) came back all zeros, and captions silently changed. It is
+  recomputed by the remote code's own method."""
+  resampler = getattr(net, 'resampler', None)
+  if hasattr(resampler, '_set_2d_pos_cache'):
+    resampler._set_2d_pos_cache(resampler.max_size, device)  # pylint: disable=protected-access
+
+
+def _explain_torchvision(error: BaseException) -> TextTeacherError | None:
+  """MiniCPM-V's remote code imports torchvision (and uses none of it): a missing one, or one
+  built for another torch (`operator torchvision::nms does not exist`), stops the load."""
+  if 'torchvision' not in f'{type(error).__name__}: {error}':
+    return None
+  import torch  # pylint: disable=g-import-not-at-top
+  major, minor = (int(x) for x in torch.__version__.split('+')[0].split('.')[:2])
+  vision = f'torchvision 0.{minor + 15}.*' if major == 2 else 'the torchvision'
+  cpu = ', its CPU build like this torch' if '+cpu' in torch.__version__ else ''
+  return TextTeacherError(
+      f'MiniCPM-V\'s remote code imports torchvision (and uses none of it), which does not '
+      f'import here. Install {vision} made for torch {torch.__version__}{cpu}; not the newest, '
+      f'which needs another torch. The import said: {error}')
+
+
 def load_minicpm(model: str, device: str, dtype, *, max_new_tokens: int,
                  sampling: bool) -> MiniCPMCaptioner:
-  from transformers import AutoModel, AutoTokenizer  # pylint: disable=g-import-not-at-top
+  """AutoModel + AutoTokenizer from the checkpoint's remote code, made to work under our pins.
+
+  MiniCPM-V 2.6's code targets transformers 4.40 / torch 2.1. Under transformers 5 and torch 2.13:
+  its `List` annotations (_torch_typing_names_as_builtins), its missing `post_init`
+  (_with_post_init) and its zeroed resampler positions (_restore_resampler_positions) are fixed
+  here; the captions of a tiny random MiniCPM-V 2.6 then equal those under transformers 4.40.
+  """
+  import transformers  # pylint: disable=g-import-not-at-top
   local = os.path.isdir(model)
-  net = AutoModel.from_pretrained(model, trust_remote_code=True, attn_implementation='sdpa',
-                                  dtype=dtype, local_files_only=local)
+  v5 = _transformers_major() >= 5
+  with _torch_typing_names_as_builtins(), _quiet_remote_code():
+    try:
+      config = transformers.AutoConfig.from_pretrained(model, trust_remote_code=True,
+                                                       local_files_only=local)
+      remote = (getattr(config, 'auto_map', None) or {}).get('AutoModel')
+      kwargs = dict(config=config, attn_implementation='sdpa', local_files_only=local,
+                    **{'dtype' if v5 else 'torch_dtype': dtype})
+      if v5 and remote:
+        from transformers.dynamic_module_utils import get_class_from_dynamic_module  # pylint: disable=g-import-not-at-top
+        cls = get_class_from_dynamic_module(remote, model, local_files_only=local)
+        net = _with_post_init(cls).from_pretrained(model, **kwargs)
+      else:
+        net = transformers.AutoModel.from_pretrained(model, trust_remote_code=True, **kwargs)
+    except (ImportError, RuntimeError) as e:
+      explained = _explain_torchvision(e)
+      if explained is None:
+        raise
+      raise explained from e
+    tokenizer = transformers.AutoTokenizer.from_pretrained(model, trust_remote_code=True,
+                                                           local_files_only=local)
   net = net.eval().to(device)
-  tokenizer = AutoTokenizer.from_pretrained(model, trust_remote_code=True, local_files_only=local)
+  _restore_resampler_positions(net, device)
   return MiniCPMCaptioner(net, tokenizer, max_new_tokens=max_new_tokens, sampling=sampling)
 
 

@@ -25,6 +25,9 @@ from tikd_jax.train.step import EVAL_TOPK, make_eval_step
 # What the final table shows for a top-k accuracy that does not apply (k > the number of classes).
 NOT_APPLICABLE = '–'
 
+# The model EMA's metrics are the raw weights' names with this prefix (`ema_top1`).
+EMA_PREFIX = 'ema_'
+
 # TIKD's text inputs at test time (`config.tikd.eval_text` picks the headline one); the suffix
 # of each one's metrics (`top1_no_text`, …).
 EVAL_TEXT = {
@@ -40,13 +43,23 @@ def evaluate(run: Run, state: TrainState, phase: Phase) -> dict[str, float]:
   (the first pass alone), 'captions' (the test split's own captions, `text.eval_features_dir`)
   and 'released' (rows 0…b−1 of the train feature file for every batch, as the released code
   does). `top1` etc. are the `tikd.eval_text` one's; each mode's are also under `top1_<suffix>`.
+  With a model EMA (train/ema.py) its weights are evaluated the same way, every metric but the
+  count prefixed `ema_` (`ema_top1`, `ema_top1_no_text`, …).
   """
   modes = _eval_modes(run, phase.fuse_text)
-  return evaluate_modes(lambda mode: _eval_step(run, mode != 'none'), state.params,
-                        state.batch_stats, run.data.eval, modes=modes,
-                        headline=run.config.tikd.eval_text,
-                        texts={m: _eval_text_features(run, m) for m in modes},
-                        batch_size=run.config.eval_batch_size, data_sharding=run.data_sharding)
+
+  def metrics_of(params, batch_stats):
+    return evaluate_modes(lambda mode: compiled_eval_step(run, mode != 'none'), params, batch_stats,
+                          run.data.eval, modes=modes, headline=run.config.tikd.eval_text,
+                          texts={m: _eval_text_features(run, m) for m in modes},
+                          batch_size=run.config.eval_batch_size, data_sharding=run.data_sharding)
+
+  metrics = metrics_of(state.params, state.batch_stats)
+  if state.ema:
+    # The same params structure as the raw weights' (the objective's unused): no new compile.
+    ema = metrics_of(dict(state.params, student=state.ema['params']), state.ema['batch_stats'])
+    metrics.update({f'{EMA_PREFIX}{k}': v for k, v in ema.items() if k != 'count'})
+  return metrics
 
 
 def check_evaluation(run: Run, state: TrainState) -> float:
@@ -63,11 +76,12 @@ def check_evaluation(run: Run, state: TrainState) -> float:
                                 process_count=jax.process_count(),
                                 text_features=_eval_text_features(run, mode)), None)
       if batch is None:
-        raise ValueError(f'the eval split {run.config.data.eval_split!r} has no examples')
+        split = getattr(run.data.eval, 'split', run.config.data.eval_split)
+        raise ValueError(f'the eval split {split!r} has no examples')
       try:
         jax.block_until_ready(
-            _eval_step(run, mode != 'none')(state.params, state.batch_stats,
-                                            pipeline.to_global(batch, run.data_sharding)))
+            compiled_eval_step(run, mode != 'none')(state.params, state.batch_stats,
+                                                    pipeline.to_global(batch, run.data_sharding)))
       except Exception as e:
         e.add_note(f'(evaluation ({mode!r} text input) failed on its first batch, checked before '
                    f'the first train step of this start: nothing more was trained)')
@@ -108,7 +122,9 @@ def evaluate_modes(eval_step_for, params, batch_stats, source, *, modes, headlin
   return metrics
 
 
-def _eval_step(run: Run, fuse_text: bool):
+def compiled_eval_step(run: Run, fuse_text: bool):
+  """The run's jitted eval step (params, batch_stats, batch) → sums, compiled once per input
+  shape (a curriculum stage's validation has its own resolution)."""
   key = ('eval', fuse_text)
   if key not in run.compiled_steps:
     run.compiled_steps[key] = jax.jit(
@@ -138,16 +154,29 @@ def evaluate_source(eval_step, params, batch_stats, source, *, batch_size, data_
   return dict(topk, loss=float(sums['loss_sum']) / n, count=int(n))
 
 
-def format_eval(m: dict) -> str:
-  """The final line; Acc@5 is '–' when the model has fewer than 5 classes."""
-  top5 = f"{m['top5']:.3f}" if 'top5' in m else NOT_APPLICABLE
-  return f"* Acc@1 {m['top1']:.3f} Acc@5 {top5} loss {m['loss']:.3f}"
+def format_eval(m: dict, prefix: str = '') -> str:
+  """The final line; Acc@5 is '–' when the model has fewer than 5 classes. `prefix=EMA_PREFIX`:
+  the model EMA's line (`* EMA Acc@1 …`)."""
+  top5 = f"{m[prefix + 'top5']:.3f}" if prefix + 'top5' in m else NOT_APPLICABLE
+  label = 'EMA ' if prefix == EMA_PREFIX else prefix
+  return f"* {label}Acc@1 {m[prefix + 'top1']:.3f} Acc@5 {top5} loss {m[prefix + 'loss']:.3f}"
+
+
+def format_evals(m: dict) -> str:
+  """The raw weights' final line, and the model EMA's below it when the run has one."""
+  lines = [format_eval(m)]
+  if EMA_PREFIX + 'top1' in m:
+    lines.append(format_eval(m, EMA_PREFIX))
+  return '\n'.join(lines)
 
 
 def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Evaluates the newest checkpoint in `workdir` on the eval split (no training state needed)."""
   mesh = sharding_lib.make_mesh(config.mesh)
   eval_source = build_source(config.data, config.data.eval_split)
+  if jax.process_index() == 0:
+    for note in getattr(eval_source, 'notes', ()):  # the split 'auto' chose, skipped files
+      print(note, flush=True)
   meta, flat = ckpt_lib.load_weights(workdir)
   if 'model' not in meta:
     raise ValueError(f'{workdir}: checkpoint metadata names no model; was it written by tikd-jax?')

@@ -19,6 +19,7 @@ from flax import nnx
 
 from tikd_jax.models.vit import resize_pos_embed
 from tikd_jax.train import checkpoint as ckpt_lib
+from tikd_jax.train.ema import init_ema
 from tikd_jax.train.run import Run
 from tikd_jax.train.state import TrainState
 from tikd_jax.tree import CheckpointMismatchError, fill_template, flatten
@@ -52,8 +53,9 @@ def init_from(run: Run, state: TrainState) -> tuple[TrainState, str]:
         '\nRe-initialise what should not be loaded with --config.init_exclude="(\'regex\',)" '
         "(e.g. \"('^params/head',)\" for a new classifier).")
   tree = fill_template(template, merged, f'config.init_from={path!r}')
+  # A model EMA starts from the loaded weights (timm's ModelEma is built after --finetune).
   state = state.replace(params=dict(state.params, student=tree['params']),
-                        batch_stats=tree['batch_stats'])
+                        batch_stats=tree['batch_stats'], ema=init_ema(tree) if state.ema else {})
   unused = sorted(set(loaded) - set(fresh))
   report = (f'initialised from {path}: {len(fresh) - len(kept)} of {len(fresh)} arrays loaded' +
             (f'; position embedding resampled: {resampled}' if resampled else '') +

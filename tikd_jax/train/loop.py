@@ -16,12 +16,15 @@ import numpy as np
 
 from tikd_jax.data import pipeline
 from tikd_jax.train import checkpoint as ckpt_lib
-from tikd_jax.train.evaluate import EVAL_TEXT, evaluate, format_eval
+from tikd_jax.train import stage_val
+from tikd_jax.train.evaluate import (EMA_PREFIX, EVAL_TEXT, compiled_eval_step, evaluate,
+                                     evaluate_source, format_eval)
 from tikd_jax.train.logger import MetricLogger
 from tikd_jax.train.plan import Phase, phase_at
 from tikd_jax.train.preemption import StopRequest
 from tikd_jax.train.run import Run, train_step_for
 from tikd_jax.train.state import TrainState
+from tikd_jax.tree import CheckpointMismatchError
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -42,7 +45,8 @@ def train_stream(run: Run, phase: Phase, start: int) -> Stream:
                               crop_size=phase.resolution, crop_mode=config.curriculum.mode,
                               flip=config.data.flip, text_features=data.text_features,
                               text_rows=config.tikd.text_rows, extra_augment=data.host_augment,
-                              process_index=jax.process_index(), process_count=jax.process_count())
+                              process_index=jax.process_index(), process_count=jax.process_count(),
+                              sampler=data.sampler)
   return Stream(pipeline.make_iterator(ds[start:], data.num_workers), start)
 
 
@@ -70,12 +74,14 @@ def _restore(run: Run, template: TrainState, checkpointer, step: int):
   """The state and stream at checkpoint `step` (fresh iterators every call, so a failed
   attempt leaves nothing behind)."""
   phase = run.phases[phase_at(run.phases, step)]
-  saved = checkpointer.read_meta(step).get('data', {})  # metadata: absent in old checkpoints
+  meta = checkpointer.read_meta(step)
+  saved = meta.get('data', {})  # metadata: absent in old checkpoints
   num_workers = run.data.num_workers
   # grain's saved iterator state is per process and per worker layout; with another host or
   # worker count (or at a phase boundary, where a new stream starts) resume by position.
   exact = (step > phase.start_step and saved.get('processes') == jax.process_count()
            and saved.get('workers') == num_workers)
+  _check_optional_items(f'{checkpointer.directory}/{step}', meta, template)
   stream = train_stream(run, phase, saved['start'] if exact else step)
   variables, extra, opt_state, _ = checkpointer.restore(
       step, variables_template={
@@ -85,7 +91,8 @@ def _restore(run: Run, template: TrainState, checkpointer, step: int):
   restored = TrainState(step=jnp.asarray(step, jnp.int32),
                         params={'student': variables['params'], 'objective': extra['objective']},
                         batch_stats=variables['batch_stats'], opt_state=opt_state,
-                        objective_state=extra['objective_state'])
+                        objective_state=extra['objective_state'], ema=extra.get('ema', {}),
+                        stage_val=extra.get('stage_val', {}))
   note = '' if exact or step == phase.start_step else (
       f'checkpoint {step} was written by {saved.get("processes", "?")} process(es) with '
       f'{saved.get("workers", "?")} input worker(s), this run has {jax.process_count()} with '
@@ -93,9 +100,29 @@ def _restore(run: Run, template: TrainState, checkpointer, step: int):
   return jax.device_put(restored, run.state_shardings), stream, note
 
 
+# State a run keeps only with some settings: (TrainState field, what it is, the setting).
+OPTIONAL_ITEMS = (('ema', 'a model EMA', 'config.ema.decay'), ('stage_val', 'per-stage validation',
+                                                               'config.curriculum.val_transform'))
+
+
 def _extra(state: TrainState) -> dict:
-  """Trained state that is not the model's: the loss terms' parameters and carried state."""
-  return {'objective': state.params['objective'], 'objective_state': state.objective_state}
+  """Trained state that is not the model's: the loss terms' parameters and carried state, and
+  the OPTIONAL_ITEMS the run keeps (model EMA, the stage's validation record)."""
+  extra = {'objective': state.params['objective'], 'objective_state': state.objective_state}
+  extra.update({name: getattr(state, name) for name, _, _ in OPTIONAL_ITEMS if getattr(state, name)})
+  return extra
+
+
+def _check_optional_items(where: str, meta: dict, template: TrainState) -> None:
+  """A checkpoint holds each of OPTIONAL_ITEMS exactly when the run keeps it (metadata)."""
+  for name, what, setting in OPTIONAL_ITEMS:
+    saved, want = bool(meta.get(name, False)), bool(getattr(template, name))
+    if saved != want:
+      raise CheckpointMismatchError(
+          f'checkpoint {where} was written {"with" if saved else "without"} {what}, and this '
+          f'run is {"with" if want else "without"} it: resume with the {setting} it was trained '
+          f'with, or start a new workdir (config.init_from=<this workdir> starts from its '
+          f'weights)')
 
 
 # ------------------------------------------------------------------------------------ loop
@@ -161,7 +188,9 @@ def _train_phase(run: Run, state: TrainState, progress: Progress, phase: Phase, 
                          f'{time.time() - t0:.1f}s')
     progress.pending.append(metrics)
     progress.step += 1
-    _log_evaluate_save(run, state, progress, out)
+    before = progress.step
+    state = _validate_stage(run, state, progress, phase, out)
+    _log_evaluate_save(run, state, progress, out, force_save=progress.step != before)
     # SIGTERM / SIGINT: every step on one host; at log intervals (agreed) on several.
     at_sync_point = progress.step % run.config.log_every_steps == 0
     if progress.step < run.total_steps and out.stop.should_stop(at_sync_point=at_sync_point):
@@ -170,9 +199,55 @@ def _train_phase(run: Run, state: TrainState, progress: Progress, phase: Phase, 
   return state
 
 
-def _log_evaluate_save(run: Run, state: TrainState, progress: Progress, out: Outputs) -> None:
+def _validate_stage(run: Run, state: TrainState, progress: Progress, phase: Phase,
+                    out: Outputs) -> TrainState:
+  """After each epoch of a validated stage (train/stage_val.py): the hold-out's top-1 at the
+  stage's resolution, one `stage_val` row, the record updated; at the stage's end or an early
+  stop its best weights restored (an early stop also moves the step to the stage's end)."""
+  step, spe = progress.step, run.data.steps_per_epoch
+  if not state.stage_val or ((step - phase.start_step) % spe and step != phase.end_step):
+    return state
+  curriculum = run.config.curriculum
+  source = stage_val.ValSource(run.data.val, phase.resolution, curriculum.val_transform)
+  # A text-fusing stage is validated on its fused pass with predicted text (caption-free).
+  eval_step = compiled_eval_step(run, phase.fuse_text)
+  m = evaluate_source(eval_step, state.params, state.batch_stats, source,
+                      batch_size=run.config.eval_batch_size, data_sharding=run.data_sharding)
+  variables = {'params': state.params['student'], 'batch_stats': state.batch_stats}
+  record, stop = stage_val.update(state.stage_val, variables, m['top1'], int(curriculum.patience))
+  stop = stop and step < phase.end_step  # out of patience at the stage's last epoch: its end
+  row = {
+      'stage': phase.name, 'resolution': phase.resolution or 0,
+      'stage_epoch': int(record['epochs']), 'val_top1': m['top1'], 'val_loss': m['loss'],
+      'best_val_top1': float(record['best_top1']), 'bad_epochs': int(record['bad_epochs']),
+      'early_stop': stop
+  }
+  out.logger.write(step, row, kind='stage_val')
+  out.logger.message(f'phase {phase.name}: validation epoch {row["stage_epoch"]} top-1 '
+                     f'{m["top1"]:.3f} at {phase.resolution or "full"} px (best '
+                     f'{row["best_val_top1"]:.3f}, {row["bad_epochs"]} epoch(s) without a better)')
+  if stop or step == phase.end_step:
+    _flush(run, progress, out)  # the train rows up to here, before the step may move
+    best = jax.tree.map(jnp.copy, record['best'])
+    state = state.replace(params=dict(state.params, student=best['params']),
+                          batch_stats=best['batch_stats'], stage_val=stage_val.fresh(best))
+    if stop:
+      progress.step = phase.end_step
+      state = state.replace(step=jnp.asarray(phase.end_step, jnp.int32))
+    out.logger.message(
+        f'phase {phase.name}: {"stopped early" if stop else "done"} after {row["stage_epoch"]} '
+        f'validated epoch(s); its best weights (validation top-1 {row["best_val_top1"]:.3f}) '
+        f'go on' + (f' at step {progress.step}' if stop else ''))
+  else:
+    state = state.replace(stage_val=record)
+  return jax.device_put(state, run.state_shardings)
+
+
+def _log_evaluate_save(run: Run, state: TrainState, progress: Progress, out: Outputs,
+                       force_save: bool = False) -> None:
   """The intervals: metrics every `log_every_steps`, eval every `eval_every_epochs`, a
-  checkpoint every `checkpoint_every_steps` (0: every epoch) and after every eval."""
+  checkpoint every `checkpoint_every_steps` (0: every epoch), after every eval and when
+  `force_save` (a stage stopped early: the step moved)."""
   config, step, total = run.config, progress.step, run.total_steps
   eval_every = int(round(config.eval_every_epochs * run.data.steps_per_epoch)) or total
   checkpoint_every = config.checkpoint_every_steps or run.data.steps_per_epoch
@@ -181,7 +256,7 @@ def _log_evaluate_save(run: Run, state: TrainState, progress: Progress, out: Out
     _flush(run, progress, out)
   if evaluating:
     progress.eval_metrics = _evaluate_and_log(run, state, step, out.logger)
-  if evaluating or step % checkpoint_every == 0:
+  if evaluating or step % checkpoint_every == 0 or force_save:
     best = config.best_metric
     _save(run, state, progress, out.checkpointer,
           {best: progress.eval_metrics[best]} if evaluating else None)
@@ -230,6 +305,8 @@ def _evaluate_and_log(run: Run, state: TrainState, step: int, logger: MetricLogg
       if f'top1_{suffix}' in m
   ]
   extra = f'; Acc@1 by text input: {", ".join(modes)}' if modes else ''
+  if EMA_PREFIX + 'top1' in m:
+    extra += f'; {format_eval(m, EMA_PREFIX)[2:]}'
   logger.message(f'{run.config.name}[step {step}] {format_eval(m)} '
                  f'({m["count"]} examples, {time.time() - t:.1f}s{extra})')
   logger.write(step, m, kind='eval')
@@ -244,6 +321,7 @@ def _save(run: Run, state: TrainState, progress: Progress, checkpointer, metrics
       'num_params': run.student.num_params,
       'model': {'name': run.student.name, 'kwargs': run.student.kwargs},
       'phase': run.phases[phase_at(run.phases, step)].name,
+      **{name: bool(getattr(state, name)) for name, _, _ in OPTIONAL_ITEMS},
       # Where the saved iterator's stream starts, and the layout its state belongs to.
       'data': {
           'start': progress.stream.start, 'processes': jax.process_count(),

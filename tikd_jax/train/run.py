@@ -18,14 +18,17 @@ import numpy as np
 import optax
 from flax import nnx
 
+from tikd_jax import normalization
 from tikd_jax import sharding as sharding_lib
 from tikd_jax import xla_options
 from tikd_jax.data import build_source, pipeline
+from tikd_jax.data.repeated_aug import RepeatedAugmentation
 from tikd_jax.losses.terms import Loss
 from tikd_jax.models import VIT_MODELS, build_model, count_params, cpu_fast_layers
 from tikd_jax.models.variables import load_model, model_variables
 from tikd_jax.train import checkpoint as ckpt_lib
-from tikd_jax.train import optim
+from tikd_jax.train import optim, stage_val
+from tikd_jax.train.ema import check_decay
 from tikd_jax.train.loss_config import term_settings
 from tikd_jax.train.plan import Phase, build_phases
 from tikd_jax.train.state import TrainState, init_train_state
@@ -37,14 +40,17 @@ class Data:
   """The splits and what the input pipeline applies to them."""
   train: Any  # a source: len(), [i] → {'image', 'label'}, num_classes
   eval: Any
+  val: Any  # the hold-out the stages are validated on (curriculum.val_transform), or None
   num_classes: int
   steps_per_epoch: int
   text_features: np.ndarray | None  # caption features, one row per train example (TIKD)
   eval_text_features: np.ndarray | None  # the eval split's own caption features, if encoded
   eval_released_text: np.ndarray | None  # the released code's rows for each eval example
+  sampler: RepeatedAugmentation | None  # DeiT's repeated augmentation: the order of examples
   host_augment: Callable | None  # per example, in the grain workers (RandAugment)
   batch_augment: Callable | None  # per batch, inside the jitted step (erasing, Mixup/CutMix)
   num_workers: int
+  notes: tuple[str, ...] = ()  # how the data was read, for the log (eval split, skipped files)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,14 +108,20 @@ class Run:
 def setup(config: ml_collections.ConfigDict, workdir: str, *, sources: tuple | None = None,
           teacher: Teacher | None = None) -> Run:
   """Everything `config` trains with, built once. `sources` = (train, eval) replaces the
-  configured data; `teacher` replaces loading `config.teacher.checkpoint`."""
+  configured data (with the stages' hold-out as a third when the curriculum validates); `teacher`
+  replaces loading `config.teacher.checkpoint`."""
   mesh = sharding_lib.make_mesh(config.mesh)
   if config.batch_size % mesh.size or config.eval_batch_size % mesh.size:
     raise ValueError(f'batch_size {config.batch_size} and eval_batch_size '
                      f'{config.eval_batch_size} must divide by the {mesh.size} devices')
   rules = [tuple(r) for r in config.sharding_rules]
+  if sources is None:
+    sources = configured_sources(config)
+  # data.normalization='compute': the model and teacher mean/std measured on the train split.
+  config, norm_notes = normalization.resolve(config, workdir, sources[0])
   data = load_data(config, sources)
-  _check_best_metric(config.best_metric, data.num_classes)
+  data = dataclasses.replace(data, notes=data.notes + tuple(norm_notes))
+  _check_best_metric(config.best_metric, data.num_classes, check_decay(config.ema.decay))
   phases = build_phases(config, data.steps_per_epoch)
   _check_text_for(phases, data, config.tikd)
   student = student_model(config, data)
@@ -143,8 +155,13 @@ def _fresh_state_fn(run: Run) -> Callable[[], TrainState]:
   seed = run.config.seed
 
   def init() -> TrainState:
-    return init_train_state(model_variables(run.student.build(seed)), run.loss, run.tx,
-                            rng=jax.random.fold_in(jax.random.key(seed), 1), shapes=run.loss_shapes)
+    variables = model_variables(run.student.build(seed))
+    state = init_train_state(variables, run.loss, run.tx,
+                             rng=jax.random.fold_in(jax.random.key(seed), 1),
+                             shapes=run.loss_shapes, ema=run.config.ema.decay > 0)
+    if stage_val.enabled(run.config):
+      state = state.replace(stage_val=stage_val.fresh(variables))
+    return state
 
   return init
 
@@ -154,13 +171,12 @@ def train_step_for(run: Run, phase: Phase):
   once per distinct `phase.switches`; the state is donated."""
   if phase.switches not in run.compiled_steps:
     config = run.config
-    opts = StepOptions(num_classes=run.data.num_classes, steps_per_epoch=run.data.steps_per_epoch,
-                       seed=config.seed, label_smoothing=config.label_smoothing,
-                       fuse_text=phase.fuse_text, frozen=phase.frozen,
-                       batch_augment=run.data.batch_augment,
-                       grad_accum_steps=config.grad_accum_steps,
-                       fusion_text=config.tikd.fusion_text, phase_steps=(phase.start_step,
-                                                                         phase.end_step))
+    opts = StepOptions(
+        num_classes=run.data.num_classes, steps_per_epoch=run.data.steps_per_epoch,
+        seed=config.seed, label_smoothing=config.label_smoothing, fuse_text=phase.fuse_text,
+        frozen=phase.frozen, batch_augment=run.data.batch_augment,
+        grad_accum_steps=config.grad_accum_steps, fusion_text=config.tikd.fusion_text,
+        phase_steps=(phase.start_step, phase.end_step), ema_decay=float(config.ema.decay))
     frozen_mask = (optim.frozen_mask(run.state_shardings.params, phase.frozen)
                    if phase.frozen else None)
     fn = make_train_step(graphdef=run.student.graphdef,
@@ -174,26 +190,56 @@ def train_step_for(run: Run, phase: Phase):
 
 
 # ------------------------------------------------------------------------------------ data
+def configured_sources(config) -> tuple:
+  """(train, eval) from `config.data`, and the stages' hold-out when the curriculum validates."""
+  sources = (build_source(config.data,
+                          config.data.train_split), build_source(config.data,
+                                                                 config.data.eval_split))
+  if stage_val.enabled(config):
+    sources += (build_source(config.data, config.curriculum.val_split),)
+  return sources
+
+
 def load_data(config, sources: tuple | None = None) -> Data:
   """The train and eval splits (`config.data`, or `sources` = (train, eval)) and their
   augmentations."""
+  validated = stage_val.enabled(config)
   if sources is None:
-    sources = (build_source(config.data, config.data.train_split),
-               build_source(config.data, config.data.eval_split))
-  train, eval_ = sources
-  steps_per_epoch = len(train) // config.batch_size
+    sources = configured_sources(config)
+  if validated and len(sources) != 3:
+    raise ValueError('curriculum.val_transform validates the stages on a hold-out: pass sources '
+                     '= (train, eval, val)')
+  train, eval_ = sources[:2]
+  notes = tuple(n for source in sources for n in getattr(source, 'notes', ()))
+  sampler = repeated_augmentation(config, len(train))
+  steps_per_epoch = sampler.steps_per_epoch if sampler else len(train) // config.batch_size
   if steps_per_epoch == 0:
     raise ValueError(f'batch_size {config.batch_size} is larger than the train split '
                      f'({len(train)} examples)')
   host_augment, batch_augment = build_augmentations(config)
   text_features = load_train_text_features(config, train)
   return Data(
-      train=train, eval=eval_, num_classes=train.num_classes, steps_per_epoch=steps_per_epoch,
-      text_features=text_features, eval_text_features=_load_eval_text_features(config, eval_),
+      train=train, eval=eval_, val=sources[2] if validated else None, num_classes=train.num_classes,
+      steps_per_epoch=steps_per_epoch, text_features=text_features,
+      eval_text_features=_load_eval_text_features(config, eval_),
       eval_released_text=None if text_features is None else pipeline.released_rows(
-          text_features, len(eval_), config.eval_batch_size), host_augment=host_augment,
-      batch_augment=batch_augment,
-      num_workers=pipeline.resolve_num_workers(config.data.num_workers))
+          text_features, len(eval_), config.eval_batch_size), sampler=sampler,
+      host_augment=host_augment, batch_augment=batch_augment,
+      num_workers=pipeline.resolve_num_workers(config.data.num_workers), notes=notes)
+
+
+def repeated_augmentation(config, num_examples: int) -> RepeatedAugmentation | None:
+  """DeiT's sampler when `config.data.repeated_aug` > 1, over `repeated_aug_replicas` replicas
+  (0: one per JAX process, as DeiT's one per GPU)."""
+  repeats, replicas = int(config.data.repeated_aug), int(config.data.repeated_aug_replicas)
+  if repeats <= 1:
+    return None
+  replicas = replicas or jax.process_count()
+  if replicas % jax.process_count():
+    raise ValueError(f'config.data.repeated_aug_replicas={replicas} does not split over '
+                     f'{jax.process_count()} processes: use a multiple of {jax.process_count()}')
+  return RepeatedAugmentation(num_examples=num_examples, batch_size=config.batch_size,
+                              num_repeats=repeats, num_replicas=replicas, seed=config.seed)
 
 
 def build_augmentations(config):
@@ -270,9 +316,14 @@ def _check_text_for(phases: list[Phase], data: Data, tikd) -> None:
 
 
 # ------------------------------------------------------------------------------------ models
-def _check_best_metric(best_metric: str, num_classes: int) -> None:
-  """`best_metric='top<k>'` needs k ≤ the number of classes: evaluation reports no top-k beyond."""
-  match = re.fullmatch(r'top(\d+)', best_metric or '')
+def _check_best_metric(best_metric: str, num_classes: int, ema_decay: float) -> None:
+  """`best_metric='[ema_]top<k>'` needs k ≤ the number of classes (evaluation reports no top-k
+  beyond), and the `ema_` ones a model EMA."""
+  if (best_metric or '').startswith('ema_') and not ema_decay:
+    raise ValueError(f'best_metric={best_metric!r} ranks checkpoints by the model EMA, but '
+                     'config.ema.decay is 0 (no EMA): set --config.ema.decay (e.g. 0.99996) or '
+                     'rank by the raw weights (--config.best_metric=top1)')
+  match = re.fullmatch(r'(?:ema_)?top(\d+)', best_metric or '')
   if match and int(match.group(1)) > num_classes:
     raise ValueError(f'best_metric={best_metric!r}, but the data has {num_classes} classes and '
                      'evaluation reports top-k only for k ≤ the number of classes; set '

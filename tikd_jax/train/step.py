@@ -17,6 +17,7 @@ from flax import nnx
 
 from tikd_jax import losses
 from tikd_jax.losses.terms import Context, Loss
+from tikd_jax.train.ema import update_ema
 from tikd_jax.train.optim import zero_frozen
 from tikd_jax.train.state import TrainState
 
@@ -40,6 +41,7 @@ class StepOptions:
   # 0 over the phase's steps `phase_steps`, else the prediction).
   fusion_text: str = 'caption'
   phase_steps: tuple[int, int] = (0, 1)
+  ema_decay: float = 0.0  # model EMA (train/ema.py) updated after every optimizer step; 0: none
 
 
 def _teacher_forward(teacher_graphdef, teacher_vars, images):
@@ -89,6 +91,9 @@ def make_train_step(*, graphdef, teacher_graphdef, loss: Loss, tx: optax.Gradien
   base_key = jax.random.key(opts.seed)
 
   def train_step(state: TrainState, batch: dict, teacher_vars):
+    if opts.ema_decay and not state.ema:
+      raise ValueError(f'ema_decay={opts.ema_decay} but the state holds no EMA: build it with '
+                       'init_train_state(..., ema=True)')
     rng = jax.random.fold_in(base_key, state.step)
     aug_rng, model_rng = jax.random.split(rng)
     images = batch['image'].astype(jnp.float32) / 255.0
@@ -120,17 +125,29 @@ def make_train_step(*, graphdef, teacher_graphdef, loss: Loss, tx: optax.Gradien
 
     total, metrics, new_stats, new_obj_state, grads = _accumulate(loss_fn, state, inputs,
                                                                   opts.grad_accum_steps, model_rng)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    if frozen_mask is not None:
-      updates = zero_frozen(updates, frozen_mask)
-    params = optax.apply_updates(state.params, updates)
     metrics = dict(metrics, loss=total, grad_norm=optax.tree.norm(grads),
                    nonfinite=tree_any_nonfinite((total, grads)))
-    new_state = TrainState(step=state.step + 1, params=params, batch_stats=new_stats,
-                           opt_state=opt_state, objective_state=new_obj_state)
+    new_state = _apply_gradients(state, grads, tx, frozen_mask,
+                                 (new_stats, new_obj_state, opts.ema_decay))
     return new_state, metrics
 
   return train_step
+
+
+def _apply_gradients(state: TrainState, grads, tx, frozen_mask, after) -> TrainState:
+  """The next state: one optimizer step (frozen parameters kept), the step's new BatchNorm
+  statistics and loss-term state, and the model EMA moved towards the new student (its
+  parameters and those statistics). `after` = (batch_stats, objective_state, ema_decay)."""
+  batch_stats, objective_state, ema_decay = after
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  if frozen_mask is not None:
+    updates = zero_frozen(updates, frozen_mask)
+  params = optax.apply_updates(state.params, updates)
+  ema = state.ema
+  if ema_decay:
+    ema = update_ema(ema, {'params': params['student'], 'batch_stats': batch_stats}, ema_decay)
+  return state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
+                       opt_state=opt_state, objective_state=objective_state, ema=ema)
 
 
 def _caption_keep(opts: StepOptions, step, rng, rows: int):

@@ -19,7 +19,7 @@ import ml_collections
 
 from tikd_jax.train import checkpoint as ckpt_lib
 from tikd_jax.train.evaluate import check_evaluation
-from tikd_jax.train.evaluate import evaluate_checkpoint, format_eval  # noqa: F401  (main.py's API)
+from tikd_jax.train.evaluate import evaluate_checkpoint, format_eval, format_evals  # noqa: F401  (main.py's API)
 from tikd_jax.train.init_from import init_from
 from tikd_jax.train.logger import MetricLogger
 from tikd_jax.train.loop import NonFiniteLossError, Outputs, restore_or_start, train_loop  # noqa: F401
@@ -35,8 +35,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   """
   workdir = os.path.abspath(workdir)
   with StopRequest() as stop:
-    _write_json(workdir, 'config.json', config.to_json_best_effort(indent=2))
     run = setup(config, workdir)
+    # The config as run: with data.normalization='compute', the measured mean / std.
+    _write_json(workdir, 'config.json', run.config.to_json_best_effort(indent=2))
     state = create_train_state(run)
     checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir,
                                                       'checkpoints'), keep=config.keep_checkpoints,
@@ -69,10 +70,18 @@ def _log_start(run: Run, logger: MetricLogger, checkpointer, start_step: int, re
   data, student = run.data, run.student
   logger.message(
       f'{student.name} {student.kwargs.get("variant", "")}: {student.num_params:,} parameters; '
-      f'{len(data.train)} train / {len(data.eval)} eval examples; {data.steps_per_epoch} steps '
+      f'{data.num_classes} classes; {len(data.train)} train / {len(data.eval)} eval examples; '
+      f'{data.steps_per_epoch} steps '
       f'per epoch, {run.total_steps} steps in {len(run.phases)} phase(s); mesh '
       f'{dict(run.mesh.shape)}; ' +
       (f'resumed at step {start_step}' if start_step else 'starting fresh'))
+  for note in data.notes:
+    logger.message(note)
+  if data.sampler:
+    s = data.sampler
+    logger.message(f'repeated augmentation: {s.num_repeats} repeats over {s.num_replicas} '
+                   f'replica(s) of {s.replica_batch} rows, {s.per_replica} examples per replica '
+                   f'and epoch (DeiT\'s RASampler)')
   if resume_note:
     logger.message(resume_note)
   for bad_step, reason in checkpointer.set_aside:

@@ -47,7 +47,7 @@ def _eval_data(args, config, num_examples: int):
                        f'{args.workdir}/config.json: {e}') from None
   idx = wd.sample_indices(len(source), num_examples, args.seed)
   images, labels = wd.gather(source, idx)
-  return images, labels, source, split
+  return images, labels, source, source.split  # 'auto' resolved
 
 
 def _forward_fn(checkpoint, fuse_text: bool):

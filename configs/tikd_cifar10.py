@@ -1,0 +1,71 @@
+r"""TIKD ViT students on CIFAR-10 with a ResNet32x4 teacher and the released CIFAR-10 captions.
+
+  # 1. The teacher (no CIFAR-10 ResNet32x4 weights are published; RepDistiller's recipe):
+  python main.py --config=configs/teacher_cifar100.py:resnet32x4,cifar10 \
+      --workdir=workdirs/resnet32x4_c10 --config.data.dir=/path/to/cifar
+  # 2. The released captions (JSJ515-Group/TIKD description/model_train_descriptions_cifar10.txt)
+  #    as captions.jsonl by example index, then their CLIP ViT-B/32 features:
+  python -m tikd_jax.text_teacher import-log --data.name cifar10 --data.dir /path/to/cifar \
+      --split train --log TIKD/description/model_train_descriptions_cifar10.txt \
+      --out text/c10-released
+  python -m tikd_jax.text_teacher encode --data.name cifar10 --data.dir /path/to/cifar \
+      --split train --out text/c10-released --encoder /models/clip-vit-base-patch32
+  # 3. The student:
+  python main.py --config=configs/tikd_cifar10.py:large --workdir=workdirs/tikd_c10_large \
+      --config.data.dir=/path/to/cifar --config.teacher.checkpoint=workdirs/resnet32x4_c10 \
+      --config.text.features_dir=text/c10-released
+
+The released repository ships the CIFAR-10 description log but no CIFAR-10 recipe (its
+build_dataset builds CIFAR-100 only, and its README reports CIFAR-100 and Tiny ImageNet): this is
+configs/tikd_cifar100.py's recipe (DeiT's, hard KD, 300 epochs as a 50-epoch vision-only warm-up
+then 250 joint epochs) on CIFAR-10, with CIFAR-10 normalisation for the student and the teacher.
+The log is taken to list the train images in the archive's order (torchvision's CIFAR10 order,
+which is ours); no reference accuracy exists.
+
+Argument: `small|medium|large`, then optionally, comma separated, as configs/tikd_cifar100.py: a
+distillation method (none|soft|hard|kd|dkd|ctkd|pkcd), `notext` or `released`; and
+`warmup=E`, `joint=E` to change the two stages' epochs (default 50 and 250).
+"""
+from configs import common, tikd_cifar100
+
+WARMUP_EPOCHS, JOINT_EPOCHS = 50.0, 250.0
+
+
+def _parse(arg: str) -> tuple[str, dict]:
+  """(the tikd_cifar100 argument, {'warmup': epochs, 'joint': epochs})."""
+  passed, epochs = [], dict(warmup=WARMUP_EPOCHS, joint=JOINT_EPOCHS)
+  for part in arg.split(','):
+    key, eq, value = part.partition('=')
+    if not eq:
+      passed.append(part)
+      continue
+    try:
+      epochs[key] = float(value) if key in epochs else None
+    except ValueError:
+      epochs[key] = None
+    if epochs[key] is None or epochs[key] <= 0:
+      raise ValueError(f'tikd_cifar10: {part!r} in {arg!r}; the stage epochs are warmup=E and '
+                       f'joint=E with E > 0')
+  return ','.join(passed), epochs
+
+
+def get_config(arg: str = 'large'):
+  passed, epochs = _parse(arg)
+  try:
+    c = tikd_cifar100.get_config(passed)
+  except ValueError as e:
+    raise ValueError(f'tikd_cifar10 takes small|medium|large[,method][,notext|,released]'
+                     f'[,warmup=E][,joint=E]: {e}') from e
+  flags = set(passed.split(',')[1:])
+  if (epochs['warmup'], epochs['joint']) != (WARMUP_EPOCHS,
+                                             JOINT_EPOCHS) and flags & {'notext', 'released'}:
+    raise ValueError(f'tikd_cifar10: warmup= / joint= set the stages, which notext and released '
+                     f'runs do not have (one phase of --config.num_epochs); got {arg!r}')
+  with c.unlocked():
+    c.name = c.name.replace('tikd_', 'tikd_cifar10_', 1)
+    c.data.name = 'cifar10'
+    c.model.mean, c.model.std = common.CIFAR10_MEAN, common.CIFAR10_STD
+    c.teacher.mean, c.teacher.std = common.CIFAR10_MEAN, common.CIFAR10_STD
+    if c.stages:
+      common.tikd_stages(c, warmup_epochs=epochs['warmup'], joint_epochs=epochs['joint'])
+  return c
