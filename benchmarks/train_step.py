@@ -160,7 +160,7 @@ def build_jax(size: str, batch: int, xla_options: str, dtype: str = 'float32'):
   from configs import tikd_cifar100  # pylint: disable=g-import-not-at-top
   from tikd_jax import sharding as sharding_lib  # pylint: disable=g-import-not-at-top
   from tikd_jax.data import ArraySource  # pylint: disable=g-import-not-at-top
-  from tikd_jax.models import build_model  # pylint: disable=g-import-not-at-top
+  from tikd_jax.models import build_model, cpu_fast_layers  # pylint: disable=g-import-not-at-top
   from tikd_jax.models.variables import model_variables  # pylint: disable=g-import-not-at-top
   from tikd_jax.train import run as run_lib  # pylint: disable=g-import-not-at-top
 
@@ -179,9 +179,10 @@ def build_jax(size: str, batch: int, xla_options: str, dtype: str = 'float32'):
   train = ArraySource(np.broadcast_to(images[:1], (50_000,) + images.shape[1:]),
                       np.zeros(50_000, np.int32), [str(i) for i in range(NUM_CLASSES)], 'synthetic',
                       'train')
-  # As run.load_teacher builds it: in config.dtype under mixed precision.
+  # As run.load_teacher builds it: in config.dtype under mixed precision, with the CPU switch.
   teacher = build_model(TEACHER, rngs=nnx.Rngs(1), num_classes=NUM_CLASSES,
                         mean=config.teacher.mean, std=config.teacher.std,
+                        fast_layers=cpu_fast_layers.enabled(config.cpu_fast_layers),
                         **({} if dtype == 'float32' else {'dtype': dtype}))
   teacher_vars = model_variables(teacher)
   mesh = sharding_lib.make_mesh(config.mesh)
