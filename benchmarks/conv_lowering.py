@@ -10,9 +10,9 @@ layers   every 3×3 conv shape of ResNet32x4 at 32 px (+ bias + ReLU, as the fol
          K = C accumulated).
 options  one 32×32 64→64 conv under XLA:CPU option sets (YNNPACK, oneDNN, XNNPACK switches this
          jaxlib knows), with whether the compiled program still holds XLA's own convolution.
-teacher  the whole eval-mode forward: `plain` (Flax conv → BatchNorm), `folded`
-         (`fast_layers=True`: cpu_fast_layers.conv_bn_eval) and `folded_im2col` (folded, every
-         3×3 conv as `im2col`).
+teacher  the whole eval-mode forward: `plain` (the Flax model: conv → BatchNorm), `folded`
+         (`folded_forward`: every BatchNorm folded into its conv, conv + bias + ReLU) and
+         `folded_im2col` (folded, every conv as `im2col`); logits checked against plain.
 
 Contestants of one group run interleaved (order rotated each round) in this one process; one
 JSON line each: median / p10 / p90 / min seconds, GFLOP/s of the median, the 1-minute load.
@@ -70,8 +70,9 @@ def lowerings():
   from jax import lax  # pylint: disable=g-import-not-at-top
 
   def xla_conv(x, k, b, s):
+    p = (k.shape[0] - 1) // 2
     dims = ('NHWC', 'HWIO', 'NHWC')
-    return lax.conv_general_dilated(x, k, (s, s), ((1, 1), (1, 1)), dimension_numbers=dims) + b
+    return lax.conv_general_dilated(x, k, (s, s), ((p, p), (p, p)), dimension_numbers=dims) + b
 
   def xla_conv_nchw(x, k, b, s):  # x in NCHW
     dims = ('NCHW', 'HWIO', 'NCHW')
@@ -180,6 +181,29 @@ def bench_options(batch, runs, emit):
     emit(row)
 
 
+def folded_forward(model, images, conv):
+  """ResNet32x4's eval-mode logits with every BatchNorm folded into the conv before it (kernel ·
+  s, bias − mean · s, s = scale/√(var + ε)), each conv run by `conv(x, kernel, bias, stride)`."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+
+  def conv_bn(c, bn, x):
+    s = bn.scale[...] * jax.lax.rsqrt(bn.var[...] + bn.epsilon)
+    stride = c.strides if isinstance(c.strides, int) else c.strides[0]
+    return conv(x, c.kernel[...] * s, bn.bias[...] - bn.mean[...] * s, stride)
+
+  x = (images - jnp.asarray(model.mean)) / jnp.asarray(model.std)
+  x = jax.nn.relu(conv_bn(model.conv1, model.bn1, x))
+  for stage in (model.layer1, model.layer2, model.layer3):
+    for block in stage:
+      y = jax.nn.relu(conv_bn(block.conv1, block.bn1, x))
+      y = conv_bn(block.conv2, block.bn2, y)
+      if block.downsample_conv is not None:
+        x = conv_bn(block.downsample_conv, block.downsample_bn, x)
+      x = jax.nn.relu(y + x)
+  return model.fc(jnp.mean(x, axis=(1, 2)))
+
+
 def bench_teacher(batch, runs, emit):
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
@@ -187,34 +211,30 @@ def bench_teacher(batch, runs, emit):
   from flax import nnx  # pylint: disable=g-import-not-at-top
 
   from benchmarks.train_step import resnet_forward_flops  # pylint: disable=g-import-not-at-top
-  from tikd_jax.models import build_model, cpu_fast_layers  # pylint: disable=g-import-not-at-top
+  from tikd_jax.models import build_model  # pylint: disable=g-import-not-at-top
   from tikd_jax.models.variables import model_variables  # pylint: disable=g-import-not-at-top
 
   images = jnp.asarray(np.random.default_rng(0).random((batch, 32, 32, 3)), jnp.float32)
-  im2col = lowerings()['im2col']
+  model = build_model('resnet32x4', rngs=nnx.Rngs(1), num_classes=100)
+  variables, graphdef = model_variables(model), nnx.graphdef(model)
+  ways = {
+      'plain': lambda m, x: m(x, train=False)[0],
+      'folded': lambda m, x: folded_forward(m, x,
+                                            lowerings()['xla_conv']),
+      'folded_im2col': lambda m, x: folded_forward(m, x,
+                                                   lowerings()['im2col']),
+  }
+  fns, reference = {}, None
+  for name, way in ways.items():
 
-  def conv_bn_im2col(conv, bn, x):  # the fold of conv_bn_eval, the conv as im2col + one dot
-    scale = bn.scale[...] * jax.lax.rsqrt(bn.var[...] + bn.epsilon)
-    stride = conv.strides if isinstance(conv.strides, int) else conv.strides[0]
-    return im2col(x, conv.kernel[...] * scale, bn.bias[...] - bn.mean[...] * scale, stride)
+    def forward(v, x, way=way):
+      return way(nnx.merge(graphdef, v['params'], v['batch_stats']), x)
 
-  fns = {}
-  for name in ('plain', 'folded', 'folded_im2col'):
-    model = build_model('resnet32x4', rngs=nnx.Rngs(1), num_classes=100, fast_layers=name
-                        != 'plain')
-    variables, graphdef = model_variables(model), nnx.graphdef(model)
-
-    def forward(v, x, graphdef=graphdef):
-      return nnx.merge(graphdef, v['params'], v['batch_stats'])(x, train=False)[0]
-
-    real = cpu_fast_layers.conv_bn_eval
-    if name == 'folded_im2col':
-      cpu_fast_layers.conv_bn_eval = conv_bn_im2col  # only while tracing this contestant
-    try:
-      c = jax.jit(forward, compiler_options=NO_YNN).lower(variables, images).compile()
-    finally:
-      cpu_fast_layers.conv_bn_eval = real
-    c(variables, images).block_until_ready()
+    c = jax.jit(forward, compiler_options=NO_YNN).lower(variables, images).compile()
+    logits = c(variables, images).block_until_ready()
+    reference = logits if reference is None else reference
+    error = float(jnp.max(jnp.abs(logits - reference)) / jnp.max(jnp.abs(reference)))
+    assert error < 1e-4, f'{name}: logits differ from the plain forward by {error:.1e} (relative)'
     fns[name] = functools.partial(lambda c, v: c(v, images).block_until_ready(), c, variables)
   flops = resnet_forward_flops('resnet32x4') * batch
   for row in rows_of('teacher_forward resnet32x4', interleave(fns, runs), flops):

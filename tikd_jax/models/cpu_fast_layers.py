@@ -1,5 +1,4 @@
-"""XLA:CPU speed tricks for the ViT's token-wise layers and the ResNet teacher's eval-mode
-forward, behind `config.cpu_fast_layers`.
+"""XLA:CPU speed tricks for the ViT's token-wise layers, behind `config.cpu_fast_layers`.
 
 Same math, parameters and names as `nnx.Linear` / `nnx.LayerNorm` / the p×p patch `nnx.Conv`;
 only the lowering differs:
@@ -9,11 +8,6 @@ only the lowering differs:
     activation gradient and 2-D reduce-windows over (B, N), which together cost more than the
     matmuls at these widths (one [8448, 1024] bias gradient: 32 ms → ~7 ms; benchmarks/README.md).
   * the patch embedding is non-overlapping patches @ kernel instead of an XLA:CPU convolution.
-  * conv → eval-mode BatchNorm (the frozen ResNet teacher) is one convolution with the BatchNorm
-    folded into its kernel and a bias: conv + bias + ReLU, no normalisation pass. Lowering the 3×3
-    convolutions to GEMMs (im2col by 9 shifted slices + one dot, or 3 or 9 accumulated dots) was
-    2–3× slower per layer than XLA:CPU's own convolution here, and no XLA:CPU option (oneDNN,
-    XNNPACK) changes how a convolution lowers in this jaxlib (benchmarks/README.md).
 On GPU/TPU the plain layers are what the compiler expects, so 'auto' turns these on only on CPU.
 Results differ from autodiff of the plain layers by float32 rounding (tests/test_models.py).
 """
@@ -135,42 +129,3 @@ def patch_embed(conv: nnx.Conv, x: jax.Array, patch: int) -> jax.Array:
   x, kernel, bias = conv.promote_dtype((x, conv.kernel[...], conv.bias[...]), dtype=conv.dtype)
   patches = x[:, :gh * p, :gw * p].reshape(b, gh, p, gw, p, c).transpose(0, 1, 3, 2, 4, 5)
   return _dense_fn(patches.reshape(b, gh, gw, p * p * c), kernel.reshape(p * p * c, -1), bias)
-
-
-def _pair(v):
-  return tuple(v) if isinstance(v, (tuple, list)) else (v, v)
-
-
-def _foldable(conv: nnx.Conv, bn: nnx.BatchNorm, x: jax.Array) -> bool:
-  """A bias-free 2-D conv without groups, dilation or mask, padded by pairs or SAME/VALID, then a
-  BatchNorm over the channels (last axis) with scale and bias."""
-  padding_ok = (conv.padding in ('SAME', 'VALID')
-                if isinstance(conv.padding, str) else isinstance(conv.padding, (tuple, list))
-                and all(isinstance(p, (tuple, list)) and len(p) == 2 for p in conv.padding))
-  return (conv.bias is None and conv.mask is None and conv.feature_group_count == 1
-          and len(conv.kernel_size) == 2 and _pair(conv.kernel_dilation) == (1, 1)
-          and _pair(conv.input_dilation) == (1, 1) and padding_ok and bn.scale is not None
-          and bn.bias is not None and bn.axis in (-1, x.ndim - 1) and bn.axis_name is None)
-
-
-def conv_bn_eval(conv: nnx.Conv, bn: nnx.BatchNorm, x: jax.Array) -> jax.Array:
-  """`bn(conv(x), use_running_average=True)` for a bias-free conv, as one convolution with the
-  BatchNorm folded in: kernel · scale/√(var + ε) and bias − mean · scale/√(var + ε).
-
-  The fold is a few elementwise ops on the weights (~7 M numbers for ResNet32x4) inside the
-  jitted step; the activations then get a bias + ReLU instead of a normalisation. Differentiable
-  (the same function of kernel, scale and bias), but meant for the frozen teacher in eval mode.
-  """
-  if not _foldable(conv, bn, x):
-    return bn(conv(x), use_running_average=True)
-  f32 = lambda v: v[...].astype(jnp.float32)
-  scale = f32(bn.scale) * lax.rsqrt(f32(bn.var) + bn.epsilon)
-  kernel = f32(conv.kernel) * scale
-  bias = f32(bn.bias) - f32(bn.mean) * scale
-  x, kernel, bias = conv.promote_dtype((x, kernel, bias), dtype=conv.dtype)
-  padding = conv.padding if isinstance(conv.padding, str) else tuple(map(tuple, conv.padding))
-  if not isinstance(padding, str) and len(padding) == 1:
-    padding = padding * 2
-  y = lax.conv_general_dilated(x, kernel, tuple(_pair(conv.strides)), padding,
-                               dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
-  return y + bias

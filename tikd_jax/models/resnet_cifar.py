@@ -5,10 +5,6 @@ Layout and names follow RepDistiller's `models/resnet.py` so that weights conver
 conv1/bn1 stem, layer1..3 of BasicBlocks (conv1, bn1, conv2, bn2, optional downsample conv+bn),
 global average pool, fc. Convs pad explicitly like PyTorch ((1, 1) on both sides even at stride 2,
 where Flax's 'SAME' would pad (0, 1)). BatchNorm: eps 1e-5, PyTorch momentum 0.1 == Flax 0.9.
-
-`fast_layers=True` (set by `config.cpu_fast_layers`, on by default only on XLA:CPU) runs the
-eval-mode forward (the frozen teacher) with every BatchNorm folded into the conv before it
-(`cpu_fast_layers.conv_bn_eval`): same outputs to float32 rounding; training mode is unchanged.
 """
 from __future__ import annotations
 
@@ -18,7 +14,6 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from tikd_jax.models import cpu_fast_layers
 from tikd_jax.normalization import CIFAR100_MEAN, CIFAR100_STD
 
 # RepDistiller initialises convs with kaiming_normal(mode='fan_out', relu).
@@ -50,17 +45,9 @@ def _bn(c, rngs, dtype):
   return nnx.BatchNorm(c, momentum=0.9, epsilon=1e-5, dtype=dtype, rngs=rngs)
 
 
-def _conv_bn(conv: nnx.Conv, bn: nnx.BatchNorm, x, train: bool, fast: bool):
-  if fast and not train:
-    return cpu_fast_layers.conv_bn_eval(conv, bn, x)
-  return bn(conv(x), use_running_average=not train)
-
-
 class BasicBlock(nnx.Module):
 
-  def __init__(self, cin: int, cout: int, stride: int, *, rngs: nnx.Rngs, dtype=None,
-               fast_layers: bool = False):
-    self.fast_layers = fast_layers
+  def __init__(self, cin: int, cout: int, stride: int, *, rngs: nnx.Rngs, dtype=None):
     self.conv1 = _conv(cin, cout, 3, stride, rngs, dtype)
     self.bn1 = _bn(cout, rngs, dtype)
     self.conv2 = _conv(cout, cout, 3, 1, rngs, dtype)
@@ -72,11 +59,11 @@ class BasicBlock(nnx.Module):
       self.downsample_conv = self.downsample_bn = None
 
   def __call__(self, x, train: bool):
-    fast = self.fast_layers
-    y = jax.nn.relu(_conv_bn(self.conv1, self.bn1, x, train, fast))
-    y = _conv_bn(self.conv2, self.bn2, y, train, fast)
+    ura = not train
+    y = jax.nn.relu(self.bn1(self.conv1(x), use_running_average=ura))
+    y = self.bn2(self.conv2(y), use_running_average=ura)
     if self.downsample_conv is not None:
-      x = _conv_bn(self.downsample_conv, self.downsample_bn, x, train, fast)
+      x = self.downsample_bn(self.downsample_conv(x), use_running_average=ura)
     return jax.nn.relu(y + x)
 
 
@@ -85,7 +72,7 @@ class CifarResNet(nnx.Module):
 
   def __init__(self, name: str = 'resnet32x4', *, num_classes: int,
                mean: Sequence[float] = CIFAR100_MEAN, std: Sequence[float] = CIFAR100_STD,
-               dtype: Any = None, fast_layers: bool = False, rngs: nnx.Rngs, **unused):
+               dtype: Any = None, rngs: nnx.Rngs, **unused):
     if unused:
       raise ValueError(f'CifarResNet got unexpected arguments {sorted(unused)}')
     if name not in CONFIGS:
@@ -97,7 +84,6 @@ class CifarResNet(nnx.Module):
     self.arch = name
     self.mean, self.std, self.dtype = tuple(mean), tuple(std), dtype
     self.num_classes = num_classes
-    self.fast_layers = fast_layers
     self.conv1 = _conv(3, filters[0], 3, 1, rngs, dtype)
     self.bn1 = _bn(filters[0], rngs, dtype)
     cin = filters[0]
@@ -105,9 +91,7 @@ class CifarResNet(nnx.Module):
     for stage, (cout, stride) in enumerate(zip(filters[1:], (1, 2, 2))):
       blocks = []
       for i in range(n):
-        blocks.append(
-            BasicBlock(cin, cout, stride if i == 0 else 1, rngs=rngs, dtype=dtype,
-                       fast_layers=fast_layers))
+        blocks.append(BasicBlock(cin, cout, stride if i == 0 else 1, rngs=rngs, dtype=dtype))
         cin = cout
       stages.append(nnx.List(blocks))
     self.layer1, self.layer2, self.layer3 = stages
@@ -120,7 +104,7 @@ class CifarResNet(nnx.Module):
     std = jnp.asarray(self.std, jnp.float32)
     x = ((images.astype(jnp.float32) - mean) / std).astype(self.dtype or jnp.float32)
     out = {}
-    x = jax.nn.relu(_conv_bn(self.conv1, self.bn1, x, train, self.fast_layers))
+    x = jax.nn.relu(self.bn1(self.conv1(x), use_running_average=not train))
     out['stem'] = x
     for name in ('layer1', 'layer2', 'layer3'):
       for block in getattr(self, name):
