@@ -7,7 +7,8 @@ layers   every 3×3 conv shape of ResNet32x4 at 32 px (+ bias + ReLU, as the fol
          them) as: `xla_conv` (lax.conv_general_dilated, NHWC: what the model uses), `xla_conv_nchw`
          (the same in NCHW), `im2col` (the 9 shifted views concatenated, one [B·H·W, 9C]·[9C, O]
          dot), `im2col_rows` (3 dots of K = 3C, one per kernel row), `shifted_dots` (9 dots of
-         K = C accumulated).
+         K = C accumulated), `winograd_f2x2` (Winograd F(2×2, 3×3), stride 1); each checked
+         against xla_conv.
 options  one 32×32 64→64 conv under XLA:CPU option sets (YNNPACK, oneDNN, XNNPACK switches this
          jaxlib knows), with whether the compiled program still holds XLA's own convolution.
 teacher  the whole eval-mode forward: `plain` (the Flax model: conv → BatchNorm), `folded`
@@ -94,9 +95,29 @@ def lowerings():
     views = _views(x, s)
     return b + sum(jnp.dot(views[i][j], k[i, j]) for i in range(3) for j in range(3))
 
+  def winograd_f2x2(x, k, b, s):
+    """Winograd F(2×2, 3×3) (Lavin & Gray 2016): 4×4 input tiles at stride 2, Bᵀ·d·B, 16
+    batched [tiles, C]·[C, O] dots with G·g·Gᵀ, Aᵀ·m·A; 2.25× fewer multiplies. Stride 1 only."""
+    assert s == 1 and k.shape[:2] == (3, 3)
+    n, h, w, c = x.shape
+    th, tw = h // 2, w // 2
+    bt = lambda d0, d1, d2, d3: (d0 - d2, d1 + d2, d2 - d1, d1 - d3)
+    xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+    rows = bt(*[xp[:, i:i + 2 * th:2] for i in range(4)])
+    tiles = [t for r in rows for t in bt(*[r[:, :, j:j + 2 * tw:2] for j in range(4)])]
+    v = jnp.stack(tiles).reshape(16, n * th * tw, c)
+    g = jnp.asarray([[1, 0, 0], [.5, .5, .5], [.5, -.5, .5], [0, 0, 1]], k.dtype)
+    u = jnp.einsum('ai,ijco,bj->abco', g, k, g).reshape(16, c, -1)
+    m = lax.dot_general(v, u, (((2,), (1,)), ((0,), (0,)))).reshape(4, 4, n, th, tw, -1)
+    at = lambda m0, m1, m2, m3: (m0 + m1 + m2, m1 - m2 - m3)
+    r0, r1 = at(*m)
+    y = [at(*r) for r in (r0, r1)]  # y[a][c]: output pixel (2i + a, 2j + c)
+    y = jnp.stack([jnp.stack(y[0], -2), jnp.stack(y[1], -2)], 2)  # [n, th, 2, tw, 2, O]
+    return y.reshape(n, h, w, -1) + b
+
   return {
       'xla_conv': xla_conv, 'xla_conv_nchw': xla_conv_nchw, 'im2col': im2col,
-      'im2col_rows': im2col_rows, 'shifted_dots': shifted_dots
+      'im2col_rows': im2col_rows, 'shifted_dots': shifted_dots, 'winograd_f2x2': winograd_f2x2
   }
 
 
@@ -128,24 +149,33 @@ def rows_of(group, results, flops, extra_of=lambda name: {}):
     }
 
 
-def bench_layers(batch, runs, emit):
+def bench_layers(batch, runs, emit, only=None):
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   rng = np.random.default_rng(0)
   for hw, cin, cout, s in LAYERS:
+    group = f'{hw}x{hw} {cin}->{cout} s{s}'
+    if only and group not in only:
+      continue
     x = jnp.asarray(rng.normal(size=(batch, hw, hw, cin)), jnp.float32)
     k = jnp.asarray(rng.normal(size=(3, 3, cin, cout)) * 0.05, jnp.float32)
     b = jnp.asarray(rng.normal(size=(cout,)), jnp.float32)
-    fns = {}
+    fns, reference = {}, None
     for name, f in lowerings().items():
+      if name.startswith('winograd') and s != 1:
+        continue
       xx = jnp.transpose(x, (0, 3, 1, 2)) if name.endswith('nchw') else x
       g = jax.jit(lambda x, k, b, f=f, s=s: jax.nn.relu(f(x, k, b, s)), compiler_options=NO_YNN)
       c = g.lower(xx, k, b).compile()
-      c(xx, k, b).block_until_ready()
+      y = c(xx, k, b).block_until_ready()
+      y = jnp.transpose(y, (0, 2, 3, 1)) if name.endswith('nchw') else y
+      reference = y if reference is None else reference
+      error = float(jnp.max(jnp.abs(y - reference)) / jnp.max(jnp.abs(reference)))
+      assert error < 1e-4, f'{name}: differs from xla_conv by {error:.1e} (relative)'
       fns[name] = functools.partial(lambda c, xx: c(xx, k, b).block_until_ready(), c, xx)
     flops = 2 * 9 * cin * cout * batch * (hw // s)**2
-    for row in rows_of(f'{hw}x{hw} {cin}->{cout} s{s}', interleave(fns, runs), flops):
+    for row in rows_of(group, interleave(fns, runs), flops):
       emit(row)
 
 
@@ -247,12 +277,18 @@ def main():
   parser.add_argument('--what', default='layers,options,teacher')
   parser.add_argument('--runs', type=int, default=9)
   parser.add_argument('--batch', type=int, default=128)
+  parser.add_argument('--layers', default=None,
+                      help='only these layer groups, e.g. "32x32 64->64 s1" (comma-separated)')
   parser.add_argument('--out', default=None)
   args = parser.parse_args()
   benches = {'layers': bench_layers, 'options': bench_options, 'teacher': bench_teacher}
   with report.JsonLines(args.out) as write:
     for what in args.what.split(','):
-      benches[what](args.batch, args.runs, lambda row: write(dict(row, batch=args.batch)))
+      emit = lambda row: write(dict(row, batch=args.batch))  # noqa: E731
+      if what == 'layers' and args.layers:
+        bench_layers(args.batch, args.runs, emit, args.layers.split(','))
+      else:
+        benches[what](args.batch, args.runs, emit)
 
 
 if __name__ == '__main__':
