@@ -15,6 +15,7 @@ student forward + backward (TIKD DistilledViT, train mode, drop path 0.1), hard 
                  augmentations off, on synthetic data with a random teacher.
   torch          convert/torch_models.py twins (TorchDistilledViT, TorchCifarResNet) in eager
                  mode, torch.optim.AdamW (defaults), the same loss.
+  torch_<n>t     torch eager with n threads (e.g. torch_1t), beside torch's default count.
   torch_compile  the same, with the teacher forward + student forward/loss under torch.compile
                  (backward through AOTAutograd); skipped with the reason when it fails here.
 
@@ -33,6 +34,7 @@ import argparse
 import functools
 import os
 import platform
+import re
 import statistics
 import sys
 import time
@@ -158,7 +160,7 @@ def build_jax(size: str, batch: int, xla_options: str, dtype: str = 'float32'):
   from configs import tikd_cifar100  # pylint: disable=g-import-not-at-top
   from tikd_jax import sharding as sharding_lib  # pylint: disable=g-import-not-at-top
   from tikd_jax.data import ArraySource  # pylint: disable=g-import-not-at-top
-  from tikd_jax.models import build_model  # pylint: disable=g-import-not-at-top
+  from tikd_jax.models import build_model, cpu_fast_layers  # pylint: disable=g-import-not-at-top
   from tikd_jax.models.variables import model_variables  # pylint: disable=g-import-not-at-top
   from tikd_jax.train import run as run_lib  # pylint: disable=g-import-not-at-top
 
@@ -177,9 +179,10 @@ def build_jax(size: str, batch: int, xla_options: str, dtype: str = 'float32'):
   train = ArraySource(np.broadcast_to(images[:1], (50_000,) + images.shape[1:]),
                       np.zeros(50_000, np.int32), [str(i) for i in range(NUM_CLASSES)], 'synthetic',
                       'train')
-  # As run.load_teacher builds it: in config.dtype under mixed precision.
+  # As run.load_teacher builds it: in config.dtype under mixed precision, with the CPU switch.
   teacher = build_model(TEACHER, rngs=nnx.Rngs(1), num_classes=NUM_CLASSES,
                         mean=config.teacher.mean, std=config.teacher.std,
+                        fast_layers=cpu_fast_layers.enabled(config.cpu_fast_layers),
                         **({} if dtype == 'float32' else {'dtype': dtype}))
   teacher_vars = model_variables(teacher)
   mesh = sharding_lib.make_mesh(config.mesh)
@@ -230,8 +233,10 @@ class Contestant:
     return f'{self.framework}{preset}/{self.extra.get("dtype", "float32")}'
 
   def row(self) -> dict:
+    # times in round order too (`times_s` is sorted): pairs a contestant with another of the same
+    # round, run seconds apart under the same load
     return _row(self.name, self.framework, self.size, self.batch, self.times, self.flops,
-                self.loads, self.extra)
+                self.loads, dict(self.extra, times_by_round_s=[round(t, 4) for t in self.times]))
 
 
 def jax_contestants(size, batch, parts, xla_options='default', dtype='float32') -> list[Contestant]:
@@ -442,13 +447,28 @@ def _framework_contestants(framework, size, batch, parts, presets, dtypes, devic
       c.extra['code'] = code
     return contestants, skipped
   torch_device = 'cuda' if device == 'gpu' else 'cpu'
+  threads = torch_threads(framework)
+  if threads:
+    import torch  # pylint: disable=g-import-not-at-top
+    torch.set_num_threads(threads)
   for dtype in dtypes:
     made = torch_contestants(size, batch, parts, framework == 'torch_compile', torch_device, dtype)
     if isinstance(made, dict):
       skipped.append(made)
     else:
       contestants += made
+  if threads:
+    for c in contestants:
+      c.framework = framework
   return contestants, skipped
+
+
+def torch_threads(framework: str) -> int | None:
+  """`torch_<n>t`: PyTorch eager with n threads (torch.set_num_threads), None otherwise. On a
+  loaded machine OpenMP's barrier at 2 threads can stall on every small op; the 1-thread twin
+  shows PyTorch at its best there."""
+  match = re.fullmatch(r'torch_(\d+)t', framework)
+  return int(match.group(1)) if match else None
 
 
 def _worker(conn, framework, size, batch, parts, presets, dtypes, device, warmup,
@@ -585,9 +605,11 @@ def main() -> None:
   ]
   if args.baseline_root:
     frameworks = ['jax_baseline'] + frameworks
-  unknown = set(frameworks) - {'jax', 'jax_baseline', 'torch', 'torch_compile'}
+  unknown = {f for f in frameworks if not torch_threads(f)
+            } - {'jax', 'jax_baseline', 'torch', 'torch_compile'}
   if unknown:
-    parser.error(f'unknown frameworks {sorted(unknown)}; use jax, torch, torch_compile')
+    parser.error(f'unknown frameworks {sorted(unknown)}; use jax, torch, torch_<n>t, '
+                 'torch_compile')
   dtypes = tuple(d for d in args.dtypes.split(',') if d)
   if set(dtypes) - {'float32', 'bfloat16'}:
     parser.error(f'--dtypes {args.dtypes!r}: use float32 and/or bfloat16')
