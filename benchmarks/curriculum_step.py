@@ -69,6 +69,7 @@ def build_run(saliency: str, batch: int, xla_preset: str, fast_layers: str):
     config.batch_size = batch
     config.xla_options = xla_preset
     config.cpu_fast_layers = fast_layers
+    config.curriculum.val_transform = ''  # stage validation is an eval, not part of the step
   train = ArraySource(np.zeros((45_000, 32, 32, 3), np.uint8), np.zeros(45_000, np.int32),
                       [str(i) for i in range(NUM_CLASSES)], 'synthetic', 'train')
   teacher_graph, teacher_tpl = abstract_model('vit', variant=TEACHER, patch_size=4,
@@ -219,12 +220,7 @@ def _worker(conn, framework, args):
   while True:
     msg = conn.recv()
     if msg[0] == 'step':
-      c = contestants[msg[1]]
-      c.loads.append(report.load_now())
-      t = time.perf_counter()
-      c.fn()
-      c.times.append(time.perf_counter() - t)
-      conn.send(c.times[-1])
+      conn.send(report.timed_call(contestants[msg[1]]))
     else:
       conn.send([(c.framework, c.res, c.times, c.loads, c.extra) for c in contestants])
       return

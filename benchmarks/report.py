@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import statistics
+import time
 
 
 def quantile(values, p: float) -> float:
@@ -22,6 +23,16 @@ def load_summary(loads) -> dict:
 
 def load_now() -> float:
   return round(os.getloadavg()[0], 2)
+
+
+def timed_call(contestant) -> float:
+  """One timed call of `contestant.fn`, its seconds and the load before it appended to the
+  contestant's `times` / `loads` (the workers of train_step.py and curriculum_step.py)."""
+  contestant.loads.append(load_now())
+  t = time.perf_counter()
+  contestant.fn()
+  contestant.times.append(time.perf_counter() - t)
+  return contestant.times[-1]
 
 
 class JsonLines:

@@ -484,12 +484,7 @@ def _worker(conn, framework, size, batch, parts, presets, dtypes, device, warmup
   while True:
     msg = conn.recv()
     if msg[0] == 'step':
-      c = contestants[msg[1]]
-      c.loads.append(report.load_now())
-      t = time.perf_counter()
-      c.fn()
-      c.times.append(time.perf_counter() - t)
-      conn.send(c.times[-1])
+      conn.send(report.timed_call(contestants[msg[1]]))
     elif msg[0] == 'rows':
       conn.send([c.row() for c in contestants])
       return

@@ -105,3 +105,23 @@ def test_table_ratio_is_torch_eager_time_over_ours():
   rows = [dict(base, framework='torch', median_s=2.0), dict(base, framework='jax', median_s=0.5)]
   jax_line = next(line for line in report.table(rows).splitlines() if '| jax |' in line)
   assert '| 4.00 |' in jax_line
+
+
+def test_curriculum_step_runs_the_irkd_config_against_its_torch_twin(tmp_path):
+  """benchmarks/curriculum_step.py, CI-sized: the trainer's IRKD step as configured (stage
+  validation off: it is an eval) against PyTorch, and the ratio row its definition gives."""
+  out = tmp_path / 'curriculum.jsonl'
+  subprocess.run([
+      sys.executable,
+      os.path.join(ROOT, 'benchmarks', 'curriculum_step.py'), '--batch', '8', '--runs', '2',
+      '--warmup', '0', '--resolutions', '12', '--frameworks', 'jax,torch_1t', '--out',
+      str(out)
+  ], check=True, cwd=ROOT, timeout=900)
+  with open(out) as f:
+    rows = [json.loads(line) for line in f]
+  steps = {r['framework']: r for r in rows if r['benchmark'] == 'curriculum_step'}
+  assert set(steps) == {'jax', 'torch_1t'}
+  assert all(r['median_s'] > 0 and r['resolution'] == 12 for r in steps.values())
+  (ratio,) = [r for r in rows if r['benchmark'] == 'curriculum_ratio']
+  assert ratio['torch_over_jax'] == pytest.approx(
+      steps['torch_1t']['median_s'] / steps['jax']['median_s'], rel=0.01)
