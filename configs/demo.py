@@ -16,7 +16,8 @@ Arguments (comma-separated): `seeds=N` (default 1), `regime=mix|plain` (default 
 plain: no batch mixing), `epochs=N` (the students' epochs, default 30; a TIKD student keeps its
 1 : 2 warm-up : joint split), `rows=all|core|tikd|pair` (core: the four vision rows and only the
 default TIKD design, named per seed even for one seed; tikd: the teacher and that design alone;
-pair: that design and its base method, for a comparison paired by seed),
+pair: that design and its base method, for a comparison paired by seed; or vision rows named
+with '+', e.g. `rows=none+soft`),
 `tikd_base=hard|soft` (the distillation TIKD is added to, default hard as the paper's headline),
 `gate=0|1` (the TIKD rows' `tikd.fusion_gate`; default: the library's), `first_seed=K` (seeds
 K … K+N−1, so that seeds can run in parallel processes on one workdir). Digits are never flipped: a mirrored 2, 3, 4, 5, 7
@@ -135,8 +136,10 @@ def _parse(arg: str) -> dict:
     options[key] = value
   if options['regime'] not in ('mix', 'plain'):
     raise ValueError(f"regime must be 'mix' or 'plain', got {options['regime']!r}")
-  if options['rows'] not in ROWS:
-    raise ValueError(f"rows must be one of {', '.join(ROWS)}, got {options['rows']!r}")
+  named = options['rows'].split('+')
+  if options['rows'] not in ROWS and not set(named) <= set(ALL_METHODS):
+    raise ValueError(f"rows must be one of {', '.join(ROWS)} or vision rows joined by '+' "
+                     f"({'+'.join(ALL_METHODS)}), got {options['rows']!r}")
   if options['tikd_base'] not in ('hard', 'soft'):
     raise ValueError(f"tikd_base must be 'hard' or 'soft', got {options['tikd_base']!r}")
   if options['gate'] not in ('', '0', '1'):
@@ -162,6 +165,8 @@ def get_config(arg: str = ''):
     methods = ()
   if options['rows'] == 'pair':
     methods = (options['tikd_base'],)
+  if options['rows'] not in ROWS:  # vision rows by name, no TIKD row
+    methods, designs = tuple(options['rows'].split('+')), []
   epochs = options['epochs']
   c = common.ConfigDict()
   c.summary_title = (f'Digits demo ({regime}): test accuracy (360 images)' +

@@ -62,10 +62,15 @@ def test_epochs_and_core_rows_scale_every_student_and_keep_the_tikd_split():
       for g in (',gate=0', ',gate=1', '')
   ]
   assert gates == [False, True, common.base().tikd.fusion_gate]
+  named = demo.get_config('rows=none+soft,seeds=2,epochs=60')
+  assert named.run_order == ('teacher_seed0', 'student_none_seed0', 'student_soft_seed0',
+                             'teacher_seed1', 'student_none_seed1', 'student_soft_seed1')
+  assert named.runs.student_none_seed1.num_epochs == 60.0
   pair = demo.get_config('rows=pair,tikd_base=soft')
   assert pair.run_order == ('teacher_seed0', 'student_soft_seed0',
                             f'student_{demo.DEFAULT_TIKD}_seed0')
-  for bad in ('epochs=2', 'epochs=x', 'rows=some', 'first_seed=-1', 'tikd_base=kd', 'gate=2'):
+  for bad in ('epochs=2', 'epochs=x', 'rows=some', 'first_seed=-1', 'tikd_base=kd', 'gate=2',
+              'rows=none+kd'):
     with pytest.raises(ValueError):
       demo.get_config(bad)
 
