@@ -47,8 +47,6 @@ _COORDINATOR = flags.DEFINE_string('coordinator', None,
 _NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Number of processes (hosts).')
 _PROCESS_ID = flags.DEFINE_integer('process_id', None, 'This process\'s index.')
 flags.mark_flags_as_required(['config', 'workdir'])
-# A DataError or a misspelt override; as `python -m tikd_jax.text_teacher` exits on its user errors.
-EXIT_DATA_ERROR = 2
 
 
 def _maybe_initialize_distributed():
@@ -151,7 +149,8 @@ def _parse_flags(argv: list[str]) -> list[str]:
                      if a.startswith('--config.') and name in a.split('=')[0].split('.')),
                     '--config.…')
     print(f'error: {override}: the config has no field {key}. {hint}'.rstrip(), file=sys.stderr)
-    sys.exit(EXIT_DATA_ERROR)
+    from tikd_jax.data.errors import EXIT_USER_ERROR  # pylint: disable=g-import-not-at-top
+    sys.exit(EXIT_USER_ERROR)
 
 
 def main(argv):
@@ -163,7 +162,7 @@ def main(argv):
     raise app.UsageError('--ema applies to --mode=eval; a training run keeps and evaluates a '
                          'model EMA when --config.ema.decay > 0')
   _maybe_initialize_distributed()
-  from tikd_jax.data.errors import DataError  # pylint: disable=g-import-not-at-top
+  from tikd_jax.data.errors import EXIT_USER_ERROR, DataError  # pylint: disable=g-import-not-at-top
   from tikd_jax.train import preemption  # pylint: disable=g-import-not-at-top
   try:
     results = run(_CONFIG.value, _WORKDIR.value, _MODE.value, _EMA.value)
@@ -180,7 +179,7 @@ def main(argv):
     # only referenced from the traceback: collect them now, not at interpreter exit, where
     # Python's resource tracker would warn about "leaked shared_memory objects".
     gc.collect()
-    return EXIT_DATA_ERROR
+    return EXIT_USER_ERROR
   import jax  # pylint: disable=g-import-not-at-top
   if jax.process_index() == 0:
     with open(os.path.join(_WORKDIR.value, 'results.json'), 'w') as f:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import sys
 from typing import Callable
 
-EXIT_USER_ERROR = 2  # as argparse and `python -m tikd_jax.text_teacher`
+from tikd_jax.data.errors import EXIT_USER_ERROR
 
 
 def run(main: Callable[[], object]) -> None:

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs import tikd_cifar100
+from configs import common, demo, tikd_cifar10, tikd_cifar100
 from tests.test_step_meaning import (B, C, COMPILE, DEIT_WEIGHTS, IMG, SEED, STEP, STEPS_PER_EPOCH,
                                      make_model, TEXT_DIM, batch, cosine, expected, far, forward,
                                      images_of, kd, method_inputs, run_step, teacher, tikd,
@@ -25,6 +25,7 @@ from tikd_jax.train import evaluate as evaluate_lib
 from tikd_jax.train import step as step_lib
 from tikd_jax.train.run import create_train_state, setup
 from tikd_jax.train.loss_config import method_loss
+from tikd_jax.train.optim import decay_mask
 from tikd_jax.train.step import StepOptions
 
 __all__ = ['batch', 'teacher', 'tikd']  # the fixtures this file uses from test_step_meaning
@@ -261,9 +262,6 @@ def test_a_closed_gate_starts_the_joint_stage_from_the_first_pass(gated, teacher
 
 
 def test_only_our_default_design_is_gated():
-  from configs import common  # pylint: disable=g-import-not-at-top
-  from tikd_jax.train.optim import decay_mask  # pylint: disable=g-import-not-at-top
-  from configs import demo, tikd_cifar10  # pylint: disable=g-import-not-at-top
   assert common.base().tikd.fusion_gate and common.base().tikd.self_distill_weight > 0
   assert tikd_cifar100.get_config('small,hard').tikd.fusion_gate
   assert not tikd_cifar100.get_config('small,hard,released').tikd.fusion_gate

@@ -286,7 +286,7 @@ def test_main_on_a_folder_with_a_corrupt_image(tmp_path):
       '--config.xla_options=fast_compile', '--config.num_epochs=1'
   ]
   failed = _main(flags + [f'--workdir={tmp_path / "stopped"}'])
-  assert failed.returncode == 2  # main.EXIT_DATA_ERROR
+  assert failed.returncode == 2  # tikd_jax.data.errors.EXIT_USER_ERROR
   # Our message alone: the path and the switch, no traceback above it.
   assert failed.stderr.startswith('error: 1 of ') or '\nerror: 1 of ' in failed.stderr
   assert train_files[0] in failed.stderr and '--config.data.bad_images=skip' in failed.stderr

@@ -4,6 +4,10 @@ user fixes: the message says which file or folder and what to do. `main.py` prin
 every other exception keeps its traceback.
 """
 
+# The exit status of a command stopped by such an error (main.py, python -m tikd_jax.text_teacher,
+# python -m convert.*), argparse's for a usage error.
+EXIT_USER_ERROR = 2
+
 
 class DataError(ValueError):
   """The data, or a path the config names, is wrong in a way the user fixes."""

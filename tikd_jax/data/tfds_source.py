@@ -26,6 +26,12 @@ def _quiet_absl():
     absl_logger.setLevel(level)
 
 
+def _first_line(e: Exception) -> str:
+  """'<type>: <first line of the message>' (tfds's messages run to pages)."""
+  lines = str(e).strip().splitlines()
+  return f'{type(e).__name__}: {lines[0] if lines else ""}'
+
+
 def _prepared_builder(name: str, data_dir: str | None):
   """The TFDS builder of `name` in `data_dir`; DataNotFoundError, with the command that prepares
   it, for an unknown or unprepared set."""
@@ -43,9 +49,8 @@ def _prepared_builder(name: str, data_dir: str | None):
       raise DataNotFoundError(f'tfds knows no data set {name!r} (config.data.tfds_name) and '
                               f'none of that name is prepared in {where}: check the name, or '
                               f'{prepare[0].lower()}{prepare[1:]}.') from None
-    first_line = str(e).strip().splitlines()[0] if str(e).strip() else ''
     raise DataNotFoundError(f'tfds data set {name!r} cannot be opened in {where} '
-                            f'({type(e).__name__}: {first_line}). {prepare}.') from None
+                            f'({_first_line(e)}). {prepare}.') from None
   if not splits:  # a known builder with nothing prepared
     raise DataNotFoundError(f'tfds data set {name!r} is not prepared in {where}. {prepare}.')
   return builder
@@ -77,10 +82,9 @@ class TfdsSource:
         raise DataError(f'tfds data set {name!r} in {data_dir!r} has splits {splits}, not '
                         f'{split!r}: set --config.data.train_split / --config.data.eval_split to '
                         f'one of them') from None
-      first_line = str(e).strip().splitlines()[0] if str(e).strip() else ''
       raise DataNotFoundError(
           f'tfds data set {name!r} split {split!r} in {data_dir!r} cannot be read by index '
-          f'({type(e).__name__}: {first_line}). Prepare it once with `tfds build {name} '
+          f'({_first_line(e)}). Prepare it once with `tfds build {name} '
           f'--data_dir={data_dir} --file_format=array_record`.') from None
     with _quiet_absl():
       builder = tfds.builder(name, data_dir=data_dir or None)

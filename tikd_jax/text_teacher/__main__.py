@@ -24,7 +24,7 @@ import os
 import shlex
 import sys
 
-from tikd_jax.data.errors import DataError
+from tikd_jax.data.errors import EXIT_USER_ERROR, DataError
 from tikd_jax.data.text_features import CAPTION_META_FILE
 from tikd_jax.text_teacher import data, files, released_log
 from tikd_jax.text_teacher.files import TextTeacherError
@@ -221,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
     }[args.command](args)
   except (TextTeacherError, DataError) as e:  # DataError covers missing data and bad features
     print(f'error: {e}', file=sys.stderr)
-    return 2
+    return EXIT_USER_ERROR
   return 0
 
 
