@@ -17,7 +17,6 @@ detects a cluster (SLURM, TPU pod, Open MPI); see README "Scaling out".
 """
 from __future__ import annotations
 
-import gc
 import json
 import os
 import re
@@ -171,14 +170,6 @@ def main(argv):
     return preemption.EXIT_PREEMPTED
   except DataError as e:  # the user fixes the data or the config; the message says how
     print(f'error: {e}', file=sys.stderr, flush=True)
-    failed = True
-  else:
-    failed = False
-  if failed:
-    # The failed run's input iterators (grain worker processes and their shared memory) are
-    # only referenced from the traceback: collect them now, not at interpreter exit, where
-    # Python's resource tracker would warn about "leaked shared_memory objects".
-    gc.collect()
     return EXIT_USER_ERROR
   import jax  # pylint: disable=g-import-not-at-top
   if jax.process_index() == 0:

@@ -4,8 +4,10 @@ Offline: digits come from scikit-learn; CIFAR archives (pickle and binary, tarba
 image folders are written by the tests into tmp_path; TFDS uses `tfds.testing.mock_data`.
 """
 import io
+import multiprocessing
 import os
 import pickle
+import sys
 import tarfile
 import zlib
 
@@ -20,6 +22,7 @@ from tikd_jax.data import build_source
 from tikd_jax.data import pipeline
 from tikd_jax.data.augment import random_crop_flip, resize_image
 from tikd_jax.data.source import ArraySource, split_indices, torch_randperm
+from tikd_jax.train import loop
 
 
 def _cfg(**kw):
@@ -655,6 +658,20 @@ def test_iterator_state_resumes_exactly(num_workers):
     _close(it)
     if resumed is not None:
       _close(resumed)
+
+
+def test_closing_a_stream_mid_epoch_stops_its_workers_and_quiets_the_tracker():
+  """The training loop closes its input stream when it ends or fails (train/loop.py): grain's
+  worker processes stop at once, not at exit, and the resource tracker's exit warning about
+  batches still in shared memory is off (tikd_jax/data/pipeline.py)."""
+  ds = pipeline.train_dataset(_toy_source(), batch_size=8, seed=11)
+  stream = loop.Stream(pipeline.make_iterator(ds, num_workers=2), start=0)
+  next(stream.iterator)
+  assert len(multiprocessing.active_children()) >= 2  # grain's two workers
+  stream.close()
+  stream.close()  # idempotent: the trainer's finally closes what train_loop may have closed
+  assert multiprocessing.active_children() == []
+  assert 'ignore::UserWarning:multiprocessing.resource_tracker' in sys.warnoptions
 
 
 def _collect_eval(src, global_batch, process_index=0, process_count=1, text=None):

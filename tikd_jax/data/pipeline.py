@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import os
+import sys
 from typing import Any, Callable, Iterator
 
 import grain
@@ -138,8 +139,26 @@ def make_iterator(ds: grain.MapDataset, num_workers: int = 0,
       # grain's workers read absl flags; outside main.py (a notebook, a library call) nothing
       # parsed them, and the workers would die with UnparsedFlagAccessError.
       flags.FLAGS.mark_as_parsed()
+    _quiet_resource_tracker()
     it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
   return iter(it_ds)
+
+
+# How the warning is named in a -W option of the tracker process (action::category:module).
+_TRACKER_WARNING = 'ignore::UserWarning:multiprocessing.resource_tracker'
+
+
+def _quiet_resource_tracker() -> None:
+  """Keeps Python's resource tracker from warning of "leaked shared_memory objects" at exit.
+
+  Stopping grain's worker processes mid-stream (an error, a stop request, a new phase's stream)
+  can leave a batch or two that a worker had just written to shared memory; nothing will read
+  them, and the tracker unlinks them when the program exits, warning as it does. That warning
+  names no error of the user's, so the tracker process (started with the interpreter's -W
+  options, on the first worker's queue) is told not to print it.
+  """
+  if _TRACKER_WARNING not in sys.warnoptions:
+    sys.warnoptions.append(_TRACKER_WARNING)
 
 
 def eval_batches(source, *, global_batch: int, process_index: int = 0, process_count: int = 1,

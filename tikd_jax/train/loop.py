@@ -36,6 +36,14 @@ class Stream:
   """A phase's train input from element `start` on (what a checkpoint records to resume it)."""
   iterator: Any
   start: int
+  closed: bool = False
+
+  def close(self) -> None:
+    """Stops grain's worker processes and frees the batches they hold in shared memory (left to
+    interpreter exit, Python's resource tracker reports them as leaked). Idempotent."""
+    if not self.closed:
+      self.closed = True
+      self.iterator.close()
 
 
 def train_stream(run: Run, phase: Phase, start: int) -> Stream:
@@ -146,12 +154,15 @@ def train_loop(run: Run, state: TrainState, stream: Stream,
   progress = Progress(step=step, start_step=step, stream=stream, last_saved=step)
   # Stop early (checkpointed) at this step, e.g. for time-sliced cluster jobs; rerun to resume.
   end = min(run.config.stop_at_step or run.total_steps, run.total_steps)
-  while progress.step < end and not progress.preempted:
-    phase = run.phases[phase_at(run.phases, progress.step)]
-    state = _enter_phase(run, state, progress, phase, out.logger)
-    state = _train_phase(run, state, progress, phase, end, out)
-  if progress.step < run.total_steps:
-    _checkpoint_stop(run, state, progress, out)
+  try:
+    while progress.step < end and not progress.preempted:
+      phase = run.phases[phase_at(run.phases, progress.step)]
+      state = _enter_phase(run, state, progress, phase, out.logger)
+      state = _train_phase(run, state, progress, phase, end, out)
+    if progress.step < run.total_steps:
+      _checkpoint_stop(run, state, progress, out)
+  finally:  # also after an error: a bad image met by a worker, a non-finite loss
+    progress.stream.close()
   if progress.eval_metrics is None and not progress.preempted:  # resumed at the end, or stopped
     progress.eval_metrics = _evaluate_and_log(run, state, progress.step, out.logger)
   out.checkpointer.wait()
@@ -163,6 +174,7 @@ def _enter_phase(run: Run, state: TrainState, progress: Progress, phase: Phase,
   """A new phase starts a new input stream and, if it says so, a new optimizer state."""
   step, boundary = progress.step, progress.step == phase.start_step
   if boundary and step > 0 and step != progress.start_step:
+    progress.stream.close()
     progress.stream = train_stream(run, phase, step)
   if boundary and phase.reset_optimizer and step > 0:
     state = state.replace(

@@ -57,6 +57,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       completed = True
     finally:
       # After an error, close quietly so that error (not a follow-up one) is what is reported.
+      stream.close()  # train_loop closes the streams it opens; this one, if it never ran
       checkpointer.close(quiet=not completed)
       logger.close()
   if progress.preempted:
