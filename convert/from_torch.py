@@ -37,7 +37,7 @@ import torch
 from convert import cli
 from convert.mapping import (check_state_dict, hf_deit_to_timm, resample_patch_embed, torch_to_flax,
                              unwrap_state_dict)
-from convert.to_torch import META_KEY, build_flax_model
+from convert.to_torch import META_KEY, build_flax_model, csv_floats
 from convert.torch_models import resize_pos_embed, torch_model_like
 from tikd_jax import normalization
 from tikd_jax.models import VIT_MODELS
@@ -345,6 +345,11 @@ def main(argv: Sequence[str] | None = None) -> str:
     sd = regrid_vit(sd, name, kwargs)
   model_meta = {'name': name, 'kwargs': kwargs}
   model = convert(sd, model_meta, f'checkpoint {args.checkpoint}', args.reset_heads)
+  if 'mean' not in kwargs:
+    print(
+        f'{args.checkpoint} records no input normalisation: using the model default, mean '
+        f'{csv_floats(model.mean)} std {csv_floats(model.std)} (CIFAR-100); if it was trained with other '
+        f'statistics, convert again with --norm or --mean/--std', file=sys.stderr)
   kwargs.setdefault('mean', list(model.mean))  # explicit in the metadata
   kwargs.setdefault('std', list(model.std))
   path = save_weights(args.out, model_variables(model),

@@ -109,6 +109,11 @@ def _call(name: str, kwargs: dict) -> str:
   return f'{name}(' + ', '.join(f'{k}={v!r}' for k, v in kwargs.items()) + ')'
 
 
+def csv_floats(values) -> str:
+  """Channel statistics as --mean/--std take them, exactly (repr round-trips a float)."""
+  return ','.join(repr(float(v)) for v in values)
+
+
 def load_instructions(flax_model, path: str) -> str:
   """The Python lines that load the exported file at `path` with strict=True."""
   if path.endswith('.safetensors'):
@@ -179,6 +184,12 @@ def main(argv: Sequence[str] | None = None) -> str:
       f'{meta.get("step")}), model {model_meta["name"]} {json.dumps(model_meta["kwargs"])}',
       file=sys.stderr)
   print(load_instructions(model, path), flush=True)
+  if not path.endswith('.safetensors'):
+    mean, std = csv_floats(model.mean), csv_floats(model.std)
+    print(
+        f'{path} is a bare state dict and does not record the input normalisation; to read it '
+        f'back: python -m convert.from_torch --checkpoint {path} --mean {mean} --std {std} '
+        f'--out DIR (a .safetensors export records it)', file=sys.stderr)
   return path
 
 

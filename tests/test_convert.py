@@ -25,6 +25,7 @@ from convert.to_torch import build_flax_model
 from convert.torch_models import TorchCifarResNet, torch_model_like
 from tikd_jax.models.variables import load_variables, model_variables
 from tikd_jax.models.vit import SIZES
+from tikd_jax.normalization import CIFAR100_MEAN
 from tikd_jax.train.checkpoint import load_weights, save_weights
 from tikd_jax.tree import flatten
 
@@ -300,6 +301,32 @@ def test_to_torch_cli_and_round_trip(tmp_path):
 
   with pytest.raises(FileNotFoundError, match=r'steps present: \[100, 200\]'):
     to_torch.main(['--workdir', str(workdir), '--step', '7', '--out', str(tmp_path / 'x.pt')])
+
+
+def test_a_bare_pt_export_says_how_to_read_back_its_normalisation(tmp_path, capsys):
+  """A .pt is a bare state dict: to_torch prints the from_torch command with the model's own
+  mean/std, and that command restores them exactly; without them, from_torch says it fell back
+  to the default (CIFAR-100) rather than silently recording it."""
+  mean, std = [0.25, 0.5, 0.125], [0.2, 0.3, 0.4]
+  kwargs = dict(variant='micro', num_classes=10, mean=mean, std=std)
+  workdir = tmp_path / 'run'
+  model, _ = make_model('distilled_vit', seed=1, **kwargs)
+  save_weights(str(workdir / 'checkpoints'), model_variables(model),
+               {'model': {'name': 'distilled_vit', 'kwargs': kwargs}}, step=1)
+  pt = to_torch.main(['--workdir', str(workdir), '--out', str(tmp_path / 'own.pt')])
+  hint = capsys.readouterr().err
+  command = hint[hint.index('python -m convert.from_torch'):hint.index(' --out DIR')].split()
+  assert command[3:] == ['--checkpoint', pt, '--mean', '0.25,0.5,0.125', '--std', '0.2,0.3,0.4']
+  from_torch.main(command[3:] + ['--out', str(tmp_path / 'with_flags')])
+  assert 'records no input normalisation' not in capsys.readouterr().err
+  back = load_weights(str(tmp_path / 'with_flags'))[0]['model']['kwargs']
+  assert (back['mean'], back['std']) == (mean, std)
+
+  from_torch.main(['--checkpoint', pt, '--out', str(tmp_path / 'without')])
+  note = capsys.readouterr().err
+  assert 'own.pt records no input normalisation: using the model default' in note
+  back = load_weights(str(tmp_path / 'without'))[0]['model']['kwargs']
+  assert back['mean'] == [float(v) for v in CIFAR100_MEAN] and repr(CIFAR100_MEAN[0]) in note
 
 
 def test_hf_deit_folder(tmp_path):
