@@ -483,7 +483,11 @@ def test_missing_data_is_one_error_line(tmp_path, capsys):
       str(tmp_path), '--split', 'train', '--out',
       str(tmp_path / 'features'), '--encoder', 'minilm'
   ]) == 2
-  assert 'cifar100: no archive found' in capsys.readouterr().err
+  err = capsys.readouterr().err
+  assert 'cifar100: no archive found' in err
+  # … in this command's flags, not main.py's
+  assert 'set --data.dir to it, or set --data.download on a machine' in err
+  assert '--config.' not in err
 
 
 @pytest.mark.slow

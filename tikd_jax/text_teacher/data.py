@@ -9,6 +9,7 @@ import shlex
 import ml_collections
 
 from tikd_jax.data import SOURCES, build_source
+from tikd_jax.data.errors import DataError
 from tikd_jax.data.source import VAL_SPLIT_METHODS
 
 # key → (type, default): the keys and defaults of the trainer's `config.data` (configs/common.py;
@@ -83,7 +84,16 @@ def command(subcommand: str, data_config, split: str, *rest: str) -> str:
 
 
 def load_source(data_config, split: str):
-  return build_source(data_config, split)
+  try:
+    return build_source(data_config, split)
+  except DataError as e:  # the data modules name the trainer's flags; say this command's
+    raise type(e)(as_data_flags(str(e))) from e
+
+
+def as_data_flags(message: str) -> str:
+  """A data error's advice in this command's flags (`--data.dir`, not `--config.data.dir`)."""
+  return message.replace('--config.data.download=True',
+                         '--data.download').replace('--config.data.', '--data.')
 
 
 def describe(source) -> dict:
