@@ -14,8 +14,9 @@ layers   every 3×3 conv shape of ResNet32x4 at 32 px (+ bias + ReLU, as the fol
 options  one 32×32 64→64 conv under XLA:CPU option sets (YNNPACK, oneDNN, XNNPACK switches this
          jaxlib knows), with whether the compiled program still holds XLA's own convolution.
 teacher  the whole eval-mode forward: `plain` (the Flax model: conv → BatchNorm), `folded`
-         (`folded_forward`: every BatchNorm folded into its conv, conv + bias + ReLU) and
-         `folded_im2col` (folded, every conv as `im2col`); logits checked against plain.
+         (`folded_forward`: every BatchNorm folded into its conv, conv + bias + ReLU),
+         `folded_im2col` (folded, every conv as `im2col`) and `folded_winograd_8x8` (folded, the
+         8×8 stride-1 convs as `winograd_f4x4`); logits checked against plain.
 
 Contestants of one group run interleaved (order rotated each round) in this one process; one
 JSON line each: median / p10 / p90 / min seconds, GFLOP/s of the median, the 1-minute load.
@@ -305,6 +306,14 @@ def folded_forward(model, images, conv):
   return model.fc(jnp.mean(x, axis=(1, 2)))
 
 
+def winograd_f4x4_on_8x8(x, k, b, s):
+  """The hybrid: `winograd_f4x4` on the stride-1 3×3 convs at 8×8 (256→256, the one layer shape
+  where it beat xla_conv in bench_layers), xla_conv on every other."""
+  lowered = lowerings()
+  use_winograd = s == 1 and k.shape[:2] == (3, 3) and x.shape[1:3] == (8, 8)
+  return lowered['winograd_f4x4' if use_winograd else 'xla_conv'](x, k, b, s)
+
+
 def bench_teacher(batch, runs, emit):
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
@@ -324,6 +333,7 @@ def bench_teacher(batch, runs, emit):
                                             lowerings()['xla_conv']),
       'folded_im2col': lambda m, x: folded_forward(m, x,
                                                    lowerings()['im2col']),
+      'folded_winograd_8x8': lambda m, x: folded_forward(m, x, winograd_f4x4_on_8x8),
   }
   fns, reference = {}, None
   for name, way in ways.items():

@@ -16,7 +16,6 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks import conv_lowering  # noqa: E402
 
-
 # The lowering's ~200 dots and fusions (forward and both backward passes) take seconds to compile
 # under LLVM's full optimisation; these shapes are tiny, so optimise less.
 FAST_COMPILE = {'xla_backend_optimization_level': 0, 'xla_llvm_disable_expensive_passes': True}
