@@ -162,10 +162,12 @@ def lowerings():
 
     Written as 36 separate dots, each fed by its own Bᵀ·d·B fusion (Bᵀ along rows on the 6
     stride-4 row slices, then along columns on 6 stride-4 column slices), and Aᵀ·m·A as adds on
-    the 36 products: on XLA:CPU (2 cores, batch 128) this beat stacking the 36 transformed tiles
-    for one batched dot (a 36-way concatenate: 174 vs 131 ms on 32²×64), gathering the tiles
-    then transforming with einsums (419 vs 262 ms for the stacked form), splitting x into its 16
-    stride-4 phases first, and Aᵀ·m·A as one [16, 36]·[36, tiles·O] dot plus a transpose."""
+    the 36 products. In scratch runs on XLA:CPU (2 shared cores, load ~2, batch 128, 32²×64,
+    medians of 5, interleaved) this beat stacking the 36 transformed tiles for one batched dot (a
+    36-way concatenate: 174 vs 131 ms), gathering the tiles then transforming with einsums (419
+    vs 262 ms for the stacked form), Aᵀ·m·A as one [16, 36]·[36, tiles·O] dot plus a transpose
+    (145 ms), splitting x into its 16 stride-4 phases first (no faster), and lax.map over batch
+    chunks (slower on every layer)."""
     assert s == 1 and k.shape[:2] == (3, 3), (s, k.shape)
     n, h, w, c = x.shape
     assert h % 4 == 0 and w % 4 == 0, f'winograd_f4x4 needs H and W divisible by 4, got {h}×{w}'
