@@ -1,19 +1,22 @@
 r"""How the ResNet32x4 teacher's convolutions could lower on XLA:CPU, timed side by side.
 
   python benchmarks/conv_lowering.py [--what layers,options,teacher] [--runs 9] [--batch 128]
+      [--layers "32x32 64->64 s1,..."] [--contestants winograd_f2x2,winograd_f4x4]
       [--out benchmarks/results/conv_lowering.jsonl]
 
 layers   every 3×3 conv shape of ResNet32x4 at 32 px (+ bias + ReLU, as the folded teacher runs
          them) as: `xla_conv` (lax.conv_general_dilated, NHWC: what the model uses), `xla_conv_nchw`
          (the same in NCHW), `im2col` (the 9 shifted views concatenated, one [B·H·W, 9C]·[9C, O]
          dot), `im2col_rows` (3 dots of K = 3C, one per kernel row), `shifted_dots` (9 dots of
-         K = C accumulated), `winograd_f2x2` (Winograd F(2×2, 3×3), stride 1); each checked
-         against xla_conv.
+         K = C accumulated), `winograd_f2x2` (Winograd F(2×2, 3×3), stride 1), `winograd_f4x4`
+         (Winograd F(4×4, 3×3), stride 1, H and W divisible by 4); each checked against xla_conv
+         (F(4×4) to WINOGRAD_F4X4_TOLERANCE). `--layers` and `--contestants` pick a subset.
 options  one 32×32 64→64 conv under XLA:CPU option sets (YNNPACK, oneDNN, XNNPACK switches this
          jaxlib knows), with whether the compiled program still holds XLA's own convolution.
 teacher  the whole eval-mode forward: `plain` (the Flax model: conv → BatchNorm), `folded`
-         (`folded_forward`: every BatchNorm folded into its conv, conv + bias + ReLU) and
-         `folded_im2col` (folded, every conv as `im2col`); logits checked against plain.
+         (`folded_forward`: every BatchNorm folded into its conv, conv + bias + ReLU),
+         `folded_im2col` (folded, every conv as `im2col`) and `folded_winograd_8x8` (folded, the
+         8×8 stride-1 convs as `winograd_f4x4`); logits checked against plain.
 
 Contestants of one group run interleaved (order rotated each round) in this one process; one
 JSON line each: median / p10 / p90 / min seconds, GFLOP/s of the median, the 1-minute load.
@@ -52,6 +55,43 @@ OPTION_SETS = {
 # (spatial size, in, out, stride) of ResNet32x4's 3×3 convs at 32 px
 LAYERS = ((32, 3, 32, 1), (32, 32, 64, 1), (32, 64, 64, 1), (32, 64, 128, 2), (16, 128, 128, 1),
           (16, 128, 256, 2), (8, 256, 256, 1))
+
+# Winograd F(4×4, 3×3) (Lavin & Gray 2016; wincnn with interpolation points 0, ±1, ±2, ∞):
+# y = Aᵀ·[(G·g·Gᵀ) ⊙ (Bᵀ·d·B)]·A for a 6×6 input tile d and a 3×3 kernel g, 4×4 outputs.
+# yapf: disable
+WINOGRAD_F4X4_BT = ((4,  0, -5,  0, 1, 0),
+                    (0, -4, -4,  1, 1, 0),
+                    (0,  4, -4, -1, 1, 0),
+                    (0, -2, -1,  2, 1, 0),
+                    (0,  2, -1, -2, 1, 0),
+                    (0,  4,  0, -5, 0, 1))
+WINOGRAD_F4X4_G = (( 1 / 4,       0,     0),
+                   (-1 / 6,  -1 / 6, -1 / 6),
+                   (-1 / 6,   1 / 6, -1 / 6),
+                   (1 / 24,  1 / 12,  1 / 6),
+                   (1 / 24, -1 / 12,  1 / 6),
+                   (     0,       0,     1))
+WINOGRAD_F4X4_AT = ((1, 1,  1, 1,  1, 0),
+                    (0, 1, -1, 2, -2, 0),
+                    (0, 1,  1, 4,  4, 0),
+                    (0, 1, -1, 8, -8, 1))
+# yapf: enable
+# The largest |winograd_f4x4 − xla_conv| / max|xla_conv| bench_layers accepts. F(4×4)'s transforms
+# have entries up to 8 and 1/24, so its float32 error is ~10× direct conv's: on the stride-1 layers
+# (He-initialised kernels, unit-variance inputs, batch 128, two seeds) it measured at most 4e-6
+# (32²×3), 6e-6 (32²×32), 1e-5 (32²×64), 1.2e-5 (16²×128), 1.9e-5 (8²×256), against 1e-6 for
+# F(2×2); 4e-5 is twice the largest.
+WINOGRAD_F4X4_TOLERANCE = 4e-5
+
+
+def _combine(matrix, xs):
+  """[Σ_i matrix[a][i]·xs[i] for each row a] as adds and scalings (zero terms skipped): XLA:CPU
+  fuses these into elementwise loops, where a dot over a 6-long axis would need transposes."""
+  out = []
+  for row in matrix:
+    terms = [x if c == 1 else -x if c == -1 else x * c for c, x in zip(row, xs) if c != 0]
+    out.append(functools.reduce(lambda a, b: a + b, terms))
+  return out
 
 
 def _views(x, stride):
@@ -115,9 +155,41 @@ def lowerings():
     y = jnp.stack([jnp.stack(y[0], -2), jnp.stack(y[1], -2)], 2)  # [n, th, 2, tw, 2, O]
     return y.reshape(n, h, w, -1) + b
 
+  def winograd_f4x4(x, k, b, s):
+    """Winograd F(4×4, 3×3): 6×6 input tiles at stride 4 (with H, W divisible by 4, padding by 1
+    on every side covers the last tile), 36 [tiles, C]·[C, O] dots with G·g·Gᵀ, then Aᵀ·m·A; 4×
+    fewer multiplies than direct, transforms over 2.25× the activations. Stride 1 only.
+
+    Written as 36 separate dots, each fed by its own Bᵀ·d·B fusion (Bᵀ along rows on the 6
+    stride-4 row slices, then along columns on 6 stride-4 column slices), and Aᵀ·m·A as adds on
+    the 36 products. In scratch runs on XLA:CPU (2 shared cores, load ~2, batch 128, 32²×64,
+    medians of 5, interleaved) this beat stacking the 36 transformed tiles for one batched dot (a
+    36-way concatenate: 174 vs 131 ms), gathering the tiles then transforming with einsums (419
+    vs 262 ms for the stacked form), Aᵀ·m·A as one [16, 36]·[36, tiles·O] dot plus a transpose
+    (145 ms), splitting x into its 16 stride-4 phases first (no faster), and lax.map over batch
+    chunks (slower on every layer)."""
+    assert s == 1 and k.shape[:2] == (3, 3), (s, k.shape)
+    n, h, w, c = x.shape
+    assert h % 4 == 0 and w % 4 == 0, f'winograd_f4x4 needs H and W divisible by 4, got {h}×{w}'
+    th, tw = h // 4, w // 4
+    xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))  # tile (i, j) reads xp[4i:4i+6, 4j:4j+6]
+    rows = _combine(WINOGRAD_F4X4_BT, [xp[:, i:i + 4 * th:4] for i in range(6)])
+    g = jnp.asarray(WINOGRAD_F4X4_G, k.dtype)
+    u = jnp.einsum('ai,ijco,bj->abco', g, k, g)
+    m = [[None] * 6 for _ in range(6)]
+    for a, r in enumerate(rows):
+      tiles = _combine(WINOGRAD_F4X4_BT, [r[:, :, j:j + 4 * tw:4] for j in range(6)])
+      for bb, v in enumerate(tiles):
+        m[a][bb] = jnp.dot(v.reshape(n * th * tw, c), u[a, bb]).reshape(n, th, tw, -1)
+    cols = [_combine(WINOGRAD_F4X4_AT, [m[a][bb] for a in range(6)]) for bb in range(6)]
+    y = [_combine(WINOGRAD_F4X4_AT, [cols[bb][i] for bb in range(6)]) for i in range(4)]
+    y = jnp.stack([jnp.stack(row, -2) for row in y], 2)  # [n, th, 4, tw, 4, O]
+    return y.reshape(n, h, w, -1) + b
+
   return {
       'xla_conv': xla_conv, 'xla_conv_nchw': xla_conv_nchw, 'im2col': im2col,
-      'im2col_rows': im2col_rows, 'shifted_dots': shifted_dots, 'winograd_f2x2': winograd_f2x2
+      'im2col_rows': im2col_rows, 'shifted_dots': shifted_dots, 'winograd_f2x2': winograd_f2x2,
+      'winograd_f4x4': winograd_f4x4
   }
 
 
@@ -149,7 +221,7 @@ def rows_of(group, results, flops, extra_of=lambda name: {}):
     }
 
 
-def bench_layers(batch, runs, emit, only=None):
+def bench_layers(batch, runs, emit, only=None, contestants=None):
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
@@ -163,7 +235,8 @@ def bench_layers(batch, runs, emit, only=None):
     b = jnp.asarray(rng.normal(size=(cout,)), jnp.float32)
     fns, reference = {}, None
     for name, f in lowerings().items():
-      if name.startswith('winograd') and s != 1:
+      if (name.startswith('winograd') and s != 1
+          or contestants and name != 'xla_conv' and name not in contestants):
         continue
       xx = jnp.transpose(x, (0, 3, 1, 2)) if name.endswith('nchw') else x
       g = jax.jit(lambda x, k, b, f=f, s=s: jax.nn.relu(f(x, k, b, s)), compiler_options=NO_YNN)
@@ -172,7 +245,8 @@ def bench_layers(batch, runs, emit, only=None):
       y = jnp.transpose(y, (0, 2, 3, 1)) if name.endswith('nchw') else y
       reference = y if reference is None else reference
       error = float(jnp.max(jnp.abs(y - reference)) / jnp.max(jnp.abs(reference)))
-      assert error < 1e-4, f'{name}: differs from xla_conv by {error:.1e} (relative)'
+      tolerance = WINOGRAD_F4X4_TOLERANCE if name == 'winograd_f4x4' else 1e-4
+      assert error < tolerance, f'{name}: differs from xla_conv by {error:.1e} (relative)'
       fns[name] = functools.partial(lambda c, xx: c(xx, k, b).block_until_ready(), c, xx)
     flops = 2 * 9 * cin * cout * batch * (hw // s)**2
     for row in rows_of(group, interleave(fns, runs), flops):
@@ -234,6 +308,14 @@ def folded_forward(model, images, conv):
   return model.fc(jnp.mean(x, axis=(1, 2)))
 
 
+def winograd_f4x4_on_8x8(x, k, b, s):
+  """The hybrid: `winograd_f4x4` on the stride-1 3×3 convs at 8×8 (256→256, the one layer shape
+  where it beat xla_conv in bench_layers), xla_conv on every other."""
+  lowered = lowerings()
+  use_winograd = s == 1 and k.shape[:2] == (3, 3) and x.shape[1:3] == (8, 8)
+  return lowered['winograd_f4x4' if use_winograd else 'xla_conv'](x, k, b, s)
+
+
 def bench_teacher(batch, runs, emit):
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
@@ -253,6 +335,7 @@ def bench_teacher(batch, runs, emit):
                                             lowerings()['xla_conv']),
       'folded_im2col': lambda m, x: folded_forward(m, x,
                                                    lowerings()['im2col']),
+      'folded_winograd_8x8': lambda m, x: folded_forward(m, x, winograd_f4x4_on_8x8),
   }
   fns, reference = {}, None
   for name, way in ways.items():
@@ -279,14 +362,19 @@ def main():
   parser.add_argument('--batch', type=int, default=128)
   parser.add_argument('--layers', default=None,
                       help='only these layer groups, e.g. "32x32 64->64 s1" (comma-separated)')
+  parser.add_argument(
+      '--contestants', default=None,
+      help='layers: only these lowerings besides xla_conv (the reference), e.g. '
+      '"winograd_f2x2,winograd_f4x4" (comma-separated)')
   parser.add_argument('--out', default=None)
   args = parser.parse_args()
   benches = {'layers': bench_layers, 'options': bench_options, 'teacher': bench_teacher}
   with report.JsonLines(args.out) as write:
     for what in args.what.split(','):
       emit = lambda row: write(dict(row, batch=args.batch))  # noqa: E731
-      if what == 'layers' and args.layers:
-        bench_layers(args.batch, args.runs, emit, args.layers.split(','))
+      if what == 'layers':
+        bench_layers(args.batch, args.runs, emit, args.layers and args.layers.split(','),
+                     args.contestants and args.contestants.split(','))
       else:
         benches[what](args.batch, args.runs, emit)
 
