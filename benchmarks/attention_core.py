@@ -12,6 +12,8 @@ with respect to q, k and v:
   keys_major    scores laid out [B, H, k, q], softmax over axis -2 (XLA:CPU reduces the minor
                 axis through a reduce-window; a reduction over a major axis is a plain loop)
   chunked       lax.map over 8 chunks of the batch, so every [b, H, N, N] tensor stays in cache
+  split         the batch in 8 independent slices (no loop): XLA:CPU's thunk executor may run
+                independent products on both cores at once
   block_diag    one product per image for all heads (block-diagonal kᵀ and v): B instead of B·H
                 matmuls, H× the multiplies
   all_nn        a custom VJP in which every product is [m, k]·[k, n], the operands transposed in
@@ -76,6 +78,10 @@ def cores() -> dict:
     split = lambda t: t.reshape(CHUNKS, t.shape[0] // CHUNKS, *t.shape[1:])  # noqa: E731
     return lax.map(lambda a: model(*a), (split(q), split(k), split(v))).reshape(q.shape)
 
+  def split(q, k, v):
+    return jnp.concatenate(
+        [model(*parts) for parts in zip(*(jnp.split(t, CHUNKS) for t in (q, k, v)))])
+
   def block_diag(q, k, v):
     b, h, n, d = q.shape
     eye = jnp.eye(h, dtype=q.dtype)
@@ -112,7 +118,7 @@ def cores() -> dict:
   all_nn.defvjp(all_nn_fwd, all_nn_bwd)
   return {
       'model': model, 'scale_q': scale_q, 'keys_major': keys_major, 'chunked': chunked,
-      'block_diag': block_diag, 'all_nn': all_nn
+      'split': split, 'block_diag': block_diag, 'all_nn': all_nn
   }
 
 
