@@ -33,7 +33,6 @@ import argparse
 import os
 import statistics
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -183,21 +182,6 @@ def matmul_contestants(batch, heads, head_dim) -> dict:
   }
 
 
-def interleave(fns: dict, runs: int) -> tuple[dict, list]:
-  """`runs` rounds of one call per contestant, order rotated each round; (times, loads)."""
-  names = list(fns)
-  for fn in fns.values():
-    fn()  # warm-up
-  times, loads = {n: [] for n in names}, []
-  for r in range(runs):
-    loads.append(report.load_now())
-    for name in names[r % len(names):] + names[:r % len(names)]:
-      t = time.perf_counter()
-      fns[name]()
-      times[name].append(time.perf_counter() - t)
-  return times, loads
-
-
 def run(size, batch, runs, what, emit) -> None:
   heads, head_dim = SIZES[size]
   if what == 'core':
@@ -208,8 +192,9 @@ def run(size, batch, runs, what, emit) -> None:
   else:
     fns, errors = matmul_contestants(batch, heads, head_dim), {}
     flops = 2 * batch * heads * TOKENS * TOKENS * head_dim
-  times, loads = interleave(fns, runs)
-  for name, t in times.items():
+  for fn in fns.values():
+    fn()  # warm-up
+  for name, (t, loads) in report.interleave(fns, runs).items():
     median = statistics.median(t)
     row = {
         'name': f'attention_{what}', 'way': name, 'size': size, 'batch': batch, 'heads': heads,

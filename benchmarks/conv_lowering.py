@@ -27,7 +27,6 @@ import argparse
 import functools
 import os
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -193,20 +192,6 @@ def lowerings():
   }
 
 
-def interleave(fns: dict, runs: int) -> dict:
-  """{name: (times, loads)}: `runs` rounds, one call of each (order rotated every round)."""
-  names = list(fns)
-  out = {n: ([], []) for n in names}
-  for r in range(runs):
-    k = r % len(names)
-    for n in names[k:] + names[:k]:
-      out[n][1].append(report.load_now())
-      t = time.perf_counter()
-      fns[n]()
-      out[n][0].append(time.perf_counter() - t)
-  return out
-
-
 def rows_of(group, results, flops, extra_of=lambda name: {}):
   import statistics  # pylint: disable=g-import-not-at-top
   for name, (times, loads) in results.items():
@@ -249,7 +234,7 @@ def bench_layers(batch, runs, emit, only=None, contestants=None):
       assert error < tolerance, f'{name}: differs from xla_conv by {error:.1e} (relative)'
       fns[name] = functools.partial(lambda c, xx: c(xx, k, b).block_until_ready(), c, xx)
     flops = 2 * 9 * cin * cout * batch * (hw // s)**2
-    for row in rows_of(group, interleave(fns, runs), flops):
+    for row in rows_of(group, report.interleave(fns, runs), flops):
       emit(row)
 
 
@@ -281,7 +266,7 @@ def bench_options(batch, runs, emit):
     c(x, k, b).block_until_ready()
     fns[name] = functools.partial(lambda c: c(x, k, b).block_until_ready(), c)
   flops = 2 * 9 * 64 * 64 * batch * 32 * 32
-  for row in rows_of('options: 32x32 64->64 s1', interleave(fns, runs), flops, extra.get):
+  for row in rows_of('options: 32x32 64->64 s1', report.interleave(fns, runs), flops, extra.get):
     emit(row)
 
 
@@ -350,7 +335,7 @@ def bench_teacher(batch, runs, emit):
     assert error < 1e-4, f'{name}: logits differ from the plain forward by {error:.1e} (relative)'
     fns[name] = functools.partial(lambda c, v: c(v, images).block_until_ready(), c, variables)
   flops = resnet_forward_flops('resnet32x4') * batch
-  for row in rows_of('teacher_forward resnet32x4', interleave(fns, runs), flops):
+  for row in rows_of('teacher_forward resnet32x4', report.interleave(fns, runs), flops):
     emit(row)
 
 

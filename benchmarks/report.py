@@ -35,6 +35,22 @@ def timed_call(contestant) -> float:
   return contestant.times[-1]
 
 
+def interleave(fns: dict, runs: int) -> dict:
+  """{name: (times, loads)}: `runs` rounds of one call of each contestant, the order rotated every
+  round, so that a change in the machine's load hits all contestants alike (conv_lowering.py,
+  attention_core.py)."""
+  names = list(fns)
+  out = {n: ([], []) for n in names}
+  for r in range(runs):
+    k = r % len(names)
+    for n in names[k:] + names[:k]:
+      out[n][1].append(load_now())
+      t = time.perf_counter()
+      fns[n]()
+      out[n][0].append(time.perf_counter() - t)
+  return out
+
+
 class JsonLines:
   """`with JsonLines(path) as emit: emit(row)` prints each row and appends it to `path` (if any)
   at once, so an interrupted benchmark keeps the rows it measured."""

@@ -79,8 +79,8 @@ def restore_or_start(run: Run, state: TrainState,
 
 
 def _restore(run: Run, template: TrainState, checkpointer, step: int):
-  """The state and stream at checkpoint `step` (fresh iterators every call, so a failed
-  attempt leaves nothing behind)."""
+  """The state and stream at checkpoint `step` (a fresh stream every call, closed when the
+  attempt fails, so a failed attempt leaves nothing behind)."""
   phase = run.phases[phase_at(run.phases, step)]
   meta = checkpointer.read_meta(step)
   saved = meta.get('data', {})  # metadata: absent in old checkpoints
@@ -91,11 +91,15 @@ def _restore(run: Run, template: TrainState, checkpointer, step: int):
            and saved.get('workers') == num_workers)
   _check_optional_items(f'{checkpointer.directory}/{step}', meta, template)
   stream = train_stream(run, phase, saved['start'] if exact else step)
-  variables, extra, opt_state, _ = checkpointer.restore(
-      step, variables_template={
-          'params': template.params['student'], 'batch_stats': template.batch_stats
-      }, extra_template=_extra(template), opt_template=template.opt_state,
-      data_iterator=stream.iterator if exact else None)
+  try:
+    variables, extra, opt_state, _ = checkpointer.restore(
+        step, variables_template={
+            'params': template.params['student'], 'batch_stats': template.batch_stats
+        }, extra_template=_extra(template), opt_template=template.opt_state,
+        data_iterator=stream.iterator if exact else None)
+  except BaseException:  # an unreadable checkpoint: the next attempt opens its own stream
+    stream.close()
+    raise
   restored = TrainState(step=jnp.asarray(step, jnp.int32),
                         params={'student': variables['params'], 'objective': extra['objective']},
                         batch_stats=variables['batch_stats'], opt_state=opt_state,
