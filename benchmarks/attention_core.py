@@ -8,6 +8,9 @@ the 64 patches + cls + dist tokens of a 32-px patch-4 DistilledViT), the gradien
 with respect to q, k and v:
 
   model         the formula of tikd_jax/models/vit.py's Attention (scores scaled after q·kᵀ)
+  kernel        tikd_jax/models/cpu_attention.py's C++ kernel (one call forward, one backward):
+                the model under config.cpu_fast_layers. It takes token-major q, k, v (the qkv
+                projection's layout), so here it also pays three transposes in and one out
   scale_q       q scaled first (timm's order): no elementwise pass over the [B, H, N, N] scores
   keys_major    scores laid out [B, H, k, q], softmax over axis -2 (XLA:CPU reduces the minor
                 axis through a reduce-window; a reduction over a major axis is a plain loop)
@@ -64,6 +67,11 @@ def cores() -> dict:
     scores = jnp.matmul(q, jnp.swapaxes(k, -1, -2)) * (q.shape[-1]**-0.5)
     return jnp.matmul(jax.nn.softmax(scores, axis=-1), v)
 
+  def kernel(q, k, v):  # the model under config.cpu_fast_layers
+    from tikd_jax.models.cpu_attention import attention  # pylint: disable=g-import-not-at-top
+    tokens_major = [jnp.swapaxes(x, 1, 2) for x in (q, k, v)]
+    return jnp.swapaxes(attention(*tokens_major, q.shape[-1]**-0.5)[0], 1, 2)
+
   def scale_q(q, k, v):
     scores = jnp.matmul(q * q.shape[-1]**-0.5, jnp.swapaxes(k, -1, -2))
     return jnp.matmul(jax.nn.softmax(scores, axis=-1), v)
@@ -116,8 +124,8 @@ def cores() -> dict:
 
   all_nn.defvjp(all_nn_fwd, all_nn_bwd)
   return {
-      'model': model, 'scale_q': scale_q, 'keys_major': keys_major, 'chunked': chunked,
-      'split': split, 'block_diag': block_diag, 'all_nn': all_nn
+      'model': model, 'kernel': kernel, 'scale_q': scale_q, 'keys_major': keys_major,
+      'chunked': chunked, 'split': split, 'block_diag': block_diag, 'all_nn': all_nn
   }
 
 

@@ -15,6 +15,8 @@ student forward + backward (TIKD DistilledViT, train mode, drop path 0.1), hard 
                  augmentations off, on synthetic data with a random teacher.
   torch          convert/torch_models.py twins (TorchDistilledViT, TorchCifarResNet) in eager
                  mode, torch.optim.AdamW (defaults), the same loss.
+  jax_<n>d       our step data-parallel over n XLA:CPU host devices (e.g. jax_2d: one per core),
+                 --xla_force_host_platform_device_count=n in that worker only.
   torch_<n>t     torch eager with n threads (e.g. torch_1t), beside torch's default count.
   torch_compile  the same, with the teacher forward + student forward/loss under torch.compile
                  (backward through AOTAutograd); skipped with the reason when it fails here.
@@ -431,7 +433,7 @@ def _framework_contestants(framework, size, batch, parts, presets, dtypes, devic
                            baseline_root) -> tuple[list[Contestant], list[dict]]:
   """(contestants, skipped rows) of one framework for every preset and dtype."""
   contestants, skipped = [], []
-  if framework in ('jax', 'jax_baseline'):
+  if framework in ('jax', 'jax_baseline') or jax_host_devices(framework):
     make = jax_contestants
     if framework == 'jax_baseline':  # the other checkout's own benchmark of its own step
       sys.path.insert(0, os.path.abspath(baseline_root))
@@ -463,6 +465,12 @@ def _framework_contestants(framework, size, batch, parts, presets, dtypes, devic
   return contestants, skipped
 
 
+def jax_host_devices(framework: str) -> int | None:
+  """`jax_<n>d`: our step data-parallel over n XLA:CPU host devices, None otherwise."""
+  match = re.fullmatch(r'jax_(\d+)d', framework)
+  return int(match.group(1)) if match else None
+
+
 def torch_threads(framework: str) -> int | None:
   """`torch_<n>t`: PyTorch eager with n threads (torch.set_num_threads), None otherwise. On a
   loaded machine OpenMP's barrier at 2 threads can stall on every small op; the 1-thread twin
@@ -475,6 +483,10 @@ def _worker(conn, framework, size, batch, parts, presets, dtypes, device, warmup
             baseline_root=None):
   """One process per framework, so that one framework's idle thread pool (OpenMP or Eigen
   threads spinning after their last op) never competes with another's timed step."""
+  devices = jax_host_devices(framework)
+  if devices:  # before jax starts in this (spawned) process
+    os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
+                               f' --xla_force_host_platform_device_count={devices}').strip()
   contestants, skipped = _framework_contestants(framework, size, batch, parts, presets, dtypes,
                                                 device, baseline_root)
   for c in contestants:
@@ -600,10 +612,10 @@ def main() -> None:
   ]
   if args.baseline_root:
     frameworks = ['jax_baseline'] + frameworks
-  unknown = {f for f in frameworks if not torch_threads(f)
+  unknown = {f for f in frameworks if not torch_threads(f) and not jax_host_devices(f)
             } - {'jax', 'jax_baseline', 'torch', 'torch_compile'}
   if unknown:
-    parser.error(f'unknown frameworks {sorted(unknown)}; use jax, torch, torch_<n>t, '
+    parser.error(f'unknown frameworks {sorted(unknown)}; use jax, jax_<n>d, torch, torch_<n>t, '
                  'torch_compile')
   dtypes = tuple(d for d in args.dtypes.split(',') if d)
   if set(dtypes) - {'float32', 'bfloat16'}:

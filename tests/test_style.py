@@ -1,4 +1,5 @@
-"""One formatter (yapf) and one linter (ruff) for the whole tree, configured in pyproject.toml."""
+"""One formatter (yapf) and one linter (ruff) for the Python tree, configured in pyproject.toml;
+clang-format (.clang-format) for the C++ kernels."""
 import ast
 import glob
 import os
@@ -18,6 +19,19 @@ def test_the_tree_is_formatted_by_yapf():
   assert out.returncode == 0 and not out.stdout, (
       f'yapf would reformat these lines; run `yapf -ir -p {" ".join(CODE)}`:\n'
       f'{out.stdout[:4000]}{out.stderr[-2000:]}')
+
+
+def test_the_cpp_kernels_are_formatted_by_clang_format():
+  """The C++ sources (XLA:CPU kernels) follow .clang-format (Google style, 100 columns)."""
+  sources = sorted(glob.glob(os.path.join(ROOT, 'tikd_jax', '**', '*.cc'), recursive=True))
+  assert sources
+  out = subprocess.run([
+      os.path.join(os.path.dirname(sys.executable), 'clang-format'), '--dry-run', '--Werror',
+      *sources
+  ], cwd=ROOT, capture_output=True, text=True)
+  assert out.returncode == 0, (f'clang-format would reformat; run `clang-format -i '
+                               f'{" ".join(os.path.relpath(s, ROOT) for s in sources)}`:\n'
+                               f'{out.stderr[:4000]}')
 
 
 def test_ruff_finds_nothing():

@@ -8,6 +8,8 @@ only the lowering differs:
     activation gradient and 2-D reduce-windows over (B, N), which together cost more than the
     matmuls at these widths (one [8448, 1024] bias gradient: 32 ms → ~7 ms; benchmarks/README.md).
   * the patch embedding is non-overlapping patches @ kernel instead of an XLA:CPU convolution.
+  * the attention core softmax(q·kᵀ·scale)·v, forward and backward, is one C++ kernel per pass
+    (cpu_attention.py), not XLA:CPU's one Eigen product per (image, head) and reduce-windows.
 On GPU/TPU the plain layers are what the compiler expects, so 'auto' turns these on only on CPU.
 Results differ from autodiff of the plain layers by float32 rounding (tests/test_models.py).
 """
@@ -17,6 +19,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 from jax import lax
+
+from tikd_jax.models.cpu_attention import attention  # noqa: F401  (re-exported)
 
 SETTINGS = ('auto', 'on', 'off')
 

@@ -163,17 +163,22 @@ class Attention(nnx.Module):
       value_bias = _dense(self.text_proj, decoded, self.fast)
     b, n, d = x.shape
     # qkv features are [q | k | v], each heads × head_dim (timm). A split (not three strided
-    # slices) keeps the backward a concatenation; heads-major [B, H, N, hd] makes both attention
-    # products plain batched matmuls.
-    q, k, v = (t.reshape(b, n, self.heads, self.head_dim).transpose(0, 2, 1, 3)
+    # slices) keeps the backward a concatenation.
+    q, k, v = (t.reshape(b, n, self.heads, self.head_dim)
                for t in jnp.split(_dense(self.qkv, x, self.fast), 3, axis=-1))
     if value_bias is not None:
-      v = v + value_bias[:, None, :, :].astype(v.dtype)
-    scores = jnp.matmul(q, jnp.swapaxes(k, -1, -2)) * (self.head_dim**-0.5)  # [B, H, N, N]
-    attn = jax.nn.softmax(scores.astype(jnp.float32), axis=-1).astype(q.dtype)
-    attn = dropout(attn, self.attn_dropout, rng)
-    y = jnp.matmul(attn, v).transpose(0, 2, 1, 3).reshape(b, n, d)
-    return _dense(self.proj, y, self.fast), attn
+      v = v + value_bias[:, :, None, :].astype(v.dtype)
+    scale = self.head_dim**-0.5
+    if self.fast and q.dtype == jnp.float32 and (self.attn_dropout == 0.0 or rng is None):
+      y, attn = cpu_fast_layers.attention(q, k, v, scale)  # token-major in and out
+    else:
+      # heads-major [B, H, N, hd] makes both products plain batched matmuls
+      q, k, v = (t.transpose(0, 2, 1, 3) for t in (q, k, v))
+      scores = jnp.matmul(q, jnp.swapaxes(k, -1, -2)) * scale  # [B, H, N, N]
+      attn = jax.nn.softmax(scores.astype(jnp.float32), axis=-1).astype(q.dtype)
+      attn = dropout(attn, self.attn_dropout, rng)
+      y = jnp.matmul(attn, v).transpose(0, 2, 1, 3)
+    return _dense(self.proj, y.reshape(b, n, d), self.fast), attn
 
 
 class Mlp(nnx.Module):
