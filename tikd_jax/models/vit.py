@@ -30,7 +30,8 @@ drop path instead. Dropout draws from `rng`, the key that drives drop path, thro
 own (`fold_in(key, DROPOUT_STREAM)`), so turning it on leaves the drop-path draws as they were.
 
 `fast_layers=True` (set by `config.cpu_fast_layers`, on by default only on XLA:CPU) routes the
-token-wise layers through `cpu_fast_layers`: same math, a lowering that XLA:CPU runs faster.
+token-wise layers and the attention core through `cpu_fast_layers`: same math, a lowering that
+XLA:CPU runs faster (the attention core: a C++ kernel, cpu_attention.py).
 """
 from __future__ import annotations
 
