@@ -19,6 +19,7 @@
 #include <cstring>
 #include <memory>
 #include <thread>
+#include <utility>
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
@@ -318,29 +319,34 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(TikdAttentionForward, Forward,
                                   .Ret<ffi::Buffer<ffi::F32>>()  // probs
                                   .Attr<float>("scale"));
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(TikdAttentionBackward, Backward,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // q
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // k
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // v
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // probs
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // d_out
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // d_probs
-                                  .Ret<ffi::Buffer<ffi::F32>>()  // dq
-                                  .Ret<ffi::Buffer<ffi::F32>>()  // dk
-                                  .Ret<ffi::Buffer<ffi::F32>>()  // dv
-                                  .Attr<float>("scale"));
+namespace {
+
+// q, k, v, probs, d_out: the operands both backward calls share.
+auto BindBackwardOperands() {
+  return ffi::Ffi::Bind()
+      .Ctx<ffi::ThreadPool>()
+      .Arg<ffi::Buffer<ffi::F32>>()   // q
+      .Arg<ffi::Buffer<ffi::F32>>()   // k
+      .Arg<ffi::Buffer<ffi::F32>>()   // v
+      .Arg<ffi::Buffer<ffi::F32>>()   // probs
+      .Arg<ffi::Buffer<ffi::F32>>();  // d_out
+}
+
+// dq, dk, dv and the scale.
+template <typename Binding>
+auto BindBackwardResults(Binding binding) {
+  return std::move(binding)                   // the builder's methods take it as an rvalue
+      .template Ret<ffi::Buffer<ffi::F32>>()  // dq
+      .template Ret<ffi::Buffer<ffi::F32>>()  // dk
+      .template Ret<ffi::Buffer<ffi::F32>>()  // dv
+      .template Attr<float>("scale");
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(
+    TikdAttentionBackward, Backward,
+    BindBackwardResults(BindBackwardOperands().Arg<ffi::Buffer<ffi::F32>>()));  // + d_probs
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(TikdAttentionBackwardOutOnly, BackwardOutOnly,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // q
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // k
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // v
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // probs
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // d_out
-                                  .Ret<ffi::Buffer<ffi::F32>>()  // dq
-                                  .Ret<ffi::Buffer<ffi::F32>>()  // dk
-                                  .Ret<ffi::Buffer<ffi::F32>>()  // dv
-                                  .Attr<float>("scale"));
+                              BindBackwardResults(BindBackwardOperands()));
