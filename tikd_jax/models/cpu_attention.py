@@ -34,6 +34,9 @@ from jax.experimental.custom_partitioning import custom_partitioning
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+# the formula the kernel computes: other platforms and dtypes run it, tests check against it
+from tikd_jax.models.attention import attention_core as plain
+
 SOURCE = Path(__file__).with_suffix('.cc')
 TARGETS = {
     'forward': 'TikdAttentionForward', 'backward': 'TikdAttentionBackward',
@@ -181,14 +184,6 @@ def _kernels(scale: float):
       lambda q, k, v, probs, d_out: _backward_call(scale, q, k, v, probs, d_out),
       'b n h d, b m h d, b m h d, b h n m, b n h d -> b n h d, b m h d, b m h d', results=3)
   return forward, backward, backward_out_only
-
-
-def plain(q, k, v, scale: float):
-  """The formula of vit.Attention: (out [B, N, H, d], probs [B, H, N, N]) from q, k, v [B, N, H,
-  d]. What other platforms and other dtypes run, and what the kernel is checked against."""
-  qh, kh, vh = (x.transpose(0, 2, 1, 3) for x in (q, k, v))
-  probs = jax.nn.softmax(jnp.matmul(qh, jnp.swapaxes(kh, -1, -2)) * scale, axis=-1)
-  return jnp.matmul(probs, vh).transpose(0, 2, 1, 3), probs
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))

@@ -46,6 +46,7 @@ from flax import nnx
 from jax import lax
 
 from tikd_jax.models import cpu_fast_layers
+from tikd_jax.models.attention import attention_core
 from tikd_jax.normalization import CIFAR100_MEAN, CIFAR100_STD
 
 # timm initialises every Linear weight and the tokens with trunc_normal(0.02), biases with zeros.
@@ -170,15 +171,12 @@ class Attention(nnx.Module):
     if value_bias is not None:
       v = v + value_bias[:, :, None, :].astype(v.dtype)
     scale = self.head_dim**-0.5
-    if self.fast and q.dtype == jnp.float32 and (self.attn_dropout == 0.0 or rng is None):
-      y, attn = cpu_fast_layers.attention(q, k, v, scale)  # token-major in and out
+    if self.attn_dropout and rng is not None:
+      y, attn = attention_core(q, k, v, scale, lambda p: dropout(p, self.attn_dropout, rng))
+    elif self.fast:  # the XLA:CPU kernel for float32, else the same attention_core
+      y, attn = cpu_fast_layers.attention(q, k, v, scale)
     else:
-      # heads-major [B, H, N, hd] makes both products plain batched matmuls
-      q, k, v = (t.transpose(0, 2, 1, 3) for t in (q, k, v))
-      scores = jnp.matmul(q, jnp.swapaxes(k, -1, -2)) * scale  # [B, H, N, N]
-      attn = jax.nn.softmax(scores.astype(jnp.float32), axis=-1).astype(q.dtype)
-      attn = dropout(attn, self.attn_dropout, rng)
-      y = jnp.matmul(attn, v).transpose(0, 2, 1, 3)
+      y, attn = attention_core(q, k, v, scale)
     return _dense(self.proj, y.reshape(b, n, d), self.fast), attn
 
 
