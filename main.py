@@ -160,8 +160,6 @@ def main(argv):
   if flags.FLAGS['ema'].present and _MODE.value != 'eval':
     raise app.UsageError('--ema applies to --mode=eval; a training run keeps and evaluates a '
                          'model EMA when --config.ema.decay > 0')
-  from tikd_jax import host_memory  # pylint: disable=g-import-not-at-top
-  host_memory.prepare(_CONFIG.value)  # before JAX starts its threads (the module says why)
   _maybe_initialize_distributed()
   from tikd_jax.data.errors import EXIT_USER_ERROR, DataError  # pylint: disable=g-import-not-at-top
   from tikd_jax.train import preemption  # pylint: disable=g-import-not-at-top

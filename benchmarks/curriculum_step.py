@@ -209,14 +209,10 @@ def _worker(conn, framework, args):
       c.framework = framework
   else:
     build = _baseline_build(args.baseline_root) if framework == 'jax_baseline' else build_run
-    host_memory = None if framework == 'jax_baseline' else report.host_memory_as_main(
-        [args.xla_options])
     contestants = jax_contestants(resolutions, args.batch, args.saliency, args.xla_options,
                                   args.cpu_fast_layers, build)
     for c in contestants:
       c.framework = framework
-      if host_memory:
-        c.extra['host_memory'] = host_memory
   for c in contestants:
     for _ in range(args.warmup):
       c.fn()

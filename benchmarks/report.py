@@ -112,12 +112,3 @@ if __name__ == '__main__':
     sys.exit('usage: python benchmarks/report.py table ROWS.jsonl')
   with open(sys.argv[2]) as f:
     print(table([json.loads(line) for line in f if line.strip()]))
-
-
-def host_memory_as_main(presets) -> str:
-  """Our contestants' worker sets host memory as main.py does (tikd_jax/host_memory.py), before
-  JAX starts in it: the row's `host_memory` says which way it ran."""
-  from tikd_jax import host_memory  # pylint: disable=g-import-not-at-top
-  reuse = (all(p != 'default' for p in presets) and host_memory.runs_on_cpu()
-           and host_memory.reuse_freed_memory())
-  return 'reuse' if reuse else 'glibc default'

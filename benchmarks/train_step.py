@@ -487,13 +487,9 @@ def _worker(conn, framework, size, batch, parts, presets, dtypes, device, warmup
   if devices:  # before jax starts in this (spawned) process
     os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
                                f' --xla_force_host_platform_device_count={devices}').strip()
-  ours = framework == 'jax' or bool(devices)  # (the baseline checkout runs its own way)
-  host_memory = report.host_memory_as_main(presets) if ours else None
   contestants, skipped = _framework_contestants(framework, size, batch, parts, presets, dtypes,
                                                 device, baseline_root)
   for c in contestants:
-    if host_memory:
-      c.extra['host_memory'] = host_memory
     for _ in range(warmup):
       c.fn()
   conn.send(('ready', [c.label() + ':' + c.name for c in contestants], skipped))
