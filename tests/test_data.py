@@ -37,6 +37,16 @@ def _cfg(**kw):
 SKLEARN_DIGIT_COUNTS = [178, 182, 177, 183, 181, 182, 181, 179, 174, 180]
 
 
+def test_digits_are_read_as_sklearn_loads_them():
+  """tikd_jax reads scikit-learn's digits file itself (importing sklearn costs ~2 s a run)."""
+  from sklearn.datasets import load_digits
+  from tikd_jax.data import digits
+  images, labels = digits._digits_8x8()
+  reference = load_digits()
+  np.testing.assert_array_equal(images, reference.images)
+  np.testing.assert_array_equal(labels, reference.target)
+
+
 def test_digits_splits_shapes_and_balance():
   train = build_source(_cfg(name='digits'), 'train')
   test = build_source(_cfg(name='digits'), 'test')

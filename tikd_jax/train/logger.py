@@ -20,6 +20,21 @@ def _plain(v: Any):
   return v.item() if v.size == 1 else v.tolist()
 
 
+def _summary_writer(logdir: str):
+  """tensorboardX's SummaryWriter, imported without torch. tensorboardX imports torch when it is
+  installed (~2 s, a tenth of a smoke run) only to accept torch tensors; we log Python floats.
+  While sys.modules['torch'] is None, `import torch` raises ImportError, which tensorboardX
+  handles; the entry is removed again so that later code imports torch as usual."""
+  if 'tensorboardX' not in sys.modules and 'torch' not in sys.modules:
+    sys.modules['torch'] = None
+    try:
+      import tensorboardX  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
+    finally:
+      del sys.modules['torch']
+  from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+  return SummaryWriter(logdir)
+
+
 class MetricLogger:
 
   def __init__(self, workdir: str, *, is_chief: bool = True, total_steps: int = 0,
@@ -37,8 +52,7 @@ class MetricLogger:
     os.makedirs(workdir, exist_ok=True)
     self._jsonl = open(os.path.join(workdir, 'metrics.jsonl'), 'a', buffering=1)
     if tensorboard:
-      from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
-      self._tb = SummaryWriter(os.path.join(workdir, 'tensorboard'))
+      self._tb = _summary_writer(os.path.join(workdir, 'tensorboard'))
     if sys.stderr.isatty() and total_steps:
       from tqdm import tqdm  # pylint: disable=g-import-not-at-top
       self._bar = tqdm(total=total_steps, initial=initial_step, desc=prefix or 'train',
