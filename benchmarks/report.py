@@ -35,15 +35,19 @@ def timed_call(contestant) -> float:
   return contestant.times[-1]
 
 
-def interleave(fns: dict, runs: int) -> dict:
+def interleave(fns: dict, runs: int, pause_s: float = 0.0) -> dict:
   """{name: (times, loads)}: `runs` rounds of one call of each contestant, the order rotated every
   round, so that a change in the machine's load hits all contestants alike (conv_lowering.py,
-  attention_core.py)."""
+  attention_core.py). `pause_s` before every call lets the previous contestant's threads stop
+  spinning (libgomp and OpenBLAS workers spin after a call, slowing a millisecond-scale
+  successor)."""
   names = list(fns)
   out = {n: ([], []) for n in names}
   for r in range(runs):
     k = r % len(names)
     for n in names[k:] + names[:k]:
+      if pause_s:
+        time.sleep(pause_s)
       out[n][1].append(load_now())
       t = time.perf_counter()
       fns[n]()
