@@ -20,11 +20,11 @@ def test_every_product_of_every_layer_is_timed_and_checked(tmp_path):
   rows = [json.loads(line) for line in out.read_text().splitlines()]
   ways = {'xla', 'torch'} | {f'xla@{o}' for o in dense_dots.OPTIONS}
   dots = [r for r in rows if r['name'] == 'dense_dot']
-  assert {(r['layer'], r['product'], r['way']) for r in dots} == {(layer, product, way)
-                                                                  for layer in ('qkv', 'proj',
-                                                                                'fc1', 'fc2')
-                                                                  for product in dense_dots.PRODUCTS
-                                                                  for way in ways}
+  expected = {(layer, product, way)
+              for layer in ('qkv', 'proj', 'fc1', 'fc2')
+              for product in dense_dots.PRODUCTS
+              for way in ways}
+  assert {(r['layer'], r['product'], r['way']) for r in dots} == expected
   assert {(r['layer'], r['in'], r['out']) for r in dots} == {('qkv', 32, 96), ('proj', 32, 32),
                                                              ('fc1', 32, 64), ('fc2', 64, 32)}
   assert all(r['max_rel_error'] <= dense_dots.TOLERANCE for r in dots if r['way'].startswith('xla'))
