@@ -62,13 +62,19 @@ def products() -> dict:
   }
 
 
+# The same three products with `@`, for numpy (the float64 reference) and torch tensors alike.
+MATMULS = {
+    'forward': lambda x, w, dy: x @ w,
+    'dx': lambda x, w, dy: dy @ w.T,
+    'dW': lambda x, w, dy: x.T @ dy,
+}
+
+
 def _operands(rows: int, features_in: int, features_out: int, seed: int = 0):
   import numpy as np  # pylint: disable=g-import-not-at-top
   rng = np.random.default_rng(seed)
-  return (rng.standard_normal(
-      (rows, features_in)).astype('float32'), rng.standard_normal(
-          (features_in, features_out)).astype('float32'), rng.standard_normal(
-              (rows, features_out)).astype('float32'))
+  shapes = ((rows, features_in), (features_in, features_out), (rows, features_out))
+  return tuple(rng.standard_normal(shape).astype('float32') for shape in shapes)
 
 
 def contestants(product: str, rows: int, features_in: int, features_out: int) -> tuple[dict, dict]:
@@ -77,21 +83,17 @@ def contestants(product: str, rows: int, features_in: int, features_out: int) ->
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   import torch  # pylint: disable=g-import-not-at-top
-  x, w, dy = _operands(rows, features_in, features_out)
-  exact = {
-      'forward': lambda: x.astype('float64') @ w, 'dx': lambda: dy.astype('float64') @ w.T,
-      'dW': lambda: x.T.astype('float64') @ dy
-  }[product]()
-  on_device = [jax.device_put(a) for a in (x, w, dy)]
+  operands = _operands(rows, features_in, features_out)
+  exact = MATMULS[product](*(a.astype('float64') for a in operands))
+  on_device = [jax.device_put(a) for a in operands]
   fns, errors = {}, {}
   for way, options in {'xla': NO_YNN, **{f'xla@{k}': v for k, v in OPTIONS.items()}}.items():
     compiled = jax.jit(products()[product], compiler_options=options).lower(*on_device).compile()
-    errors[way] = float(
-        np.max(np.abs(np.asarray(compiled(*on_device)) - exact)) / np.max(np.abs(exact)))
+    error = np.max(np.abs(np.asarray(compiled(*on_device)) - exact)) / np.max(np.abs(exact))
+    errors[way] = float(error)
     fns[way] = lambda c=compiled: jax.block_until_ready(c(*on_device))
-  tx, tw, tdy = (torch.from_numpy(a) for a in (x, w, dy))
-  fns['torch'] = {'forward': lambda: tx @ tw, 'dx': lambda: tdy @ tw.T,
-                  'dW': lambda: tx.T @ tdy}[product]
+  tensors = [torch.from_numpy(a) for a in operands]
+  fns['torch'] = lambda: MATMULS[product](*tensors)
   return fns, errors
 
 
@@ -106,13 +108,24 @@ def run(model: str, rows: int, runs: int, emit) -> None:
       for way, (t, loads) in report.interleave(fns, runs, PAUSE_S).items():
         median = statistics.median(t)
         block[way] = block.get(way, 0.0) + median
+        milliseconds = {
+            'median_ms': median,
+            'p10_ms': report.quantile(t, 0.1),
+            'p90_ms': report.quantile(t, 0.9),
+        }
         row = {
-            'name': 'dense_dot', 'model': model, 'layer': layer, 'product': product, 'rows': rows,
-            'in': features_in, 'out': features_out, 'way': way, 'runs': runs,
-            'median_ms': round(median * 1e3, 3), 'p10_ms': round(report.quantile(t, 0.1) * 1e3, 3),
-            'p90_ms': round(report.quantile(t, 0.9) * 1e3,
-                            3), 'gflop_per_s': round(flops / median / 1e9,
-                                                     1), 'load_1m': report.load_summary(loads)
+            'name': 'dense_dot',
+            'model': model,
+            'layer': layer,
+            'product': product,
+            'rows': rows,
+            'in': features_in,
+            'out': features_out,
+            'way': way,
+            'runs': runs,
+            **{k: round(v * 1e3, 3) for k, v in milliseconds.items()},
+            'gflop_per_s': round(flops / median / 1e9, 1),
+            'load_1m': report.load_summary(loads),
         }
         if way in errors:
           row['max_rel_error'] = float(f'{errors[way]:.2e}')
@@ -122,9 +135,12 @@ def run(model: str, rows: int, runs: int, emit) -> None:
         emit(row)
   for way, seconds in block.items():
     emit({
-        'name': 'dense_dots_block', 'model': model, 'rows': rows, 'way': way,
-        'sum_of_medians_ms': round(seconds * 1e3,
-                                   2), 'torch_over_way': round(block['torch'] / seconds, 3)
+        'name': 'dense_dots_block',
+        'model': model,
+        'rows': rows,
+        'way': way,
+        'sum_of_medians_ms': round(seconds * 1e3, 2),
+        'torch_over_way': round(block['torch'] / seconds, 3),
     })
 
 
