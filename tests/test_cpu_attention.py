@@ -12,7 +12,7 @@ from flax import nnx
 
 from tikd_jax import sharding as sharding_lib
 from tikd_jax.models import build_model
-from tikd_jax.models import cpu_attention
+from tikd_jax.models import cpu_attention, cpu_kernels
 
 # float32 rounding of sums over ≤ 66 terms, relative to each output's largest entry
 TOLERANCE = 2e-6
@@ -20,8 +20,8 @@ TOLERANCE = 2e-6
 
 def _has_compiler() -> bool:
   try:
-    return bool(cpu_attention._compiler())  # pylint: disable=protected-access
-  except cpu_attention.KernelUnavailable:
+    return bool(cpu_kernels.compiler())
+  except cpu_kernels.KernelUnavailable:
     return False
 
 
@@ -128,8 +128,8 @@ def test_the_kernel_keeps_the_image_sharding_with_no_collectives(axes):
 def test_without_a_compiler_the_error_says_what_to_install(monkeypatch, tmp_path):
   monkeypatch.setenv('TIKD_JAX_CACHE', str(tmp_path))
   monkeypatch.delenv('CXX', raising=False)
-  monkeypatch.setattr(cpu_attention.shutil, 'which', lambda name: None)
-  with pytest.raises(cpu_attention.KernelUnavailable,
+  monkeypatch.setattr(cpu_kernels.shutil, 'which', lambda name: None)
+  with pytest.raises(cpu_kernels.KernelUnavailable,
                      match=r'apt install g\+\+.*cpu_fast_layers=off'):
     cpu_attention.build()
 
@@ -137,7 +137,7 @@ def test_without_a_compiler_the_error_says_what_to_install(monkeypatch, tmp_path
 def test_a_failed_compile_shows_the_command_and_leaves_nothing_half_written(monkeypatch, tmp_path):
   monkeypatch.setenv('TIKD_JAX_CACHE', str(tmp_path))
   monkeypatch.setenv('CXX', '/bin/false')  # a "compiler" that fails every time
-  with pytest.raises(cpu_attention.KernelUnavailable, match=r'compiling cpu_attention.cc failed'):
+  with pytest.raises(cpu_kernels.KernelUnavailable, match=r'compiling cpu_attention.cc failed'):
     cpu_attention.build()
   assert not list((tmp_path / 'kernels').iterdir())
 
@@ -148,7 +148,7 @@ def test_an_unavailable_kernel_falls_back_to_the_plain_formula_with_one_warning(
                       functools.cache(cpu_attention.available.__wrapped__))
 
   def no_kernel():
-    raise cpu_attention.KernelUnavailable('no C++ compiler found')
+    raise cpu_kernels.KernelUnavailable('no C++ compiler found')
 
   monkeypatch.setattr(cpu_attention, '_register', no_kernel)
   warnings = []

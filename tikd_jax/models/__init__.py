@@ -51,15 +51,15 @@ def build_model(name: str, *, rngs: nnx.Rngs, fast_layers: bool = False,
                 **kwargs: Any) -> nnx.Module:
   """Builds `name` (see MODELS) with the given keyword arguments; unknown names fail loudly.
 
-  `fast_layers` (ViTs only; see cpu_fast_layers.py) changes how layers lower, not what they
-  compute, so it is not a model argument saved with checkpoints.
+  `fast_layers` (ViTs and CIFAR ResNets; see cpu_fast_layers.py) changes how layers lower, not
+  what they compute, so it is not a model argument saved with checkpoints.
   """
   if name not in MODELS:
     raise ValueError(f'unknown model {name!r}; known models: {sorted(MODELS)}. '
                      f'ViT variants: {sorted(VIT_SIZES)}')
   if isinstance(kwargs.get('dtype'), str):  # configs and checkpoint metadata name dtypes
     kwargs['dtype'] = None if kwargs['dtype'] == 'float32' else jnp.dtype(kwargs['dtype'])
-  if name in VIT_MODELS:
+  if name in VIT_MODELS or name in RESNET_CONFIGS:
     kwargs['fast_layers'] = fast_layers
   return MODELS[name](rngs=rngs, **kwargs)
 
