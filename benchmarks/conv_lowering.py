@@ -9,11 +9,15 @@ layers   every 3×3 conv shape of ResNet32x4 at 32 px (+ bias + ReLU, as the fol
          (the same in NCHW), `im2col` (the 9 shifted views concatenated, one [B·H·W, 9C]·[9C, O]
          dot), `im2col_rows` (3 dots of K = 3C, one per kernel row), `shifted_dots` (9 dots of
          K = C accumulated), `winograd_f2x2` (Winograd F(2×2, 3×3), stride 1), `winograd_f4x4`
-         (Winograd F(4×4, 3×3), stride 1, H and W divisible by 4); each checked against xla_conv
-         (F(4×4) to WINOGRAD_F4X4_TOLERANCE). `--layers` and `--contestants` pick a subset.
+         (Winograd F(4×4, 3×3), stride 1, H and W divisible by 4), `winograd_kernel` (F(2×2, 3×3)
+         as the C++ kernel of tikd_jax/models/cpu_winograd.py, what `cpu_fast_layers` runs);
+         each checked against xla_conv (F(4×4) to WINOGRAD_F4X4_TOLERANCE). `--layers` and
+         `--contestants` pick a subset.
 options  one 32×32 64→64 conv under XLA:CPU option sets (YNNPACK, oneDNN, XNNPACK switches this
          jaxlib knows), with whether the compiled program still holds XLA's own convolution.
-teacher  the whole eval-mode forward: `plain` (the Flax model: conv → BatchNorm), `folded`
+teacher  the whole eval-mode forward: `plain` (the Flax model: conv → BatchNorm), `fast_layers`
+         (the same model built with fast_layers=True: its 3×3 stride-1 convs as `winograd_kernel`,
+         what the trainer runs on CPU), `folded`
          (`folded_forward`: every BatchNorm folded into its conv, conv + bias + ReLU),
          `folded_im2col` (folded, every conv as `im2col`) and `folded_winograd_8x8` (folded, the
          8×8 stride-1 convs as `winograd_f4x4`); logits checked against plain.
@@ -109,6 +113,8 @@ def lowerings():
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from jax import lax  # pylint: disable=g-import-not-at-top
 
+  from tikd_jax.models import cpu_winograd  # pylint: disable=g-import-not-at-top
+
   def xla_conv(x, k, b, s):
     p = (k.shape[0] - 1) // 2
     dims = ('NHWC', 'HWIO', 'NHWC')
@@ -185,10 +191,14 @@ def lowerings():
     y = jnp.stack([jnp.stack(row, -2) for row in y], 2)  # [n, th, 4, tw, 4, O]
     return y.reshape(n, h, w, -1) + b
 
+  def winograd_kernel(x, k, b, s):
+    assert s == 1 and cpu_winograd.supported(x, k), 'a shape the kernel leaves to xla_conv'
+    return cpu_winograd.conv3x3(x, k) + b
+
   return {
       'xla_conv': xla_conv, 'xla_conv_nchw': xla_conv_nchw, 'im2col': im2col,
       'im2col_rows': im2col_rows, 'shifted_dots': shifted_dots, 'winograd_f2x2': winograd_f2x2,
-      'winograd_f4x4': winograd_f4x4
+      'winograd_f4x4': winograd_f4x4, 'winograd_kernel': winograd_kernel
   }
 
 
@@ -210,6 +220,8 @@ def bench_layers(batch, runs, emit, only=None, contestants=None):
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
+
+  from tikd_jax.models import cpu_winograd  # pylint: disable=g-import-not-at-top
   rng = np.random.default_rng(0)
   for hw, cin, cout, s in LAYERS:
     group = f'{hw}x{hw} {cin}->{cout} s{s}'
@@ -221,6 +233,7 @@ def bench_layers(batch, runs, emit, only=None, contestants=None):
     fns, reference = {}, None
     for name, f in lowerings().items():
       if (name.startswith('winograd') and s != 1
+          or name == 'winograd_kernel' and not cpu_winograd.supported(x, k)  # the 3-channel stem
           or contestants and name != 'xla_conv' and name not in contestants):
         continue
       xx = jnp.transpose(x, (0, 3, 1, 2)) if name.endswith('nchw') else x
@@ -314,19 +327,24 @@ def bench_teacher(batch, runs, emit):
   images = jnp.asarray(np.random.default_rng(0).random((batch, 32, 32, 3)), jnp.float32)
   model = build_model('resnet32x4', rngs=nnx.Rngs(1), num_classes=100)
   variables, graphdef = model_variables(model), nnx.graphdef(model)
+  # the same weights (same seed), its 3×3 stride-1 convs through the Winograd kernel
+  fast = nnx.graphdef(build_model('resnet32x4', rngs=nnx.Rngs(1), num_classes=100,
+                                  fast_layers=True))
+  plain = lambda m, x: m(x, train=False)[0]  # noqa: E731
   ways = {
-      'plain': lambda m, x: m(x, train=False)[0],
-      'folded': lambda m, x: folded_forward(m, x,
-                                            lowerings()['xla_conv']),
-      'folded_im2col': lambda m, x: folded_forward(m, x,
-                                                   lowerings()['im2col']),
-      'folded_winograd_8x8': lambda m, x: folded_forward(m, x, winograd_f4x4_on_8x8),
+      'plain': (graphdef, plain),
+      'fast_layers': (fast, plain),
+      'folded': (graphdef, lambda m, x: folded_forward(m, x,
+                                                       lowerings()['xla_conv'])),
+      'folded_im2col': (graphdef, lambda m, x: folded_forward(m, x,
+                                                              lowerings()['im2col'])),
+      'folded_winograd_8x8': (graphdef, lambda m, x: folded_forward(m, x, winograd_f4x4_on_8x8)),
   }
   fns, reference = {}, None
-  for name, way in ways.items():
+  for name, (graph, way) in ways.items():
 
-    def forward(v, x, way=way):
-      return way(nnx.merge(graphdef, v['params'], v['batch_stats']), x)
+    def forward(v, x, graph=graph, way=way):
+      return way(nnx.merge(graph, v['params'], v['batch_stats']), x)
 
     c = jax.jit(forward, compiler_options=NO_YNN).lower(variables, images).compile()
     logits = c(variables, images).block_until_ready()

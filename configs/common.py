@@ -115,9 +115,10 @@ def base() -> ConfigDict:
   c.sharding_rules = ()
   # XLA compiler options of the steps (tikd_jax/xla_options.py): auto = the fastest measured.
   c.xla_options = 'auto'
-  # The ViT's layers lowered for XLA:CPU (tikd_jax/models/cpu_fast_layers.py; the attention core
-  # is a C++ kernel built once with the system compiler): 'auto' turns them on on CPU only,
-  # where they measured faster; 'on' | 'off'.
+  # The ViT's layers and the CIFAR ResNets' 3×3 convs lowered for XLA:CPU
+  # (tikd_jax/models/cpu_fast_layers.py; the attention core and the Winograd convolution are C++
+  # kernels built once with the system compiler): 'auto' turns them on on CPU only, where they
+  # measured faster; 'on' | 'off'.
   c.cpu_fast_layers = 'auto'
   # Start from other weights (README "Fine-tuning from a checkpoint"): a workdir or converted
   # checkpoint; init_exclude: regexes of flat keys ('params/head/kernel') that start fresh.

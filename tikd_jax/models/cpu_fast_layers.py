@@ -1,7 +1,8 @@
-"""XLA:CPU speed tricks for the ViT's token-wise layers, behind `config.cpu_fast_layers`.
+"""XLA:CPU speed tricks for the ViT's token-wise layers and the CIFAR ResNets' 3×3 convolutions,
+behind `config.cpu_fast_layers`.
 
-Same math, parameters and names as `nnx.Linear` / `nnx.LayerNorm` / the p×p patch `nnx.Conv`;
-only the lowering differs:
+Same math, parameters and names as `nnx.Linear` / `nnx.LayerNorm` / `nnx.Conv`; only the lowering
+differs:
   * dense and LayerNorm have hand-written VJPs: the weight gradient is one x[M, in]ᵀ·dy[M, out]
     product and the bias / scale gradients are sums over the M = B·N rows, computed as a product
     with a ones vector. Autodiff of the plain layers leaves XLA:CPU a transposed copy of every
