@@ -13,20 +13,11 @@ from flax import nnx
 
 from tikd_jax import sharding as sharding_lib
 from tikd_jax.models import build_model, cpu_fast_layers, cpu_kernels, cpu_winograd
+from tests.test_cpu_attention import needs_compiler
 
 # float32 rounding of a sum of 9·C products, relative to the output's largest entry (the kernel
 # measured 3e-7 to 8e-7 on the teacher's layers, XLA's own convolution 4e-7 to 7e-7)
 TOLERANCE = 2e-6
-
-
-def _has_compiler() -> bool:
-  try:
-    return bool(cpu_kernels.compiler())
-  except cpu_kernels.KernelUnavailable:
-    return False
-
-
-needs_compiler = pytest.mark.skipif(not _has_compiler(), reason='no C++ compiler on this machine')
 
 
 def _inputs(batch, height, width, channels, outputs, seed=0):

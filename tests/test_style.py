@@ -22,8 +22,10 @@ def test_the_tree_is_formatted_by_yapf():
 
 
 def test_the_cpp_kernels_are_formatted_by_clang_format():
-  """The C++ sources (XLA:CPU kernels) follow .clang-format (Google style, 100 columns)."""
-  sources = sorted(glob.glob(os.path.join(ROOT, 'tikd_jax', '**', '*.cc'), recursive=True))
+  """The C++ sources and headers (XLA:CPU kernels) follow .clang-format (Google style, 100 columns)."""
+  sources = sorted(
+      glob.glob(os.path.join(ROOT, 'tikd_jax', '**', '*.cc'), recursive=True) +
+      glob.glob(os.path.join(ROOT, 'tikd_jax', '**', '*.h'), recursive=True))
   assert sources
   out = subprocess.run([
       os.path.join(os.path.dirname(sys.executable), 'clang-format'), '--dry-run', '--Werror',

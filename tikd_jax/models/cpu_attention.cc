@@ -13,15 +13,12 @@
 // the token-major layout of the qkv projection, so no transposed copy is made either way.
 // Every product sums its terms in order, one multiply-add each, as a plain dot does.
 #include <algorithm>
-#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
-#include <memory>
-#include <thread>
 #include <utility>
-#include <vector>
 
+#include "cpu_parallel.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -200,31 +197,6 @@ void SoftmaxGradRow(float* row, const float* probs, const float* d_probs, int64_
   for (int64_t j = 0; j < n; ++j) row[j] = probs[j] * (row[j] - total) * scale;
 }
 
-// Runs body(pair, scratch) for every (image, head) pair on the calling thread and the intra-op
-// pool. The counters are shared, so a pool task that starts after the call returned finds no work
-// and touches nothing else.
-template <typename Body>
-void ForEachPair(ffi::ThreadPool& pool, int64_t pairs, int64_t scratch_floats, Body body) {
-  struct Progress {
-    std::atomic<int64_t> next{0}, done{0};
-  };
-  auto progress = std::make_shared<Progress>();
-  const int64_t threads = std::max<int64_t>(1, pool.num_threads());
-  const int64_t chunk = std::max<int64_t>(1, pairs / (8 * threads));  // even with a late thread
-  const int64_t chunks = (pairs + chunk - 1) / chunk;
-  auto work = [=]() {
-    std::vector<float> scratch(scratch_floats);
-    for (int64_t q; (q = progress->next.fetch_add(1)) < chunks;) {
-      for (int64_t e = q * chunk; e < std::min(pairs, (q + 1) * chunk); ++e)
-        body(e, scratch.data());
-      progress->done.fetch_add(1, std::memory_order_release);
-    }
-  };
-  for (int64_t t = 1; t < threads && t < chunks; ++t) pool.Schedule([work]() { work(); });
-  work();
-  while (progress->done.load(std::memory_order_acquire) < chunks) std::this_thread::yield();
-}
-
 struct Shape {
   int64_t batch, tokens, heads, dim;
   int64_t row() const { return heads * dim; }  // token stride of q, k, v, out
@@ -252,7 +224,7 @@ ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ff
   const float *qp = q.typed_data(), *kp = k.typed_data(), *vp = v.typed_data();
   float *op = out->typed_data(), *pp = probs->typed_data();
   const int64_t packed = std::max(d, n) * RoundUp(std::max(d, n));
-  ForEachPair(pool, s.batch * s.heads, packed, [&](int64_t e, float* scratch) {
+  tikd::ParallelFor(pool, s.batch * s.heads, packed, [&](int64_t e, float* scratch) {
     const int64_t b = e / s.heads, h = e % s.heads, at = s.at(b, h);
     float* p = pp + e * n * n;
     Product({qp + at, ld, 1}, {kp + at, 1, ld}, p, n, n, d, n, scratch);  // q · kᵀ
@@ -271,7 +243,7 @@ ffi::Error BackwardImpl(ffi::ThreadPool& pool, const ffi::Buffer<ffi::F32>& q, c
   const int64_t n = s.tokens, d = s.dim, ld = s.row();
   const float* qp = q.typed_data();
   const int64_t packed = std::max(d, n) * RoundUp(std::max(d, n));
-  ForEachPair(pool, s.batch * s.heads, packed + n * n, [&](int64_t e, float* scratch) {
+  tikd::ParallelFor(pool, s.batch * s.heads, packed + n * n, [&](int64_t e, float* scratch) {
     const int64_t b = e / s.heads, h = e % s.heads, at = s.at(b, h);
     const float* p = pp + e * n * n;
     float* ds = scratch + packed;

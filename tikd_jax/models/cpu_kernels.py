@@ -64,8 +64,9 @@ def build(source: Path, compiler_path: str | None = None) -> Path:
   """The compiled library of `source`, built on first use (a few seconds) and cached."""
   compiler_path = compiler_path or compiler()
   version = subprocess.run([compiler_path, '--version'], capture_output=True, text=True).stdout
+  headers = [h.read_text() for h in sorted(source.parent.glob('*.h'))]  # cpu_parallel.h
   key = hashlib.sha256('\0'.join([
-      source.read_text(), compiler_path, version, ' '.join(FLAGS), jax.__version__,
+      source.read_text(), *headers, compiler_path, version, ' '.join(FLAGS), jax.__version__,
       _cpu_features()
   ]).encode()).hexdigest()[:16]
   library = cache_dir() / f'{source.stem}-{key}.so'

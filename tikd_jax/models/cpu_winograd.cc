@@ -13,13 +13,10 @@
 // Bᵀ and Aᵀ hold only ±1 and G only ±1/2, so the transforms add a few roundings to a sum of 9·C
 // products, not more (tests/test_cpu_winograd.py bounds the difference to the plain convolution).
 #include <algorithm>
-#include <atomic>
 #include <cstdint>
 #include <cstring>
-#include <memory>
-#include <thread>
-#include <vector>
 
+#include "cpu_parallel.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -172,27 +169,6 @@ void Block(const float* x, const float* u, const Shape& s, int64_t p0, int64_t n
   for (; i < n; ++i) Tiles<1>(v, stride, i, u, s, p0, y);
 }
 
-// Runs body(item, scratch) for every item on the calling thread and the intra-op pool. The
-// counters are shared, so a pool task that starts after the call returned finds no work.
-template <typename Body>
-void ForEach(ffi::ThreadPool& pool, int64_t items, int64_t scratch_floats, Body body) {
-  struct Progress {
-    std::atomic<int64_t> next{0}, done{0};
-  };
-  auto progress = std::make_shared<Progress>();
-  const int64_t threads = std::max<int64_t>(1, pool.num_threads());
-  auto work = [=]() {
-    std::vector<float> scratch(scratch_floats);
-    for (int64_t q; (q = progress->next.fetch_add(1)) < items;) {
-      body(q, scratch.data());
-      progress->done.fetch_add(1, std::memory_order_release);
-    }
-  };
-  for (int64_t t = 1; t < threads && t < items; ++t) pool.Schedule([work]() { work(); });
-  work();
-  while (progress->done.load(std::memory_order_acquire) < items) std::this_thread::yield();
-}
-
 ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> u,
                    ffi::ResultBuffer<ffi::F32> y) {
   const auto dx = x.dimensions();
@@ -208,7 +184,7 @@ ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ff
   const int64_t stride = s.block(), blocks = (s.tiles() + stride - 1) / stride;
   const float *xp = x.typed_data(), *up = u.typed_data();
   float* yp = y->typed_data();
-  ForEach(pool, blocks, 16 * stride * s.channels, [&](int64_t q, float* v) {
+  tikd::ParallelFor(pool, blocks, 16 * stride * s.channels, [&](int64_t q, float* v) {
     const int64_t p0 = q * stride;
     Block(xp, up, s, p0, std::min(stride, s.tiles() - p0), stride, v, yp);
   });
