@@ -148,3 +148,32 @@ def test_an_unavailable_kernel_falls_back_to_xla_with_one_warning(monkeypatch):
   assert 'TikdWinograd' not in jaxpr
   assert len(warnings) == 1 and 'no C++ compiler found' in warnings[0]
   np.testing.assert_array_equal(cpu_winograd.conv3x3(x, kernel), cpu_winograd.plain(x, kernel))
+
+
+@needs_compiler
+@pytest.mark.parametrize('setting,kernel_calls', [('auto', 4), ('off', 0)])
+def test_the_trainers_teacher_runs_the_kernel_unless_switched_off(tmp_path, setting, kernel_calls):
+  """`run.load_teacher` builds the teacher under `config.cpu_fast_layers`: on CPU ('auto') the
+  four 3×3 stride-1 convs of configs/tiny.py's resnet8 (16–64 channels) go through the kernel,
+  'off' leaves every conv to XLA; the logits agree either way."""
+  from tests.test_train import tiny_config  # pylint: disable=g-import-not-at-top
+  from tikd_jax.models.variables import model_variables  # pylint: disable=g-import-not-at-top
+  from tikd_jax.train import checkpoint, run  # pylint: disable=g-import-not-at-top
+  config = tiny_config('hard', cpu_fast_layers=setting)
+  teacher = build_model('resnet8', rngs=nnx.Rngs(0), num_classes=10, mean=config.teacher.mean,
+                        std=config.teacher.std)
+  path = checkpoint.save_weights(str(tmp_path), model_variables(teacher),
+                                 meta={'model': {'name': 'resnet8', 'kwargs': {}}})
+  with config.unlocked():
+    config.teacher.checkpoint = path
+  loaded = run.load_teacher(config, 10, sharding_lib.make_mesh(config.mesh), [])
+  images = jnp.asarray(np.random.default_rng(0).random((8, 16, 16, 3), np.float32))
+
+  def logits(variables):
+    model = nnx.merge(loaded.graphdef, variables['params'], variables['batch_stats'])
+    return model(images, train=False)[0]
+
+  jaxpr = str(jax.make_jaxpr(logits)(loaded.variables))
+  assert len(re.findall('TikdWinogradConvForward', jaxpr)) == kernel_calls
+  want = np.asarray(teacher(images, train=False)[0], np.float64)
+  assert _relative_error(jax.jit(logits)(loaded.variables), want) < TOLERANCE
