@@ -142,17 +142,23 @@ def test_a_failed_compile_shows_the_command_and_leaves_nothing_half_written(monk
   assert not list((tmp_path / 'kernels').iterdir())
 
 
-def test_an_unavailable_kernel_falls_back_to_the_plain_formula_with_one_warning(monkeypatch):
-  """No kernel: attention still runs (the plain formula) and the log says why, once."""
-  monkeypatch.setattr(cpu_attention, 'available',
-                      functools.cache(cpu_attention.available.__wrapped__))
+def without_the_kernel(monkeypatch, module) -> list[str]:
+  """`module`'s kernel (cpu_attention, cpu_winograd) unavailable as on a machine without a
+  compiler, its availability not yet cached; returns the list the logged warnings go to."""
+  monkeypatch.setattr(module, 'available', functools.cache(module.available.__wrapped__))
 
   def no_kernel():
     raise cpu_kernels.KernelUnavailable('no C++ compiler found')
 
-  monkeypatch.setattr(cpu_attention, '_register', no_kernel)
+  monkeypatch.setattr(module, '_register', no_kernel)
   warnings = []
   monkeypatch.setattr(logging, 'warning', lambda msg, *args: warnings.append(msg % args))
+  return warnings
+
+
+def test_an_unavailable_kernel_falls_back_to_the_plain_formula_with_one_warning(monkeypatch):
+  """No kernel: attention still runs (the plain formula) and the log says why, once."""
+  warnings = without_the_kernel(monkeypatch, cpu_attention)
   q, k, v, _, _ = _inputs((2, 5, 2, 8))
   jaxpr = str(jax.make_jaxpr(lambda q, k, v: cpu_attention.attention(q, k, v, 0.5))(q, k, v))
   assert 'TikdAttention' not in jaxpr

@@ -1,19 +1,17 @@
 """The XLA:CPU Winograd convolution (tikd_jax/models/cpu_winograd.py) equals the plain 3×3
 convolution, keeps the plain gradient, is what a CIFAR ResNet runs under fast_layers, keeps a
 mesh's image sharding, and falls back where it cannot run."""
-import functools
 import re
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from absl import logging
 from flax import nnx
 
 from tikd_jax import sharding as sharding_lib
-from tikd_jax.models import build_model, cpu_fast_layers, cpu_kernels, cpu_winograd
-from tests.test_cpu_attention import needs_compiler
+from tikd_jax.models import build_model, cpu_fast_layers, cpu_winograd
+from tests.test_cpu_attention import needs_compiler, without_the_kernel
 
 # float32 rounding of a sum of 9·C products, relative to the output's largest entry (the kernel
 # measured 3e-7 to 8e-7 on the teacher's layers, XLA's own convolution 4e-7 to 7e-7)
@@ -133,15 +131,8 @@ def test_the_kernel_keeps_the_image_sharding_with_no_collectives():
 
 
 def test_an_unavailable_kernel_falls_back_to_xla_with_one_warning(monkeypatch):
-  monkeypatch.setattr(cpu_winograd, 'available',
-                      functools.cache(cpu_winograd.available.__wrapped__))
-
-  def no_kernel():
-    raise cpu_kernels.KernelUnavailable('no C++ compiler found')
-
-  monkeypatch.setattr(cpu_winograd, '_register', no_kernel)
-  warnings = []
-  monkeypatch.setattr(logging, 'warning', lambda msg, *args: warnings.append(msg % args))
+  """No kernel: the convolution still runs (XLA's) and the log says why, once."""
+  warnings = without_the_kernel(monkeypatch, cpu_winograd)
   x, kernel = _inputs(2, 8, 8, 16, 16)
   for _ in range(2):
     jaxpr = str(jax.make_jaxpr(cpu_winograd.conv3x3)(x, kernel))
