@@ -4,9 +4,10 @@ models/resnet.py.
 Layout and names follow RepDistiller's `models/resnet.py` so that weights convert one to one:
 conv1/bn1 stem, layer1..3 of BasicBlocks (conv1, bn1, conv2, bn2, optional downsample conv+bn),
 global average pool, fc. Convs pad explicitly like PyTorch ((1, 1) on both sides even at stride 2,
-where Flax's 'SAME' would pad (0, 1)). BatchNorm: eps 1e-5, PyTorch momentum 0.1 == Flax 0.9. `fast_layers=True` (set by
-`config.cpu_fast_layers`, on by default only on XLA:CPU) runs the 3×3 stride-1 convolutions through
-`cpu_fast_layers.conv3x3` (Winograd): same function, another lowering.
+where Flax's 'SAME' would pad (0, 1)). BatchNorm: eps 1e-5, PyTorch momentum 0.1 == Flax 0.9.
+`fast_layers=True` (set by `config.cpu_fast_layers`, on by default only on XLA:CPU) runs the 3×3
+stride-1 convolutions through `cpu_fast_layers.conv3x3` (Winograd): same function, another
+lowering.
 """
 from __future__ import annotations
 
