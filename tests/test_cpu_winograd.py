@@ -1,6 +1,6 @@
 """The XLA:CPU Winograd convolution (tikd_jax/models/cpu_winograd.py) equals the plain 3×3
-convolution, keeps the plain gradient, is what a CIFAR ResNet runs under fast_layers, keeps a
-mesh's image sharding, and falls back where it cannot run."""
+convolution and its gradients, is what a CIFAR ResNet (and the trainer's ResNet teacher) runs
+under fast_layers, keeps a mesh's image sharding, and falls back where it cannot run."""
 import re
 
 import jax
@@ -56,16 +56,25 @@ def test_the_kernel_equals_the_convolution(shape):
 
 
 @needs_compiler
-def test_the_gradient_is_the_plain_convolutions():
-  """The kernel is forward only: ∂/∂x and ∂/∂kernel are exactly autodiff of the plain conv."""
-  x, kernel = _inputs(2, 8, 8, 32, 32)
-  d_y = np.random.default_rng(1).standard_normal((2, 8, 8, 32)).astype(np.float32)
+def test_the_input_gradient_runs_through_the_kernel_and_the_weight_gradient_is_xlas():
+  """∂x is the convolution of the output gradient with the kernel turned by 180° and its channels
+  swapped: it runs through the kernel too (a second call in the gradient's jaxpr) and equals the
+  float64 ∂x; ∂kernel is exactly autodiff of the plain conv. Channel counts differ (32 → 48), so a
+  kernel not transposed would not even fit."""
+  x, kernel = _inputs(2, 8, 8, 32, 48)
+  d_y = np.random.default_rng(1).standard_normal((2, 8, 8, 48)).astype(np.float32)
 
   def grads(conv):
-    return jax.jit(jax.grad(lambda x, k: jnp.sum(conv(x, k) * d_y), argnums=(0, 1)))(x, kernel)
+    return jax.grad(lambda x, k: jnp.sum(conv(x, k) * d_y), argnums=(0, 1))
 
-  for got, want in zip(grads(cpu_winograd.conv3x3), grads(cpu_winograd.plain)):
-    np.testing.assert_array_equal(got, want)
+  jaxpr = str(jax.make_jaxpr(grads(cpu_winograd.conv3x3))(x, kernel))
+  assert len(re.findall('TikdWinogradConvForward', jaxpr)) >= 2
+  got_dx, got_dkernel = jax.jit(grads(cpu_winograd.conv3x3))(x, kernel)
+  _, want_dkernel = jax.jit(grads(cpu_winograd.plain))(x, kernel)
+  # ∂x of Σ conv(x, k) ⊙ d_y = conv(d_y, k turned by 180°, in ↔ out), in float64
+  want_dx = _float64_convolution(d_y, np.flip(kernel, (0, 1)).swapaxes(2, 3))
+  assert _relative_error(got_dx, want_dx) < TOLERANCE
+  np.testing.assert_array_equal(got_dkernel, want_dkernel)
 
 
 @needs_compiler

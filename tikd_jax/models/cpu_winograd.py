@@ -8,10 +8,10 @@ computes each 2×2 output tile with 16 instead of 36 multiply-adds per input and
 the kernel transforms a block of tiles in L2, multiplies and transforms back in one pass.
 `cpu_fast_layers.conv3x3` uses it (so only under `config.cpu_fast_layers`, on by default on CPU
 only) for float32 NHWC inputs with even H and W and channel counts that are multiples of 16;
-anything else takes XLA's convolution. The kernel is the forward pass only: the gradient is the
-plain convolution's (XLA's transposed convolutions), so a trained ResNet gets exact gradients of
-the same function and a frozen teacher pays nothing extra. Results equal the plain convolution to
-float32 rounding (tests/test_cpu_winograd.py).
+anything else takes XLA's convolution. The gradient with respect to the input is the same kind of
+convolution (the kernel turned by 180°, channels swapped) and runs through the kernel as well; the
+gradient with respect to the weights is XLA's. Results equal the plain convolution and its
+gradients to float32 rounding (tests/test_cpu_winograd.py).
 """
 from __future__ import annotations
 
@@ -83,7 +83,11 @@ def _conv_fwd(x, kernel):
 
 
 def _conv_bwd(residuals, dy):
-  return jax.vjp(plain, *residuals)[1](dy)
+  x, kernel = residuals
+  # ∂x is itself a 3×3, stride-1, pad-1 convolution: of dy, with the kernel turned by 180° and its
+  # input and output channels swapped, so the kernel takes it too. ∂kernel is XLA's.
+  dx = _conv(dy, jnp.flip(kernel, (0, 1)).swapaxes(2, 3))
+  return dx, jax.vjp(lambda k: plain(x, k), kernel)[1](dy)[0]
 
 
 _conv.defvjp(_conv_fwd, _conv_bwd)
