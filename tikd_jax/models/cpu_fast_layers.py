@@ -11,8 +11,9 @@ differs:
   * the patch embedding is non-overlapping patches @ kernel instead of an XLA:CPU convolution.
   * the attention core softmax(q·kᵀ·scale)·v, forward and backward, is one C++ kernel per pass
     (cpu_attention.py), not XLA:CPU's one Eigen product per (image, head) and reduce-windows.
-  * the CIFAR ResNets' 3×3 stride-1 convolutions run forward as Winograd F(2×2, 3×3) in a C++
-    kernel (cpu_winograd.py), 2.25× fewer multiply-adds than XLA:CPU's direct convolution.
+  * the CIFAR ResNets' 3×3 stride-1 convolutions (forward and input gradient) run as Winograd
+    F(2×2, 3×3) in a C++ kernel (cpu_winograd.py), 2.25× fewer multiply-adds than XLA:CPU's
+    direct convolution.
 On GPU/TPU the plain layers are what the compiler expects, so 'auto' turns these on only on CPU.
 Results differ from autodiff of the plain layers by float32 rounding (tests/test_models.py).
 """
