@@ -142,7 +142,7 @@ def patch_embed(conv: nnx.Conv, x: jax.Array, patch: int) -> jax.Array:
 
 def conv3x3(conv: nnx.Conv, x: jax.Array) -> jax.Array:
   """`conv(x)` for a 3×3, stride-1, zero-padding-1 `nnx.Conv` (NHWC), through the Winograd kernel
-  where it takes the operands (cpu_winograd.supported), else the plain layer."""
+  where it takes the operands (cpu_winograd.conv3x3 falls back to XLA's convolution itself)."""
   if (conv.kernel_size != (3, 3) or conv.strides not in (1, (1, 1)) or conv.mask is not None
       or isinstance(conv.padding, str) or tuple(map(tuple, conv.padding)) != ((1, 1), (1, 1))
       or conv.feature_group_count != 1 or conv.kernel_dilation not in (1, (1, 1))
@@ -151,7 +151,7 @@ def conv3x3(conv: nnx.Conv, x: jax.Array) -> jax.Array:
   kernel = conv.kernel[...]
   bias = None if conv.bias is None else conv.bias[...]
   x, kernel, bias = conv.promote_dtype((x, kernel, bias), dtype=conv.dtype)
-  if x.ndim != 4 or not cpu_winograd.supported(x, kernel):
+  if x.ndim != 4:  # nnx.Conv also takes unbatched inputs
     return conv(x)
   y = cpu_winograd.conv3x3(x, kernel)
   return y if bias is None else y + bias
