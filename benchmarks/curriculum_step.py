@@ -140,17 +140,18 @@ def jax_contestants(resolutions, batch, saliency, xla_preset, fast_layers,
   return out
 
 
-def torch_contestants(resolutions, batch, threads: int | None = None) -> list[Contestant]:
+def torch_twins():
+  """The PyTorch twins of `build_run`'s models: the student in train mode with the recipe's
+  dropout (ViT-Tiny p4: hidden 0.1), as ours trains with it; the teacher in eval mode, frozen."""
   import torch  # pylint: disable=g-import-not-at-top
-  import torch.nn.functional as F  # pylint: disable=g-import-not-at-top
-  if threads:
-    torch.set_num_threads(threads)
 
+  from configs import irkd_cifar10  # pylint: disable=g-import-not-at-top
   from configs.common import CIFAR10_MEAN, CIFAR10_STD  # pylint: disable=g-import-not-at-top
   from convert.torch_models import TorchDistilledViT  # pylint: disable=g-import-not-at-top
   from tikd_jax.models.vit import SIZES  # pylint: disable=g-import-not-at-top
 
   torch.manual_seed(0)
+  model = irkd_cifar10.get_config('kd_cl,p4').model
 
   def vit(size, **kw):
     s = SIZES[size]
@@ -158,10 +159,20 @@ def torch_contestants(resolutions, batch, threads: int | None = None) -> list[Co
                              num_classes=NUM_CLASSES, img_size=32, mean=CIFAR10_MEAN,
                              std=CIFAR10_STD, **kw)
 
-  student = vit(STUDENT, dist_pos_embed=False, final_norm=False, eval_head='cls').train()
+  student = vit(STUDENT, dist_pos_embed=False, final_norm=False, eval_head='cls',
+                dropout=model.dropout, attn_dropout=model.attn_dropout).train()
   teacher = vit(TEACHER, distilled=False).eval()
   for p in teacher.parameters():
     p.requires_grad_(False)
+  return student, teacher
+
+
+def torch_contestants(resolutions, batch, threads: int | None = None) -> list[Contestant]:
+  import torch  # pylint: disable=g-import-not-at-top
+  import torch.nn.functional as F  # pylint: disable=g-import-not-at-top
+  if threads:
+    torch.set_num_threads(threads)
+  student, teacher = torch_twins()
   opt = torch.optim.AdamW(student.parameters(), lr=3e-4, weight_decay=1e-4)
   out = []
   for res in resolutions:

@@ -125,3 +125,20 @@ def test_curriculum_step_runs_the_irkd_config_against_its_torch_twin(tmp_path):
   (ratio,) = [r for r in rows if r['benchmark'] == 'curriculum_ratio']
   assert ratio['torch_over_jax'] == pytest.approx(
       steps['torch_1t']['median_s'] / steps['jax']['median_s'], rel=0.01)
+
+
+def test_curriculum_torch_twin_drops_out_as_the_recipe():
+  """The PyTorch student does the work ours does: the recipe's hidden dropout after the
+  embeddings, each attention's projection and each MLP, and no attention dropout (p4)."""
+  from torch import nn  # pylint: disable=g-import-not-at-top
+
+  from benchmarks import curriculum_step  # pylint: disable=g-import-not-at-top
+  from configs import irkd_cifar10  # pylint: disable=g-import-not-at-top
+  model = irkd_cifar10.get_config('kd_cl,p4').model
+  student, teacher = curriculum_step.torch_twins()
+  rates = [m.p for m in student.modules() if isinstance(m, nn.Dropout)]
+  depth = len(student.blocks)
+  assert model.dropout == 0.1 and model.attn_dropout == 0.0
+  assert sorted(rates) == sorted([0.1] * (1 + 2 * depth) + [0.0] * depth)
+  assert student.training and not teacher.training
+  assert not any(p.requires_grad for p in teacher.parameters())
