@@ -230,3 +230,45 @@ def test_vit_with_fast_layers_computes_the_plain_vit():
   np.testing.assert_allclose(v_fast, v_plain, rtol=1e-5)
   for a, b in zip(jax.tree.leaves(g_fast), jax.tree.leaves(g_plain)):
     np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-5)
+
+
+@pytest.mark.parametrize('fast', [False, True])
+def test_last_block_split_computes_the_whole_block(fast):
+  """Block(split_at=p) gives the rows [:p] and [p:] of the whole block's output, dropout masks
+  and drop path included (the masks are drawn for all rows and sliced, not drawn per part)."""
+  model = build_model('distilled_vit', variant='micro', num_classes=10, drop_path=0.5, dropout=0.3,
+                      fast_layers=fast, rngs=nnx.Rngs(0))
+  block = model.blocks[1]
+  tokens = jax.random.normal(jax.random.key(3), (8, 18, 32))
+  for key in (None, jax.random.key(4)):
+    whole, attn = block(tokens, key)
+    (head, rest), attn_split = block(tokens, key, split_at=2)
+    np.testing.assert_allclose(head, whole[:, :2], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(rest, whole[:, 2:], rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(attn_split, attn)
+  assert np.abs(np.asarray(whole) - np.asarray(block(tokens)[0])).max() > 1e-2  # masks drawn
+
+
+def test_logits_alone_skip_the_last_blocks_patch_rows():
+  """When only the logits are read (a frozen teacher; a student whose loss reads only its heads)
+  XLA drops the last block's projection and MLP for the patch rows: the compiled forward has at
+  least those dense layers' FLOPs fewer than one that also returns the tokens, and the same
+  logits."""
+  model = build_model('distilled_vit', variant='micro', num_classes=10, rngs=nnx.Rngs(0))
+  graphdef, state = nnx.split(model)
+  images = jax.random.uniform(jax.random.key(1), (4, 32, 32, 3))
+
+  def compiled(with_tokens):
+
+    def forward(state, images):
+      logits, out = nnx.merge(graphdef, state)(images)
+      return (logits, out['tokens']) if with_tokens else (logits,)
+
+    return jax.jit(forward).lower(state, images).compile()
+
+  alone, with_tokens = compiled(False), compiled(True)
+  b, rows, prefix, d, mlp = 4, 8 * 8 + 2, 2, 32, 64
+  patch_rows_dense = 2 * b * (rows - prefix) * (d * d + 2 * d * mlp)
+  saved = with_tokens.cost_analysis()['flops'] - alone.cost_analysis()['flops']
+  assert patch_rows_dense <= saved < 1.2 * patch_rows_dense
+  np.testing.assert_allclose(alone(state, images)[0], with_tokens(state, images)[0], rtol=1e-6)

@@ -19,6 +19,9 @@ the first pass's, so a stage switch does not throw the student back to chance.
 Every call returns `(logits, out)`: `logits` are what the model predicts in the current mode, `out`
 names the intermediates (both heads, tokens after every block, pre-logits, attention maps).
 Inputs are float images in [0, 1], NHWC; the model owns its normalisation (`mean`, `std`).
+The last block runs its token-wise layers on the prefix (cls, dist) rows and the patch rows apart
+and the heads read the prefix part alone, so a jitted caller that reads only the logits (a frozen
+teacher, a student trained by its heads) skips the patch rows' projection and MLP there.
 
 Dropout (`dropout`, `attn_dropout`; off by default) is Hugging Face ViT's `hidden_dropout_prob` and
 `attention_probs_dropout_prob`, the options of IRKD's notebooks: hidden dropout on the embedded
@@ -110,11 +113,21 @@ DROPOUT_STREAM = 2
 def dropout(x: jax.Array, rate: float, rng: jax.Array | None) -> jax.Array:
   """Element-wise dropout (torch.nn.Dropout in train mode): zeroes each entry with probability
   `rate` and scales the kept ones by 1 / (1 − rate). No key or rate 0: `x` unchanged."""
+  return apply_dropout(x, rate, dropout_mask(x.shape, rate, rng))
+
+
+def dropout_mask(shape, rate: float, rng: jax.Array | None) -> jax.Array | None:
+  """Dropout's keep mask for a tensor of `shape`; None when nothing is dropped."""
   if rng is None or rate == 0.0:
-    return x
+    return None
   if not 0.0 <= rate < 1.0:
     raise ValueError(f'dropout rate must be in [0, 1), got {rate}')
-  keep = jax.random.bernoulli(rng, 1.0 - rate, x.shape)
+  return jax.random.bernoulli(rng, 1.0 - rate, shape)
+
+
+def apply_dropout(x: jax.Array, rate: float, keep: jax.Array | None) -> jax.Array:
+  if keep is None:
+    return x
   return jnp.where(keep, x / jnp.asarray(1.0 - rate, x.dtype), jnp.zeros_like(x))
 
 
@@ -158,6 +171,11 @@ class Attention(nnx.Module):
     `decoded` [B, N, dim] (TIKD's text_decoder output; per-block layout only) makes this block's
     own `text_proj(decoded)` that term instead. `rng`: the attention-dropout key (train mode).
     """
+    y, attn = self.mix(x, value_bias, decoded, rng)
+    return _dense(self.proj, y, self.fast), attn
+
+  def mix(self, x, value_bias=None, decoded=None, rng=None):
+    """The heads' outputs before the output projection, [B, N, dim], and the attention maps."""
     if decoded is not None:
       if self.text_proj is None:
         raise ValueError('decoded text given to an attention without its own text_proj: build '
@@ -177,7 +195,7 @@ class Attention(nnx.Module):
       y, attn = cpu_fast_layers.attention(q, k, v, scale)
     else:
       y, attn = attention_core(q, k, v, scale)
-    return _dense(self.proj, y.reshape(b, n, d), self.fast), attn
+    return y.reshape(b, n, d), attn
 
 
 class Mlp(nnx.Module):
@@ -208,16 +226,32 @@ class Block(nnx.Module):
     self.norm2 = nnx.LayerNorm(size.dim, epsilon=1e-6, dtype=dtype, rngs=rngs)
     self.mlp = Mlp(size.dim, size.mlp_dim, rngs=rngs, dtype=dtype, fast=fast)
 
-  def __call__(self, x, rng=None, value_bias=None, decoded=None):
+  def __call__(self, x, rng=None, value_bias=None, decoded=None, split_at: int | None = None):
+    """(tokens, attention maps). With `split_at` = p the token-wise rest of the block (output
+    projection, MLP) runs on the rows [:p] and [p:] apart and the tokens come back as that pair:
+    the last block's way, where the heads read only the prefix rows, so that XLA drops the
+    other rows' work (~3/4 of the block) whenever nothing reads them. Same values either way:
+    the dropout masks are drawn for all rows and sliced."""
     r1 = r2 = None
     if rng is not None:
       r1, r2 = jax.random.split(rng)
     r_attn, r_proj, r_mlp = _dropout_keys(rng, 3)
-    y, attn = self.attn(_norm(self.norm1, x, self.fast), value_bias, decoded, r_attn)
-    x = x + drop_path(dropout(y, self.dropout, r_proj), self.drop_path_rate, r1)
-    y = dropout(self.mlp(_norm(self.norm2, x, self.fast)), self.dropout, r_mlp)
-    x = x + drop_path(y, self.drop_path_rate, r2)
-    return x, attn
+    y, attn = self.attn.mix(_norm(self.norm1, x, self.fast), value_bias, decoded, r_attn)
+    keep_proj, keep_mlp = (dropout_mask(x.shape, self.dropout, r) for r in (r_proj, r_mlp))
+    if split_at is None:
+      return self._token_wise(x, y, keep_proj, keep_mlp, r1, r2), attn
+    return tuple(
+        self._token_wise(x[:, rows], y[:, rows],
+                         *(None if m is None else m[:, rows]
+                           for m in (keep_proj, keep_mlp)), r1, r2)
+        for rows in (slice(None, split_at), slice(split_at, None))), attn
+
+  def _token_wise(self, x, y, keep_proj, keep_mlp, r1, r2):
+    """The rest of the block after the attention mix: projection, MLP, both residuals."""
+    y = apply_dropout(_dense(self.attn.proj, y, self.fast), self.dropout, keep_proj)
+    x = x + drop_path(y, self.drop_path_rate, r1)
+    y = apply_dropout(self.mlp(_norm(self.norm2, x, self.fast)), self.dropout, keep_mlp)
+    return x + drop_path(y, self.drop_path_rate, r2)
 
 
 class LowRankLinear(nnx.Module):
@@ -360,12 +394,16 @@ class DistilledViT(nnx.Module):
     return self.patch_embed(x)
 
   def run_blocks(self, x, rng, out, prefix, value_bias=None, decoded=None):
+    """(prefix tokens, patch tokens) after the last block, which computes them apart (Block's
+    `split_at`): the heads read the prefix alone, so the patch rows' work is dropped when no
+    output that holds them is read."""
     rngs = list(jax.random.split(rng, len(
         self.blocks))) if rng is not None else [None] * len(self.blocks)
+    last = len(self.blocks) - 1
     for i, (block, r) in enumerate(zip(self.blocks, rngs)):
-      x, attn = block(x, r, value_bias, decoded)
-      out[f'{prefix}block{i}'] = x
+      x, attn = block(x, r, value_bias, decoded, split_at=self.num_prefix if i == last else None)
       out[f'{prefix}attn{i}'] = attn
+      out[f'{prefix}block{i}'] = jnp.concatenate(x, axis=1) if i == last else x
     return x
 
   def heads(self, x, out, train):
@@ -397,21 +435,22 @@ class DistilledViT(nnx.Module):
     r1 = r2 = None
     if rng is not None:
       r1, r2 = jax.random.split(rng)
-    x = self.run_blocks(self.embed(images, _dropout_keys(rng, 1)[0]), r1, out, prefix='')
-    if self.norm is not None:
-      x = _norm(self.norm, x, self.fast_layers)
-    out['tokens'] = x
+    parts = self.run_blocks(self.embed(images, _dropout_keys(rng, 1)[0]), r1, out, prefix='')
+    if self.norm is not None:  # token-wise: on each part, so the heads' part stands alone
+      parts = tuple(_norm(self.norm, x, self.fast_layers) for x in parts)
+    heads_x = parts[0]
+    out['tokens'] = jnp.concatenate(parts, axis=1)
     if self.text_dim is not None:
       # Cheap, always computed so its cosine loss can train in every stage.
-      out['text_pred'] = self.text_predictor(x[:, 0]).astype(jnp.float32)
+      out['text_pred'] = self.text_predictor(heads_x[:, 0]).astype(jnp.float32)
     if fuse_text:
       if self.text_dim is None:
         raise ValueError('fuse_text=True needs a TIKD model: build it with text_dim set')
       first = {}
-      self.heads(x, first, train)
+      self.heads(heads_x, first, train)
       out.update({f'first_{k}': v for k, v in first.items() if k.endswith('_logits')})
-      x = self._text_fusion(x, self._fusion_text(text, text_keep, out), out, r2)
-    return self.heads(x, out, train), out
+      heads_x = self._text_fusion(out['tokens'], self._fusion_text(text, text_keep, out), out, r2)
+    return self.heads(heads_x, out, train), out
 
   @staticmethod
   def _fusion_text(text, keep, out):
@@ -425,7 +464,8 @@ class DistilledViT(nnx.Module):
     return jnp.where(keep[:, None], text.astype(jnp.float32), predicted)
 
   def _text_fusion(self, x, text, out, rng):
-    """TIKD's released fusion: cos-weighted tokens → text_decoder → second pass with value bias."""
+    """TIKD's released fusion: cos-weighted tokens → text_decoder → second pass with value bias.
+    Returns the second pass's prefix tokens (what the heads read)."""
     t = text.astype(jnp.float32)
     if self.text_adapter is not None:
       t = self.text_adapter(t.astype(x.dtype)).astype(jnp.float32)
@@ -434,12 +474,13 @@ class DistilledViT(nnx.Module):
     x_decoded = _dense(self.text_decoder, (c[..., None] * x).astype(x.dtype), self.fast_layers)
     # The second pass starts from the normed first-pass tokens, with no final norm after it.
     if self.text_proj is None:  # per-block: each attention projects the decoded tokens itself
-      fused = self.run_blocks(x, rng, out, prefix='fused_', decoded=x_decoded)
+      fused = self.run_blocks(x, rng, out, prefix='fused_', decoded=x_decoded)[0]
     else:
       value_bias = _dense(self.text_proj, x_decoded, self.fast_layers)
-      fused = self.run_blocks(x, rng, out, prefix='fused_', value_bias=value_bias)
+      fused = self.run_blocks(x, rng, out, prefix='fused_', value_bias=value_bias)[0]
     if self.text_gate is None:
       return fused
+    x = x[:, :self.num_prefix]
     return x + self.text_gate[...].astype(x.dtype) * (fused - x)
 
 
