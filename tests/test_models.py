@@ -272,3 +272,36 @@ def test_logits_alone_skip_the_last_blocks_patch_rows():
   saved = with_tokens.cost_analysis()['flops'] - alone.cost_analysis()['flops']
   assert patch_rows_dense <= saved < 1.2 * patch_rows_dense
   np.testing.assert_allclose(alone(state, images)[0], with_tokens(state, images)[0], rtol=1e-6)
+
+
+def test_fast_bernoulli_is_jax_bernoulli_bit_for_bit():
+  """cpu_fast_layers.bernoulli draws jax.random.bernoulli's mask exactly (the unrolled threefry
+  hash and uniform floats), for derived keys, odd shapes and several probabilities; other key
+  kinds fall back to jax's own draw."""
+  from tikd_jax.models import cpu_fast_layers  # pylint: disable=g-import-not-at-top
+  base = jax.random.key(11)
+  keys = [base, jax.random.fold_in(base, 2), jax.random.split(base, 3)[1]]
+  for key in keys:
+    for shape in ((5,), (3, 7, 9), (2, 18, 4, 3)):
+      for p in (0.9, 0.5, 0.1):
+        got = jax.jit(cpu_fast_layers.bernoulli, static_argnums=(1, 2))(key, p, shape)
+        np.testing.assert_array_equal(got, jax.random.bernoulli(key, p, shape))
+  rate = float(np.mean(cpu_fast_layers.bernoulli(base, 0.9, (100_000,))))
+  assert abs(rate - 0.9) < 0.005
+  rbg = jax.random.key(3, impl='rbg')
+  np.testing.assert_array_equal(cpu_fast_layers.bernoulli(rbg, 0.5, (64,)),
+                                jax.random.bernoulli(rbg, 0.5, (64,)))
+
+
+def test_fast_layers_drop_out_the_same_entries():
+  """With dropout on, the fast ViT draws the plain ViT's masks: the same train-mode tokens."""
+  images = jax.random.uniform(jax.random.key(1), (4, 16, 16, 3))
+
+  def tokens(fast, key):
+    model = build_model('irkd_vit', variant='micro', img_size=16, num_classes=10, dropout=0.3,
+                        fast_layers=fast, rngs=nnx.Rngs(0))
+    return np.asarray(model(images, train=True, rng=jax.random.key(key))[1]['tokens'])
+
+  plain = tokens(False, 5)
+  np.testing.assert_allclose(tokens(True, 5), plain, rtol=1e-5, atol=1e-5)
+  assert np.abs(tokens(False, 6) - plain).max() > 0.1  # the masks matter

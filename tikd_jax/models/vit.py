@@ -110,19 +110,20 @@ def gelu_exact(x: jax.Array) -> jax.Array:
 DROPOUT_STREAM = 2
 
 
-def dropout(x: jax.Array, rate: float, rng: jax.Array | None) -> jax.Array:
+def dropout(x: jax.Array, rate: float, rng: jax.Array | None, fast: bool = False) -> jax.Array:
   """Element-wise dropout (torch.nn.Dropout in train mode): zeroes each entry with probability
   `rate` and scales the kept ones by 1 / (1 − rate). No key or rate 0: `x` unchanged."""
-  return apply_dropout(x, rate, dropout_mask(x.shape, rate, rng))
+  return apply_dropout(x, rate, dropout_mask(x.shape, rate, rng, fast))
 
 
-def dropout_mask(shape, rate: float, rng: jax.Array | None) -> jax.Array | None:
-  """Dropout's keep mask for a tensor of `shape`; None when nothing is dropped."""
+def dropout_mask(shape, rate: float, rng: jax.Array | None, fast: bool = False) -> jax.Array | None:
+  """Dropout's keep mask for a tensor of `shape`; None when nothing is dropped. `fast`: the same
+  mask drawn the XLA:CPU-friendly way (cpu_fast_layers.bernoulli)."""
   if rng is None or rate == 0.0:
     return None
   if not 0.0 <= rate < 1.0:
     raise ValueError(f'dropout rate must be in [0, 1), got {rate}')
-  return jax.random.bernoulli(rng, 1.0 - rate, shape)
+  return (cpu_fast_layers.bernoulli if fast else jax.random.bernoulli)(rng, 1.0 - rate, shape)
 
 
 def apply_dropout(x: jax.Array, rate: float, keep: jax.Array | None) -> jax.Array:
@@ -190,7 +191,8 @@ class Attention(nnx.Module):
       v = v + value_bias[:, :, None, :].astype(v.dtype)
     scale = self.head_dim**-0.5
     if self.attn_dropout and rng is not None:
-      y, attn = attention_core(q, k, v, scale, lambda p: dropout(p, self.attn_dropout, rng))
+      y, attn = attention_core(q, k, v, scale,
+                               lambda p: dropout(p, self.attn_dropout, rng, self.fast))
     elif self.fast:  # the XLA:CPU kernel for float32, else the same attention_core
       y, attn = cpu_fast_layers.attention(q, k, v, scale)
     else:
@@ -237,7 +239,8 @@ class Block(nnx.Module):
       r1, r2 = jax.random.split(rng)
     r_attn, r_proj, r_mlp = _dropout_keys(rng, 3)
     y, attn = self.attn.mix(_norm(self.norm1, x, self.fast), value_bias, decoded, r_attn)
-    keep_proj, keep_mlp = (dropout_mask(x.shape, self.dropout, r) for r in (r_proj, r_mlp))
+    keep_proj, keep_mlp = (
+        dropout_mask(x.shape, self.dropout, r, self.fast) for r in (r_proj, r_mlp))
     if split_at is None:
       return self._token_wise(x, y, keep_proj, keep_mlp, r1, r2), attn
     return tuple(
@@ -377,15 +380,18 @@ class DistilledViT(nnx.Module):
     if (gh, gw) != (self.grid, self.grid):
       pos = resize_pos_embed(pos, (gh, gw), num_prefix=pos.shape[1] - self.grid**2)
     cls = jnp.broadcast_to(self.cls_token[...], (b, 1, d)).astype(x.dtype)
+
+    def drop(x):
+      return dropout(x, self.dropout, rng, self.fast_layers)
+
     if not self.distilled:
-      return dropout(jnp.concatenate([cls, x], axis=1) + pos.astype(x.dtype), self.dropout, rng)
+      return drop(jnp.concatenate([cls, x], axis=1) + pos.astype(x.dtype))
     dist = jnp.broadcast_to(self.dist_token[...], (b, 1, d)).astype(x.dtype)
     if self.dist_pos_embed:
-      return dropout(
-          jnp.concatenate([cls, dist, x], axis=1) + pos.astype(x.dtype), self.dropout, rng)
+      return drop(jnp.concatenate([cls, dist, x], axis=1) + pos.astype(x.dtype))
     # IRKD: cls and patches get positions, the dist token none (and no dropout: the notebooks
     # add it after HF's embeddings, dropout included).
-    x = dropout(jnp.concatenate([cls, x], axis=1) + pos.astype(x.dtype), self.dropout, rng)
+    x = drop(jnp.concatenate([cls, x], axis=1) + pos.astype(x.dtype))
     return jnp.concatenate([x[:, :1], dist, x[:, 1:]], axis=1)
 
   def patch_embed_tokens(self, x: jax.Array) -> jax.Array:
