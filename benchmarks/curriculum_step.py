@@ -135,7 +135,7 @@ def jax_contestants(resolutions, batch, saliency, xla_preset, fast_layers,
         Contestant(
             'jax', res, one, {
                 'first_step_s': round(time.perf_counter() - t0, 2), 'xla_options': xla_preset,
-                'cpu_fast_layers': fast_layers
+                'cpu_fast_layers': fast_layers, 'small_heaps': report.small_heaps(step)
             }))
   return out
 

@@ -259,7 +259,10 @@ def jax_contestants(size, batch, parts, xla_options='default', dtype='float32') 
     holder['state'], metrics = compiled(holder['state'], b['batch'], b['teacher_vars'])
     jax.block_until_ready((holder['state'], metrics))
 
-  extra = {'xla_options': xla_options, 'dtype': dtype, 'device': jax.devices()[0].device_kind}
+  extra = {
+      'xla_options': xla_options, 'dtype': dtype, 'device': jax.devices()[0].device_kind,
+      'small_heaps': report.small_heaps(b['step'])
+  }
   out = [
       Contestant(
           'train_step', 'jax', size, batch, flops['step'], one,

@@ -35,3 +35,21 @@ def test_presets_compute_what_the_default_computes(preset):
   got = jax.jit(fn, compiler_options=xla_options.compiler_options(preset, 'cpu'))(state, x)
   np.testing.assert_allclose(got[0], want[0], rtol=1e-5)
   np.testing.assert_allclose(got[1], want[1], rtol=1e-4, atol=1e-5)
+
+
+def _outer_sum(x):
+  """sum(x xᵀ): one intermediate of len(x)² floats, seen only inside a nested jit."""
+  return jax.jit(lambda x: jnp.sum(jnp.outer(x, x)))(x)
+
+
+@pytest.mark.skipif(jax.default_backend() != 'cpu', reason="'auto' cuts heaps on CPU only")
+def test_auto_cuts_heaps_only_for_inputs_whose_intermediates_fit_glibc_arenas():
+  step = xla_options.jit(_outer_sum)
+  small, large = jnp.ones(2048), jnp.ones(2900)  # x xᵀ of 16.0 MiB and of 32.1 MiB
+  assert xla_options.largest_intermediate_bytes(jax.make_jaxpr(_outer_sum)(large)) == 2900**2 * 4
+  assert step.choose(small) is step.heaps
+  assert step.choose(large) is step.plain  # glibc maps blocks over 32 MiB afresh: no gain
+  assert step.chosen and len(step.chosen) == 2  # one decision per input signature
+  np.testing.assert_allclose(step(small), 2048.0**2)
+  np.testing.assert_allclose(step(large), 2900.0**2)
+  assert xla_options.jit(_outer_sum, 'no_ynn').__class__ is not type(step)  # named presets as is

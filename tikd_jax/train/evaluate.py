@@ -127,9 +127,8 @@ def compiled_eval_step(run: Run, fuse_text: bool):
   shape (a curriculum stage's validation has its own resolution)."""
   key = ('eval', fuse_text)
   if key not in run.compiled_steps:
-    run.compiled_steps[key] = jax.jit(
-        make_eval_step(graphdef=run.student.graphdef, fuse_text=fuse_text),
-        compiler_options=run.compiler_options)
+    run.compiled_steps[key] = xla_options.jit(
+        make_eval_step(graphdef=run.student.graphdef, fuse_text=fuse_text), run.config.xla_options)
   return run.compiled_steps[key]
 
 
@@ -204,9 +203,8 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str,
 
   graphdef, variables = load(flat, f'checkpoint in {workdir}')
   modes, texts = _checkpoint_text_modes(config, meta, eval_source)
-  options = xla_options.compiler_options(config.xla_options)
   steps = {
-      fuse: jax.jit(make_eval_step(graphdef=graphdef, fuse_text=fuse), compiler_options=options)
+      fuse: xla_options.jit(make_eval_step(graphdef=graphdef, fuse_text=fuse), config.xla_options)
       for fuse in (False, True)
   }
 

@@ -80,7 +80,6 @@ class Run:
   workdir: str
   mesh: jax.sharding.Mesh
   rules: list  # sharding rules (tikd_jax/sharding.py)
-  compiler_options: dict | None  # the steps' XLA options (tikd_jax/xla_options.py)
   data: Data
   phases: list[Phase]
   student: Model
@@ -137,9 +136,9 @@ def setup(config: ml_collections.ConfigDict, workdir: str, *, sources: tuple | N
       'student': abstract_variables['params'],
       'objective': jax.eval_shape(lambda: loss.init(jax.random.key(0), shapes))[0]
   }
-  run = Run(config=config, workdir=workdir, mesh=mesh, rules=rules,
-            compiler_options=xla_options.compiler_options(config.xla_options), data=data,
-            phases=phases, student=student, teacher=teacher, loss=loss,
+  xla_options.compiler_options(config.xla_options)  # an unknown preset fails before any work
+  run = Run(config=config, workdir=workdir, mesh=mesh, rules=rules, data=data, phases=phases,
+            student=student, teacher=teacher, loss=loss,
             phase_losses={p.loss: Loss(p.loss, settings) for p in phases}, loss_shapes=shapes,
             schedule=schedule, tx=optim.make_optimizer(config.optimizer, schedule, abstract_params))
   abstract_state = jax.eval_shape(_fresh_state_fn(run))
@@ -184,9 +183,9 @@ def train_step_for(run: Run, phase: Phase):
                          teacher_graphdef=run.teacher.graphdef if run.teacher else None,
                          loss=run.phase_losses[phase.loss], tx=run.tx, frozen_mask=frozen_mask,
                          opts=opts)
-    run.compiled_steps[phase.switches] = jax.jit(fn, out_shardings=(run.state_shardings, None),
-                                                 donate_argnums=(0,),
-                                                 compiler_options=run.compiler_options)
+    run.compiled_steps[phase.switches] = xla_options.jit(fn, config.xla_options,
+                                                         out_shardings=(run.state_shardings, None),
+                                                         donate_argnums=(0,))
   return run.compiled_steps[phase.switches]
 
 
