@@ -9,8 +9,8 @@ backends alone. The options are per `jax.jit` (`compiler_options=`), so they nev
 JAX code in the same process.
 
 'auto' on CPU also cuts a step's temporaries into heaps of `HEAP_BYTES`
-(`xla_multiheap_size_constraint_per_heap`) when every intermediate of the step fits in glibc's
-arenas, and tells glibc to keep freed memory mapped (tikd_jax/host_malloc.py); `jit` decides at a
+(`xla_multiheap_size_constraint_per_heap`) when every intermediate of the step fits in one, which
+glibc then serves from its arenas, and tells glibc to keep freed memory mapped (tikd_jax/host_malloc.py); `jit` decides at a
 step's first call from its traced program. Without this every step faults its temporaries back in:
 the IRKD ViT-Tiny step at 12 / 16 px took 0.62 / 1.05 s against 0.58 / 0.94 s with it. Steps with
 a larger intermediate (the ResNet32x4 teacher's 33.5 MB activations at batch 128, IRKD from 28 px
@@ -27,7 +27,9 @@ import jax.numpy as jnp
 
 from tikd_jax import host_malloc
 
-HEAP_BYTES = 16 << 20  # under glibc's largest mmap threshold (host_malloc.MMAP_THRESHOLD_MAX)
+# Under glibc's largest mmap threshold (host_malloc.MMAP_THRESHOLD_MAX) with room for its chunk
+# header; a step whose every intermediate fits one heap compiles without XLA's warning per buffer.
+HEAP_BYTES = 30 << 20
 SMALL_HEAPS = {'xla_multiheap_size_constraint_per_heap': HEAP_BYTES}
 NO_YNN = {'xla_cpu_experimental_ynn_fusion_type': ''}
 
@@ -61,7 +63,7 @@ def compiler_options(name: str = 'auto', backend: str | None = None) -> dict[str
 def jit(fn: Callable, name: str = 'auto', **jit_kwargs) -> Callable:
   """`jax.jit(fn, **jit_kwargs)` compiled with preset `name`'s options: the trainer's and
   evaluator's steps. Under 'auto' on CPU, each input signature's first call traces the step and
-  adds SMALL_HEAPS when its largest intermediate fits in glibc's arenas."""
+  adds SMALL_HEAPS when its largest intermediate fits in one heap."""
   options = compiler_options(name)
   if name != 'auto' or jax.default_backend() != 'cpu':
     if options and SMALL_HEAPS.items() <= options.items():
@@ -73,8 +75,8 @@ def jit(fn: Callable, name: str = 'auto', **jit_kwargs) -> Callable:
 
 
 class _SmallHeapsWhereTheyFit:
-  """Calls `heaps` for the input signatures whose traced program has no intermediate over glibc's
-  largest mmap threshold, `plain` for the others (both share one trace: jax caches it per
+  """Calls `heaps` for the input signatures whose traced program has no intermediate over
+  HEAP_BYTES, `plain` for the others (both share one trace: jax caches it per
   function, whatever the compiler options)."""
 
   def __init__(self, plain, heaps):
@@ -85,8 +87,7 @@ class _SmallHeapsWhereTheyFit:
     leaves, treedef = jax.tree.flatten(args)
     signature = (treedef, tuple((jnp.shape(x), jnp.result_type(x)) for x in leaves))
     if signature not in self.chosen:
-      fits = largest_intermediate_bytes(
-          self.plain.trace(*args).jaxpr) < host_malloc.MMAP_THRESHOLD_MAX
+      fits = largest_intermediate_bytes(self.plain.trace(*args).jaxpr) <= HEAP_BYTES
       if fits:
         host_malloc.keep_freed_memory_mapped()
       self.chosen[signature] = self.heaps if fits else self.plain
