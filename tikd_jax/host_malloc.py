@@ -6,13 +6,14 @@ glibc's defaults each step's memory goes back to the kernel: blocks over the mma
 malloc/arena.c). The next step then takes a page fault, and a zero-filled page, for every 4 KiB it
 touches: in the IRKD ViT-Tiny step at 16 px, 102,000 faults and 0.16 s of system time per step.
 
-Two settings together remove them (tikd_jax/xla_options.py applies both under its CPU preset):
+Two settings together remove them (`xla_options.jit` applies both under 'auto' on CPU, to the steps
+whose every intermediate fits one heap):
 - XLA's `xla_multiheap_size_constraint_per_heap` cuts the temporaries into heaps of at most
   `xla_options.HEAP_BYTES`, under the mmap threshold, so glibc serves them from its arenas;
 - here, `M_TOP_PAD` as large as a thread arena's heap (64 MiB) makes `heap_trim` keep emptied
   heaps, the largest fixed mmap threshold keeps blocks up to 32 MiB in the arenas, and a trim
   threshold beyond any step stops the main arena returning its top.
-The process then holds its peak of temporaries, as PyTorch's caching allocators do. Settings are
+The process then holds its peak of temporaries, as a GPU runtime's caching allocator does. Settings are
 process-wide and only ever raise what is kept; other C libraries are left alone.
 """
 from __future__ import annotations

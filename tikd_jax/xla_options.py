@@ -10,12 +10,13 @@ JAX code in the same process.
 
 'auto' on CPU also cuts a step's temporaries into heaps of `HEAP_BYTES`
 (`xla_multiheap_size_constraint_per_heap`) when every intermediate of the step fits in one, which
-glibc then serves from its arenas, and tells glibc to keep freed memory mapped (tikd_jax/host_malloc.py); `jit` decides at a
-step's first call from its traced program. Without this every step faults its temporaries back in:
-the IRKD ViT-Tiny step at 12 / 16 px took 0.62 / 1.05 s against 0.58 / 0.94 s with it. Steps with
-a larger intermediate (the ResNet32x4 teacher's 33.5 MB activations at batch 128, IRKD from 28 px
-on) gain nothing, since glibc maps such blocks afresh whatever it is told, and would hold about
-twice the temporaries: they compile as before (benchmarks/README.md).
+glibc then serves from its arenas, and tells glibc to keep freed memory mapped
+(tikd_jax/host_malloc.py); `jit` decides at a step's first call from its traced program. Without
+this every step faults its temporaries back in: the IRKD ViT-Tiny step at 12 / 16 / 24 px took
+0.62 / 1.03 / 2.40 s against 0.57 / 0.93 / 2.22 s with it. Steps with a larger intermediate (the
+ResNet32x4 teacher's 32 MiB activations at batch 128, IRKD from 28 px on) gain nothing, since
+glibc maps such blocks afresh whatever it is told, and would hold about twice the temporaries:
+they compile as before (benchmarks/README.md, "session 29").
 """
 from __future__ import annotations
 
