@@ -13,8 +13,8 @@ whose every intermediate fits one heap):
 - here, `M_TOP_PAD` as large as a thread arena's heap (64 MiB) makes `heap_trim` keep emptied
   heaps, the largest fixed mmap threshold keeps blocks up to 32 MiB in the arenas, and a trim
   threshold beyond any step stops the main arena returning its top.
-The process then holds its peak of temporaries, as a GPU runtime's caching allocator does. Settings are
-process-wide and only ever raise what is kept; other C libraries are left alone.
+The process then holds its peak of temporaries, as a GPU runtime's caching allocator does. The
+settings are process-wide and only ever raise what is kept; other C libraries are left alone.
 """
 from __future__ import annotations
 
