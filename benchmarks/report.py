@@ -25,12 +25,6 @@ def load_now() -> float:
   return round(os.getloadavg()[0], 2)
 
 
-def small_heaps(step) -> bool:
-  """Whether a step jitted by tikd_jax.xla_options.jit compiled with its SMALL_HEAPS options
-  (after its first call or `lower`)."""
-  return any(fn is step.heaps for fn in getattr(step, 'chosen', {}).values())
-
-
 def timed_call(contestant) -> float:
   """One timed call of `contestant.fn`, its seconds and the load before it appended to the
   contestant's `times` / `loads` (the workers of train_step.py and curriculum_step.py)."""

@@ -246,6 +246,7 @@ def jax_contestants(size, batch, parts, xla_options='default', dtype='float32') 
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from flax import nnx  # pylint: disable=g-import-not-at-top
 
+  from tikd_jax.xla_options import compiled_with_small_heaps  # pylint: disable=g-import-not-at-top
   b = build_jax(size, batch, xla_options, dtype)
   flops = step_flops(size, batch)
   options = _compiler_options(xla_options)
@@ -261,7 +262,7 @@ def jax_contestants(size, batch, parts, xla_options='default', dtype='float32') 
 
   extra = {
       'xla_options': xla_options, 'dtype': dtype, 'device': jax.devices()[0].device_kind,
-      'small_heaps': report.small_heaps(b['step'])
+      'small_heaps': compiled_with_small_heaps(b['step'])
   }
   out = [
       Contestant(
