@@ -137,7 +137,7 @@ def jax_contestants(resolutions, batch, saliency, xla_preset, fast_layers,
             'jax', res, one, {
                 'first_step_s': round(time.perf_counter() - t0,
                                       2), 'xla_options': xla_preset, 'cpu_fast_layers': fast_layers,
-                'small_heaps': xla_options.compiled_with_small_heaps(step)
+                'small_heaps': xla_options.compiled_with_small_heaps(step, xla_preset)
             }))
   return out
 

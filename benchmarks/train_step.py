@@ -262,7 +262,7 @@ def jax_contestants(size, batch, parts, xla_options='default', dtype='float32') 
 
   extra = {
       'xla_options': xla_options, 'dtype': dtype, 'device': jax.devices()[0].device_kind,
-      'small_heaps': compiled_with_small_heaps(b['step'])
+      'small_heaps': compiled_with_small_heaps(b['step'], xla_options)
   }
   out = [
       Contestant(

@@ -58,3 +58,9 @@ def test_auto_cuts_heaps_only_for_inputs_whose_intermediates_fit_one_heap(capfd)
   # XLA warns once per buffer larger than a heap: a chosen step has none.
   assert 'per-heap size limit' not in capfd.readouterr().err
   assert not isinstance(xla_options.jit(_outer_sum, 'no_ynn'), type(step))  # named presets as is
+
+
+def test_named_presets_report_their_own_heaps():
+  assert xla_options.compiled_with_small_heaps(xla_options.jit(_outer_sum, 'small_heaps'),
+                                               'small_heaps')
+  assert not xla_options.compiled_with_small_heaps(xla_options.jit(_outer_sum, 'no_ynn'), 'no_ynn')

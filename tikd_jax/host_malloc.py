@@ -4,7 +4,8 @@ XLA:CPU allocates every execution's temporaries afresh and frees them when the s
 glibc's defaults each step's memory goes back to the kernel: blocks over the mmap threshold
 (at most 32 MiB) are unmapped, and a thread arena deletes its emptied heaps (`heap_trim` in glibc's
 malloc/arena.c). The next step then takes a page fault, and a zero-filled page, for every 4 KiB it
-touches: in the IRKD ViT-Tiny step at 16 px, 102,000 faults and 0.16 s of system time per step.
+touches: in the IRKD ViT-Tiny step at 16 px, 102,000 faults and 0.19 s of system time per step
+(benchmarks/host_memory.py).
 
 Two settings together remove them (`xla_options.jit` applies both under 'auto' on CPU, to the steps
 whose every intermediate fits one heap):

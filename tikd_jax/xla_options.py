@@ -103,9 +103,12 @@ class _SmallHeapsWhereTheyFit:
     return self.choose(*args).lower(*args)
 
 
-def compiled_with_small_heaps(step) -> bool:
-  """Whether a step from `jit` runs with SMALL_HEAPS for some input signature it has seen."""
-  return any(fn is step.heaps for fn in getattr(step, 'chosen', {}).values())
+def compiled_with_small_heaps(step, name: str = 'auto') -> bool:
+  """Whether `step`, from `jit(fn, name)`, runs with SMALL_HEAPS for some input signature it has
+  seen (under a named preset: whether the preset holds them)."""
+  if isinstance(step, _SmallHeapsWhereTheyFit):
+    return any(fn is step.heaps for fn in step.chosen.values())
+  return SMALL_HEAPS.items() <= (compiler_options(name) or {}).items()
 
 
 def largest_intermediate_bytes(jaxpr) -> int:
