@@ -35,8 +35,8 @@ from typing import Mapping, Sequence
 import torch
 
 from convert import cli
-from convert.mapping import (check_state_dict, hf_deit_to_timm, resample_patch_embed, torch_to_flax,
-                             unwrap_state_dict)
+from convert.mapping import (check_state_dict, hf_deit_to_timm, hf_vit_to_timm, is_hf_vit,
+                             resample_patch_embed, torch_to_flax, unwrap_state_dict)
 from convert.to_torch import META_KEY, build_flax_model, csv_floats
 from convert.torch_models import resize_pos_embed, torch_model_like
 from tikd_jax import normalization
@@ -54,12 +54,16 @@ NORMS = normalization.BY_NAME
 def read_checkpoint(path: str, trust_pickle: bool = False):
   """(state dict in timm / RepDistiller names, {'model': …} from the file or None, extra kwargs).
 
-  `path`: a Hugging Face DeiT folder, a .safetensors file, or a torch.save file.
+  `path`: a Hugging Face DeiT or ViT folder, a .safetensors file, or a torch.save file.
   """
   path = os.path.abspath(os.path.expanduser(path))
   if os.path.isdir(path):
     if not os.path.exists(os.path.join(path, 'config.json')):
       raise FileNotFoundError(f'{path} is a folder without config.json: not a Hugging Face model')
+    from transformers import AutoConfig
+    model_type = AutoConfig.from_pretrained(path).model_type
+    if model_type == 'vit':
+      return _read_hf_vit_folder(path)
     return _read_hf_deit(path)
   if not os.path.exists(path):
     raise FileNotFoundError(f'checkpoint {path} does not exist')
@@ -73,23 +77,46 @@ def read_checkpoint(path: str, trust_pickle: bool = False):
     if META_KEY in metadata:
       file_meta = json.loads(metadata[META_KEY])
   else:
-    try:
-      obj = torch.load(path, map_location='cpu', weights_only=not trust_pickle)
-    except Exception as e:  # noqa: BLE001 - the unpickler raises many types
-      raise ValueError(f'torch.load({path}, weights_only=True) failed ({type(e).__name__}: {e}). '
-                       f'If you trust the file, pass --trust_pickle') from e
-    state_dict = unwrap_state_dict(obj, f'checkpoint {path}')
+    state_dict = unwrap_state_dict(_torch_load(path, trust_pickle), f'checkpoint {path}')
   if any(k.startswith('deit.') for k in state_dict):
     return hf_deit_to_timm(state_dict), file_meta, {}
+  if is_hf_vit(state_dict):
+    warnings.warn(f'{path}: a Hugging Face ViT state dict does not record its LayerNorm eps; '
+                  f'transformers\' default (what IRKD\'s notebooks use) is 1e-12, our ViT\'s '
+                  f'1e-6: {_EPS_EFFECT}')
+    return _from_hf_vit(state_dict, path), file_meta, {'norm_note': _IRKD_NORM_NOTE}
   return state_dict, file_meta, {}
 
 
-def _read_hf_deit(path: str):
-  from transformers import AutoConfig, DeiTForImageClassificationWithTeacher
+_EPS_EFFECT = ('logits differ slightly from the Hugging Face model (each LayerNorm divides by '
+               'sqrt(var + eps), so its output changes by about 5e-7 / var relative, var the '
+               'token\'s variance)')
+_IRKD_NORM_NOTE = ('records no input normalisation: using CIFAR-10\'s, as IRKD\'s notebooks '
+                   'normalise; convert again with --norm or --mean/--std if it was trained with '
+                   'other statistics')
 
-  config = AutoConfig.from_pretrained(path)
-  if config.model_type != 'deit':
-    raise ValueError(f'{path} holds a {config.model_type!r} model; only DeiT converts')
+
+def _torch_load(path: str, trust_pickle: bool):
+  try:
+    return torch.load(path, map_location='cpu', weights_only=not trust_pickle)
+  except Exception as e:  # noqa: BLE001 - the unpickler raises many types
+    raise ValueError(f'torch.load({path}, weights_only=True) failed ({type(e).__name__}: {e}). '
+                     f'If you trust the file, pass --trust_pickle') from e
+
+
+def _from_hf_vit(state_dict, what: str) -> dict:
+  """A Hugging Face ViT state dict (ViTForImageClassification, IRKD's ViTWithDistillation) in
+  timm names; says which keys its model never reads and were left out."""
+  sd, dropped = hf_vit_to_timm(state_dict)
+  kind = 'ViTWithDistillation' if 'dist_token' in sd else 'ViTForImageClassification'
+  print(f'{what}: a Hugging Face {kind} state dict', file=sys.stderr)
+  if dropped:
+    print(f'{what}: left out {", ".join(dropped)} (not used by the {kind} forward)',
+          file=sys.stderr)
+  return sd
+
+
+def _check_hf_config(path: str, config):
   if config.hidden_act != 'gelu':
     raise ValueError(f'{path}: hidden_act {config.hidden_act!r}; our ViT uses exact GELU (gelu)')
   if not config.qkv_bias or config.num_channels != 3:
@@ -97,19 +124,70 @@ def _read_hf_deit(path: str):
                      f'our ViT has qkv bias and 3 channels')
   if abs(config.layer_norm_eps - 1e-6) > 1e-12:
     warnings.warn(f'{path}: layer_norm_eps is {config.layer_norm_eps:g} but our ViT uses 1e-6 '
-                  f'(the value timm / DeiT trained with; the Hub configs say 1e-12): logits '
-                  f'differ very slightly from the Hugging Face model')
-  model = DeiTForImageClassificationWithTeacher.from_pretrained(path)
-  state_dict = hf_deit_to_timm(model.state_dict())
-  extra = {'heads': config.num_attention_heads}
+                  f'(the value timm / DeiT trained with; the Hub configs say 1e-12): {_EPS_EFFECT}')
+
+
+def _processor_stats(path: str, default):
+  """(mean, std) of the folder's preprocessor_config.json, else `default`."""
+  mean, std = default
   proc = os.path.join(path, 'preprocessor_config.json')
-  mean, std = NORMS['imagenet']
   if os.path.exists(proc):
     with open(proc) as f:
       pc = json.load(f)
     mean, std = pc.get('image_mean', mean), pc.get('image_std', std)
-  extra['mean'], extra['std'] = list(mean), list(std)
+  return list(mean), list(std)
+
+
+def _read_hf_deit(path: str):
+  from transformers import AutoConfig, DeiTForImageClassificationWithTeacher
+
+  config = AutoConfig.from_pretrained(path)
+  if config.model_type != 'deit':
+    raise ValueError(f'{path} holds a {config.model_type!r} model; only DeiT and ViT convert')
+  _check_hf_config(path, config)
+  model = DeiTForImageClassificationWithTeacher.from_pretrained(path)
+  state_dict = hf_deit_to_timm(model.state_dict())
+  extra = {'heads': config.num_attention_heads}
+  extra['mean'], extra['std'] = _processor_stats(path, NORMS['imagenet'])
   return state_dict, None, extra
+
+
+def _read_hf_vit_folder(path: str):
+  """A `save_pretrained` folder of a ViTForImageClassification or of IRKD's ViTWithDistillation
+  (a custom class, so its weights are read as files, not through from_pretrained)."""
+  from transformers import AutoConfig
+
+  config = AutoConfig.from_pretrained(path)
+  _check_hf_config(path, config)
+  index = os.path.join(path, 'model.safetensors.index.json')
+  if os.path.exists(index):
+    with open(index) as f:
+      files = sorted(set(json.load(f)['weight_map'].values()))
+  else:
+    files = [
+        n for n in ('model.safetensors', 'pytorch_model.bin')
+        if os.path.exists(os.path.join(path, n))
+    ][:1]
+  if not files:
+    raise FileNotFoundError(f'{path} has a config.json but no model.safetensors(.index.json) or '
+                            f'pytorch_model.bin')
+  state_dict = {}
+  for name in files:
+    file = os.path.join(path, name)
+    if name.endswith('.safetensors'):
+      from safetensors.torch import load_file
+      state_dict.update(load_file(file))
+    else:
+      state_dict.update(unwrap_state_dict(_torch_load(file, False), file))
+  if not is_hf_vit(state_dict):
+    raise ValueError(f'{path}: config says ViT but the weights have no vit.embeddings.… keys '
+                     f'(first keys: {sorted(state_dict)[:10]})')
+  extra = {'heads': config.num_attention_heads}
+  if os.path.exists(os.path.join(path, 'preprocessor_config.json')):
+    extra['mean'], extra['std'] = _processor_stats(path, NORMS['cifar10'])
+  else:
+    extra['norm_note'] = _IRKD_NORM_NOTE
+  return _from_hf_vit(state_dict, path), None, extra
 
 
 # --------------------------------------------------------------------------- inference
@@ -185,6 +263,26 @@ def infer_vit(sd: Mapping[str, torch.Tensor], name: str | None, heads: int | Non
   return name, kwargs
 
 
+LAYOUTS = (
+    'a CIFAR ResNet (RepDistiller: conv1.weight, layer1.…, fc.…)',
+    'a timm / facebookresearch / tikd-jax ViT (cls_token, patch_embed.proj.weight, blocks.…)',
+    'a Hugging Face DeiT (deit.embeddings.…, cls_classifier.…)',
+    'a Hugging Face ViT as IRKD\'s notebooks save it (vit.embeddings.…, classifier.…; '
+    'ViTWithDistillation adds distill_token and distiller.…)',
+)
+
+
+def unrecognised(path: str, sd: Mapping[str, object]) -> str:
+  """What a state dict of none of LAYOUTS holds: its top-level names, counted."""
+  tops: dict[str, int] = {}
+  for k in sd:
+    tops[k.split('.')[0]] = tops.get(k.split('.')[0], 0) + 1
+  found = ', '.join(f'{t} ({n})' for t, n in sorted(tops.items())[:20]) or 'no tensors'
+  return (f'checkpoint {path} is none of the layouts this reads: {"; ".join(LAYOUTS)} '
+          f'(a DataParallel "module." prefix is stripped first). It holds {len(sd)} tensors '
+          f'under {found}; first keys: {sorted(sd)[:8]}')
+
+
 def _norm_kwargs(args, extra) -> dict:
   if args.mean or args.std:
     if not (args.mean and args.std):
@@ -195,6 +293,10 @@ def _norm_kwargs(args, extra) -> dict:
     }
   if args.norm:
     mean, std = NORMS[args.norm]
+    return {'mean': list(mean), 'std': list(std)}
+  if 'norm_note' in extra:  # IRKD's notebooks: CIFAR-10 statistics
+    print(f'{args.checkpoint} {extra["norm_note"]}', file=sys.stderr)
+    mean, std = NORMS['cifar10']
     return {'mean': list(mean), 'std': list(std)}
   return {k: extra[k] for k in ('mean', 'std') if k in extra}
 
@@ -329,8 +431,7 @@ def main(argv: Sequence[str] | None = None) -> str:
       raise ValueError(f'checkpoint is a ViT but --model is {name}')
     name, kwargs = infer_vit(sd, name, extra.get('heads'), args.variant)
   else:
-    raise ValueError(f'checkpoint {args.checkpoint} is neither a CIFAR ResNet (conv1, layer1…) '
-                     f'nor a ViT (cls_token, patch_embed.proj…); first keys: {sorted(sd)[:10]}')
+    raise ValueError(unrecognised(args.checkpoint, sd))
   vit_only = [f'--{f}' for f in ('variant', 'img_size', 'patch_size') if getattr(args, f)]
   if name not in VIT_MODELS and vit_only:
     raise ValueError(f'{", ".join(vit_only)} only apply to ViTs, not {name}')

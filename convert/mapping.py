@@ -14,8 +14,9 @@ Flax side: `flatten(model_variables(model))`, keys like 'params/blocks/0/attn/qk
   (none)                                 ….num_batches_tracked     (written as 0, dropped on import)
 
 Every function here is a pure re-layout: a Flax → PyTorch → Flax trip is bit-exact.
-Also: Hugging Face DeiT (`DeiTForImageClassificationWithTeacher`, both the on-disk names of the
-Hub checkpoints and the in-memory names of transformers ≥ 5) → timm layout (query/key/value
+Also: Hugging Face DeiT (`DeiTForImageClassificationWithTeacher`) and ViT
+(`ViTForImageClassification`, IRKD's `ViTWithDistillation`), both the on-disk names of
+transformers 4.x and the in-memory names of transformers ≥ 5, → timm layout (query/key/value
 merged into qkv), and the patch-embedding resampling used to re-grid a pretrained ViT.
 """
 from __future__ import annotations
@@ -157,8 +158,8 @@ def unwrap_state_dict(obj, what: str = 'checkpoint') -> dict[str, torch.Tensor]:
   return tensors
 
 
-# --------------------------------------------------------------------------- Hugging Face DeiT
-_HF_RULES = [  # (regex on the key without the 'deit.' prefix, timm name)
+# --------------------------------------------------------------------------- Hugging Face ViT / DeiT
+_HF_RULES = [  # (regex on the key without the 'deit.' / 'vit.' prefix, timm name)
     (r'embeddings\.cls_token', 'cls_token'),
     (r'embeddings\.distillation_token', 'dist_token'),
     (r'embeddings\.position_embeddings', 'pos_embed'),
@@ -176,27 +177,32 @@ _HF_RULES = [  # (regex on the key without the 'deit.' prefix, timm name)
      r'blocks.\1.mlp.fc2.\2'),
     (r'layernorm\.(weight|bias)', r'norm.\1'),
 ]
-_HF_HEADS = [(r'cls_classifier\.(weight|bias)', r'head.\1'),
-             (r'distillation_classifier\.(weight|bias)', r'head_dist.\1')]
+_HF_DEIT_HEADS = [(r'cls_classifier\.(weight|bias)', r'head.\1'),
+                  (r'distillation_classifier\.(weight|bias)', r'head_dist.\1')]
+# ViTForImageClassification's `classifier`; IRKD's ViTWithDistillation adds `distill_token` and
+# the `distiller` head beside its `vit` (a ViTModel).
+_HF_VIT_HEADS = [(r'classifier\.(weight|bias)', r'head.\1'),
+                 (r'distiller\.(weight|bias)', r'head_dist.\1'), (r'distill_token', 'dist_token')]
 _QKV = {'query': 0, 'q': 0, 'key': 1, 'k': 1, 'value': 2, 'v': 2}
 
 
-def hf_deit_to_timm(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-  """DeiTForImageClassificationWithTeacher state dict → timm / our ViT layout.
-
-  Unknown keys (a pooler, a masked-image decoder) fail with the list of them.
-  """
+def _hf_to_timm(state_dict, prefix: str, heads, unused, what: str):
+  """(timm-layout state dict, the keys of `unused` left out): the encoder under `prefix`, the
+  heads and tokens outside it by `heads`; any other key fails with the list of them."""
   out: dict[str, torch.Tensor] = {}
   qkv: dict[tuple[int, str], dict[int, torch.Tensor]] = {}
-  unknown = []
+  unknown, dropped = [], []
   for key, value in state_dict.items():
+    if any(re.fullmatch(pattern, key) for pattern in unused):
+      dropped.append(key)
+      continue
     done = False
-    for pattern, target in _HF_HEADS:
+    for pattern, target in heads:
       if re.fullmatch(pattern, key):
         out[re.sub(pattern, target, key)] = value
         done = True
-    if not done and key.startswith('deit.'):
-      short = key[len('deit.'):]
+    if not done and key.startswith(prefix):
+      short = key[len(prefix):]
       for pattern, target in _HF_RULES:
         m = re.fullmatch(pattern, short)
         if not m:
@@ -211,13 +217,50 @@ def hf_deit_to_timm(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.T
     if not done:
       unknown.append(key)
   if unknown:
-    raise ValueError(f'Hugging Face DeiT checkpoint has keys with no counterpart in our ViT '
+    raise ValueError(f'{what} checkpoint has keys with no counterpart in our ViT '
                      f'({len(unknown)}): {", ".join(sorted(unknown)[:20])}')
   for (layer, leaf), parts in sorted(qkv.items()):
     if sorted(parts) != [0, 1, 2]:
       raise ValueError(f'layer {layer}: query/key/value {leaf} incomplete (have {sorted(parts)})')
     out[f'blocks.{layer}.attn.qkv.{leaf}'] = torch.cat([parts[0], parts[1], parts[2]], dim=0)
-  return out
+  return out, sorted(dropped)
+
+
+def hf_deit_to_timm(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+  """DeiTForImageClassificationWithTeacher state dict → timm / our ViT layout.
+
+  Unknown keys (a pooler, a masked-image decoder) fail with the list of them.
+  """
+  return _hf_to_timm(state_dict, 'deit.', _HF_DEIT_HEADS, (), 'Hugging Face DeiT')[0]
+
+
+def is_hf_vit(state_dict: Mapping[str, object]) -> bool:
+  """Whether the keys are a Hugging Face ViT's (`vit.embeddings.…`, any transformers version)."""
+  return any(k.startswith('vit.embeddings.') for k in state_dict)
+
+
+def hf_vit_to_timm(
+    state_dict: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[str]]:
+  """(timm / our ViT layout, keys left out) of the Hugging Face ViTs IRKD's notebooks save.
+
+  * `ViTForImageClassification` (the teachers, the ce rows): `vit.…` + `classifier` on the cls
+    token after `vit.layernorm` → our plain `vit`.
+  * the notebooks' `ViTTinyClassifier`: the same forward, but its `ViTModel(config)` keeps the
+    default pooler, which the forward never reads: `vit.pooler.…` is left out.
+  * `ViTWithDistillation` (the students): `vit.…` + `distill_token`, `classifier` (cls token),
+    `distiller` (dist token) → our `irkd_vit`. Its forward runs `vit.embeddings` (cls and patch
+    positions), puts the dist token after cls and runs the encoder layers alone, so neither
+    `vit.layernorm` nor `vit.pooler` (both in its state dict) touches its logits: left out.
+
+  transformers 4.x names (`vit.encoder.layer.i.attention.attention.query`, `…attention.output.
+  dense`, `intermediate.dense`, `output.dense`; what every file on disk holds, `save_pretrained`
+  of transformers 5 included) and 5.x in-memory names (`vit.layers.i.attention.q_proj`, `o_proj`,
+  `mlp.fc1`, `mlp.fc2`) both map; query / key / value are merged into qkv.
+  """
+  unused = [r'vit\.pooler\.dense\.(weight|bias)']
+  if 'distill_token' in state_dict:
+    unused.append(r'vit\.layernorm\.(weight|bias)')
+  return _hf_to_timm(state_dict, 'vit.', _HF_VIT_HEADS, unused, 'Hugging Face ViT')
 
 
 # --------------------------------------------------------------------------- re-gridding
