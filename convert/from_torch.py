@@ -10,6 +10,13 @@
   python -m convert.from_torch --checkpoint deit-small-distilled-patch16-224 --out teachers/deit_s
   python -m convert.from_torch --checkpoint deit-small-distilled-patch16-224 --img_size 32 \
       --patch_size 2 --num_classes 10 --reset_heads --out teachers/deit_s_p2
+  # IRKD's notebooks: torch.save(model.state_dict(), …) of a Hugging Face ViT, DataParallel's
+  # 'module.' prefix or not, transformers 4.x or 5.x key names (or a save_pretrained folder):
+  # a ViTForImageClassification teacher (or the ce rows' ViTTinyClassifier) → `vit`,
+  python -m convert.from_torch --checkpoint small_p_4_correct_teacher_weights.pth \
+      --out teachers/irkd_vit_p4
+  # a ViTWithDistillation student (vit.…, distill_token, classifier, distiller) → `irkd_vit`
+  python -m convert.from_torch --checkpoint student.pth --out students/irkd_vit_tiny
 
 What is not given is read off the weights: the model (`resnet*` / `distilled_vit` / `vit` /
 `irkd_vit`), the ViT size (`SIZES` entry with these widths), image size, number of classes, TIKD's
@@ -18,9 +25,20 @@ the released TIKD checkpoints do). A released TIKD checkpoint has no text predic
 caption-free inference): it gets a fresh one, and its text dimension is the model width (the
 released `set_text_features` takes features exactly that wide). Input normalisation:
 `--norm cifar100|cifar10|imagenet` or `--mean/--std`; the Hugging Face processor's statistics for
-a HF folder; our export's metadata; else the model default (CIFAR-100). Every key is checked
-both in PyTorch names and in Flax names; a mismatch fails with the list of missing, unexpected and
-mis-shaped keys.
+a HF folder; our export's metadata; CIFAR-10's for a HF ViT without a processor (IRKD's
+notebooks); else the model default (CIFAR-100). Every key is checked both in PyTorch names and in
+Flax names; a mismatch fails with the list of missing, unexpected and mis-shaped keys.
+
+Hugging Face ViTs (IRKD's notebooks). The model follows from the keys: `distill_token` makes it
+IRKD's `ViTWithDistillation` (→ `irkd_vit`: the dist token after cls without a position, no
+final norm, eval on the cls head), else a ViTForImageClassification (→ `vit`, cls head after
+the final norm). Keys the notebooks' forwards never read are left out, and the command says so:
+ViTModel's default pooler (`vit.pooler.…`) and, for ViTWithDistillation, `vit.layernorm`. A state
+dict does not record the number of heads: it is the `SIZES` entry's with these widths (pass
+--variant if two differ); a folder's config.json gives it. Logits equal transformers' (ours
+resizes position embeddings as `interpolate_pos_encoding=True` does: bicubic, align_corners
+False), except for the LayerNorm eps: transformers' default (what the notebooks ran) is 1e-12,
+ours is 1e-6, a small difference the command warns about (tests/test_convert_irkd.py).
 """
 from __future__ import annotations
 
@@ -392,7 +410,7 @@ def _parse(argv):
   p = argparse.ArgumentParser(prog='python -m convert.from_torch', description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument('--checkpoint', required=True,
-                 help='.pth/.pt/.bin/.safetensors file, or a Hugging Face DeiT folder')
+                 help='.pth/.pt/.bin/.safetensors file, or a Hugging Face DeiT / ViT folder')
   p.add_argument('--out', required=True, help='output directory (a weights-only checkpoint)')
   p.add_argument(
       '--model', default=None,
