@@ -17,6 +17,9 @@
       --out teachers/irkd_vit_p4
   # a ViTWithDistillation student (vit.…, distill_token, classifier, distiller) → `irkd_vit`
   python -m convert.from_torch --checkpoint student.pth --out students/irkd_vit_tiny
+  # the P2 teacher, a DeiTForImageClassification (deit.…, one classifier on cls) →
+  # `distilled_vit` with eval_head=cls and a zero head_dist
+  python -m convert.from_torch --checkpoint "best_teacher (1).pth" --out teachers/irkd_deit_p2
 
 What is not given is read off the weights: the model (`resnet*` / `distilled_vit` / `vit` /
 `irkd_vit`), the ViT size (`SIZES` entry with these widths), image size, number of classes, TIKD's
@@ -25,8 +28,9 @@ the released TIKD checkpoints do). A released TIKD checkpoint has no text predic
 caption-free inference): it gets a fresh one, and its text dimension is the model width (the
 released `set_text_features` takes features exactly that wide). Input normalisation:
 `--norm cifar100|cifar10|imagenet` or `--mean/--std`; the Hugging Face processor's statistics for
-a HF folder; our export's metadata; CIFAR-10's for a HF ViT without a processor (IRKD's
-notebooks); else the model default (CIFAR-100). Every key is checked both in PyTorch names and in
+a HF folder; our export's metadata; ImageNet's for a HF DeiT-with-teacher folder; CIFAR-10's
+for a HF ViT or cls-only DeiT without a processor (IRKD's notebooks); else the model default
+(CIFAR-100). Every key is checked both in PyTorch names and in
 Flax names; a mismatch fails with the list of missing, unexpected and mis-shaped keys.
 
 Hugging Face ViTs (IRKD's notebooks). The model follows from the keys: `distill_token` makes it
@@ -72,17 +76,13 @@ NORMS = normalization.BY_NAME
 def read_checkpoint(path: str, trust_pickle: bool = False):
   """(state dict in timm / RepDistiller names, {'model': …} from the file or None, extra kwargs).
 
-  `path`: a Hugging Face DeiT or ViT folder, a .safetensors file, or a torch.save file.
+  `path`: a Hugging Face DeiT or ViT folder (`save_pretrained`), a .safetensors file, or a
+  torch.save file. `extra`: what the file says beyond its weights ('heads', 'mean' / 'std', a
+  'norm_note' when the normalisation is assumed, 'model_kwargs').
   """
   path = os.path.abspath(os.path.expanduser(path))
   if os.path.isdir(path):
-    if not os.path.exists(os.path.join(path, 'config.json')):
-      raise FileNotFoundError(f'{path} is a folder without config.json: not a Hugging Face model')
-    from transformers import AutoConfig
-    model_type = AutoConfig.from_pretrained(path).model_type
-    if model_type == 'vit':
-      return _read_hf_vit_folder(path)
-    return _read_hf_deit(path)
+    return _from_hugging_face(*_read_hf_folder(path), path, None)
   if not os.path.exists(path):
     raise FileNotFoundError(f'checkpoint {path} does not exist')
   file_meta = None
@@ -96,13 +96,11 @@ def read_checkpoint(path: str, trust_pickle: bool = False):
       file_meta = json.loads(metadata[META_KEY])
   else:
     state_dict = unwrap_state_dict(_torch_load(path, trust_pickle), f'checkpoint {path}')
-  if any(k.startswith('deit.') for k in state_dict):
-    return hf_deit_to_timm(state_dict), file_meta, {}
-  if is_hf_vit(state_dict):
-    warnings.warn(f'{path}: a Hugging Face ViT state dict does not record its LayerNorm eps; '
-                  f'transformers\' default (what IRKD\'s notebooks use) is 1e-12, our ViT\'s '
+  if any(k.startswith('deit.') for k in state_dict) or is_hf_vit(state_dict):
+    warnings.warn(f'{path}: a Hugging Face state dict does not record its LayerNorm eps; '
+                  f'transformers\' default (what IRKD\'s notebooks ran) is 1e-12, our ViT\'s '
                   f'1e-6: {_EPS_EFFECT}')
-    return _from_hf_vit(state_dict, path), file_meta, {'norm_note': _IRKD_NORM_NOTE}
+    return _from_hugging_face(state_dict, {}, path, file_meta)
   return state_dict, file_meta, {}
 
 
@@ -122,19 +120,55 @@ def _torch_load(path: str, trust_pickle: bool):
                      f'If you trust the file, pass --trust_pickle') from e
 
 
-def _from_hf_vit(state_dict, what: str) -> dict:
-  """A Hugging Face ViT state dict (ViTForImageClassification, IRKD's ViTWithDistillation) in
-  timm names; says which keys its model never reads and were left out."""
-  sd, dropped = hf_vit_to_timm(state_dict)
-  kind = 'ViTWithDistillation' if 'dist_token' in sd else 'ViTForImageClassification'
+def _from_hugging_face(state_dict, extra: dict, what: str, file_meta):
+  """A Hugging Face DeiT or ViT state dict (either transformers' names) → read_checkpoint's
+  triple. Without normalisation in `extra`: ImageNet's for DeiTForImageClassificationWithTeacher
+  (the Hub's), CIFAR-10's for what IRKD's notebooks save (ViTs, the cls-only DeiT)."""
+  extra = dict(extra)
+  if any(k.startswith('deit.') for k in state_dict):
+    sd = hf_deit_to_timm(state_dict)
+    if 'head_dist.weight' in sd:
+      kind, default_norm = 'DeiTForImageClassificationWithTeacher', 'imagenet'
+    else:  # IRKD's P2 teacher; `eval_head='cls'` gives its logits (tests/test_deit_teacher.py)
+      kind, default_norm = 'DeiTForImageClassification (cls head only)', 'irkd'
+      sd['head_dist.weight'] = torch.zeros_like(sd['head.weight'])
+      sd['head_dist.bias'] = torch.zeros_like(sd['head.bias'])
+      extra['model_kwargs'] = {'eval_head': 'cls'}
+      print(
+          f'{what}: no distillation head; the model evaluates its cls head (eval_head=cls) '
+          f'and holds a zero head_dist', file=sys.stderr)
+    dropped = []
+  elif is_hf_vit(state_dict):
+    sd, dropped = hf_vit_to_timm(state_dict)
+    kind = 'ViTWithDistillation' if 'dist_token' in sd else 'ViTForImageClassification'
+    if kind == 'ViTForImageClassification' and dropped:
+      kind = 'ViTModel + classifier (the notebooks\' ViTTinyClassifier)'
+    default_norm = 'irkd'
+  else:
+    raise ValueError(unrecognised(what, state_dict))
   print(f'{what}: a Hugging Face {kind} state dict', file=sys.stderr)
   if dropped:
-    print(f'{what}: left out {", ".join(dropped)} (not used by the {kind} forward)',
+    print(f'{what}: left out {", ".join(dropped)} (never read by the {kind} forward)',
           file=sys.stderr)
-  return sd
+  if 'mean' not in extra:
+    if default_norm == 'irkd':
+      extra['norm_note'] = _IRKD_NORM_NOTE
+    elif os.path.isdir(what):  # the Hub's DeiT folders: ImageNet statistics
+      extra['mean'], extra['std'] = (list(v) for v in NORMS[default_norm])
+  return sd, file_meta, extra
 
 
-def _check_hf_config(path: str, config):
+def _read_hf_folder(path: str):
+  """(state dict as on disk, extra) of a `save_pretrained` folder: config.json and
+  model.safetensors (or its shards, or pytorch_model.bin). The weights are read as files, not
+  through from_pretrained, so custom classes (IRKD's ViTWithDistillation) read too."""
+  if not os.path.exists(os.path.join(path, 'config.json')):
+    raise FileNotFoundError(f'{path} is a folder without config.json: not a Hugging Face model')
+  from transformers import AutoConfig
+
+  config = AutoConfig.from_pretrained(path)
+  if config.model_type not in ('deit', 'vit'):
+    raise ValueError(f'{path} holds a {config.model_type!r} model; only DeiT and ViT convert')
   if config.hidden_act != 'gelu':
     raise ValueError(f'{path}: hidden_act {config.hidden_act!r}; our ViT uses exact GELU (gelu)')
   if not config.qkv_bias or config.num_channels != 3:
@@ -143,40 +177,6 @@ def _check_hf_config(path: str, config):
   if abs(config.layer_norm_eps - 1e-6) > 1e-12:
     warnings.warn(f'{path}: layer_norm_eps is {config.layer_norm_eps:g} but our ViT uses 1e-6 '
                   f'(the value timm / DeiT trained with; the Hub configs say 1e-12): {_EPS_EFFECT}')
-
-
-def _processor_stats(path: str, default):
-  """(mean, std) of the folder's preprocessor_config.json, else `default`."""
-  mean, std = default
-  proc = os.path.join(path, 'preprocessor_config.json')
-  if os.path.exists(proc):
-    with open(proc) as f:
-      pc = json.load(f)
-    mean, std = pc.get('image_mean', mean), pc.get('image_std', std)
-  return list(mean), list(std)
-
-
-def _read_hf_deit(path: str):
-  from transformers import AutoConfig, DeiTForImageClassificationWithTeacher
-
-  config = AutoConfig.from_pretrained(path)
-  if config.model_type != 'deit':
-    raise ValueError(f'{path} holds a {config.model_type!r} model; only DeiT and ViT convert')
-  _check_hf_config(path, config)
-  model = DeiTForImageClassificationWithTeacher.from_pretrained(path)
-  state_dict = hf_deit_to_timm(model.state_dict())
-  extra = {'heads': config.num_attention_heads}
-  extra['mean'], extra['std'] = _processor_stats(path, NORMS['imagenet'])
-  return state_dict, None, extra
-
-
-def _read_hf_vit_folder(path: str):
-  """A `save_pretrained` folder of a ViTForImageClassification or of IRKD's ViTWithDistillation
-  (a custom class, so its weights are read as files, not through from_pretrained)."""
-  from transformers import AutoConfig
-
-  config = AutoConfig.from_pretrained(path)
-  _check_hf_config(path, config)
   index = os.path.join(path, 'model.safetensors.index.json')
   if os.path.exists(index):
     with open(index) as f:
@@ -197,15 +197,14 @@ def _read_hf_vit_folder(path: str):
       state_dict.update(load_file(file))
     else:
       state_dict.update(unwrap_state_dict(_torch_load(file, False), file))
-  if not is_hf_vit(state_dict):
-    raise ValueError(f'{path}: config says ViT but the weights have no vit.embeddings.… keys '
-                     f'(first keys: {sorted(state_dict)[:10]})')
   extra = {'heads': config.num_attention_heads}
-  if os.path.exists(os.path.join(path, 'preprocessor_config.json')):
-    extra['mean'], extra['std'] = _processor_stats(path, NORMS['cifar10'])
-  else:
-    extra['norm_note'] = _IRKD_NORM_NOTE
-  return _from_hf_vit(state_dict, path), None, extra
+  proc = os.path.join(path, 'preprocessor_config.json')
+  if os.path.exists(proc):
+    with open(proc) as f:
+      pc = json.load(f)
+    if 'image_mean' in pc and 'image_std' in pc:
+      extra['mean'], extra['std'] = list(pc['image_mean']), list(pc['image_std'])
+  return state_dict, extra
 
 
 # --------------------------------------------------------------------------- inference
@@ -458,6 +457,7 @@ def main(argv: Sequence[str] | None = None) -> str:
   for flag in ('variant', 'num_classes', 'img_size', 'patch_size'):
     if getattr(args, flag) is not None:
       kwargs[flag] = getattr(args, flag)
+  kwargs.update(extra.get('model_kwargs') or {})
   if args.model_kwargs:
     kwargs.update(json.loads(args.model_kwargs))
   if name in VIT_MODELS:

@@ -177,8 +177,11 @@ _HF_RULES = [  # (regex on the key without the 'deit.' / 'vit.' prefix, timm nam
      r'blocks.\1.mlp.fc2.\2'),
     (r'layernorm\.(weight|bias)', r'norm.\1'),
 ]
+# DeiTForImageClassificationWithTeacher's two heads; DeiTForImageClassification's one
+# `classifier` on the cls token (IRKD's P2 teacher).
 _HF_DEIT_HEADS = [(r'cls_classifier\.(weight|bias)', r'head.\1'),
-                  (r'distillation_classifier\.(weight|bias)', r'head_dist.\1')]
+                  (r'distillation_classifier\.(weight|bias)', r'head_dist.\1'),
+                  (r'classifier\.(weight|bias)', r'head.\1')]
 # ViTForImageClassification's `classifier`; IRKD's ViTWithDistillation adds `distill_token` and
 # the `distiller` head beside its `vit` (a ViTModel).
 _HF_VIT_HEADS = [(r'classifier\.(weight|bias)', r'head.\1'),
@@ -227,7 +230,8 @@ def _hf_to_timm(state_dict, prefix: str, heads, unused, what: str):
 
 
 def hf_deit_to_timm(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-  """DeiTForImageClassificationWithTeacher state dict → timm / our ViT layout.
+  """DeiTForImageClassificationWithTeacher (or DeiTForImageClassification: `head` only) state
+  dict → timm / our ViT layout.
 
   Unknown keys (a pooler, a masked-image decoder) fail with the list of them.
   """

@@ -6,7 +6,9 @@ IRKD's notebooks train Hugging Face models and `torch.save(model.state_dict(), �
   * students are the notebooks' `ViTWithDistillation` (restated below, line by line): a `vit`
     ViTModel, a zero-initialised `distill_token` put after the cls token without a position,
     the encoder layers without `vit.layernorm`, `classifier` on cls, `distiller` on dist: →
-    our `irkd_vit`.
+    our `irkd_vit`;
+  * the P2 teacher is a `DeiTForImageClassification` (one classifier on cls): → our
+    `distilled_vit` with `eval_head='cls'`.
 Tiny models are built by transformers here, given random weights, saved as the notebooks save
 them (with and without `module.`, under transformers 4.x names, which is what every file on
 disk holds and what `save_pretrained` still writes, and under transformers 5.x in-memory names),
@@ -214,6 +216,33 @@ def test_the_ce_rows_vit_tiny_classifier_keeps_its_final_norm(tmp_path):
   assert meta['model']['name'] == 'vit'
   x = images(16)
   assert max(max_diff(our_logits(model, x), hf_logits(hf, x)).values()) < TOL
+
+
+def test_the_p2_teacher_deit_for_image_classification(tmp_path):
+  """Saliency_patch_size2's teacher: `DeiTForImageClassification(config=ViTConfig(…, patch_size=2))`
+  (dist token with a position, final norm, one `classifier` on cls), saved through DataParallel.
+  It becomes our `distilled_vit` with eval_head='cls' and a zero head_dist (it has none)."""
+  from transformers import DeiTForImageClassification
+  torch.manual_seed(4)
+  cfg = ViTConfig(**{**CONFIG, 'patch_size': 2, 'layer_norm_eps': 1e-6})
+  hf = DeiTForImageClassification(config=cfg).eval()
+  with torch.no_grad():
+    for p in hf.parameters():
+      p.add_(0.05 * torch.randn_like(p))
+  save_like_the_notebooks(hf, hf.state_dict(), tmp_path / 'best_teacher (1).pth', True)
+  meta, model = convert_and_load(tmp_path / 'best_teacher (1).pth', tmp_path / 'flax')
+  assert meta['model'] == {
+      'name': 'distilled_vit', 'kwargs': {
+          'num_classes': 10, 'img_size': IMG, 'variant': 'micro', 'patch_size': 2,
+          'eval_head': 'cls', 'mean': list(CIFAR10_MEAN), 'std': list(CIFAR10_STD)
+      }
+  }
+  for size in (IMG, 16):
+    x = images(size)
+    logits = np.asarray(model(x, train=False)[0])
+    want = hf_logits(hf, x)['logits']  # interpolate_pos_encoding=True below 32 px, as there
+    assert float(np.std(want)) > 1e-2
+    assert float(np.max(np.abs(logits - want))) < TOL, f'{size} px'
 
 
 # --------------------------------------------------------------------------- save_pretrained
