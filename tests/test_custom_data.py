@@ -102,8 +102,8 @@ def test_tfds_eval_split_defaults_to_validation_without_test(tmp_path):
 
 
 def test_tfds_not_prepared_says_how_to_prepare_it(tmp_path, caplog):
-  """README's TFDS commands with nothing prepared in data.dir: one sentence with the `tfds
-  build` command, not tfds' list of every data set or its warning about dataset_info.json."""
+  """docs/custom_data.md's TFDS commands with nothing prepared in data.dir: one sentence with the
+  `tfds build` command, not tfds' list of every data set or its warning about dataset_info.json."""
   pytest.importorskip('tensorflow_datasets')
   empty = str(tmp_path / 'tfds')
   with caplog.at_level(logging.WARNING), pytest.raises(FileNotFoundError) as e:

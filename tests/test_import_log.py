@@ -1,9 +1,9 @@
 """`python -m tikd_jax.text_teacher import-log`: a released TIKD description log → captions.jsonl.
 
-The released log format (README "The text teacher", docs of tikd_jax/text_teacher/released_log.py)
-is read by `extract_descriptions` in JSJ515-Group/TIKD's text_encoder.py; `released_descriptions`
-below states that parser again, in our words, so the importer is checked against it as well as
-against captions written out by hand.
+The released log format (docs/text_teacher.md, "The released captions"; docs of
+tikd_jax/text_teacher/released_log.py) is read by `extract_descriptions` in JSJ515-Group/TIKD's
+text_encoder.py; `released_descriptions` below states that parser again, in our words, so the
+importer is checked against it as well as against captions written out by hand.
 """
 from __future__ import annotations
 

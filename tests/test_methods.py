@@ -1,5 +1,4 @@
-"""Every distillation method through the real train step, with the weights of the README
-("Distillation methods")."""
+"""Every distillation method through the real train step, with the weights of docs/methods.md."""
 import jax
 import jax.numpy as jnp
 import numpy as np

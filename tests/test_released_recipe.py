@@ -1,7 +1,7 @@
-"""The released TIKD recipe (`configs/tikd_cifar100.py:large,hard,released`, README "The released
-recipe"): the base loss and DKD's / PKCD's label read the argmax of the mixed target
-(`distill.base='released'`), the preset's phase and settings, and the text rows 0..B−1 on every
-train batch (`tikd.text_rows='released'`).
+"""The released TIKD recipe (`configs/tikd_cifar100.py:large,hard,released`,
+docs/released_recipe.md): the base loss and DKD's / PKCD's label read the argmax of the mixed
+target (`distill.base='released'`), the preset's phase and settings, and the text rows 0..B−1 on
+every train batch (`tikd.text_rows='released'`).
 
 The losses are checked through the real jitted train step of tests/test_step_meaning.py (its
 micro DeiT student, resnet8 teacher and batch), recomputed here in NumPy (float64) from the
@@ -179,7 +179,7 @@ def test_pkcd_positives_and_carried_labels_are_the_argmax_of_the_mixed_target(
 # ------------------------------------------------------------------ (c) the preset
 # JSJ515-Group/TIKD losses.py `DistillationLoss.forward`: (1 − α)·base + α·distill, pkcd
 # base + distill, α 0.5; the alignment loss is returned but never added, and there is no text
-# predictor. dkd here is mdistiller's DKD with its own weights (README "Distillation methods").
+# predictor. dkd here is mdistiller's DKD with its own weights (docs/methods.md).
 RELEASED_TERMS = {
     'none': (('ce', 1.0),),
     'soft': (('ce', 0.5), ('soft', 0.5)),

@@ -1,4 +1,4 @@
-"""Exact resume beyond method `none` (README: "A resumed run continues exactly").
+"""Exact resume beyond method `none` (docs/reliability.md, "Exact resume").
 
 Each scenario stops a tiny run mid-epoch, off the checkpoint cadence (`stop_at_step`, or a real
 SIGTERM to `main.py`), resumes it, and compares it with an uninterrupted run, bit for bit: every
