@@ -117,10 +117,8 @@ def jax_contestants(resolutions, batch, saliency, xla_preset, fast_layers, build
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
 
-  from benchmarks.train_step import compiled_with_small_heaps  # pylint: disable=g-import-not-at-top
-  from tikd_jax.cpu import compiler  # pylint: disable=g-import-not-at-top
   from tikd_jax.train import run as run_lib  # pylint: disable=g-import-not-at-top
-  compiler.set_allocator(allocator, xla_preset)
+  compiled_with_small_heaps = _set_allocator(allocator, xla_preset)
   run = build(saliency, batch, xla_preset, fast_layers)
   phase = run.phases[0]
   out = []
@@ -147,6 +145,20 @@ def jax_contestants(resolutions, batch, saliency, xla_preset, fast_layers, build
                                                           run.teacher.variables)
             }))
   return out
+
+
+def _set_allocator(allocator: str, xla_preset: str):
+  """Sets this worker's host allocator policy (main.py --allocator); returns how to tell whether
+  a step compiled with the small heaps. A `--baseline_root` checkout from before tikd_jax/cpu/
+  (its `build_run` puts it first on the path) set glibc itself in its steps, and said it there."""
+  try:
+    from tikd_jax.cpu import compiler  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    from tikd_jax import xla_options  # pylint: disable=g-import-not-at-top,import-error
+    return lambda step, preset, *args: xla_options.compiled_with_small_heaps(step, preset)
+  from benchmarks.train_step import compiled_with_small_heaps  # pylint: disable=g-import-not-at-top
+  compiler.set_allocator(allocator, xla_preset)
+  return compiled_with_small_heaps
 
 
 def torch_twins():

@@ -113,6 +113,7 @@ print(json.dumps(result))
 '''
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(platform.system() != 'Linux' or platform.libc_ver()[0] != 'glibc',
                     reason='probes glibc malloc (mallinfo2)')
 def test_importing_and_building_models_changes_no_process_wide_state():
