@@ -45,6 +45,12 @@ _COORDINATOR = flags.DEFINE_string('coordinator', None,
                                    'host:port of process 0 for multi-host runs.')
 _NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Number of processes (hosts).')
 _PROCESS_ID = flags.DEFINE_integer('process_id', None, 'This process\'s index.')
+_ALLOCATOR = flags.DEFINE_enum(
+    'allocator', 'auto', ['auto', 'keep_mapped', 'system'],
+    'Host memory allocator policy of this process (tikd_jax/cpu/compiler.py): keep_mapped = glibc '
+    'keeps freed memory mapped, so XLA:CPU steps do not fault their temporaries back in every '
+    'step; system = the C library\'s defaults; auto = keep_mapped on XLA:CPU with glibc when '
+    'config.xla_options is auto or small_heaps, else system.')
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
@@ -56,6 +62,23 @@ def _maybe_initialize_distributed():
   elif any(
       k in os.environ for k in ('SLURM_JOB_ID', 'TPU_WORKER_HOSTNAMES', 'OMPI_COMM_WORLD_SIZE')):
     jax.distributed.initialize()  # JAX's cluster auto-detection
+
+
+def _xla_presets(config) -> set[str]:
+  """config.xla_options of the config, or of each of its runs."""
+  if 'runs' in config:
+    return set().union(*(_xla_presets(sub) for sub in config.runs.values()))
+  return {config.xla_options}
+
+
+def _set_allocator(config) -> None:
+  """Applies --allocator to this process (process-wide: the application's choice, made once,
+  before any step) and prints what it chose."""
+  from tikd_jax.cpu import compiler  # pylint: disable=g-import-not-at-top
+  presets = _xla_presets(config)
+  # 'auto' keeps memory mapped when any run's steps may cut small heaps.
+  preset = next((p for p in ('auto', 'small_heaps') if p in presets), min(presets))
+  print(compiler.set_allocator(_ALLOCATOR.value, preset), flush=True)
 
 
 def run(config, workdir: str, mode: str, ema: str = 'auto') -> dict:
@@ -161,6 +184,7 @@ def main(argv):
     raise app.UsageError('--ema applies to --mode=eval; a training run keeps and evaluates a '
                          'model EMA when --config.ema.decay > 0')
   _maybe_initialize_distributed()
+  _set_allocator(_CONFIG.value)
   from tikd_jax.data.errors import EXIT_USER_ERROR, DataError  # pylint: disable=g-import-not-at-top
   from tikd_jax.train import preemption  # pylint: disable=g-import-not-at-top
   try:

@@ -61,7 +61,7 @@ def build_run(saliency: str, batch: int, xla_preset: str, fast_layers: str):
 
   from configs import irkd_cifar10  # pylint: disable=g-import-not-at-top
   from tikd_jax.data import ArraySource  # pylint: disable=g-import-not-at-top
-  from tikd_jax.models import cpu_fast_layers  # pylint: disable=g-import-not-at-top
+  from tikd_jax.cpu import layers as cpu_layers  # pylint: disable=g-import-not-at-top
   from tikd_jax.models.variables import abstract_model  # pylint: disable=g-import-not-at-top
   from tikd_jax.train import run as run_lib  # pylint: disable=g-import-not-at-top
   config = irkd_cifar10.get_config('kd_cl_sal,p4' if saliency == 'attention' else 'kd_cl,p4')
@@ -74,7 +74,7 @@ def build_run(saliency: str, batch: int, xla_preset: str, fast_layers: str):
                       [str(i) for i in range(NUM_CLASSES)], 'synthetic', 'train')
   teacher_graph, teacher_tpl = abstract_model('vit', variant=TEACHER, patch_size=4,
                                               num_classes=NUM_CLASSES,
-                                              fast_layers=cpu_fast_layers.enabled(fast_layers))
+                                              fast_layers=cpu_layers.enabled(fast_layers))
   teacher = run_lib.Teacher(teacher_graph, random_variables(teacher_tpl, 1))
   return run_lib.setup(config, '', sources=(train, train), teacher=teacher)
 
@@ -108,15 +108,17 @@ class Contestant:
     self.loads: list[float] = []
 
 
-def jax_contestants(resolutions, batch, saliency, xla_preset, fast_layers,
-                    build=build_run) -> list[Contestant]:
+def jax_contestants(resolutions, batch, saliency, xla_preset, fast_layers, build=build_run,
+                    allocator='auto') -> list[Contestant]:
+  """The trainer's step at each resolution; `allocator`: this worker process's host allocator
+  policy, as main.py --allocator sets it for a run."""
   import dataclasses  # pylint: disable=g-import-not-at-top
 
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
 
-  from tikd_jax import xla_options  # pylint: disable=g-import-not-at-top
   from tikd_jax.train import run as run_lib  # pylint: disable=g-import-not-at-top
+  compiled_with_small_heaps = _set_allocator(allocator, xla_preset)
   run = build(saliency, batch, xla_preset, fast_layers)
   phase = run.phases[0]
   out = []
@@ -135,11 +137,28 @@ def jax_contestants(resolutions, batch, saliency, xla_preset, fast_layers,
     out.append(
         Contestant(
             'jax', res, one, {
-                'first_step_s': round(time.perf_counter() - t0,
-                                      2), 'xla_options': xla_preset, 'cpu_fast_layers': fast_layers,
-                'small_heaps': xla_options.compiled_with_small_heaps(step, xla_preset)
+                'first_step_s':
+                    round(time.perf_counter() - t0, 2), 'xla_options':
+                        xla_preset, 'cpu_fast_layers':
+                            fast_layers, 'small_heaps':
+                                compiled_with_small_heaps(step, xla_preset, holder['state'], data,
+                                                          run.teacher.variables)
             }))
   return out
+
+
+def _set_allocator(allocator: str, xla_preset: str):
+  """Sets this worker's host allocator policy (main.py --allocator); returns how to tell whether
+  a step compiled with the small heaps. A `--baseline_root` checkout from before tikd_jax/cpu/
+  (its `build_run` puts it first on the path) set glibc itself in its steps, and said it there."""
+  try:
+    from tikd_jax.cpu import compiler  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    from tikd_jax import xla_options  # pylint: disable=g-import-not-at-top,import-error
+    return lambda step, preset, *args: xla_options.compiled_with_small_heaps(step, preset)
+  from benchmarks.train_step import compiled_with_small_heaps  # pylint: disable=g-import-not-at-top
+  compiler.set_allocator(allocator, xla_preset)
+  return compiled_with_small_heaps
 
 
 def torch_twins():
@@ -275,7 +294,7 @@ def main(argv=None):
                       help='another checkout: adds its step as framework jax_baseline')
   parser.add_argument('--saliency', default='none', choices=['none', 'attention'])
   parser.add_argument('--xla_options', default='auto',
-                      help='auto or a tikd_jax/xla_options.py preset (as config.xla_options)')
+                      help='auto or a tikd_jax/cpu/compiler.py preset (as config.xla_options)')
   parser.add_argument('--cpu_fast_layers', default='auto', choices=('auto', 'on', 'off'),
                       help='as config.cpu_fast_layers')
   parser.add_argument(

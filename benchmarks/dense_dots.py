@@ -6,7 +6,7 @@ r"""The ViT's dense-layer matrix products on XLA:CPU under each dot library, bes
 For every dense layer of a block (qkv d → 3d, proj d → d, fc1 d → mlp, fc2 mlp → d; widths from
 tikd_jax/models/vit.py's SIZES) and M token rows (B·N: 2304 = 128 images × 18 tokens, the IRKD
 student at 16 px; 8448 = 128 × 66, the 32-px students), the three float32 products of the layer's
-forward and backward, as tikd_jax/models/cpu_fast_layers.py's dense VJP writes them:
+forward and backward, as tikd_jax/cpu/layers.py's dense VJP writes them:
 
   forward   x[M, in] · W[in, out]
   dx        dy[M, out] · W[in, out]ᵀ
@@ -53,7 +53,7 @@ def layers(model: str) -> dict[str, tuple[int, int]]:
 
 
 def products() -> dict:
-  """product → f(x, w, dy), the dot_generals of cpu_fast_layers' dense forward and VJP."""
+  """product → f(x, w, dy), the dot_generals of the CPU Linear's dense forward and VJP."""
   from jax import lax  # pylint: disable=g-import-not-at-top
   return {
       'forward': lambda x, w, dy: lax.dot_general(x, w, (((1,), (0,)), ((), ()))),

@@ -1,11 +1,12 @@
 r"""Page faults, system time and peak memory per step, under each XLA:CPU preset.
 
   python benchmarks/host_memory.py [--resolutions 12,16,24,32] [--sizes small] \
-      [--presets no_ynn,auto] [--calls 6] [--batch 128] \
+      [--presets no_ynn,auto] [--allocator auto] [--calls 6] [--batch 128] \
       [--out benchmarks/results/host_memory.jsonl]
 
-What tikd_jax/host_malloc.py and `xla_options.jit` are about: whether a step's temporaries are
-faulted back in every step. Steps: the IRKD curriculum step at each `--resolutions` (as
+What the small heaps and the allocator policy of tikd_jax/cpu/compiler.py are about: whether a
+step's temporaries are faulted back in every step. Each worker sets `--allocator` for its preset
+as main.py does for a run (auto: keep freed memory mapped under the presets that cut small heaps). Steps: the IRKD curriculum step at each `--resolutions` (as
 curriculum_step.py builds it) and the distillation step with the ResNet32x4 teacher for each
 `--sizes` (as train_step.py builds it). glibc's settings are process-wide, so every (step, preset)
 runs in a fresh interpreter, one after the other: two warm-up calls, then `--calls` calls with
@@ -30,18 +31,19 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks import report  # noqa: E402  pylint: disable=g-import-not-at-top
 
 
-def _contestant(kind: str, what: str, preset: str, batch: int):
+def _contestant(kind: str, what: str, preset: str, batch: int, allocator: str):
   """The benchmark contestant (its `fn` one step; its `extra` says whether the step compiled
   with the small heaps) for 'irkd' at resolution `what` or 'distill' at student size `what`."""
   if kind == 'irkd':
     from benchmarks import curriculum_step  # pylint: disable=g-import-not-at-top
-    return curriculum_step.jax_contestants([int(what)], batch, 'none', preset, 'auto')[0]
+    return curriculum_step.jax_contestants([int(what)], batch, 'none', preset, 'auto',
+                                           allocator=allocator)[0]
   from benchmarks import train_step  # pylint: disable=g-import-not-at-top
-  return train_step.jax_contestants(what, batch, False, preset)[0]
+  return train_step.jax_contestants(what, batch, False, preset, allocator=allocator)[0]
 
 
-def _worker(kind: str, what: str, preset: str, batch: int, calls: int) -> dict:
-  contestant = _contestant(kind, what, preset, batch)
+def _worker(kind: str, what: str, preset: str, batch: int, calls: int, allocator: str) -> dict:
+  contestant = _contestant(kind, what, preset, batch, allocator)
   for _ in range(2):
     contestant.fn()
   faults, system, wall = [], [], []
@@ -69,6 +71,8 @@ def main(argv=None):
   parser.add_argument('--resolutions', default='12,16,24,32')
   parser.add_argument('--sizes', default='small')
   parser.add_argument('--presets', default='no_ynn,auto')
+  parser.add_argument('--allocator', default='auto', choices=('auto', 'keep_mapped', 'system'),
+                      help='host allocator policy of every worker (main.py --allocator)')
   parser.add_argument('--calls', type=int, default=6)
   parser.add_argument('--batch', type=int, default=128)
   parser.add_argument('--out', default='')
@@ -76,7 +80,8 @@ def main(argv=None):
   args = parser.parse_args(argv)
   if args.worker:
     kind, what, preset = args.worker.split(':')
-    print(json.dumps(_worker(kind, what, preset, args.batch, args.calls)), flush=True)
+    print(json.dumps(_worker(kind, what, preset, args.batch, args.calls, args.allocator)),
+          flush=True)
     return
   steps = ([('irkd', r) for r in args.resolutions.split(',') if r] +
            [('distill', s) for s in args.sizes.split(',') if s])
@@ -87,7 +92,7 @@ def main(argv=None):
         proc = subprocess.run([
             sys.executable,
             os.path.abspath(__file__), f'--worker={kind}:{what}:{preset}', f'--batch={args.batch}',
-            f'--calls={args.calls}'
+            f'--calls={args.calls}', f'--allocator={args.allocator}'
         ], capture_output=True, text=True, check=False)
         if proc.returncode:
           sys.exit(f'{kind} {what} {preset} failed:\n{proc.stderr[-3000:]}')

@@ -103,8 +103,15 @@ def _summary(times: list[float]) -> dict:
 
 
 def _compiler_options(preset: str):
-  from tikd_jax import xla_options  # pylint: disable=g-import-not-at-top
-  return xla_options.compiler_options(preset)
+  from tikd_jax.cpu import compiler  # pylint: disable=g-import-not-at-top
+  return compiler.compiler_options(preset)
+
+
+def compiled_with_small_heaps(step, preset: str, *args) -> bool:
+  """Whether the trainer's jitted `step` (train_step_for) runs with the small heaps for `args`:
+  the decision setup made, taken again from the step's function (`compiler.step_options`)."""
+  from tikd_jax.cpu import compiler  # pylint: disable=g-import-not-at-top
+  return compiler.uses_small_heaps(compiler.step_options(preset, step.__wrapped__, *args))
 
 
 def _versions() -> dict:
@@ -162,7 +169,8 @@ def build_jax(size: str, batch: int, xla_options: str, dtype: str = 'float32'):
   from configs import tikd_cifar100  # pylint: disable=g-import-not-at-top
   from tikd_jax import sharding as sharding_lib  # pylint: disable=g-import-not-at-top
   from tikd_jax.data import ArraySource  # pylint: disable=g-import-not-at-top
-  from tikd_jax.models import build_model, cpu_fast_layers  # pylint: disable=g-import-not-at-top
+  from tikd_jax.cpu import layers as cpu_layers  # pylint: disable=g-import-not-at-top
+  from tikd_jax.models import build_model  # pylint: disable=g-import-not-at-top
   from tikd_jax.models.variables import model_variables  # pylint: disable=g-import-not-at-top
   from tikd_jax.train import run as run_lib  # pylint: disable=g-import-not-at-top
 
@@ -184,7 +192,7 @@ def build_jax(size: str, batch: int, xla_options: str, dtype: str = 'float32'):
   # As run.load_teacher builds it: in config.dtype under mixed precision, with the CPU switch.
   teacher = build_model(TEACHER, rngs=nnx.Rngs(1), num_classes=NUM_CLASSES,
                         mean=config.teacher.mean, std=config.teacher.std,
-                        fast_layers=cpu_fast_layers.enabled(config.cpu_fast_layers),
+                        fast_layers=cpu_layers.enabled(config.cpu_fast_layers),
                         **({} if dtype == 'float32' else {'dtype': dtype}))
   teacher_vars = model_variables(teacher)
   mesh = sharding_lib.make_mesh(config.mesh)
@@ -241,12 +249,16 @@ class Contestant:
                 self.loads, dict(self.extra, times_by_round_s=[round(t, 4) for t in self.times]))
 
 
-def jax_contestants(size, batch, parts, xla_options='default', dtype='float32') -> list[Contestant]:
+def jax_contestants(size, batch, parts, xla_options='default', dtype='float32',
+                    allocator='auto') -> list[Contestant]:
+  """The trainer's step (and with `parts` its parts) for `size`; `allocator`: this worker
+  process's host allocator policy, as main.py --allocator sets it for a run."""
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from flax import nnx  # pylint: disable=g-import-not-at-top
 
-  from tikd_jax.xla_options import compiled_with_small_heaps  # pylint: disable=g-import-not-at-top
+  from tikd_jax.cpu import compiler  # pylint: disable=g-import-not-at-top
+  compiler.set_allocator(allocator, xla_options)
   b = build_jax(size, batch, xla_options, dtype)
   flops = step_flops(size, batch)
   options = _compiler_options(xla_options)
@@ -261,8 +273,12 @@ def jax_contestants(size, batch, parts, xla_options='default', dtype='float32') 
     jax.block_until_ready((holder['state'], metrics))
 
   extra = {
-      'xla_options': xla_options, 'dtype': dtype, 'device': jax.devices()[0].device_kind,
-      'small_heaps': compiled_with_small_heaps(b['step'], xla_options)
+      'xla_options':
+          xla_options, 'dtype':
+              dtype, 'device':
+                  jax.devices()[0].device_kind, 'small_heaps':
+                      compiled_with_small_heaps(b['step'], xla_options, b['state'], b['batch'],
+                                                b['teacher_vars'])
   }
   out = [
       Contestant(
@@ -591,7 +607,7 @@ def main() -> None:
                       help='float32,bfloat16: our config.dtype; torch.autocast for PyTorch')
   parser.add_argument(
       '--xla_options', default='auto', help='one JAX contestant per preset: auto or one of '
-      'tikd_jax/xla_options.py PRESETS')
+      'tikd_jax/cpu/compiler.py PRESETS')
   parser.add_argument(
       '--baseline_root', default=None,
       help='another checkout of the repo (e.g. the commit before a change): adds '
@@ -625,7 +641,7 @@ def main() -> None:
   if set(dtypes) - {'float32', 'bfloat16'}:
     parser.error(f'--dtypes {args.dtypes!r}: use float32 and/or bfloat16')
   presets = [p for p in args.xla_options.split(',') if p]
-  from tikd_jax.xla_options import PRESETS  # pylint: disable=g-import-not-at-top
+  from tikd_jax.cpu.compiler import PRESETS  # pylint: disable=g-import-not-at-top
   unknown = set(presets) - set(PRESETS) - {'auto'}
   if unknown:
     parser.error(f'unknown --xla_options {sorted(unknown)}; use auto or one of {sorted(PRESETS)}')

@@ -72,8 +72,9 @@ DEFAULT_TARGETS = [
 # --all_functions lifts it (vit.py's hand-written VJPs are pinned by their own gradient tests).
 FUNCTIONS = {
     'tikd_jax/models/vit.py':
-        ('drop_path', 'dropout', '_dropout_keys', 'Block.__call__', 'LowRankLinear.__call__',
-         '_cosine', 'DistilledViT.heads', 'DistilledViT.__call__', 'DistilledViT._text_fusion'),
+        ('drop_path', 'dropout', '_dropout_keys', 'Block.__call__', 'Block.split', 'Block._mix',
+         'LowRankLinear.__call__', '_cosine', 'DistilledViT.heads', 'DistilledViT.__call__',
+         'DistilledViT._text_fusion'),
 }
 
 # Named mutants from issue 13: (name, file, old text (must occur once), new text).

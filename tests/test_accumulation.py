@@ -25,7 +25,7 @@ from flax import nnx
 from configs import kd_cifar100
 from configs.common import DIGITS_MEAN, DIGITS_STD
 from tikd_jax import sharding as sharding_lib
-from tikd_jax import xla_options
+from tikd_jax.cpu import compiler
 from tikd_jax.data import build_source
 from tikd_jax.losses.pkcd import pkcd_init_state, pkcd_loss
 from tikd_jax.models import build_model
@@ -47,7 +47,7 @@ DECOMPOSABLE = ('none', 'soft', 'hard', 'kd', 'dkd', 'ctkd')
 # Compiling is most of this file's time: on XLA:CPU these options compile its tiny programs 5×
 # faster (pkcd k = 2: 2 s against 10 s) and change no result beyond float32 rounding.
 jit = functools.partial(
-    jax.jit, compiler_options=(xla_options.compiler_options('fast_compile')
+    jax.jit, compiler_options=(compiler.compiler_options('fast_compile')
                                if jax.default_backend() == 'cpu' else None))
 
 

@@ -1,6 +1,5 @@
-"""The XLA:CPU attention kernel (tikd_jax/models/cpu_attention.py) equals the plain formula, forward
+"""The XLA:CPU attention kernel (tikd_jax/cpu/kernels.py) equals the plain formula, forward
 and gradient, keeps a mesh's image sharding, and says what to do when it cannot be built."""
-import functools
 import re
 
 import jax
@@ -12,7 +11,7 @@ from flax import nnx
 
 from tikd_jax import sharding as sharding_lib
 from tikd_jax.models import build_model
-from tikd_jax.models import cpu_attention, cpu_kernels
+from tikd_jax.cpu import kernels
 
 # float32 rounding of sums over ≤ 66 terms, relative to each output's largest entry
 TOLERANCE = 2e-6
@@ -20,8 +19,8 @@ TOLERANCE = 2e-6
 
 def _has_compiler() -> bool:
   try:
-    return bool(cpu_kernels.compiler())
-  except cpu_kernels.KernelUnavailable:
+    return bool(kernels.compiler())
+  except kernels.KernelUnavailable:
     return False
 
 
@@ -61,12 +60,12 @@ def test_the_kernel_equals_the_plain_formula_forward_and_backward(shape, reads_p
   """Every output (out, probs) and every gradient (q, k, v) of the kernel equals the model's plain
   formula to float32 rounding: at the student's shape, at sizes that are no multiple of the 16-lane
   vector, and with or without a cotangent on probs (the backward without d_probs)."""
-  assert cpu_attention.available()
+  assert kernels.ATTENTION.available()
   q, k, v, d_out, d_probs = _inputs(shape)
   scale = shape[-1]**-0.5
   d_probs = d_probs if reads_probs else None
-  got = _forward_and_grads(cpu_attention.attention, q, k, v, d_out, d_probs, scale)
-  want = _forward_and_grads(cpu_attention.plain, q, k, v, d_out, d_probs, scale)
+  got = _forward_and_grads(kernels.attention, q, k, v, d_out, d_probs, scale)
+  want = _forward_and_grads(kernels.attention_plain, q, k, v, d_out, d_probs, scale)
   errors = _relative_errors(got, want)
   assert max(errors) < TOLERANCE, dict(zip(('out', 'probs', 'dq', 'dk', 'dv'), errors))
   np.testing.assert_allclose(np.sum(np.asarray(got[1]), -1), 1.0, rtol=2e-6)
@@ -113,14 +112,14 @@ def test_the_kernel_keeps_the_image_sharding_with_no_collectives(axes):
   q_s, k_s, v_s = (jax.device_put(x, sharding) for x in (q, k, v))
 
   def objective(q, k, v):
-    return jnp.sum(cpu_attention.attention(q, k, v, 0.25)[0] * d_out)
+    return jnp.sum(kernels.attention(q, k, v, 0.25)[0] * d_out)
 
   grads = jax.jit(jax.grad(objective, argnums=(0, 1, 2)))
   hlo = grads.lower(q_s, k_s, v_s).compile().as_text()
   assert not re.search(r'all-gather|all-reduce|all-to-all|collective-permute', hlo)
   got = grads(q_s, k_s, v_s)
   assert got[0].sharding.spec[0] == sharding.spec[0]
-  want = jax.grad(lambda q, k, v: jnp.sum(cpu_attention.plain(q, k, v, 0.25)[0] * d_out),
+  want = jax.grad(lambda q, k, v: jnp.sum(kernels.attention_plain(q, k, v, 0.25)[0] * d_out),
                   argnums=(0, 1, 2))(q, k, v)
   assert max(_relative_errors(got, want)) < TOLERANCE
 
@@ -128,29 +127,28 @@ def test_the_kernel_keeps_the_image_sharding_with_no_collectives(axes):
 def test_without_a_compiler_the_error_says_what_to_install(monkeypatch, tmp_path):
   monkeypatch.setenv('TIKD_JAX_CACHE', str(tmp_path))
   monkeypatch.delenv('CXX', raising=False)
-  monkeypatch.setattr(cpu_kernels.shutil, 'which', lambda name: None)
-  with pytest.raises(cpu_kernels.KernelUnavailable,
-                     match=r'apt install g\+\+.*cpu_fast_layers=off'):
-    cpu_attention.build()
+  monkeypatch.setattr(kernels.shutil, 'which', lambda name: None)
+  with pytest.raises(kernels.KernelUnavailable, match=r'apt install g\+\+.*cpu_fast_layers=off'):
+    kernels.ATTENTION.build()
 
 
 def test_a_failed_compile_shows_the_command_and_leaves_nothing_half_written(monkeypatch, tmp_path):
   monkeypatch.setenv('TIKD_JAX_CACHE', str(tmp_path))
   monkeypatch.setenv('CXX', '/bin/false')  # a "compiler" that fails every time
-  with pytest.raises(cpu_kernels.KernelUnavailable, match=r'compiling cpu_attention.cc failed'):
-    cpu_attention.build()
+  with pytest.raises(kernels.KernelUnavailable, match=r'compiling attention.cc failed'):
+    kernels.ATTENTION.build()
   assert not list((tmp_path / 'kernels').iterdir())
 
 
-def without_the_kernel(monkeypatch, module) -> list[str]:
-  """`module`'s kernel (cpu_attention, cpu_winograd) unavailable as on a machine without a
-  compiler, its availability not yet cached; returns the list the logged warnings go to."""
-  monkeypatch.setattr(module, 'available', functools.cache(module.available.__wrapped__))
+def without_the_kernel(monkeypatch, kernel) -> list[str]:
+  """`kernel` (kernels.ATTENTION, kernels.WINOGRAD) unavailable as on a machine without a
+  compiler, its availability not yet decided; returns the list the logged warnings go to."""
+  monkeypatch.setattr(kernel, 'availability', None)
 
   def no_kernel():
-    raise cpu_kernels.KernelUnavailable('no C++ compiler found')
+    raise kernels.KernelUnavailable('no C++ compiler found')
 
-  monkeypatch.setattr(module, '_register', no_kernel)
+  monkeypatch.setattr(kernel, 'load', no_kernel)
   warnings = []
   monkeypatch.setattr(logging, 'warning', lambda msg, *args: warnings.append(msg % args))
   return warnings
@@ -158,11 +156,11 @@ def without_the_kernel(monkeypatch, module) -> list[str]:
 
 def test_an_unavailable_kernel_falls_back_to_the_plain_formula_with_one_warning(monkeypatch):
   """No kernel: attention still runs (the plain formula) and the log says why, once."""
-  warnings = without_the_kernel(monkeypatch, cpu_attention)
+  warnings = without_the_kernel(monkeypatch, kernels.ATTENTION)
   q, k, v, _, _ = _inputs((2, 5, 2, 8))
-  jaxpr = str(jax.make_jaxpr(lambda q, k, v: cpu_attention.attention(q, k, v, 0.5))(q, k, v))
+  jaxpr = str(jax.make_jaxpr(lambda q, k, v: kernels.attention(q, k, v, 0.5))(q, k, v))
   assert 'TikdAttention' not in jaxpr
   assert len(warnings) == 1 and 'no C++ compiler found' in warnings[0]
-  got = cpu_attention.attention(q, k, v, 0.5)
-  want = cpu_attention.plain(q, k, v, 0.5)
+  got = kernels.attention(q, k, v, 0.5)
+  want = kernels.attention_plain(q, k, v, 0.5)
   assert max(_relative_errors(got, want)) == 0.0

@@ -1,4 +1,4 @@
-"""The XLA:CPU Winograd convolution (tikd_jax/models/cpu_winograd.py) equals the plain 3×3
+"""The XLA:CPU Winograd convolution (tikd_jax/cpu/kernels.py) equals the plain 3×3
 convolution and its gradients, is what a CIFAR ResNet (and the trainer's ResNet teacher) runs
 under fast_layers, keeps a mesh's image sharding, and falls back where it cannot run."""
 import re
@@ -10,7 +10,9 @@ import pytest
 from flax import nnx
 
 from tikd_jax import sharding as sharding_lib
-from tikd_jax.models import build_model, cpu_fast_layers, cpu_winograd
+from tikd_jax.cpu import kernels
+from tikd_jax.cpu import layers as cpu_fast_layers
+from tikd_jax.models import build_model
 from tests.test_cpu_attention import needs_compiler, without_the_kernel
 
 # float32 rounding of a sum of 9·C products, relative to the output's largest entry (the kernel
@@ -48,10 +50,10 @@ def test_the_kernel_equals_the_convolution(shape):
   """Every output pixel, borders included, equals the float64 convolution to float32 rounding:
   several blocks of tiles per call (C = 256), a tile count that is no multiple of the 6-tile
   register tile, an output count that is no multiple of 32, H ≠ W."""
-  assert cpu_winograd.available()
+  assert kernels.WINOGRAD.available()
   x, kernel = _inputs(*shape)
-  got = jax.jit(cpu_winograd.conv3x3)(x, kernel)
-  assert 'TikdWinogradConvForward' in str(jax.make_jaxpr(cpu_winograd.conv3x3)(x, kernel))
+  got = jax.jit(kernels.conv3x3)(x, kernel)
+  assert 'TikdWinogradConvForward' in str(jax.make_jaxpr(kernels.conv3x3)(x, kernel))
   assert _relative_error(got, _float64_convolution(x, kernel)) < TOLERANCE
 
 
@@ -67,10 +69,10 @@ def test_the_input_gradient_runs_through_the_kernel_and_the_weight_gradient_is_x
   def grads(conv):
     return jax.grad(lambda x, k: jnp.sum(conv(x, k) * d_y), argnums=(0, 1))
 
-  jaxpr = str(jax.make_jaxpr(grads(cpu_winograd.conv3x3))(x, kernel))
+  jaxpr = str(jax.make_jaxpr(grads(kernels.conv3x3))(x, kernel))
   assert len(re.findall('TikdWinogradConvForward', jaxpr)) >= 2
-  got_dx, got_dkernel = jax.jit(grads(cpu_winograd.conv3x3))(x, kernel)
-  _, want_dkernel = jax.jit(grads(cpu_winograd.plain))(x, kernel)
+  got_dx, got_dkernel = jax.jit(grads(kernels.conv3x3))(x, kernel)
+  _, want_dkernel = jax.jit(grads(kernels.conv3x3_plain))(x, kernel)
   # ∂x of Σ conv(x, k) ⊙ d_y = conv(d_y, k turned by 180°, in ↔ out), in float64
   want_dx = _float64_convolution(d_y, np.flip(kernel, (0, 1)).swapaxes(2, 3))
   assert _relative_error(got_dx, want_dx) < TOLERANCE
@@ -101,24 +103,26 @@ def test_a_resnet_under_fast_layers_runs_its_stride_one_convs_through_the_kernel
 
 @needs_compiler
 def test_the_layer_adds_its_bias_and_leaves_other_convolutions_to_xla():
-  """`cpu_fast_layers.conv3x3` equals `nnx.Conv` with a bias; a stride-2 conv, odd sizes and 3
+  """The CPU layer `Conv3x3` equals `nnx.Conv` with a bias; a stride-2 conv, odd sizes and 3
   input channels take the plain layer."""
   rngs = nnx.Rngs(0)
   conv = nnx.Conv(16, 32, (3, 3), padding=((1, 1), (1, 1)), rngs=rngs)
   conv.bias[...] = jnp.linspace(-1.0, 1.0, 32)
   x = jnp.asarray(_inputs(2, 8, 8, 16, 1)[0])
-  assert 'TikdWinograd' in str(jax.make_jaxpr(lambda x: cpu_fast_layers.conv3x3(conv, x))(x))
+  assert 'TikdWinograd' in str(
+      jax.make_jaxpr(lambda x: cpu_fast_layers.Conv3x3.__call__(conv, x))(x))
   want = np.asarray(conv(x), np.float64)
-  assert _relative_error(cpu_fast_layers.conv3x3(conv, x), want) < TOLERANCE
+  assert _relative_error(cpu_fast_layers.Conv3x3.__call__(conv, x), want) < TOLERANCE
   others = {
       'stride 2': (nnx.Conv(16, 32, (3, 3), strides=2, padding=((1, 1), (1, 1)), rngs=rngs), x),
       'odd size': (conv, x[:, :7, :7]),
       '3 channels': (nnx.Conv(3, 32, (3, 3), padding=((1, 1), (1, 1)), rngs=rngs), x[..., :3]),
   }
   for what, (layer, inputs) in others.items():
-    jaxpr = str(jax.make_jaxpr(lambda x, layer=layer: cpu_fast_layers.conv3x3(layer, x))(inputs))
+    jaxpr = str(
+        jax.make_jaxpr(lambda x, layer=layer: cpu_fast_layers.Conv3x3.__call__(layer, x))(inputs))
     assert 'TikdWinograd' not in jaxpr, what
-    np.testing.assert_array_equal(cpu_fast_layers.conv3x3(layer, inputs), layer(inputs))
+    np.testing.assert_array_equal(cpu_fast_layers.Conv3x3.__call__(layer, inputs), layer(inputs))
 
 
 @needs_compiler
@@ -131,7 +135,7 @@ def test_the_kernel_keeps_the_image_sharding_with_no_collectives():
   sharding = sharding_lib.batch_sharding(mesh)
   x, kernel = _inputs(8, 8, 8, 16, 32)
   x_s = jax.device_put(x, sharding)
-  forward = jax.jit(cpu_winograd.conv3x3)
+  forward = jax.jit(kernels.conv3x3)
   assert forward(x_s, kernel).sharding.spec[0] == sharding.spec[0]
   hlo = forward.lower(x_s, kernel).compile().as_text()
   assert 'TikdWinogradConvForward' in hlo
@@ -141,13 +145,13 @@ def test_the_kernel_keeps_the_image_sharding_with_no_collectives():
 
 def test_an_unavailable_kernel_falls_back_to_xla_with_one_warning(monkeypatch):
   """No kernel: the convolution still runs (XLA's) and the log says why, once."""
-  warnings = without_the_kernel(monkeypatch, cpu_winograd)
+  warnings = without_the_kernel(monkeypatch, kernels.WINOGRAD)
   x, kernel = _inputs(2, 8, 8, 16, 16)
   for _ in range(2):
-    jaxpr = str(jax.make_jaxpr(cpu_winograd.conv3x3)(x, kernel))
+    jaxpr = str(jax.make_jaxpr(kernels.conv3x3)(x, kernel))
   assert 'TikdWinograd' not in jaxpr
   assert len(warnings) == 1 and 'no C++ compiler found' in warnings[0]
-  np.testing.assert_array_equal(cpu_winograd.conv3x3(x, kernel), cpu_winograd.plain(x, kernel))
+  np.testing.assert_array_equal(kernels.conv3x3(x, kernel), kernels.conv3x3_plain(x, kernel))
 
 
 @needs_compiler

@@ -137,7 +137,7 @@ def test_eval_is_deterministic_and_equals_rate_zero():
 def test_drop_path_draws_unchanged_by_dropout_keys():
   """Dropout's keys are its own: drop path still draws from split(block key) (as before dropout
   existed, so DeiT / TIKD runs are unchanged), whether dropout is on or not."""
-  from tikd_jax.models.vit import _norm, drop_path
+  from tikd_jax.models.vit import drop_path
   tokens = 0.5 * jax.random.normal(jax.random.key(6), (16, 18, 32))
   key = jax.random.key(4)
   outputs = []
@@ -145,8 +145,8 @@ def test_drop_path_draws_unchanged_by_dropout_keys():
     model = _model(drop_path=0.5, dropout=rate, attn_dropout=rate)
     block = model.blocks[1]  # drop path 0.5 (linspace over 2 blocks)
     r1, r2 = jax.random.split(key)
-    x = tokens + drop_path(block.attn(_norm(block.norm1, tokens, False))[0], 0.5, r1)
-    want = x + drop_path(block.mlp(_norm(block.norm2, x, False)), 0.5, r2)
+    x = tokens + drop_path(block.attn(block.norm1(tokens))[0], 0.5, r1)
+    want = x + drop_path(block.mlp(block.norm2(x)), 0.5, r2)
     got, _ = block(tokens, key)
     np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6, err_msg=f'dropout {rate}')
     outputs.append(np.asarray(got))

@@ -1,9 +1,10 @@
-"""XLA:CPU's temporaries stay mapped between steps under the 'auto' preset (tikd_jax/host_malloc.py,
-tikd_jax/xla_options.py).
+"""XLA:CPU's temporaries stay mapped between steps under the 'auto' preset and allocator
+(tikd_jax/cpu/compiler.py).
 
 glibc's settings are process-wide, so each preset runs in a fresh interpreter: a ViT-Tiny gradient
-(batch 64, 16 px; its largest intermediate 3 MiB), jitted by `xla_options.jit` under the preset, is
-called repeatedly, and its minor page faults per call are compared with its temporaries' pages.
+(batch 64, 16 px; its largest intermediate 3 MiB), jitted with `step_options` of the preset and the
+allocator main.py's --allocator=auto picks for it, is called repeatedly, and its minor page faults
+per call are compared with its temporaries' pages.
 """
 import json
 import os
@@ -13,14 +14,14 @@ import sys
 
 import pytest
 
-from tikd_jax import host_malloc
+from tikd_jax.cpu import compiler
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROGRAM = r'''
 import json, resource, sys
 import jax, jax.numpy as jnp, numpy as np
 from flax import nnx
-from tikd_jax import xla_options
+from tikd_jax.cpu import compiler
 from tikd_jax.models import build_model
 
 model = build_model('vit', variant='vit_tiny', patch_size=4, num_classes=10, rngs=nnx.Rngs(0))
@@ -31,7 +32,9 @@ def loss(params):
   logits, _ = nnx.merge(graphdef, params)(x)
   return jnp.mean(logits[0])
 
-grad = xla_options.jit(jax.grad(loss), sys.argv[1]).lower(params).compile()
+compiler.set_allocator('auto', sys.argv[1])
+options = compiler.step_options(sys.argv[1], jax.grad(loss), params)
+grad = jax.jit(jax.grad(loss), compiler_options=options).lower(params).compile()
 faults = []
 for call in range(6):
   before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
@@ -62,7 +65,6 @@ def test_auto_keeps_temporaries_mapped_between_calls():
 def test_settings_stay_within_what_glibc_accepts():
   # mallopt refuses an mmap threshold above HEAP_MAX_SIZE / 2, and the heaps XLA is told to cut
   # must stay under it, or glibc maps each one afresh.
-  from tikd_jax import xla_options
-  assert host_malloc.SETTINGS[host_malloc.M_MMAP_THRESHOLD] == host_malloc.MMAP_THRESHOLD_MAX
-  assert xla_options.HEAP_BYTES < host_malloc.MMAP_THRESHOLD_MAX
-  assert host_malloc.SETTINGS[host_malloc.M_TOP_PAD] >= host_malloc.ARENA_HEAP_BYTES
+  assert compiler.MALLOPT_SETTINGS[compiler.M_MMAP_THRESHOLD] == compiler.MMAP_THRESHOLD_MAX
+  assert compiler.HEAP_BYTES < compiler.MMAP_THRESHOLD_MAX
+  assert compiler.MALLOPT_SETTINGS[compiler.M_TOP_PAD] >= compiler.ARENA_HEAP_BYTES

@@ -6,11 +6,11 @@ import pytest
 import torch
 from flax import nnx
 
-from tikd_jax import xla_options
+from tikd_jax.cpu import compiler
 from tikd_jax.models import build_model, count_params
 from tikd_jax.models.vit import resize_pos_embed
 
-FAST_COMPILE = xla_options.compiler_options('fast_compile', 'cpu')
+FAST_COMPILE = compiler.compiler_options('fast_compile', 'cpu')
 
 
 def abstract_count(name, **kw):
@@ -166,27 +166,28 @@ def _value_and_grads(fn, module, x):
 
 @pytest.mark.parametrize('layer', ['dense', 'layer_norm', 'patch_embed'])
 def test_fast_layers_match_autodiff_of_the_flax_layers(layer):
-  """cpu_fast_layers' hand-written VJPs (dense, layer_norm, patches @ kernel) give the values
-  and gradients of autodiff through nnx.Linear / nnx.LayerNorm / nnx.Conv, to float32 rounding."""
-  from tikd_jax.models import cpu_fast_layers as fast_lib  # pylint: disable=g-import-not-at-top
+  """The CPU layers' hand-written VJPs (tikd_jax/cpu/layers.py: dense, layer_norm, patches @
+  kernel) give the values and gradients of autodiff through nnx.Linear / nnx.LayerNorm / nnx.Conv,
+  to float32 rounding."""
+  from tikd_jax.cpu import layers as fast_lib  # pylint: disable=g-import-not-at-top
   rng = np.random.RandomState(0)
   if layer == 'dense':
     module = nnx.Linear(24, 40, rngs=nnx.Rngs(0))
     module.bias[...] = jnp.asarray(rng.randn(40), jnp.float32)
     x = jnp.asarray(rng.randn(3, 11, 24), jnp.float32)
-    fast, plain = fast_lib.dense, lambda m, x: m(x)
+    fast, plain = fast_lib.Linear.__call__, lambda m, x: m(x)
   elif layer == 'layer_norm':
     module = nnx.LayerNorm(24, epsilon=1e-6, rngs=nnx.Rngs(0))
     module.scale[...] = jnp.asarray(1 + rng.randn(24), jnp.float32)
     module.bias[...] = jnp.asarray(rng.randn(24), jnp.float32)
     x = jnp.asarray(3 + 2 * rng.randn(3, 11, 24), jnp.float32)
-    fast, plain = fast_lib.layer_norm, lambda m, x: m(x)
+    fast, plain = fast_lib.LayerNorm.__call__, lambda m, x: m(x)
   else:
     model = build_model('distilled_vit', variant='micro', img_size=16, num_classes=10,
                         rngs=nnx.Rngs(0))
     module = model
     x = jnp.asarray(rng.rand(2, 16, 16, 3), jnp.float32)
-    fast = lambda m, x: fast_lib.patch_embed(m.patch_embed, x, m.size.patch)
+    fast = lambda m, x: fast_lib.PatchEmbed.__call__(m.patch_embed, x)
     plain = lambda m, x: m.patch_embed(x)
   weights = jnp.asarray(rng.randn(*jax.eval_shape(lambda: plain(module, x)).shape), jnp.float32)
   results = [
@@ -201,7 +202,7 @@ def test_fast_layers_match_autodiff_of_the_flax_layers(layer):
 
 
 def test_cpu_fast_layers_switch_resolves_per_backend():
-  from tikd_jax.models import cpu_fast_layers  # pylint: disable=g-import-not-at-top
+  from tikd_jax.cpu import layers as cpu_fast_layers  # pylint: disable=g-import-not-at-top
   assert cpu_fast_layers.enabled('auto', backend='cpu')
   assert not cpu_fast_layers.enabled('auto', backend='gpu')
   assert not cpu_fast_layers.enabled('auto', backend='tpu')
@@ -234,7 +235,7 @@ def test_vit_with_fast_layers_computes_the_plain_vit():
 
 @pytest.mark.parametrize('fast', [False, True])
 def test_last_block_split_computes_the_whole_block(fast):
-  """Block(split_at=p) gives the rows [:p] and [p:] of the whole block's output, dropout masks
+  """Block.split(x, p) gives the rows [:p] and [p:] of the whole block's output, dropout masks
   and drop path included (the masks are drawn for all rows and sliced, not drawn per part)."""
   model = build_model('distilled_vit', variant='micro', num_classes=10, drop_path=0.5, dropout=0.3,
                       fast_layers=fast, rngs=nnx.Rngs(0))
@@ -242,7 +243,7 @@ def test_last_block_split_computes_the_whole_block(fast):
   tokens = jax.random.normal(jax.random.key(3), (8, 18, 32))
   for key in (None, jax.random.key(4)):
     whole, attn = block(tokens, key)
-    (head, rest), attn_split = block(tokens, key, split_at=2)
+    (head, rest), attn_split = block.split(tokens, 2, key)
     np.testing.assert_allclose(head, whole[:, :2], rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(rest, whole[:, 2:], rtol=1e-5, atol=1e-6)
     np.testing.assert_array_equal(attn_split, attn)
@@ -275,10 +276,10 @@ def test_logits_alone_skip_the_last_blocks_patch_rows():
 
 
 def test_fast_bernoulli_is_jax_bernoulli_bit_for_bit():
-  """cpu_fast_layers.bernoulli draws jax.random.bernoulli's mask exactly (the unrolled threefry
+  """The CPU layers' bernoulli draws jax.random.bernoulli's mask exactly (the unrolled threefry
   hash and uniform floats), for derived keys, odd shapes and several probabilities; other key
   kinds fall back to jax's own draw."""
-  from tikd_jax.models import cpu_fast_layers  # pylint: disable=g-import-not-at-top
+  from tikd_jax.cpu import layers as cpu_fast_layers  # pylint: disable=g-import-not-at-top
   base = jax.random.key(11)
   keys = [base, jax.random.fold_in(base, 2), jax.random.split(base, 3)[1]]
   for key in keys:

@@ -19,7 +19,7 @@ import pytest
 from flax import nnx
 
 from configs import irkd_cifar10, kd_cifar100, tikd_cifar100
-from tikd_jax import xla_options
+from tikd_jax.cpu import compiler
 from tikd_jax.models.variables import abstract_model
 from tikd_jax.train.loss_config import method_loss
 from tikd_jax.train.run import build_augmentations
@@ -38,7 +38,7 @@ LOSS_RTOL = 1e-5
 # halves the CPU compiles.
 COMPILE = {
     'compiler_options':
-        xla_options.compiler_options('fast_compile') if jax.default_backend() == 'cpu' else None
+        compiler.compiler_options('fast_compile') if jax.default_backend() == 'cpu' else None
 }
 
 

@@ -51,17 +51,20 @@ def build_model(name: str, *, rngs: nnx.Rngs, fast_layers: bool = False,
                 **kwargs: Any) -> nnx.Module:
   """Builds `name` (see MODELS) with the given keyword arguments; unknown names fail loudly.
 
-  `fast_layers` (ViTs and CIFAR ResNets; see cpu_fast_layers.py) changes how layers lower, not
-  what they compute, so it is not a model argument saved with checkpoints.
+  `fast_layers=True` swaps the CPU layers into the built model (tikd_jax/cpu/layers.py
+  `substitute`): they change how layers lower, not what they compute or their parameters, so it
+  is not a model argument saved with checkpoints.
   """
   if name not in MODELS:
     raise ValueError(f'unknown model {name!r}; known models: {sorted(MODELS)}. '
                      f'ViT variants: {sorted(VIT_SIZES)}')
   if isinstance(kwargs.get('dtype'), str):  # configs and checkpoint metadata name dtypes
     kwargs['dtype'] = None if kwargs['dtype'] == 'float32' else jnp.dtype(kwargs['dtype'])
-  if name in VIT_MODELS or name in RESNET_CONFIGS:
-    kwargs['fast_layers'] = fast_layers
-  return MODELS[name](rngs=rngs, **kwargs)
+  model = MODELS[name](rngs=rngs, **kwargs)
+  if fast_layers:
+    from tikd_jax.cpu import layers  # pylint: disable=g-import-not-at-top
+    layers.substitute(model)
+  return model
 
 
 def count_params(model: nnx.Module) -> int:

@@ -5,9 +5,8 @@ Layout and names follow RepDistiller's `models/resnet.py` so that weights conver
 conv1/bn1 stem, layer1..3 of BasicBlocks (conv1, bn1, conv2, bn2, optional downsample conv+bn),
 global average pool, fc. Convs pad explicitly like PyTorch ((1, 1) on both sides even at stride 2,
 where Flax's 'SAME' would pad (0, 1)). BatchNorm: eps 1e-5, PyTorch momentum 0.1 == Flax 0.9.
-`fast_layers=True` (set by `config.cpu_fast_layers`, on by default only on XLA:CPU) runs the 3×3
-stride-1 convolutions through `cpu_fast_layers.conv3x3` (Winograd): same function, another
-lowering.
+`models.build_model` can swap the 3×3 stride-1 convolutions for the CPU layer of
+tikd_jax/cpu/layers.py (Winograd: same function, another lowering).
 """
 from __future__ import annotations
 
@@ -17,7 +16,6 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from tikd_jax.models import cpu_fast_layers
 from tikd_jax.normalization import CIFAR100_MEAN, CIFAR100_STD
 
 # RepDistiller initialises convs with kaiming_normal(mode='fan_out', relu).
@@ -45,19 +43,13 @@ def _conv(cin, cout, k, stride, rngs, dtype):
                   use_bias=False, kernel_init=_kaiming_fan_out, dtype=dtype, rngs=rngs)
 
 
-def _apply(conv: nnx.Conv, x, fast: bool):
-  return cpu_fast_layers.conv3x3(conv, x) if fast else conv(x)
-
-
 def _bn(c, rngs, dtype):
   return nnx.BatchNorm(c, momentum=0.9, epsilon=1e-5, dtype=dtype, rngs=rngs)
 
 
 class BasicBlock(nnx.Module):
 
-  def __init__(self, cin: int, cout: int, stride: int, *, rngs: nnx.Rngs, dtype=None,
-               fast_layers: bool = False):
-    self.fast_layers = fast_layers
+  def __init__(self, cin: int, cout: int, stride: int, *, rngs: nnx.Rngs, dtype=None):
     self.conv1 = _conv(cin, cout, 3, stride, rngs, dtype)
     self.bn1 = _bn(cout, rngs, dtype)
     self.conv2 = _conv(cout, cout, 3, 1, rngs, dtype)
@@ -70,8 +62,8 @@ class BasicBlock(nnx.Module):
 
   def __call__(self, x, train: bool):
     ura = not train
-    y = jax.nn.relu(self.bn1(_apply(self.conv1, x, self.fast_layers), use_running_average=ura))
-    y = self.bn2(_apply(self.conv2, y, self.fast_layers), use_running_average=ura)
+    y = jax.nn.relu(self.bn1(self.conv1(x), use_running_average=ura))
+    y = self.bn2(self.conv2(y), use_running_average=ura)
     if self.downsample_conv is not None:
       x = self.downsample_bn(self.downsample_conv(x), use_running_average=ura)
     return jax.nn.relu(y + x)
@@ -82,7 +74,7 @@ class CifarResNet(nnx.Module):
 
   def __init__(self, name: str = 'resnet32x4', *, num_classes: int,
                mean: Sequence[float] = CIFAR100_MEAN, std: Sequence[float] = CIFAR100_STD,
-               dtype: Any = None, fast_layers: bool = False, rngs: nnx.Rngs, **unused):
+               dtype: Any = None, rngs: nnx.Rngs, **unused):
     if unused:
       raise ValueError(f'CifarResNet got unexpected arguments {sorted(unused)}')
     if name not in CONFIGS:
@@ -93,7 +85,6 @@ class CifarResNet(nnx.Module):
     n = (depth - 2) // 6
     self.arch = name
     self.mean, self.std, self.dtype = tuple(mean), tuple(std), dtype
-    self.fast_layers = fast_layers
     self.num_classes = num_classes
     self.conv1 = _conv(3, filters[0], 3, 1, rngs, dtype)
     self.bn1 = _bn(filters[0], rngs, dtype)
@@ -102,9 +93,7 @@ class CifarResNet(nnx.Module):
     for stage, (cout, stride) in enumerate(zip(filters[1:], (1, 2, 2))):
       blocks = []
       for i in range(n):
-        blocks.append(
-            BasicBlock(cin, cout, stride if i == 0 else 1, rngs=rngs, dtype=dtype,
-                       fast_layers=fast_layers))
+        blocks.append(BasicBlock(cin, cout, stride if i == 0 else 1, rngs=rngs, dtype=dtype))
         cin = cout
       stages.append(nnx.List(blocks))
     self.layer1, self.layer2, self.layer3 = stages
@@ -117,8 +106,7 @@ class CifarResNet(nnx.Module):
     std = jnp.asarray(self.std, jnp.float32)
     x = ((images.astype(jnp.float32) - mean) / std).astype(self.dtype or jnp.float32)
     out = {}
-    x = jax.nn.relu(self.bn1(_apply(self.conv1, x, self.fast_layers),
-                             use_running_average=not train))
+    x = jax.nn.relu(self.bn1(self.conv1(x), use_running_average=not train))
     out['stem'] = x
     for name in ('layer1', 'layer2', 'layer3'):
       for block in getattr(self, name):

@@ -32,15 +32,15 @@ them). timm's ViT drops at the same places and also after the MLP's activation. 
 drop path instead. Dropout draws from `rng`, the key that drives drop path, through keys of its
 own (`fold_in(key, DROPOUT_STREAM)`), so turning it on leaves the drop-path draws as they were.
 
-`fast_layers=True` (set by `config.cpu_fast_layers`, on by default only on XLA:CPU) routes the
-token-wise layers and the attention core through `cpu_fast_layers`: same math, a lowering that
-XLA:CPU runs faster (the attention core: a C++ kernel, cpu_attention.py).
+The model calls every layer through its attributes: the attention core (`Attention.core`) and the
+dropout masks (`.bernoulli`) too, so that `models.build_model` can swap in the CPU layers of
+tikd_jax/cpu/layers.py (same math, another lowering).
 """
 from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -48,8 +48,6 @@ import numpy as np
 from flax import nnx
 from jax import lax
 
-from tikd_jax.models import cpu_fast_layers
-from tikd_jax.models.attention import attention_core
 from tikd_jax.normalization import CIFAR100_MEAN, CIFAR100_STD
 
 # timm initialises every Linear weight and the tokens with trunc_normal(0.02), biases with zeros.
@@ -91,14 +89,6 @@ def _linear(din, dout, rngs, dtype, bias=True):
   return nnx.Linear(din, dout, use_bias=bias, kernel_init=_trunc_normal, dtype=dtype, rngs=rngs)
 
 
-def _dense(layer: nnx.Linear, x: jax.Array, fast: bool) -> jax.Array:
-  return cpu_fast_layers.dense(layer, x) if fast else layer(x)
-
-
-def _norm(norm: nnx.LayerNorm, x: jax.Array, fast: bool) -> jax.Array:
-  return cpu_fast_layers.layer_norm(norm, x) if fast else norm(x)
-
-
 def gelu_exact(x: jax.Array) -> jax.Array:
   """Exact GELU, x·Φ(x) = x/2·(1 + erf(x/√2)): PyTorch's formula; cheaper than erfc on XLA:CPU."""
   return 0.5 * x * (1.0 + lax.erf(x * np.asarray(1.0 / math.sqrt(2.0), x.dtype)))
@@ -110,20 +100,22 @@ def gelu_exact(x: jax.Array) -> jax.Array:
 DROPOUT_STREAM = 2
 
 
-def dropout(x: jax.Array, rate: float, rng: jax.Array | None, fast: bool = False) -> jax.Array:
+def dropout(x: jax.Array, rate: float, rng: jax.Array | None,
+            bernoulli: Callable = jax.random.bernoulli) -> jax.Array:
   """Element-wise dropout (torch.nn.Dropout in train mode): zeroes each entry with probability
   `rate` and scales the kept ones by 1 / (1 − rate). No key or rate 0: `x` unchanged."""
-  return apply_dropout(x, rate, dropout_mask(x.shape, rate, rng, fast))
+  return apply_dropout(x, rate, dropout_mask(x.shape, rate, rng, bernoulli))
 
 
-def dropout_mask(shape, rate: float, rng: jax.Array | None, fast: bool = False) -> jax.Array | None:
-  """Dropout's keep mask for a tensor of `shape`; None when nothing is dropped. `fast`: the same
-  mask drawn the XLA:CPU-friendly way (cpu_fast_layers.bernoulli)."""
+def dropout_mask(shape, rate: float, rng: jax.Array | None,
+                 bernoulli: Callable = jax.random.bernoulli) -> jax.Array | None:
+  """Dropout's keep mask for a tensor of `shape`, drawn by `bernoulli` (jax.random.bernoulli's
+  signature and draws); None when nothing is dropped."""
   if rng is None or rate == 0.0:
     return None
   if not 0.0 <= rate < 1.0:
     raise ValueError(f'dropout rate must be in [0, 1), got {rate}')
-  return (cpu_fast_layers.bernoulli if fast else jax.random.bernoulli)(rng, 1.0 - rate, shape)
+  return bernoulli(rng, 1.0 - rate, shape)
 
 
 def apply_dropout(x: jax.Array, rate: float, keep: jax.Array | None) -> jax.Array:
@@ -139,6 +131,23 @@ def _dropout_keys(rng: jax.Array | None, n: int) -> list:
   return list(jax.random.split(jax.random.fold_in(rng, DROPOUT_STREAM), n))
 
 
+def attention_core(q: jax.Array, k: jax.Array, v: jax.Array, scale: float,
+                   drop: Callable[[jax.Array], jax.Array] | None = None):
+  """The attention core softmax(q·kᵀ·scale)·v per head: (out [B, N, H, d], probs [B, H, N, N])
+  from token-major q, k, v [B, N, H, d].
+
+  The softmax runs in at least float32; `drop` (attention dropout) acts on the probabilities
+  before they weight v, and `probs` is what it returns (as Hugging Face returns the maps).
+  """
+  # heads-major [B, H, N, d] makes both products plain batched matmuls
+  qh, kh, vh = (x.transpose(0, 2, 1, 3) for x in (q, k, v))
+  scores = jnp.matmul(qh, jnp.swapaxes(kh, -1, -2)) * scale  # [B, H, N, N]
+  probs = jax.nn.softmax(scores.astype(jnp.float32), axis=-1).astype(q.dtype)
+  if drop is not None:
+    probs = drop(probs)
+  return jnp.matmul(probs, vh).transpose(0, 2, 1, 3), probs
+
+
 def drop_path(x: jax.Array, rate: float, rng: jax.Array | None) -> jax.Array:
   """Stochastic depth: drops the whole residual branch per sample, rescaling the kept ones."""
   if rng is None or rate == 0.0:
@@ -151,11 +160,14 @@ class Attention(nnx.Module):
   """Multi-head self-attention with a fused qkv projection (timm layout).
 
   `text_proj=True` gives it its own TIKD value projection (the released per-block layout).
+  `core` is the attention core (q, k, v, scale) → (out, probs) and `bernoulli` draws the attention
+  dropout's masks: `attention_core` and jax.random.bernoulli, or their CPU versions.
   """
 
-  def __init__(self, dim: int, heads: int, *, rngs: nnx.Rngs, dtype=None, fast: bool = False,
-               text_proj: bool = False, attn_dropout: float = 0.0):
-    self.fast = fast
+  def __init__(self, dim: int, heads: int, *, rngs: nnx.Rngs, dtype=None, text_proj: bool = False,
+               attn_dropout: float = 0.0):
+    self.core = attention_core
+    self.bernoulli = jax.random.bernoulli
     self.heads = heads
     self.attn_dropout = attn_dropout
     self.head_dim = dim // heads
@@ -173,7 +185,7 @@ class Attention(nnx.Module):
     own `text_proj(decoded)` that term instead. `rng`: the attention-dropout key (train mode).
     """
     y, attn = self.mix(x, value_bias, decoded, rng)
-    return _dense(self.proj, y, self.fast), attn
+    return self.proj(y), attn
 
   def mix(self, x, value_bias=None, decoded=None, rng=None):
     """The heads' outputs before the output projection, [B, N, dim], and the attention maps."""
@@ -181,79 +193,84 @@ class Attention(nnx.Module):
       if self.text_proj is None:
         raise ValueError('decoded text given to an attention without its own text_proj: build '
                          "the model with text_proj_layout='per_block'")
-      value_bias = _dense(self.text_proj, decoded, self.fast)
+      value_bias = self.text_proj(decoded)
     b, n, d = x.shape
     # qkv features are [q | k | v], each heads × head_dim (timm). A split (not three strided
     # slices) keeps the backward a concatenation.
-    q, k, v = (t.reshape(b, n, self.heads, self.head_dim)
-               for t in jnp.split(_dense(self.qkv, x, self.fast), 3, axis=-1))
+    q, k, v = (
+        t.reshape(b, n, self.heads, self.head_dim) for t in jnp.split(self.qkv(x), 3, axis=-1))
     if value_bias is not None:
       v = v + value_bias[:, :, None, :].astype(v.dtype)
     scale = self.head_dim**-0.5
     if self.attn_dropout and rng is not None:
       y, attn = attention_core(q, k, v, scale,
-                               lambda p: dropout(p, self.attn_dropout, rng, self.fast))
-    elif self.fast:  # the XLA:CPU kernel for float32, else the same attention_core
-      y, attn = cpu_fast_layers.attention(q, k, v, scale)
+                               lambda p: dropout(p, self.attn_dropout, rng, self.bernoulli))
     else:
-      y, attn = attention_core(q, k, v, scale)
+      y, attn = self.core(q, k, v, scale)
     return y.reshape(b, n, d), attn
 
 
 class Mlp(nnx.Module):
 
-  def __init__(self, dim: int, hidden: int, *, rngs: nnx.Rngs, dtype=None, fast: bool = False):
-    self.fast = fast
+  def __init__(self, dim: int, hidden: int, *, rngs: nnx.Rngs, dtype=None):
     self.fc1 = _linear(dim, hidden, rngs, dtype)
     self.fc2 = _linear(hidden, dim, rngs, dtype)
 
   def __call__(self, x):
     # timm and DeiT use the exact (erf) GELU; flax's default is the tanh approximation.
-    return _dense(self.fc2, gelu_exact(_dense(self.fc1, x, self.fast)), self.fast)
+    return self.fc2(gelu_exact(self.fc1(x)))
 
 
 class Block(nnx.Module):
   """Pre-LN transformer block: x + DropPath(Drop(Attn(LN(x)))), x + DropPath(Drop(MLP(LN(x))))
-  (Drop: hidden dropout; the attention drops its probabilities at `attn_dropout`)."""
+  (Drop: hidden dropout, its masks drawn by `bernoulli`; the attention drops its probabilities at
+  `attn_dropout`)."""
 
   def __init__(self, size: ViTSize, drop_path_rate: float, *, rngs: nnx.Rngs, dtype=None,
-               fast: bool = False, text_proj: bool = False, dropout: float = 0.0,
-               attn_dropout: float = 0.0):
-    self.fast = fast
+               text_proj: bool = False, dropout: float = 0.0, attn_dropout: float = 0.0):
+    self.bernoulli = jax.random.bernoulli
     self.drop_path_rate = drop_path_rate
     self.dropout = dropout
     self.norm1 = nnx.LayerNorm(size.dim, epsilon=1e-6, dtype=dtype, rngs=rngs)
-    self.attn = Attention(size.dim, size.heads, rngs=rngs, dtype=dtype, fast=fast,
-                          text_proj=text_proj, attn_dropout=attn_dropout)
+    self.attn = Attention(size.dim, size.heads, rngs=rngs, dtype=dtype, text_proj=text_proj,
+                          attn_dropout=attn_dropout)
     self.norm2 = nnx.LayerNorm(size.dim, epsilon=1e-6, dtype=dtype, rngs=rngs)
-    self.mlp = Mlp(size.dim, size.mlp_dim, rngs=rngs, dtype=dtype, fast=fast)
+    self.mlp = Mlp(size.dim, size.mlp_dim, rngs=rngs, dtype=dtype)
 
-  def __call__(self, x, rng=None, value_bias=None, decoded=None, split_at: int | None = None):
-    """(tokens, attention maps). With `split_at` = p the token-wise rest of the block (output
-    projection, MLP) runs on the rows [:p] and [p:] apart and the tokens come back as that pair:
-    the last block's way, where the heads read only the prefix rows, so that XLA drops the
-    other rows' work (~3/4 of the block) whenever nothing reads them. Same values either way:
-    the dropout masks are drawn for all rows and sliced."""
-    r1 = r2 = None
-    if rng is not None:
-      r1, r2 = jax.random.split(rng)
-    r_attn, r_proj, r_mlp = _dropout_keys(rng, 3)
-    y, attn = self.attn.mix(_norm(self.norm1, x, self.fast), value_bias, decoded, r_attn)
-    keep_proj, keep_mlp = (
-        dropout_mask(x.shape, self.dropout, r, self.fast) for r in (r_proj, r_mlp))
-    if split_at is None:
-      return self._token_wise(x, y, keep_proj, keep_mlp, r1, r2), attn
+  def __call__(self, x, rng=None, value_bias=None, decoded=None):
+    """(tokens, attention maps)."""
+    y, attn, keep_proj, keep_mlp, r1, r2 = self._mix(x, rng, value_bias, decoded)
+    return self._token_wise(x, y, keep_proj, keep_mlp, r1, r2), attn
+
+  def split(self, x, num_prefix: int, rng=None, value_bias=None, decoded=None):
+    """((prefix tokens, patch tokens), attention maps): the block's values, with its token-wise
+    rest (output projection, MLP) run on the rows [:num_prefix] and [num_prefix:] apart. The last
+    block's way: the heads read only the prefix rows, so XLA drops the other rows' work (~3/4 of
+    the block) whenever nothing reads them. The dropout masks are drawn for all rows and
+    sliced."""
+    y, attn, keep_proj, keep_mlp, r1, r2 = self._mix(x, rng, value_bias, decoded)
     return tuple(
         self._token_wise(x[:, rows], y[:, rows],
                          *(None if m is None else m[:, rows]
                            for m in (keep_proj, keep_mlp)), r1, r2)
-        for rows in (slice(None, split_at), slice(split_at, None))), attn
+        for rows in (slice(None, num_prefix), slice(num_prefix, None))), attn
+
+  def _mix(self, x, rng, value_bias, decoded):
+    """The attention mix, its maps, the hidden-dropout masks and the drop-path keys."""
+    r1 = r2 = None
+    if rng is not None:
+      r1, r2 = jax.random.split(rng)
+    r_attn, r_proj, r_mlp = _dropout_keys(rng, 3)
+    y, attn = self.attn.mix(self.norm1(x), value_bias, decoded, r_attn)
+    keep_proj, keep_mlp = (
+        dropout_mask(x.shape, self.dropout, r, self.bernoulli) for r in (r_proj, r_mlp))
+    return y, attn, keep_proj, keep_mlp, r1, r2
 
   def _token_wise(self, x, y, keep_proj, keep_mlp, r1, r2):
     """The rest of the block after the attention mix: projection, MLP, both residuals."""
-    y = apply_dropout(_dense(self.attn.proj, y, self.fast), self.dropout, keep_proj)
+    y = apply_dropout(self.attn.proj(y), self.dropout, keep_proj)
     x = x + drop_path(y, self.drop_path_rate, r1)
-    y = apply_dropout(self.mlp(_norm(self.norm2, x, self.fast)), self.dropout, keep_mlp)
+    y = apply_dropout(self.mlp(self.norm2(x)), self.dropout, keep_mlp)
     return x + drop_path(y, self.drop_path_rate, r2)
 
 
@@ -298,7 +315,6 @@ class DistilledViT(nnx.Module):
       mean: Sequence[float] = CIFAR100_MEAN,
       std: Sequence[float] = CIFAR100_STD,
       dtype: Any = None,
-      fast_layers: bool = False,
       rngs: nnx.Rngs,
   ):
     if isinstance(size, str):
@@ -332,7 +348,7 @@ class DistilledViT(nnx.Module):
     self.mean = tuple(mean)
     self.std = tuple(std)
     self.dtype = dtype
-    self.fast_layers = fast_layers
+    self.bernoulli = jax.random.bernoulli  # the embedding dropout's masks
     d = size.dim
     self.grid = img_size // size.patch
     self.num_prefix = 2 if distilled else 1
@@ -347,8 +363,8 @@ class DistilledViT(nnx.Module):
     rates = [float(r) for r in np.linspace(0.0, drop_path, size.depth)]
     per_block = text_dim is not None and text_proj_layout == 'per_block'
     self.blocks = nnx.List([
-        Block(size, r, rngs=rngs, dtype=dtype, fast=fast_layers, text_proj=per_block,
-              dropout=self.dropout, attn_dropout=self.attn_dropout) for r in rates
+        Block(size, r, rngs=rngs, dtype=dtype, text_proj=per_block, dropout=self.dropout,
+              attn_dropout=self.attn_dropout) for r in rates
     ])
     self.norm = nnx.LayerNorm(d, epsilon=1e-6, dtype=dtype, rngs=rngs) if final_norm else None
     self.head = _linear(d, num_classes, rngs, dtype)
@@ -373,7 +389,7 @@ class DistilledViT(nnx.Module):
   def embed(self, images: jax.Array, rng: jax.Array | None = None) -> jax.Array:
     """Patches + prefix tokens + position embeddings → [B, prefix + grid², d], then hidden
     dropout with key `rng` (HF's embeddings dropout; IRKD layout: not on the dist token)."""
-    x = self.patch_embed_tokens(self.normalize(images).astype(self.dtype or jnp.float32))
+    x = self.patch_embed(self.normalize(images).astype(self.dtype or jnp.float32))
     b, gh, gw, d = x.shape
     x = x.reshape(b, gh * gw, d)
     pos = self.pos_embed[...]
@@ -382,7 +398,7 @@ class DistilledViT(nnx.Module):
     cls = jnp.broadcast_to(self.cls_token[...], (b, 1, d)).astype(x.dtype)
 
     def drop(x):
-      return dropout(x, self.dropout, rng, self.fast_layers)
+      return dropout(x, self.dropout, rng, self.bernoulli)
 
     if not self.distilled:
       return drop(jnp.concatenate([cls, x], axis=1) + pos.astype(x.dtype))
@@ -394,22 +410,20 @@ class DistilledViT(nnx.Module):
     x = drop(jnp.concatenate([cls, x], axis=1) + pos.astype(x.dtype))
     return jnp.concatenate([x[:, :1], dist, x[:, 1:]], axis=1)
 
-  def patch_embed_tokens(self, x: jax.Array) -> jax.Array:
-    if self.fast_layers:
-      return cpu_fast_layers.patch_embed(self.patch_embed, x, self.size.patch)
-    return self.patch_embed(x)
-
   def run_blocks(self, x, rng, out, prefix, value_bias=None, decoded=None):
-    """(prefix tokens, patch tokens) after the last block, which computes them apart (Block's
-    `split_at`): the heads read the prefix alone, so the patch rows' work is dropped when no
+    """(prefix tokens, patch tokens) after the last block, which computes them apart
+    (`Block.split`): the heads read the prefix alone, so the patch rows' work is dropped when no
     output that holds them is read."""
     rngs = list(jax.random.split(rng, len(
         self.blocks))) if rng is not None else [None] * len(self.blocks)
     last = len(self.blocks) - 1
     for i, (block, r) in enumerate(zip(self.blocks, rngs)):
-      x, attn = block(x, r, value_bias, decoded, split_at=self.num_prefix if i == last else None)
+      if i < last:
+        x, attn = block(x, r, value_bias, decoded)
+      else:
+        x, attn = block.split(x, self.num_prefix, r, value_bias, decoded)
       out[f'{prefix}attn{i}'] = attn
-      out[f'{prefix}block{i}'] = jnp.concatenate(x, axis=1) if i == last else x
+      out[f'{prefix}block{i}'] = x if i < last else jnp.concatenate(x, axis=1)
     return x
 
   def heads(self, x, out, train):
@@ -443,7 +457,7 @@ class DistilledViT(nnx.Module):
       r1, r2 = jax.random.split(rng)
     parts = self.run_blocks(self.embed(images, _dropout_keys(rng, 1)[0]), r1, out, prefix='')
     if self.norm is not None:  # token-wise: on each part, so the heads' part stands alone
-      parts = tuple(_norm(self.norm, x, self.fast_layers) for x in parts)
+      parts = tuple(self.norm(x) for x in parts)
     heads_x = parts[0]
     out['tokens'] = jnp.concatenate(parts, axis=1)
     if self.text_dim is not None:
@@ -477,12 +491,12 @@ class DistilledViT(nnx.Module):
       t = self.text_adapter(t.astype(x.dtype)).astype(jnp.float32)
     c = jnp.clip(_cosine(x.astype(jnp.float32), t[:, None, :]), 0.0, 1.0)  # [B, N]
     out['text_weights'] = c
-    x_decoded = _dense(self.text_decoder, (c[..., None] * x).astype(x.dtype), self.fast_layers)
+    x_decoded = self.text_decoder((c[..., None] * x).astype(x.dtype))
     # The second pass starts from the normed first-pass tokens, with no final norm after it.
     if self.text_proj is None:  # per-block: each attention projects the decoded tokens itself
       fused = self.run_blocks(x, rng, out, prefix='fused_', decoded=x_decoded)[0]
     else:
-      value_bias = _dense(self.text_proj, x_decoded, self.fast_layers)
+      value_bias = self.text_proj(x_decoded)
       fused = self.run_blocks(x, rng, out, prefix='fused_', value_bias=value_bias)[0]
     if self.text_gate is None:
       return fused

@@ -9,13 +9,14 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 
 from tikd_jax import sharding as sharding_lib
-from tikd_jax import xla_options
+from tikd_jax.cpu import compiler
+from tikd_jax.cpu import layers as cpu_layers
 from tikd_jax.data import build_source, pipeline
 from tikd_jax.data.text_features import load_text_features
-from tikd_jax.models import cpu_fast_layers
-from tikd_jax.models.variables import load_model
+from tikd_jax.models.variables import load_model, model_variables
 from tikd_jax.train import checkpoint as ckpt_lib
 from tikd_jax.train.plan import Phase
 from tikd_jax.train.run import Run, place
@@ -127,9 +128,28 @@ def compiled_eval_step(run: Run, fuse_text: bool):
   shape (a curriculum stage's validation has its own resolution)."""
   key = ('eval', fuse_text)
   if key not in run.compiled_steps:
-    run.compiled_steps[key] = xla_options.jit(
-        make_eval_step(graphdef=run.student.graphdef, fuse_text=fuse_text), run.config.xla_options)
+    step = make_eval_step(graphdef=run.student.graphdef, fuse_text=fuse_text)
+    variables = jax.eval_shape(lambda: model_variables(run.student.build(0)))
+    options = _eval_options(run.config.xla_options, step, {'student': variables['params']},
+                            variables['batch_stats'], run.data.eval, run.config.eval_batch_size)
+    run.compiled_steps[key] = jax.jit(step, compiler_options=options)
   return run.compiled_steps[key]
+
+
+def _eval_options(preset: str, step, params, batch_stats, source, batch_size: int):
+  """The eval step's compiler options (cpu/compiler.py `step_options`), decided on a batch of
+  `source` at full resolution as pipeline.eval_batches yields it; a curriculum stage's validation
+  at a lower resolution runs under the same options."""
+  image = np.asarray(source[0]['image'])
+
+  def rows(shape=(), dtype=np.int32):
+    return jax.ShapeDtypeStruct((batch_size,) + shape, dtype)
+
+  batch = {
+      'image': rows(image.shape, np.uint8), 'label': rows(), 'index': rows(),
+      'mask': rows(dtype=np.float32)
+  }
+  return compiler.step_options(preset, step, params, batch_stats, batch)
 
 
 def evaluate_source(eval_step, params, batch_stats, source, *, batch_size, data_sharding,
@@ -192,8 +212,7 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str,
   if 'model' not in meta:
     raise ValueError(f'{workdir}: checkpoint metadata names no model; was it written by tikd-jax?')
   _check_ema_request(ema, ema_flat is not None, config, f'{workdir} (step {meta.get("step")})')
-  kwargs = dict(meta['model']['kwargs'],
-                fast_layers=cpu_fast_layers.enabled(config.cpu_fast_layers))
+  kwargs = dict(meta['model']['kwargs'], fast_layers=cpu_layers.enabled(config.cpu_fast_layers))
   rules = [tuple(r) for r in config.sharding_rules]
 
   def load(weights: dict, what: str):
@@ -203,10 +222,12 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str,
 
   graphdef, variables = load(flat, f'checkpoint in {workdir}')
   modes, texts = _checkpoint_text_modes(config, meta, eval_source)
-  steps = {
-      fuse: xla_options.jit(make_eval_step(graphdef=graphdef, fuse_text=fuse), config.xla_options)
-      for fuse in (False, True)
-  }
+  steps = {}
+  for fuse in (False, True):
+    step = make_eval_step(graphdef=graphdef, fuse_text=fuse)
+    options = _eval_options(config.xla_options, step, variables['params'], variables['batch_stats'],
+                            eval_source, config.eval_batch_size)
+    steps[fuse] = jax.jit(step, compiler_options=options)
 
   def metrics_of(variables):
     return evaluate_modes(lambda mode: steps[mode != 'none'], variables['params'],

@@ -20,12 +20,13 @@ from flax import nnx
 
 from tikd_jax import normalization
 from tikd_jax import sharding as sharding_lib
-from tikd_jax import xla_options
+from tikd_jax.cpu import compiler
+from tikd_jax.cpu import layers as cpu_layers
 from tikd_jax.data import build_source, pipeline
 from tikd_jax.data.errors import DataError, DataNotFoundError
 from tikd_jax.data.repeated_aug import RepeatedAugmentation
 from tikd_jax.losses.terms import Loss
-from tikd_jax.models import VIT_MODELS, build_model, count_params, cpu_fast_layers
+from tikd_jax.models import VIT_MODELS, build_model, count_params
 from tikd_jax.models.variables import load_model, model_variables
 from tikd_jax.train import checkpoint as ckpt_lib
 from tikd_jax.train import optim, stage_val
@@ -136,7 +137,7 @@ def setup(config: ml_collections.ConfigDict, workdir: str, *, sources: tuple | N
       'student': abstract_variables['params'],
       'objective': jax.eval_shape(lambda: loss.init(jax.random.key(0), shapes))[0]
   }
-  xla_options.compiler_options(config.xla_options)  # an unknown preset fails before any work
+  compiler.compiler_options(config.xla_options)  # an unknown preset fails before any work
   run = Run(config=config, workdir=workdir, mesh=mesh, rules=rules, data=data, phases=phases,
             student=student, teacher=teacher, loss=loss,
             phase_losses={p.loss: Loss(p.loss, settings) for p in phases}, loss_shapes=shapes,
@@ -183,10 +184,29 @@ def train_step_for(run: Run, phase: Phase):
                          teacher_graphdef=run.teacher.graphdef if run.teacher else None,
                          loss=run.phase_losses[phase.loss], tx=run.tx, frozen_mask=frozen_mask,
                          opts=opts)
-    run.compiled_steps[phase.switches] = xla_options.jit(fn, config.xla_options,
-                                                         out_shardings=(run.state_shardings, None),
-                                                         donate_argnums=(0,))
+    options = compiler.step_options(config.xla_options, fn, jax.eval_shape(_fresh_state_fn(run)),
+                                    abstract_batch(run, phase),
+                                    run.teacher.variables if run.teacher else None)
+    run.compiled_steps[phase.switches] = jax.jit(fn, compiler_options=options,
+                                                 out_shardings=(run.state_shardings, None),
+                                                 donate_argnums=(0,))
   return run.compiled_steps[phase.switches]
+
+
+def abstract_batch(run: Run, phase: Phase) -> dict:
+  """One global train batch of `phase` as ShapeDtypeStructs: what loop.train_stream's pipeline
+  yields, the train split's element with its image at the phase's resolution, and 'text' (float32
+  caption features) when the run has them."""
+  element = {k: np.asarray(v) for k, v in run.data.train[0].items()}
+  if phase.resolution:
+    element['image'] = np.zeros((phase.resolution, phase.resolution) + element['image'].shape[2:],
+                                element['image'].dtype)
+  if run.data.text_features is not None:
+    element['text'] = np.asarray(run.data.text_features[0], np.float32)
+  return {
+      k: jax.ShapeDtypeStruct((run.config.batch_size,) + v.shape, v.dtype)
+      for k, v in element.items()
+  }
 
 
 # ------------------------------------------------------------------------------------ data
@@ -348,7 +368,7 @@ def student_model(config, data: Data) -> Model:
   if data.text_features is not None and name in VIT_MODELS:
     kwargs.setdefault('text_dim', int(data.text_features.shape[1]))
     kwargs.setdefault('fusion_gate', bool(config.tikd.fusion_gate))
-  fast_layers = cpu_fast_layers.enabled(config.cpu_fast_layers)
+  fast_layers = cpu_layers.enabled(config.cpu_fast_layers)
   abstract = nnx.eval_shape(
       lambda: build_model(name, rngs=nnx.Rngs(config.seed), fast_layers=fast_layers, **kwargs))
   graphdef, _, _ = nnx.split(abstract, nnx.Param, nnx.BatchStat)
@@ -365,7 +385,7 @@ def load_teacher(config, num_classes: int, mesh, rules) -> Teacher:
   name, kwargs = model_spec(config.teacher, num_classes)
   if config.dtype != 'float32':
     kwargs['dtype'] = config.dtype
-  kwargs['fast_layers'] = cpu_fast_layers.enabled(config.cpu_fast_layers)
+  kwargs['fast_layers'] = cpu_layers.enabled(config.cpu_fast_layers)
   path = config.teacher.checkpoint
   if not path:
     raise DataError(f'the loss terms of distill.method={config.distill.method!r} / config.loss '

@@ -1,6 +1,6 @@
 // A 3×3, stride-1, pad-1 convolution forward for XLA:CPU by Winograd's minimal filtering F(2×2,
 // 3×3) (Lavin & Gray, "Fast Algorithms for Convolutional Neural Networks", CVPR 2016): one XLA FFI
-// custom call (tikd_jax/models/cpu_winograd.py builds, loads and registers it).
+// custom call (tikd_jax/cpu/kernels.py builds, loads and registers it).
 //
 //   x [B, H, W, C] (H, W even), u = G·g·Gᵀ [16, C, O] (the kernel, transformed once by the caller)
 //   -> y [B, H, W, O],  y = Aᵀ·[Σ_c (Bᵀ·d·B) ⊙ u]·A per 2×2 output tile, d its 4×4 input tile.
@@ -16,7 +16,7 @@
 #include <cstdint>
 #include <cstring>
 
-#include "cpu_parallel.h"
+#include "parallel.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;

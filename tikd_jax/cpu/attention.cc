@@ -1,13 +1,13 @@
 // The attention core softmax(q·kᵀ·scale)·v, forward and backward, for XLA:CPU: two XLA FFI custom
-// calls (tikd_jax/models/cpu_attention.py builds, loads and registers them).
+// calls (tikd_jax/cpu/kernels.py builds, loads and registers them).
 //
 //   forward:  q, k, v [B, N, H, d]                      -> out [B, N, H, d], probs [B, H, N, N]
 //   backward: q, k, v, probs, d_out[, d_probs]           -> dq, dk, dv [B, N, H, d]
 //             (without d_probs where nothing downstream reads probs)
 //
 // Why: XLA:CPU runs a batched dot as one Eigen product per batch element on one thread, and
-// reduces a minor axis of 66 through a reduce-window, so one block's core took ~90 ms where
-// PyTorch eager takes ~37 (benchmarks/attention_core.py). Here each (image, head) is done whole
+// reduces a minor axis of 66 through a reduce-window, well behind PyTorch eager on the same cores
+// (benchmarks/attention_core.py measures both). Here each (image, head) is done whole
 // while its 66 × 66 scores sit in L1/L2: register-tiled products, the softmax and its gradient on
 // the same rows, (image, head) pairs spread over XLA's intra-op thread pool. q, k, v and out keep
 // the token-major layout of the qkv projection, so no transposed copy is made either way.
@@ -18,7 +18,7 @@
 #include <cstring>
 #include <utility>
 
-#include "cpu_parallel.h"
+#include "parallel.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;

@@ -1,7 +1,7 @@
 // Work spread over XLA:CPU's intra-op thread pool, for the C++ kernels beside this file
-// (cpu_attention.cc, cpu_winograd.cc; cpu_kernels.py builds them with it).
-#ifndef TIKD_JAX_MODELS_CPU_PARALLEL_H_
-#define TIKD_JAX_MODELS_CPU_PARALLEL_H_
+// (attention.cc, winograd.cc; kernels.py builds them with it).
+#ifndef TIKD_JAX_CPU_PARALLEL_H_
+#define TIKD_JAX_CPU_PARALLEL_H_
 
 #include <algorithm>
 #include <atomic>
@@ -43,4 +43,4 @@ void ParallelFor(xla::ffi::ThreadPool& pool, int64_t items, int64_t scratch_floa
 
 }  // namespace tikd
 
-#endif  // TIKD_JAX_MODELS_CPU_PARALLEL_H_
+#endif  // TIKD_JAX_CPU_PARALLEL_H_
