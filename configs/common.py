@@ -57,7 +57,7 @@ def base() -> ConfigDict:
   c.teacher = ConfigDict(
       dict(name='resnet32x4', checkpoint='', mean=CIFAR100_MEAN, std=CIFAR100_STD))
   # base: how the base CE (and DKD / PKCD's label) read the targets: 'deit' soft targets, or
-  # 'released' their argmax as the released TIKD code does (train/loss_config.py BASES).
+  # 'released' their argmax as the released TIKD code does (tikd_jax/losses/registry.py BASES).
   c.distill = ConfigDict(
       dict(method='hard', base='deit', alpha=0.5, base_weight=placeholder(float),
            distill_weight=placeholder(float), temperature=4.0, dkd_alpha=1.0, dkd_beta=8.0,
@@ -257,12 +257,10 @@ class Args:
       parts.append(word if default is None else f'[{word}]')
     if self.method is not None:
       parts.append('[METHOD]')
-    grouped = {f for group in self.exclusive for f in group if f != 'method'}
-    for group in self.exclusive:
-      flags = [f for f in group if f != 'method']
-      if len(flags) > 1:
-        parts.append(f'[{"|".join(flags)}]')
-    parts += [f'[{f}]' for f in self.flags if f not in grouped]
+    groups = [[f for f in group if f in self.flags] for group in self.exclusive]
+    groups = [group for group in groups if len(group) > 1]  # shown as [a|b]
+    parts += [f'[{"|".join(group)}]' for group in groups]
+    parts += [f'[{f}]' for f in self.flags if not any(f in group for group in groups)]
     parts += [f'[{k}={o.usage}]' for k, o in self.options.items()]
     text = ','.join(parts).replace('],[', '][,').replace(',[', '[,')
     if self.method is not None:
