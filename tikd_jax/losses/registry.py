@@ -10,13 +10,14 @@ student's and teacher's outputs ('student_out', 'teacher_out'). A phase trains a
 Σ weight · term over its (term, weight) list.
 
 What a registration says besides the function (`register`):
-  * `method`: the term is a distillation method, `config.distill.method=<name>` expands to
-    `method(distill)`, a (term, weight) list (`alpha_weighted`, `added_to_ce`). `METHODS` is the
-    list the configs accept.
+  * `method`: the term is a distillation method; `config.distill.method=<name>` expands to
+    `method(name)(distill)`, a (term, weight) list (`alpha_weighted`: DeiT's (1 − α)·ce + α·term,
+    `added_to_ce`: ce + term). `METHODS` is the list the configs accept.
   * `settings`: its keyword arguments read from the config (`settings(config) → dict`), e.g.
     DKD's from `config.distill`; `config.loss_settings.<term>.<key>` overrides them.
   * `auto_weight`: a term the config adds to every phase that asks for it (TIKD's, IRKD's), as
-    `auto_weight(config, stage) → weight` (0: not in this phase).
+    `auto_weight(config, stage) → weight`, or None: not in this phase (`stage` holds the
+    phase's fuse_text, alignment_beta and text_predictor_weight).
   * `no_decay`: regexes of the term's own parameter names that get no weight decay.
 Importing `tikd_jax.losses` registers the built-in terms, one file per method.
 """
