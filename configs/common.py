@@ -256,7 +256,7 @@ class Args:
       word = '|'.join(choices) if choices else name.upper()
       parts.append(word if default is None else f'[{word}]')
     if self.method is not None:
-      parts.append('[METHOD]')
+      parts.append('[method]')
     groups = [[f for f in group if f in self.flags] for group in self.exclusive]
     groups = [group for group in groups if len(group) > 1]  # shown as [a|b]
     parts += [f'[{"|".join(group)}]' for group in groups]
@@ -264,7 +264,7 @@ class Args:
     parts += [f'[{k}={o.usage}]' for k, o in self.options.items()]
     text = ','.join(parts).replace('],[', '][,').replace(',[', '[,')
     if self.method is not None:
-      text += f' (METHOD: {"|".join(losses.METHODS)}; default {self.method})'
+      text += f' (method: {"|".join(losses.METHODS)}; default {self.method})'
     return text
 
   def error(self, arg: str, detail: str = '') -> ValueError:

@@ -179,12 +179,12 @@ BAD_ARGS = [
     (demo, 'epochs=2', 'epochs=2: N >= 3'),
     (irkd_cifar10, 'kd,p3', r'irkd_cifar10 takes ce\|cl\|kd\|kd_cl\|kd_cl_sal\[,p2\|p4\]'),
     (tikd_cifar10, 'small,warmup=x', r'tikd_cifar10 takes small\|medium\|large.*E > 0'),
-    (tikd_cifar100, 'small,kd,dkd', r'tikd_cifar100 takes .*\(METHOD: none\|.*one method at most'),
+    (tikd_cifar100, 'small,kd,dkd', r'tikd_cifar100 takes .*\(method: none\|.*one method at most'),
     (tikd_cifar100, 'small,notext,released', 'notext and released exclude each other'),
     (tikd_irkd_cifar10, 'sal,huge', r"tikd_irkd_cifar10 takes \[sal\].*\['huge'\] not understood"),
     (teacher_cifar100, 'resnet8,cifar10,x', r"teacher_cifar100 takes \[ARCH\].*\['x'\]"),
     (custom, 'teacher,kd', 'custom takes teacher or a method'),
-    (kd_cifar100, 'fitnet', r'kd_cifar100 takes \[METHOD\]'),
+    (kd_cifar100, 'fitnet', r'kd_cifar100 takes \[method\]'),
 ]
 
 
