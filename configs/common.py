@@ -1,19 +1,27 @@
 """Defaults shared by every config: each `get_config` starts from `base()` and states its recipe.
 
 Every knob the trainer reads is here, so a misspelt override (`--config.optimzer.lr=…`) fails
-loudly once the config is locked.
+loudly once the config is locked. `parse_arg` reads every config's `:arg` string.
 """
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Mapping, Sequence
+
 from ml_collections import ConfigDict
 from ml_collections.config_dict import placeholder
+
+from tikd_jax import losses
 
 # Re-exported for the configs (`common.CIFAR100_MEAN`); defined once in tikd_jax/normalization.py.
 from tikd_jax.normalization import (CIFAR10_MEAN, CIFAR10_STD, CIFAR100_MEAN, CIFAR100_STD,
                                     DIGITS_MEAN, DIGITS_STD, IMAGENET_MEAN, IMAGENET_STD,
                                     TINY_IMAGENET_MEAN, TINY_IMAGENET_STD)
 
-# No weight decay on biases, norm scales, position embedding and the cls/dist tokens (DeiT).
-NO_DECAY = ('bias$', 'scale$', 'pos_embed', 'cls_token', 'dist_token', 'text_gate',
-            'ctkd/raw_temperature')
+# No weight decay on the model's biases, norm scales, position embedding, cls/dist tokens (DeiT)
+# and TIKD's fusion gate. A loss term's own parameters follow its registration
+# (`register(..., no_decay=...)`, e.g. CTKD's temperature), whatever this list says.
+NO_DECAY = ('bias$', 'scale$', 'pos_embed', 'cls_token', 'dist_token', 'text_gate')
 
 
 def base() -> ConfigDict:
@@ -49,15 +57,18 @@ def base() -> ConfigDict:
   c.teacher = ConfigDict(
       dict(name='resnet32x4', checkpoint='', mean=CIFAR100_MEAN, std=CIFAR100_STD))
   # base: how the base CE (and DKD / PKCD's label) read the targets: 'deit' soft targets, or
-  # 'released' their argmax as the released TIKD code does (train/loss_config.py BASES).
+  # 'released' their argmax as the released TIKD code does (tikd_jax/losses/registry.py BASES).
   c.distill = ConfigDict(
       dict(method='hard', base='deit', alpha=0.5, base_weight=placeholder(float),
            distill_weight=placeholder(float), temperature=4.0, dkd_alpha=1.0, dkd_beta=8.0,
            dkd_warmup_epochs=20, ctkd_ramp_epochs=10))
-  # The loss as (term, weight) pairs, e.g. (('ce', 0.5), ('hard', 0.5)); empty: distill.method's
-  # terms (tikd_jax/train/loss_config.py). Settings of added terms: loss_settings.<term>.
+  # distill.method's terms, the TIKD / saliency terms the config adds, then extra_loss: your own
+  # (term, weight) pairs, e.g. (('my_term', 0.5),) (tikd_jax/train/loss_config.py). `loss`, when
+  # set, is the whole list in their place. loss_settings.<term>.<key>: a term's setting, None
+  # (unset) leaves it to the distill / saliency blocks or the term's default.
   c.loss = ()
-  c.loss_settings = ConfigDict()
+  c.extra_loss = ()
+  c.loss_settings = loss_settings()
   # IRKD saliency alignment (README "IRKD"): 'none' | 'attention' | 'gradient'.
   c.saliency = ConfigDict(dict(kind='none', weight=0.8, layers='', resize_to='teacher'))
   # eval_features_dir: the eval split's own caption features (tikd.eval_text='captions').
@@ -135,6 +146,18 @@ def base() -> ConfigDict:
   return c
 
 
+def loss_settings() -> ConfigDict:
+  """Every registered term's settings as unset fields, so that the command line can set one:
+  `--config.loss_settings.dkd.beta=2`."""
+  fields = ConfigDict()
+  for name, term in losses.TERMS.items():
+    fields[name] = ConfigDict({
+        key: placeholder(object if default is None or default is term.EMPTY else type(default))
+        for key, default in term.setting_defaults().items()
+    })
+  return fields
+
+
 def deit_augment(c: ConfigDict) -> None:
   """DeiT: RandAugment rand-m9-mstd0.5-inc1, RandomErasing 0.25, Mixup 0.8 / CutMix 1.0 with
   switch 0.5, label smoothing 0.1. Teacher and student see the same augmented batch."""
@@ -160,10 +183,132 @@ def sgd_recipe(c: ConfigDict, lr: float = 0.05) -> None:
   batch 64, 240 epochs, ×0.1 at 150/180/210, no label smoothing."""
   c.optimizer.name = 'sgd'
   c.optimizer.weight_decay = 5e-4
-  c.optimizer.wd_exclude = ('ctkd/raw_temperature',)
+  c.optimizer.wd_exclude = ()  # the loss terms' own exclusions still apply (CTKD's temperature)
   c.schedule.name = 'multistep'
   c.schedule.lr = lr
   c.schedule.decay_epochs = (150, 180, 210)
   c.batch_size = 64
   c.num_epochs = 240.0
   c.label_smoothing = 0.0
+
+
+# ----------------------------------------------------------------------------- the `:arg` string
+@dataclasses.dataclass(frozen=True)
+class Option:
+  """A `key=value` argument: `parse` turns the value into the config's (ValueError: what is
+  allowed), `usage` shows the value's form."""
+  usage: str
+  parse: Callable[[str], Any]
+  default: Any = None
+
+
+def choice(*values: str, default: str | None = None) -> Option:
+  """An option whose value is one of `values`; the default is the first unless given."""
+
+  def parse(value: str) -> str:
+    if value not in values:
+      raise ValueError(f'one of {"|".join(values)}')
+    return value
+
+  return Option('|'.join(values), parse, values[0] if default is None else default)
+
+
+def number(kind: type = int, default: Any = None, minimum: float | None = None,
+           usage: str = 'N') -> Option:
+  """An int or float option, at least `minimum` (exclusive for floats, inclusive for ints)."""
+
+  def parse(value: str):
+    try:
+      x = kind(value)
+    except ValueError:
+      x = None
+    if x is None or (minimum is not None and (x < minimum if kind is int else x <= minimum)):
+      what = 'a whole number' if kind is int else 'a number'
+      op = '>=' if kind is int else '>'
+      raise ValueError(
+          f'{usage} {op} {minimum:g}, {what}' if minimum is not None else f'{usage} is {what}')
+    return x
+
+  return Option(usage, parse, default)
+
+
+@dataclasses.dataclass(frozen=True)
+class Args:
+  """What a config's `:arg` string holds, comma-separated: the positional words in order
+  (`positional`: (name, choices or None for any word, default or None if required)), and in any
+  order a distillation method (one of the registry's `losses.METHODS`; `method` is its default,
+  None: the config takes none), `flags`, and `key=value` `options`. `exclusive` lists groups of
+  which at most one may be given ('method' names a given method). One error message for every
+  mistake, listing what is allowed."""
+  config: str
+  positional: Sequence[tuple[str, Sequence[str] | None, str | None]] = ()
+  method: str | None = None
+  flags: Sequence[str] = ()
+  exclusive: Sequence[Sequence[str]] = ()
+  options: Mapping[str, Option] = dataclasses.field(default_factory=dict)
+  usage: str = ''  # replaces the generated one; '{methods}' stands for the registry's methods
+
+  def describe(self) -> str:
+    if self.usage:
+      return self.usage.format(methods='|'.join(losses.METHODS))
+    parts = []
+    for name, choices, default in self.positional:
+      word = '|'.join(choices) if choices else name.upper()
+      parts.append(word if default is None else f'[{word}]')
+    if self.method is not None:
+      parts.append('[method]')
+    groups = [[f for f in group if f in self.flags] for group in self.exclusive]
+    groups = [group for group in groups if len(group) > 1]  # shown as [a|b]
+    parts += [f'[{"|".join(group)}]' for group in groups]
+    parts += [f'[{f}]' for f in self.flags if not any(f in group for group in groups)]
+    parts += [f'[{k}={o.usage}]' for k, o in self.options.items()]
+    text = ','.join(parts).replace('],[', '][,').replace(',[', '[,')
+    if self.method is not None:
+      text += f' (method: {"|".join(losses.METHODS)}; default {self.method})'
+    return text
+
+  def error(self, arg: str, detail: str = '') -> ValueError:
+    return ValueError(f'{self.config} takes {self.describe()}, got {arg!r}' +
+                      (f': {detail}' if detail else ''))
+
+  def parse(self, arg: str) -> dict[str, Any]:
+    """{positional name: word, 'method': method, flag: bool, option key: value}."""
+    words, given = [], set()
+    values = {k: o.default for k, o in self.options.items()}
+    values.update({f: False for f in self.flags})
+    for part in filter(None, arg.split(',')):
+      key, eq, value = part.partition('=')
+      if eq:
+        if key not in self.options:
+          known = [f'{k}={o.usage}' for k, o in self.options.items()]
+          known = ' and '.join([', '.join(known[:-1]), known[-1]] if len(known) > 1 else known)
+          raise self.error(
+              arg, f'unknown option {key!r}' + (f'; the options are {known}' if known else ''))
+        try:
+          values[key] = self.options[key].parse(value)
+        except ValueError as e:
+          raise self.error(arg, f'{part}: {e}') from None
+        given.add(key)
+      elif part in self.flags:
+        values[part] = True
+        given.add(part)
+      elif self.method is not None and part in losses.METHODS:
+        if 'method' in given:
+          raise self.error(arg, 'one method at most')
+        values['method'] = part
+        given.add('method')
+      else:
+        words.append(part)
+    if len(words) > len(self.positional):
+      raise self.error(arg, f'{words[len(self.positional):]} not understood')
+    for i, (name, choices, default) in enumerate(self.positional):
+      word = words[i] if i < len(words) else default
+      if word is None or (choices and word not in choices):
+        raise self.error(arg)
+      values[name] = word
+    if self.method is not None and 'method' not in given:
+      values['method'] = self.method
+    for group in self.exclusive:
+      if len(given & set(group)) > 1:
+        raise self.error(arg, f'{" and ".join(sorted(given & set(group)))} exclude each other')
+    return values

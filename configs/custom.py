@@ -14,19 +14,20 @@ image_size to it), and the ViT's img_size follows it. Mean/std are measured on t
 (data.normalization='compute', saved as <workdir>/normalization.json); unreadable images stop the
 run (data.bad_images='error'; 'skip' leaves them out with a warning).
 
-Argument: `teacher` (resnet20, SGD 0.05, cosine) or the student's distillation method (none|soft|
-hard|kd|dkd|ctkd|pkcd; hard KD by default): a `small` ViT (patch 4), AdamW 5e-4, cosine. Both
+Argument: `teacher` (resnet20, SGD 0.05, cosine) or the student's distillation method (any of
+`tikd_jax.losses.METHODS`: none, soft, hard, kd, dkd, ctkd, pkcd, …; hard KD by default): a `small` ViT (patch 4), AdamW 5e-4, cosine. Both
 train for 100 epochs, batch 64: starting points to override (--config.num_epochs=…).
 """
 from configs import common
 
 TEACHER = 'resnet20'
-METHODS = ('none', 'soft', 'hard', 'kd', 'dkd', 'ctkd', 'pkcd')
+ARGS = common.Args('custom', method='hard', flags=('teacher',), exclusive=(('teacher', 'method'),),
+                   usage='teacher or a method ({methods})')
 
 
 def get_config(arg: str = 'hard'):
-  if arg not in METHODS + ('teacher',):
-    raise ValueError(f'custom takes teacher or a method ({"|".join(METHODS)}), got {arg!r}')
+  args = ARGS.parse(arg)
+  arg = 'teacher' if args['teacher'] else args['method']
   c = common.base()
   c.name = 'teacher' if arg == 'teacher' else f'student_{arg}'
   c.data.name = 'image_folder'

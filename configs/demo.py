@@ -124,33 +124,27 @@ def tikd_student_config(design: str, seed: int, regime: str, teacher: str,
   return c
 
 
+def _rows(value: str) -> str:
+  if value not in ROWS and not set(value.split('+')) <= set(ALL_METHODS):
+    raise ValueError(f"one of {', '.join(ROWS)} or vision rows joined by '+' "
+                     f"({'+'.join(ALL_METHODS)})")
+  return value
+
+
+OPTIONS = {
+    'seeds': common.number(int, 1, 1),
+    'regime': common.choice('mix', 'plain'),
+    'epochs': common.number(int, STUDENT_EPOCHS, 3),
+    'rows': common.Option('|'.join(ROWS) + '|A+B', _rows, 'all'),
+    'first_seed': common.number(int, 0, 0, 'K'),
+    'tikd_base': common.choice('hard', 'soft'),
+    'gate': common.choice('0', '1', default=''),
+}
+ARGS = common.Args('configs/demo.py', options=OPTIONS)
+
+
 def _parse(arg: str) -> dict:
-  options = dict(seeds='1', regime='mix', epochs=str(STUDENT_EPOCHS), rows='all', first_seed='0',
-                 tikd_base='hard', gate='')
-  for part in filter(None, arg.split(',')):
-    key, _, value = part.partition('=')
-    if key not in options or not value:
-      raise ValueError(
-          f'configs/demo.py takes seeds=N,regime=mix|plain,epochs=N,rows={"|".join(ROWS)},first_seed=K,'
-          f'tikd_base=hard|soft,gate=0|1; got {arg!r}')
-    options[key] = value
-  if options['regime'] not in ('mix', 'plain'):
-    raise ValueError(f"regime must be 'mix' or 'plain', got {options['regime']!r}")
-  named = options['rows'].split('+')
-  if options['rows'] not in ROWS and not set(named) <= set(ALL_METHODS):
-    raise ValueError(f"rows must be one of {', '.join(ROWS)} or vision rows joined by '+' "
-                     f"({'+'.join(ALL_METHODS)}), got {options['rows']!r}")
-  if options['tikd_base'] not in ('hard', 'soft'):
-    raise ValueError(f"tikd_base must be 'hard' or 'soft', got {options['tikd_base']!r}")
-  if options['gate'] not in ('', '0', '1'):
-    raise ValueError(f"gate must be 0 or 1, got {options['gate']!r}")
-  if not options['epochs'].isdigit() or int(options['epochs']) < 3:
-    raise ValueError(f"epochs must be a whole number ≥ 3, got {options['epochs']!r}")
-  if not options['first_seed'].isdigit():
-    raise ValueError(f"first_seed must be a whole number, got {options['first_seed']!r}")
-  return dict(seeds=int(options['seeds']), regime=options['regime'], epochs=int(options['epochs']),
-              first_seed=int(options['first_seed']), rows=options['rows'],
-              tikd_base=options['tikd_base'], gate=options['gate'])
+  return ARGS.parse(arg)
 
 
 def get_config(arg: str = ''):

@@ -24,6 +24,9 @@ from configs import common
 
 ROWS = ('ce', 'cl', 'kd', 'kd_cl', 'kd_cl_sal')
 RESOLUTIONS = (12, 16, 20, 24, 28, 32)
+ARGS = common.Args(
+    'irkd_cifar10', positional=(('row', ROWS, None), ('patch', ('p2', 'p4'), 'p4'),
+                                ('student', ('vit_tiny', 'custom'), 'vit_tiny')))
 
 
 def _optimizer_per_stage(row: str, patch: str, student: str) -> bool:
@@ -38,11 +41,8 @@ def _optimizer_per_stage(row: str, patch: str, student: str) -> bool:
 
 
 def get_config(arg: str = 'kd_cl_sal,p4'):
-  parts = arg.split(',')
-  row, patch = parts[0], (parts[1] if len(parts) > 1 else 'p4')
-  student = parts[2] if len(parts) > 2 else 'vit_tiny'
-  if row not in ROWS or patch not in ('p2', 'p4') or student not in ('vit_tiny', 'custom'):
-    raise ValueError(f'irkd_cifar10 takes {"|".join(ROWS)},p2|p4[,custom], got {arg!r}')
+  args = ARGS.parse(arg)
+  row, patch, student = args['row'], args['patch'], args['student']
   c = common.base()
   c.name = f'irkd_{row}_{patch}'
   c.data.name = 'cifar10'

@@ -4,7 +4,7 @@ README "Distillation methods").
   python main.py --config=configs/kd_cifar100.py:dkd --workdir=workdirs/kd_dkd \
       --config.data.dir=/path/to/cifar --config.teacher.checkpoint=teachers/resnet32x4
 
-Argument: none|kd|soft|hard|dkd|ctkd|pkcd. The RepDistiller / mdistiller recipe (SGD 0.05,
+Argument: a distillation method (any of `tikd_jax.losses.METHODS`; kd by default). The RepDistiller / mdistiller recipe (SGD 0.05,
 momentum 0.9, wd 5e-4, batch 64, 240 epochs, ×0.1 at 150/180/210) with their loss weights:
   kd    0.1·CE + 0.9·KD(T 4)                     (reported 73.33)
   ctkd  0.1·CE + 0.9·KD(learned T, GRL, λ ramp 10 epochs)
@@ -17,12 +17,11 @@ The teacher is RepDistiller's resnet32x4_vanilla/ckpt_epoch_240.pth converted wi
 """
 from configs import common
 
-METHODS = ('none', 'kd', 'soft', 'hard', 'dkd', 'ctkd', 'pkcd')
+ARGS = common.Args('kd_cifar100', method='kd')
 
 
-def get_config(method: str = 'kd'):
-  if method not in METHODS:
-    raise ValueError(f'kd_cifar100 takes one of {METHODS}, got {method!r}')
+def get_config(arg: str = 'kd'):
+  method = ARGS.parse(arg)['method']
   c = common.base()
   c.name = f'kd_{method}'
   c.data.name = 'cifar100'

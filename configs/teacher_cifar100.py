@@ -13,12 +13,14 @@ DATASETS = {
     'cifar100': (common.CIFAR100_MEAN, common.CIFAR100_STD),
     'cifar10': (common.CIFAR10_MEAN, common.CIFAR10_STD)
 }
+ARGS = common.Args(
+    'teacher_cifar100',
+    positional=(('arch', None, 'resnet32x4'), ('dataset', tuple(DATASETS), 'cifar100')))
 
 
 def get_config(arg: str = 'resnet32x4'):
-  arch, dataset = (arg.split(',') + ['cifar100'])[:2]
-  if dataset not in DATASETS or arg.count(',') > 1:
-    raise ValueError(f'teacher_cifar100 takes ARCH[,cifar100|cifar10], got {arg!r}')
+  args = ARGS.parse(arg)
+  arch, dataset = args['arch'], args['dataset']
   mean, std = DATASETS[dataset]
   c = common.base()
   c.name = f'teacher_{arch}' + ('' if dataset == 'cifar100' else f'_{dataset}')

@@ -23,44 +23,29 @@ The log is taken to list the train images in the archive's order (torchvision's 
 which is ours); no reference accuracy exists.
 
 Argument: `small|medium|large`, then optionally, comma separated, as configs/tikd_cifar100.py: a
-distillation method (none|soft|hard|kd|dkd|ctkd|pkcd), `notext` or `released`; and
+distillation method (any of `tikd_jax.losses.METHODS`), `notext` or `released`; and
 `warmup=E`, `joint=E` to change the two stages' epochs (default 50 and 250).
 """
+import dataclasses
+
 from configs import common, tikd_cifar100
 
 WARMUP_EPOCHS, JOINT_EPOCHS = 50.0, 250.0
-
-
-def _parse(arg: str) -> tuple[str, dict]:
-  """(the tikd_cifar100 argument, {'warmup': epochs, 'joint': epochs})."""
-  passed, epochs = [], dict(warmup=WARMUP_EPOCHS, joint=JOINT_EPOCHS)
-  for part in arg.split(','):
-    key, eq, value = part.partition('=')
-    if not eq:
-      passed.append(part)
-      continue
-    try:
-      epochs[key] = float(value) if key in epochs else None
-    except ValueError:
-      epochs[key] = None
-    if epochs[key] is None or epochs[key] <= 0:
-      raise ValueError(f'tikd_cifar10: {part!r} in {arg!r}; the stage epochs are warmup=E and '
-                       f'joint=E with E > 0')
-  return ','.join(passed), epochs
+ARGS = dataclasses.replace(
+    tikd_cifar100.ARGS, config='tikd_cifar10',
+    options=dict(warmup=common.number(float, WARMUP_EPOCHS, 0, 'E'),
+                 joint=common.number(float, JOINT_EPOCHS, 0, 'E')))
 
 
 def get_config(arg: str = 'large'):
-  passed, epochs = _parse(arg)
-  try:
-    c = tikd_cifar100.get_config(passed)
-  except ValueError as e:
-    raise ValueError(f'tikd_cifar10 takes small|medium|large[,method][,notext|,released]'
-                     f'[,warmup=E][,joint=E]: {e}') from e
-  flags = set(passed.split(',')[1:])
-  if (epochs['warmup'], epochs['joint']) != (WARMUP_EPOCHS,
-                                             JOINT_EPOCHS) and flags & {'notext', 'released'}:
-    raise ValueError(f'tikd_cifar10: warmup= / joint= set the stages, which notext and released '
-                     f'runs do not have (one phase of --config.num_epochs); got {arg!r}')
+  args = ARGS.parse(arg)
+  c = tikd_cifar100.build(args)
+  epochs = dict(warmup=args['warmup'], joint=args['joint'])
+  if (epochs['warmup'], epochs['joint']) != (WARMUP_EPOCHS, JOINT_EPOCHS) and (args['notext']
+                                                                               or args['released']):
+    raise ARGS.error(
+        arg, 'warmup= / joint= set the stages, which notext and released runs do '
+        'not have (one phase of --config.num_epochs)')
   with c.unlocked():
     c.name = c.name.replace('tikd_', 'tikd_cifar10_', 1)
     c.data.name = 'cifar10'

@@ -4,7 +4,7 @@ r"""TIKD ViT students on CIFAR-100 with a ResNet32x4 teacher, DeiT's recipe (REA
       --config.data.dir=/path/to/cifar --config.teacher.checkpoint=workdirs/resnet32x4
 
 Argument: `small|medium|large` (1.09M / 4.17M / 16.35M with text modules), then optionally, comma
-separated: a distillation method (none|soft|hard|kd|dkd|ctkd|pkcd; hard KD is the paper's
+separated: a distillation method (any of `tikd_jax.losses.METHODS`; hard KD is the paper's
 headline, the default), e.g. `configs/tikd_cifar100.py:medium,dkd`; `notext` for the vision-only
 DeiT student (no stages, no text features needed); `released` for the released code's recipe
 (README "The released recipe"). Reported top-1: 65.20 / 75.70 / 80.42.
@@ -29,26 +29,22 @@ launch as written; the paper's headline (and our default) is hard KD.
 """
 from configs import common
 
-METHODS = ('none', 'soft', 'hard', 'kd', 'dkd', 'ctkd', 'pkcd')
 # The released README's training launch: torch.distributed.launch --nproc_per_node=4 … --batch-size
 # 256 (JSJ515-Group/TIKD README_tikd.md, "Training").
 RELEASED_GPUS, RELEASED_GPU_BATCH = 4, 256
 FLAGS = ('notext', 'released')
-
-
-def _parse(arg: str) -> tuple[str, str, set[str]]:
-  size, *rest = arg.split(',')
-  methods = [a for a in rest if a in METHODS]
-  flags = {a for a in rest if a in FLAGS}
-  unknown = [a for a in rest if a and a not in METHODS + FLAGS]
-  if size not in ('small', 'medium', 'large') or unknown or len(methods) > 1 or flags == set(FLAGS):
-    raise ValueError(f'tikd_cifar100 takes small|medium|large[,method][,notext|,released] '
-                     f'(method one of {"|".join(METHODS)}), got {arg!r}')
-  return size, (methods or ['hard'])[0], flags
+ARGS = common.Args('tikd_cifar100', positional=(('size', ('small', 'medium', 'large'), None),),
+                   method='hard', flags=FLAGS, exclusive=(FLAGS,))
 
 
 def get_config(arg: str = 'large'):
-  size, method, flags = _parse(arg)
+  return build(ARGS.parse(arg))
+
+
+def build(args: dict):
+  """The config of parsed arguments (`ARGS.parse`): size, method, notext, released."""
+  size, method = args['size'], args['method']
+  flags = {f for f in FLAGS if args[f]}
   c = common.base()
   c.name = f'tikd_{size}' + ('_released' if 'released' in flags else '')
   c.data.name = 'cifar100'

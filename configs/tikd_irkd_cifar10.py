@@ -56,29 +56,23 @@ DIGITS_RESOLUTIONS = (8, 12, 16)
 # the share of TIKD's joint stage (250 of 300). Digits: from their second stage too.
 FUSE_FROM_STAGE = 1
 
+ARGS = common.Args(
+    'tikd_irkd_cifar10', flags=('sal', 'digits'),
+    options=dict(fuse_from=common.number(int, None, 0, 'R'),
+                 epochs=common.number(float, None, 0, 'E')))
+
 
 def _parse(arg: str) -> dict:
-  opts = dict(sal=False, digits=False, fuse_from=None, epochs=None)
-  for part in filter(None, arg.split(',')):
-    key, _, value = part.partition('=')
-    if key in ('sal', 'digits') and not value:
-      opts[key] = True
-    elif key == 'fuse_from' and value.isdigit():
-      opts[key] = int(value)
-    elif key == 'epochs' and value:
-      opts[key] = float(value)
-    else:
-      raise ValueError(f'tikd_irkd_cifar10 takes sal, fuse_from=<px>, digits, epochs=<per stage>;'
-                       f' got {part!r} in {arg!r}')
+  opts = ARGS.parse(arg)
   resolutions = DIGITS_RESOLUTIONS if opts['digits'] else RESOLUTIONS
   if opts['fuse_from'] is None:
     opts['fuse_from'] = resolutions[FUSE_FROM_STAGE]
   if opts['fuse_from'] not in resolutions + (0,):
-    raise ValueError(f'tikd_irkd_cifar10: fuse_from={opts["fuse_from"]} is none of the '
-                     f'curriculum resolutions {resolutions} (or 0: never fuse)')
+    raise ARGS.error(
+        arg, f'fuse_from={opts["fuse_from"]} is none of the curriculum resolutions '
+        f'{resolutions} (or 0: never fuse)')
   if opts['sal'] and opts['digits']:
-    raise ValueError('tikd_irkd_cifar10: sal needs a ViT teacher; the digits variant has a '
-                     'resnet8 one')
+    raise ARGS.error(arg, 'sal needs a ViT teacher; the digits variant has a resnet8 one')
   return opts
 
 

@@ -11,9 +11,12 @@ tikd_cifar100 after the size: `[method][,notext]`.
 """
 from configs import common
 
+ARGS = common.Args('tikd_tinyimagenet', method='hard', flags=('notext',))
+
 
 def get_config(arg: str = 'hard'):
-  method, notext = (arg.split(',') + [''])[:2]
+  args = ARGS.parse(arg)
+  method, notext = args['method'], 'notext' if args['notext'] else ''
   c = common.base()
   c.name = 'tikd_tinyimagenet'
   c.data.name = 'image_folder'

@@ -4,7 +4,7 @@ r"""The smallest real run: a micro distilled ViT on 16-px digits. For smoke test
   python main.py --config=configs/tiny.py:hard --workdir=/tmp/tiny_kd \
       --config.teacher.checkpoint=/tmp/tiny_teacher
 
-Argument: a distillation method (none|soft|hard|kd|dkd|ctkd|pkcd), or `teacher` for a resnet8
+Argument: a distillation method (any of `tikd_jax.losses.METHODS`), or `teacher` for a resnet8
 teacher trained with cross-entropy.
 """
 from configs import common

@@ -44,7 +44,8 @@ _STEP_TESTS = ('tests/test_step_meaning.py tests/test_loss_terms.py tests/test_m
                'tests/test_accumulation.py tests/test_tikd.py tests/test_irkd.py '
                'tests/test_mutation_survivors.py')
 TEST_MAP = [
-    ('tikd_jax/losses/terms.py', [_STEP_TESTS]),
+    ('tikd_jax/losses/registry.py', [_STEP_TESTS]),
+    ('tikd_jax/losses/tikd.py', [_STEP_TESTS]),
     ('tikd_jax/losses/saliency.py', [
         'tests/test_saliency.py tests/test_losses.py '
         'tests/test_step_meaning.py tests/test_irkd.py '
@@ -79,13 +80,13 @@ FUNCTIONS = {
 
 # Named mutants from issue 13: (name, file, old text (must occur once), new text).
 MUST_KILL = [
-    ('distillation term on the class head', 'tikd_jax/losses/terms.py',
+    ('distillation term on the class head', 'tikd_jax/losses/registry.py',
      "return self.out.get('dist_logits', self.out['cls_logits'])", "return self.out['cls_logits']"),
     ('CTKD reversal strength negated', 'tikd_jax/losses/ctkd.py',
      'reversed_cotangent = (-strength * cotangent)', 'reversed_cotangent = (strength * cotangent)'),
     ('teacher in train mode inside the step', 'tikd_jax/train/step.py',
      'teacher(images, train=False)', 'teacher(images, train=True)'),
-    ('TIKD alignment loss subtracted', 'tikd_jax/losses/terms.py',
+    ('TIKD alignment loss subtracted', 'tikd_jax/losses/tikd.py',
      "return loss, {'alignment_loss': loss}", "return -loss, {'alignment_loss': loss}"),
 ]
 

@@ -32,8 +32,8 @@ from tikd_jax.models import build_model
 from tikd_jax.models.variables import model_variables
 from tikd_jax.train import trainer
 from tikd_jax.train.checkpoint import save_weights
-from tikd_jax.losses import terms as loss_terms
-from tikd_jax.train.loss_config import method_loss
+from tikd_jax.losses import registry as loss_terms
+from tests.method_loss import method_loss
 from tikd_jax.train.state import init_train_state
 from tikd_jax.train.step import StepOptions, make_train_step
 from tests.test_train import tiny_config

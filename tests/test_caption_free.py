@@ -24,7 +24,7 @@ from tikd_jax.data import pipeline
 from tikd_jax.train import evaluate as evaluate_lib
 from tikd_jax.train import step as step_lib
 from tikd_jax.train.run import create_train_state, setup
-from tikd_jax.train.loss_config import method_loss
+from tests.method_loss import method_loss
 from tikd_jax.train.optim import decay_mask
 from tikd_jax.train.step import StepOptions
 

@@ -16,7 +16,7 @@ import pytest
 from flax import nnx
 
 from configs import common, irkd_cifar10, irkd_digits, tikd_cifar100, vit_teacher_cifar10
-from tikd_jax.losses.terms import Loss
+from tikd_jax.losses.registry import Loss
 from tikd_jax.models import build_model
 from tikd_jax.models.variables import model_variables
 from tikd_jax.models.vit import dropout

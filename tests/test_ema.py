@@ -24,7 +24,7 @@ import torch
 
 from configs import tikd_cifar100
 from tikd_jax.data import build_source
-from tikd_jax.losses.terms import Loss
+from tikd_jax.losses.registry import Loss
 from tikd_jax.train import evaluate as evaluate_lib
 from tikd_jax.train import trainer
 from tikd_jax.train.checkpoint import load_weights, save_weights

@@ -1,4 +1,4 @@
-"""Loss terms (tikd_jax/losses/terms.py): a new method is one registered term and one config
+"""Loss terms (tikd_jax/losses/registry.py): a new method is one registered term and one config
 line; distill.method expands to today's weights; unknown names fail with the known ones."""
 import json
 
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from configs import irkd_cifar10, kd_cifar100, tikd_cifar100, tiny
-from tikd_jax.losses import terms
+from tikd_jax.losses import registry as terms
 from tikd_jax.train import trainer
 from tikd_jax.train.loss_config import term_settings
 from tikd_jax.train.plan import build_phases

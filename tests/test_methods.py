@@ -10,7 +10,7 @@ from configs import kd_cifar100, tikd_cifar100
 from tikd_jax.data import build_source
 from tikd_jax.models import build_model
 from tikd_jax.models.variables import model_variables
-from tikd_jax.train.loss_config import method_loss
+from tests.method_loss import method_loss
 from tikd_jax.train.state import init_train_state
 from tikd_jax.train.step import StepOptions, make_train_step
 from tests.test_train import tiny_config

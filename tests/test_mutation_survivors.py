@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from tikd_jax.losses import saliency, terms
+from tikd_jax.losses import registry as terms
+from tikd_jax.losses import saliency
 from tikd_jax.models import build_model
 from tikd_jax.models.vit import drop_path
 from tikd_jax.train.step import tree_any_nonfinite
@@ -85,7 +86,7 @@ def test_saliency_terms_pass_their_layers_on(name):
 
   Survivor: `{'layers': layers} if not layers else {}` in the gradient term (configured layers
   ignored, the notebooks' default used) passed: no test ran the gradient term through
-  `losses/terms.py`.
+  `losses/saliency.py`.
   """
   student = _random_weights(
       build_model('irkd_vit', variant='micro', img_size=16, num_classes=10, drop_path=0.0,

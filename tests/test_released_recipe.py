@@ -26,7 +26,8 @@ from tikd_jax.data.repeated_aug import RepeatedAugmentation
 from tikd_jax.data.source import ArraySource
 from tikd_jax.models import build_model, count_params
 from tikd_jax.train import loop
-from tikd_jax.train.loss_config import method_loss, term_settings
+from tikd_jax.train.loss_config import term_settings
+from tests.method_loss import method_loss
 from tikd_jax.train.plan import build_phases
 from tikd_jax.train.run import build_augmentations, model_spec, repeated_augmentation
 from tikd_jax.train.step import StepOptions

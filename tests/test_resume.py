@@ -34,7 +34,7 @@ from tikd_jax.models.variables import model_variables
 from tikd_jax.train import checkpoint as ckpt_lib
 from tikd_jax.train import preemption
 from tikd_jax.train import trainer
-from tikd_jax.train.loss_config import method_loss
+from tests.method_loss import method_loss
 from tikd_jax.tree import flatten
 from tests.test_train import tiny_config
 

@@ -21,7 +21,7 @@ from flax import nnx
 from configs import irkd_cifar10, kd_cifar100, tikd_cifar100
 from tikd_jax.cpu import compiler
 from tikd_jax.models.variables import abstract_model
-from tikd_jax.train.loss_config import method_loss
+from tests.method_loss import method_loss
 from tikd_jax.train.run import build_augmentations
 from tikd_jax.train.state import init_train_state
 from tikd_jax.train.step import StepOptions, make_eval_step, make_train_step

@@ -7,7 +7,7 @@ import torch
 from flax import nnx
 from scipy.special import erf
 
-from tikd_jax.losses import terms
+from tikd_jax.losses import tikd as terms
 from tikd_jax.models import build_model
 from tikd_jax.train import checkpoint as ckpt_lib
 from tikd_jax.train import trainer

@@ -19,7 +19,7 @@ from tikd_jax.models import build_model
 from tikd_jax.models.variables import model_variables
 from tikd_jax.train import checkpoint as ckpt_lib
 from tikd_jax.train import trainer
-from tikd_jax.train.loss_config import method_loss
+from tests.method_loss import method_loss
 from tikd_jax.train.state import init_train_state
 from tikd_jax.train.step import StepOptions, make_train_step
 

@@ -1,10 +1,13 @@
-"""Classification losses and metrics: cross-entropy, timm-style smoothed one-hot, top-k hits.
+"""Classification: cross-entropy, timm-style smoothed one-hot, top-k hits, and the `ce` term.
 
-All functions are pure JAX, take float logits ``[B, C]`` (cast to float32) and are jit-able.
+The functions are pure JAX, take float logits ``[B, C]`` (cast to float32) and are jit-able.
+`ce` is every method's base loss; `distill.method='none'` trains it alone.
 """
 
 import jax
 import jax.numpy as jnp
+
+from tikd_jax.losses.registry import Context, base_of, label_of, register, register_method
 
 
 def cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
@@ -54,3 +57,27 @@ def topk_correct(logits: jax.Array, labels: jax.Array, k: int) -> jax.Array:
   _, top_indices = jax.lax.top_k(jnp.asarray(logits, jnp.float32), k)
   hits = jnp.any(top_indices == labels.astype(top_indices.dtype)[:, None], axis=-1)
   return hits.astype(jnp.float32)
+
+
+# ----------------------------------------------------------------------------- the term
+CE_TARGETS = ('soft', 'argmax')
+
+
+def _ce_settings(config):
+  return {'target': base_of(config.distill)['target']}
+
+
+@register('ce', settings=_ce_settings)
+def ce(ctx: Context, target: str = 'soft'):
+  """Cross-entropy of the class head. target='soft': against the smoothed / mixed targets
+  (DeiT's base loss); 'argmax': against their argmax, unsmoothed (JSJ515-Group/TIKD main.py's
+  `torch.nn.CrossEntropyLoss()` base criterion, applied in losses.py to the argmax label)."""
+  if target not in CE_TARGETS:
+    raise ValueError(f"loss term 'ce': target={target!r}; use one of {CE_TARGETS} "
+                     f"(config.distill.base='deit' | 'released' sets it)")
+  y = ctx.targets if target == 'soft' else label_of(ctx, 'argmax_target', 'ce')
+  loss = cross_entropy(ctx.out['cls_logits'], y)
+  return loss, {'base_loss': loss}
+
+
+register_method('none', lambda distill: (('ce', 1.0),))

@@ -8,6 +8,11 @@ A single learnable scalar ``raw_temperature`` (CTKD ``Global_T.global_T``,
 
 so gradient descent on the total loss moves the student to *decrease* KD and the temperature to
 *increase* it (λ-scaled). λ ramps from 0 to 1 over the first 10 epochs (``ctkd_lambda``).
+
+As a `distill.method`: (1 − α)·CE + α·KD at the learned T (CTKD: 0.1·CE + 0.9·KD, set by
+distill.base_weight / distill_weight), λ's ramp over `distill.ctkd_ramp_epochs`. The temperature
+is the term's parameter `objective/ctkd/raw_temperature`, trained with the student and never
+weight-decayed (CTKD trains it in its own parameter group without decay).
 """
 
 import math
@@ -16,6 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from tikd_jax.losses.kd import kd_loss
+from tikd_jax.losses.registry import Context, alpha_weighted, register, teacher_logits
 
 
 @jax.custom_vjp
@@ -101,3 +107,26 @@ def ctkd_loss(
     """
   temperature = ctkd_temperature(raw_temperature, strength, t_start=t_start, t_range=t_range)
   return kd_loss(student_logits, teacher_logits, temperature)
+
+
+def _ctkd_init(rng, shapes, **settings):
+  del rng, shapes, settings
+  return {'raw_temperature': ctkd_init_raw_temperature()}, {}
+
+
+def _ctkd_settings(config):
+  return {'ramp_epochs': config.distill.ctkd_ramp_epochs}
+
+
+@register('ctkd', init=_ctkd_init, needs_teacher=True, method=alpha_weighted,
+          settings=_ctkd_settings, no_decay=('raw_temperature',))
+def ctkd(ctx: Context, ramp_epochs: int = 10):
+  """CTKD (Li et al. 2023): KD at a learned temperature, raised by gradient reversal with the
+  cosine λ ramp over `ramp_epochs` (CTKD helper/loops.py, models/temp_global.py)."""
+  strength = ctkd_lambda(ctx.epoch, ramp_epochs=ramp_epochs)
+  raw = ctx.params['raw_temperature']
+  loss = ctkd_loss(ctx.distill_logits, teacher_logits(ctx, 'ctkd'), raw, strength)
+  return loss, {
+      'distill_loss': loss, 'ctkd_temperature': ctkd_temperature(jax.lax.stop_gradient(raw), 0.0),
+      'ctkd_lambda': jnp.asarray(strength, jnp.float32)
+  }

@@ -1,10 +1,16 @@
 """Decoupled Knowledge Distillation (Zhao et al., CVPR 2022), as in megvii-research/mdistiller.
 
-Source: mdistiller/distillers/DKD.py ``dkd_loss`` and ``DKD.forward_train``.
+Source: mdistiller/distillers/DKD.py ``dkd_loss`` and ``DKD.forward_train``. As a
+`distill.method`: base_weight·CE (default 1) + min(epoch / warm-up, 1)·(α·TCKD + β·NCKD), with
+α, β, T and the warm-up from `distill.dkd_alpha`, `dkd_beta`, `temperature`,
+`dkd_warmup_epochs` (mdistiller's CIFAR defaults 1, 8, 4, 20).
 """
 
 import jax
 import jax.numpy as jnp
+
+from tikd_jax.losses.registry import (Context, added_to_ce, base_of, label_of, register,
+                                      teacher_logits)
 
 
 def dkd_loss(
@@ -68,3 +74,22 @@ def dkd_warmup_factor(epoch, warmup_epochs: int = 20) -> jax.Array:
     counts epochs from 1, so the first epoch has weight 1/20. Returns a float32 scalar.
     """
   return jnp.minimum(jnp.asarray(epoch, jnp.float32) / warmup_epochs, 1.0)
+
+
+def _dkd_settings(config):
+  distill = config.distill
+  return {
+      'alpha': distill.dkd_alpha, 'beta': distill.dkd_beta, 'temperature': distill.temperature,
+      'warmup_epochs': distill.dkd_warmup_epochs, 'label': base_of(distill)['label']
+  }
+
+
+@register('dkd', needs_teacher=True, method=added_to_ce, settings=_dkd_settings)
+def dkd(ctx: Context, alpha: float = 1.0, beta: float = 8.0, temperature: float = 4.0,
+        warmup_epochs: int = 20, label: str = 'true'):
+  """mdistiller DKD: min(epoch / warmup, 1) · (α·TCKD + β·NCKD); the metric is unwarmed. The
+  target class is `label` ('true' | 'argmax_target', registry.label_of)."""
+  loss = dkd_loss(ctx.distill_logits, teacher_logits(ctx, 'dkd'), label_of(ctx, label, 'dkd'),
+                  alpha=alpha, beta=beta, temperature=temperature)
+  warm = dkd_warmup_factor(ctx.epoch, warmup_epochs)
+  return warm * loss, {'distill_loss': loss, 'dkd_warmup': warm}

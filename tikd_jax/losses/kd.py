@@ -1,11 +1,16 @@
-"""Logit distillation losses: Hinton KD and DeiT's soft / hard distillation.
+"""Logit distillation: Hinton KD and DeiT's soft / hard distillation, losses and terms.
 
 The teacher logits are wrapped in ``jax.lax.stop_gradient`` everywhere (the reference code runs
-the teacher under ``torch.no_grad()``); a traced temperature keeps its gradient.
+the teacher under ``torch.no_grad()``); a traced temperature keeps its gradient. Each is a
+`distill.method` of weight (1 − α)·ce + α·term (DeiT's, α = distill.alpha; `alpha_weighted`), at
+`distill.temperature` where it has one.
 """
 
 import jax
 import jax.numpy as jnp
+
+from tikd_jax.losses.classification import cross_entropy, one_hot_smoothed
+from tikd_jax.losses.registry import Context, alpha_weighted, register, teacher_logits
 
 
 def _kl_from_log_probs(log_p_teacher: jax.Array, log_p_student: jax.Array) -> jax.Array:
@@ -71,3 +76,46 @@ def hard_distillation_loss(student_logits: jax.Array, teacher_logits: jax.Array)
   log_probs = jax.nn.log_softmax(student_logits, axis=-1)
   picked = jnp.take_along_axis(log_probs, teacher_labels[:, None], axis=-1)
   return -jnp.mean(picked)
+
+
+# ----------------------------------------------------------------------------- terms
+def _temperature(config):
+  return {'temperature': config.distill.temperature}
+
+
+@register('soft', needs_teacher=True, method=alpha_weighted, settings=_temperature)
+def soft(ctx: Context, temperature: float = 1.0):
+  """DeiT soft distillation (losses.py `DistillationLoss`, 'soft')."""
+  loss = soft_distillation_loss(ctx.distill_logits, teacher_logits(ctx, 'soft'), temperature)
+  return loss, {'distill_loss': loss}
+
+
+@register('hard', needs_teacher=True, method=alpha_weighted)
+def hard(ctx: Context, label_smoothing: float = 0.0):
+  """DeiT hard distillation: CE against the teacher's argmax (losses.py, 'hard'). The code
+  smooths nothing; `label_smoothing` > 0 smooths the teacher's label as DeiT's paper (§5.1)
+  suggests."""
+  return _hard_label_loss(ctx.distill_logits, teacher_logits(ctx, 'hard'), label_smoothing)
+
+
+@register('hard_oracle', method=alpha_weighted)
+def hard_oracle(ctx: Context, label_smoothing: float = 0.0):
+  """`hard` with the data's own label (the argmax of the smoothed / mixed target) in place of
+  the teacher's: the two-head mechanism without teacher knowledge, the control for `hard`."""
+  return _hard_label_loss(ctx.distill_logits, ctx.targets, label_smoothing)
+
+
+def _hard_label_loss(logits, label_logits, label_smoothing: float):
+  if not label_smoothing:
+    loss = hard_distillation_loss(logits, label_logits)
+  else:
+    labels = jnp.argmax(jax.lax.stop_gradient(label_logits), axis=-1)
+    loss = cross_entropy(logits, one_hot_smoothed(labels, logits.shape[-1], label_smoothing))
+  return loss, {'distill_loss': loss}
+
+
+@register('kd', needs_teacher=True, method=alpha_weighted, settings=_temperature)
+def kd(ctx: Context, temperature: float = 4.0):
+  """Hinton et al. 2015 KD at temperature T (RepDistiller DistillKL)."""
+  loss = kd_loss(ctx.distill_logits, teacher_logits(ctx, 'kd'), temperature)
+  return loss, {'distill_loss': loss}

@@ -13,12 +13,16 @@ The released code keeps the previous batch's teacher logits and labels in module
 they are explicit state (``pkcd_init_state`` → ``pkcd_loss`` → new state). As released, BOTH
 ``cbcd`` and ``intra`` are 0 while there is no previous batch (the whole block sits under
 ``if self.previous_teacher_logits is not None``), so the first call is ``kd_soft`` alone.
+
+As a `distill.method`: base_weight·CE (default 1) + PKCD at `distill.temperature`.
 """
 
 import jax
 import jax.numpy as jnp
 
 from tikd_jax.losses.kd import soft_distillation_loss
+from tikd_jax.losses.registry import (Context, added_to_ce, base_of, label_of, register,
+                                      teacher_logits)
 
 
 def pkcd_init_state(batch_size: int, num_classes: int) -> dict:
@@ -157,3 +161,25 @@ def pkcd_loss(
       "valid": jnp.ones((), jnp.bool_),
   }
   return terms, new_state
+
+
+def _pkcd_init(rng, shapes, **settings):
+  del rng, settings
+  return {}, pkcd_init_state(shapes['rows'], shapes['num_classes'])
+
+
+def _pkcd_settings(config):
+  return {'temperature': config.distill.temperature, 'label': base_of(config.distill)['label']}
+
+
+@register('pkcd', init=_pkcd_init, needs_teacher=True, method=added_to_ce, settings=_pkcd_settings)
+def pkcd(ctx: Context, temperature: float = 4.0, label: str = 'true'):
+  """PKCD as released with TIKD: KD_soft + InfoNCE + intra-class over the previous batch, whose
+  teacher logits and labels are the carried state (one micro-batch under accumulation). The
+  positives' label is `label` ('true' | 'argmax_target', registry.label_of), also what is
+  carried."""
+  parts, new_state = pkcd_loss(ctx.distill_logits, teacher_logits(ctx, 'pkcd'),
+                               label_of(ctx, label, 'pkcd'), ctx.state, temperature=temperature)
+  metrics = {'distill_loss': parts['total']}
+  metrics.update({f'pkcd_{k}': v for k, v in parts.items() if k != 'total'})
+  return parts['total'], metrics, new_state

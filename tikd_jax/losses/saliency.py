@@ -15,7 +15,9 @@ Two variants, both from the released IRKD notebooks (salman192003/IRKD):
 The teacher's maps are always wrapped in ``jax.lax.stop_gradient`` (the notebooks ``.detach()``
 them); the student's maps keep their gradient, including the second-order path of the gradient
 variant through the classifier weights. The saliency weight (0.8, ``gamma`` / ``alpha_att`` in
-the notebooks) is applied by the caller, not here.
+the notebooks) is applied by the caller, not here: `config.saliency.kind` adds the term
+`<kind>_saliency` at `config.saliency.weight` to every phase (`auto_weight`), with
+`saliency.layers` and `saliency.resize_to` as its settings.
 """
 from __future__ import annotations
 
@@ -25,6 +27,8 @@ from typing import Callable, Mapping, Sequence, Union
 
 import jax
 import jax.numpy as jnp
+
+from tikd_jax.losses.registry import Context, register
 
 # Epsilons of the min-max normalisations, as in the notebooks.
 ATTENTION_EPS = 1e-8  # process_attention: (x - min) / (max - min + 1e-8)
@@ -279,3 +283,57 @@ def gradient_saliency_loss(student_out: Mapping[str, jax.Array], teacher_out: Ma
     s, t = _match_grids(s, t, resize_to)
     total = total + saliency_loss(s, t)
   return total
+
+
+# ------------------------------------------------------------------------------------ terms
+SALIENCY_KINDS = ('none', 'attention', 'gradient')
+
+
+def _weight_of(kind: str):
+
+  def weight(config, stage):
+    del stage
+    saliency = config.saliency
+    if saliency.kind not in SALIENCY_KINDS:
+      raise ValueError(f"saliency must be 'none', 'attention' or 'gradient', got {saliency.kind!r}")
+    return float(saliency.weight) if saliency.kind == kind else None
+
+  return weight
+
+
+def _settings(config):
+  return {'layers': config.saliency.layers, 'resize_to': config.saliency.resize_to}
+
+
+def _parse_layers(spec):
+  if spec in ('', 'all', None):
+    return spec or None
+  if isinstance(spec, str):
+    return tuple(int(i) for i in spec.split(','))
+  return tuple(spec)
+
+
+def _saliency_models(ctx, name):
+  if ctx.teacher is None or not hasattr(ctx.teacher, 'num_prefix'):
+    raise ValueError(f'loss term {name!r} needs a ViT teacher (attention maps, patch tokens)')
+  return dict(student_prefix=ctx.student.num_prefix, teacher_prefix=ctx.teacher.num_prefix)
+
+
+@register('attention_saliency', needs_teacher=True, settings=_settings,
+          auto_weight=_weight_of('attention'))
+def attention_saliency_term(ctx: Context, layers='', resize_to: str = 'teacher'):
+  """IRKD's attention saliency alignment (README "IRKD"), averaged over layer pairs."""
+  loss = attention_saliency_loss(ctx.out, ctx.teacher_out, layers=_parse_layers(layers) or 'all',
+                                 resize_to=resize_to, **_saliency_models(ctx, 'attention_saliency'))
+  return loss, {'saliency_loss': loss}
+
+
+@register('gradient_saliency', needs_teacher=True, settings=_settings,
+          auto_weight=_weight_of('gradient'))
+def gradient_saliency_term(ctx: Context, layers='', resize_to: str = 'teacher'):
+  """IRKD's gradient saliency alignment (README "IRKD"), summed over layer pairs."""
+  layers, models = _parse_layers(layers), _saliency_models(ctx, 'gradient_saliency')
+  loss = gradient_saliency_loss(ctx.out, ctx.teacher_out, student_classifier=ctx.student.head,
+                                teacher_classifier=ctx.teacher.head, resize_to=resize_to,
+                                **({'layers': layers} if layers else {}), **models)
+  return loss, {'saliency_loss': loss}

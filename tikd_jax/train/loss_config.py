@@ -1,111 +1,81 @@
-"""Config → each phase's (term, weight) list and the terms' settings (README "Add a method").
+"""Config → each phase's (term, weight) list and the terms' settings, read off the registry.
 
-`config.loss` lists the terms, e.g. `(('ce', 0.5), ('hard', 0.5), ('tikd_alignment', 0.1))`,
-and a stage may override it (`loss=...`). Left empty, `config.distill.method` is a shorthand
-with the weights of README "Distillation methods" (α = distill.alpha):
-  none                 ce
-  soft|hard|kd|ctkd|hard_oracle  base_weight·ce + distill_weight·method  (default 1 − α, α)
-  dkd                  base_weight·ce + dkd    (base_weight default 1; the warm-up is in dkd)
-  pkcd                 base_weight·ce + pkcd   (base_weight default 1)
-plus TIKD's alignment_beta·tikd_alignment in stages that fuse text, text_predictor_weight·
-text_predictor when the run has caption features, and saliency.weight·<kind>_saliency (IRKD).
-Settings: the built-in terms take theirs from config.distill and config.saliency;
-`config.loss_settings.<term>` adds to or overrides them. `distill.base` picks the reading of the
-targets: 'deit' (ce against the smoothed / mixed targets, dkd / pkcd on the true label) or
-'released' (the released TIKD code: ce against their argmax, unsmoothed, and that argmax as the
-dkd / pkcd label; README "The released recipe").
+A phase's loss, in this order:
+  1. `config.distill.method`'s terms (`tikd_jax.losses.METHODS`: each method's file says its
+     weights, e.g. (1 − α)·ce + α·kd, or ce + dkd);
+  2. the terms the config adds itself (`register(..., auto_weight=...)`): TIKD's alignment and
+     self-distillation in stages that fuse text, its text predictor when the run has caption
+     features (losses/tikd.py), IRKD's saliency when `config.saliency.kind` is set;
+  3. `config.extra_loss`, e.g. `(('my_term', 0.5),)`: your own terms, added to all of the above.
+`config.loss` (or a stage's `loss`) is the explicit full list in place of 1 and 2; it must then
+name the terms of 2 that the config asks for itself, else the run stops and says so.
+Settings: each term's registered `settings(config)` (e.g. DKD's from `config.distill`), then
+`config.loss_settings.<term>.<key>` where set (not None).
 """
 from __future__ import annotations
 
 from typing import Any
 
-# hard_oracle: hard with the data's own label as the teacher (a control, README "The demo").
-DISTILL_METHODS = ('none', 'soft', 'hard', 'hard_oracle', 'kd', 'ctkd', 'dkd', 'pkcd')
-SALIENCY_KINDS = ('none', 'attention', 'gradient')
-# distill.base → the settings of the terms that read the targets or the label.
-BASES = {
-    'deit': dict(target='soft', label='true'),
-    'released': dict(target='argmax', label='argmax_target'),
-}
+from tikd_jax.losses.registry import METHODS, TERMS, Terms
 
 
-def method_terms(distill) -> tuple[tuple[str, float], ...]:
+def method_terms(distill) -> Terms:
   """The (term, weight) list of `distill.method` (the config's `distill` block)."""
   method = distill.method
-  if method not in DISTILL_METHODS:
-    raise ValueError(f'unknown distillation method {method!r}; known: {list(DISTILL_METHODS)} '
+  if method not in METHODS:
+    raise ValueError(f'unknown distillation method {method!r}; known: {list(METHODS)} '
                      f'(or list loss terms in config.loss)')
-  if method == 'none':
-    return (('ce', 1.0),)
-  bw = distill.base_weight
-  if method in ('dkd', 'pkcd'):
-    return (('ce', 1.0 if bw is None else float(bw)), (method, 1.0))
-  alpha, dw = distill.alpha, distill.distill_weight
-  return (('ce', float(1.0 - alpha if bw is None else bw)), (method,
-                                                             float(alpha if dw is None else dw)))
+  return METHODS[method](distill)
 
 
-def saliency_terms(saliency) -> tuple[tuple[str, float], ...]:
-  kind = saliency.kind
-  if kind not in SALIENCY_KINDS:
-    raise ValueError(f"saliency must be 'none', 'attention' or 'gradient', got {kind!r}")
-  return () if kind == 'none' else ((f'{kind}_saliency', float(saliency.weight)),)
-
-
-def tikd_terms(*, fuse_text: bool, alignment_beta: float, text_predictor_weight: float,
-               has_text: bool, self_distill_weight: float = 0.0) -> tuple[tuple[str, float], ...]:
+def auto_terms(config, switches: dict[str, Any]) -> Terms:
+  """The terms the config adds itself in a phase with these `switches` (fuse_text,
+  alignment_beta, text_predictor_weight), in registration order."""
   terms = []
-  if fuse_text and alignment_beta:
-    terms.append(('tikd_alignment', float(alignment_beta)))
-  if fuse_text and self_distill_weight:
-    terms.append(('tikd_self_distill', float(self_distill_weight)))
-  if has_text and text_predictor_weight:
-    terms.append(('text_predictor', float(text_predictor_weight)))
+  for name, term in TERMS.items():
+    if term.auto_weight is not None:
+      weight = term.auto_weight(config, switches)
+      if weight is not None:
+        terms.append((name, float(weight)))
   return tuple(terms)
 
 
-def distill_settings(distill) -> dict[str, dict[str, Any]]:
-  """The built-in distillation terms' settings from a `distill` block."""
-  if distill.base not in BASES:
-    raise ValueError(f'config.distill.base={distill.base!r}; use one of {sorted(BASES)}')
-  base = BASES[distill.base]
-  return {
-      'ce': {'target': base['target']},
-      'soft': {'temperature': distill.temperature},
-      'kd': {'temperature': distill.temperature},
-      'ctkd': {'ramp_epochs': distill.ctkd_ramp_epochs},
-      'dkd': {
-          'alpha': distill.dkd_alpha, 'beta': distill.dkd_beta, 'temperature': distill.temperature,
-          'warmup_epochs': distill.dkd_warmup_epochs, 'label': base['label']
-      },
-      'pkcd': {'temperature': distill.temperature, 'label': base['label']},
-  }
-
-
 def term_settings(config) -> dict[str, dict[str, Any]]:
-  """Every term's settings: from distill / saliency, then config.loss_settings.<term>."""
-  settings = distill_settings(config.distill)
-  saliency = config.saliency
-  for kind in ('attention', 'gradient'):
-    settings[f'{kind}_saliency'] = {'layers': saliency.layers, 'resize_to': saliency.resize_to}
+  """Every term's settings: its registered `settings(config)`, then config.loss_settings.<term>."""
+  settings = {name: dict(t.settings(config)) for name, t in TERMS.items() if t.settings}
   for name, kw in config.loss_settings.items():
-    settings.setdefault(name, {}).update(dict(kw))
+    kw = {k: v for k, v in dict(kw).items() if v is not None}
+    if kw:
+      settings.setdefault(name, {}).update(kw)
   return settings
 
 
 def stage_terms(config, stage: dict, *, fuse_text: bool, alignment_beta: float,
-                text_predictor_weight: float) -> tuple[tuple[str, float], ...]:
-  """One stage's (term, weight) list: its `loss`, else config.loss, else the shorthand."""
+                text_predictor_weight: float) -> Terms:
+  """One stage's (term, weight) list: its `loss`, else config.loss, else the method and the
+  terms the config adds itself; then config.extra_loss."""
+  added = auto_terms(
+      config,
+      dict(fuse_text=fuse_text, alignment_beta=alignment_beta,
+           text_predictor_weight=text_predictor_weight))
   explicit = stage.get('loss') or config.loss  # a stage's keys are optional (plan._STAGE_KEYS)
   if explicit:
-    return tuple((str(name), float(weight)) for name, weight in explicit)
-  return (method_terms(config.distill) + tikd_terms(
-      fuse_text=fuse_text, alignment_beta=alignment_beta,
-      text_predictor_weight=text_predictor_weight, has_text=bool(config.text.features_dir),
-      self_distill_weight=config.tikd.self_distill_weight) + saliency_terms(config.saliency))
-
-
-def method_loss(distill, extra: tuple[tuple[str, float], ...] = ()):
-  """The `Loss` of `distill.method` (plus `extra` terms), settings from the `distill` block."""
-  from tikd_jax.losses.terms import Loss  # pylint: disable=g-import-not-at-top
-  return Loss(method_terms(distill) + tuple(extra), distill_settings(distill))
+    terms = tuple((str(name), float(weight)) for name, weight in explicit)
+    dropped = [name for name, _ in added if name not in dict(terms)]
+    if dropped:
+      where = "its 'loss'" if stage.get('loss') else 'config.loss'
+      raise ValueError(
+          f'stage {stage.get("name", "main")!r}: {where} {[n for n, _ in terms]} replaces the '
+          f'terms of distill.method, the TIKD stages and saliency, and leaves out {dropped}, '
+          f'which this config adds itself here: name them in the list too, or leave config.loss '
+          f'empty and add your own terms with config.extra_loss, e.g. '
+          f"config.extra_loss = (('my_term', 0.5),)")
+  else:
+    terms = method_terms(config.distill) + added
+  extra = tuple((str(name), float(weight)) for name, weight in config.extra_loss)
+  twice = sorted({name for name, _ in extra} & {name for name, _ in terms})
+  if twice:
+    raise ValueError(f'config.extra_loss names {twice}, which the loss {terms} already has: '
+                     f'change its weight where it comes from (distill.*, tikd.*, saliency.*) '
+                     f'or list the whole loss in config.loss')
+  return terms + extra

@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from tikd_jax.losses.registry import no_decay_patterns
 from tikd_jax.tree import flatten
 
 ANNEAL_STRATEGIES = ('cos', 'linear')
@@ -139,6 +140,12 @@ def decay_mask(params, exclude: tuple[str, ...]):
   return jax.tree.unflatten(treedef, flags)
 
 
+def weight_decay_mask(cfg, params):
+  """True where weight decay applies: not on the model's names in `cfg.wd_exclude`, nor on the
+  loss terms' parameters that their registration exempts (`register(..., no_decay=...)`)."""
+  return decay_mask(params, tuple(cfg.wd_exclude) + no_decay_patterns())
+
+
 def make_optimizer(cfg, schedule: optax.Schedule, params) -> optax.GradientTransformation:
   """adamw (decoupled decay, DeiT) or sgd (PyTorch-style coupled decay, RepDistiller).
 
@@ -147,7 +154,7 @@ def make_optimizer(cfg, schedule: optax.Schedule, params) -> optax.GradientTrans
   `optax.inject_hyperparams` evaluates it at the update count, and Adam's bias correction
   1 - b1^t then uses the current b1, as torch's AdamW does.
   """
-  mask = decay_mask(params, tuple(cfg.wd_exclude))
+  mask = weight_decay_mask(cfg, params)
   momentum = (schedule.momentum
               if isinstance(schedule, OneCycle) and schedule.cycle_momentum else None)
   if cfg.name == 'adamw':

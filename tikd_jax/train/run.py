@@ -25,7 +25,7 @@ from tikd_jax.cpu import layers as cpu_layers
 from tikd_jax.data import build_source, pipeline
 from tikd_jax.data.errors import DataError, DataNotFoundError
 from tikd_jax.data.repeated_aug import RepeatedAugmentation
-from tikd_jax.losses.terms import Loss
+from tikd_jax.losses.registry import Loss
 from tikd_jax.models import VIT_MODELS, build_model, count_params
 from tikd_jax.models.variables import load_model, model_variables
 from tikd_jax.train import checkpoint as ckpt_lib

@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from tikd_jax.losses.terms import Loss
+from tikd_jax.losses.registry import Loss
 from tikd_jax.train.ema import init_ema
 
 

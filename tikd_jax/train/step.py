@@ -16,7 +16,7 @@ import optax
 from flax import nnx
 
 from tikd_jax import losses
-from tikd_jax.losses.terms import Context, Loss
+from tikd_jax.losses.registry import Context, Loss
 from tikd_jax.train.ema import update_ema
 from tikd_jax.train.optim import zero_frozen
 from tikd_jax.train.state import TrainState
@@ -27,7 +27,7 @@ FUSION_TEXT = ('caption', 'predicted', 'scheduled')
 @dataclasses.dataclass(frozen=True)
 class StepOptions:
   """What a compiled train step is specialised on (one compile per distinct value); the loss
-  terms and their weights are the step's `loss` (tikd_jax/losses/terms.py)."""
+  terms and their weights are the step's `loss` (tikd_jax/losses/registry.py)."""
   num_classes: int
   steps_per_epoch: int
   seed: int
