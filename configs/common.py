@@ -124,14 +124,14 @@ def base() -> ConfigDict:
   # Tuples, so that they can be overridden: --config.mesh="(('data',4),('fsdp',2))".
   c.mesh = (('data', -1),)
   c.sharding_rules = ()
-  # XLA compiler options of the steps (tikd_jax/xla_options.py): auto = the fastest measured.
+  # XLA compiler options of the steps (tikd_jax/cpu/compiler.py): auto = the fastest measured.
   c.xla_options = 'auto'
-  # The ViT's layers and the CIFAR ResNets' 3×3 convs lowered for XLA:CPU
-  # (tikd_jax/models/cpu_fast_layers.py; the attention core and the Winograd convolution are C++
-  # kernels built once with the system compiler): 'auto' turns them on on CPU only, where they
-  # measured faster; 'on' | 'off'.
+  # The CPU backend (tikd_jax/cpu/), swapped into the models where they are built: the ViT's
+  # layers and the CIFAR ResNets' 3×3 convs lowered for XLA:CPU (the attention core and the
+  # Winograd convolution are C++ kernels built once with the system compiler). 'auto' turns it on
+  # on CPU only, where it measured faster; 'on' | 'off'.
   c.cpu_fast_layers = 'auto'
-  # Start from other weights (README "Fine-tuning from a checkpoint"): a workdir or converted
+  # Start from other weights (docs/configs.md): a workdir or converted
   # checkpoint; init_exclude: regexes of flat keys ('params/head/kernel') that start fresh.
   c.init_from = ''
   c.init_exclude = ()
