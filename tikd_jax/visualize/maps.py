@@ -155,7 +155,7 @@ def vit_token_gradients(graphdef, variables: dict, images: jax.Array, block: int
   The recipe is pytorch-grad-cam's for ViTs (jacobgil/pytorch-grad-cam,
   usage_examples/vit_example.py and tutorials/vision_transformers.md: `target_layers =
   [model.blocks[-1].norm1]`, a `reshape_transform` that drops the class token and reshapes the
-  rest to the patch grid). TIKD's released code (JSJ515-Group/TIKD) ships no Grad-CAM script, so
+  rest to the patch grid; a distilled ViT drops both its prefix tokens, cls and dist). TIKD's released code (JSJ515-Group/TIKD) ships no Grad-CAM script, so
   there is no released recipe to follow. Why norm1 of the last block and not its output: the heads
   read the prefix tokens only, so the last block's output patch tokens have zero gradient; the
   last block's attention is the one place where patch tokens still reach the class token.
@@ -166,8 +166,8 @@ def vit_token_gradients(graphdef, variables: dict, images: jax.Array, block: int
   pytorch-grad-cam differentiates for a distilled DeiT; for an IRKD-layout model
   (eval_head='cls') and a plain ViT the cls head. So the map explains the prediction the
   model makes and the figure's titles show. A TIKD model is run on its vision pass
-  (fuse_text=False): the fused pass re-runs the same blocks and a map of one norm1 would
-  mix the two passes.
+  (fuse_text=False, its first-pass logits): the fused pass re-runs the same blocks, so the
+  probe would sit in both passes and the map would mix two activations.
 
   The gradient comes from a zero probe added to norm1's output inside the model (as
   `stage_gradients` does for a ResNet stage); `models/vit.py` is not changed. Eval mode:
@@ -214,7 +214,8 @@ def vit_grad_cam(activations: jax.Array, gradients: jax.Array, num_prefix: int,
 
   The prefix tokens (cls [+ dist]) are dropped and the patch tokens reshaped to the grid
   (pytorch-grad-cam's `reshape_transform`); then `grad_cam`: w_c = mean over the patch tokens
-  of ∂y/∂A_c, M = ReLU(Σ_c w_c·A_c), M / max M.
+  of ∂y/∂A_c, M = ReLU(Σ_c w_c·A_c), M / max M (divided by its maximum like the ResNet maps;
+  pytorch-grad-cam min-max scales, which differs only where M's minimum is above zero).
   """
   activations = jnp.asarray(activations, jnp.float32)
   gradients = jnp.asarray(gradients, jnp.float32)
