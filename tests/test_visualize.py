@@ -154,6 +154,98 @@ def test_stage_gradients_go_through_the_model():
   assert cam.shape == (3, 4, 4) and cam.min() >= 0 and cam.max() <= 1.0 + 1e-6
 
 
+def _vit_grad_cam_restated(graphdef, variables, images, block, classes, head):
+  """ViT Grad-CAM by another route: the blocks run by hand up to `block`, A = its norm1 output,
+  and jax.grad of the rest of the forward (the pre-LN block formula x + Attn(A),
+  x + MLP(LN₂(x)), the later blocks, the final norm, the heads) w.r.t. A; then the map in NumPy
+  over the patch tokens only. `head` picks the differentiated logits: 'mean' of cls and dist
+  (the documented eval logits of a distilled ViT) or 'cls'."""
+  model = nnx.merge(graphdef, variables['params'], variables['batch_stats'])
+  x = model.embed(jnp.asarray(images))
+  for blk in model.blocks[:block]:
+    x, _ = blk(x)
+  a = model.blocks[block].norm1(x)
+
+  def logits_of(a):
+    blk = model.blocks[block]
+    h = x + blk.attn(a)[0]
+    h = h + blk.mlp(blk.norm2(h))
+    for later in model.blocks[block + 1:]:
+      h, _ = later(h)
+    h = model.norm(h)
+    cls = model.head(h[:, 0])
+    if head == 'cls':
+      return cls
+    return (cls + model.head_dist(h[:, 1])) / 2
+
+  def selected(a):
+    return jnp.sum(jnp.take_along_axis(logits_of(a), classes[:, None], axis=1))
+
+  logits = np.asarray(logits_of(a))
+  grads = np.asarray(jax.grad(selected)(a))
+  a = np.asarray(a)
+  p, g = model.num_prefix, model.grid
+  expected = np.zeros((len(images), g, g))
+  for b in range(len(images)):
+    w = grads[b, p:].mean(axis=0)  # [d]: mean over the patch tokens
+    cam = np.maximum(a[b, p:] @ w, 0.0).reshape(g, g)
+    expected[b] = cam / cam.max() if cam.max() > 0 else cam
+  return logits, a, grads, expected
+
+
+@pytest.mark.parametrize('distilled', [True, False])
+def test_vit_grad_cam_matches_restatement(distilled):
+  name, kwargs = SPECS['vit']
+  kwargs = dict(kwargs, distilled=distilled)
+  graphdef, variables = _random_model(name, kwargs, seed=2)
+  images = np.random.RandomState(1).rand(4, 16, 16, 3).astype(np.float32)
+  prefix = 2 if distilled else 1
+  logits, acts, grads = maps.vit_token_gradients(graphdef, variables, images)
+  assert acts.shape == grads.shape == (4, prefix + 16, 32)
+  heat = np.asarray(maps.vit_grad_cam(acts, grads, prefix))
+  assert heat.shape == (4, 4, 4)  # [B, grid, grid]
+  # the probe is a zero: the logits are the model's own eval logits
+  ref_logits, out = jax.jit(lambda v, x: nnx.merge(graphdef, v['params'], v['batch_stats'])(x))(
+      variables, images)
+  np.testing.assert_allclose(logits, ref_logits, rtol=1e-5, atol=1e-5)
+  if distilled:  # the documented logits: the mean of the two heads
+    np.testing.assert_allclose(logits, (out['cls_logits'] + out['dist_logits']) / 2, rtol=1e-5,
+                               atol=1e-5)
+  pred = np.argmax(np.asarray(ref_logits), -1)
+  ref_logits2, ref_acts, ref_grads, expected = _vit_grad_cam_restated(
+      graphdef, variables, images, 1, jnp.asarray(pred), 'mean' if distilled else 'cls')
+  np.testing.assert_allclose(ref_logits2, ref_logits, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(acts, ref_acts, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(grads, ref_grads, rtol=1e-4, atol=1e-7)
+  np.testing.assert_allclose(heat, expected, rtol=1e-4, atol=1e-5)
+  peaks = heat.max(axis=(1, 2))  # 1, or 0 where nothing is positive evidence
+  assert heat.min() >= 0.0 and np.all(np.isclose(peaks, 1.0) | (peaks == 0.0)) and peaks.any()
+  # the first block instead of the last, and an explicit class instead of the prediction
+  other = (pred + 1) % 10
+  _, acts0, grads0 = maps.vit_token_gradients(graphdef, variables, images, block=0,
+                                              classes=jnp.asarray(other))
+  *_, expected0 = _vit_grad_cam_restated(graphdef, variables, images, 0, jnp.asarray(other),
+                                         'mean' if distilled else 'cls')
+  np.testing.assert_allclose(maps.vit_grad_cam(acts0, grads0, prefix), expected0, rtol=1e-4,
+                             atol=1e-5)
+
+
+def test_vit_grad_cam_uses_the_prediction_and_mean_logits():
+  """The default class is the prediction, and a distilled ViT's map is not the cls head's."""
+  graphdef, variables = _random_model(*SPECS['vit'], seed=2)
+  images = np.random.RandomState(1).rand(4, 16, 16, 3).astype(np.float32)
+  logits, acts, grads = maps.vit_token_gradients(graphdef, variables, images)
+  pred = jnp.argmax(logits, -1)
+  _, _, grads_pred = maps.vit_token_gradients(graphdef, variables, images, classes=pred)
+  np.testing.assert_allclose(grads, grads_pred, rtol=1e-6, atol=1e-9)
+  _, _, grads_other = maps.vit_token_gradients(graphdef, variables, images, classes=(pred + 1) % 10)
+  assert not np.allclose(grads, grads_other, atol=1e-6)
+  *_, cls_grads, _ = _vit_grad_cam_restated(graphdef, variables, images, 1, pred, 'cls')
+  assert not np.allclose(grads, cls_grads, rtol=1e-2, atol=1e-4)
+  with pytest.raises(ValueError, match='block 2 out of range'):
+    maps.vit_token_gradients(graphdef, variables, images, block=2)
+
+
 def _random_attention(rs, b, h, t):
   logits = rs.randn(b, h, t, t) * 2
   e = np.exp(logits - logits.max(-1, keepdims=True))
@@ -222,6 +314,25 @@ def test_attention_resnet_grad_cam(workdirs, tmp_path, capsys):
   ])
   assert capsys.readouterr().out.strip() == path  # prints the path it wrote
   _check_png(path, min_side=300)
+
+
+def test_gradcam_command(workdirs, tmp_path, capsys):
+  for which in ('vit', 'resnet'):
+    path = main([
+        'gradcam', '--workdir', workdirs[which], '--out',
+        str(tmp_path / which), '--num_images', '8'
+    ])
+    assert path == str(tmp_path / which / 'gradcam.png')
+    assert capsys.readouterr().out.strip() == path
+    w, h = _check_png(path, min_side=300)
+    assert w > h  # 4 columns × 2 rows
+  first = main([
+      'gradcam', '--workdir', workdirs['vit'], '--out',
+      str(tmp_path / 'first'), '--num_images', '3', '--block', '0'
+  ])
+  _check_png(first)
+  with pytest.raises(SystemExit, match='--block 5 is out of range'):
+    main(['gradcam', '--workdir', workdirs['vit'], '--out', str(tmp_path), '--block', '5'])
 
 
 def test_tsne(workdirs, tmp_path):

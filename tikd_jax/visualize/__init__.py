@@ -1,6 +1,7 @@
 """Plots of a training run: attention / Grad-CAM maps, t-SNE of features, training curves.
 
   python -m tikd_jax.visualize attention --workdir DIR [--out DIR] [--num_images 8] [--split test]
+  python -m tikd_jax.visualize gradcam --workdir DIR [--num_images 8] [--block -1]
   python -m tikd_jax.visualize tsne --workdir DIR [--max_points 1000]
   python -m tikd_jax.visualize curves --workdir DIR
 

@@ -1,8 +1,12 @@
-"""`python -m tikd_jax.visualize attention|tsne|curves --workdir DIR`: PNGs from a training run.
+"""`python -m tikd_jax.visualize attention|gradcam|tsne|curves --workdir DIR`: PNGs from a run.
 
   attention  ViT: attention rollout (default; --attention=last: the last block's cls → patch
              attention), head-averaged, over --num_images eval images. CNN (CIFAR ResNets):
              Grad-CAM on layer3 w.r.t. the predicted class. One grid, tiles titled true/pred.
+  gradcam    Grad-CAM w.r.t. the predicted class over --num_images eval images. ViT: on the patch
+             tokens of block --block's norm1 output (default the last block; pytorch-grad-cam's
+             ViT recipe), differentiating the eval logits (distilled: mean of the cls and dist
+             heads). CNN (CIFAR ResNets): on layer3, as `attention` does.
   tsne       t-SNE (fixed --seed) of the model's pre-logits features of up to --max_points eval
              examples, coloured by class.
   curves     train loss and eval top-1/top-5 (top-5 with ≥ 5 classes) vs step from metrics.jsonl
@@ -65,6 +69,31 @@ def _forward_fn(checkpoint, fuse_text: bool):
                                 images)
 
 
+def _heatmap_figure(args, ckpt, images, labels, source, split, heat, logits, method: str,
+                    filename: str) -> str:
+  from tikd_jax.visualize import maps  # pylint: disable=g-import-not-at-top
+  from tikd_jax.visualize import workdir as wd  # pylint: disable=g-import-not-at-top
+  heat = np.asarray(maps.upsample(heat, images.shape[1:3]))
+  preds = np.argmax(np.asarray(logits), axis=-1)
+  names = wd.class_names(source, int(logits.shape[-1]))
+  fig = figures.heatmap_grid(images, heat, [names[int(i)] for i in labels],
+                             [names[int(i)] for i in preds],
+                             f'{ckpt.name} step {ckpt.step}, {split} split: {method}')
+  return figures.save(fig, _out_path(args, filename))
+
+
+def _resnet_grad_cam(ckpt, x):
+  from tikd_jax.visualize import maps  # pylint: disable=g-import-not-at-top
+  logits, acts, grads = maps.stage_gradients(ckpt.graphdef, ckpt.variables, x, GRAD_CAM_STAGE)
+  return logits, maps.grad_cam(acts,
+                               grads), f'Grad-CAM on {GRAD_CAM_STAGE} w.r.t. the predicted class'
+
+
+def _unsupported(ckpt, model, what: str):
+  return WorkdirError(f'no {what} view for model {ckpt.name!r} ({type(model).__name__}); '
+                      f'supported: DistilledViT and CifarResNet')
+
+
 def attention(args) -> str:
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from tikd_jax.models.resnet_cifar import CifarResNet  # pylint: disable=g-import-not-at-top
@@ -86,19 +115,42 @@ def attention(args) -> str:
       heat = maps.last_layer_attention(attns, model.num_prefix)
       method = 'last-block attention (cls → patches, head-averaged)'
   elif isinstance(model, CifarResNet):
-    logits, acts, grads = maps.stage_gradients(ckpt.graphdef, ckpt.variables, x, GRAD_CAM_STAGE)
-    heat = maps.grad_cam(acts, grads)
-    method = f'Grad-CAM on {GRAD_CAM_STAGE} w.r.t. the predicted class'
+    logits, heat, method = _resnet_grad_cam(ckpt, x)
   else:
-    raise WorkdirError(f'no attention view for model {ckpt.name!r} ({type(model).__name__}); '
-                       f'supported: DistilledViT (attention) and CifarResNet (Grad-CAM)')
-  heat = np.asarray(maps.upsample(heat, images.shape[1:3]))
-  preds = np.argmax(np.asarray(logits), axis=-1)
-  names = wd.class_names(source, int(logits.shape[-1]))
-  fig = figures.heatmap_grid(images, heat, [names[int(i)] for i in labels],
-                             [names[int(i)] for i in preds],
-                             f'{ckpt.name} step {ckpt.step}, {split} split: {method}')
-  return figures.save(fig, _out_path(args, 'attention.png'))
+    raise _unsupported(ckpt, model, 'attention')
+  return _heatmap_figure(args, ckpt, images, labels, source, split, heat, logits, method,
+                         'attention.png')
+
+
+def gradcam(args) -> str:
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from tikd_jax.models.resnet_cifar import CifarResNet  # pylint: disable=g-import-not-at-top
+  from tikd_jax.models.vit import DistilledViT  # pylint: disable=g-import-not-at-top
+  from tikd_jax.visualize import maps  # pylint: disable=g-import-not-at-top
+  from tikd_jax.visualize import workdir as wd  # pylint: disable=g-import-not-at-top
+  ckpt = wd.load_checkpoint(args.workdir)
+  config = wd.read_config(args.workdir)
+  images, labels, source, split = _eval_data(args, config, args.num_images)
+  model = ckpt.build()
+  x = jnp.asarray(images, jnp.float32) / 255.0
+  if isinstance(model, DistilledViT):
+    depth = len(model.blocks)
+    if not -depth <= args.block < depth:
+      raise WorkdirError(f'--block {args.block} is out of range: {ckpt.name} has {depth} blocks '
+                         f'(0..{depth - 1}, or -1 for the last)')
+    logits, acts, grads = maps.vit_token_gradients(ckpt.graphdef, ckpt.variables, x, args.block)
+    heat = maps.vit_grad_cam(acts, grads, model.num_prefix)
+    heads = ('mean of cls and dist heads'
+             if model.distilled and model.eval_head == 'mean' else 'cls head')
+    vision = ', vision pass' if wd.uses_text_fusion(ckpt, config) else ''
+    method = (f'Grad-CAM on block {args.block % depth} norm1 tokens w.r.t. the predicted class '
+              f'({heads}{vision})')
+  elif isinstance(model, CifarResNet):
+    logits, heat, method = _resnet_grad_cam(ckpt, x)
+  else:
+    raise _unsupported(ckpt, model, 'Grad-CAM')
+  return _heatmap_figure(args, ckpt, images, labels, source, split, heat, logits, method,
+                         'gradcam.png')
 
 
 def _features(ckpt, config, images: np.ndarray, batch_size: int) -> np.ndarray:
@@ -153,7 +205,7 @@ def curves(args) -> str:
   return figures.save(fig, _out_path(args, 'curves.png'))
 
 
-COMMANDS = {'attention': attention, 'tsne': tsne, 'curves': curves}
+COMMANDS = {'attention': attention, 'gradcam': gradcam, 'tsne': tsne, 'curves': curves}
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -162,11 +214,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
   p.add_argument('command', choices=sorted(COMMANDS))
   p.add_argument('--workdir', required=True, help='a training run directory')
   p.add_argument('--out', default=None, help='output directory (default: <workdir>/plots)')
-  p.add_argument('--num_images', type=int, default=8, help='attention: images in the grid')
+  p.add_argument('--num_images', type=int, default=8, help='attention, gradcam: images in the grid')
   p.add_argument('--max_points', type=int, default=1000, help='tsne: examples to embed')
   p.add_argument('--split', default=None, help="data split (default: the config's eval split)")
   p.add_argument('--attention', choices=('rollout', 'last'), default='rollout',
                  help='ViT map: attention rollout or the last block only')
+  p.add_argument('--block', type=int, default=-1,
+                 help="gradcam, ViT: the block whose norm1 output is mapped (-1: the last)")
   p.add_argument('--seed', type=int, default=0, help='example sampling and t-SNE random_state')
   p.add_argument('--batch_size', type=int, default=256, help='tsne: feature batch size')
   args = p.parse_args(argv)

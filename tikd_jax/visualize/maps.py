@@ -13,6 +13,8 @@ are jitted (`num_prefix`, `grid` static: pass an int, a tuple or None).
   (the repo's `attention_saliency`, i.e. IRKD's attention map).
 * `grad_cam` (Selvaraju et al. 2017): w_c = spatial mean of ∂y/∂A_c, map = ReLU(Σ_c w_c·A_c),
   divided by its maximum; `stage_gradients` gets ∂y/∂A by `jax.grad` through the whole model.
+* `vit_grad_cam`: the same map for a ViT, on the patch tokens of a block's `norm1` output, with
+  `vit_token_gradients` for A and ∂y/∂A (pytorch-grad-cam's ViT recipe; see its docstring).
 """
 from __future__ import annotations
 
@@ -144,6 +146,86 @@ def stage_gradients(graphdef, variables: dict, images: jax.Array, stage: str = '
     return logits, acts, jax.tree.leaves(grads)[0]
 
   return run(probe, rest, images, classes)
+
+
+def vit_token_gradients(graphdef, variables: dict, images: jax.Array, block: int = -1,
+                        classes: jax.Array | None = None):
+  """(logits, A, ∂y/∂A) of a `DistilledViT`: A = `blocks[block].norm1`'s output [B, T, d].
+
+  The recipe is pytorch-grad-cam's for ViTs (jacobgil/pytorch-grad-cam,
+  usage_examples/vit_example.py and tutorials/vision_transformers.md: `target_layers =
+  [model.blocks[-1].norm1]`, a `reshape_transform` that drops the class token and reshapes the
+  rest to the patch grid; a distilled ViT drops both its prefix tokens, cls and dist). TIKD's released code (JSJ515-Group/TIKD) ships no Grad-CAM script, so
+  there is no released recipe to follow. Why norm1 of the last block and not its output: the heads
+  read the prefix tokens only, so the last block's output patch tokens have zero gradient; the
+  last block's attention is the one place where patch tokens still reach the class token.
+
+  y is the logit of `classes` (default: the predicted class) in the logits the model predicts
+  with in eval mode: for a distilled ViT (eval_head='mean', DeiT) the mean of the cls and dist
+  heads, (cls + dist) / 2, which is also what timm's DeiT returns in eval mode and so what
+  pytorch-grad-cam differentiates for a distilled DeiT; for an IRKD-layout model
+  (eval_head='cls') and a plain ViT the cls head. So the map explains the prediction the
+  model makes and the figure's titles show. A TIKD model is run on its vision pass
+  (fuse_text=False, its first-pass logits): the fused pass re-runs the same blocks, so the
+  probe would sit in both passes and the map would mix two activations.
+
+  The gradient comes from a zero probe added to norm1's output inside the model (as
+  `stage_gradients` does for a ResNet stage); `models/vit.py` is not changed. Eval mode:
+  images do not interact, so the gradient of the summed selected logits is each image's own.
+  """
+  model = nnx.merge(graphdef, variables['params'], variables['batch_stats'])
+  blocks = getattr(model, 'blocks', None)
+  if not isinstance(blocks, nnx.List) or not len(blocks):
+    raise ValueError(f'{type(model).__name__} has no transformer blocks (model.blocks); ViT '
+                     f'Grad-CAM needs a DistilledViT')
+  depth = len(blocks)
+  if not -depth <= block < depth:
+    raise ValueError(f'block {block} out of range for a ViT with {depth} blocks (use 0..'
+                     f'{depth - 1}, or -1 for the last)')
+  block %= depth
+  images = jnp.asarray(images, jnp.float32)
+  tokens = jax.eval_shape(lambda im: model.embed(im), images)
+  blocks[block].norm1 = _ProbedBlock(blocks[block].norm1, tokens.shape, tokens.dtype)
+  probed_def, probe, rest = nnx.split(model, _Probe, ...)
+
+  @jax.jit
+  def run(probe, rest, images, classes):
+
+    def selected_logits(probe):
+      probed = nnx.merge(probed_def, probe, rest)
+      logits, out = probed(images, train=False)
+      # A itself: norm1 (unprobed) of the block's input, the previous block's output
+      x = probed.embed(images) if block == 0 else out[f'block{block - 1}']
+      acts = probed.blocks[block].norm1.block(x)
+      chosen = jnp.argmax(logits, axis=-1) if classes is None else classes
+      picked = jnp.take_along_axis(logits, chosen[:, None].astype(jnp.int32), axis=1)
+      return jnp.sum(picked), (logits, acts)
+
+    grads, (logits, acts) = jax.grad(selected_logits, has_aux=True)(probe)
+    return logits, acts, jax.tree.leaves(grads)[0]
+
+  return run(probe, rest, images, classes)
+
+
+@functools.partial(jax.jit, static_argnames=('num_prefix', 'grid'))
+def vit_grad_cam(activations: jax.Array, gradients: jax.Array, num_prefix: int,
+                 grid: int | Sequence[int] | None = None) -> jax.Array:
+  """Grad-CAM on ViT tokens A and ∂y/∂A, both [B, prefix + gh·gw, d] → [B, gh, gw] in [0, 1].
+
+  The prefix tokens (cls [+ dist]) are dropped and the patch tokens reshaped to the grid
+  (pytorch-grad-cam's `reshape_transform`); then `grad_cam`: w_c = mean over the patch tokens
+  of ∂y/∂A_c, M = ReLU(Σ_c w_c·A_c), M / max M (divided by its maximum like the ResNet maps;
+  pytorch-grad-cam min-max scales, which differs only where M's minimum is above zero).
+  """
+  activations = jnp.asarray(activations, jnp.float32)
+  gradients = jnp.asarray(gradients, jnp.float32)
+  if activations.shape != gradients.shape or activations.ndim != 3:
+    raise ValueError(f'activations and gradients must both be [B, tokens, d]; got '
+                     f'{activations.shape} and {gradients.shape}')
+  b, _, d = activations.shape
+  gh, gw = _grid(activations.shape[1] - num_prefix, grid)
+  return grad_cam(activations[:, num_prefix:].reshape(b, gh, gw, d),
+                  gradients[:, num_prefix:].reshape(b, gh, gw, d))
 
 
 def upsample(maps: jax.Array, size: Sequence[int]) -> jax.Array:
