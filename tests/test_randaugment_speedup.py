@@ -6,12 +6,13 @@ call. The checks: each op on every pixel value 0…255 and on images built to re
 cases (constant bands, narrow ranges, tiny sizes, one channel), the float32 blend over all
 (degenerate, image) value pairs at many factors, and whole `rand_augment` calls over many images
 and seeds, with every setting the configs reach. `test_identity_check_is_sensitive` breaks the
-new blend's rounding on purpose and asserts the comparison sees it.
+new blend's rounding on purpose and asserts the comparison sees it. Also: the integer SMOOTH
+filter against Pillow's, and the op-index draws one by one against one sized draw.
 """
 
 import numpy as np
 import pytest
-from PIL import Image, ImageEnhance, ImageOps
+from PIL import Image, ImageEnhance, ImageFilter, ImageOps
 
 from tikd_jax.data import randaugment
 
@@ -196,6 +197,28 @@ def test_blend_formula_exhaustive():
     want = np.asarray(Image.blend(Image.fromarray(a), Image.fromarray(b), factor))
     got = randaugment._blend(a[..., None], b[..., None], factor)[..., 0]  # pylint: disable=protected-access
     np.testing.assert_array_equal(got, want, err_msg=f'factor {factor}')
+
+
+def test_smooth_matches_pillow_filter():
+  rng = np.random.default_rng(4)
+  for size, channels in SHAPES + [((256, 256), 3), ((3, 3), 1)]:
+    for image in _images(int(rng.integers(1000)), size, channels) + [
+        rng.integers(0, 256, size + (channels,), dtype=np.uint8) for _ in range(20)
+    ]:
+      want = _reference_from_pil(_reference_to_pil(image).filter(ImageFilter.SMOOTH), channels)
+      np.testing.assert_array_equal(randaugment._smooth(image), want)  # pylint: disable=protected-access
+
+
+@pytest.mark.parametrize('num_ops', [0, 1, 2, 3, 5])
+def test_scalar_index_draws_match_one_sized_draw(num_ops):
+  """rand_augment draws its op indices one by one; timm's (and 6f12d78's) one `size=num_ops` draw
+  gives the same values and leaves the generator in the same state."""
+  for n in (1, 2, 3, 14, 15, 16, 255, 2**31 + 5):
+    for seed in range(200):
+      one, each = np.random.default_rng(seed), np.random.default_rng(seed)
+      assert list(one.integers(0, n, size=num_ops)) == [each.integers(0, n) for _ in range(num_ops)]
+      assert one.random() == each.random()  # the same state after
+      assert one.bit_generator.state == each.bit_generator.state
 
 
 RECIPE = dict(num_ops=2, magnitude=9, magnitude_std=0.5, increasing=True, interpolation='bicubic',

@@ -103,17 +103,15 @@ def op_argument(name: str, magnitude: float, negate: bool = False) -> float | in
 # --- the ops -----------------------------------------------------------------------------------
 # The point ops and the enhancements run on NumPy arrays and restate Pillow's arithmetic bit for
 # bit: its lookup tables (ImageOps), its float32 blend (libImaging/Blend.c: in1 + α·(in2 − in1),
-# clipped, truncated), its RGB → L weights (Convert.c `L24`) and its float32 3×3 SMOOTH filter
-# (Filter.c, edges copied). The geometric ops stay Pillow's bicubic affine transform. The image
+# clipped, truncated), its RGB → L weights (Convert.c `L24`) and its 3×3 SMOOTH filter
+# (Filter.c; exactly an integer formula, see `_smooth`). The geometric ops stay Pillow's bicubic affine transform. The image
 # crosses to Pillow and back only around geometric ops. tests/test_randaugment_speedup.py holds
 # the former all-Pillow implementation and asserts equal outputs, op by op on every pixel value
 # and end to end over many images and seeds.
 
 _IDENTITY_LUT = np.arange(256, dtype=np.uint8)
 _INVERT_LUT = (255 - np.arange(256)).astype(np.uint8)
-# Pillow's SMOOTH kernel ((3, 3), scale 13), divided in float32 as _imaging.c `_filter` does.
-_SMOOTH = tuple(np.float32(k) / np.float32(13) for k in (1, 1, 1, 1, 5, 1, 1, 1, 1))
-_HALF = np.float32(0.5)
+_INF = float('inf')
 
 
 @functools.cache
@@ -148,26 +146,24 @@ def _autocontrast_lut(lo: int, hi: int) -> np.ndarray:
   return np.clip(np.trunc(np.arange(256) * scale + offset), 0, 255).astype(np.uint8)
 
 
-def _equalize_lut(h: np.ndarray) -> np.ndarray:
-  """ImageOps.equalize for a band with histogram `h` (its integer arithmetic, vectorised)."""
-  nonzero = np.flatnonzero(h)
-  if len(nonzero) <= 1:
-    return _IDENTITY_LUT
-  step = (int(h.sum()) - int(h[nonzero[-1]])) // 255
-  if not step:
-    return _IDENTITY_LUT
-  n = step // 2 + np.concatenate(([0], np.cumsum(h[:-1])))
-  return np.minimum(n // step, 255).astype(np.uint8)  # `point` clips table entries to 0…255
+@functools.cache
+def _band_offsets(pixels: int, channels: int) -> np.ndarray:
+  """256 · band index for every value of a flattened HWC image (one contiguous add beats a
+  broadcast over a last axis of 3)."""
+  return np.tile(np.arange(channels, dtype=np.uint16) * 256, pixels)
 
 
-_CHANNEL_OFFSETS = np.arange(4, dtype=np.intp) * 256
+def _banded(img: np.ndarray) -> np.ndarray:
+  """The flattened image with each value offset into its band's 256-entry block."""
+  return img.ravel() + _band_offsets(img.size // img.shape[-1], img.shape[-1])
 
 
 def _apply_luts(img: np.ndarray, luts) -> np.ndarray:
-  """Band c of `img` through `luts[c]` (Pillow's `point` with a 256·bands table)."""
-  if all(lut is luts[0] for lut in luts):
+  """Band c of `img` through `luts[c]` (Pillow's `point` with a 256·bands table); `luts` a list
+  of 256-entry tables or a bands × 256 array."""
+  if len(luts) == 1 or all(lut is luts[0] for lut in luts):
     return np.take(luts[0], img)
-  return np.take(np.concatenate(luts), img + _CHANNEL_OFFSETS[:img.shape[-1]])
+  return np.take(np.concatenate(luts), _banded(img)).reshape(img.shape)
 
 
 def _luma(img: np.ndarray) -> np.ndarray:
@@ -186,35 +182,45 @@ def _blend(degenerate, img: np.ndarray, factor: float) -> np.ndarray:
   alpha = np.float32(factor)
   base = np.asarray(degenerate, np.float32)
   out = base + alpha * (img.astype(np.float32) - base)
-  return np.clip(out, 0, 255).astype(np.uint8)
+  return np.minimum(np.maximum(out, 0, out=out), 255, out=out).astype(np.uint8)
 
 
 def _smooth(img: np.ndarray) -> np.ndarray:
-  """`img.filter(ImageFilter.SMOOTH)`: Filter.c's float32 3×3 sum in its order (rows y+1, y,
-  y−1, each left to right, on top of a 0.5 rounding offset), clipped and truncated; the border
-  rows and columns are copied, and images under 3×3 come back unchanged."""
+  """`img.filter(ImageFilter.SMOOTH)` in integers: Filter.c sums k·v in float32 with k = 1/13 (5/13
+  at the centre) on top of a 0.5 rounding offset and truncates. The exact sum is 0.5 + n/13 for
+  the integer n = 3×3 box sum + 4·centre, which is never an integer and lies at least 1/26 from
+  one, while float32's error on it stays under 1e-3: the truncation is floor((2n + 13) / 26).
+  The border rows and columns are copied; images under 3×3 come back unchanged."""
   h, w = img.shape[:2]
   if h < 3 or w < 3:
     return img
-  f = img.astype(np.float32)
-  k = _SMOOTH
-  ss = _HALF + (f[2:, :-2] * k[0] + f[2:, 1:-1] * k[1] + f[2:, 2:] * k[2])
-  ss = ss + (f[1:-1, :-2] * k[3] + f[1:-1, 1:-1] * k[4] + f[1:-1, 2:] * k[5])
-  ss = ss + (f[:-2, :-2] * k[6] + f[:-2, 1:-1] * k[7] + f[:-2, 2:] * k[8])
+  v = img.astype(np.uint16)
+  rows = v[:-2] + v[1:-1] + v[2:]
+  n = rows[:, :-2] + rows[:, 1:-1] + rows[:, 2:] + 4 * v[1:-1, 1:-1]  # ≤ 13·255
   out = img.copy()
-  out[1:-1, 1:-1] = np.clip(ss, 0, 255).astype(np.uint8)
+  out[1:-1, 1:-1] = (2 * n + 13) // 26
   return out
 
 
 def _autocontrast(img: np.ndarray, arg) -> np.ndarray:
-  lo, hi = img.min(axis=(0, 1)), img.max(axis=(0, 1))
+  bands = np.ascontiguousarray(img.reshape(-1, img.shape[-1]).T)  # fast contiguous reductions
+  lo, hi = bands.min(axis=1), bands.max(axis=1)
   return _apply_luts(img, [_autocontrast_lut(int(a), int(b)) for a, b in zip(lo, hi)])
 
 
 def _equalize(img: np.ndarray, arg) -> np.ndarray:
+  """ImageOps.equalize, its integer arithmetic vectorised over the bands: with h a band's
+  histogram and `last` its highest value present, step = (Σh − h[last]) // 255 and table entry i
+  = (step // 2 + Σ_{j<i} h[j]) // step, clipped to 255 by `point`; step 0 (one value present,
+  or too few pixels) leaves the band unchanged."""
   channels = img.shape[-1]
-  hist = np.bincount((img + _CHANNEL_OFFSETS[:channels]).ravel(), minlength=256 * channels)
-  return _apply_luts(img, [_equalize_lut(h) for h in hist.reshape(channels, 256)])
+  hist = np.bincount(_banded(img), minlength=256 * channels).reshape(channels, 256)
+  last = 255 - np.argmax(hist[:, ::-1] > 0, axis=1)
+  step = (hist.sum(axis=1) - hist[np.arange(channels), last]) // 255
+  n = (step // 2)[:, None] + np.cumsum(hist, axis=1) - hist
+  luts = np.minimum(n // np.maximum(step, 1)[:, None], 255).astype(np.uint8)
+  luts[step == 0] = _IDENTITY_LUT
+  return _apply_luts(img, luts)
 
 
 def _color(img: np.ndarray, factor: float) -> np.ndarray:
@@ -226,7 +232,7 @@ def _color(img: np.ndarray, factor: float) -> np.ndarray:
 def _contrast(img: np.ndarray, factor: float) -> np.ndarray:
   luma = _luma(img)
   mean = int(int(luma.sum(dtype=np.int64)) / luma.size + 0.5)  # ImageStat mean, rounded
-  return _blend(mean, img, factor)
+  return np.take(_blend(mean, _IDENTITY_LUT, factor), img)  # a constant degenerate: a table
 
 
 _ARRAY_OPS: dict[str, Callable[[np.ndarray, object], np.ndarray]] = {
@@ -238,7 +244,7 @@ _ARRAY_OPS: dict[str, Callable[[np.ndarray, object], np.ndarray]] = {
     'SolarizeAdd': lambda img, add: np.take(_solarize_add_lut(int(add)), img),
     'Color': _color,
     'Contrast': _contrast,
-    'Brightness': lambda img, factor: _blend(0, img, factor),
+    'Brightness': lambda img, factor: np.take(_blend(0, _IDENTITY_LUT, factor), img),
     'Sharpness': lambda img, factor: _blend(_smooth(img), img, factor),
 }
 
@@ -294,7 +300,7 @@ def _apply(img: np.ndarray | Image.Image, name: str, arg, fill, resample,
   on_arrays, fn = _OPS[name]
   if on_arrays:
     return fn(_as_array(img, channels), arg)
-  return fn(_as_pil(img), arg, fill, resample)
+  return fn(_as_pil(img), arg, _pil_fill(fill, channels), resample)
 
 
 def _pil_fill(fill: Sequence[int], channels: int):
@@ -319,8 +325,8 @@ def apply_op(image: np.ndarray, name: str, magnitude: float, *, negate: bool = F
   """One RandAugment op at a fixed magnitude and sign, always applied (uint8 HWC → uint8 HWC)."""
   _check_image(image)
   channels = image.shape[-1]
-  img = _apply(image, name, op_argument(name, magnitude, negate), _pil_fill(fill, channels),
-               _resample(interpolation), channels)
+  img = _apply(image, name, op_argument(name, magnitude, negate), fill, _resample(interpolation),
+               channels)
   return _result(img, image)
 
 
@@ -340,19 +346,20 @@ def rand_augment(image: np.ndarray, rng: np.random.Generator, *, num_ops: int = 
   _check_image(image)
   channels = image.shape[-1]
   img = image
-  pil_fill = _pil_fill(fill, channels)
-  for index in rng.integers(0, len(ops), size=num_ops):
+  # k scalar draws take the same values and generator state as timm's one draw of size k, in a
+  # third of the time (tests/test_randaugment_speedup.py checks it).
+  for index in [rng.integers(0, len(ops)) for _ in range(num_ops)]:
     if prob < 1.0 and rng.random() > prob:
       continue
     m = magnitude
-    if magnitude_std == float('inf'):
+    if magnitude_std == _INF:
       m = rng.uniform(0.0, magnitude)
     elif magnitude_std > 0:
       m = rng.normal(magnitude, magnitude_std)
     m = max(0.0, min(float(m), magnitude_max))
     negate = bool(rng.random() > 0.5)
     name = ops[int(index)]
-    img = _apply(img, name, op_argument(name, m, negate), pil_fill, _resample(interpolation, rng),
+    img = _apply(img, name, op_argument(name, m, negate), fill, _resample(interpolation, rng),
                  channels)
   return _result(img, image)
 
