@@ -59,9 +59,34 @@ def digits_source():
   return digits.load('train', 32)
 
 
-def timed_iterator(make_iterator, batch: int, batches: int,
-                   image_shape: tuple) -> tuple[float, float]:
-  """(seconds to the first batch, images/s over the next `batches` batches)."""
+def _cpu_seconds() -> tuple[float, float] | None:
+  """(CPU seconds of this process, of its descendants: grain's workers) so far, from /proc (None
+  elsewhere). On a shared machine images per CPU second (what one worker process with a core
+  of its own would give) varies far less than images per second."""
+  try:
+    tick = os.sysconf('SC_CLK_TCK')
+    parents, cpu = {}, {}
+    for pid in filter(str.isdigit, os.listdir('/proc')):
+      try:
+        with open(f'/proc/{pid}/stat') as f:
+          fields = f.read().rsplit(')', 1)[1].split()
+      except OSError:
+        continue
+      parents[int(pid)] = int(fields[1])
+      cpu[int(pid)] = (int(fields[11]) + int(fields[12])) / tick  # utime + stime
+  except (OSError, ValueError, AttributeError):
+    return None
+  me, descendants, frontier = os.getpid(), set(), {os.getpid()}
+  while frontier:
+    frontier = {pid for pid, parent in parents.items() if parent in frontier} - descendants
+    descendants |= frontier
+  return cpu.get(me, 0.0), sum(cpu[pid] for pid in descendants)
+
+
+def timed_iterator(make_iterator, batch: int, batches: int, image_shape: tuple) -> dict:
+  """{startup: seconds to the first batch; then over the next `batches` batches: rate, images/s;
+  cpu_rate, images per CPU second of this process and its workers together; worker_cpu_rate,
+  per CPU second of the process(es) that augment (the workers, or this one without)}."""
   t0 = time.perf_counter()
   it = make_iterator()
   try:
@@ -69,19 +94,28 @@ def timed_iterator(make_iterator, batch: int, batches: int,
     if first['image'].shape != (batch,) + tuple(image_shape):
       raise RuntimeError(f'unexpected batch shape {first["image"].shape}')
     startup = time.perf_counter() - t0
+    cpu0 = _cpu_seconds()
     t1 = time.perf_counter()
     for _ in range(batches):
       next(it)
-    rate = batches * batch / (time.perf_counter() - t1)
+    seconds = time.perf_counter() - t1
+    cpu1 = _cpu_seconds()
   finally:
     close = getattr(it, 'close', None)
     if close is not None:
       close()
-  return startup, rate
+  images = batches * batch
+  out = {'startup': startup, 'rate': images / seconds, 'cpu_rate': None, 'worker_cpu_rate': None}
+  if cpu0 and cpu1:
+    main, workers = cpu1[0] - cpu0[0], cpu1[1] - cpu0[1]
+    augmenting = workers if workers > 0 else main
+    out['cpu_rate'] = images / max(main + workers, 1e-9)
+    out['worker_cpu_rate'] = images / max(augmenting, 1e-9)
+  return out
 
 
-def one_run(source, batch: int, batches: int, workers: int, seed: int) -> tuple[float, float]:
-  """The crop-and-flip pipeline on `source`: (start-up s, images/s)."""
+def one_run(source, batch: int, batches: int, workers: int, seed: int) -> dict:
+  """The crop-and-flip pipeline on `source`: `timed_iterator`'s numbers."""
   from tikd_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   ds = pipeline.train_dataset(source, batch_size=batch, seed=seed)
   return timed_iterator(lambda: pipeline.make_iterator(ds, workers), batch, batches,
@@ -123,7 +157,7 @@ class RecipeStreams:
     self._data, self._loop = data, loop
     self._replace, self._namespace = dataclasses.replace, types.SimpleNamespace
 
-  def run(self, pipeline: str, workers: int, batches: int) -> tuple[float, float]:
+  def run(self, pipeline: str, workers: int, batches: int) -> dict:
     data = self._replace(self._data, num_workers=workers)
     if pipeline == 'crop_flip':
       data = self._replace(data, host_augment=None)
@@ -145,8 +179,8 @@ def serve(args) -> None:
         flush=True)
   for line in sys.stdin:
     request = json.loads(line)
-    startup, rate = streams.run(request['pipeline'], request['workers'], request['batches'])
-    print(RESULT + json.dumps({'startup': startup, 'rate': rate}), flush=True)
+    result = streams.run(request['pipeline'], request['workers'], request['batches'])
+    print(RESULT + json.dumps(result), flush=True)
 
 
 class Server:
@@ -173,12 +207,11 @@ class Server:
         return json.loads(line[len(RESULT):])
     raise RuntimeError(f'the server for {self.root} stopped (exit {self.process.wait()})')
 
-  def run(self, pipeline: str, workers: int, batches: int) -> tuple[float, float]:
+  def run(self, pipeline: str, workers: int, batches: int) -> dict:
     self.process.stdin.write(
         json.dumps({'pipeline': pipeline, 'workers': workers, 'batches': batches}) + '\n')
     self.process.stdin.flush()
-    reply = self._reply()
-    return reply['startup'], reply['rate']
+    return self._reply()
 
   def close(self) -> None:
     self.process.stdin.close()
@@ -218,16 +251,14 @@ def recipe_rows(args, emit, versions: dict) -> None:
     commits['baseline'] = servers['baseline'].commit
   try:
     for workers in (int(w) for w in args.workers.split(',')):
-      results = {c: ([], [], []) for c in contestants}  # loads, startups, rates
+      results = {c: ([], []) for c in contestants}  # loads, runs
       for r in range(args.runs):
         k = r % len(contestants)
         for contestant in contestants[k:] + contestants[:k]:
-          loads, startups, rates = results[contestant]
+          loads, runs = results[contestant]
           loads.append(report.load_now())
-          startup, rate = runner(*contestant, workers)
-          startups.append(startup)
-          rates.append(rate)
-      for (who, pipeline), (loads, startups, rates) in results.items():
+          runs.append(runner(*contestant, workers))
+      for (who, pipeline), (loads, runs) in results.items():
         emit({
             'name': 'input_pipeline',
             'recipe': f'{name}:{arg}' if arg else name,
@@ -243,7 +274,7 @@ def recipe_rows(args, emit, versions: dict) -> None:
             'workers': workers,
             'runs': args.runs,
             'interleaved_with': [f'{w}/{p}' for w, p in contestants if (w, p) != (who, pipeline)],
-            **_rates(rates, startups, loads),
+            **_rates(runs, loads),
             'versions': versions,
         })
   finally:
@@ -251,19 +282,32 @@ def recipe_rows(args, emit, versions: dict) -> None:
       server.close()
 
 
-def _rates(rates, startups, loads) -> dict:
-  return {
+def _rates(runs: list[dict], loads) -> dict:
+  """The row's numbers over its runs: wall-clock images/s (median, p10, p90, each run), images
+  per CPU second (all the pipeline's processes; the augmenting ones), start-up and load."""
+  rates = [r['rate'] for r in runs]
+  row = {
       'median_images_per_s': round(statistics.median(rates), 1),
       'p10_images_per_s': round(report.quantile(rates, 0.1), 1),
       'p90_images_per_s': round(report.quantile(rates, 0.9), 1),
       'images_per_s': [round(r, 1) for r in rates],
-      'median_first_batch_s': round(statistics.median(startups), 3),
+  }
+  for key, name in (('cpu_rate', 'images_per_cpu_s'), ('worker_cpu_rate',
+                                                       'images_per_augmenting_cpu_s')):
+    values = [r[key] for r in runs if r[key] is not None]
+    if values:
+      row[f'median_{name}'] = round(statistics.median(values), 1)
+      row[f'p10_{name}'] = round(report.quantile(values, 0.1), 1)
+      row[f'p90_{name}'] = round(report.quantile(values, 0.9), 1)
+  row.update({
+      'median_first_batch_s': round(statistics.median(r['startup'] for r in runs), 3),
       'load_1min': report.load_summary(loads),
       'cpus': os.cpu_count(),
-  }
+  })
+  return row
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
   parser = argparse.ArgumentParser(description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument('--batch', type=int, default=None,
@@ -281,7 +325,7 @@ def main() -> None:
   parser.add_argument('--out', default=None, help='also append the JSON lines to this file')
   parser.add_argument('--serve', action='store_true', help=argparse.SUPPRESS)
   parser.add_argument('--library_root', default=None, help=argparse.SUPPRESS)
-  args = parser.parse_args()
+  args = parser.parse_args(argv)
   if args.library_root:  # a server: this checkout's tikd_jax and configs come first
     sys.path.insert(0, os.path.abspath(args.library_root))
   if args.baseline_root and not args.recipe:
@@ -311,12 +355,10 @@ def main() -> None:
     for name in args.sources.split(','):
       source = builders[name]()
       for workers in (int(w) for w in args.workers.split(',')):
-        loads, startups, rates = [], [], []
+        loads, runs = [], []
         for run in range(args.runs):
           loads.append(report.load_now())
-          startup, rate = one_run(source, batch, args.batches, workers, seed=run)
-          startups.append(startup)
-          rates.append(rate)
+          runs.append(one_run(source, batch, args.batches, workers, seed=run))
         emit({
             'name': 'input_pipeline',
             'source': name,
@@ -326,7 +368,7 @@ def main() -> None:
             'batches': args.batches,
             'workers': workers,
             'runs': args.runs,
-            **_rates(rates, startups, loads),
+            **_rates(runs, loads),
             'versions': versions,
         })
 

@@ -10,6 +10,8 @@ new blend's rounding on purpose and asserts the comparison sees it. Also: the in
 filter against Pillow's, and the op-index draws one by one against one sized draw.
 """
 
+import json
+
 import numpy as np
 import pytest
 from PIL import Image, ImageEnhance, ImageFilter, ImageOps
@@ -288,3 +290,22 @@ def test_identity_check_is_sensitive(monkeypatch):
                      reference_rand_augment(image, ref, **RECIPE)) for _ in range(200)
   ]
   assert not all(same)
+
+
+def test_input_pipeline_benchmark_measures_the_recipe(tmp_path, capsys):
+  """`benchmarks/input_pipeline.py --recipe tikd_cifar100`: rows for the preset's own stream
+  (RandAugment included) and its crop/flip-only stream, with positive rates."""
+  from benchmarks import input_pipeline  # pylint: disable=g-import-not-at-top
+  out = tmp_path / 'rows.jsonl'
+  input_pipeline.main([
+      '--recipe', 'tikd_cifar100', '--batches', '2', '--runs', '1', '--workers', '0', '--batch',
+      '32', f'--out={out}'
+  ])
+  rows = {r['pipeline']: r for r in map(json.loads, out.read_text().splitlines())}
+  assert capsys.readouterr().out.count('"input_pipeline"') == 2 and set(rows) == {
+      'recipe', 'crop_flip'
+  }
+  for row in rows.values():
+    assert (row['recipe'], row['config_name'], row['workers'],
+            row['batch']) == ('tikd_cifar100', 'tikd_large', 0, 32)
+    assert row['median_images_per_s'] > 0 and row['images_per_s'][0] > 0
