@@ -197,7 +197,8 @@ def test_blend_formula_exhaustive():
   b = np.tile(np.arange(256, dtype=np.uint8), 256).reshape(256, 256)
   for factor in [0.1, 0.2, 0.7, 0.9, 1.1, 1.25, 1.9, 1 / 3, 1 / 7, 5 / 13]:
     want = np.asarray(Image.blend(Image.fromarray(a), Image.fromarray(b), factor))
-    got = randaugment._blend(a[..., None], b[..., None], factor)[..., 0]  # pylint: disable=protected-access
+    got = randaugment._blend(a[..., None], b[..., None], factor)  # pylint: disable=protected-access
+    got = got[..., 0]
     np.testing.assert_array_equal(got, want, err_msg=f'factor {factor}')
 
 
@@ -208,7 +209,8 @@ def test_smooth_matches_pillow_filter():
         rng.integers(0, 256, size + (channels,), dtype=np.uint8) for _ in range(20)
     ]:
       want = _reference_from_pil(_reference_to_pil(image).filter(ImageFilter.SMOOTH), channels)
-      np.testing.assert_array_equal(randaugment._smooth(image), want)  # pylint: disable=protected-access
+      got = randaugment._smooth(image)  # pylint: disable=protected-access
+      np.testing.assert_array_equal(got, want)
 
 
 @pytest.mark.parametrize('num_ops', [0, 1, 2, 3, 5])

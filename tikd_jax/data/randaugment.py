@@ -1,4 +1,4 @@
-"""timm RandAugment (`rand-m9-mstd0.5-inc1`, DeiT's `--aa`) on uint8 HWC images, host-side (NumPy + PIL).
+"""timm RandAugment (`rand-m9-mstd0.5-inc1`, DeiT's `--aa`) on uint8 HWC images, on the host.
 
 A restatement of timm/data/auto_augment.py (`rand_augment_transform`, `AugmentOp`, the
 `*_level_to_arg` functions), drawing from a NumPy `Generator` instead of Python's global `random`
@@ -104,10 +104,11 @@ def op_argument(name: str, magnitude: float, negate: bool = False) -> float | in
 # The point ops and the enhancements run on NumPy arrays and restate Pillow's arithmetic bit for
 # bit: its lookup tables (ImageOps), its float32 blend (libImaging/Blend.c: in1 + α·(in2 − in1),
 # clipped, truncated), its RGB → L weights (Convert.c `L24`) and its 3×3 SMOOTH filter
-# (Filter.c; exactly an integer formula, see `_smooth`). The geometric ops stay Pillow's bicubic affine transform. The image
-# crosses to Pillow and back only around geometric ops. tests/test_randaugment_speedup.py holds
-# the former all-Pillow implementation and asserts equal outputs, op by op on every pixel value
-# and end to end over many images and seeds.
+# (Filter.c; exactly an integer formula, see `_smooth`). The geometric ops stay Pillow's affine
+# transform (a NumPy restatement of its bicubic filter was 2× slower at 32 px); the image crosses
+# to Pillow and back only around them. tests/test_randaugment_speedup.py holds the former
+# all-Pillow implementation and asserts equal outputs, op by op on every pixel value and end to
+# end over many images and seeds.
 
 _IDENTITY_LUT = np.arange(256, dtype=np.uint8)
 _INVERT_LUT = (255 - np.arange(256)).astype(np.uint8)
