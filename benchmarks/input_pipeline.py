@@ -11,7 +11,11 @@ threads, prefetch 2, optionally `--workers` grain worker processes). Sources: th
 train split (1,437 images, 32 px) and a synthetic in-memory 50,000 × 32 × 32 × 3 uint8
 `ArraySource` (CIFAR's size). Each (source, workers) row: one fresh iterator per run, the first
 batch (start-up, worker spawn) timed apart, then `--batches` batches; median / p10 / p90 images/s
-over `--runs` runs, plus the 1-minute load average. One JSON line per row to stdout (and --out).
+over `--runs` runs, plus the 1-minute load average; beside them, images per CPU second (Linux
+/proc): of all the pipeline's processes (`images_per_cpu_s`) and of the augmenting ones alone,
+the workers or, without workers, this process (`images_per_augmenting_cpu_s`: what one worker
+with a core of its own delivers), which a machine shared with other jobs disturbs far less than
+images/s. One JSON line per row to stdout (and --out).
 A train step of the ViT students takes seconds per 128 images on this CPU (train_step.py), i.e.
 tens of images/s: on CPU the pipeline only has to stay well above that; an accelerator needs
 tens of thousands.
