@@ -11,11 +11,12 @@ threads, prefetch 2, optionally `--workers` grain worker processes). Sources: th
 train split (1,437 images, 32 px) and a synthetic in-memory 50,000 × 32 × 32 × 3 uint8
 `ArraySource` (CIFAR's size). Each (source, workers) row: one fresh iterator per run, the first
 batch (start-up, worker spawn) timed apart, then `--batches` batches; median / p10 / p90 images/s
-over `--runs` runs, plus the 1-minute load average; beside them, images per CPU second (Linux
-/proc): of all the pipeline's processes (`images_per_cpu_s`) and of the augmenting ones alone,
-the workers or, without workers, this process (`images_per_augmenting_cpu_s`: what one worker
-with a core of its own delivers), which a machine shared with other jobs disturbs far less than
-images/s. One JSON line per row to stdout (and --out).
+over `--runs` runs, plus the 1-minute load average. Rows without workers also give images per
+CPU second of this process (`images_per_cpu_s`, from `time.process_time`: about what one process
+with a core of its own delivers), which a machine shared with other jobs disturbs less than
+images/s. (Worker processes' CPU seconds read from /proc during the timed batches did not track
+their work, so worker rows have wall-clock rates only.) One JSON line per row to stdout (and
+--out).
 A train step of the ViT students takes seconds per 128 images on this CPU (train_step.py), i.e.
 tens of images/s: on CPU the pipeline only has to stay well above that; an accelerator needs
 tens of thousands.
@@ -63,34 +64,10 @@ def digits_source():
   return digits.load('train', 32)
 
 
-def _cpu_seconds() -> tuple[float, float] | None:
-  """(CPU seconds of this process, of its descendants: grain's workers) so far, from /proc (None
-  elsewhere). On a shared machine images per CPU second (what one worker process with a core
-  of its own would give) varies far less than images per second."""
-  try:
-    tick = os.sysconf('SC_CLK_TCK')
-    parents, cpu = {}, {}
-    for pid in filter(str.isdigit, os.listdir('/proc')):
-      try:
-        with open(f'/proc/{pid}/stat') as f:
-          fields = f.read().rsplit(')', 1)[1].split()
-      except OSError:
-        continue
-      parents[int(pid)] = int(fields[1])
-      cpu[int(pid)] = (int(fields[11]) + int(fields[12])) / tick  # utime + stime
-  except (OSError, ValueError, AttributeError):
-    return None
-  me, descendants, frontier = os.getpid(), set(), {os.getpid()}
-  while frontier:
-    frontier = {pid for pid, parent in parents.items() if parent in frontier} - descendants
-    descendants |= frontier
-  return cpu.get(me, 0.0), sum(cpu[pid] for pid in descendants)
-
-
-def timed_iterator(make_iterator, batch: int, batches: int, image_shape: tuple) -> dict:
+def timed_iterator(make_iterator, batch: int, batches: int, image_shape: tuple,
+                   workers: int = 0) -> dict:
   """{startup: seconds to the first batch; then over the next `batches` batches: rate, images/s;
-  cpu_rate, images per CPU second of this process and its workers together; worker_cpu_rate,
-  per CPU second of the process(es) that augment (the workers, or this one without)}."""
+  cpu_rate, images per CPU second of this process, without worker processes only (else None)}."""
   t0 = time.perf_counter()
   it = make_iterator()
   try:
@@ -98,24 +75,21 @@ def timed_iterator(make_iterator, batch: int, batches: int, image_shape: tuple) 
     if first['image'].shape != (batch,) + tuple(image_shape):
       raise RuntimeError(f'unexpected batch shape {first["image"].shape}')
     startup = time.perf_counter() - t0
-    cpu0 = _cpu_seconds()
+    cpu0 = time.process_time()
     t1 = time.perf_counter()
     for _ in range(batches):
       next(it)
     seconds = time.perf_counter() - t1
-    cpu1 = _cpu_seconds()
+    cpu = time.process_time() - cpu0
   finally:
     close = getattr(it, 'close', None)
     if close is not None:
       close()
   images = batches * batch
-  out = {'startup': startup, 'rate': images / seconds, 'cpu_rate': None, 'worker_cpu_rate': None}
-  if cpu0 and cpu1:
-    main, workers = cpu1[0] - cpu0[0], cpu1[1] - cpu0[1]
-    augmenting = workers if workers > 0 else main
-    out['cpu_rate'] = images / max(main + workers, 1e-9)
-    out['worker_cpu_rate'] = images / max(augmenting, 1e-9)
-  return out
+  return {
+      'startup': startup, 'rate': images / seconds,
+      'cpu_rate': None if workers else images / max(cpu, 1e-9)
+  }
 
 
 def one_run(source, batch: int, batches: int, workers: int, seed: int) -> dict:
@@ -123,7 +97,7 @@ def one_run(source, batch: int, batches: int, workers: int, seed: int) -> dict:
   from tikd_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   ds = pipeline.train_dataset(source, batch_size=batch, seed=seed)
   return timed_iterator(lambda: pipeline.make_iterator(ds, workers), batch, batches,
-                        source.image_shape)
+                        source.image_shape, workers)
 
 
 # --- a preset's own stream -------------------------------------------------------------------
@@ -170,7 +144,8 @@ class RecipeStreams:
     run = self._namespace(config=self.config, data=data)
     shape = self.phase.resolution and (self.phase.resolution,) * 2 + self.source.image_shape[2:]
     return timed_iterator(lambda: self._loop.train_stream(run, self.phase, 0).iterator,
-                          self.config.batch_size, batches, shape or self.source.image_shape)
+                          self.config.batch_size, batches, shape or self.source.image_shape,
+                          workers)
 
 
 def serve(args) -> None:
@@ -248,9 +223,10 @@ def recipe_rows(args, emit, versions: dict) -> None:
       print(
           f'note: {args.recipe} builds no host augmentation; its two rows measure the same '
           'stream', file=sys.stderr)
-    contestants = [('worktree', 'recipe'), ('worktree', 'crop_flip')]
+    here = 'library_root' if args.library_root else 'worktree'  # whose tikd_jax this process runs
+    contestants = [(here, 'recipe'), (here, 'crop_flip')]
     runner = lambda who, pipeline, w: streams.run(pipeline, w, args.batches)
-  commits = {'worktree': _commit(args.library_root or REPO)}
+  commits = {'worktree': _commit(REPO), 'library_root': _commit(args.library_root or REPO)}
   if args.baseline_root:
     commits['baseline'] = servers['baseline'].commit
   try:
@@ -288,7 +264,7 @@ def recipe_rows(args, emit, versions: dict) -> None:
 
 def _rates(runs: list[dict], loads) -> dict:
   """The row's numbers over its runs: wall-clock images/s (median, p10, p90, each run), images
-  per CPU second (all the pipeline's processes; the augmenting ones), start-up and load."""
+  per CPU second (rows without workers), start-up and load."""
   rates = [r['rate'] for r in runs]
   row = {
       'median_images_per_s': round(statistics.median(rates), 1),
@@ -296,13 +272,11 @@ def _rates(runs: list[dict], loads) -> dict:
       'p90_images_per_s': round(report.quantile(rates, 0.9), 1),
       'images_per_s': [round(r, 1) for r in rates],
   }
-  for key, name in (('cpu_rate', 'images_per_cpu_s'), ('worker_cpu_rate',
-                                                       'images_per_augmenting_cpu_s')):
-    values = [r[key] for r in runs if r[key] is not None]
-    if values:
-      row[f'median_{name}'] = round(statistics.median(values), 1)
-      row[f'p10_{name}'] = round(report.quantile(values, 0.1), 1)
-      row[f'p90_{name}'] = round(report.quantile(values, 0.9), 1)
+  cpu_rates = [r['cpu_rate'] for r in runs if r.get('cpu_rate')]
+  if cpu_rates:
+    row['median_images_per_cpu_s'] = round(statistics.median(cpu_rates), 1)
+    row['p10_images_per_cpu_s'] = round(report.quantile(cpu_rates, 0.1), 1)
+    row['p90_images_per_cpu_s'] = round(report.quantile(cpu_rates, 0.9), 1)
   row.update({
       'median_first_batch_s': round(statistics.median(r['startup'] for r in runs), 3),
       'load_1min': report.load_summary(loads),
