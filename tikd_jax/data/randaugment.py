@@ -1,4 +1,4 @@
-"""timm RandAugment (`rand-m9-mstd0.5-inc1`, DeiT's `--aa`) on uint8 HWC images, host-side with PIL.
+"""timm RandAugment (`rand-m9-mstd0.5-inc1`, DeiT's `--aa`) on uint8 HWC images, on the host.
 
 A restatement of timm/data/auto_augment.py (`rand_augment_transform`, `AugmentOp`, the
 `*_level_to_arg` functions), drawing from a NumPy `Generator` instead of Python's global `random`
@@ -24,7 +24,7 @@ import functools
 from typing import Callable, Sequence
 
 import numpy as np
-from PIL import Image, ImageEnhance, ImageOps
+from PIL import Image
 
 LEVEL_DENOM = 10.0  # timm `_LEVEL_DENOM`: magnitudes live on a 0…10 scale
 TRANSLATE_PCT = 0.45  # timm `translate_pct` default for TranslateX/YRel
@@ -100,66 +100,208 @@ def op_argument(name: str, magnitude: float, negate: bool = False) -> float | in
   return _LEVEL_TO_ARG[name](float(magnitude), negate)
 
 
-# --- the ops on PIL images ------------------------------------------------------------------
+# --- the ops -----------------------------------------------------------------------------------
+# The point ops and the enhancements run on NumPy arrays and restate Pillow's arithmetic bit for
+# bit: its lookup tables (ImageOps), its float32 blend (libImaging/Blend.c: in1 + α·(in2 − in1),
+# clipped, truncated), its RGB → L weights (Convert.c `L24`) and its 3×3 SMOOTH filter
+# (Filter.c; exactly an integer formula, see `_smooth`). The geometric ops stay Pillow's affine
+# transform (a NumPy restatement of its bicubic filter was 2× slower at 32 px); the image crosses
+# to Pillow and back only around them. tests/test_randaugment_speedup.py holds the former
+# all-Pillow implementation and asserts equal outputs, op by op on every pixel value and end to
+# end over many images and seeds.
+
+_IDENTITY_LUT = np.arange(256, dtype=np.uint8)
+_INVERT_LUT = (255 - np.arange(256)).astype(np.uint8)
+_INF = float('inf')
+
+
+@functools.cache
+def _posterize_lut(bits: int) -> np.ndarray:
+  """Keep the `bits` most significant bits. Pillow ≥ 12 rejects bits = 0, which older Pillow (and
+  so timm/DeiT) turned into a black image; PosterizeIncreasing reaches 0 bits at magnitude 10."""
+  if bits >= 8:
+    return _IDENTITY_LUT
+  return (np.arange(256) & (~(2**(8 - bits) - 1) & 0xFF)).astype(np.uint8)
+
+
+@functools.cache
+def _solarize_lut(threshold: int) -> np.ndarray:  # ImageOps.solarize
+  i = np.arange(256)
+  return np.where(i < threshold, i, 255 - i).astype(np.uint8)
+
+
+@functools.cache
+def _solarize_add_lut(add: int, threshold: int = 128) -> np.ndarray:  # timm `solarize_add`
+  i = np.arange(256)
+  return np.where(i < threshold, np.minimum(255, i + add), i).astype(np.uint8)
+
+
+@functools.cache
+def _autocontrast_lut(lo: int, hi: int) -> np.ndarray:
+  """ImageOps.autocontrast (cutoff 0) for a band whose values span [lo, hi]: Python's float
+  `int(ix · scale + offset)`, which float64 NumPy computes alike."""
+  if hi <= lo:
+    return _IDENTITY_LUT
+  scale = 255.0 / (hi - lo)
+  offset = -lo * scale
+  return np.clip(np.trunc(np.arange(256) * scale + offset), 0, 255).astype(np.uint8)
+
+
+@functools.cache
+def _band_offsets(pixels: int, channels: int) -> np.ndarray:
+  """256 · band index for every value of a flattened HWC image (one contiguous add beats a
+  broadcast over a last axis of 3)."""
+  return np.tile(np.arange(channels, dtype=np.uint16) * 256, pixels)
+
+
+def _banded(img: np.ndarray) -> np.ndarray:
+  """The flattened image with each value offset into its band's 256-entry block."""
+  return img.ravel() + _band_offsets(img.size // img.shape[-1], img.shape[-1])
+
+
+def _apply_luts(img: np.ndarray, luts) -> np.ndarray:
+  """Band c of `img` through `luts[c]` (Pillow's `point` with a 256·bands table); `luts` a list
+  of 256-entry tables or a bands × 256 array."""
+  if len(luts) == 1 or all(lut is luts[0] for lut in luts):
+    return np.take(luts[0], img)
+  return np.take(np.concatenate(luts), _banded(img)).reshape(img.shape)
+
+
+def _luma(img: np.ndarray) -> np.ndarray:
+  """Pillow's RGB → L (Convert.c `L24`): (19595 R + 38470 G + 7471 B + 0x8000) >> 16; an H×W×1
+  image is already L."""
+  if img.shape[-1] == 1:
+    return img[..., 0]
+  rgb = img.astype(np.int32)
+  return ((rgb[..., 0] * 19595 + rgb[..., 1] * 38470 + rgb[..., 2] * 7471 + 0x8000) >> 16).astype(
+      np.uint8)
+
+
+def _blend(degenerate, img: np.ndarray, factor: float) -> np.ndarray:
+  """Image.blend(degenerate, img, factor): float32 in1 + α·(in2 − in1), clipped to 0…255 and
+  truncated (Blend.c); `degenerate` is an array broadcastable to `img` or a scalar."""
+  alpha = np.float32(factor)
+  base = np.asarray(degenerate, np.float32)
+  out = base + alpha * (img.astype(np.float32) - base)
+  return np.minimum(np.maximum(out, 0, out=out), 255, out=out).astype(np.uint8)
+
+
+def _smooth(img: np.ndarray) -> np.ndarray:
+  """`img.filter(ImageFilter.SMOOTH)` in integers: Filter.c sums k·v in float32 with k = 1/13 (5/13
+  at the centre) on top of a 0.5 rounding offset and truncates. The exact sum is 0.5 + n/13 for
+  the integer n = 3×3 box sum + 4·centre, which is never an integer and lies at least 1/26 from
+  one, while float32's error on it stays under 1e-3: the truncation is floor((2n + 13) / 26).
+  The border rows and columns are copied; images under 3×3 come back unchanged."""
+  h, w = img.shape[:2]
+  if h < 3 or w < 3:
+    return img
+  v = img.astype(np.uint16)
+  rows = v[:-2] + v[1:-1] + v[2:]
+  n = rows[:, :-2] + rows[:, 1:-1] + rows[:, 2:] + 4 * v[1:-1, 1:-1]  # ≤ 13·255
+  out = img.copy()
+  out[1:-1, 1:-1] = (2 * n + 13) // 26
+  return out
+
+
+def _autocontrast(img: np.ndarray, arg) -> np.ndarray:
+  bands = np.ascontiguousarray(img.reshape(-1, img.shape[-1]).T)  # fast contiguous reductions
+  lo, hi = bands.min(axis=1), bands.max(axis=1)
+  return _apply_luts(img, [_autocontrast_lut(int(a), int(b)) for a, b in zip(lo, hi)])
+
+
+def _equalize(img: np.ndarray, arg) -> np.ndarray:
+  """ImageOps.equalize, its integer arithmetic vectorised over the bands: with h a band's
+  histogram and `last` its highest value present, step = (Σh − h[last]) // 255 and table entry i
+  = (step // 2 + Σ_{j<i} h[j]) // step, clipped to 255 by `point`; step 0 (one value present,
+  or too few pixels) leaves the band unchanged."""
+  channels = img.shape[-1]
+  hist = np.bincount(_banded(img), minlength=256 * channels).reshape(channels, 256)
+  last = 255 - np.argmax(hist[:, ::-1] > 0, axis=1)
+  step = (hist.sum(axis=1) - hist[np.arange(channels), last]) // 255
+  n = (step // 2)[:, None] + np.cumsum(hist, axis=1) - hist
+  luts = np.minimum(n // np.maximum(step, 1)[:, None], 255).astype(np.uint8)
+  luts[step == 0] = _IDENTITY_LUT
+  return _apply_luts(img, luts)
+
+
+def _color(img: np.ndarray, factor: float) -> np.ndarray:
+  if img.shape[-1] == 1:  # ImageEnhance.Color of an L image blends it with itself
+    return img
+  return _blend(_luma(img)[..., None], img, factor)
+
+
+def _contrast(img: np.ndarray, factor: float) -> np.ndarray:
+  luma = _luma(img)
+  mean = int(int(luma.sum(dtype=np.int64)) / luma.size + 0.5)  # ImageStat mean, rounded
+  return np.take(_blend(mean, _IDENTITY_LUT, factor), img)  # a constant degenerate: a table
+
+
+_ARRAY_OPS: dict[str, Callable[[np.ndarray, object], np.ndarray]] = {
+    'AutoContrast': _autocontrast,
+    'Equalize': _equalize,
+    'Invert': lambda img, arg: np.take(_INVERT_LUT, img),
+    'Posterize': lambda img, bits: np.take(_posterize_lut(int(bits)), img),
+    'Solarize': lambda img, threshold: np.take(_solarize_lut(int(threshold)), img),
+    'SolarizeAdd': lambda img, add: np.take(_solarize_add_lut(int(add)), img),
+    'Color': _color,
+    'Contrast': _contrast,
+    'Brightness': lambda img, factor: np.take(_blend(0, _IDENTITY_LUT, factor), img),
+    'Sharpness': lambda img, factor: _blend(_smooth(img), img, factor),
+}
 
 
 def _affine(img: Image.Image, coeffs, fill, resample) -> Image.Image:
   return img.transform(img.size, Image.Transform.AFFINE, coeffs, resample=resample, fillcolor=fill)
 
 
-def _solarize_add(img: Image.Image, add: int, threshold: int = 128) -> Image.Image:
-  lut = [min(255, i + add) if i < threshold else i for i in range(256)]
-  return img.point(lut * len(img.getbands()))
+_PIL_OPS: dict[str, Callable[[Image.Image, float, object, object], Image.Image]] = {
+    'Rotate':
+        lambda img, deg, fill, res: img.rotate(deg, resample=res, fillcolor=fill),
+    'ShearX':
+        lambda img, s, fill, res: _affine(img, (1, s, 0, 0, 1, 0), fill, res),
+    'ShearY':
+        lambda img, s, fill, res: _affine(img, (1, 0, 0, s, 1, 0), fill, res),
+    'TranslateXRel':
+        lambda img, t, fill, res: _affine(img, (1, 0, t * img.size[0], 0, 1, 0), fill, res),
+    'TranslateYRel':
+        lambda img, t, fill, res: _affine(img, (1, 0, 0, 0, 1, t * img.size[1]), fill, res),
+}
+# Every op name (the `*Increasing` variants included) → (runs on arrays, its function).
+_OPS = {
+    name: (base in _ARRAY_OPS, _ARRAY_OPS.get(base) or _PIL_OPS[base]) for name in _LEVEL_TO_ARG
+    for base in (name.removesuffix('Increasing'),)
+}
 
 
-def _posterize(img: Image.Image, bits: int) -> Image.Image:
-  """Keep the `bits` most significant bits. Pillow ≥ 12 rejects bits = 0, which older Pillow (and
-  so timm/DeiT) turned into a black image; PosterizeIncreasing reaches 0 bits at magnitude 10."""
-  if bits >= 8:
-    return img
-  mask = ~(2**(8 - bits) - 1) & 0xFF
-  return img.point([i & mask for i in range(256)] * len(img.getbands()))
-
-
-def _pil_op(img: Image.Image, name: str, arg, fill, resample) -> Image.Image:
-  base = name.removesuffix('Increasing')
-  if base == 'AutoContrast':
-    return ImageOps.autocontrast(img)
-  if base == 'Equalize':
-    return ImageOps.equalize(img)
-  if base == 'Invert':
-    return ImageOps.invert(img)
-  if base == 'Rotate':
-    return img.rotate(arg, resample=resample, fillcolor=fill)
-  if base == 'Posterize':
-    return _posterize(img, arg)
-  if base == 'Solarize':
-    return ImageOps.solarize(img, arg)
-  if base == 'SolarizeAdd':
-    return _solarize_add(img, arg)
-  if base in ('Color', 'Contrast', 'Brightness', 'Sharpness'):
-    return getattr(ImageEnhance, base)(img).enhance(arg)
-  if base == 'ShearX':
-    return _affine(img, (1, arg, 0, 0, 1, 0), fill, resample)
-  if base == 'ShearY':
-    return _affine(img, (1, 0, 0, arg, 1, 0), fill, resample)
-  if base == 'TranslateXRel':
-    return _affine(img, (1, 0, arg * img.size[0], 0, 1, 0), fill, resample)
-  if base == 'TranslateYRel':
-    return _affine(img, (1, 0, 0, 0, 1, arg * img.size[1]), fill, resample)
-  raise ValueError(f'unknown RandAugment op {name!r}; known ops: {sorted(_LEVEL_TO_ARG)}')
-
-
-def _to_pil(image: np.ndarray) -> Image.Image:
+def _check_image(image: np.ndarray) -> None:
   if image.dtype != np.uint8 or image.ndim != 3 or image.shape[-1] not in (1, 3):
     raise ValueError(f'RandAugment wants a uint8 HWC image with 1 or 3 channels, got '
                      f'{image.dtype} {image.shape}: augment before converting to float')
-  return Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image)
 
 
-def _from_pil(img: Image.Image, channels: int) -> np.ndarray:
-  out = np.asarray(img, np.uint8)
-  return out[..., None] if channels == 1 else out
+def _as_pil(img: np.ndarray | Image.Image) -> Image.Image:
+  if isinstance(img, Image.Image):
+    return img
+  h, w, channels = img.shape
+  return Image.frombytes('L' if channels == 1 else 'RGB', (w, h), np.ascontiguousarray(img))
+
+
+def _as_array(img: np.ndarray | Image.Image, channels: int) -> np.ndarray:
+  if isinstance(img, np.ndarray):
+    return img
+  w, h = img.size
+  return np.frombuffer(img.tobytes(), np.uint8).reshape(h, w, channels)
+
+
+def _apply(img: np.ndarray | Image.Image, name: str, arg, fill, resample,
+           channels: int) -> np.ndarray | Image.Image:
+  """One op on an array or a Pillow image (whichever the op runs on; converted only if needed)."""
+  if name not in _OPS:
+    raise ValueError(f'unknown RandAugment op {name!r}; known ops: {sorted(_LEVEL_TO_ARG)}')
+  on_arrays, fn = _OPS[name]
+  if on_arrays:
+    return fn(_as_array(img, channels), arg)
+  return fn(_as_pil(img), arg, _pil_fill(fill, channels), resample)
 
 
 def _pil_fill(fill: Sequence[int], channels: int):
@@ -174,13 +316,19 @@ def _resample(interpolation: str, rng: np.random.Generator | None = None):
   return _RESAMPLE[interpolation]
 
 
+def _result(img: np.ndarray | Image.Image, image: np.ndarray) -> np.ndarray:
+  out = _as_array(img, image.shape[-1])
+  return out.copy() if out is image else out  # never hand back the caller's array
+
+
 def apply_op(image: np.ndarray, name: str, magnitude: float, *, negate: bool = False,
              fill: Sequence[int] = DEIT_FILL, interpolation: str = 'bicubic') -> np.ndarray:
   """One RandAugment op at a fixed magnitude and sign, always applied (uint8 HWC → uint8 HWC)."""
+  _check_image(image)
   channels = image.shape[-1]
-  img = _pil_op(_to_pil(image), name, op_argument(name, magnitude, negate),
-                _pil_fill(fill, channels), _resample(interpolation))
-  return _from_pil(img, channels)
+  img = _apply(image, name, op_argument(name, magnitude, negate), fill, _resample(interpolation),
+               channels)
+  return _result(img, image)
 
 
 def rand_augment(image: np.ndarray, rng: np.random.Generator, *, num_ops: int = 2,
@@ -191,25 +339,30 @@ def rand_augment(image: np.ndarray, rng: np.random.Generator, *, num_ops: int = 
   """timm RandAugment (`rand-m{magnitude}-n{num_ops}-mstd{magnitude_std}-inc{increasing}`).
 
   `image` is uint8 HWC (1 or 3 channels); the result has the same shape and dtype. `ops`
-  overrides the op set (default: `INCREASING_OPS` or `DEFAULT_OPS`).
+  overrides the op set (default: `INCREASING_OPS` or `DEFAULT_OPS`). The draws from `rng`, in
+  order: the op indices, then per op its skip, magnitude, sign (and with 'random' interpolation
+  its filter), as before the ops moved to NumPy, so a seed gives the same image.
   """
   ops = tuple(ops or (INCREASING_OPS if increasing else DEFAULT_OPS))
+  _check_image(image)
   channels = image.shape[-1]
-  img = _to_pil(image)
-  pil_fill = _pil_fill(fill, channels)
-  for index in rng.integers(0, len(ops), size=num_ops):
+  img = image
+  # k scalar draws take the same values and generator state as timm's one draw of size k, in a
+  # third of the time (tests/test_randaugment_speedup.py checks it).
+  for index in [rng.integers(0, len(ops)) for _ in range(num_ops)]:
     if prob < 1.0 and rng.random() > prob:
       continue
     m = magnitude
-    if magnitude_std == float('inf'):
+    if magnitude_std == _INF:
       m = rng.uniform(0.0, magnitude)
     elif magnitude_std > 0:
       m = rng.normal(magnitude, magnitude_std)
     m = max(0.0, min(float(m), magnitude_max))
     negate = bool(rng.random() > 0.5)
     name = ops[int(index)]
-    img = _pil_op(img, name, op_argument(name, m, negate), pil_fill, _resample(interpolation, rng))
-  return _from_pil(img, channels)
+    img = _apply(img, name, op_argument(name, m, negate), fill, _resample(interpolation, rng),
+                 channels)
+  return _result(img, image)
 
 
 def fill_from_mean(mean: Sequence[float]) -> tuple[int, ...]:
