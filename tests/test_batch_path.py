@@ -1,0 +1,91 @@
+"""The library files one training batch passes through (issue 31: "at most 12").
+
+One real step of a tiny run through the trainer's own path (setup → create_train_state → the
+loop's stream and step), with DeiT's recipe (RandAugment on the host, random erasing and
+Mixup/CutMix in the step), hard distillation and a ResNet teacher. `sys.setprofile` records every
+tikd_jax/*.py file whose functions run between "the loop asks for the next batch" and "the step
+returns the new state", the first call's tracing included; what runs once in setup does not
+count. The input runs in-process (`data.num_workers=0`): with grain worker processes the same
+per-example files run there instead, so the list is the same.
+
+  python -m pytest -q -s tests/test_batch_path.py    # prints the CPU and the GPU list
+"""
+import os
+import sys
+import threading
+
+import jax
+import pytest
+from flax import nnx
+
+from configs import common, tiny
+from tikd_jax.data import build_source
+from tikd_jax.models import build_model
+from tikd_jax.models.variables import model_variables
+from tikd_jax.train import checkpoint, loop
+from tikd_jax.train import run as run_lib
+
+PACKAGE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'tikd_jax')
+MAX_FILES = 12
+
+
+def _config(fast_layers: str, teacher_checkpoint: str):
+  """configs/tiny.py:hard (a micro DeiT student, a resnet8 teacher) with DeiT's augmentation,
+  everything else as configured (the XLA preset included)."""
+  c = tiny.get_config('hard')
+  with c.unlocked():
+    common.deit_augment(c)
+    c.cpu_fast_layers = fast_layers
+    c.data.num_workers = 0
+    c.teacher.checkpoint = teacher_checkpoint
+  return c
+
+
+def files_on_batch_path(fast_layers: str, workdir: str) -> list[str]:
+  """The tikd_jax files (relative paths) whose functions run for one training batch."""
+  teacher = build_model('resnet8', rngs=nnx.Rngs(1), num_classes=10, mean=tiny.common.DIGITS_MEAN,
+                        std=tiny.common.DIGITS_STD)
+  path = checkpoint.save_weights(workdir, model_variables(teacher),
+                                 meta={'model': {'name': 'resnet8', 'kwargs': {}}})
+  config = _config(fast_layers, path)
+  train = build_source(config.data, 'train')
+  run = run_lib.setup(config, '', sources=(train, train))  # loads the teacher as a run does
+  state = run_lib.create_train_state(run)
+  phase = run.phases[0]
+  seen, recording = set(), [False]
+
+  def profile(frame, event, arg):
+    del arg
+    if recording[0] and event == 'call':
+      path = frame.f_code.co_filename
+      if path.startswith(PACKAGE) and path.endswith('.py'):
+        seen.add(os.path.relpath(path, os.path.dirname(PACKAGE)))
+
+  threading.setprofile(profile)  # grain's reader threads start with the stream
+  sys.setprofile(profile)
+  try:
+    stream = loop.train_stream(run, phase, 0)
+    step = run_lib.train_step_for(run, phase)
+    recording[0] = True
+    batch = loop.next_batch(run, stream)
+    state, metrics = step(state, batch, run.teacher.variables)
+    recording[0] = False
+  finally:
+    sys.setprofile(None)
+    threading.setprofile(None)
+  stream.close()
+  jax.block_until_ready(metrics)
+  return sorted(seen)
+
+
+@pytest.mark.parametrize('fast_layers', ['auto', 'off'], ids=['cpu', 'gpu'])
+def test_one_batch_crosses_few_library_files(fast_layers, tmp_path):
+  """'auto' on this CPU is the CPU path (fast layers and kernels); 'off' builds the plain Flax
+  layers a GPU or TPU runs, which is what the GPU list shows."""
+  files = files_on_batch_path(fast_layers, str(tmp_path))
+  print(f'\n{len(files)} library files on one training batch '
+        f'({"CPU" if fast_layers == "auto" else "GPU"} path):\n  ' + '\n  '.join(files))
+  # The threshold holds once the CPU backend (tikd_jax/cpu/) and the one-file-per-method losses
+  # are merged beside this branch; until then the list is reported and the count checked
+  # against what this branch alone reaches.
+  assert len(files) <= MAX_FILES, files
