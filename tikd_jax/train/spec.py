@@ -110,36 +110,39 @@ def resolve(config: ml_collections.ConfigDict) -> RunSpec:
   """The spec of `config`, every setting checked. The normalisation is the config's; with
   data.normalization='compute' setup measures it on the train split (`with_normalization`)."""
   _check_text(config.tikd)
-  return RunSpec(
-      name=config.name, seed=int(config.seed), dtype=config.dtype,
-      batch_size=int(config.batch_size), eval_batch_size=int(config.eval_batch_size),
-      grad_accum_steps=int(config.grad_accum_steps), label_smoothing=float(config.label_smoothing),
-      ema_decay=check_decay(config.ema.decay), data=_frozen(config.data),
-      input=Input(crop_padding=int(config.data.crop_padding), crop_mode=config.curriculum.mode,
-                  flip=bool(config.data.flip),
-                  num_workers=pipeline.resolve_num_workers(config.data.num_workers),
-                  repeated_aug=int(config.data.repeated_aug),
-                  repeated_aug_replicas=int(config.data.repeated_aug_replicas)),
-      augment=_frozen(config.augment), text=Text(
-          features_dir=config.text.features_dir, eval_features_dir=config.text.eval_features_dir,
-          class_prompt_encoder=config.text.class_prompt_encoder,
-          class_prompt_template=config.text.class_prompt_template, eval_text=config.tikd.eval_text,
-          fusion_text=config.tikd.fusion_text, fusion_gate=bool(config.tikd.fusion_gate),
-          rows=config.tikd.text_rows), student=_model_block(config.model),
-      teacher=_model_block(config.teacher), teacher_checkpoint=config.teacher.get('checkpoint', ''),
-      distill_method=config.distill.method, term_settings=term_settings(config),
-      optimizer=_frozen(config.optimizer), schedule=_frozen(config.schedule), mesh=tuple(
-          tuple(axis) for axis in config.mesh), sharding_rules=tuple(
-              tuple(r) for r in config.sharding_rules), fast_layers=cpu_fast_layers.enabled(
-                  config.cpu_fast_layers), xla_options=_checked_preset(config.xla_options),
-      stage_val=_stage_validation(config), cadence=Cadence(
-          log_every_steps=int(config.log_every_steps),
-          eval_every_epochs=float(config.eval_every_epochs),
-          checkpoint_every_steps=int(config.checkpoint_every_steps),
-          keep_checkpoints=int(config.keep_checkpoints),
-          best_metric=_checked_best_metric(config.best_metric, config.ema.decay),
-          stop_at_step=int(config.stop_at_step)), init_from=config.init_from, init_exclude=tuple(
-              config.init_exclude), normalization=config.data.get('normalization', 'explicit'))
+  data, tikd, text = config.data, config.tikd, config.text
+  ema_decay = check_decay(config.ema.decay)
+  inputs = Input(crop_padding=int(data.crop_padding), crop_mode=config.curriculum.mode,
+                 flip=bool(data.flip), num_workers=pipeline.resolve_num_workers(data.num_workers),
+                 repeated_aug=int(data.repeated_aug),
+                 repeated_aug_replicas=int(data.repeated_aug_replicas))
+  text = Text(features_dir=text.features_dir, eval_features_dir=text.eval_features_dir,
+              class_prompt_encoder=text.class_prompt_encoder,
+              class_prompt_template=text.class_prompt_template, eval_text=tikd.eval_text,
+              fusion_text=tikd.fusion_text, fusion_gate=bool(tikd.fusion_gate), rows=tikd.text_rows)
+  cadence = Cadence(log_every_steps=int(config.log_every_steps),
+                    eval_every_epochs=float(config.eval_every_epochs),
+                    checkpoint_every_steps=int(config.checkpoint_every_steps),
+                    keep_checkpoints=int(config.keep_checkpoints),
+                    best_metric=_checked_best_metric(config.best_metric, ema_decay),
+                    stop_at_step=int(config.stop_at_step))
+  mesh = tuple(tuple(axis) for axis in config.mesh)
+  rules = tuple(tuple(rule) for rule in config.sharding_rules)
+  fast_layers = cpu_fast_layers.enabled(config.cpu_fast_layers)
+  preset = _checked_preset(config.xla_options)
+  student, teacher = _model_block(config.model), _model_block(config.teacher)
+  teacher_checkpoint = config.teacher.get('checkpoint', '')
+  return RunSpec(name=config.name, seed=int(config.seed), dtype=config.dtype,
+                 batch_size=int(config.batch_size), eval_batch_size=int(config.eval_batch_size),
+                 grad_accum_steps=int(config.grad_accum_steps), label_smoothing=float(
+                     config.label_smoothing), ema_decay=ema_decay, data=_frozen(data), input=inputs,
+                 augment=_frozen(config.augment), text=text, student=student, teacher=teacher,
+                 teacher_checkpoint=teacher_checkpoint, distill_method=config.distill.method,
+                 term_settings=term_settings(config), optimizer=_frozen(config.optimizer),
+                 schedule=_frozen(config.schedule), mesh=mesh, sharding_rules=rules,
+                 fast_layers=fast_layers, xla_options=preset, stage_val=_stage_validation(config),
+                 cadence=cadence, init_from=config.init_from, init_exclude=tuple(
+                     config.init_exclude), normalization=data.get('normalization', 'explicit'))
 
 
 def with_normalization(spec: RunSpec, measured: dict | None, notes=()) -> RunSpec:
@@ -147,14 +150,14 @@ def with_normalization(spec: RunSpec, measured: dict | None, notes=()) -> RunSpe
   (normalization.measure, data.normalization='compute'); unchanged for None."""
   if measured is None:
     return spec
-  return dataclasses.replace(spec, student=_model_block(spec.student, measured),
-                             teacher=_model_block(spec.teacher,
-                                                  measured), notes=spec.notes + tuple(notes))
+  student, teacher = _model_block(spec.student, measured), _model_block(spec.teacher, measured)
+  return dataclasses.replace(spec, student=student, teacher=teacher,
+                             notes=spec.notes + tuple(notes))
 
 
 def config_as_run(config: ml_collections.ConfigDict, spec: RunSpec) -> ml_collections.ConfigDict:
-  """The config with what `resolve` measured written in (the student's and teacher's mean /
-  std): what config.json records, so that the run can be read back."""
+  """The config with what setup measured written in (the student's and teacher's mean / std
+  under data.normalization='compute'): what config.json records, so that the run reads back."""
   if spec.normalization != 'compute':
     return config
   config = copy.deepcopy(config)
