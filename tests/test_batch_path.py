@@ -68,7 +68,7 @@ def batch_path(fast_layers: str, workdir: str) -> dict[str, list[str]]:
   sys.setprofile(profile)
   try:
     stream = loop.train_stream(run, phase, 0)  # as the loop opens a phase's stream
-    step = run_lib.Steps(run).train(phase)  # as the loop takes the phase's step
+    step = loop.Steps(run).train(phase)  # as the loop takes the phase's step
     recording[0] = True
     batch = loop.next_batch(run, stream)
     state, metrics = step(state, batch, run.teacher.variables)

@@ -1,12 +1,13 @@
 """Evaluation: top-1 / top-5 (k ≤ the number of classes only) / loss over every example of the
-eval split, during training (`evaluate(run, state, phase, steps)`) or from a saved checkpoint
+eval split, during training (`evaluate(run, state, phase)`) or from a saved checkpoint
 (`evaluate_checkpoint`); `check_evaluation` runs it on one batch before training starts.
 
 Imports flow one way: spec → run → evaluate → loop → trainer."""
 from __future__ import annotations
 
+import functools
 import time
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -20,7 +21,7 @@ from tikd_jax.models.variables import load_model
 from tikd_jax.train import checkpoint as ckpt_lib
 from tikd_jax.train import spec as spec_lib
 from tikd_jax.train.plan import Phase
-from tikd_jax.train.run import Run, Steps
+from tikd_jax.train.run import Run
 from tikd_jax.train.spec import EVAL_TEXT, RunSpec
 from tikd_jax.train.state import TrainState
 from tikd_jax.train.step import EVAL_TOPK, make_eval_step
@@ -33,7 +34,7 @@ EMA_PREFIX = 'ema_'
 
 
 def evaluate(run: Run, state: TrainState, phase: Phase,
-             steps: Steps | None = None) -> dict[str, float]:
+             eval_steps: Callable[[bool], Callable] | None = None) -> dict[str, float]:
   """The eval split's metrics for `state`, trained so far in `phase`.
 
   After a text-fusing phase every available text input is evaluated side by side (README
@@ -42,31 +43,32 @@ def evaluate(run: Run, state: TrainState, phase: Phase,
   and 'released' (rows 0…b−1 of the train feature file for every batch, as the released code
   does). `top1` etc. are the `tikd.eval_text` one's; each mode's are also under `top1_<suffix>`.
   With a model EMA (train/ema.py) its weights are evaluated the same way, every metric but the
-  count prefixed `ema_` (`ema_top1`, `ema_top1_no_text`, …). `steps`: the run's compiled steps
-  (a new set without).
+  count prefixed `ema_` (`ema_top1`, `ema_top1_no_text`, …). `eval_steps(fuse_text)`: the run's
+  compiled eval steps (the loop's `Steps.eval`); without it they are compiled here.
   """
-  steps = steps or Steps(run)
+  eval_steps = eval_steps or functools.cache(lambda fuse: compiled_eval_step(run, fuse))
   modes = _eval_modes(run, phase.fuse_text)
 
   def metrics_of(params, batch_stats):
-    return evaluate_modes(lambda mode: steps.eval(mode != 'none'), params, batch_stats,
+    return evaluate_modes(lambda mode: eval_steps(mode != 'none'), params, batch_stats,
                           run.data.eval, modes=modes, headline=run.spec.text.eval_text,
                           texts={m: _eval_text_features(run, m) for m in modes},
                           batch_size=run.spec.eval_batch_size, data_sharding=run.data_sharding)
 
   metrics = metrics_of(state.params, state.batch_stats)
   if state.ema:
-    # The same params structure as the raw weights' (the objective's unused): no new compile.
+    # The same params structure as the raw weights' (the terms' are unused): no new compile.
     ema = metrics_of(dict(state.params, student=state.ema['params']), state.ema['batch_stats'])
     metrics.update({f'{EMA_PREFIX}{k}': v for k, v in ema.items() if k != 'count'})
   return metrics
 
 
-def check_evaluation(run: Run, state: TrainState, steps: Steps) -> float:
+def check_evaluation(run: Run, state: TrainState, eval_steps: Callable[[bool], Callable]) -> float:
   """Compiles and runs every eval step the run's phases will use, on the first eval batch, so
   that a broken evaluation fails before the first train step (seconds) rather than at the first
   evaluation (epochs). Draws no random numbers and changes no state; the compiled steps are the
-  ones `evaluate` reuses from `steps`. Returns the seconds it took."""
+  ones `eval_steps` (the loop's `Steps.eval`) keeps for `evaluate`. Returns the seconds it
+  took."""
   t0 = time.time()
   for fuse_text in dict.fromkeys(p.fuse_text for p in run.phases):
     for mode in _eval_modes(run, fuse_text):
@@ -80,7 +82,7 @@ def check_evaluation(run: Run, state: TrainState, steps: Steps) -> float:
         raise ValueError(f'the eval split {split!r} has no examples')
       try:
         jax.block_until_ready(
-            steps.eval(mode != 'none')(state.params, state.batch_stats,
+            eval_steps(mode != 'none')(state.params, state.batch_stats,
                                        pipeline.to_global(batch, run.data_sharding)))
       except Exception as e:
         e.add_note(f'(evaluation ({mode!r} text input) failed on its first batch, checked before '
@@ -120,6 +122,14 @@ def evaluate_modes(eval_step_for, params, batch_stats, source, *, modes, headlin
     if len(modes) > 1:
       metrics.update({f'{k}_{EVAL_TEXT[mode]}': v for k, v in m.items() if k != 'count'})
   return metrics
+
+
+def compiled_eval_step(run: Run, fuse_text: bool):
+  """The run's jitted eval step (params, batch_stats, batch) → sums, compiled once per input
+  shape (a curriculum stage's validation has its own resolution). Each call builds a new one:
+  the loop's `Steps` keeps one per `fuse_text`."""
+  return xla_options.jit(make_eval_step(graphdef=run.student.graphdef, fuse_text=fuse_text),
+                         run.spec.xla_options)
 
 
 def evaluate_source(eval_step, params, batch_stats, source, *, batch_size, data_sharding,

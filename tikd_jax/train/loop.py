@@ -17,11 +17,12 @@ import numpy as np
 from tikd_jax.data import pipeline
 from tikd_jax.train import checkpoint as ckpt_lib
 from tikd_jax.train import stage_val
-from tikd_jax.train.evaluate import EMA_PREFIX, evaluate, evaluate_source, format_eval
+from tikd_jax.train.evaluate import (EMA_PREFIX, compiled_eval_step, evaluate, evaluate_source,
+                                     format_eval)
 from tikd_jax.train.logger import MetricLogger
 from tikd_jax.train.plan import Phase, phase_at
 from tikd_jax.train.preemption import StopRequest
-from tikd_jax.train.run import Run, Steps
+from tikd_jax.train.run import Run, train_step_for
 from tikd_jax.train.spec import EVAL_TEXT
 from tikd_jax.train.state import TERM_PARAMS, TrainState
 from tikd_jax.tree import CheckpointMismatchError
@@ -29,6 +30,26 @@ from tikd_jax.tree import CheckpointMismatchError
 
 class NonFiniteLossError(FloatingPointError):
   pass
+
+
+class Steps:
+  """The run's compiled steps, each built once: a train step per distinct `phase.switches`, an
+  eval step per `fuse_text` (evaluation and stage validation reuse them)."""
+
+  def __init__(self, run: Run):
+    self.run = run
+    self._train: dict = {}
+    self._eval: dict = {}
+
+  def train(self, phase: Phase):
+    if phase.switches not in self._train:
+      self._train[phase.switches] = train_step_for(self.run, phase)
+    return self._train[phase.switches]
+
+  def eval(self, fuse_text: bool):
+    if fuse_text not in self._eval:
+      self._eval[fuse_text] = compiled_eval_step(self.run, fuse_text)
+    return self._eval[fuse_text]
 
 
 @dataclasses.dataclass
@@ -328,7 +349,7 @@ def _flush(run: Run, progress: Progress, out: Outputs) -> None:
 def _evaluate_and_log(run: Run, state: TrainState, progress: Progress,
                       logger: MetricLogger) -> dict:
   step, t = progress.step, time.time()
-  m = evaluate(run, state, run.phases[phase_at(run.phases, step - 1)], progress.steps)
+  m = evaluate(run, state, run.phases[phase_at(run.phases, step - 1)], progress.steps.eval)
   modes = [
       f'{mode} {m[f"top1_{suffix}"]:.3f}' for mode, suffix in EVAL_TEXT.items()
       if f'top1_{suffix}' in m

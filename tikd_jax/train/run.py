@@ -1,5 +1,5 @@
 """What a run is built from, before its first step: `setup(config, workdir) → Run`, then
-`create_train_state(run)`, and the run's jitted steps.
+`create_train_state(run)`, and the phases' jitted train steps (`train_step_for`).
 
   spec (train/spec.py) → mesh → data → phases → student → loss terms → teacher → optimizer →
   shardings
@@ -34,7 +34,7 @@ from tikd_jax.train import spec as spec_lib
 from tikd_jax.train.plan import Phase, build_phases
 from tikd_jax.train.spec import RunSpec
 from tikd_jax.train.state import TrainState, init_train_state
-from tikd_jax.train.step import StepOptions, make_eval_step, make_train_step, term_shapes
+from tikd_jax.train.step import StepOptions, make_train_step, term_shapes
 
 
 @dataclasses.dataclass(frozen=True)
@@ -166,7 +166,8 @@ def _fresh_state_fn(run: Run) -> Callable[[], TrainState]:
 # ------------------------------------------------------------------------------------ steps
 def train_step_for(run: Run, phase: Phase):
   """The phase's jitted train step (state, batch, teacher_vars) → (state, metrics); the state
-  is donated. Each call builds a new one: `Steps` keeps one per distinct `phase.switches`."""
+  is donated. Each call builds a new one: the loop's `Steps` keeps one per distinct
+  `phase.switches`."""
   spec = run.spec
   opts = StepOptions(num_classes=run.data.num_classes, steps_per_epoch=run.data.steps_per_epoch,
                      seed=spec.seed, label_smoothing=spec.label_smoothing,
@@ -181,34 +182,6 @@ def train_step_for(run: Run, phase: Phase):
                        loss=run.losses[phase.terms], tx=run.tx, frozen_mask=frozen_mask, opts=opts)
   return xla_options.jit(fn, spec.xla_options, out_shardings=(run.state_shardings, None),
                          donate_argnums=(0,))
-
-
-def compiled_eval_step(run: Run, fuse_text: bool):
-  """The run's jitted eval step (params, batch_stats, batch) → sums, compiled once per input
-  shape (a curriculum stage's validation has its own resolution). Each call builds a new one:
-  `Steps` keeps one per `fuse_text`."""
-  return xla_options.jit(make_eval_step(graphdef=run.student.graphdef, fuse_text=fuse_text),
-                         run.spec.xla_options)
-
-
-class Steps:
-  """The run's compiled steps, each built once: a train step per distinct `phase.switches`, an
-  eval step per `fuse_text`. The loop owns one; evaluation reuses the eval steps it holds."""
-
-  def __init__(self, run: Run):
-    self.run = run
-    self._train: dict = {}
-    self._eval: dict = {}
-
-  def train(self, phase: Phase):
-    if phase.switches not in self._train:
-      self._train[phase.switches] = train_step_for(self.run, phase)
-    return self._train[phase.switches]
-
-  def eval(self, fuse_text: bool):
-    if fuse_text not in self._eval:
-      self._eval[fuse_text] = compiled_eval_step(self.run, fuse_text)
-    return self._eval[fuse_text]
 
 
 # ------------------------------------------------------------------------------------ data

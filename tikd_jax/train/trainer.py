@@ -5,9 +5,9 @@
   create_train_state(run) → TrainState    train/run.py
   restore_or_start(run, state, ckpt)      train/loop.py: the newest readable checkpoint, if any
   init_from(run, state)                   train/init_from.py: a fresh run from other weights
-  check_evaluation(run, state, steps)     train/evaluate.py: the eval step(s) on one batch, first
+  check_evaluation(run, state, eval_steps) train/evaluate.py: the eval step(s) on one batch, first
   train_loop(run, state, stream, outputs, steps)  train/loop.py: steps, logs, evals, checkpoints
-  evaluate(run, state, phase, steps)      train/evaluate.py
+  evaluate(run, state, phase, eval_steps) train/evaluate.py
 """
 from __future__ import annotations
 
@@ -23,9 +23,9 @@ from tikd_jax.train.evaluate import check_evaluation
 from tikd_jax.train.evaluate import evaluate_checkpoint, format_eval, format_evals  # noqa: F401  (main.py's API)
 from tikd_jax.train.init_from import init_from
 from tikd_jax.train.logger import MetricLogger
-from tikd_jax.train.loop import NonFiniteLossError, Outputs, restore_or_start, train_loop  # noqa: F401
+from tikd_jax.train.loop import NonFiniteLossError, Outputs, Steps, restore_or_start, train_loop  # noqa: F401
 from tikd_jax.train.preemption import Preempted, StopRequest
-from tikd_jax.train.run import Run, Steps, create_train_state, setup
+from tikd_jax.train.run import Run, create_train_state, setup
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
@@ -55,7 +55,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     completed = False
     try:
       logger.message(f'evaluation checked on one batch before training (compile + run): '
-                     f'{check_evaluation(run, state, steps):.1f}s')
+                     f'{check_evaluation(run, state, steps.eval):.1f}s')
       state, progress = train_loop(run, state, stream, Outputs(checkpointer, logger, stop), steps)
       completed = True
     finally:
