@@ -1,4 +1,5 @@
-"""The training loop: the input stream, resume, and `train_loop(run, state, stream, outputs)`.
+"""The training loop: the run's compiled steps (`Steps`), the input stream, resume, and
+`train_loop(run, state, stream, outputs)`.
 
 Batch k of the whole run is element k of the phase's input stream, for any number of processes
 and workers, so a position is all it takes to resume; grain's saved iterator state makes the
