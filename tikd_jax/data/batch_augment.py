@@ -217,8 +217,9 @@ def mixup_cutmix(images: jax.Array, labels: jax.Array, num_classes: int, rng: ja
 def _batch_augment(images, labels, num_classes, rng, *, erasing_prob, mean, std, **mix_kwargs):
   erase_key, mix_key = jax.random.split(rng)
   if erasing_prob > 0:
-    images = random_erasing(images, erase_key, probability=erasing_prob, mean=mean, std=std)
-  return mixup_cutmix(images, labels, num_classes, mix_key, **mix_kwargs)
+    images = random_erasing_and_mask(images, erase_key, probability=erasing_prob, mean=mean,
+                                     std=std)[0]
+  return mixup_cutmix_and_lam(images, labels, num_classes, mix_key, **mix_kwargs)[:2]
 
 
 def make_batch_augment(cfg):
