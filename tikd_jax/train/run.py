@@ -33,7 +33,7 @@ from tikd_jax.train import optim, stage_val
 from tikd_jax.train import spec as spec_lib
 from tikd_jax.train.plan import Phase, build_phases
 from tikd_jax.train.spec import RunSpec
-from tikd_jax.train.state import TrainState, init_train_state
+from tikd_jax.train.state import TERM_PARAMS, TrainState, init_train_state
 from tikd_jax.train.step import StepOptions, make_train_step, term_shapes
 
 
@@ -131,7 +131,7 @@ def setup(config: ml_collections.ConfigDict, workdir: str, *, sources: tuple | N
   schedule = optim.make_schedule(spec.schedule, data.steps_per_epoch, phases[-1].end_step)
   abstract_params = {
       'student': abstract_variables['params'],
-      'objective': jax.eval_shape(lambda: all_terms.init(jax.random.key(0), shapes))[0]
+      TERM_PARAMS: jax.eval_shape(lambda: all_terms.init(jax.random.key(0), shapes))[0]
   }
   run = Run(spec=spec, config=spec_lib.config_as_run(config, spec), workdir=workdir, mesh=mesh,
             data_sharding=sharding_lib.batch_sharding(mesh), data=data, phases=phases,
