@@ -4,11 +4,14 @@ One real step of a tiny run through the trainer's own path (setup → create_tra
 loop's stream and step), with DeiT's recipe (RandAugment on the host, random erasing and
 Mixup/CutMix in the step), hard distillation and a ResNet teacher. `sys.setprofile` records every
 tikd_jax/*.py file whose functions run between "the loop asks for the next batch" and "the step
-returns the new state", the first call's tracing included; what runs once in setup does not
-count. The input runs in-process (`data.num_workers=0`): with grain worker processes the same
-per-example files run there instead, so the list is the same.
+returns the new state", the first call's tracing included; what runs once per run or per
+phase (setup, opening the phase's stream, building its step) does not count. The loop's own file
+counts: it asks for the batch (`loop.next_batch`) and hands it to the step. The input runs
+in-process (`data.num_workers=0`, the default): with grain worker processes the same per-example
+files (source, host augmentation, pipeline) run there instead, so the list is the same. A "hop"
+is a named library function that runs (lambdas and comprehensions are not counted).
 
-  python -m pytest -q -s tests/test_batch_path.py    # prints the CPU and the GPU list
+  python -m pytest -q -s -rx tests/test_batch_path.py    # prints the CPU and the GPU list
 """
 import os
 import sys
