@@ -67,7 +67,7 @@ class Cadence:
   eval_every_epochs: float
   checkpoint_every_steps: int  # 0: every epoch
   keep_checkpoints: int
-  best_metric: str  # '[ema_]top<k>' or 'loss'-like metric the best checkpoint is ranked by
+  best_metric: str  # the eval metric the best checkpoint is ranked by ('top1', 'ema_top1', …)
   stop_at_step: int  # > 0: checkpoint and stop there
 
 
