@@ -129,7 +129,12 @@ class RecipeStreams:
     self.config, self.source = config, source
     eval_source = synthetic_source(n=1_000, size=source.image_shape[0], seed=1)
     sources = (source, eval_source, eval_source)
-    data = run_lib.load_data(config, sources=sources)
+    try:  # the library resolves the config into a run spec first (and an older checkout doesn't)
+      from tikd_jax.train.spec import resolve  # pylint: disable=g-import-not-at-top
+      self.spec = resolve(config)
+    except ImportError:
+      self.spec = None
+    data = run_lib.load_data(self.spec or config, sources=sources)
     self.phase = plan.build_phases(config, data.steps_per_epoch)[0]
     self.has_host_augment = data.host_augment is not None
     self._data, self._loop = data, loop
@@ -141,7 +146,7 @@ class RecipeStreams:
       data = self._replace(data, host_augment=None)
     elif pipeline != 'recipe':
       raise ValueError(f"pipeline {pipeline!r}: 'recipe' or 'crop_flip'")
-    run = self._namespace(config=self.config, data=data)
+    run = self._namespace(config=self.config, spec=self.spec, data=data)
     shape = self.phase.resolution and (self.phase.resolution,) * 2 + self.source.image_shape[2:]
     return timed_iterator(lambda: self._loop.train_stream(run, self.phase, 0).iterator,
                           self.config.batch_size, batches, shape or self.source.image_shape,

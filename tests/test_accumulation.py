@@ -197,7 +197,7 @@ def full_batch_runs(data):
     step = jit(fn)
     for i, method in enumerate(DECOMPOSABLE):
       one_of = {'one_of': {'method': jnp.asarray(i)}}
-      new_state, metrics = step(state.replace(objective_state=one_of), data[0][0], data[2])
+      new_state, metrics = step(state.replace(term_state=one_of), data[0][0], data[2])
       runs[method, k] = ([new_state], [metrics])
   return runs
 
@@ -298,7 +298,7 @@ def check_pkcd(data, micro_step, k, states, metrics, what):
                      pstate)) in enumerate(zip(states, metrics, ref, strict=True)):
     assert_same(f'{what} step {i}', PKCD_RTOL, loss=(m['loss'], loss),
                 grads=(grads_of(state), grads), params=(state.params, params),
-                previous_batch=(state.objective_state['pkcd'], pstate))
+                previous_batch=(state.term_state['pkcd'], pstate))
   return starts
 
 
@@ -307,7 +307,7 @@ def test_pkcd_accumulates_micro_batch_by_micro_batch_across_steps(data, pkcd_mic
   states, metrics = run(data, vit(), 'pkcd', k, steps=2, step0=0)
   starts = check_pkcd(data, pkcd_micro_step, k, states, metrics, f'pkcd k={k}')
   # The state holds one micro-batch: the last one of the second batch (rows k − 1, 2k − 1, …).
-  np.testing.assert_array_equal(states[1].objective_state['pkcd']['prev_labels'],
+  np.testing.assert_array_equal(states[1].term_state['pkcd']['prev_labels'],
                                 data[0][1]['label'][k - 1::k])
   assert float(metrics[1]['pkcd_cbcd_previous']) != 0.0
   # The layout matters: contiguous micro-batches are another run.

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageEnhance, ImageOps
 
-from tikd_jax.data import mixup, randaugment, random_erasing
+from tikd_jax.data import batch_augment, host_augment
 from tikd_jax.data.pipeline import train_dataset
 from tikd_jax.data.source import ArraySource
 
@@ -94,31 +94,31 @@ M9_RESTATED = {
 @pytest.mark.parametrize('name,negate', sorted(M9_RESTATED))
 def test_op_at_magnitude_9_matches_restatement(name, negate):
   img = _image()
-  got = randaugment.apply_op(img, name, 9, negate=negate, fill=FILL, interpolation='bicubic')
+  got = host_augment.apply_op(img, name, 9, negate=negate, fill=FILL, interpolation='bicubic')
   want = np.asarray(M9_RESTATED[name, negate](Image.fromarray(img)))
   assert got.shape == (32, 32, 3) and got.dtype == np.uint8
   np.testing.assert_array_equal(got, want)
-  assert name in randaugment.INCREASING_OPS + randaugment.DEFAULT_OPS
+  assert name in host_augment.INCREASING_OPS + host_augment.DEFAULT_OPS
 
 
 def test_op_arguments_and_posterize_zero_bits():
-  assert randaugment.op_argument('Rotate', 10, negate=True) == -30.0
-  assert randaugment.op_argument('PosterizeIncreasing', 10) == 0
-  assert randaugment.op_argument('SolarizeIncreasing', 0) == 256
-  assert randaugment.op_argument('BrightnessIncreasing', 10, negate=True) == pytest.approx(0.1)
-  assert randaugment.op_argument('TranslateXRel', 5) == pytest.approx(0.225)
+  assert host_augment.op_argument('Rotate', 10, negate=True) == -30.0
+  assert host_augment.op_argument('PosterizeIncreasing', 10) == 0
+  assert host_augment.op_argument('SolarizeIncreasing', 0) == 256
+  assert host_augment.op_argument('BrightnessIncreasing', 10, negate=True) == pytest.approx(0.1)
+  assert host_augment.op_argument('TranslateXRel', 5) == pytest.approx(0.225)
   # magnitude 10 keeps 0 bits: a black image (old-Pillow / timm behaviour)
-  out = randaugment.apply_op(_image(), 'PosterizeIncreasing', 10)
+  out = host_augment.apply_op(_image(), 'PosterizeIncreasing', 10)
   assert out.max() == 0
   with pytest.raises(ValueError, match='unknown RandAugment op'):
-    randaugment.op_argument('Cutout', 5)
+    host_augment.op_argument('Cutout', 5)
 
 
 def test_op_set_is_timm_inc1():
-  assert len(randaugment.INCREASING_OPS) == 15 == len(set(randaugment.INCREASING_OPS))
+  assert len(host_augment.INCREASING_OPS) == 15 == len(set(host_augment.INCREASING_OPS))
   assert {'PosterizeIncreasing', 'SolarizeIncreasing', 'SolarizeAdd',
-          'TranslateXRel'} <= set(randaugment.INCREASING_OPS)
-  assert 'Posterize' not in randaugment.INCREASING_OPS
+          'TranslateXRel'} <= set(host_augment.INCREASING_OPS)
+  assert 'Posterize' not in host_augment.INCREASING_OPS
 
 
 def test_rand_augment_shape_dtype_determinism():
@@ -126,14 +126,14 @@ def test_rand_augment_shape_dtype_determinism():
 
   def run(seed):  # 8 successive draws from one generator
     rng = np.random.default_rng(seed)
-    return [randaugment.rand_augment(img, rng) for _ in range(8)]
+    return [host_augment.rand_augment(img, rng) for _ in range(8)]
 
   a, b, c = run(0), run(0), run(1)
   for out in a:
     assert out.shape == img.shape and out.dtype == np.uint8
   assert all(np.array_equal(x, y) for x, y in zip(a, b))
   assert not all(np.array_equal(x, y) for x, y in zip(a, c))
-  gray = randaugment.rand_augment(_image(channels=1), np.random.default_rng(0))
+  gray = host_augment.rand_augment(_image(channels=1), np.random.default_rng(0))
   assert gray.shape == (32, 32, 1) and gray.dtype == np.uint8
 
 
@@ -142,13 +142,13 @@ def test_rand_augment_op_probability_and_count():
   rng = np.random.default_rng(0)
   kw = dict(ops=('Invert',), magnitude_std=0.0)
   inverted = [
-      np.array_equal(randaugment.rand_augment(img, rng, num_ops=1, **kw), 255 - img)
+      np.array_equal(host_augment.rand_augment(img, rng, num_ops=1, **kw), 255 - img)
       for _ in range(2000)
   ]
   assert abs(np.mean(inverted) - 0.5) < 0.05  # each op applied with prob 0.5
   # prob 1: two Inverts cancel, one inverts
-  np.testing.assert_array_equal(randaugment.rand_augment(img, rng, num_ops=2, prob=1.0, **kw), img)
-  np.testing.assert_array_equal(randaugment.rand_augment(img, rng, num_ops=1, prob=1.0, **kw),
+  np.testing.assert_array_equal(host_augment.rand_augment(img, rng, num_ops=2, prob=1.0, **kw), img)
+  np.testing.assert_array_equal(host_augment.rand_augment(img, rng, num_ops=1, prob=1.0, **kw),
                                 255 - img)
 
 
@@ -157,15 +157,15 @@ def test_make_host_augment_element_and_pipeline():
       dict(randaugment=True, randaugment_num_ops=2, randaugment_magnitude=9,
            randaugment_magnitude_std=0.5, randaugment_increasing=True, interpolation='bicubic',
            mean=MEAN))
-  augment = randaugment.make_host_augment(cfg)
+  augment = host_augment.make_host_augment(cfg)
   assert augment.keywords['fill'] == (129, 124, 112)  # round(255 · CIFAR-100 mean)
-  assert randaugment.fill_from_mean((0.485, 0.456, 0.406)) == FILL  # DeiT's ImageNet value
+  assert host_augment.fill_from_mean((0.485, 0.456, 0.406)) == FILL  # DeiT's ImageNet value
   augment = pickle.loads(pickle.dumps(augment))  # grain workers pickle it
   element = {'image': _image(), 'label': np.int32(3), 'index': np.int32(7)}
   out = augment(element, np.random.default_rng(5))
   assert out['label'] == 3 and out['index'] == 7 and out['image'].shape == (32, 32, 3)
   np.testing.assert_array_equal(out['image'], augment(element, np.random.default_rng(5))['image'])
-  assert randaugment.make_host_augment(ml_collections.ConfigDict(dict(randaugment=False))) is None
+  assert host_augment.make_host_augment(ml_collections.ConfigDict(dict(randaugment=False))) is None
 
   images = np.stack([_image(i) for i in range(16)])
   source = ArraySource(images, np.arange(16) % 4, list('abcd'), 'toy', 'train')
@@ -185,7 +185,7 @@ ERASE_BATCH = 1024
 @functools.cache
 def _erase_fn():  # one compiled program shared by the erasing tests
   return jax.jit(
-      functools.partial(random_erasing.random_erasing_and_mask, probability=0.25, mean=MEAN,
+      functools.partial(batch_augment.random_erasing_and_mask, probability=0.25, mean=MEAN,
                         std=STD))
 
 
@@ -217,7 +217,7 @@ def test_erasing_rate_over_large_batch_and_determinism():
   erase, top, left, bh, bw = map(
       np.asarray,
       jax.jit(
-          functools.partial(random_erasing.erasing_boxes, batch_size=40000, height=32, width=32,
+          functools.partial(batch_augment.erasing_boxes, batch_size=40000, height=32, width=32,
                             probability=0.25))(jax.random.key(3)))
   assert abs(erase.mean() - 0.25) < 0.009  # 4σ at n = 40000
   assert np.all(top + bh <= 32) and np.all(left + bw <= 32) and top.min() == 0
@@ -248,7 +248,7 @@ def _mixed():
                                          None] + 0.5 * np.random.default_rng(0).random(
                                              (MIX_B, 8, 8, 3), dtype=np.float32)
   labels = np.array([0, 3, 4, 3])
-  f = jax.jit(jax.vmap(lambda k: mixup.mixup_cutmix_and_lam(x, labels, MIX_C, k)))
+  f = jax.jit(jax.vmap(lambda k: batch_augment.mixup_cutmix_and_lam(x, labels, MIX_C, k)))
   out = tuple(map(np.asarray, f(jax.random.split(jax.random.key(0), MIX_KEYS))))
   return x, labels, out
 
@@ -289,8 +289,8 @@ def test_mix_statistics_match_timm_batch_mode():
 
 def test_rand_bbox_sides():
   cut = int(32 * np.sqrt(0.5))  # 22 → half-side 11
-  boxes = jax.jit(jax.vmap(lambda k: jnp.stack(mixup.rand_bbox(k, 32, 32, 0.5))))(jax.random.split(
-      jax.random.key(0), 500))
+  boxes = jax.jit(jax.vmap(lambda k: jnp.stack(batch_augment.rand_bbox(k, 32, 32, 0.5))))(
+      jax.random.split(jax.random.key(0), 500))
   yl, yh, xl, xh = np.asarray(boxes).T
   assert np.all(yh - yl <= 2 * (cut // 2)) and np.all(yl >= 0) and np.all(yh <= 32)
   inside = (yl > 0) & (yh < 32)
@@ -302,8 +302,9 @@ def test_alphas_zero_give_smoothed_one_hot():
   images = np.random.default_rng(0).random((4, 8, 8, 3), dtype=np.float32)
   labels = jnp.array([0, 3, 99, 3])
   out, targets = jax.jit(
-      functools.partial(mixup.mixup_cutmix, mixup_alpha=0.0, cutmix_alpha=0.0, label_smoothing=0.1),
-      static_argnums=2)(images, labels, 100, jax.random.key(0))
+      functools.partial(batch_augment.mixup_cutmix, mixup_alpha=0.0, cutmix_alpha=0.0,
+                        label_smoothing=0.1), static_argnums=2)(images, labels, 100,
+                                                                jax.random.key(0))
   np.testing.assert_array_equal(np.asarray(out), images)
   t = np.asarray(targets)
   assert t.shape == (4, 100)
@@ -322,7 +323,7 @@ def test_make_batch_augment_step_signature_jit_determinism():
   images = np.random.default_rng(0).random((8, 16, 16, 3), dtype=np.float32)
   labels = jnp.arange(8) % 10
   smooth = _smooth(np.asarray(labels), 10, 0.1)
-  aug = mixup.make_batch_augment(_cfg())
+  aug = batch_augment.make_batch_augment(_cfg())
   step = jax.jit(lambda x, y, k: aug(x, y, 10, k))  # as StepOptions.batch_augment
   a_img, a_t = map(np.asarray, step(images, labels, jax.random.key(0)))
   b_img, b_t = map(np.asarray, step(images, labels, jax.random.key(0)))
@@ -335,12 +336,13 @@ def test_make_batch_augment_step_signature_jit_determinism():
 
   for cfg in (_cfg(mixup_alpha=0.0, cutmix_alpha=0.0,
                    erasing_prob=0.0), _cfg(mix_prob=0.0, erasing_prob=0.0)):
-    off = mixup.make_batch_augment(cfg)
+    off = batch_augment.make_batch_augment(cfg)
     img, t = jax.jit(lambda x, y, k: off(x, y, 10, k))(images, labels, jax.random.key(0))
     np.testing.assert_array_equal(np.asarray(img), images)
     np.testing.assert_allclose(np.asarray(t), smooth, atol=1e-7)
 
-  erase_only = mixup.make_batch_augment(_cfg(mixup_alpha=0.0, cutmix_alpha=0.0, erasing_prob=1.0))
+  erase_only = batch_augment.make_batch_augment(
+      _cfg(mixup_alpha=0.0, cutmix_alpha=0.0, erasing_prob=1.0))
   img, t = jax.jit(lambda x, y, k: erase_only(x, y, 10, k))(images, labels, jax.random.key(0))
   assert np.asarray(img != images).any(axis=(1, 2, 3)).all()  # every image erased
   np.testing.assert_allclose(np.asarray(t), smooth, atol=1e-7)

@@ -170,7 +170,8 @@ def test_the_trainers_teacher_runs_the_kernel_unless_switched_off(tmp_path, sett
                                  meta={'model': {'name': 'resnet8', 'kwargs': {}}})
   with config.unlocked():
     config.teacher.checkpoint = path
-  loaded = run.load_teacher(config, 10, sharding_lib.make_mesh(config.mesh), [])
+  from tikd_jax.train.spec import resolve  # pylint: disable=g-import-not-at-top
+  loaded = run.load_teacher(resolve(config), 10, sharding_lib.make_mesh(config.mesh))
   images = jnp.asarray(np.random.default_rng(0).random((8, 16, 16, 3), np.float32))
 
   def logits(variables):

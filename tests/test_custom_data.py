@@ -384,7 +384,7 @@ def test_custom_config_measures_the_data_and_follows_the_image_size():
   for c in (teacher, student):
     assert (c.data.name, c.data.normalization, c.data.eval_split) == ('image_folder', 'compute',
                                                                       'auto')
-    assert 'mean' in c.model and 'mean' in c.teacher  # what normalization.resolve fills
+    assert 'mean' in c.model and 'mean' in c.teacher  # what setup measures (normalization.measure)
   assert (teacher.model.name, teacher.distill.method) == ('resnet20', 'none')
   assert (student.model.name, student.distill.method) == ('distilled_vit', 'hard')
   student.data.image_size = 64

@@ -20,7 +20,7 @@ from PIL import Image
 from configs import common
 from tikd_jax.data import build_source
 from tikd_jax.data import pipeline
-from tikd_jax.data.augment import random_crop_flip, resize_image
+from tikd_jax.data.host_augment import random_crop_flip, resize_image
 from tikd_jax.data.source import ArraySource, split_indices, torch_randperm
 from tikd_jax.train import loop
 

@@ -76,21 +76,21 @@ EXPANSIONS = {
                          ids=[f'{m.__name__.split(".")[-1]}:{k}' for m, k in EXPANSIONS])
 def test_distill_method_expands_to_its_terms(config_module, method):
   (phase,) = build_phases(config_module.get_config(method), steps_per_epoch=10)
-  assert phase.loss == EXPANSIONS[config_module, method]
+  assert phase.terms == EXPANSIONS[config_module, method]
 
 
 def test_tikd_stages_and_irkd_saliency_add_their_terms():
   c = tikd_cifar100.get_config('small,hard')
   phases = build_phases(c, steps_per_epoch=10)
-  assert phases[0].loss == (('ce', 0.5), ('hard', 0.5))  # no caption features: no predictor
+  assert phases[0].terms == (('ce', 0.5), ('hard', 0.5))  # no caption features: no predictor
   # The joint stage adds the alignment and, by default, design (c)'s self-distillation.
-  assert phases[-1].loss == (('ce', 0.5), ('hard', 0.5), ('tikd_alignment', 0.1),
-                             ('tikd_self_distill', 1.0))
+  assert phases[-1].terms == (('ce', 0.5), ('hard', 0.5), ('tikd_alignment', 0.1),
+                              ('tikd_self_distill', 1.0))
   with c.unlocked():
     c.text.features_dir = '/features'
-  assert build_phases(c, steps_per_epoch=10)[-1].loss[-1] == ('text_predictor', 1.0)
+  assert build_phases(c, steps_per_epoch=10)[-1].terms[-1] == ('text_predictor', 1.0)
   irkd = build_phases(irkd_cifar10.get_config('kd_cl_sal,p4'), steps_per_epoch=10)
-  assert all(p.loss[-1] == ('attention_saliency', 0.8) for p in irkd)
+  assert all(p.terms[-1] == ('attention_saliency', 0.8) for p in irkd)
 
 
 def test_config_loss_and_a_stage_override_replace_the_shorthand():
@@ -99,7 +99,7 @@ def test_config_loss_and_a_stage_override_replace_the_shorthand():
   with c.unlocked():
     c.stages = [dict(name='a', epochs=1), dict(name='b', epochs=1, loss=(('ce', 1.0),))]
   phases = build_phases(c, steps_per_epoch=10)
-  assert [p.loss for p in phases] == [(('ce', 1.0), ('kd', 0.3)), (('ce', 1.0),)]
+  assert [p.terms for p in phases] == [(('ce', 1.0), ('kd', 0.3)), (('ce', 1.0),)]
 
 
 def test_loss_settings_add_to_and_override_the_distill_block():

@@ -47,7 +47,7 @@ PRESETS = {
 
 
 def _phase_losses(c):
-  losses_ = [p.loss for p in build_phases(c, steps_per_epoch=10)]
+  losses_ = [p.terms for p in build_phases(c, steps_per_epoch=10)]
   return sorted(set(losses_), key=losses_.index)
 
 

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageEnhance, ImageFilter, ImageOps
 
-from tikd_jax.data import randaugment
+from tikd_jax.data import host_augment as randaugment
 
 # --- the reference: randaugment.py at 6f12d78 (ops and draw order) ------------------------------
 

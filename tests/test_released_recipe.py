@@ -30,6 +30,7 @@ from tikd_jax.train.loss_config import term_settings
 from tests.method_loss import method_loss
 from tikd_jax.train.plan import build_phases
 from tikd_jax.train.run import build_augmentations, model_spec, repeated_augmentation
+from tikd_jax.train.spec import resolve as resolve_spec
 from tikd_jax.train.step import StepOptions
 
 # For SEED 0 at this step the batch is mixed with λ < 0.5: every row's mixed target has its
@@ -88,7 +89,7 @@ def mixed_step(deit, teacher, batch, arg, *, step=FLIPPED_STEP, augment=True, ob
   """One step of tikd_cifar100.get_config(arg)'s loss with its Mixup / CutMix / erasing (or, with
   augment=False, its smoothed one-hot targets) → the step's results and what it saw."""
   config = tikd_cifar100.get_config(arg)
-  _, batch_augment = build_augmentations(config) if augment else (None, None)
+  _, batch_augment = build_augmentations(resolve_spec(config)) if augment else (None, None)
   opts = StepOptions(num_classes=C, steps_per_epoch=STEPS_PER_EPOCH, seed=SEED,
                      label_smoothing=config.label_smoothing, batch_augment=batch_augment)
   params, new_state, metrics, grads, _ = run_step(deit, teacher, method_loss(config.distill), opts,
@@ -174,7 +175,7 @@ def test_pkcd_positives_and_carried_labels_are_the_argmax_of_the_mixed_target(
   np.testing.assert_allclose(r.metrics['loss'], total(label), rtol=LOSS_RTOL)
   assert far(total(other), total(label))  # the previous batch's positives follow the label
   # The label is also what the next step's "previous batch" carries.
-  np.testing.assert_array_equal(r.state.objective_state['pkcd']['prev_labels'], label)
+  np.testing.assert_array_equal(r.state.term_state['pkcd']['prev_labels'], label)
 
 
 # ------------------------------------------------------------------ (c) the preset
@@ -198,7 +199,7 @@ def test_released_preset_is_one_fused_phase_with_the_released_terms(method):
     c.text.features_dir = '/features'  # with captions: still no predictor or alignment term
   (phase,) = build_phases(c, steps_per_epoch=10)  # no stages: fused from the first step
   assert phase.fuse_text and (phase.start_step, phase.end_step) == (0, 3000)
-  assert phase.loss == RELEASED_TERMS[method]
+  assert phase.terms == RELEASED_TERMS[method]
   settings = term_settings(c)
   assert settings['ce'] == {'target': 'argmax'}
   assert settings['dkd']['label'] == 'argmax_target'
@@ -267,7 +268,7 @@ def test_released_preset_resolves_to_the_released_main_defaults():
   # The sampler under the launch: 4 ranks of 256; per rank floor(50,000 // 256 · 256 / 4) =
   # 12,480 examples (len(RASampler)), 48 batches of 256 with drop_last: 48 steps per epoch.
   assert RELEASED_MAIN['repeated_aug']
-  sampler = repeated_augmentation(c, 50_000)
+  sampler = repeated_augmentation(resolve_spec(c), 50_000)
   assert (sampler.num_repeats, sampler.num_replicas,
           sampler.replica_batch) == (RELEASED_MAIN['num_repeats'], gpus, per_gpu)
   assert (sampler.per_replica, sampler.steps_per_epoch) == (12_480, 48)
@@ -368,7 +369,7 @@ def test_train_stream_takes_text_rows_from_the_config(text_rows):
     c.tikd.text_rows = text_rows
   data = types.SimpleNamespace(train=_source(), text_features=FEATURES, host_augment=None,
                                num_workers=0, sampler=None)
-  stream = loop.train_stream(types.SimpleNamespace(config=c, data=data),
+  stream = loop.train_stream(types.SimpleNamespace(spec=resolve_spec(c), data=data),
                              types.SimpleNamespace(resolution=None), 0)
   b = next(stream.iterator)
   want = FEATURES[:8] if text_rows == 'released' else FEATURES[b['index']]

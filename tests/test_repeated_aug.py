@@ -15,6 +15,7 @@ from tikd_jax.data.repeated_aug import RepeatedAugmentation, deit_epoch_indices
 from tikd_jax.data.source import ArraySource
 from tikd_jax.train import loop
 from tikd_jax.train.run import load_data, repeated_augmentation
+from tikd_jax.train.spec import resolve as resolve_spec
 
 
 def deit_rasampler(permutation, num_replicas, rank, num_repeats=3):
@@ -152,38 +153,39 @@ def test_resume_mid_epoch_and_across_the_epoch_boundary(num_workers):
 
 def test_config_turns_it_on_and_sets_the_epoch_length():
   c = tiny.get_config('none')
-  assert repeated_augmentation(c, 1437) is None  # off by default
+  assert repeated_augmentation(resolve_spec(c), 1437) is None  # off by default
   with c.unlocked():
     c.data.repeated_aug = 1
-  assert repeated_augmentation(c, 1437) is None  # 1: off
+  assert repeated_augmentation(resolve_spec(c), 1437) is None  # 1: off
   with c.unlocked():
     c.data.repeated_aug, c.batch_size = 3, 32
-  s = repeated_augmentation(c, 1437)  # one process: one replica
+  s = repeated_augmentation(resolve_spec(c), 1437)  # one process: one replica
   assert (s.num_repeats, s.num_replicas, s.steps_per_epoch) == (3, 1, 40)  # 1280 // 32, not 44
   with c.unlocked():
     c.data.repeated_aug_replicas = 4
-  assert repeated_augmentation(c, 1437).steps_per_epoch == 40  # 320 per replica // 8
+  assert repeated_augmentation(resolve_spec(c), 1437).steps_per_epoch == 40  # 320 per replica // 8
   with c.unlocked():
     c.batch_size = 30
   with pytest.raises(ValueError, match='multiple of 4'):
-    repeated_augmentation(c, 1437)
+    repeated_augmentation(resolve_spec(c), 1437)
   with c.unlocked():
     c.batch_size = 1600
   with pytest.raises(
       ValueError, match='= 320 examples per replica and epoch .* fewer than a '
       'replica batch of 400'):
-    repeated_augmentation(c, 1437)
+    repeated_augmentation(resolve_spec(c), 1437)
 
 
 def test_train_stream_draws_from_the_configs_sampler():
   c = tiny.get_config('none')
   with c.unlocked():
     c.batch_size, c.data.repeated_aug, c.data.repeated_aug_replicas = 32, 3, 2
-  sampler = repeated_augmentation(c, N)
-  assert load_data(c, (_source(), _source())).steps_per_epoch == 16  # 512 // 2 // 16, not 18
+  sampler = repeated_augmentation(resolve_spec(c), N)
+  assert load_data(resolve_spec(c),
+                   (_source(), _source())).steps_per_epoch == 16  # 512 // 2 // 16, not 18
   data = types.SimpleNamespace(train=_source(), text_features=None, host_augment=None,
                                num_workers=0, sampler=sampler)
-  stream = loop.train_stream(types.SimpleNamespace(config=c, data=data),
+  stream = loop.train_stream(types.SimpleNamespace(spec=resolve_spec(c), data=data),
                              types.SimpleNamespace(resolution=None), 17)
   np.testing.assert_array_equal(next(stream.iterator)['index'], sampler.epoch_batches(1)[1])
 

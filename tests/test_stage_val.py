@@ -19,7 +19,7 @@ from PIL import Image
 
 from configs import irkd_cifar10, irkd_digits
 from tikd_jax.data import build_source
-from tikd_jax.data.augment import center_crop
+from tikd_jax.data.host_augment import center_crop
 from tikd_jax.models.variables import abstract_model
 from tikd_jax.train import stage_val, trainer
 from tikd_jax.train.step import make_eval_step

@@ -23,6 +23,7 @@ from tikd_jax.cpu import compiler
 from tikd_jax.models.variables import abstract_model
 from tests.method_loss import method_loss
 from tikd_jax.train.run import build_augmentations
+from tikd_jax.train.spec import resolve as resolve_spec
 from tikd_jax.train.state import init_train_state
 from tikd_jax.train.step import StepOptions, make_eval_step, make_train_step
 
@@ -319,7 +320,7 @@ def run_step(student, teacher, objective, opts, batch, *, step=STEP, objective_s
     state = state.replace(
         params=dict(state.params, objective={'ctkd': {'raw_temperature': jnp.float32(-1.0)}}))
   if objective_state is not None:
-    state = state.replace(objective_state=objective_state)
+    state = state.replace(term_state=objective_state)
   params = state.params
   fn = jitted or jax.jit(
       make_train_step(graphdef=graphdef, teacher_graphdef=teacher[0], loss=objective, tx=tx,
@@ -428,7 +429,7 @@ def test_deit_student_ce_on_class_head_distillation_on_dist_head(deit, teacher, 
   assert far(wrong[distill_term], terms[distill_term], factor=1e3)
   if method == 'pkcd':
     # The teacher's logits and the labels become the next step's "previous batch".
-    state = new_state.objective_state['pkcd']
+    state = new_state.term_state['pkcd']
     np.testing.assert_allclose(state['prev_teacher_logits'], x['t'], rtol=1e-5, atol=1e-6)
     np.testing.assert_array_equal(state['prev_labels'], LABELS)
     assert bool(state['valid'])
@@ -476,7 +477,7 @@ def test_mixup_cutmix_targets_and_teacher_sees_the_augmented_batch(deit, teacher
   """The DeiT recipe as the trainer builds it (random erasing 0.25, Mixup 0.8 / CutMix 1.0,
   smoothing 0.1): CE against the mixed soft targets; the teacher sees the augmented images."""
   config = tikd_cifar100.get_config('small,kd')
-  _, batch_augment = build_augmentations(config)
+  _, batch_augment = build_augmentations(resolve_spec(config))
   objective = method_loss(config.distill)
   opts = StepOptions(num_classes=C, steps_per_epoch=STEPS_PER_EPOCH, seed=SEED, label_smoothing=0.1,
                      batch_augment=batch_augment)

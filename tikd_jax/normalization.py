@@ -1,10 +1,10 @@
 """Per-channel input statistics (mean, std) of the data sets, defined once.
 
 Every model owns its normalisation (its `mean` / `std` arguments); configs, the converters and
-the PyTorch twins all take these values from here. `resolve` measures them on a train split
-instead (config.data.normalization='compute').
+the PyTorch twins all take these values from here. `measure` measures them on a train split
+instead (config.data.normalization='compute'); the run spec (train/spec.py) gives them to the
+student and the teacher.
 """
-import copy
 import json
 import math
 import os
@@ -64,15 +64,14 @@ def channel_stats(source) -> tuple[tuple[float, ...], tuple[float, ...], int]:
   return (tuple(m / 255.0 for m in mean), tuple(math.sqrt(v) / 255.0 for v in var), count)
 
 
-def resolve(config, workdir: str | None, train_source):
-  """(config, notes): `config` unchanged for 'explicit'; for 'compute' a copy whose model and
-  teacher mean/std are the train split's, read from <workdir>/normalization.json when an earlier
+def measure(mode: str, workdir: str | None, train_source) -> tuple[dict | None, list[str]]:
+  """({'mean', 'std'} of the train split, notes) for `config.data.normalization` 'compute'
+  (None and no notes for 'explicit'): read from <workdir>/normalization.json when an earlier
   start of this run saved it there, else computed and saved (by process 0)."""
-  mode = config.data.get('normalization', 'explicit')
   if mode not in MODES:
     raise ValueError(f'config.data.normalization={mode!r}: use one of {MODES}')
   if mode == 'explicit':
-    return config, []
+    return None, []
   path = os.path.join(workdir, FILE) if workdir else None
   fingerprint = train_source.fingerprint()
   if path and os.path.exists(path):
@@ -87,11 +86,7 @@ def resolve(config, workdir: str | None, train_source):
     note = (f'normalization: mean {_fmt(mean)} std {_fmt(std)} computed from the '
             f'{len(train_source)} images of split {train_source.split!r} in '
             f'{time.time() - t0:.1f}s' + (f'; saved to {path}' if path else ''))
-  config = copy.deepcopy(config)
-  for block in (config.model, config.teacher):
-    if 'mean' in block:
-      block.mean, block.std = tuple(stats['mean']), tuple(stats['std'])
-  return config, [note]
+  return {'mean': tuple(stats['mean']), 'std': tuple(stats['std'])}, [note]
 
 
 def _fmt(values) -> str:

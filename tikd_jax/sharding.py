@@ -75,3 +75,13 @@ def param_shardings(tree: Any, mesh: Mesh, rules: Sequence[tuple[str, str]] = ()
     spec = _fsdp_spec(tuple(np.shape(leaf)), fsdp) if rule == 'fsdp' else P()
     out.append(NamedSharding(mesh, spec))
   return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def place(tree, shardings):
+  """Host NumPy → global arrays with the given shardings (works on every host of a pod)."""
+
+  def put(x, s):
+    x = np.asarray(x)
+    return jax.make_array_from_callback(x.shape, s, lambda idx: x[idx])
+
+  return jax.tree.map(put, tree, shardings)

@@ -16,7 +16,7 @@ import jax
 from absl import flags
 import numpy as np
 
-from tikd_jax.data.augment import random_crop_flip, resize_image
+from tikd_jax.data.host_augment import random_crop_flip, resize_image
 from tikd_jax.data.repeated_aug import RepeatedAugmentation, RepeatedAugmentationSource
 
 

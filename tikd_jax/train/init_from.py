@@ -26,10 +26,10 @@ from tikd_jax.tree import CheckpointMismatchError, fill_template, flatten
 
 
 def init_from(run: Run, state: TrainState) -> tuple[TrainState, str]:
-  """The fresh `state` with the student's variables from `config.init_from`, and a report."""
-  path = run.config.init_from
+  """The fresh `state` with the student's variables from `spec.init_from`, and a report."""
+  path = run.spec.init_from
   _, loaded = ckpt_lib.load_weights(path)
-  exclude = [re.compile(p) for p in run.config.init_exclude]
+  exclude = [re.compile(p) for p in run.spec.init_exclude]
   template = {'params': state.params['student'], 'batch_stats': state.batch_stats}
   fresh = flatten(template)
   merged, problems, resampled, kept = {}, [], [], []

@@ -1,4 +1,5 @@
-"""The training loop: the input stream, resume, and `train_loop(run, state, stream, outputs)`.
+"""The training loop: the run's compiled steps (`Steps`), the input stream, resume, and
+`train_loop(run, state, stream, outputs)`.
 
 Batch k of the whole run is element k of the phase's input stream, for any number of processes
 and workers, so a position is all it takes to resume; grain's saved iterator state makes the
@@ -17,18 +18,39 @@ import numpy as np
 from tikd_jax.data import pipeline
 from tikd_jax.train import checkpoint as ckpt_lib
 from tikd_jax.train import stage_val
-from tikd_jax.train.evaluate import (EMA_PREFIX, EVAL_TEXT, compiled_eval_step, evaluate,
-                                     evaluate_source, format_eval)
+from tikd_jax.train.evaluate import (EMA_PREFIX, compiled_eval_step, evaluate, evaluate_source,
+                                     format_eval)
 from tikd_jax.train.logger import MetricLogger
 from tikd_jax.train.plan import Phase, phase_at
 from tikd_jax.train.preemption import StopRequest
 from tikd_jax.train.run import Run, train_step_for
-from tikd_jax.train.state import TrainState
+from tikd_jax.train.spec import EVAL_TEXT
+from tikd_jax.train.state import TERM_PARAMS, TrainState
 from tikd_jax.tree import CheckpointMismatchError
 
 
 class NonFiniteLossError(FloatingPointError):
   pass
+
+
+class Steps:
+  """The run's compiled steps, each built once: a train step per distinct `phase.switches`, an
+  eval step per `fuse_text` (evaluation and stage validation reuse them)."""
+
+  def __init__(self, run: Run):
+    self.run = run
+    self._train: dict = {}
+    self._eval: dict = {}
+
+  def train(self, phase: Phase):
+    if phase.switches not in self._train:
+      self._train[phase.switches] = train_step_for(self.run, phase)
+    return self._train[phase.switches]
+
+  def eval(self, fuse_text: bool):
+    if fuse_text not in self._eval:
+      self._eval[fuse_text] = compiled_eval_step(self.run, fuse_text)
+    return self._eval[fuse_text]
 
 
 @dataclasses.dataclass
@@ -47,15 +69,20 @@ class Stream:
 
 
 def train_stream(run: Run, phase: Phase, start: int) -> Stream:
-  config, data = run.config, run.data
-  ds = pipeline.train_dataset(data.train, batch_size=config.batch_size // jax.process_count(),
-                              seed=config.seed, crop_padding=config.data.crop_padding,
-                              crop_size=phase.resolution, crop_mode=config.curriculum.mode,
-                              flip=config.data.flip, text_features=data.text_features,
-                              text_rows=config.tikd.text_rows, extra_augment=data.host_augment,
+  spec, data = run.spec, run.data
+  ds = pipeline.train_dataset(data.train, batch_size=spec.batch_size // jax.process_count(),
+                              seed=spec.seed, crop_padding=spec.input.crop_padding,
+                              crop_size=phase.resolution, crop_mode=spec.input.crop_mode,
+                              flip=spec.input.flip, text_features=data.text_features,
+                              text_rows=spec.text.rows, extra_augment=data.host_augment,
                               process_index=jax.process_index(), process_count=jax.process_count(),
                               sampler=data.sampler)
   return Stream(pipeline.make_iterator(ds[start:], data.num_workers), start)
+
+
+def next_batch(run: Run, stream: Stream) -> dict:
+  """The stream's next batch as global arrays sharded over the mesh's batch axes."""
+  return pipeline.to_global(next(stream.iterator), run.data_sharding)
 
 
 @dataclasses.dataclass
@@ -101,9 +128,9 @@ def _restore(run: Run, template: TrainState, checkpointer, step: int):
     stream.close()
     raise
   restored = TrainState(step=jnp.asarray(step, jnp.int32),
-                        params={'student': variables['params'], 'objective': extra['objective']},
+                        params={'student': variables['params'], TERM_PARAMS: extra[TERM_PARAMS]},
                         batch_stats=variables['batch_stats'], opt_state=opt_state,
-                        objective_state=extra['objective_state'], ema=extra.get('ema', {}),
+                        term_state=extra[TERM_STATE], ema=extra.get('ema', {}),
                         stage_val=extra.get('stage_val', {}))
   note = '' if exact or step == phase.start_step else (
       f'checkpoint {step} was written by {saved.get("processes", "?")} process(es) with '
@@ -111,6 +138,10 @@ def _restore(run: Run, template: TrainState, checkpointer, step: int):
       f'{num_workers}: the input stream resumes by position')
   return jax.device_put(restored, run.state_shardings), stream, note
 
+
+# The loss terms' carried state in a checkpoint's `extra` item (TrainState.term_state; the name
+# is the checkpoint layout's, kept so that every checkpoint written so far restores).
+TERM_STATE = 'objective_state'
 
 # State a run keeps only with some settings: (TrainState field, what it is, the setting).
 OPTIONAL_ITEMS = (('ema', 'a model EMA', 'config.ema.decay'), ('stage_val', 'per-stage validation',
@@ -120,7 +151,7 @@ OPTIONAL_ITEMS = (('ema', 'a model EMA', 'config.ema.decay'), ('stage_val', 'per
 def _extra(state: TrainState) -> dict:
   """Trained state that is not the model's: the loss terms' parameters and carried state, and
   the OPTIONAL_ITEMS the run keeps (model EMA, the stage's validation record)."""
-  extra = {'objective': state.params['objective'], 'objective_state': state.objective_state}
+  extra = {TERM_PARAMS: state.params[TERM_PARAMS], TERM_STATE: state.term_state}
   extra.update({name: getattr(state, name) for name, _, _ in OPTIONAL_ITEMS if getattr(state, name)})
   return extra
 
@@ -145,19 +176,22 @@ class Progress:
   start_step: int
   stream: Stream
   last_saved: int
+  steps: Steps  # the compiled train and eval steps
   pending: list = dataclasses.field(default_factory=list)  # device metrics not yet logged
   eval_metrics: dict | None = None
   preempted: bool = False
 
 
-def train_loop(run: Run, state: TrainState, stream: Stream,
-               out: Outputs) -> tuple[TrainState, Progress]:
-  """Trains from `state.step` to the end of the run, to `config.stop_at_step`, or to a stop
-  request (SIGTERM / SIGINT), then checkpoints; evaluates at the end of a completed run."""
+def train_loop(run: Run, state: TrainState, stream: Stream, out: Outputs,
+               steps: Steps | None = None) -> tuple[TrainState, Progress]:
+  """Trains from `state.step` to the end of the run, to `spec.cadence.stop_at_step`, or to a
+  stop request (SIGTERM / SIGINT), then checkpoints; evaluates at the end of a completed run.
+  `steps`: the run's compiled steps (those `check_evaluation` compiled), a new set without."""
   step = int(jax.device_get(state.step))
-  progress = Progress(step=step, start_step=step, stream=stream, last_saved=step)
+  progress = Progress(step=step, start_step=step, stream=stream, last_saved=step, steps=steps
+                      or Steps(run))
   # Stop early (checkpointed) at this step, e.g. for time-sliced cluster jobs; rerun to resume.
-  end = min(run.config.stop_at_step or run.total_steps, run.total_steps)
+  end = min(run.spec.cadence.stop_at_step or run.total_steps, run.total_steps)
   try:
     while progress.step < end and not progress.preempted:
       phase = run.phases[phase_at(run.phases, progress.step)]
@@ -168,7 +202,7 @@ def train_loop(run: Run, state: TrainState, stream: Stream,
   finally:  # also after an error: a bad image met by a worker, a non-finite loss
     progress.stream.close()
   if progress.eval_metrics is None and not progress.preempted:  # resumed at the end, or stopped
-    progress.eval_metrics = _evaluate_and_log(run, state, progress.step, out.logger)
+    progress.eval_metrics = _evaluate_and_log(run, state, progress, out.logger)
   out.checkpointer.wait()
   return state, progress
 
@@ -192,10 +226,10 @@ def _enter_phase(run: Run, state: TrainState, progress: Progress, phase: Phase,
 
 def _train_phase(run: Run, state: TrainState, progress: Progress, phase: Phase, end: int,
                  out: Outputs) -> TrainState:
-  train_step = train_step_for(run, phase)
+  train_step = progress.steps.train(phase)
   teacher_vars = run.teacher.variables if run.teacher else None
   while progress.step < min(phase.end_step, end):
-    batch = pipeline.to_global(next(progress.stream.iterator), run.data_sharding)
+    batch = next_batch(run, progress.stream)
     t0 = time.time()
     state, metrics = train_step(state, batch, teacher_vars)
     if progress.step in (progress.start_step, phase.start_step):
@@ -208,7 +242,7 @@ def _train_phase(run: Run, state: TrainState, progress: Progress, phase: Phase, 
     state = _validate_stage(run, state, progress, phase, out)
     _log_evaluate_save(run, state, progress, out, force_save=progress.step != before)
     # SIGTERM / SIGINT: every step on one host; at log intervals (agreed) on several.
-    at_sync_point = progress.step % run.config.log_every_steps == 0
+    at_sync_point = progress.step % run.spec.cadence.log_every_steps == 0
     if progress.step < run.total_steps and out.stop.should_stop(at_sync_point=at_sync_point):
       progress.preempted = True
       break
@@ -223,14 +257,14 @@ def _validate_stage(run: Run, state: TrainState, progress: Progress, phase: Phas
   step, spe = progress.step, run.data.steps_per_epoch
   if not state.stage_val or ((step - phase.start_step) % spe and step != phase.end_step):
     return state
-  curriculum = run.config.curriculum
-  source = stage_val.ValSource(run.data.val, phase.resolution, curriculum.val_transform)
+  validation = run.spec.stage_val
+  source = stage_val.ValSource(run.data.val, phase.resolution, validation.transform)
   # A text-fusing stage is validated on its fused pass with predicted text (caption-free).
-  eval_step = compiled_eval_step(run, phase.fuse_text)
+  eval_step = progress.steps.eval(phase.fuse_text)
   m = evaluate_source(eval_step, state.params, state.batch_stats, source,
-                      batch_size=run.config.eval_batch_size, data_sharding=run.data_sharding)
+                      batch_size=run.spec.eval_batch_size, data_sharding=run.data_sharding)
   variables = {'params': state.params['student'], 'batch_stats': state.batch_stats}
-  record, stop = stage_val.update(state.stage_val, variables, m['top1'], int(curriculum.patience))
+  record, stop = stage_val.update(state.stage_val, variables, m['top1'], validation.patience)
   stop = stop and step < phase.end_step  # out of patience at the stage's last epoch: its end
   row = {
       'stage': phase.name, 'resolution': phase.resolution or 0,
@@ -264,16 +298,16 @@ def _log_evaluate_save(run: Run, state: TrainState, progress: Progress, out: Out
   """The intervals: metrics every `log_every_steps`, eval every `eval_every_epochs`, a
   checkpoint every `checkpoint_every_steps` (0: every epoch), after every eval and when
   `force_save` (a stage stopped early: the step moved)."""
-  config, step, total = run.config, progress.step, run.total_steps
-  eval_every = int(round(config.eval_every_epochs * run.data.steps_per_epoch)) or total
-  checkpoint_every = config.checkpoint_every_steps or run.data.steps_per_epoch
+  cadence, step, total = run.spec.cadence, progress.step, run.total_steps
+  eval_every = int(round(cadence.eval_every_epochs * run.data.steps_per_epoch)) or total
+  checkpoint_every = cadence.checkpoint_every_steps or run.data.steps_per_epoch
   evaluating = step % eval_every == 0 or step == total
-  if step % config.log_every_steps == 0 or evaluating or step % checkpoint_every == 0:
+  if step % cadence.log_every_steps == 0 or evaluating or step % checkpoint_every == 0:
     _flush(run, progress, out)
   if evaluating:
-    progress.eval_metrics = _evaluate_and_log(run, state, step, out.logger)
+    progress.eval_metrics = _evaluate_and_log(run, state, progress, out.logger)
   if evaluating or step % checkpoint_every == 0 or force_save:
-    best = config.best_metric
+    best = cadence.best_metric
     _save(run, state, progress, out.checkpointer,
           {best: progress.eval_metrics[best]} if evaluating else None)
 
@@ -313,9 +347,10 @@ def _flush(run: Run, progress: Progress, out: Outputs) -> None:
   out.logger.progress(step, avg)
 
 
-def _evaluate_and_log(run: Run, state: TrainState, step: int, logger: MetricLogger) -> dict:
-  t = time.time()
-  m = evaluate(run, state, run.phases[phase_at(run.phases, step - 1)])
+def _evaluate_and_log(run: Run, state: TrainState, progress: Progress,
+                      logger: MetricLogger) -> dict:
+  step, t = progress.step, time.time()
+  m = evaluate(run, state, run.phases[phase_at(run.phases, step - 1)], progress.steps.eval)
   modes = [
       f'{mode} {m[f"top1_{suffix}"]:.3f}' for mode, suffix in EVAL_TEXT.items()
       if f'top1_{suffix}' in m
@@ -323,7 +358,7 @@ def _evaluate_and_log(run: Run, state: TrainState, step: int, logger: MetricLogg
   extra = f'; Acc@1 by text input: {", ".join(modes)}' if modes else ''
   if EMA_PREFIX + 'top1' in m:
     extra += f'; {format_eval(m, EMA_PREFIX)[2:]}'
-  logger.message(f'{run.config.name}[step {step}] {format_eval(m)} '
+  logger.message(f'{run.spec.name}[step {step}] {format_eval(m)} '
                  f'({m["count"]} examples, {time.time() - t:.1f}s{extra})')
   logger.write(step, m, kind='eval')
   return m

@@ -186,7 +186,3 @@ def frozen_mask(params, frozen: tuple[str, ...]):
   names = list(flatten(params).keys())
   leaves, treedef = jax.tree.flatten(params)
   return jax.tree.unflatten(treedef, [any(p.search(n) for p in patterns) for n in names])
-
-
-def zero_frozen(updates, mask):
-  return jax.tree.map(lambda u, m: jnp.zeros_like(u) if m else u, updates, mask)

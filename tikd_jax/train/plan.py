@@ -1,8 +1,8 @@
 """The run as a sequence of phases: TIKD's training stages and IRKD's resolution curriculum.
 
-A phase is a contiguous range of steps with fixed switches (text fusion, its (loss term, weight)
-list, frozen parameters, input resolution). Each distinct set of switches gets its own compiled step, compiled
-once. Phases come from `config.stages` (a list of stages with `epochs` and switches) or from
+A phase is a contiguous range of steps with fixed switches (text fusion, its loss terms,
+frozen parameters, input resolution). Each distinct set of switches gets its own compiled step,
+compiled once. Phases come from `config.stages` (a list of stages with `epochs` and switches) or from
 `config.curriculum.stages` ([(resolution, epochs), …]); without either, one phase covers
 `config.num_epochs`.
 """
@@ -21,7 +21,9 @@ class Phase:
   start_step: int
   end_step: int  # exclusive
   fuse_text: bool = False
-  loss: tuple[tuple[str, float], ...] = (('ce', 1.0),)  # (term, weight) (train/loss_config.py)
+  # The phase's loss: Σ weight · term over these (term, weight) pairs (train/loss_config.py);
+  # `Run.losses[phase.terms]` is its `Loss`.
+  terms: tuple[tuple[str, float], ...] = (('ce', 1.0),)
   frozen: tuple[str, ...] = ()
   resolution: int | None = None  # None: full size
   reset_optimizer: bool = False  # re-create the optimizer state when the phase starts
@@ -29,7 +31,7 @@ class Phase:
   @property
   def switches(self) -> tuple:
     """What the compiled step depends on (phases with equal switches share one compile)."""
-    return (self.fuse_text, self.loss, self.frozen, self.resolution)
+    return (self.fuse_text, self.terms, self.frozen, self.resolution)
 
 
 _STAGE_KEYS = {
@@ -76,7 +78,7 @@ def build_phases(config, steps_per_epoch: int) -> list[Phase]:
     })
     phases.append(
         Phase(name=str(stage.get('name', f'stage{i}')), start_step=start, end_step=start + steps,
-              fuse_text=bool(kw['fuse_text']), loss=stage_terms(config, stage, **kw),
+              fuse_text=bool(kw['fuse_text']), terms=stage_terms(config, stage, **kw),
               frozen=tuple(stage.get('frozen', ())), resolution=stage.get('resolution'),
               reset_optimizer=bool(stage.get('reset_optimizer', False)) and i > 0))
     start += steps

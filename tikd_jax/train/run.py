@@ -1,15 +1,16 @@
 """What a run is built from, before its first step: `setup(config, workdir) → Run`, then
-`create_train_state(run)`.
+`create_train_state(run)`, and the phases' jitted train steps (`train_step_for`).
 
-  mesh → data → phases → student → loss terms → teacher → optimizer → shardings
+  spec (train/spec.py) → mesh → data → phases → student → loss terms → teacher → optimizer →
+  shardings
 
-Benchmarks and tests build their runs here too: `setup(..., sources=, teacher=)` takes in-memory
-data and an already built teacher in place of the configured ones.
+`setup` reads the config once, into the run's spec; nothing after it reads the config. Benchmarks
+and tests build their runs here too: `setup(..., sources=, teacher=)` takes in-memory data and an
+already built teacher in place of the configured ones.
 """
 from __future__ import annotations
 
 import dataclasses
-import re
 from typing import Any, Callable
 
 import jax
@@ -21,7 +22,6 @@ from flax import nnx
 from tikd_jax import normalization
 from tikd_jax import sharding as sharding_lib
 from tikd_jax.cpu import compiler
-from tikd_jax.cpu import layers as cpu_layers
 from tikd_jax.data import build_source, pipeline
 from tikd_jax.data.errors import DataError, DataNotFoundError
 from tikd_jax.data.repeated_aug import RepeatedAugmentation
@@ -30,11 +30,11 @@ from tikd_jax.models import VIT_MODELS, build_model, count_params
 from tikd_jax.models.variables import load_model, model_variables
 from tikd_jax.train import checkpoint as ckpt_lib
 from tikd_jax.train import optim, stage_val
-from tikd_jax.train.ema import check_decay
-from tikd_jax.train.loss_config import term_settings
+from tikd_jax.train import spec as spec_lib
 from tikd_jax.train.plan import Phase, build_phases
-from tikd_jax.train.state import TrainState, init_train_state
-from tikd_jax.train.step import FUSION_TEXT, StepOptions, loss_shapes, make_train_step
+from tikd_jax.train.spec import RunSpec
+from tikd_jax.train.state import TERM_PARAMS, TrainState, init_train_state
+from tikd_jax.train.step import StepOptions, make_train_step, term_shapes
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,7 +42,7 @@ class Data:
   """The splits and what the input pipeline applies to them."""
   train: Any  # a source: len(), [i] → {'image', 'label'}, num_classes
   eval: Any
-  val: Any  # the hold-out the stages are validated on (curriculum.val_transform), or None
+  val: Any  # the hold-out the stages are validated on (spec.stage_val), or None
   num_classes: int
   steps_per_epoch: int
   text_features: np.ndarray | None  # caption features, one row per train example (TIKD)
@@ -77,29 +77,25 @@ class Teacher:
 
 @dataclasses.dataclass(frozen=True)
 class Run:
-  config: ml_collections.ConfigDict
+  spec: RunSpec  # every setting, decided once
+  config: ml_collections.ConfigDict  # the config as run, for config.json only (spec.config_as_run)
   workdir: str
   mesh: jax.sharding.Mesh
-  rules: list  # sharding rules (tikd_jax/sharding.py)
+  data_sharding: jax.sharding.Sharding  # a batch's rows over every mesh axis
   data: Data
   phases: list[Phase]
   student: Model
   teacher: Teacher | None
-  loss: Loss  # every phase's terms: the state holds their parameters
-  phase_losses: dict  # phase.loss → its Loss
-  loss_shapes: dict  # what the terms' init(rng, shapes) reads
+  all_terms: Loss  # the union of every phase's terms: the state holds their parameters
+  losses: dict  # phase.terms → the phase's Loss (Σ weight · term)
+  term_shapes: dict  # what the terms' init(rng, shapes) reads
   schedule: optax.Schedule
   tx: optax.GradientTransformation
   state_shardings: Any = None
-  compiled_steps: dict = dataclasses.field(default_factory=dict)  # phase.switches → step
 
   @property
   def total_steps(self) -> int:
     return self.phases[-1].end_step
-
-  @property
-  def data_sharding(self):
-    return sharding_lib.batch_sharding(self.mesh)
 
   @property
   def is_chief(self) -> bool:
@@ -111,86 +107,84 @@ def setup(config: ml_collections.ConfigDict, workdir: str, *, sources: tuple | N
   """Everything `config` trains with, built once. `sources` = (train, eval) replaces the
   configured data (with the stages' hold-out as a third when the curriculum validates); `teacher`
   replaces loading `config.teacher.checkpoint`."""
-  mesh = sharding_lib.make_mesh(config.mesh)
-  if config.batch_size % mesh.size or config.eval_batch_size % mesh.size:
-    raise ValueError(f'batch_size {config.batch_size} and eval_batch_size '
-                     f'{config.eval_batch_size} must divide by the {mesh.size} devices')
-  rules = [tuple(r) for r in config.sharding_rules]
+  spec = spec_lib.resolve(config)
+  mesh = sharding_lib.make_mesh(spec.mesh)
+  if spec.batch_size % mesh.size or spec.eval_batch_size % mesh.size:
+    raise ValueError(f'batch_size {spec.batch_size} and eval_batch_size '
+                     f'{spec.eval_batch_size} must divide by the {mesh.size} devices')
   if sources is None:
-    sources = configured_sources(config)
+    sources = configured_sources(spec)
   # data.normalization='compute': the model and teacher mean/std measured on the train split.
-  config, norm_notes = normalization.resolve(config, workdir, sources[0])
-  data = load_data(config, sources)
-  data = dataclasses.replace(data, notes=data.notes + tuple(norm_notes))
-  _check_best_metric(config.best_metric, data.num_classes, check_decay(config.ema.decay))
+  spec = spec_lib.with_normalization(
+      spec, *normalization.measure(spec.normalization, workdir, sources[0]))
+  data = load_data(spec, sources)
+  data = dataclasses.replace(data, notes=data.notes + spec.notes)
+  spec_lib.check_best_metric_classes(spec.cadence.best_metric, data.num_classes)
   phases = build_phases(config, data.steps_per_epoch)
-  _check_text_for(phases, data, config.tikd)
-  student = student_model(config, data)
-  settings = term_settings(config)
-  loss = Loss(tuple(dict.fromkeys(t for p in phases for t in p.loss)), settings)
-  if loss.needs_teacher and teacher is None:
-    teacher = load_teacher(config, data.num_classes, mesh, rules)
+  _check_text_for(phases, data, spec)
+  student = student_model(spec, data)
+  all_terms = Loss(tuple(dict.fromkeys(t for p in phases for t in p.terms)), spec.term_settings)
+  if all_terms.needs_teacher and teacher is None:
+    teacher = load_teacher(spec, data.num_classes, mesh)
   abstract_variables = _abstract_variables(student)
-  shapes = _loss_shapes(config, data, student, abstract_variables, teacher)
-  schedule = optim.make_schedule(config.schedule, data.steps_per_epoch, phases[-1].end_step)
+  shapes = _term_shapes(spec, data, student, abstract_variables, teacher)
+  schedule = optim.make_schedule(spec.schedule, data.steps_per_epoch, phases[-1].end_step)
   abstract_params = {
       'student': abstract_variables['params'],
-      'objective': jax.eval_shape(lambda: loss.init(jax.random.key(0), shapes))[0]
+      TERM_PARAMS: jax.eval_shape(lambda: all_terms.init(jax.random.key(0), shapes))[0]
   }
-  compiler.compiler_options(config.xla_options)  # an unknown preset fails before any work
-  run = Run(config=config, workdir=workdir, mesh=mesh, rules=rules, data=data, phases=phases,
-            student=student, teacher=teacher, loss=loss,
-            phase_losses={p.loss: Loss(p.loss, settings) for p in phases}, loss_shapes=shapes,
-            schedule=schedule, tx=optim.make_optimizer(config.optimizer, schedule, abstract_params))
+  run = Run(spec=spec, config=spec_lib.config_as_run(config, spec), workdir=workdir, mesh=mesh,
+            data_sharding=sharding_lib.batch_sharding(mesh), data=data, phases=phases,
+            student=student, teacher=teacher, all_terms=all_terms,
+            losses={p.terms: Loss(p.terms, spec.term_settings) for p in phases}, term_shapes=shapes,
+            schedule=schedule, tx=optim.make_optimizer(spec.optimizer, schedule, abstract_params))
   abstract_state = jax.eval_shape(_fresh_state_fn(run))
   return dataclasses.replace(
-      run, state_shardings=sharding_lib.param_shardings(abstract_state, mesh, rules))
+      run, state_shardings=sharding_lib.param_shardings(abstract_state, mesh, spec.sharding_rules))
 
 
 def create_train_state(run: Run) -> TrainState:
-  """A fresh state (seeded by `config.seed`), built directly on its shardings."""
+  """A fresh state (seeded by `spec.seed`), built directly on its shardings."""
   return jax.jit(_fresh_state_fn(run), out_shardings=run.state_shardings)()
 
 
 def _fresh_state_fn(run: Run) -> Callable[[], TrainState]:
-  seed = run.config.seed
+  seed = run.spec.seed
 
   def init() -> TrainState:
     variables = model_variables(run.student.build(seed))
-    state = init_train_state(variables, run.loss, run.tx,
+    state = init_train_state(variables, run.all_terms, run.tx,
                              rng=jax.random.fold_in(jax.random.key(seed), 1),
-                             shapes=run.loss_shapes, ema=run.config.ema.decay > 0)
-    if stage_val.enabled(run.config):
+                             shapes=run.term_shapes, ema=run.spec.ema_decay > 0)
+    if run.spec.stage_val:
       state = state.replace(stage_val=stage_val.fresh(variables))
     return state
 
   return init
 
 
+# ------------------------------------------------------------------------------------ steps
 def train_step_for(run: Run, phase: Phase):
-  """The phase's jitted train step (state, batch, teacher_vars) → (state, metrics), compiled
-  once per distinct `phase.switches`; the state is donated."""
-  if phase.switches not in run.compiled_steps:
-    config = run.config
-    opts = StepOptions(
-        num_classes=run.data.num_classes, steps_per_epoch=run.data.steps_per_epoch,
-        seed=config.seed, label_smoothing=config.label_smoothing, fuse_text=phase.fuse_text,
-        frozen=phase.frozen, batch_augment=run.data.batch_augment,
-        grad_accum_steps=config.grad_accum_steps, fusion_text=config.tikd.fusion_text,
-        phase_steps=(phase.start_step, phase.end_step), ema_decay=float(config.ema.decay))
-    frozen_mask = (optim.frozen_mask(run.state_shardings.params, phase.frozen)
-                   if phase.frozen else None)
-    fn = make_train_step(graphdef=run.student.graphdef,
-                         teacher_graphdef=run.teacher.graphdef if run.teacher else None,
-                         loss=run.phase_losses[phase.loss], tx=run.tx, frozen_mask=frozen_mask,
-                         opts=opts)
-    options = compiler.step_options(config.xla_options, fn, jax.eval_shape(_fresh_state_fn(run)),
-                                    abstract_batch(run, phase),
-                                    run.teacher.variables if run.teacher else None)
-    run.compiled_steps[phase.switches] = jax.jit(fn, compiler_options=options,
-                                                 out_shardings=(run.state_shardings, None),
-                                                 donate_argnums=(0,))
-  return run.compiled_steps[phase.switches]
+  """The phase's jitted train step (state, batch, teacher_vars) → (state, metrics); the state
+  is donated. Each call builds a new one: the loop's `Steps` keeps one per distinct
+  `phase.switches`."""
+  spec = run.spec
+  opts = StepOptions(num_classes=run.data.num_classes, steps_per_epoch=run.data.steps_per_epoch,
+                     seed=spec.seed, label_smoothing=spec.label_smoothing,
+                     fuse_text=phase.fuse_text, frozen=phase.frozen,
+                     batch_augment=run.data.batch_augment, grad_accum_steps=spec.grad_accum_steps,
+                     fusion_text=spec.text.fusion_text,
+                     phase_steps=(phase.start_step, phase.end_step), ema_decay=spec.ema_decay)
+  frozen_mask = (optim.frozen_mask(run.state_shardings.params, phase.frozen)
+                 if phase.frozen else None)
+  fn = make_train_step(graphdef=run.student.graphdef,
+                       teacher_graphdef=run.teacher.graphdef if run.teacher else None,
+                       loss=run.losses[phase.terms], tx=run.tx, frozen_mask=frozen_mask, opts=opts)
+  options = compiler.step_options(spec.xla_options, fn, jax.eval_shape(_fresh_state_fn(run)),
+                                  abstract_batch(run, phase),
+                                  run.teacher.variables if run.teacher else None)
+  return jax.jit(fn, compiler_options=options, out_shardings=(run.state_shardings, None),
+                 donate_argnums=(0,))
 
 
 def abstract_batch(run: Run, phase: Phase) -> dict:
@@ -204,91 +198,90 @@ def abstract_batch(run: Run, phase: Phase) -> dict:
   if run.data.text_features is not None:
     element['text'] = np.asarray(run.data.text_features[0], np.float32)
   return {
-      k: jax.ShapeDtypeStruct((run.config.batch_size,) + v.shape, v.dtype)
+      k: jax.ShapeDtypeStruct((run.spec.batch_size,) + v.shape, v.dtype)
       for k, v in element.items()
   }
 
 
 # ------------------------------------------------------------------------------------ data
-def configured_sources(config) -> tuple:
-  """(train, eval) from `config.data`, and the stages' hold-out when the curriculum validates."""
-  sources = (build_source(config.data,
-                          config.data.train_split), build_source(config.data,
-                                                                 config.data.eval_split))
-  if stage_val.enabled(config):
-    sources += (build_source(config.data, config.curriculum.val_split),)
+def configured_sources(spec: RunSpec) -> tuple:
+  """(train, eval) from `spec.data`, and the stages' hold-out when the curriculum validates."""
+  sources = (build_source(spec.data,
+                          spec.data.train_split), build_source(spec.data, spec.data.eval_split))
+  if spec.stage_val:
+    sources += (build_source(spec.data, spec.stage_val.split),)
   return sources
 
 
-def load_data(config, sources: tuple | None = None) -> Data:
-  """The train and eval splits (`config.data`, or `sources` = (train, eval)) and their
+def load_data(spec: RunSpec, sources: tuple | None = None) -> Data:
+  """The train and eval splits (`spec.data`, or `sources` = (train, eval)) and their
   augmentations."""
-  validated = stage_val.enabled(config)
+  validated = spec.stage_val is not None
   if sources is None:
-    sources = configured_sources(config)
+    sources = configured_sources(spec)
   if validated and len(sources) != 3:
     raise ValueError('curriculum.val_transform validates the stages on a hold-out: pass sources '
                      '= (train, eval, val)')
   train, eval_ = sources[:2]
   notes = tuple(n for source in sources for n in getattr(source, 'notes', ()))
-  sampler = repeated_augmentation(config, len(train))
-  steps_per_epoch = sampler.steps_per_epoch if sampler else len(train) // config.batch_size
+  sampler = repeated_augmentation(spec, len(train))
+  steps_per_epoch = sampler.steps_per_epoch if sampler else len(train) // spec.batch_size
   if steps_per_epoch == 0:
-    raise ValueError(f'batch_size {config.batch_size} is larger than the train split '
+    raise ValueError(f'batch_size {spec.batch_size} is larger than the train split '
                      f'({len(train)} examples)')
-  host_augment, batch_augment = build_augmentations(config)
-  text_features = load_train_text_features(config, train)
+  host_augment, batch_augment = build_augmentations(spec)
+  text_features = load_train_text_features(spec, train)
   return Data(
       train=train, eval=eval_, val=sources[2] if validated else None, num_classes=train.num_classes,
       steps_per_epoch=steps_per_epoch, text_features=text_features,
-      eval_text_features=_load_eval_text_features(config, eval_),
+      eval_text_features=_load_eval_text_features(spec, eval_),
       eval_released_text=None if text_features is None else pipeline.released_rows(
-          text_features, len(eval_), config.eval_batch_size), sampler=sampler,
-      host_augment=host_augment, batch_augment=batch_augment,
-      num_workers=pipeline.resolve_num_workers(config.data.num_workers), notes=notes)
+          text_features, len(eval_), spec.eval_batch_size), sampler=sampler,
+      host_augment=host_augment, batch_augment=batch_augment, num_workers=spec.input.num_workers,
+      notes=notes)
 
 
-def repeated_augmentation(config, num_examples: int) -> RepeatedAugmentation | None:
-  """DeiT's sampler when `config.data.repeated_aug` > 1, over `repeated_aug_replicas` replicas
-  (0: one per JAX process, as DeiT's one per GPU)."""
-  repeats, replicas = int(config.data.repeated_aug), int(config.data.repeated_aug_replicas)
+def repeated_augmentation(spec: RunSpec, num_examples: int) -> RepeatedAugmentation | None:
+  """DeiT's sampler when `data.repeated_aug` > 1, over `repeated_aug_replicas` replicas (0: one
+  per JAX process, as DeiT's one per GPU)."""
+  repeats, replicas = spec.input.repeated_aug, spec.input.repeated_aug_replicas
   if repeats <= 1:
     return None
   replicas = replicas or jax.process_count()
   if replicas % jax.process_count():
     raise ValueError(f'config.data.repeated_aug_replicas={replicas} does not split over '
                      f'{jax.process_count()} processes: use a multiple of {jax.process_count()}')
-  return RepeatedAugmentation(num_examples=num_examples, batch_size=config.batch_size,
-                              num_repeats=repeats, num_replicas=replicas, seed=config.seed)
+  return RepeatedAugmentation(num_examples=num_examples, batch_size=spec.batch_size,
+                              num_repeats=repeats, num_replicas=replicas, seed=spec.seed)
 
 
-def build_augmentations(config):
+def build_augmentations(spec: RunSpec):
   """(per-example host augmentation or None, on-device batch augmentation or None).
 
   Host: RandAugment on uint8 images in the grain workers. Device (inside the jitted step, so
   teacher and student see the same result): random erasing, then Mixup/CutMix with smoothed
   targets. Built once: the compiled step is specialised on the batch-augmentation function.
   """
-  from tikd_jax.data.mixup import make_batch_augment  # pylint: disable=g-import-not-at-top
-  from tikd_jax.data.randaugment import make_host_augment  # pylint: disable=g-import-not-at-top
-  aug = config.augment
+  from tikd_jax.data.host_augment import make_host_augment  # pylint: disable=g-import-not-at-top
+  from tikd_jax.data.batch_augment import make_batch_augment  # pylint: disable=g-import-not-at-top
+  aug = spec.augment
   cfg = ml_collections.ConfigDict(
-      dict(aug.to_dict(), label_smoothing=config.label_smoothing, mean=tuple(config.model.mean),
-           std=tuple(config.model.std)))
+      dict(aug.to_dict(), label_smoothing=spec.label_smoothing, mean=tuple(spec.student.mean),
+           std=tuple(spec.student.std)))
   host = make_host_augment(cfg) if aug.randaugment else None
   on_device = aug.mixup_alpha > 0 or aug.cutmix_alpha > 0 or aug.erasing_prob > 0
   return host, (make_batch_augment(cfg) if on_device else None)
 
 
-def load_train_text_features(config, train_source) -> np.ndarray | None:
+def load_train_text_features(spec: RunSpec, train_source) -> np.ndarray | None:
   """The caption features of the train split, one row per example index (README "The text
   teacher").
 
-  With `config.text.class_prompt_encoder` set (a local encoder folder, or 'minilm' for the
-  offline MiniLM), class-prompt features are built first when the folder has none (the
-  fallback without a VLM). Eval never reads these: it uses the text predictor or no text.
+  With `text.class_prompt_encoder` set (a local encoder folder, or 'minilm' for the offline
+  MiniLM), class-prompt features are built first when the folder has none (the fallback without
+  a VLM). Eval never reads these: it uses the text predictor or no text.
   """
-  text = config.text
+  text = spec.text
   if not text.features_dir:
     return None
   from tikd_jax.data.text_features import load_text_features  # pylint: disable=g-import-not-at-top
@@ -298,9 +291,8 @@ def load_train_text_features(config, train_source) -> np.ndarray | None:
       encoder = text.class_prompt_encoder
       if encoder == 'minilm':
         encoder = text_teacher.minilm_folder()
-      text_teacher.build_class_prompt_features(config.data, config.data.train_split,
-                                               text.features_dir, encoder,
-                                               template=text.class_prompt_template,
+      text_teacher.build_class_prompt_features(spec.data, spec.data.train_split, text.features_dir,
+                                               encoder, template=text.class_prompt_template,
                                                source=train_source)
     if jax.process_count() > 1:
       from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
@@ -308,69 +300,51 @@ def load_train_text_features(config, train_source) -> np.ndarray | None:
   return load_text_features(text.features_dir, train_source)
 
 
-def _load_eval_text_features(config, eval_source) -> np.ndarray | None:
+def _load_eval_text_features(spec: RunSpec, eval_source) -> np.ndarray | None:
   """The eval split's own caption features (`text.eval_features_dir`: `python -m
   tikd_jax.text_teacher caption/encode` on that split), for eval_text='captions'."""
-  if not config.text.eval_features_dir:
+  if not spec.text.eval_features_dir:
     return None
   from tikd_jax.data.text_features import load_text_features  # pylint: disable=g-import-not-at-top
-  return load_text_features(config.text.eval_features_dir, eval_source)
+  return load_text_features(spec.text.eval_features_dir, eval_source)
 
 
-def _check_text_for(phases: list[Phase], data: Data, tikd) -> None:
+def _check_text_for(phases: list[Phase], data: Data, spec: RunSpec) -> None:
   fusing = [p.name for p in phases if p.fuse_text]
   if fusing and data.text_features is None:
     raise ValueError(f'stage(s) {fusing} fuse text but config.text.features_dir is empty: '
                      f'generate caption features (python -m tikd_jax.text_teacher, see README) '
                      f'and pass --config.text.features_dir=DIR, or use a config without text '
                      f'stages (e.g. configs/tikd_cifar100.py:large,hard,notext)')
-  from tikd_jax.train.evaluate import EVAL_TEXT  # pylint: disable=g-import-not-at-top
-  if tikd.eval_text not in EVAL_TEXT:
-    raise ValueError(f'tikd.eval_text={tikd.eval_text!r}: use one of {sorted(EVAL_TEXT)}')
-  if tikd.eval_text == 'captions' and data.eval_text_features is None:
+  if spec.text.eval_text == 'captions' and data.eval_text_features is None:
     raise ValueError("tikd.eval_text='captions' reads the eval split's own caption features: "
                      'caption and encode that split (python -m tikd_jax.text_teacher, README "The '
                      'text teacher") and pass --config.text.eval_features_dir=DIR')
-  if tikd.fusion_text not in FUSION_TEXT:
-    raise ValueError(f'tikd.fusion_text={tikd.fusion_text!r}: use one of {FUSION_TEXT}')
 
 
 # ------------------------------------------------------------------------------------ models
-def _check_best_metric(best_metric: str, num_classes: int, ema_decay: float) -> None:
-  """`best_metric='[ema_]top<k>'` needs k ≤ the number of classes (evaluation reports no top-k
-  beyond), and the `ema_` ones a model EMA."""
-  if (best_metric or '').startswith('ema_') and not ema_decay:
-    raise ValueError(f'best_metric={best_metric!r} ranks checkpoints by the model EMA, but '
-                     'config.ema.decay is 0 (no EMA): set --config.ema.decay (e.g. 0.99996) or '
-                     'rank by the raw weights (--config.best_metric=top1)')
-  match = re.fullmatch(r'(?:ema_)?top(\d+)', best_metric or '')
-  if match and int(match.group(1)) > num_classes:
-    raise ValueError(f'best_metric={best_metric!r}, but the data has {num_classes} classes and '
-                     'evaluation reports top-k only for k ≤ the number of classes; set '
-                     f"--config.best_metric=top1 (the default)")
-
-
 def model_spec(model_config, num_classes: int) -> tuple[str, dict]:
   """(name, kwargs) for build_model from a config block; num_classes filled from the data."""
-  kwargs = {k: v for k, v in model_config.to_dict().items() if k not in ('name', 'checkpoint')}
+  block = model_config.to_dict()
+  kwargs = {k: v for k, v in block.items() if k not in ('name', 'checkpoint')}
   kwargs.setdefault('num_classes', num_classes)
   for k, v in list(kwargs.items()):
     if isinstance(v, tuple):
       kwargs[k] = list(v)
-  return model_config.name, kwargs
+  return block['name'], kwargs
 
 
-def student_model(config, data: Data) -> Model:
-  name, kwargs = model_spec(config.model, data.num_classes)
-  if config.dtype != 'float32':
-    # Mixed precision: compute in config.dtype; parameters, optimizer state and losses float32.
-    kwargs['dtype'] = config.dtype
+def student_model(spec: RunSpec, data: Data) -> Model:
+  name, kwargs = model_spec(spec.student, data.num_classes)
+  if spec.dtype != 'float32':
+    # Mixed precision: compute in spec.dtype; parameters, optimizer state and losses float32.
+    kwargs['dtype'] = spec.dtype
   if data.text_features is not None and name in VIT_MODELS:
     kwargs.setdefault('text_dim', int(data.text_features.shape[1]))
-    kwargs.setdefault('fusion_gate', bool(config.tikd.fusion_gate))
-  fast_layers = cpu_layers.enabled(config.cpu_fast_layers)
+    kwargs.setdefault('fusion_gate', spec.text.fusion_gate)
+  fast_layers = spec.fast_layers
   abstract = nnx.eval_shape(
-      lambda: build_model(name, rngs=nnx.Rngs(config.seed), fast_layers=fast_layers, **kwargs))
+      lambda: build_model(name, rngs=nnx.Rngs(spec.seed), fast_layers=fast_layers, **kwargs))
   graphdef, _, _ = nnx.split(abstract, nnx.Param, nnx.BatchStat)
   return Model(name=name, kwargs=kwargs, fast_layers=fast_layers, graphdef=graphdef,
                num_params=count_params(abstract))
@@ -380,15 +354,15 @@ def _abstract_variables(model: Model) -> dict:
   return jax.eval_shape(lambda: model_variables(model.build(0)))
 
 
-def load_teacher(config, num_classes: int, mesh, rules) -> Teacher:
+def load_teacher(spec: RunSpec, num_classes: int, mesh) -> Teacher:
   """Builds the teacher, loads its checkpoint strictly and places it on the mesh."""
-  name, kwargs = model_spec(config.teacher, num_classes)
-  if config.dtype != 'float32':
-    kwargs['dtype'] = config.dtype
-  kwargs['fast_layers'] = cpu_layers.enabled(config.cpu_fast_layers)
-  path = config.teacher.checkpoint
+  name, kwargs = model_spec(spec.teacher, num_classes)
+  if spec.dtype != 'float32':
+    kwargs['dtype'] = spec.dtype
+  kwargs['fast_layers'] = spec.fast_layers
+  path = spec.teacher_checkpoint
   if not path:
-    raise DataError(f'the loss terms of distill.method={config.distill.method!r} / config.loss '
+    raise DataError(f'the loss terms of distill.method={spec.distill_method!r} / config.loss '
                     f'need a teacher: set '
                     f'--config.teacher.checkpoint to a workdir or converted checkpoint')
   try:
@@ -399,25 +373,17 @@ def load_teacher(config, num_classes: int, mesh, rules) -> Teacher:
                             f'convert.from_torch)') from None
   graphdef, variables = load_model(name, kwargs, flat,
                                    what=f'teacher checkpoint {path} (for model {name})')
-  return Teacher(graphdef, place(variables, sharding_lib.param_shardings(variables, mesh, rules)))
+  return Teacher(
+      graphdef,
+      sharding_lib.place(variables,
+                         sharding_lib.param_shardings(variables, mesh, spec.sharding_rules)))
 
 
-def place(tree, shardings):
-  """Host NumPy → global arrays with the given shardings (works on every host of a pod)."""
-
-  def put(x, s):
-    x = np.asarray(x)
-    return jax.make_array_from_callback(x.shape, s, lambda idx: x[idx])
-
-  return jax.tree.map(put, tree, shardings)
-
-
-def _loss_shapes(config, data: Data, student: Model, abstract_variables: dict,
+def _term_shapes(spec: RunSpec, data: Data, student: Model, abstract_variables: dict,
                  teacher: Teacher | None) -> dict:
   """The shapes the loss terms' init reads, for one micro-batch."""
-  return loss_shapes(graphdef=student.graphdef, variables=abstract_variables,
+  return term_shapes(graphdef=student.graphdef, variables=abstract_variables,
                      teacher_graphdef=teacher.graphdef if teacher else None,
                      teacher_vars=teacher.variables if teacher else None,
                      image_shape=data.train[0]['image'].shape,
-                     rows=config.batch_size // config.grad_accum_steps,
-                     num_classes=data.num_classes)
+                     rows=spec.batch_size // spec.grad_accum_steps, num_classes=data.num_classes)

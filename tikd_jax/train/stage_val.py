@@ -1,4 +1,5 @@
-"""Per-stage validation with early stopping (`config.curriculum.val_transform`; IRKD's notebooks).
+"""Per-stage validation with early stopping (`config.curriculum.val_transform`, decided once as
+`RunSpec.stage_val`; IRKD's notebooks).
 
 IRKD's curriculum notebooks validate after every epoch of a stage on the 5k hold-out, shown at
 the stage's resolution: `CenterCrop(res)` of the 32-px image in the P2 notebooks, `Resize(res)`
@@ -23,22 +24,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tikd_jax.data.augment import center_crop, resize_image
+from tikd_jax.data.host_augment import center_crop, resize_image
 
 VAL_TRANSFORMS = {'center_crop': center_crop, 'resize': resize_image}
-
-
-def enabled(config) -> bool:
-  """Whether `config` validates its stages (`curriculum.val_transform` set)."""
-  transform = config.curriculum.val_transform
-  if transform and transform not in VAL_TRANSFORMS:
-    raise ValueError(f'config.curriculum.val_transform={transform!r}: use one of '
-                     f'{sorted(VAL_TRANSFORMS)} (the stage resolution as IRKD P2 / P4 validate), '
-                     f"or '' for no per-stage validation")
-  if transform and int(config.curriculum.patience) < 1:
-    raise ValueError(f'config.curriculum.patience={config.curriculum.patience}: give at least 1 '
-                     '(epochs without a better validation top-1 before a stage stops)')
-  return bool(transform)
 
 
 def fresh(variables: dict) -> dict:

@@ -12,14 +12,19 @@ import optax
 from tikd_jax.losses.registry import Loss
 from tikd_jax.train.ema import init_ema
 
+# The loss terms' parameters in `TrainState.params`, beside the student's. The name is the
+# checkpoint layout's (the optimizer state's tree and the `extra` item carry it), kept so that
+# every checkpoint written so far restores.
+TERM_PARAMS = 'objective'
+
 
 @flax.struct.dataclass
 class TrainState:
   step: jax.Array  # int32 scalar: optimizer steps taken
-  params: dict  # {'student': …, 'objective': {term: its parameters}} trainable
+  params: dict  # {'student': …, TERM_PARAMS: {term: its parameters}}: what the optimizer trains
   batch_stats: dict  # the student's BatchNorm statistics (empty for ViTs)
   opt_state: Any
-  objective_state: dict  # {term: its carried state} (PKCD's previous batch)
+  term_state: dict  # {term: its carried state} (PKCD's previous batch)
   # The model EMA (config.ema.decay > 0; train/ema.py): the student's {'params', 'batch_stats'}
   # averaged after every optimizer step. {} without EMA.
   ema: dict = flax.struct.field(default_factory=dict)
@@ -35,7 +40,7 @@ def init_train_state(variables: dict, loss: Loss, tx: optax.GradientTransformati
   micro-batch), the optimizer state from `tx.init`, and with `ema` the model EMA starting as a
   copy of `variables`."""
   term_params, term_state = loss.init(rng, shapes)
-  params = {'student': variables['params'], 'objective': term_params}
+  params = {'student': variables['params'], TERM_PARAMS: term_params}
   return TrainState(step=jnp.asarray(step, jnp.int32), params=params,
                     batch_stats=variables['batch_stats'], opt_state=tx.init(params),
-                    objective_state=term_state, ema=init_ema(variables) if ema else {})
+                    term_state=term_state, ema=init_ema(variables) if ema else {})

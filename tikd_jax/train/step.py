@@ -8,7 +8,7 @@ into the compiled program.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -18,8 +18,7 @@ from flax import nnx
 from tikd_jax import losses
 from tikd_jax.losses.registry import Context, Loss
 from tikd_jax.train.ema import update_ema
-from tikd_jax.train.optim import zero_frozen
-from tikd_jax.train.state import TrainState
+from tikd_jax.train.state import TERM_PARAMS, TrainState
 
 FUSION_TEXT = ('caption', 'predicted', 'scheduled')
 
@@ -44,6 +43,34 @@ class StepOptions:
   ema_decay: float = 0.0  # model EMA (train/ema.py) updated after every optimizer step; 0: none
 
 
+class StepInputs(NamedTuple):
+  """What the loss of one (micro-)batch reads; with gradient accumulation every field is split
+  into micro-batches by rows."""
+  images: jax.Array  # [B, H, W, C] in [0, 1], augmented
+  targets: jax.Array  # [B, C] smoothed / mixed soft targets
+  labels: jax.Array  # [B] int
+  teacher_logits: jax.Array | None
+  teacher_out: dict  # the teacher's named outputs ({} without a teacher)
+  text: jax.Array | None  # [B, D] caption features
+  text_keep: jax.Array | None  # [B] bool: fuse the caption (True) or the predicted text
+
+
+class LossAux(NamedTuple):
+  """What a (micro-)batch's loss returns beside its value."""
+  metrics: dict
+  batch_stats: dict  # the student's BatchNorm statistics after the forward pass
+  term_state: dict  # the loss terms' carried state after this batch
+
+
+class Gradients(NamedTuple):
+  """The step's loss and gradients, averaged over its micro-batches, and the state they leave."""
+  loss: jax.Array
+  metrics: dict
+  batch_stats: dict
+  term_state: dict
+  grads: Any  # like TrainState.params
+
+
 def _teacher_forward(teacher_graphdef, teacher_vars, images):
   """The frozen teacher in eval mode: (module, logits, out), all outputs stop-gradient."""
   if teacher_graphdef is None:
@@ -57,7 +84,7 @@ def _shapes_of(tree):
   return jax.tree.map(lambda x: jax.ShapeDtypeStruct(jnp.shape(x), x.dtype), tree)
 
 
-def loss_shapes(*, graphdef, variables, teacher_graphdef=None, teacher_vars=None, image_shape,
+def term_shapes(*, graphdef, variables, teacher_graphdef=None, teacher_vars=None, image_shape,
                 rows: int, num_classes: int) -> dict:
   """The `shapes` a term's `init(rng, shapes)` reads: 'rows' (one micro-batch), 'num_classes',
   and the eval_shape of the student's and the teacher's named outputs on `image_shape` images."""
@@ -106,48 +133,49 @@ def make_train_step(*, graphdef, teacher_graphdef, loss: Loss, tx: optax.Gradien
     epoch = state.step.astype(jnp.float32) // opts.steps_per_epoch + 1.0
 
     keep = _caption_keep(opts, state.step, jax.random.fold_in(rng, 2), labels.shape[0])
-    inputs = (images, targets, labels, teacher_logits, teacher_out, batch.get('text'), keep)
+    inputs = StepInputs(images=images, targets=targets, labels=labels,
+                        teacher_logits=teacher_logits, teacher_out=teacher_out,
+                        text=batch.get('text'), text_keep=keep)
 
-    def loss_fn(params, batch_stats, objective_state, micro, rng):
-      """The loss of one (micro-)batch `micro` (the rows of `inputs`)."""
-      x, y_soft, y, t_logits, t_out, text, text_keep = micro
+    def loss_fn(params, batch_stats, term_state, micro: StepInputs, rng):
+      """The loss of one (micro-)batch `micro` (the rows of `inputs`) → (loss, LossAux)."""
       student = nnx.merge(graphdef, params['student'], batch_stats)
-      logits, out = student(x, train=True, rng=rng, text=text, fuse_text=opts.fuse_text,
-                            text_keep=text_keep)
-      ctx = Context(out=out, labels=y, targets=y_soft, epoch=epoch, step=state.step,
-                    teacher_logits=t_logits, teacher_out=t_out, text=text, student=student,
+      logits, out = student(micro.images, train=True, rng=rng, text=micro.text,
+                            fuse_text=opts.fuse_text, text_keep=micro.text_keep)
+      ctx = Context(out=out, labels=micro.labels, targets=micro.targets, epoch=epoch,
+                    step=state.step, teacher_logits=micro.teacher_logits,
+                    teacher_out=micro.teacher_out, text=micro.text, student=student,
                     teacher=teacher)
-      _check_loss_state(loss, params['objective'], objective_state, ctx, opts)
-      total, metrics, new_obj_state = loss(ctx, params['objective'], objective_state)
+      _check_loss_state(loss, params[TERM_PARAMS], term_state, ctx, opts)
+      total, metrics, new_term_state = loss(ctx, params[TERM_PARAMS], term_state)
       new_stats = nnx.to_pure_dict(nnx.state(student, nnx.BatchStat))
-      metrics['train_top1'] = jnp.mean(jnp.argmax(logits, -1) == y)
-      return total, (metrics, new_stats, new_obj_state)
+      metrics['train_top1'] = jnp.mean(jnp.argmax(logits, -1) == micro.labels)
+      return total, LossAux(metrics=metrics, batch_stats=new_stats, term_state=new_term_state)
 
-    total, metrics, new_stats, new_obj_state, grads = _accumulate(loss_fn, state, inputs,
-                                                                  opts.grad_accum_steps, model_rng)
-    metrics = dict(metrics, loss=total, grad_norm=optax.tree.norm(grads),
-                   nonfinite=tree_any_nonfinite((total, grads)))
-    new_state = _apply_gradients(state, grads, tx, frozen_mask,
-                                 (new_stats, new_obj_state, opts.ema_decay))
+    g = _accumulate(loss_fn, state, inputs, opts.grad_accum_steps, model_rng)
+    metrics = dict(g.metrics, loss=g.loss, grad_norm=optax.tree.norm(g.grads),
+                   nonfinite=tree_any_nonfinite((g.loss, g.grads)))
+    new_state = _apply_gradients(state, g.grads, tx, frozen_mask, batch_stats=g.batch_stats,
+                                 term_state=g.term_state, ema_decay=opts.ema_decay)
     return new_state, metrics
 
   return train_step
 
 
-def _apply_gradients(state: TrainState, grads, tx, frozen_mask, after) -> TrainState:
+def _apply_gradients(state: TrainState, grads, tx, frozen_mask, *, batch_stats: dict,
+                     term_state: dict, ema_decay: float) -> TrainState:
   """The next state: one optimizer step (frozen parameters kept), the step's new BatchNorm
   statistics and loss-term state, and the model EMA moved towards the new student (its
-  parameters and those statistics). `after` = (batch_stats, objective_state, ema_decay)."""
-  batch_stats, objective_state, ema_decay = after
+  parameters and those statistics)."""
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
-  if frozen_mask is not None:
-    updates = zero_frozen(updates, frozen_mask)
+  if frozen_mask is not None:  # frozen leaves: a zero update
+    updates = jax.tree.map(lambda u, m: jnp.zeros_like(u) if m else u, updates, frozen_mask)
   params = optax.apply_updates(state.params, updates)
   ema = state.ema
   if ema_decay:
     ema = update_ema(ema, {'params': params['student'], 'batch_stats': batch_stats}, ema_decay)
   return state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
-                       opt_state=opt_state, objective_state=objective_state, ema=ema)
+                       opt_state=opt_state, term_state=term_state, ema=ema)
 
 
 def _caption_keep(opts: StepOptions, step, rng, rows: int):
@@ -185,23 +213,22 @@ def _check_loss_state(loss, params, state, ctx, opts):
             f'for rows={rows}, num_classes={opts.num_classes}, i.e. from the micro-batch size')
 
 
-def _accumulate(loss_fn, state, inputs, k, rng):
+def _accumulate(loss_fn, state, inputs: StepInputs, k, rng) -> Gradients:
   """Mean loss and gradients over k micro-batches (rows j, j + k, j + 2k, …), scanned; k = 1 is
   the plain full-batch value_and_grad with the step's model key `rng`.
 
   PyTorch's accumulation: each micro-batch is a batch of its own, so BatchNorm normalises with
   its statistics and updates the running ones micro-batch after micro-batch, and carried
-  objective state passes on (PKCD's "previous batch" of micro-batch j is micro-batch j − 1, for
+  loss-term state passes on (PKCD's "previous batch" of micro-batch j is micro-batch j − 1, for
   j = 0 the last one of the previous step). Micro-batch j draws from fold_in(rng, j), rng being
   the step's model key (config.seed, step). Strided rows keep every micro-batch spread over all
   devices of the batch sharding. Losses that are means over examples equal the full batch's.
   """
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
   if k == 1:
-    (loss, (metrics, stats, obj_state)), grads = grad_fn(state.params, state.batch_stats,
-                                                         state.objective_state, inputs, rng)
-    return loss, metrics, stats, obj_state, grads
-  b = inputs[0].shape[0]
+    (loss, aux), grads = grad_fn(state.params, state.batch_stats, state.term_state, inputs, rng)
+    return Gradients(loss, aux.metrics, aux.batch_stats, aux.term_state, grads)
+  b = inputs.images.shape[0]
   if b % k:
     raise ValueError(f'batch {b} is not divisible by grad_accum_steps {k}')
   split = lambda x: None if x is None else jnp.swapaxes(x.reshape((b // k, k) + x.shape[1:]), 0, 1)
@@ -209,16 +236,16 @@ def _accumulate(loss_fn, state, inputs, k, rng):
   zeros = jax.tree.map(jnp.zeros_like, state.params)
 
   def body(carry, xs):
-    grads_sum, stats, obj_state, i = carry
-    (loss, (metrics, stats, obj_state)), grads = grad_fn(state.params, stats, obj_state, xs,
-                                                         jax.random.fold_in(rng, i))
-    return (jax.tree.map(jnp.add, grads_sum, grads), stats, obj_state, i + 1), (loss, metrics)
+    grads_sum, stats, term_state, i = carry
+    (loss, aux), grads = grad_fn(state.params, stats, term_state, xs, jax.random.fold_in(rng, i))
+    return (jax.tree.map(jnp.add, grads_sum,
+                         grads), aux.batch_stats, aux.term_state, i + 1), (loss, aux.metrics)
 
-  (grads, stats, obj_state,
-   _), (losses_, metrics) = jax.lax.scan(body, (zeros, state.batch_stats, state.objective_state, 0),
+  (grads, stats, term_state,
+   _), (losses_, metrics) = jax.lax.scan(body, (zeros, state.batch_stats, state.term_state, 0),
                                          micro)
   grads = jax.tree.map(lambda g: g / k, grads)
-  return (jnp.mean(losses_), jax.tree.map(jnp.mean, metrics), stats, obj_state, grads)
+  return Gradients(jnp.mean(losses_), jax.tree.map(jnp.mean, metrics), stats, term_state, grads)
 
 
 # The top-k accuracies evaluation reports, each only where k ≤ the number of classes (a 2-class

@@ -1,12 +1,13 @@
 """The trainer, top to bottom: set up the run, build or restore its state, train, evaluate.
 
-  setup(config, workdir) → Run            train/run.py: mesh, data, models, loss terms, optimizer
+  setup(config, workdir) → Run            train/run.py: the spec (train/spec.py: the config read
+                                          once), mesh, data, models, loss terms, optimizer
   create_train_state(run) → TrainState    train/run.py
   restore_or_start(run, state, ckpt)      train/loop.py: the newest readable checkpoint, if any
   init_from(run, state)                   train/init_from.py: a fresh run from other weights
-  check_evaluation(run, state)            train/evaluate.py: the eval step(s) on one batch, first
-  train_loop(run, state, stream, outputs) train/loop.py: steps, logs, evals, checkpoints
-  evaluate(run, state, phase)             train/evaluate.py
+  check_evaluation(run, state, eval_steps) train/evaluate.py: the eval step(s) on one batch, first
+  train_loop(run, state, stream, outputs, steps)  train/loop.py: steps, logs, evals, checkpoints
+  evaluate(run, state, phase, eval_steps) train/evaluate.py
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ from tikd_jax.train.evaluate import check_evaluation
 from tikd_jax.train.evaluate import evaluate_checkpoint, format_eval, format_evals  # noqa: F401  (main.py's API)
 from tikd_jax.train.init_from import init_from
 from tikd_jax.train.logger import MetricLogger
-from tikd_jax.train.loop import NonFiniteLossError, Outputs, restore_or_start, train_loop  # noqa: F401
+from tikd_jax.train.loop import NonFiniteLossError, Outputs, Steps, restore_or_start, train_loop  # noqa: F401
 from tikd_jax.train.preemption import Preempted, StopRequest
 from tikd_jax.train.run import Run, create_train_state, setup
 
@@ -36,24 +37,26 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   workdir = os.path.abspath(workdir)
   with StopRequest() as stop:
     run = setup(config, workdir)
+    spec = run.spec
     # The config as run: with data.normalization='compute', the measured mean / std.
     _write_json(workdir, 'config.json', run.config.to_json_best_effort(indent=2))
     state = create_train_state(run)
-    checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir,
-                                                      'checkpoints'), keep=config.keep_checkpoints,
-                                         best_metric=config.best_metric)
+    checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, 'checkpoints'),
+                                         keep=spec.cadence.keep_checkpoints,
+                                         best_metric=spec.cadence.best_metric)
     state, stream, resume_note = restore_or_start(run, state, checkpointer)
     start_step = int(jax.device_get(state.step))
-    if config.init_from and start_step == 0:  # a resumed run continues from its own weights
+    if spec.init_from and start_step == 0:  # a resumed run continues from its own weights
       state, resume_note = init_from(run, state)
     logger = MetricLogger(workdir, is_chief=run.is_chief, total_steps=run.total_steps,
-                          initial_step=start_step, prefix=config.name)
+                          initial_step=start_step, prefix=spec.name)
     _log_start(run, logger, checkpointer, start_step, resume_note)
+    steps = Steps(run)
     completed = False
     try:
       logger.message(f'evaluation checked on one batch before training (compile + run): '
-                     f'{check_evaluation(run, state):.1f}s')
-      state, progress = train_loop(run, state, stream, Outputs(checkpointer, logger, stop))
+                     f'{check_evaluation(run, state, steps.eval):.1f}s')
+      state, progress = train_loop(run, state, stream, Outputs(checkpointer, logger, stop), steps)
       completed = True
     finally:
       # After an error, close quietly so that error (not a follow-up one) is what is reported.

@@ -1,9 +1,13 @@
-"""timm RandAugment (`rand-m9-mstd0.5-inc1`, DeiT's `--aa`) on uint8 HWC images, on the host.
+"""Per-example augmentations on uint8 HWC images, run on the host by grain with a seeded RNG:
+torchvision's crop / flip / resize, and timm's RandAugment.
 
-A restatement of timm/data/auto_augment.py (`rand_augment_transform`, `AugmentOp`, the
-`*_level_to_arg` functions), drawing from a NumPy `Generator` instead of Python's global `random`
-so grain's per-element seeding makes it deterministic and resumable:
+Every draw comes from the NumPy `Generator` grain seeds per element, so the stream is the same
+whatever the number of workers and resumes exactly.
 
+RandAugment (`rand-m9-mstd0.5-inc1`, DeiT's `--aa`) restates timm/data/auto_augment.py
+(`rand_augment_transform`, `AugmentOp`, the `*_level_to_arg` functions): the point ops and
+enhancements in NumPy, restating Pillow's arithmetic bit for bit, the geometric ops in Pillow. Per
+image:
 - pick `num_ops` ops uniformly *with* replacement from the op set (timm `np.random.choice`);
 - each picked op is skipped with probability 1 − `prob` (timm `random.random() > prob`, prob 0.5);
 - its magnitude is drawn from N(`magnitude`, `magnitude_std`) (`mstd0.5`; `inf` → U(0, magnitude))
@@ -26,6 +30,47 @@ from typing import Callable, Sequence
 import numpy as np
 from PIL import Image
 
+
+def random_crop_flip(image: np.ndarray, rng: np.random.Generator, *, size: int | None = None,
+                     padding: int = 4, flip: bool = True) -> np.ndarray:
+  """torchvision RandomCrop(size, padding, fill 0) then RandomHorizontalFlip(0.5).
+
+  `size` smaller than the image gives IRKD's low-resolution crops (a res×res window of the
+  zero-padded full image, not a downscale).
+  """
+  h, w, _ = image.shape
+  th, tw = (size, size) if size else (h, w)  # default: the image's own (possibly non-square) size
+  padded = np.pad(image, ((padding, padding), (padding, padding), (0, 0)))
+  top = rng.integers(0, h + 2 * padding - th + 1)
+  left = rng.integers(0, w + 2 * padding - tw + 1)
+  out = padded[top:top + th, left:left + tw]
+  if flip and rng.random() < 0.5:
+    out = out[:, ::-1]
+  return np.ascontiguousarray(out)
+
+
+def center_crop(image: np.ndarray, size: int) -> np.ndarray:
+  """torchvision `CenterCrop(size)` of a uint8 HWC image at least `size` on each side: the window
+  starts at round((H − size) / 2), round((W − size) / 2) (Python's round, as torchvision's)."""
+  h, w = image.shape[:2]
+  if size > h or size > w:
+    raise ValueError(f'center crop of {size} px from a {h}×{w} image: the crop must fit')
+  top, left = int(round((h - size) / 2.0)), int(round((w - size) / 2.0))
+  return np.ascontiguousarray(image[top:top + size, left:left + size])
+
+
+def resize_image(image: np.ndarray, size: int) -> np.ndarray:
+  """Downscale a uint8 HWC image to size×size: torchvision `Resize(size)` on a PIL image (PIL's
+  bilinear filter, widened by the scale factor, so a downscale averages every source pixel)."""
+  if image.shape[0] == image.shape[1] == size:
+    return image
+  squeeze = image.shape[-1] == 1
+  pil = Image.fromarray(image[..., 0] if squeeze else image)
+  out = np.asarray(pil.resize((size, size), Image.BILINEAR))
+  return out[..., None] if squeeze else out
+
+
+# ------------------------------------------------------------------------------ RandAugment
 LEVEL_DENOM = 10.0  # timm `_LEVEL_DENOM`: magnitudes live on a 0…10 scale
 TRANSLATE_PCT = 0.45  # timm `translate_pct` default for TranslateX/YRel
 DEIT_FILL = (124, 116, 104)  # round(255 · IMAGENET_DEFAULT_MEAN), DeiT's hparams['img_mean']
