@@ -63,8 +63,9 @@ def test_rows_report_what_their_definitions_give(cpu_check):
     assert row['model_gflop'] == pytest.approx(flops / 1e9, abs=0.01)
     assert row['peak_gflops'] == peaks['jax_dot']['gflops']
     assert row['peak_source'] == 'jax_dot_float32_measured'
+    # The row holds the fraction to 4 decimals: at most 5e-5 off, whatever the machine's speed.
     assert row['fraction_of_peak'] == pytest.approx(
-        row['achieved_gflops'] / peaks['jax_dot']['gflops'], rel=1e-3)
+        row['achieved_gflops'] / peaks['jax_dot']['gflops'], rel=1e-3, abs=5.1e-5)
   table = (out / 'device_check.md').read_text()
   assert table.count('| micro |') == 4
   torch_rows = [line for line in table.splitlines() if '| torch |' in line]
