@@ -306,3 +306,46 @@ def test_fast_layers_drop_out_the_same_entries():
   plain = tokens(False, 5)
   np.testing.assert_allclose(tokens(True, 5), plain, rtol=1e-5, atol=1e-5)
   assert np.abs(tokens(False, 6) - plain).max() > 0.1  # the masks matter
+
+
+# The released registry (JSJ515-Group/TIKD models.py): tikd_{tiny,small,base}_distilled_patch4_32,
+# our small / medium / large.
+RELEASED_REGISTRY = {'small': (128, 2), 'medium': (256, 4), 'large': (512, 8)}
+
+
+def released_count(dim, heads, num_classes=100, img=32, patch=4, depth=5, mlp_ratio=4, text=512):
+  """Parameters of the released DistilledVisionTransformer, module by module (vision_transformer.py
+  VisionTransformer with PatchEmbed, qkv bias, Attention.text_proj = Linear(512, head_dim);
+  models.py adds dist_token, pos_embed over N + 2, head_dist and text_decoder Linear(d, d))."""
+  d, hd, n = dim, dim // heads, (img // patch)**2
+  block = (2 * d + (3 * d * d + 3 * d) + (d * d + d) + (text * hd + hd) + 2 * d +
+           (d * mlp_ratio * d + mlp_ratio * d) + (mlp_ratio * d * d + d))
+  return (3 * patch * patch * d + d + 2 * d + (n + 2) * d + depth * block + 2 * d + 2 *
+          (d * num_classes + num_classes) + d * d + d)
+
+
+@pytest.mark.parametrize('size,ours,ours_released,released', [
+    ('small', 1_092_760, 1_110_824, 1_213_064),
+    ('medium', 4_154_920, 4_203_560, 4_260_616),
+    ('large', 16_353_160, 16_352_264, 16_352_264),
+])
+def test_default_and_released_preset_counts_against_the_released_registry(
+    size, ours, ours_released, released):
+  """docs/tikd.md's table: our default preset's student (8 heads, shared text_proj, adapter,
+  predictor, gate), the `:released` preset's (the registry's heads, per-block text_proj, no
+  predictor) and the released model's own count. Large `:released` equals the released model;
+  small / medium differ because the released text_proj reads 512 inputs (it only runs at width
+  512) where ours reads the width-d tokens after a low-rank text adapter."""
+  from configs import tikd_cifar100  # pylint: disable=g-import-not-at-top
+  from tikd_jax.train.run import model_spec  # pylint: disable=g-import-not-at-top
+  counts = []
+  for arg in (size, f'{size},released'):
+    c = tikd_cifar100.get_config(arg)
+    name, kwargs = model_spec(c.model, 100)
+    kwargs.setdefault('fusion_gate', c.tikd.fusion_gate)
+    counts.append(abstract_count(name, text_dim=512, **kwargs))
+  assert counts == [ours, ours_released]
+  dim, heads = RELEASED_REGISTRY[size]
+  assert tikd_cifar100.RELEASED_HEADS[size] == heads
+  assert released_count(dim, heads) == released
+  assert released_count(512, 8, num_classes=200, img=64) == 16_553_168  # Tiny ImageNet, 16.55M
