@@ -25,7 +25,7 @@ Departs from the released code (`large`):
   tikd.text_predictor_weight = 1.0  # ours: the text predictor (caption-free inference)
   tikd.alignment_beta = 0.1  # released computes the alignment loss but never adds it
   tikd.text_rows = 'index'  # each image its own caption (released: rows 0..b-1 of the file)
-  model.text_proj_layout = 'shared'  # one text_proj (released: one per block)
+  model.text_proj_layout = None  # unset: the model's 'shared', one text_proj (released: one per block)
   model.heads = None  # the size table's 8 (released: 2 / 4 / 8 for small / medium / large)
   model.mean = (0.5071, 0.4865, 0.4409)  # CIFAR-100 statistics (released: ImageNet's)
   distill.base = 'deit'  # CE on the smoothed mixed target (released: its argmax, unsmoothed)

@@ -21,7 +21,7 @@ Departs from the released code (`hard`):
   tikd.fusion_gate = True  # ours
   tikd.self_distill_weight = 1.0  # ours
   tikd.text_rows = 'index'  # each image its own caption
-  model.text_proj_layout = 'shared'  # released: one per block
+  model.text_proj_layout = None  # unset: the model's 'shared' (released: one per block)
   model.mean = (0.4802, 0.4481, 0.3975)  # Tiny ImageNet statistics (released: ImageNet's)
   distill.base = 'deit'  # released: CE on the argmax of the mixed target
   batch_size = 256  # released launch: 4 x 256
