@@ -68,14 +68,17 @@ def get_config(arg: str = 'kd_cl_sal,p4'):
   c.model = common.ConfigDict(
       dict(name='irkd_vit', variant='vit_tiny' if tiny else 'irkd_custom', patch_size=2 if
            (patch == 'p2' or not tiny) else 4, drop_path=0.0, dropout=0.1 if tiny else 0.0,
-           attn_dropout=0.1 if tiny and patch == 'p2' else 0.0, **norm))
+           attn_dropout=0.1 if tiny and patch == 'p2' else 0.0, layer_norm_eps=1e-6, **norm))
+  # layer_norm_eps: timm's 1e-6; the notebooks' Hugging Face ViTs ran transformers' 1e-12
+  # (--config.model.layer_norm_eps=1e-12 and --config.teacher.layer_norm_eps=1e-12 for p4).
   if row in ('ce', 'cl'):  # no teacher, no distillation token: a plain ViT of the same size
     # (P_4_ALL cells 1, 3: ViTForImageClassification / ViTModel + classifier on the cls token;
     # P_2_OUR_STUDENT cells 8, 14: the same), final norm included.
     c.model.name = 'vit'
   if patch == 'p4':
     c.teacher = common.ConfigDict(
-        dict(name='vit', variant='irkd_teacher', patch_size=4, checkpoint='', **norm))
+        dict(name='vit', variant='irkd_teacher', patch_size=4, checkpoint='', layer_norm_eps=1e-6,
+             **norm))
   else:  # DeiT-small distilled fine-tuned at 32 px / patch 2 (configs/deit_teacher_cifar10.py:p2):
     # HF DeiTForImageClassification, logits from the cls head, CIFAR-10 normalisation
     # (P_2_OUR_STUDENT cell 3, P_2_KD_CL cell 1).

@@ -49,7 +49,7 @@ def get_config(arg: str = ''):
   c.data.num_workers = -1
   c.model = common.ConfigDict(
       dict(name='vit', variant='irkd_teacher', patch_size=4, drop_path=0.0, dropout=0.1,
-           attn_dropout=0.1, mean=common.CIFAR10_MEAN, std=common.CIFAR10_STD))
+           attn_dropout=0.1, layer_norm_eps=1e-6, mean=common.CIFAR10_MEAN, std=common.CIFAR10_STD))
   c.distill.method = 'none'
   # Cell 5: train_tf is overwritten by val_tf (ToTensor + Normalize) before training.
   c.data.crop_padding = 4 if args['crop_flip'] else 0
