@@ -342,3 +342,21 @@ def test_a_hugging_face_vit_with_keys_we_lack_names_them(tmp_path):
   with pytest.raises(ValueError,
                      match=r'no counterpart in our ViT \(1\): vit.embeddings.mask_token'):
     from_torch.main(['--checkpoint', str(tmp_path / 'masked.pth'), '--out', str(tmp_path / 'o')])
+
+
+def test_to_torch_offers_no_timm_load_for_another_layer_norm_eps():
+  """timm's ViTs fix LayerNorm eps at 1e-6: a converted Hugging Face model (1e-12) gets the
+  PyTorch twin's load lines and a comment saying why there is no timm one."""
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  from convert.to_torch import load_instructions  # pylint: disable=g-import-not-at-top
+  from convert.torch_models import timm_args  # pylint: disable=g-import-not-at-top
+  from tikd_jax.models import build_model  # pylint: disable=g-import-not-at-top
+  hf_eps = build_model('vit', variant='micro', num_classes=10, layer_norm_eps=1e-12,
+                       rngs=nnx.Rngs(0))
+  assert timm_args(hf_eps) is None
+  text = load_instructions(hf_eps, 'model.pt')
+  assert 'no timm export' in text and 'eps is 1e-12' in text and 'import timm' not in text
+  assert 'TorchDistilledViT' in text and "'layer_norm_eps': 1e-12" not in text
+  assert 'layer_norm_eps=1e-12' in text
+  timm_eps = build_model('vit', variant='micro', num_classes=10, rngs=nnx.Rngs(0))
+  assert timm_args(timm_eps) is not None and 'import timm' in load_instructions(timm_eps, 'm.pt')

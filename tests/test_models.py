@@ -8,6 +8,7 @@ from flax import nnx
 
 from tikd_jax.cpu import compiler
 from tikd_jax.models import build_model, count_params
+from tikd_jax.models import build_model as _build_model
 from tikd_jax.models.vit import resize_pos_embed
 
 FAST_COMPILE = compiler.compiler_options('fast_compile', 'cpu')
@@ -349,3 +350,36 @@ def test_default_and_released_preset_counts_against_the_released_registry(
   assert tikd_cifar100.RELEASED_HEADS[size] == heads
   assert released_count(dim, heads) == released
   assert released_count(512, 8, num_classes=200, img=64) == 16_553_168  # Tiny ImageNet, 16.55M
+
+
+def test_heads_text_predictor_and_layer_norm_eps_options():
+  """`heads` overrides the size table's, `text_predictor=False` builds none (the released model):
+  the fused pass then runs on captions and refuses to run without them; `layer_norm_eps` reaches
+  every LayerNorm, also under the CPU layers (which read the module's epsilon)."""
+
+  def build_model(name, **more):  # the same initial weights for every model built here
+    return _build_model(name, variant='micro', num_classes=5, text_dim=16,
+                        text_proj_layout='per_block', rngs=nnx.Rngs(0), **more)
+
+  model = build_model('distilled_vit', heads=4, text_predictor=False, layer_norm_eps=1e-12)
+  assert model.size.heads == 4 and model.blocks[0].attn.head_dim == 8
+  assert model.blocks[0].attn.text_proj.kernel.shape == (32, 8)
+  assert model.text_predictor is None
+  norms = [model.norm] + [n for b in model.blocks for n in (b.norm1, b.norm2)]
+  assert {n.epsilon for n in norms} == {1e-12}
+  x = jax.random.uniform(jax.random.key(1), (2, 32, 32, 3))
+  text = jax.random.normal(jax.random.key(2), (2, 16))
+  logits, out = model(x, text=text, fuse_text=True)
+  assert logits.shape == (2, 5) and 'text_pred' not in out
+  with pytest.raises(ValueError, match='no text predictor'):
+    model(x, fuse_text=True)
+  with pytest.raises(ValueError, match='does not divide the width 32'):
+    build_model('distilled_vit', heads=3)
+  fast = build_model('distilled_vit', heads=4, text_predictor=False, layer_norm_eps=1e-12,
+                     fast_layers=True)
+  assert {n.epsilon for n in [fast.norm] + [b.norm1 for b in fast.blocks]} == {1e-12}
+  np.testing.assert_allclose(np.asarray(fast(x, text=text, fuse_text=True)[0]), np.asarray(logits),
+                             rtol=1e-5, atol=1e-5)
+  # eps changes the numbers: a model with timm's 1e-6 and the same weights differs.
+  timm_eps = build_model('distilled_vit', heads=4, text_predictor=False)
+  assert {b.norm1.epsilon for b in timm_eps.blocks} == {1e-6}
