@@ -95,3 +95,12 @@ def test_teacher_then_released_student_through_main(tmp_path):
   # No text predictor in the released model: no caption-free ('predicted') evaluation.
   assert 'top1_no_text' in result and 'top1_released' in result
   assert not any(k.endswith('_predicted') for k in result), sorted(result)
+  # --mode=eval's path reads the checkpoint's metadata (text_predictor False): the same inputs.
+  from tikd_jax.train.evaluate import evaluate_checkpoint  # pylint: disable=g-import-not-at-top
+  config = tikd_tinyimagenet.get_config('hard,released')
+  with config.unlocked():
+    config.data.dir, config.data.num_workers, config.eval_batch_size = root, 0, 4
+    config.text.features_dir, config.xla_options = features, 'fast_compile'
+  again = evaluate_checkpoint(config, str(student), ema='off')
+  assert again['top1_released'] == result['top1_released'] and 'top1_no_text' in again
+  assert not any(k.endswith('_predicted') for k in again), sorted(again)
