@@ -99,7 +99,7 @@ def test_teacher_then_released_student_through_main(tmp_path):
   from tikd_jax.train.evaluate import evaluate_checkpoint  # pylint: disable=g-import-not-at-top
   config = tikd_tinyimagenet.get_config('hard,released')
   with config.unlocked():
-    config.data.dir, config.data.num_workers, config.eval_batch_size = root, 0, 4
+    config.data.dir, config.data.num_workers, config.eval_batch_size = root, 0, 8
     config.text.features_dir, config.xla_options = features, 'fast_compile'
   again = evaluate_checkpoint(config, str(student), ema='off')
   assert again['top1_released'] == result['top1_released'] and 'top1_no_text' in again
