@@ -17,6 +17,8 @@ run (data.bad_images='error'; 'skip' leaves them out with a warning).
 Argument: `teacher` (resnet20, SGD 0.05, cosine) or the student's distillation method (any of
 `tikd_jax.losses.METHODS`: none, soft, hard, kd, dkd, ctkd, pkcd, …; hard KD by default): a `small` ViT (patch 4), AdamW 5e-4, cosine. Both
 train for 100 epochs, batch 64: starting points to override (--config.num_epochs=…).
+
+Departs from the released code (`hard`): none  # your own data: no released counterpart; its TIKD student follows configs/tikd_cifar100.py's default design (docs/differences.md)
 """
 from configs import common
 

@@ -24,6 +24,8 @@ K … K+N−1, so that seeds can run in parallel processes on one workdir). Digi
 or 9 is not that digit.
 
   python main.py --config=configs/demo.py:seeds=5,epochs=60,rows=core --workdir=workdirs/demo5
+
+Departs from the released code (``): none  # an offline demo on digits: no released counterpart
 """
 from configs import common
 

@@ -10,6 +10,8 @@ constant AdamW, KD T 4, attention saliency 0.8), scaled to a CPU: scikit-learn's
 `micro` IRKD students (patch 4), 30 epochs (5 per stage); dropout as the notebooks' P4 models
 (students hidden 0.1; teacher hidden and attention 0.1). About ten minutes on 2 cores; the README
 compares its table with the paper's. Runs go to <workdir>/<run>.
+
+Departs from the released code (``): none  # IRKD's rows scaled down to digits: no released counterpart
 """
 from configs import common, demo, irkd_cifar10
 

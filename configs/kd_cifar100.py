@@ -14,6 +14,8 @@ momentum 0.9, wd 5e-4, batch 64, 240 epochs, ×0.1 at 150/180/210) with their lo
   none  CE only (ResNet8x4 alone: 72.50)
 The teacher is RepDistiller's resnet32x4_vanilla/ckpt_epoch_240.pth converted with
 `python -m convert.from_torch`, or one trained with configs/teacher_cifar100.py.
+
+Departs from the released code (`kd`): none  # mdistiller / RepDistiller's recipe and loss weights; our BatchNorm keeps the biased variance and the ResNets pool globally (docs/differences.md)
 """
 from configs import common
 

@@ -6,6 +6,8 @@ r"""ResNet32x4 teacher on CIFAR-100 with the RepDistiller recipe: 79.42% reporte
 The argument picks the architecture, then optionally the data set: `resnet8x4`,
 `resnet32x4,cifar10` (the teacher of configs/tikd_cifar10.py: the same recipe on CIFAR-10 with
 its normalisation; no reference number, RepDistiller reports CIFAR-100 only).
+
+Departs from the released code (`resnet32x4`): none  # RepDistiller's recipe; our BatchNorm keeps the biased variance and the ResNets pool globally (docs/differences.md)
 """
 from configs import common
 

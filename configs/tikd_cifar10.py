@@ -25,6 +25,15 @@ which is ours); no reference accuracy exists.
 Argument: `small|medium|large`, then optionally, comma separated, as configs/tikd_cifar100.py: a
 distillation method (any of `tikd_jax.losses.METHODS`), `notext` or `released`; and
 `warmup=E`, `joint=E` to change the two stages' epochs (default 50 and 250).
+
+Departs from the released code (`large`):
+  tikd.eval_text = 'none'  # test on the first pass, no caption (the released code has no CIFAR-10 recipe; its model fuses rows 0..b-1)
+  tikd.fusion_gate = True  # ours
+  tikd.self_distill_weight = 1.0  # ours
+  tikd.text_rows = 'index'  # each image its own caption
+  distill.base = 'deit'  # released: CE on the argmax of the mixed target
+  batch_size = 256  # released launch: 4 x 256
+  ema.decay = 0.0  # released: 0.99996
 """
 import dataclasses
 

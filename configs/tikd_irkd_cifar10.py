@@ -44,6 +44,8 @@ trainer builds its text modules (`text_dim` from the features) like theirs; with
 norm the fusion weighs and re-runs the raw last-block tokens (the cosine does not care about
 their scale). `distilled_vit` (the DeiT / TIKD layout) would change IRKD's student, not only
 add text.
+
+Departs from the released code (``): none  # TIKD on IRKD's curriculum is beyond both papers: no released counterpart
 """
 from configs import common, irkd_cifar10
 

@@ -6,6 +6,8 @@ r"""The smallest real run: a micro distilled ViT on 16-px digits. For smoke test
 
 Argument: a distillation method (any of `tikd_jax.losses.METHODS`), or `teacher` for a resnet8
 teacher trained with cross-entropy.
+
+Departs from the released code (`none`): none  # a smoke-test preset: no released counterpart
 """
 from configs import common
 

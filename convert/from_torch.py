@@ -51,7 +51,6 @@ import json
 import math
 import os
 import sys
-import warnings
 from typing import Mapping, Sequence
 
 import torch
@@ -97,16 +96,17 @@ def read_checkpoint(path: str, trust_pickle: bool = False):
   else:
     state_dict = unwrap_state_dict(_torch_load(path, trust_pickle), f'checkpoint {path}')
   if any(k.startswith('deit.') for k in state_dict) or is_hf_vit(state_dict):
-    warnings.warn(f'{path}: a Hugging Face state dict does not record its LayerNorm eps; '
-                  f'transformers\' default (what IRKD\'s notebooks ran) is 1e-12, our ViT\'s '
-                  f'1e-6: {_EPS_EFFECT}')
-    return _from_hugging_face(state_dict, {}, path, file_meta)
+    print(
+        f'{path}: a Hugging Face state dict does not record its LayerNorm eps: using '
+        f'transformers\' default, {HF_LAYER_NORM_EPS:g} (what IRKD\'s notebooks ran); pass '
+        f'--model_kwargs \'{{"layer_norm_eps": …}}\' if it was built with another', file=sys.stderr)
+    return _from_hugging_face(state_dict, {'layer_norm_eps': HF_LAYER_NORM_EPS}, path, file_meta)
   return state_dict, file_meta, {}
 
 
-_EPS_EFFECT = ('logits differ slightly from the Hugging Face model (each LayerNorm divides by '
-               'sqrt(var + eps), so its output changes by about 5e-7 / var relative, var the '
-               'token\'s variance)')
+# transformers' ViTConfig / DeiTConfig default; a converted HF model records it (model kwarg
+# `layer_norm_eps`), so that its logits equal transformers' (timm's 1e-6 differs by ~5e-7 / var).
+HF_LAYER_NORM_EPS = 1e-12
 _IRKD_NORM_NOTE = ('records no input normalisation: using CIFAR-10\'s, as IRKD\'s notebooks '
                    'normalise; convert again with --norm or --mean/--std if it was trained with '
                    'other statistics')
@@ -125,6 +125,8 @@ def _from_hugging_face(state_dict, extra: dict, what: str, file_meta):
   triple. Without normalisation in `extra`: ImageNet's for DeiTForImageClassificationWithTeacher
   (the Hub's), CIFAR-10's for what IRKD's notebooks save (ViTs, the cls-only DeiT)."""
   extra = dict(extra)
+  eps = extra.pop('layer_norm_eps', HF_LAYER_NORM_EPS)
+  extra['model_kwargs'] = dict(extra.get('model_kwargs') or {}, layer_norm_eps=float(eps))
   if any(k.startswith('deit.') for k in state_dict):
     sd = hf_deit_to_timm(state_dict)
     if 'head_dist.weight' in sd:
@@ -133,7 +135,7 @@ def _from_hugging_face(state_dict, extra: dict, what: str, file_meta):
       kind, default_norm = 'DeiTForImageClassification (cls head only)', 'irkd'
       sd['head_dist.weight'] = torch.zeros_like(sd['head.weight'])
       sd['head_dist.bias'] = torch.zeros_like(sd['head.bias'])
-      extra['model_kwargs'] = {'eval_head': 'cls'}
+      extra['model_kwargs'] = dict(extra.get('model_kwargs') or {}, eval_head='cls')
       print(
           f'{what}: no distillation head; the model evaluates its cls head (eval_head=cls) '
           f'and holds a zero head_dist', file=sys.stderr)
@@ -174,9 +176,6 @@ def _read_hf_folder(path: str):
   if not config.qkv_bias or config.num_channels != 3:
     raise ValueError(f'{path}: qkv_bias={config.qkv_bias}, num_channels={config.num_channels}; '
                      f'our ViT has qkv bias and 3 channels')
-  if abs(config.layer_norm_eps - 1e-6) > 1e-12:
-    warnings.warn(f'{path}: layer_norm_eps is {config.layer_norm_eps:g} but our ViT uses 1e-6 '
-                  f'(the value timm / DeiT trained with; the Hub configs say 1e-12): {_EPS_EFFECT}')
   index = os.path.join(path, 'model.safetensors.index.json')
   if os.path.exists(index):
     with open(index) as f:
@@ -197,7 +196,7 @@ def _read_hf_folder(path: str):
       state_dict.update(load_file(file))
     else:
       state_dict.update(unwrap_state_dict(_torch_load(file, False), file))
-  extra = {'heads': config.num_attention_heads}
+  extra = {'heads': config.num_attention_heads, 'layer_norm_eps': float(config.layer_norm_eps)}
   proc = os.path.join(path, 'preprocessor_config.json')
   if os.path.exists(proc):
     with open(proc) as f:

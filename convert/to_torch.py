@@ -33,7 +33,7 @@ from flax import nnx
 
 from convert import cli
 from convert.mapping import flax_to_torch, load_strict
-from convert.torch_models import timm_args, torch_model_like, torch_twin_args
+from convert.torch_models import timm_args, timm_eps_refusal, torch_model_like, torch_twin_args
 from tikd_jax.models import build_model
 from tikd_jax.models.variables import load_variables
 from tikd_jax.train.checkpoint import load_weights_and_ema
@@ -129,6 +129,8 @@ def load_instructions(flax_model, path: str) -> str:
         f'mean={mean}, std={std})', f'import timm; {imports}', f'model = {_call(*timm)}',
         f'model.load_state_dict({read}, strict=True)'
     ]
+  elif timm_eps_refusal(flax_model):
+    lines.append(f'# {timm_eps_refusal(flax_model)}')
   cls, kwargs = torch_twin_args(flax_model)
   lines += [
       '# this repository\'s PyTorch twin (input: x in [0, 1], NCHW; it normalises inside)',

@@ -104,11 +104,11 @@ class Mlp(nn.Module):
 class Block(nn.Module):
 
   def __init__(self, dim: int, heads: int, mlp_dim: int, text_proj: bool = False,
-               dropout: float = 0.0, attn_dropout: float = 0.0):
+               dropout: float = 0.0, attn_dropout: float = 0.0, layer_norm_eps: float = 1e-6):
     super().__init__()
-    self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+    self.norm1 = nn.LayerNorm(dim, eps=layer_norm_eps)
     self.attn = Attention(dim, heads, text_proj, dropout, attn_dropout)
-    self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+    self.norm2 = nn.LayerNorm(dim, eps=layer_norm_eps)
     self.mlp = Mlp(dim, mlp_dim, dropout)
 
   def forward(self, x, value_bias=None, decoded=None):
@@ -155,8 +155,8 @@ class TorchDistilledViT(nn.Module):
                dist_pos_embed: bool = True, final_norm: bool = True, eval_head: str = 'mean',
                text_dim: int | None = None, text_rank: int = 32, text_proj_layout: str = 'shared',
                fusion_gate: bool = False, mean: Sequence[float] = CIFAR100_MEAN,
-               std: Sequence[float] = CIFAR100_STD, dropout: float = 0.0,
-               attn_dropout: float = 0.0):
+               std: Sequence[float] = CIFAR100_STD, dropout: float = 0.0, attn_dropout: float = 0.0,
+               text_predictor: bool = True, layer_norm_eps: float = 1e-6):
     super().__init__()
     if eval_head not in ('mean', 'cls'):
       raise ValueError(f"eval_head must be 'mean' or 'cls', got {eval_head!r}")
@@ -178,10 +178,12 @@ class TorchDistilledViT(nn.Module):
     n_pos = self.grid**2 + (self.num_prefix if dist_pos_embed else 1)
     self.pos_embed = nn.Parameter(torch.zeros(1, n_pos, dim))
     self.pos_drop = nn.Dropout(dropout)  # HF's embeddings dropout (IRKD: not on the dist token)
-    self.blocks = nn.ModuleList(
-        [Block(dim, heads, mlp_dim, self.per_block, dropout, attn_dropout) for _ in range(depth)])
+    self.blocks = nn.ModuleList([
+        Block(dim, heads, mlp_dim, self.per_block, dropout, attn_dropout, layer_norm_eps)
+        for _ in range(depth)
+    ])
     if final_norm:
-      self.norm = nn.LayerNorm(dim, eps=1e-6)
+      self.norm = nn.LayerNorm(dim, eps=layer_norm_eps)
     self.head = nn.Linear(dim, num_classes)
     if distilled:
       self.head_dist = nn.Linear(dim, num_classes)
@@ -191,7 +193,7 @@ class TorchDistilledViT(nn.Module):
         self.text_proj = nn.Linear(dim, dim // heads)
       if text_dim != dim:
         self.text_adapter = LowRankLinear(text_dim, text_rank, dim)
-      self.text_predictor = LowRankLinear(dim, text_rank, text_dim)
+      self.text_predictor = LowRankLinear(dim, text_rank, text_dim) if text_predictor else None
       self.text_gate = nn.Parameter(torch.zeros(dim)) if fusion_gate else None
 
   def embed(self, images):
@@ -218,11 +220,13 @@ class TorchDistilledViT(nn.Module):
     if self.final_norm:
       x = self.norm(x)
     out['tokens'] = x
-    if self.text_dim is not None:
+    if self.text_dim is not None and self.text_predictor is not None:
       out['text_pred'] = self.text_predictor(x[:, 0])
     if fuse_text:
       if self.text_dim is None:
         raise ValueError('fuse_text=True needs a TIKD model (text_dim set)')
+      if text is None and 'text_pred' not in out:
+        raise ValueError('fuse_text without text needs the text predictor (text_predictor=True)')
       t = out['text_pred'].detach() if text is None else text.float()
       if self.text_dim != x.shape[-1]:
         t = self.text_adapter(t)
@@ -311,20 +315,35 @@ def torch_twin_args(flax_model) -> tuple[type, dict]:
   mean, std = tuple(float(v) for v in flax_model.mean), tuple(float(v) for v in flax_model.std)
   if isinstance(flax_model, DistilledViT):
     s = flax_model.size
-    return TorchDistilledViT, dict(dim=s.dim, depth=s.depth, heads=s.heads, mlp_dim=s.mlp_dim,
-                                   patch=s.patch, num_classes=flax_model.num_classes,
-                                   img_size=flax_model.img_size, distilled=flax_model.distilled,
-                                   dist_pos_embed=flax_model.dist_pos_embed,
-                                   final_norm=flax_model.final_norm, eval_head=flax_model.eval_head,
-                                   text_dim=flax_model.text_dim, text_rank=s.text_rank,
-                                   text_proj_layout=flax_model.text_proj_layout,
-                                   fusion_gate=flax_model.fusion_gate, mean=mean, std=std,
-                                   dropout=flax_model.dropout, attn_dropout=flax_model.attn_dropout)
+    return TorchDistilledViT, dict(
+        dim=s.dim, depth=s.depth, heads=s.heads, mlp_dim=s.mlp_dim, patch=s.patch,
+        num_classes=flax_model.num_classes, img_size=flax_model.img_size,
+        distilled=flax_model.distilled, dist_pos_embed=flax_model.dist_pos_embed,
+        final_norm=flax_model.final_norm, eval_head=flax_model.eval_head,
+        text_dim=flax_model.text_dim, text_rank=s.text_rank,
+        text_proj_layout=flax_model.text_proj_layout, fusion_gate=flax_model.fusion_gate, mean=mean,
+        std=std, dropout=flax_model.dropout, attn_dropout=flax_model.attn_dropout,
+        text_predictor=getattr(flax_model, 'text_predictor',
+                               None) is not None, layer_norm_eps=flax_model.layer_norm_eps)
   if isinstance(flax_model, CifarResNet):
     depth, filters = CONFIGS[flax_model.arch]
     return TorchCifarResNet, dict(depth=depth, filters=list(filters),
                                   num_classes=flax_model.num_classes, mean=mean, std=std)
   raise TypeError(f'no PyTorch twin for {type(flax_model).__name__}')
+
+
+TIMM_LAYER_NORM_EPS = 1e-6  # timm's ViTs: partial(nn.LayerNorm, eps=1e-6), not a constructor arg
+
+
+def timm_eps_refusal(flax_model) -> str:
+  """Why timm cannot load this ViT exactly ('' when it can, as far as LayerNorm eps goes)."""
+  eps = getattr(flax_model, 'layer_norm_eps', TIMM_LAYER_NORM_EPS)
+  if eps == TIMM_LAYER_NORM_EPS:
+    return ''
+  return (f'no timm export: this model\'s LayerNorm eps is {eps:g} (e.g. a converted Hugging Face '
+          f'checkpoint) and timm\'s ViTs use {TIMM_LAYER_NORM_EPS:g}, so timm would compute other '
+          f'logits; load it with the PyTorch twin below, or build timm with '
+          f'norm_layer=partial(nn.LayerNorm, eps={eps:g}) yourself')
 
 
 def timm_args(flax_model) -> tuple[str, dict] | None:
@@ -339,6 +358,8 @@ def timm_args(flax_model) -> tuple[str, dict] | None:
   from tikd_jax.models.vit import DistilledViT
 
   if not isinstance(flax_model, DistilledViT) or flax_model.text_dim or not flax_model.final_norm:
+    return None
+  if timm_eps_refusal(flax_model):
     return None
   s = flax_model.size
   if int(s.dim * (s.mlp_dim / s.dim)) != s.mlp_dim:

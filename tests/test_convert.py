@@ -352,7 +352,14 @@ def test_hf_deit_folder(tmp_path):
   meta, flat = load_weights(str(out))
   assert meta['model'] == {
       'name': 'distilled_vit',
-      'kwargs': {'num_classes': 10, 'img_size': 32, 'variant': 'micro', 'mean': mean, 'std': std}
+      'kwargs': {
+          'num_classes': 10,
+          'img_size': 32,
+          'variant': 'micro',
+          'mean': mean,
+          'std': std,
+          'layer_norm_eps': 1e-6  # the folder's config.json
+      }
   }
   model = build_flax_model(meta['model'])
   load_variables(model, flat)

@@ -13,6 +13,7 @@ import torch
 from flax import nnx
 
 from configs import deit_teacher_cifar10
+from tikd_jax.train import stage_val
 from convert import from_torch
 from convert.mapping import hf_deit_to_timm
 from tests.test_train import _main
@@ -27,6 +28,8 @@ from tikd_jax.tree import flatten
 NB_EPOCHS = 50  # epochs = 50
 NB_LR, NB_WEIGHT_DECAY = 3e-4, 2e-4  # optim.AdamW(teacher.parameters(), lr=3e-4, weight_decay=2e-4)
 NB_BATCH, NB_ACCUM = 128, 2  # batch_size = 128; accum_steps = 2
+NB_HIDDEN_DROPOUT = NB_ATTN_DROPOUT = 0.1  # hidden_dropout_prob, attention_probs_dropout_prob
+NB_PATIENCE = 8  # best_val, no_imp, patience = 0.0, 0, 8
 NB_WARMUP_FRACTION = 0.2  # warmup_steps = int(0.2 * total_steps)
 NB_SMOOTHING = 0.05  # nn.CrossEntropyLoss(label_smoothing=0.05)
 NB_MIXUP, NB_CUTMIX, NB_SWITCH = 0.2, 1.0, 0.5  # mixup_data(α 0.2) if random() < 0.5 else cutmix(1.0)
@@ -69,6 +72,15 @@ def test_p2_config_is_the_notebooks_teacher_recipe():
   assert (c.model.name, c.model.variant, c.model.img_size, c.model.patch_size, c.model.eval_head,
           c.model.drop_path) == ('distilled_vit', 'deit_small', NB_IMAGE, NB_PATCH, 'cls', 0.0)
   assert c.distill.method == 'none' and c.init_from
+  # ViTConfig(hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1).
+  assert (c.model.dropout, c.model.attn_dropout) == (NB_HIDDEN_DROPOUT, NB_ATTN_DROPOUT)
+  assert c.model.layer_norm_eps == 1e-12  # the Hub config's (transformers' default)
+  # best_val, no_imp, patience = 0.0, 0, 8; validated on val_ds (val_tf: the image at 32 px, as
+  # it is) after every epoch; best_teacher.pth reloaded before the test. One stage (no
+  # curriculum), so the stage's validation is the run's.
+  assert (c.curriculum.val_transform, c.curriculum.val_split, c.curriculum.patience,
+          list(c.curriculum.stages), list(c.stages)) == ('center_crop', 'val', NB_PATIENCE, [], [])
+  assert stage_val.enabled(c)
   # ignore_mismatched_sizes: exactly the patch kernel (not its bias), the position embedding and
   # the two 1000-class heads start fresh.
   name, kwargs = model_spec(c.model, 10)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from configs import deit_teacher_cifar10, irkd_cifar10, irkd_digits
+from configs import deit_teacher_cifar10, irkd_cifar10, irkd_digits, vit_teacher_cifar10
 from tikd_jax.models import build_model
 from tikd_jax.models.variables import model_variables
 from tikd_jax.train import optim
@@ -149,7 +149,7 @@ def test_p2_teacher_is_the_fine_tuned_deit_of_deit_teacher_cifar10():
   fine_tuned = deit_teacher_cifar10.get_config('p2').model
   for row in ('kd', 'kd_cl', 'kd_cl_sal'):
     teacher = irkd_cifar10.get_config(f'{row},p2').teacher
-    for field in ('name', 'variant', 'patch_size', 'eval_head', 'mean', 'std'):
+    for field in ('name', 'variant', 'patch_size', 'eval_head', 'layer_norm_eps', 'mean', 'std'):
       assert teacher[field] == fine_tuned[field], (row, field)
   assert teacher.eval_head == 'cls'
 
@@ -182,3 +182,60 @@ def test_curriculum_rows_recreate_the_optimizer_where_their_notebook_does():
     assert [p.resolution for p in phases] == list(irkd_cifar10.RESOLUTIONS)
     # The first stage starts fresh anyway; the next five do only where the notebook says so.
     assert [p.reset_optimizer for p in phases] == [False] + [per_stage] * 5, (row, patch, student)
+
+
+# P_4_ALL cell 14 (kd_cl_sal, p4): multi_layer_attention_loss over layer_indices = range(12),
+# gamma 0.8. P_2_SaliencyMap cell 1 (ViT-Tiny) and P_2_OUR_STUDENT_SAL_MAP cell 1 (custom):
+# SaliencyDistiller(student, teacher, layer_idxs=list(range(12)) / [0, 2, 3]), gamma 0.8.
+NB_SALIENCY = {
+    'p4': ('attention', ''),
+    'p2': ('gradient', 'all'),
+    'p2,custom': ('gradient', '0,2,3'),
+}
+NB_GAMMA = 0.8
+
+
+@pytest.mark.parametrize('notebook', sorted(NB_SALIENCY))
+def test_saliency_row_uses_its_notebooks_saliency(notebook):
+  c = irkd_cifar10.get_config(f'kd_cl_sal,{notebook}')
+  assert (c.saliency.kind, c.saliency.layers) == NB_SALIENCY[notebook]
+  assert c.saliency.weight == NB_GAMMA
+  terms = dict(build_phases(c, 10)[0].loss)
+  assert terms[f'{NB_SALIENCY[notebook][0]}_saliency'] == NB_GAMMA
+  other = 'gradient' if NB_SALIENCY[notebook][0] == 'attention' else 'attention'
+  assert f'{other}_saliency' not in terms
+
+
+# P_4_ALL cell 5, the P4 teacher: ViTConfig(hidden_size=384, num_hidden_layers=12,
+# num_attention_heads=6, intermediate_size=1536, patch_size=4, hidden_dropout_prob=0.1,
+# attention_probs_dropout_prob=0.1); train_tf replaced by val_tf (ToTensor, Normalize) through
+# `val_ds.dataset.transform = val_tf`; per batch mixup_data(alpha=0.2) or cutmix_data(alpha=1.0)
+# at even odds; CrossEntropyLoss(label_smoothing=0.01); best_val, no_imp, patience = 0.0, 0, 150,
+# the best epoch's weights saved and reloaded for the test.
+NB_P4_TEACHER = dict(dim=384, depth=12, heads=6, mlp=1536, patch=4, dropout=0.1, attn_dropout=0.1,
+                     mixup=0.2, cutmix=1.0, switch=0.5, smoothing=0.01, patience=150, epochs=135)
+
+
+def test_p4_teacher_is_the_notebooks_cell_line_by_line():
+  nb = NB_P4_TEACHER
+  c = vit_teacher_cifar10.get_config()
+  name, kwargs = model_spec(c.model, 10)
+  model = nnx.eval_shape(lambda: build_model(name, rngs=nnx.Rngs(0), **kwargs))
+  s = model.size
+  assert (name, s.dim, s.depth, s.heads, s.mlp_dim,
+          s.patch) == ('vit', nb['dim'], nb['depth'], nb['heads'], nb['mlp'], nb['patch'])
+  assert (model.dropout, model.attn_dropout) == (nb['dropout'], nb['attn_dropout'])
+  # The transform the cell's teacher ran: none per image.
+  assert (c.data.crop_padding, c.data.flip, c.augment.randaugment,
+          c.augment.erasing_prob) == (0, False, False, 0.0)
+  assert (c.augment.mixup_alpha, c.augment.cutmix_alpha,
+          c.augment.switch_prob) == (nb['mixup'], nb['cutmix'], nb['switch'])
+  assert c.label_smoothing == nb['smoothing'] and c.num_epochs == nb['epochs']
+  assert (c.curriculum.val_transform, c.curriculum.val_split,
+          c.curriculum.patience) == ('resize', 'val', nb['patience'])
+  # The transforms the cell defined but never ran are named switches.
+  on = vit_teacher_cifar10.get_config('crop_flip,randaugment,erasing')
+  assert (on.data.crop_padding, on.data.flip, on.augment.randaugment,
+          on.augment.erasing_prob) == (4, True, True, 0.1)
+  with pytest.raises(ValueError, match='vit_teacher_cifar10 takes'):
+    vit_teacher_cifar10.get_config('autoaugment')

@@ -8,6 +8,7 @@ from flax import nnx
 
 from tikd_jax.cpu import compiler
 from tikd_jax.models import build_model, count_params
+from tikd_jax.models import build_model as _build_model
 from tikd_jax.models.vit import resize_pos_embed
 
 FAST_COMPILE = compiler.compiler_options('fast_compile', 'cpu')
@@ -306,3 +307,79 @@ def test_fast_layers_drop_out_the_same_entries():
   plain = tokens(False, 5)
   np.testing.assert_allclose(tokens(True, 5), plain, rtol=1e-5, atol=1e-5)
   assert np.abs(tokens(False, 6) - plain).max() > 0.1  # the masks matter
+
+
+# The released registry (JSJ515-Group/TIKD models.py): tikd_{tiny,small,base}_distilled_patch4_32,
+# our small / medium / large.
+RELEASED_REGISTRY = {'small': (128, 2), 'medium': (256, 4), 'large': (512, 8)}
+
+
+def released_count(dim, heads, num_classes=100, img=32, patch=4, depth=5, mlp_ratio=4, text=512):
+  """Parameters of the released DistilledVisionTransformer, module by module (vision_transformer.py
+  VisionTransformer with PatchEmbed, qkv bias, Attention.text_proj = Linear(512, head_dim);
+  models.py adds dist_token, pos_embed over N + 2, head_dist and text_decoder Linear(d, d))."""
+  d, hd, n = dim, dim // heads, (img // patch)**2
+  block = (2 * d + (3 * d * d + 3 * d) + (d * d + d) + (text * hd + hd) + 2 * d +
+           (d * mlp_ratio * d + mlp_ratio * d) + (mlp_ratio * d * d + d))
+  return (3 * patch * patch * d + d + 2 * d + (n + 2) * d + depth * block + 2 * d + 2 *
+          (d * num_classes + num_classes) + d * d + d)
+
+
+@pytest.mark.parametrize('size,ours,ours_released,released', [
+    ('small', 1_092_760, 1_110_824, 1_213_064),
+    ('medium', 4_154_920, 4_203_560, 4_260_616),
+    ('large', 16_353_160, 16_352_264, 16_352_264),
+])
+def test_default_and_released_preset_counts_against_the_released_registry(
+    size, ours, ours_released, released):
+  """docs/tikd.md's table: our default preset's student (8 heads, shared text_proj, adapter,
+  predictor, gate), the `:released` preset's (the registry's heads, per-block text_proj, no
+  predictor) and the released model's own count. Large `:released` equals the released model;
+  small / medium differ because the released text_proj reads 512 inputs (it only runs at width
+  512) where ours reads the width-d tokens after a low-rank text adapter."""
+  from configs import tikd_cifar100  # pylint: disable=g-import-not-at-top
+  from tikd_jax.train.run import model_spec  # pylint: disable=g-import-not-at-top
+  counts = []
+  for arg in (size, f'{size},released'):
+    c = tikd_cifar100.get_config(arg)
+    name, kwargs = model_spec(c.model, 100)
+    kwargs.setdefault('fusion_gate', c.tikd.fusion_gate)
+    counts.append(abstract_count(name, text_dim=512, **kwargs))
+  assert counts == [ours, ours_released]
+  dim, heads = RELEASED_REGISTRY[size]
+  assert tikd_cifar100.RELEASED_HEADS[size] == heads
+  assert released_count(dim, heads) == released
+  assert released_count(512, 8, num_classes=200, img=64) == 16_553_168  # Tiny ImageNet, 16.55M
+
+
+def test_heads_text_predictor_and_layer_norm_eps_options():
+  """`heads` overrides the size table's, `text_predictor=False` builds none (the released model):
+  the fused pass then runs on captions and refuses to run without them; `layer_norm_eps` reaches
+  every LayerNorm, also under the CPU layers (which read the module's epsilon)."""
+
+  def build_model(name, **more):  # the same initial weights for every model built here
+    return _build_model(name, variant='micro', num_classes=5, text_dim=16,
+                        text_proj_layout='per_block', rngs=nnx.Rngs(0), **more)
+
+  model = build_model('distilled_vit', heads=4, text_predictor=False, layer_norm_eps=1e-12)
+  assert model.size.heads == 4 and model.blocks[0].attn.head_dim == 8
+  assert model.blocks[0].attn.text_proj.kernel.shape == (32, 8)
+  assert model.text_predictor is None
+  norms = [model.norm] + [n for b in model.blocks for n in (b.norm1, b.norm2)]
+  assert {n.epsilon for n in norms} == {1e-12}
+  x = jax.random.uniform(jax.random.key(1), (2, 32, 32, 3))
+  text = jax.random.normal(jax.random.key(2), (2, 16))
+  logits, out = model(x, text=text, fuse_text=True)
+  assert logits.shape == (2, 5) and 'text_pred' not in out
+  with pytest.raises(ValueError, match='no text predictor'):
+    model(x, fuse_text=True)
+  with pytest.raises(ValueError, match='does not divide the width 32'):
+    build_model('distilled_vit', heads=3)
+  fast = build_model('distilled_vit', heads=4, text_predictor=False, layer_norm_eps=1e-12,
+                     fast_layers=True)
+  assert {n.epsilon for n in [fast.norm] + [b.norm1 for b in fast.blocks]} == {1e-12}
+  np.testing.assert_allclose(np.asarray(fast(x, text=text, fuse_text=True)[0]), np.asarray(logits),
+                             rtol=1e-5, atol=1e-5)
+  # eps changes the numbers: a model with timm's 1e-6 and the same weights differs.
+  timm_eps = build_model('distilled_vit', heads=4, text_predictor=False)
+  assert {b.norm1.epsilon for b in timm_eps.blocks} == {1e-6}

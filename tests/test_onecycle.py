@@ -151,7 +151,10 @@ def test_vit_teacher_config_is_the_irkd_p4_teacher_recipe():
   assert c.label_smoothing == 0.01
   assert (c.augment.mixup_alpha, c.augment.cutmix_alpha, c.augment.switch_prob,
           c.augment.mix_prob) == (0.2, 1.0, 0.5, 1.0)
-  assert c.augment.erasing_prob == 0.1
+  # P_4_ALL cell 5 replaces the train split's transform by val_tf before training: its teacher
+  # saw no crop, flip, AutoAugment or erasing (named switches, off; tests/test_irkd_rows.py).
+  assert (c.data.crop_padding, c.data.flip, c.augment.randaugment,
+          c.augment.erasing_prob) == (0, False, False, 0.0)
   assert c.model.drop_path == 0.0  # HF ViT has no stochastic depth
   assert (c.data.name, c.data.val_size, c.data.val_seed,
           c.data.val_split_method) == ('cifar10', 5000, 42, 'torch')

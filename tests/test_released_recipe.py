@@ -295,7 +295,8 @@ def test_released_preset_builds_the_per_block_student():
   model = nnx.eval_shape(lambda: build_model(name, text_dim=512, rngs=nnx.Rngs(0), **kwargs))
   names = {'/'.join(map(str, k)) for k, _ in nnx.to_flat_state(nnx.state(model, nnx.Param))}
   assert {f'blocks/{i}/attn/text_proj/kernel' for i in range(5)} <= names
-  assert count_params(model) - count_params(model.text_predictor) == 16_352_264  # the paper's
+  assert model.text_predictor is None  # the released model has none
+  assert count_params(model) == 16_352_264  # the paper's 16.35M, the released model's count
 
 
 @pytest.mark.parametrize('arg', ['large', 'small,dkd', 'medium,pkcd,notext'])
@@ -374,3 +375,27 @@ def test_train_stream_takes_text_rows_from_the_config(text_rows):
   b = next(stream.iterator)
   want = FEATURES[:8] if text_rows == 'released' else FEATURES[b['index']]
   np.testing.assert_array_equal(b['text'], want)
+
+
+def test_a_released_layout_model_exports_and_reads_back_without_a_predictor(tmp_path):
+  """The `:released` student (registry heads, per-block text_proj, no text predictor) exports to
+  the PyTorch twin strictly with the same fused logits, and its metadata says text_predictor
+  False."""
+  import torch  # pylint: disable=g-import-not-at-top
+  from convert.to_torch import export  # pylint: disable=g-import-not-at-top
+  from tikd_jax.tree import flatten  # pylint: disable=g-import-not-at-top
+  from tikd_jax.models.variables import model_variables  # pylint: disable=g-import-not-at-top
+  c = tikd_cifar100.get_config('small,hard,released')
+  name, kwargs = model_spec(c.model, 100)
+  kwargs = dict(kwargs, variant='micro', heads=2, text_dim=16)
+  model = build_model(name, rngs=nnx.Rngs(0), **kwargs)
+  assert model.text_predictor is None and not kwargs['text_predictor']
+  _, twin, state_dict = export(flatten(model_variables(model)), {'name': name, 'kwargs': kwargs})
+  assert not any(k.startswith('text_predictor') for k in state_dict)
+  x = np.random.default_rng(0).random((2, 32, 32, 3), np.float32)
+  text = np.random.default_rng(1).standard_normal((2, 16)).astype(np.float32)
+  ours = np.asarray(model(x, text=text, fuse_text=True)[0])
+  with torch.no_grad():
+    out = twin.forward_heads(torch.from_numpy(x).permute(0, 3, 1, 2), torch.from_numpy(text), True)
+  theirs = ((out['cls_logits'] + out['dist_logits']) / 2).numpy()
+  np.testing.assert_allclose(ours, theirs, rtol=1e-4, atol=1e-4)

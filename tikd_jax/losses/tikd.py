@@ -69,7 +69,9 @@ def text_predictor(ctx: Context):
   """TIKD's text predictor: mean(1 − cos(text_pred, caption feature))."""
   if ctx.text is None or 'text_pred' not in ctx.out:
     raise ValueError("loss term 'text_predictor' needs caption features "
-                     "(config.text.features_dir) and a model built with text_dim")
+                     "(config.text.features_dir) and a model built with text_dim and "
+                     "text_predictor=True (a released-layout model has none: set "
+                     "--config.tikd.text_predictor_weight=0)")
   pred, target = ctx.out['text_pred'], ctx.text.astype(jnp.float32)
   pred = pred / jnp.maximum(jnp.linalg.norm(pred, axis=-1, keepdims=True), 1e-8)
   target = target / jnp.maximum(jnp.linalg.norm(target, axis=-1, keepdims=True), 1e-8)

@@ -11,6 +11,10 @@ The TIKD text fusion (TIKD's released vision_transformer.py; README "TIKD") is e
   * 'shared' (ours, the default): one `text_proj` for all blocks;
   * 'per_block' (released): every attention owns one, `blocks.<i>.attn.text_proj`, the names of
     the released checkpoints (their `blocks.i.attn.text_proj.weight/bias`).
+`text_predictor=False` builds no text predictor (the released code has none; then the fused pass
+needs captions). `heads` overrides the size table's head count (the released registry: 2 / 4 / 8
+for small / medium / large), `layer_norm_eps` every LayerNorm's epsilon (1e-6 as timm; Hugging
+Face ViT checkpoints use 1e-12).
 `fusion_gate` (ours, off in the released layout) blends the fused pass into the tokens it starts
 from, x + g ⊙ (fused(x) − x), with g a per-channel gain initialised to zero (ReZero, Bachlechner
 et al. 2020; LayerScale, Touvron et al. 2021): when a joint stage begins the fused logits equal
@@ -63,8 +67,9 @@ class ViTSize:
   heads: int
   mlp_dim: int
   patch: int
-  # Rank of the low-rank text adapters (text → width projection, width → text predictor); sized
-  # so that students with their text modules match the paper's parameter counts (README).
+  # Rank of the low-rank text adapters (text → width projection, width → text predictor), ours;
+  # chosen so that the default students' counts land near the paper's (docs/tikd.md): a count
+  # match by choice, not the released modules.
   text_rank: int = 32
 
 
@@ -227,14 +232,15 @@ class Block(nnx.Module):
   `attn_dropout`)."""
 
   def __init__(self, size: ViTSize, drop_path_rate: float, *, rngs: nnx.Rngs, dtype=None,
-               text_proj: bool = False, dropout: float = 0.0, attn_dropout: float = 0.0):
+               text_proj: bool = False, dropout: float = 0.0, attn_dropout: float = 0.0,
+               layer_norm_eps: float = 1e-6):
     self.bernoulli = jax.random.bernoulli
     self.drop_path_rate = drop_path_rate
     self.dropout = dropout
-    self.norm1 = nnx.LayerNorm(size.dim, epsilon=1e-6, dtype=dtype, rngs=rngs)
+    self.norm1 = nnx.LayerNorm(size.dim, epsilon=layer_norm_eps, dtype=dtype, rngs=rngs)
     self.attn = Attention(size.dim, size.heads, rngs=rngs, dtype=dtype, text_proj=text_proj,
                           attn_dropout=attn_dropout)
-    self.norm2 = nnx.LayerNorm(size.dim, epsilon=1e-6, dtype=dtype, rngs=rngs)
+    self.norm2 = nnx.LayerNorm(size.dim, epsilon=layer_norm_eps, dtype=dtype, rngs=rngs)
     self.mlp = Mlp(size.dim, size.mlp_dim, rngs=rngs, dtype=dtype)
 
   def __call__(self, x, rng=None, value_bias=None, decoded=None):
@@ -312,6 +318,9 @@ class DistilledViT(nnx.Module):
       text_dim: int | None = None,
       text_proj_layout: str = 'shared',
       fusion_gate: bool = False,
+      text_predictor: bool = True,
+      heads: int | None = None,
+      layer_norm_eps: float = 1e-6,
       mean: Sequence[float] = CIFAR100_MEAN,
       std: Sequence[float] = CIFAR100_STD,
       dtype: Any = None,
@@ -323,6 +332,11 @@ class DistilledViT(nnx.Module):
       size = SIZES[size]
     if patch_size is not None:
       size = dataclasses.replace(size, patch=patch_size)
+    if heads is not None:
+      if heads < 1 or size.dim % heads:
+        raise ValueError(f'heads={heads} does not divide the width {size.dim} of ViT size '
+                         f'{size}: pick a divisor of {size.dim}')
+      size = dataclasses.replace(size, heads=int(heads))
     if img_size % size.patch:
       raise ValueError(f'img_size {img_size} is not a multiple of patch size {size.patch}')
     if eval_head not in ('mean', 'cls'):
@@ -345,6 +359,7 @@ class DistilledViT(nnx.Module):
     self.text_dim = text_dim
     self.text_proj_layout = text_proj_layout
     self.fusion_gate = bool(fusion_gate)
+    self.layer_norm_eps = float(layer_norm_eps)
     self.mean = tuple(mean)
     self.std = tuple(std)
     self.dtype = dtype
@@ -364,9 +379,10 @@ class DistilledViT(nnx.Module):
     per_block = text_dim is not None and text_proj_layout == 'per_block'
     self.blocks = nnx.List([
         Block(size, r, rngs=rngs, dtype=dtype, text_proj=per_block, dropout=self.dropout,
-              attn_dropout=self.attn_dropout) for r in rates
+              attn_dropout=self.attn_dropout, layer_norm_eps=self.layer_norm_eps) for r in rates
     ])
-    self.norm = nnx.LayerNorm(d, epsilon=1e-6, dtype=dtype, rngs=rngs) if final_norm else None
+    self.norm = (nnx.LayerNorm(d, epsilon=self.layer_norm_eps, dtype=dtype, rngs=rngs)
+                 if final_norm else None)
     self.head = _linear(d, num_classes, rngs, dtype)
     self.head_dist = _linear(d, num_classes, rngs, dtype) if distilled else None
     if text_dim is not None:
@@ -377,7 +393,9 @@ class DistilledViT(nnx.Module):
       self.text_proj = None if per_block else _linear(d, size.dim // size.heads, rngs, dtype)
       self.text_adapter = (LowRankLinear(text_dim, size.text_rank, d, rngs=rngs, dtype=dtype)
                            if text_dim != d else None)
-      self.text_predictor = LowRankLinear(d, size.text_rank, text_dim, rngs=rngs, dtype=dtype)
+      # The released model has none (`text_predictor=False`): no caption-free fused pass then.
+      self.text_predictor = (LowRankLinear(d, size.text_rank, text_dim, rngs=rngs, dtype=dtype)
+                             if text_predictor else None)
       self.text_gate = nnx.Param(jnp.zeros((d,), jnp.float32)) if fusion_gate else None
 
   # ------------------------------------------------------------------ helpers
@@ -460,7 +478,7 @@ class DistilledViT(nnx.Module):
       parts = tuple(self.norm(x) for x in parts)
     heads_x = parts[0]
     out['tokens'] = jnp.concatenate(parts, axis=1)
-    if self.text_dim is not None:
+    if self.text_dim is not None and self.text_predictor is not None:
       # Cheap, always computed so its cosine loss can train in every stage.
       out['text_pred'] = self.text_predictor(heads_x[:, 0]).astype(jnp.float32)
     if fuse_text:
@@ -476,11 +494,16 @@ class DistilledViT(nnx.Module):
   def _fusion_text(text, keep, out):
     """The text the second pass fuses: the caption feature, or the predictor's output (no
     gradient into the predictor through fusion: captions alone train it)."""
+    if keep is None and text is not None:
+      return text.astype(jnp.float32)
+    if 'text_pred' not in out:
+      raise ValueError('the fused pass needs a text: this model has no text predictor '
+                       '(built with text_predictor=False, as the released code) to stand in for '
+                       'missing captions; pass the caption features (`text`, no `text_keep`), '
+                       "or evaluate the first pass (eval_text 'none')")
     predicted = jax.lax.stop_gradient(out['text_pred'])
     if text is None:
       return predicted
-    if keep is None:
-      return text.astype(jnp.float32)
     return jnp.where(keep[:, None], text.astype(jnp.float32), predicted)
 
   def _text_fusion(self, x, text, out, rng):

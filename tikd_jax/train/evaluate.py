@@ -103,6 +103,8 @@ def _eval_modes(run: Run, fuse_text: bool) -> tuple[str, ...]:
 def _eval_text_features(run: Run, mode: str):
   """The per-example text of the eval split for `mode`: None (none needed) or False (not
   available in this run)."""
+  if mode == 'predicted' and not run.student.kwargs.get('text_predictor', True):
+    return False  # a model without a text predictor (the released layout)
   if mode in ('predicted', 'none'):
     return None
   if mode == 'captions':
@@ -251,7 +253,9 @@ def _checkpoint_text_modes(spec: RunSpec, meta: dict, eval_source):
   modes = ('none',)
   texts = {'none': None, 'predicted': None}
   if meta['model']['kwargs'].get('text_dim'):
-    modes = ('predicted', 'none')
+    # 'predicted' needs the text predictor, which a released-layout model lacks
+    modes = (('predicted', 'none') if meta['model']['kwargs'].get('text_predictor', True) else
+             ('none',))
     if spec.text.eval_features_dir:
       texts['captions'] = load_text_features(spec.text.eval_features_dir, eval_source)
       modes += ('captions',)
