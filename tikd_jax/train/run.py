@@ -198,8 +198,7 @@ def abstract_batch(run: Run, phase: Phase) -> dict:
   if run.data.text_features is not None:
     element['text'] = np.asarray(run.data.text_features[0], np.float32)
   return {
-      k: jax.ShapeDtypeStruct((run.spec.batch_size,) + v.shape, v.dtype)
-      for k, v in element.items()
+      k: jax.ShapeDtypeStruct((run.spec.batch_size,) + v.shape, v.dtype) for k, v in element.items()
   }
 
 
