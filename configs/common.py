@@ -72,9 +72,13 @@ def base() -> ConfigDict:
   # IRKD saliency alignment (README "IRKD"): 'none' | 'attention' | 'gradient'.
   c.saliency = ConfigDict(dict(kind='none', weight=0.8, layers='', resize_to='teacher'))
   # eval_features_dir: the eval split's own caption features (tikd.eval_text='captions').
+  # control: 'captions' (each train image its own caption feature), or a control in its place:
+  # 'shuffled' (another train image's, a fixed permutation seeded by config.seed) or 'constant'
+  # (the mean feature for every image); they measure what the caption itself adds
+  # (tikd_jax/train/run.py text_control).
   c.text = ConfigDict(
       dict(features_dir='', eval_features_dir='', class_prompt_encoder='',
-           class_prompt_template='a photo of a {name}.'))
+           class_prompt_template='a photo of a {name}.', control='captions'))
   # eval_text: the headline test-time text ('predicted' | 'none' | 'captions' | 'released'; all
   # available ones are reported). fusion_text: what the fused pass trains on ('caption' |
   # 'predicted' | 'scheduled'). self_distill_weight: KD from the fused to the first pass.

@@ -16,8 +16,10 @@ Arguments (comma-separated): `seeds=N` (default 1), `regime=mix|plain` (default 
 plain: no batch mixing), `epochs=N` (the students' epochs, default 30; a TIKD student keeps its
 1 : 2 warm-up : joint split), `rows=all|core|tikd|pair` (core: the four vision rows and only the
 default TIKD design, named per seed even for one seed; tikd: the teacher and that design alone;
-pair: that design and its base method, for a comparison paired by seed; or vision rows named
-with '+', e.g. `rows=none+soft`),
+pair: that design and its base method, for a comparison paired by seed; text: that design and
+its two text controls, `config.text.control` 'shuffled' (each image fuses another training
+image's caption feature) and 'constant' (the mean caption feature for all), paired by seed; or
+vision rows named with '+', e.g. `rows=none+soft`),
 `tikd_base=hard|soft` (the distillation TIKD is added to, default hard as the paper's headline),
 `gate=0|1` (the TIKD rows' `tikd.fusion_gate`; default: the library's), `first_seed=K` (seeds
 K … K+N−1, so that seeds can run in parallel processes on one workdir). Digits are never flipped: a mirrored 2, 3, 4, 5, 7
@@ -49,7 +51,9 @@ TIKD_DESIGNS = {
 DEFAULT_TIKD = 'tikd_self_distill'  # the single-seed demo's TIKD row: the best by the 3-seed table
 # The single-seed demo keeps to four runs (under 5 minutes on 2 cores); seeds=N runs them all.
 QUICK_METHODS = ('none', 'hard')
-ROWS = ('all', 'core', 'tikd', 'pair')
+ROWS = ('all', 'core', 'tikd', 'pair', 'text')
+# rows=text: the default design beside its text controls (config.text.control), paired by seed.
+TEXT_CONTROLS = ('shuffled', 'constant')
 ALL_METHODS = ('none', 'soft', 'hard', 'hard_oracle')
 
 
@@ -157,7 +161,7 @@ def get_config(arg: str = ''):
   methods, designs = (ALL_METHODS, list(TIKD_DESIGNS)) if many else (QUICK_METHODS, [DEFAULT_TIKD])
   if options['rows'] != 'all':
     designs = [DEFAULT_TIKD]
-  if options['rows'] == 'tikd':
+  if options['rows'] in ('tikd', 'text'):
     methods = ()
   if options['rows'] == 'pair':
     methods = (options['tikd_base'],)
@@ -178,6 +182,12 @@ def get_config(arg: str = ''):
     for design in designs:
       runs[f'student_{design}{suffix}'] = tikd_student_config(design, seed, regime, teacher, epochs,
                                                               options['tikd_base'], options['gate'])
+      for control in TEXT_CONTROLS if options['rows'] == 'text' else ():
+        run = tikd_student_config(design, seed, regime, teacher, epochs, options['tikd_base'],
+                                  options['gate'])
+        run.name = f'student_{design}_{control}'
+        run.text.control = control
+        runs[f'{run.name}{suffix}'] = run
     for name, run in runs.items():
       c.runs[name] = run
       order.append(name)

@@ -296,7 +296,21 @@ def load_train_text_features(spec: RunSpec, train_source) -> np.ndarray | None:
     if jax.process_count() > 1:
       from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
       multihost_utils.sync_global_devices('class prompt features written')
-  return load_text_features(text.features_dir, train_source)
+  return text_control(load_text_features(text.features_dir, train_source), text.control, spec.seed)
+
+
+def text_control(features: np.ndarray, control: str, seed: int) -> np.ndarray:
+  """The caption rows training reads under `text.control` (spec.TEXT_CONTROLS): 'captions' as
+  they are; 'shuffled': row i holds row perm[i] of a permutation drawn with `seed` (each image
+  fuses another training image's caption); 'constant': every row the mean row."""
+  if control == 'captions':
+    return features
+  if control == 'shuffled':
+    return features[np.random.default_rng(seed).permutation(len(features))]
+  if control == 'constant':
+    return np.broadcast_to(
+        features.mean(axis=0, dtype=np.float64).astype(features.dtype), features.shape).copy()
+  raise ValueError(f'text control {control!r}: use one of {spec_lib.TEXT_CONTROLS}')
 
 
 def _load_eval_text_features(spec: RunSpec, eval_source) -> np.ndarray | None:

@@ -59,6 +59,7 @@ class Text:
   fusion_text: str  # step.FUSION_TEXT: what the fused pass trains on
   fusion_gate: bool
   rows: str  # pipeline.TEXT_ROWS: which feature rows a train batch carries
+  control: str  # TEXT_CONTROLS: each image's own caption feature, or a control in its place
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,7 +121,8 @@ def resolve(config: ml_collections.ConfigDict) -> RunSpec:
   text = Text(features_dir=text.features_dir, eval_features_dir=text.eval_features_dir,
               class_prompt_encoder=text.class_prompt_encoder,
               class_prompt_template=text.class_prompt_template, eval_text=tikd.eval_text,
-              fusion_text=tikd.fusion_text, fusion_gate=bool(tikd.fusion_gate), rows=tikd.text_rows)
+              fusion_text=tikd.fusion_text, fusion_gate=bool(tikd.fusion_gate), rows=tikd.text_rows,
+              control=_checked_text_control(text.control))
   cadence = Cadence(log_every_steps=int(config.log_every_steps),
                     eval_every_epochs=float(config.eval_every_epochs),
                     checkpoint_every_steps=int(config.checkpoint_every_steps),
@@ -201,6 +203,18 @@ def _check_text(tikd) -> None:
     raise ValueError(f'tikd.eval_text={tikd.eval_text!r}: use one of {sorted(EVAL_TEXT)}')
   if tikd.fusion_text not in FUSION_TEXT:
     raise ValueError(f'tikd.fusion_text={tikd.fusion_text!r}: use one of {FUSION_TEXT}')
+
+
+# What a train image's caption row holds: its own caption feature, another training image's (a
+# fixed permutation of the rows), or the mean caption feature for every image. The controls keep
+# the text path and its cost and remove what the caption says about this image.
+TEXT_CONTROLS = ('captions', 'shuffled', 'constant')
+
+
+def _checked_text_control(control: str) -> str:
+  if control not in TEXT_CONTROLS:
+    raise ValueError(f'config.text.control={control!r}: use one of {TEXT_CONTROLS}')
+  return control
 
 
 def _checked_preset(preset: str) -> str:
