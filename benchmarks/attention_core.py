@@ -8,7 +8,8 @@ the 64 patches + cls + dist tokens of a 32-px patch-4 DistilledViT), the gradien
 with respect to q, k and v:
 
   model         the formula of tikd_jax/models/vit.py's Attention (scores scaled after q·kᵀ)
-  kernel        tikd_jax/cpu/kernels.py's C++ attention kernel (one call forward, one backward):
+  kernel        the C++ attention kernel, tikd_jax/cpu/layers.py's `attention` (one call forward,
+                one backward):
                 the model under config.cpu_fast_layers. It takes token-major q, k, v (the qkv
                 projection's layout), so here it also pays three transposes in and one out
   scale_q       q scaled first (timm's order): no elementwise pass over the [B, H, N, N] scores
@@ -68,7 +69,10 @@ def cores() -> dict:
     return jnp.matmul(jax.nn.softmax(scores, axis=-1), v)
 
   def kernel(q, k, v):  # the model under config.cpu_fast_layers
-    from tikd_jax.cpu.kernels import attention  # pylint: disable=g-import-not-at-top
+    from tikd_jax.cpu import kernels, layers  # pylint: disable=g-import-not-at-top
+    from tikd_jax.models import vit  # pylint: disable=g-import-not-at-top
+    # as `layers.substitute` chooses: the kernel where it is available, else the plain formula
+    attention = layers.attention if kernels.ATTENTION.available() else vit.attention_core
     tokens_major = [jnp.swapaxes(x, 1, 2) for x in (q, k, v)]
     return jnp.swapaxes(attention(*tokens_major, q.shape[-1]**-0.5)[0], 1, 2)
 

@@ -10,7 +10,7 @@ layers   every 3×3 conv shape of ResNet32x4 at 32 px (+ bias + ReLU, as the fol
          dot), `im2col_rows` (3 dots of K = 3C, one per kernel row), `shifted_dots` (9 dots of
          K = C accumulated), `winograd_f2x2` (Winograd F(2×2, 3×3), stride 1), `winograd_f4x4`
          (Winograd F(4×4, 3×3), stride 1, H and W divisible by 4), `winograd_kernel` (F(2×2, 3×3)
-         as the C++ kernel of tikd_jax/cpu/kernels.py, what `cpu_fast_layers` runs);
+         as the C++ kernel, tikd_jax/cpu/layers.py's `conv3x3`, what `cpu_fast_layers` runs);
          each checked against xla_conv (F(4×4) to WINOGRAD_F4X4_TOLERANCE). `--layers` and
          `--contestants` pick a subset.
 options  one 32×32 64→64 conv under XLA:CPU option sets (YNNPACK, oneDNN, XNNPACK switches this
@@ -113,7 +113,7 @@ def lowerings():
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from jax import lax  # pylint: disable=g-import-not-at-top
 
-  from tikd_jax.cpu import kernels  # pylint: disable=g-import-not-at-top
+  from tikd_jax.cpu import kernels, layers  # pylint: disable=g-import-not-at-top
 
   def xla_conv(x, k, b, s):
     p = (k.shape[0] - 1) // 2
@@ -192,8 +192,10 @@ def lowerings():
     return y.reshape(n, h, w, -1) + b
 
   def winograd_kernel(x, k, b, s):
-    assert s == 1 and kernels.conv3x3_supported(x, k), 'a shape the kernel leaves to xla_conv'
-    return kernels.conv3x3(x, k) + b
+    assert s == 1 and layers.conv3x3_supported(x, k), 'a shape the kernel leaves to xla_conv'
+    # as `layers.substitute` chooses: the kernel where it is available, else XLA's convolution
+    conv = layers.conv3x3 if kernels.WINOGRAD.available() else layers.conv3x3_plain
+    return conv(x, k) + b
 
   return {
       'xla_conv': xla_conv, 'xla_conv_nchw': xla_conv_nchw, 'im2col': im2col,
@@ -221,7 +223,7 @@ def bench_layers(batch, runs, emit, only=None, contestants=None):
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
 
-  from tikd_jax.cpu import kernels  # pylint: disable=g-import-not-at-top
+  from tikd_jax.cpu import layers  # pylint: disable=g-import-not-at-top
   rng = np.random.default_rng(0)
   for hw, cin, cout, s in LAYERS:
     group = f'{hw}x{hw} {cin}->{cout} s{s}'
@@ -233,7 +235,7 @@ def bench_layers(batch, runs, emit, only=None, contestants=None):
     fns, reference = {}, None
     for name, f in lowerings().items():
       if (name.startswith('winograd') and s != 1
-          or name == 'winograd_kernel' and not kernels.conv3x3_supported(x, k)  # the 3-channel stem
+          or name == 'winograd_kernel' and not layers.conv3x3_supported(x, k)  # the 3-channel stem
           or contestants and name != 'xla_conv' and name not in contestants):
         continue
       xx = jnp.transpose(x, (0, 3, 1, 2)) if name.endswith('nchw') else x

@@ -1,4 +1,4 @@
-"""The library files one training batch passes through (issue 31: "at most 12").
+"""The library files one training batch passes through: at most 12, the project's bound.
 
 One real step of a tiny run through the trainer's own path (setup → create_train_state → the
 loop's stream and step), with DeiT's recipe (RandAugment on the host, random erasing and
@@ -11,7 +11,7 @@ in-process (`data.num_workers=0`, the default): with grain worker processes the 
 files (source, host augmentation, pipeline) run there instead, so the list is the same. A "hop"
 is a named library function that runs (lambdas and comprehensions are not counted).
 
-  python -m pytest -q -s -rx tests/test_batch_path.py    # prints the CPU and the GPU list
+  python -m pytest -q -s tests/test_batch_path.py    # prints the CPU and the GPU list
 """
 import os
 import sys
@@ -101,10 +101,4 @@ def test_one_batch_crosses_few_library_files(fast_layers, tmp_path):
         '\n'.join(f'  {f}  ({len(functions)})' for f, functions in named.items()))
   ours = [f for f in files if f.startswith(('tikd_jax/data/', 'tikd_jax/train/'))]
   assert len(ours) <= DATA_AND_TRAIN, ours
-  # Issue 31's bound on the whole path. It holds once the CPU backend (tikd_jax/cpu/, at most 2
-  # files on the path) and the one-file-per-method losses are merged beside the data and train
-  # part above; until then the list is reported and the bound marked as expected to fail.
-  if len(files) > MAX_FILES:
-    pytest.xfail(f'{len(files)} files > {MAX_FILES} until tikd_jax/cpu/ and the per-method '
-                 f'losses are merged: {files}')
   assert len(files) <= MAX_FILES, files

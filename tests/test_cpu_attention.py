@@ -1,5 +1,6 @@
-"""The XLA:CPU attention kernel (tikd_jax/cpu/kernels.py) equals the plain formula, forward
-and gradient, keeps a mesh's image sharding, and says what to do when it cannot be built."""
+"""The XLA:CPU attention kernel (`attention` in tikd_jax/cpu/layers.py) equals the plain formula,
+forward and gradient, keeps a mesh's image sharding, and says what to do when it cannot be built
+(tikd_jax/cpu/kernels.py)."""
 import re
 
 import jax
@@ -10,8 +11,8 @@ from absl import logging
 from flax import nnx
 
 from tikd_jax import sharding as sharding_lib
-from tikd_jax.models import build_model
-from tikd_jax.cpu import kernels
+from tikd_jax.cpu import kernels, layers
+from tikd_jax.models import build_model, vit
 
 # float32 rounding of sums over ≤ 66 terms, relative to each output's largest entry
 TOLERANCE = 2e-6
@@ -27,6 +28,13 @@ def _has_compiler() -> bool:
 # Without a C++ compiler the kernel cannot be built; the model then runs the plain formula (the
 # fallback tests below still run).
 needs_compiler = pytest.mark.skipif(not _has_compiler(), reason='no C++ compiler on this machine')
+
+
+@pytest.fixture(autouse=True)
+def _kernel_loaded():
+  """The kernel's FFI targets registered, as `layers.substitute` does where a model is built: the
+  tests below call `layers.attention` directly."""
+  kernels.ATTENTION.available()
 
 
 def _inputs(shape, seed=0):
@@ -64,8 +72,8 @@ def test_the_kernel_equals_the_plain_formula_forward_and_backward(shape, reads_p
   q, k, v, d_out, d_probs = _inputs(shape)
   scale = shape[-1]**-0.5
   d_probs = d_probs if reads_probs else None
-  got = _forward_and_grads(kernels.attention, q, k, v, d_out, d_probs, scale)
-  want = _forward_and_grads(kernels.attention_plain, q, k, v, d_out, d_probs, scale)
+  got = _forward_and_grads(layers.attention, q, k, v, d_out, d_probs, scale)
+  want = _forward_and_grads(vit.attention_core, q, k, v, d_out, d_probs, scale)
   errors = _relative_errors(got, want)
   assert max(errors) < TOLERANCE, dict(zip(('out', 'probs', 'dq', 'dk', 'dv'), errors))
   np.testing.assert_allclose(np.sum(np.asarray(got[1]), -1), 1.0, rtol=2e-6)
@@ -112,14 +120,14 @@ def test_the_kernel_keeps_the_image_sharding_with_no_collectives(axes):
   q_s, k_s, v_s = (jax.device_put(x, sharding) for x in (q, k, v))
 
   def objective(q, k, v):
-    return jnp.sum(kernels.attention(q, k, v, 0.25)[0] * d_out)
+    return jnp.sum(layers.attention(q, k, v, 0.25)[0] * d_out)
 
   grads = jax.jit(jax.grad(objective, argnums=(0, 1, 2)))
   hlo = grads.lower(q_s, k_s, v_s).compile().as_text()
   assert not re.search(r'all-gather|all-reduce|all-to-all|collective-permute', hlo)
   got = grads(q_s, k_s, v_s)
   assert got[0].sharding.spec[0] == sharding.spec[0]
-  want = jax.grad(lambda q, k, v: jnp.sum(kernels.attention_plain(q, k, v, 0.25)[0] * d_out),
+  want = jax.grad(lambda q, k, v: jnp.sum(vit.attention_core(q, k, v, 0.25)[0] * d_out),
                   argnums=(0, 1, 2))(q, k, v)
   assert max(_relative_errors(got, want)) < TOLERANCE
 
@@ -155,12 +163,15 @@ def without_the_kernel(monkeypatch, kernel) -> list[str]:
 
 
 def test_an_unavailable_kernel_falls_back_to_the_plain_formula_with_one_warning(monkeypatch):
-  """No kernel: attention still runs (the plain formula) and the log says why, once."""
+  """No kernel: the attention layers `substitute` swaps in keep the plain formula (decided once,
+  for every model built) and the log says why, once."""
   warnings = without_the_kernel(monkeypatch, kernels.ATTENTION)
+  for _ in range(2):  # two models built
+    attention = layers.substitute(vit.Attention(16, 2, rngs=nnx.Rngs(0))).core
   q, k, v, _, _ = _inputs((2, 5, 2, 8))
-  jaxpr = str(jax.make_jaxpr(lambda q, k, v: kernels.attention(q, k, v, 0.5))(q, k, v))
+  jaxpr = str(jax.make_jaxpr(lambda q, k, v: attention(q, k, v, 0.5))(q, k, v))
   assert 'TikdAttention' not in jaxpr
   assert len(warnings) == 1 and 'no C++ compiler found' in warnings[0]
-  got = kernels.attention(q, k, v, 0.5)
-  want = kernels.attention_plain(q, k, v, 0.5)
+  got = attention(q, k, v, 0.5)
+  want = vit.attention_core(q, k, v, 0.5)
   assert max(_relative_errors(got, want)) == 0.0

@@ -1,4 +1,4 @@
-"""The XLA:CPU Winograd convolution (tikd_jax/cpu/kernels.py) equals the plain 3×3
+"""The XLA:CPU Winograd convolution (`conv3x3` in tikd_jax/cpu/layers.py) equals the plain 3×3
 convolution and its gradients, is what a CIFAR ResNet (and the trainer's ResNet teacher) runs
 under fast_layers, keeps a mesh's image sharding, and falls back where it cannot run."""
 import re
@@ -12,12 +12,19 @@ from flax import nnx
 from tikd_jax import sharding as sharding_lib
 from tikd_jax.cpu import kernels
 from tikd_jax.cpu import layers as cpu_fast_layers
-from tikd_jax.models import build_model
+from tikd_jax.models import build_model, resnet_cifar
 from tests.test_cpu_attention import needs_compiler, without_the_kernel
 
 # float32 rounding of a sum of 9·C products, relative to the output's largest entry (the kernel
 # measured 3e-7 to 8e-7 on the teacher's layers, XLA's own convolution 4e-7 to 7e-7)
 TOLERANCE = 2e-6
+
+
+@pytest.fixture(autouse=True)
+def _kernel_loaded():
+  """The kernel's FFI target registered, as `layers.substitute` does where a model is built: the
+  tests below call `conv3x3` and `Conv3x3` directly."""
+  kernels.WINOGRAD.available()
 
 
 def _inputs(batch, height, width, channels, outputs, seed=0):
@@ -52,8 +59,8 @@ def test_the_kernel_equals_the_convolution(shape):
   register tile, an output count that is no multiple of 32, H ≠ W."""
   assert kernels.WINOGRAD.available()
   x, kernel = _inputs(*shape)
-  got = jax.jit(kernels.conv3x3)(x, kernel)
-  assert 'TikdWinogradConvForward' in str(jax.make_jaxpr(kernels.conv3x3)(x, kernel))
+  got = jax.jit(cpu_fast_layers.conv3x3)(x, kernel)
+  assert 'TikdWinogradConvForward' in str(jax.make_jaxpr(cpu_fast_layers.conv3x3)(x, kernel))
   assert _relative_error(got, _float64_convolution(x, kernel)) < TOLERANCE
 
 
@@ -69,10 +76,10 @@ def test_the_input_gradient_runs_through_the_kernel_and_the_weight_gradient_is_x
   def grads(conv):
     return jax.grad(lambda x, k: jnp.sum(conv(x, k) * d_y), argnums=(0, 1))
 
-  jaxpr = str(jax.make_jaxpr(grads(kernels.conv3x3))(x, kernel))
+  jaxpr = str(jax.make_jaxpr(grads(cpu_fast_layers.conv3x3))(x, kernel))
   assert len(re.findall('TikdWinogradConvForward', jaxpr)) >= 2
-  got_dx, got_dkernel = jax.jit(grads(kernels.conv3x3))(x, kernel)
-  _, want_dkernel = jax.jit(grads(kernels.conv3x3_plain))(x, kernel)
+  got_dx, got_dkernel = jax.jit(grads(cpu_fast_layers.conv3x3))(x, kernel)
+  _, want_dkernel = jax.jit(grads(cpu_fast_layers.conv3x3_plain))(x, kernel)
   # ∂x of Σ conv(x, k) ⊙ d_y = conv(d_y, k turned by 180°, in ↔ out), in float64
   want_dx = _float64_convolution(d_y, np.flip(kernel, (0, 1)).swapaxes(2, 3))
   assert _relative_error(got_dx, want_dx) < TOLERANCE
@@ -135,7 +142,7 @@ def test_the_kernel_keeps_the_image_sharding_with_no_collectives():
   sharding = sharding_lib.batch_sharding(mesh)
   x, kernel = _inputs(8, 8, 8, 16, 32)
   x_s = jax.device_put(x, sharding)
-  forward = jax.jit(kernels.conv3x3)
+  forward = jax.jit(cpu_fast_layers.conv3x3)
   assert forward(x_s, kernel).sharding.spec[0] == sharding.spec[0]
   hlo = forward.lower(x_s, kernel).compile().as_text()
   assert 'TikdWinogradConvForward' in hlo
@@ -144,14 +151,17 @@ def test_the_kernel_keeps_the_image_sharding_with_no_collectives():
 
 
 def test_an_unavailable_kernel_falls_back_to_xla_with_one_warning(monkeypatch):
-  """No kernel: the convolution still runs (XLA's) and the log says why, once."""
+  """No kernel: `substitute` leaves the ResNets' 3×3 convolutions plain (decided once, for every
+  model built), the convolution still runs (XLA's) and the log says why, once."""
   warnings = without_the_kernel(monkeypatch, kernels.WINOGRAD)
   x, kernel = _inputs(2, 8, 8, 16, 16)
-  for _ in range(2):
-    jaxpr = str(jax.make_jaxpr(kernels.conv3x3)(x, kernel))
+  for _ in range(2):  # two models built
+    block = cpu_fast_layers.substitute(resnet_cifar.BasicBlock(16, 16, 1, rngs=nnx.Rngs(0)))
+    block.conv1.kernel[...] = kernel
+    jaxpr = str(jax.make_jaxpr(block.conv1)(x))
   assert 'TikdWinograd' not in jaxpr
   assert len(warnings) == 1 and 'no C++ compiler found' in warnings[0]
-  np.testing.assert_array_equal(kernels.conv3x3(x, kernel), kernels.conv3x3_plain(x, kernel))
+  np.testing.assert_array_equal(block.conv1(x), cpu_fast_layers.conv3x3_plain(x, kernel))
 
 
 @needs_compiler

@@ -1,14 +1,17 @@
 """The CPU layers: what `build_model(..., fast_layers=True)` swaps into a built model
-(`config.cpu_fast_layers`, 'auto' = on XLA:CPU only).
+(`config.cpu_fast_layers`, 'auto' = on XLA:CPU only), and everything they run while a step is
+traced, the calls into the C++ kernels included.
 
 `substitute(model)` walks the built module graph and, by role, changes the class of these layers to
 the subclasses below, in place; parameters, their names and values stay as they are, and the model
 code calls its layers as usual:
   * ViT: the qkv, output, MLP and TIKD text projections (`Linear`), the blocks' and final LayerNorms
     (`LayerNorm`), the patch embedding (`PatchEmbed`), the attention core (`Attention.core` →
-    kernels.attention, a C++ kernel) and the dropout masks (`.bernoulli` → `bernoulli` here);
+    `attention`, the C++ attention kernel) and the dropout masks (`.bernoulli` → `bernoulli`);
   * CIFAR ResNets: the 3×3 stride-1 convolutions (`Conv3x3`, Winograd in a C++ kernel).
-Heads, text adapters and the ResNets' 1×1 convolutions stay plain.
+Heads, text adapters and the ResNets' 1×1 convolutions stay plain. Whether a C++ kernel runs here
+is decided once, in `substitute` (kernels.py builds and loads it); without it the attention core
+and the convolutions stay plain.
 
 Same math, another lowering, chosen for XLA:CPU:
   * dense and LayerNorm have hand-written VJPs: the weight gradient is one x[M, in]ᵀ·dy[M, out]
@@ -18,17 +21,36 @@ Same math, another lowering, chosen for XLA:CPU:
     these widths.
   * the patch embedding is non-overlapping patches @ kernel instead of an XLA:CPU convolution.
   * dropout masks are jax.random.bernoulli's, bit for bit, with the threefry hash unrolled.
-On GPU/TPU the plain layers are what the compiler expects. Results differ from autodiff of the
-plain layers by float32 rounding (tests/test_models.py).
+  * attention (attention.cc): softmax(q·kᵀ·scale)·v, forward and backward. XLA:CPU runs
+    attention's batched dots as one Eigen product per (image, head) on one thread and the
+    softmax's row reductions as reduce-windows; the kernel does each (image, head) whole while its
+    scores sit in cache, spread over XLA's intra-op threads. Float32 q, k, v only; anything else
+    takes the plain formula (`vit.attention_core`, which the kernel is checked against).
+  * 3×3 convolutions (winograd.cc): Winograd F(2×2, 3×3) (Lavin & Gray, CVPR 2016), 16 instead of
+    36 multiply-adds per output tile and channel pair; the input gradient is the same kind of
+    convolution and runs through it too, the weight gradient is XLA's. Float32 NHWC inputs with
+    even H and W and channel counts that are multiples of 16; anything else takes XLA's
+    convolution.
+The kernels are XLA FFI custom calls joined by custom VJPs, split over a mesh's image axis with no
+collectives (`split_over_images`), and equal to the plain formulas to float32 rounding
+(tests/test_cpu_attention.py, tests/test_cpu_winograd.py). On GPU/TPU the plain layers are what
+the compiler expects. Results differ from autodiff of the plain layers by float32 rounding
+(tests/test_models.py).
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 from jax import lax
+from jax.custom_derivatives import SymbolicZero
+from jax.experimental.custom_partitioning import custom_partitioning
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from tikd_jax.cpu import kernels
 from tikd_jax.models import resnet_cifar, vit
@@ -184,9 +206,197 @@ class PatchEmbed(nnx.Conv):
     return _dense_fn(patches.reshape(b, gh, gw, p * p * c), kernel.reshape(p * p * c, -1), bias)
 
 
+# --------------------------------------------------------------- kernel calls split over images
+def _operand_shardings(rule: str, images, mesh) -> list[NamedSharding]:
+  """Per operand and result of `rule` (Shardy's einsum-like rule, 'b' the image axis): sharded
+  like the first operand's image axis on 'b', whole on every other factor."""
+  operands, results = rule.split('->')
+  return [
+      NamedSharding(mesh, P(*(images if f == 'b' else None
+                              for f in term.split())))
+      for term in operands.split(',') + results.split(',')
+  ]
+
+
+def split_over_images(local, rule: str):
+  """`local` (one kernel call) split over the image axis 'b' of `rule` only: each device runs the
+  kernel on its own images, with no collectives (XLA would otherwise gather a custom call's
+  operands onto every device). Operands without 'b' (weights) are whole on every device."""
+  kernel = custom_partitioning(local)
+  arguments = len(rule.split('->')[0].split(','))
+
+  def shardings(arg_shapes):
+    sharding = arg_shapes[0].sharding
+    images = sharding.spec[0] if len(sharding.spec) else None  # an axis name or a tuple of them
+    every = _operand_shardings(rule, images, sharding.mesh)
+    results = tuple(every[arguments:])
+    return tuple(every[:arguments]), results if len(results) > 1 else results[0]
+
+  def infer(mesh, arg_shapes, result_shape):
+    del mesh, result_shape
+    return shardings(arg_shapes)[1]
+
+  def partition(mesh, arg_shapes, result_shape):
+    del result_shape
+    operands, results = shardings(arg_shapes)
+    return mesh, local, results, operands
+
+  # every factor but the image axis stays whole, listed in order of first appearance (Shardy)
+  whole = tuple(dict.fromkeys(f for f in rule.replace(',', ' ').split() if f not in ('b', '->')))
+  kernel.def_partition(partition, infer_sharding_from_operands=infer, sharding_rule=rule,
+                       need_replication_factors=whole)
+  return kernel
+
+
+# ------------------------------------------------------------------------------------ attention
+def _attention_forward_call(q, k, v, scale: float):
+  b, n, h, _ = q.shape
+  return jax.ffi.ffi_call(
+      kernels.ATTENTION_TARGETS['forward'],
+      (jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct(
+          (b, h, n, n), q.dtype)))(q, k, v, scale=np.float32(scale))
+
+
+def _attention_backward_call(scale: float, *operands):
+  """(dq, dk, dv) from q, k, v, probs, d_out and, where something reads probs, d_probs."""
+  target = kernels.ATTENTION_TARGETS['backward' if len(operands) == 6 else 'backward_out_only']
+  shapes = tuple(jax.ShapeDtypeStruct(x.shape, x.dtype) for x in operands[:3])
+  return jax.ffi.ffi_call(target, shapes)(*operands, scale=np.float32(scale))
+
+
+@functools.cache
+def _attention_kernels(scale: float):
+  """(forward, backward, backward without d_probs) for one scale, each split over images."""
+  forward = split_over_images(lambda q, k, v: _attention_forward_call(q, k, v, scale),
+                              'b n h d, b m h d, b m h d -> b n h d, b h n m')
+  backward = split_over_images(
+      lambda q, k, v, probs, d_out, d_probs: _attention_backward_call(scale, q, k, v, probs, d_out,
+                                                                      d_probs),
+      'b n h d, b m h d, b m h d, b h n m, b n h d, b h n m -> b n h d, b m h d, b m h d')
+  backward_out_only = split_over_images(
+      lambda q, k, v, probs, d_out: _attention_backward_call(scale, q, k, v, probs, d_out),
+      'b n h d, b m h d, b m h d, b h n m, b n h d -> b n h d, b m h d, b m h d')
+  return forward, backward, backward_out_only
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _attention(q, k, v, scale):
+  return jax.lax.platform_dependent(q, k, v, cpu=_attention_kernels(scale)[0],
+                                    default=lambda q, k, v: vit.attention_core(q, k, v, scale))
+
+
+def _attention_fwd(q, k, v, scale):
+  q, k, v = q.value, k.value, v.value  # symbolic_zeros: primals come wrapped
+  out, probs = _attention(q, k, v, scale)
+  return (out, probs), (q, k, v, probs)
+
+
+def _attention_bwd(scale, residuals, cotangents):
+  q, k, v, probs = residuals
+  d_out, d_probs = cotangents
+  if isinstance(d_out, SymbolicZero):
+    d_out = jnp.zeros(q.shape, q.dtype)
+  operands = (q, k, v, probs, d_out)
+  # The probs are usually read by nothing (a block's attention map in `out`): then the backward
+  # skips adding a zero [B, H, N, N] cotangent.
+  cpu = _attention_kernels(scale)[2]
+  if not isinstance(d_probs, SymbolicZero):
+    operands, cpu = operands + (d_probs,), _attention_kernels(scale)[1]
+
+  def plain_vjp(q, k, v, probs, d_out, d_probs=None):
+    del probs
+    d_probs = jnp.zeros(
+        (q.shape[0], q.shape[2], q.shape[1], q.shape[1]), q.dtype) if d_probs is None else d_probs
+    return jax.vjp(lambda q, k, v: vit.attention_core(q, k, v, scale), q, k, v)[1]((d_out, d_probs))
+
+  return jax.lax.platform_dependent(*operands, cpu=cpu, default=plain_vjp)
+
+
+_attention.defvjp(_attention_fwd, _attention_bwd, symbolic_zeros=True)
+
+
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, scale: float):
+  """(softmax(q·kᵀ·scale)·v, the softmax) per head: q, k, v [B, N, H, d] token-major (the qkv
+  projection's layout, reshaped) → out [B, N, H, d], probs [B, H, N, N].
+
+  The kernel for float32 operands, `vit.attention_core` (the plain formula) otherwise. The kernel
+  must be loaded: `substitute` makes this a layer's core only where
+  `kernels.ATTENTION.available()`."""
+  if (any(x.dtype != jnp.float32 for x in (q, k, v)) or q.ndim != 4
+      or not q.shape == k.shape == v.shape):
+    return vit.attention_core(q, k, v, scale)
+  return _attention(q, k, v, float(scale))
+
+
+# ------------------------------------------------------------------------------------- winograd
+CHANNEL_MULTIPLE = 16  # the kernel's vector width in floats
+# G of F(2×2, 3×3): the kernel enters the products as u = G·g·Gᵀ (Lavin & Gray 2016, eq. 8)
+KERNEL_TRANSFORM = np.array([[1, 0, 0], [.5, .5, .5], [.5, -.5, .5], [0, 0, 1]], np.float32)
+DIMENSIONS = ('NHWC', 'HWIO', 'NHWC')
+
+
+def conv3x3_plain(x: jax.Array, kernel: jax.Array) -> jax.Array:
+  """The convolution the kernel computes: 3×3, stride 1, zero padding 1, NHWC × HWIO."""
+  return lax.conv_general_dilated(x, kernel, (1, 1), ((1, 1), (1, 1)), dimension_numbers=DIMENSIONS)
+
+
+def conv3x3_supported(x: jax.Array, kernel: jax.Array) -> bool:
+  """Whether the kernel can take `conv3x3_plain(x, kernel)`."""
+  return (x.ndim == 4 and kernel.shape[:2] == (3, 3) and x.dtype == kernel.dtype == jnp.float32
+          and x.shape[1] % 2 == 0 and x.shape[2] % 2 == 0 and x.shape[3] == kernel.shape[2]
+          and x.shape[3] % CHANNEL_MULTIPLE == 0 and kernel.shape[3] % CHANNEL_MULTIPLE == 0)
+
+
+def transformed_kernel(kernel: jax.Array) -> jax.Array:
+  """u[4·a + b, c, o] = (G·g·Gᵀ)[a, b] of each 3×3 kernel slice g = kernel[:, :, c, o]."""
+  g = jnp.asarray(KERNEL_TRANSFORM)
+  u = jnp.einsum('ai,ijco,bj->abco', g, kernel, g, precision=lax.Precision.HIGHEST)
+  return u.reshape(16, *kernel.shape[2:])
+
+
+def _winograd_call(x, u):
+  return jax.ffi.ffi_call(kernels.WINOGRAD_TARGET,
+                          jax.ShapeDtypeStruct(x.shape[:3] + u.shape[2:], x.dtype))(x, u)
+
+
+@functools.cache
+def _winograd_kernel():
+  return split_over_images(_winograd_call, 'b h w c, k c o -> b h w o')
+
+
+@jax.custom_vjp
+def _conv(x, kernel):
+  return lax.platform_dependent(
+      x, kernel, cpu=lambda x, kernel: _winograd_kernel()(x, transformed_kernel(kernel)),
+      default=conv3x3_plain)
+
+
+def _conv_fwd(x, kernel):
+  return _conv(x, kernel), (x, kernel)
+
+
+def _conv_bwd(residuals, dy):
+  x, kernel = residuals
+  # ∂x is itself a 3×3, stride-1, pad-1 convolution: of dy, with the kernel turned by 180° and its
+  # input and output channels swapped, so the kernel takes it too. ∂kernel is XLA's.
+  dx = _conv(dy, jnp.flip(kernel, (0, 1)).swapaxes(2, 3))
+  return dx, jax.vjp(lambda k: conv3x3_plain(x, k), kernel)[1](dy)[0]
+
+
+_conv.defvjp(_conv_fwd, _conv_bwd)
+
+
+def conv3x3(x: jax.Array, kernel: jax.Array) -> jax.Array:
+  """`conv3x3_plain(x, kernel)`: the kernel where it takes these operands, else XLA's. The kernel
+  must be loaded: `substitute` swaps `Conv3x3` in only where `kernels.WINOGRAD.available()`."""
+  if not conv3x3_supported(x, kernel):
+    return conv3x3_plain(x, kernel)
+  return _conv(x, kernel)
+
+
 class Conv3x3(nnx.Conv):
   """A 3×3, stride-1, zero-padding-1 `nnx.Conv` (NHWC) through the Winograd kernel where it takes
-  the operands (kernels.conv3x3 falls back to XLA's convolution itself)."""
+  the operands (`conv3x3` falls back to XLA's convolution itself)."""
 
   def __call__(self, x: jax.Array) -> jax.Array:
     if (self.kernel_size != (3, 3) or self.strides not in (1, (1, 1)) or self.mask is not None
@@ -199,7 +409,7 @@ class Conv3x3(nnx.Conv):
     x, kernel, bias = self.promote_dtype((x, kernel, bias), dtype=self.dtype)
     if x.ndim != 4:  # nnx.Conv also takes unbatched inputs
       return nnx.Conv.__call__(self, x)
-    y = kernels.conv3x3(x, kernel)
+    y = conv3x3(x, kernel)
     return y if bias is None else y + bias
 
 
@@ -217,7 +427,12 @@ def _swap(cpu_class: type, *layers) -> None:
 
 
 def substitute(model: nnx.Module) -> nnx.Module:
-  """`model` (a DistilledViT or a CifarResNet, built) with its CPU layers swapped in, in place."""
+  """`model` (a DistilledViT or a CifarResNet, built) with its CPU layers swapped in, in place.
+
+  The attention core and the 3×3 convolutions take their C++ kernels only where the kernel is
+  available here: `Kernel.available()` builds or finds and loads it at the first model that needs
+  it and keeps the answer for the process; where it is unavailable, one warning says what to
+  install and those layers stay plain."""
   for _, node in list(nnx.iter_graph(model)):
     if isinstance(node, vit.DistilledViT):
       _swap(PatchEmbed, node.patch_embed)
@@ -229,12 +444,15 @@ def substitute(model: nnx.Module) -> nnx.Module:
       node.bernoulli = bernoulli
     elif isinstance(node, vit.Attention):
       _swap(Linear, node.qkv, node.proj, node.text_proj)
-      node.core = kernels.attention
+      if kernels.ATTENTION.available():
+        node.core = attention
       node.bernoulli = bernoulli
     elif isinstance(node, vit.Mlp):
       _swap(Linear, node.fc1, node.fc2)
     elif isinstance(node, resnet_cifar.CifarResNet):
-      _swap(Conv3x3, node.conv1)
+      if kernels.WINOGRAD.available():
+        _swap(Conv3x3, node.conv1)
     elif isinstance(node, resnet_cifar.BasicBlock):
-      _swap(Conv3x3, node.conv1, node.conv2)
+      if kernels.WINOGRAD.available():
+        _swap(Conv3x3, node.conv1, node.conv2)
   return model
