@@ -21,12 +21,9 @@ def get_config(arg: str = 'resnet32x4'):
   arch = ARGS.parse(arg)['arch']
   c = common.base()
   c.name = f'teacher_{arch}_tinyimagenet'
-  c.data.name = 'image_folder'
-  c.data.image_size = 64
-  c.data.crop_padding = 8
-  c.data.train_split = 'train'
-  c.data.eval_split = 'val'
-  c.data.num_workers = -1
+  c.data.update(
+      dict(name='image_folder', image_size=64, crop_padding=8, train_split='train',
+           eval_split='val', num_workers=-1))
   c.model = common.ConfigDict(
       dict(name=arch, mean=common.TINY_IMAGENET_MEAN, std=common.TINY_IMAGENET_STD))
   c.distill.method = 'none'

@@ -94,6 +94,14 @@ def reference_apply_op(image, name, magnitude, *, negate=False, fill=randaugment
   return _reference_from_pil(img, channels)
 
 
+def _reference_magnitude(rng, magnitude, magnitude_std, magnitude_max):
+  """timm's `_randomly_negate`-free magnitude draw: N(m, std) (U(0, m) for inf), clipped."""
+  if magnitude_std == float('inf'):
+    return max(0.0, min(float(rng.uniform(0.0, magnitude)), magnitude_max))
+  m = rng.normal(magnitude, magnitude_std) if magnitude_std > 0 else magnitude
+  return max(0.0, min(float(m), magnitude_max))
+
+
 def reference_rand_augment(image, rng, *, num_ops=2, magnitude=9, magnitude_std=0.5,
                            increasing=True, prob=0.5, magnitude_max=randaugment.LEVEL_DENOM,
                            fill=randaugment.DEIT_FILL, interpolation='bicubic', ops=None):
@@ -104,16 +112,10 @@ def reference_rand_augment(image, rng, *, num_ops=2, magnitude=9, magnitude_std=
   for index in rng.integers(0, len(ops), size=num_ops):
     if prob < 1.0 and rng.random() > prob:
       continue
-    m = magnitude
-    if magnitude_std == float('inf'):
-      m = rng.uniform(0.0, magnitude)
-    elif magnitude_std > 0:
-      m = rng.normal(magnitude, magnitude_std)
-    m = max(0.0, min(float(m), magnitude_max))
-    negate = bool(rng.random() > 0.5)
+    m = _reference_magnitude(rng, magnitude, magnitude_std, magnitude_max)
     name = ops[int(index)]
-    img = _reference_pil_op(img, name, randaugment.op_argument(name, m, negate), pil_fill,
-                            _reference_resample(interpolation, rng))
+    arg = randaugment.op_argument(name, m, negate=bool(rng.random() > 0.5))
+    img = _reference_pil_op(img, name, arg, pil_fill, _reference_resample(interpolation, rng))
   return _reference_from_pil(img, channels)
 
 

@@ -293,18 +293,19 @@ def test_read_metrics_last_row_per_step_wins(tmp_path):
 
 
 # --------------------------------------------------------------------------------- commands
+def _command(name, workdir, out, num_images, *flags):
+  return main(
+      [name, '--workdir', workdir, '--out',
+       str(out), '--num_images',
+       str(num_images), *flags])
+
+
 def test_attention_vit(workdirs, tmp_path):
-  path = main(
-      ['attention', '--workdir', workdirs['vit'], '--out',
-       str(tmp_path), '--num_images', '8'])
+  path = _command('attention', workdirs['vit'], tmp_path, 8)
   assert path == str(tmp_path / 'attention.png')
   w, h = _check_png(path, min_side=300)
   assert w > h  # 4 columns × 2 rows
-  last = main([
-      'attention', '--workdir', workdirs['vit'], '--out',
-      str(tmp_path / 'last'), '--num_images', '3', '--attention', 'last'
-  ])
-  _check_png(last)
+  _check_png(_command('attention', workdirs['vit'], tmp_path / 'last', 3, '--attention', 'last'))
 
 
 def test_attention_resnet_grad_cam(workdirs, tmp_path, capsys):
@@ -318,19 +319,12 @@ def test_attention_resnet_grad_cam(workdirs, tmp_path, capsys):
 
 def test_gradcam_command(workdirs, tmp_path, capsys):
   for which in ('vit', 'resnet'):
-    path = main([
-        'gradcam', '--workdir', workdirs[which], '--out',
-        str(tmp_path / which), '--num_images', '8'
-    ])
+    path = _command('gradcam', workdirs[which], tmp_path / which, 8)
     assert path == str(tmp_path / which / 'gradcam.png')
     assert capsys.readouterr().out.strip() == path
     w, h = _check_png(path, min_side=300)
     assert w > h  # 4 columns × 2 rows
-  first = main([
-      'gradcam', '--workdir', workdirs['vit'], '--out',
-      str(tmp_path / 'first'), '--num_images', '3', '--block', '0'
-  ])
-  _check_png(first)
+  _check_png(_command('gradcam', workdirs['vit'], tmp_path / 'first', 3, '--block', '0'))
   with pytest.raises(SystemExit, match='--block 5 is out of range'):
     main(['gradcam', '--workdir', workdirs['vit'], '--out', str(tmp_path), '--block', '5'])
 

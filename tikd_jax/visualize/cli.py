@@ -94,17 +94,23 @@ def _unsupported(ckpt, model, what: str):
                       f'supported: DistilledViT and CifarResNet')
 
 
-def attention(args) -> str:
+def _heatmap_inputs(args):
+  """What a heat-map command reads: (checkpoint, config, (images, labels, source, split), the
+  built model, the images as floats in [0, 1])."""
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from tikd_jax.visualize import workdir as wd  # pylint: disable=g-import-not-at-top
+  ckpt = wd.load_checkpoint(args.workdir)
+  config = wd.read_config(args.workdir)
+  data = _eval_data(args, config, args.num_images)
+  return ckpt, config, data, ckpt.build(), jnp.asarray(data[0], jnp.float32) / 255.0
+
+
+def attention(args) -> str:
   from tikd_jax.models.resnet_cifar import CifarResNet  # pylint: disable=g-import-not-at-top
   from tikd_jax.models.vit import DistilledViT  # pylint: disable=g-import-not-at-top
   from tikd_jax.visualize import maps  # pylint: disable=g-import-not-at-top
   from tikd_jax.visualize import workdir as wd  # pylint: disable=g-import-not-at-top
-  ckpt = wd.load_checkpoint(args.workdir)
-  config = wd.read_config(args.workdir)
-  images, labels, source, split = _eval_data(args, config, args.num_images)
-  model = ckpt.build()
-  x = jnp.asarray(images, jnp.float32) / 255.0
+  ckpt, config, data, model, x = _heatmap_inputs(args)
   if isinstance(model, DistilledViT):
     logits, out = _forward_fn(ckpt, wd.uses_text_fusion(ckpt, config))(x)
     attns = [out[f'attn{i}'] for i in range(len(model.blocks))]
@@ -118,21 +124,15 @@ def attention(args) -> str:
     logits, heat, method = _resnet_grad_cam(ckpt, x)
   else:
     raise _unsupported(ckpt, model, 'attention')
-  return _heatmap_figure(args, ckpt, images, labels, source, split, heat, logits, method,
-                         'attention.png')
+  return _heatmap_figure(args, ckpt, *data, heat, logits, method, 'attention.png')
 
 
 def gradcam(args) -> str:
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from tikd_jax.models.resnet_cifar import CifarResNet  # pylint: disable=g-import-not-at-top
   from tikd_jax.models.vit import DistilledViT  # pylint: disable=g-import-not-at-top
   from tikd_jax.visualize import maps  # pylint: disable=g-import-not-at-top
   from tikd_jax.visualize import workdir as wd  # pylint: disable=g-import-not-at-top
-  ckpt = wd.load_checkpoint(args.workdir)
-  config = wd.read_config(args.workdir)
-  images, labels, source, split = _eval_data(args, config, args.num_images)
-  model = ckpt.build()
-  x = jnp.asarray(images, jnp.float32) / 255.0
+  ckpt, config, data, model, x = _heatmap_inputs(args)
   if isinstance(model, DistilledViT):
     depth = len(model.blocks)
     if not -depth <= args.block < depth:
@@ -149,8 +149,7 @@ def gradcam(args) -> str:
     logits, heat, method = _resnet_grad_cam(ckpt, x)
   else:
     raise _unsupported(ckpt, model, 'Grad-CAM')
-  return _heatmap_figure(args, ckpt, images, labels, source, split, heat, logits, method,
-                         'gradcam.png')
+  return _heatmap_figure(args, ckpt, *data, heat, logits, method, 'gradcam.png')
 
 
 def _features(ckpt, config, images: np.ndarray, batch_size: int) -> np.ndarray:
