@@ -147,7 +147,7 @@ def with_peak(row: dict, peak_gflops: float, peak_source: str) -> dict:
   if 'achieved_gflops' not in row:
     return row
   return dict(row, peak_gflops=peak_gflops, peak_source=peak_source,
-              fraction_of_peak=round(row["achieved_gflops"] / peak_gflops, 6))
+              fraction_of_peak=round(row['achieved_gflops'] / peak_gflops, 6))
 
 
 def _batch(batch: int, seed: int = DRAW_SEED):
