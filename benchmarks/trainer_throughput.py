@@ -233,18 +233,18 @@ def measure(args) -> dict:
   end_to_end_rate = images / statistics.median(e2e)
   step_rate = images / statistics.median(step[:n])
   return {
-      'benchmark': 'trainer_throughput', 'config': args.config.replace('SIZE', args.size),
-      'size': args.size, 'batch': args.batch, 'steps_per_round': args.steps, 'rounds': n,
-      'workers': run.data.num_workers, 'train_examples': args.train_examples, 'steps_per_epoch':
-          run.data.steps_per_epoch, 'log_every_steps': run.spec.cadence.log_every_steps,
-      'dtype': run.spec.dtype, 'device': jax.devices()[0].device_kind,
-      'end_to_end_images_per_s': round(end_to_end_rate,
-                                       1), 'step_images_per_s': round(step_rate, 1),
-      'end_to_end_over_step': round(end_to_end_rate / step_rate,
-                                    4), 'end_to_end_round_s': [round(t, 4) for t in e2e],
-      'step_round_s': [round(t, 4) for t in step[:n]
-                      ], 'overhead_s': round(statistics.median(a - b for a, b in zip(e2e, step)),
-                                             4), 'breakdown_s': breakdown,
+      'benchmark': 'trainer_throughput', 'config': args.config.replace('SIZE', preset_size),
+      'size': args.size, 'variant': config.model.variant, 'batch': args.batch,
+      'steps_per_round': args.steps, 'rounds': n, 'workers': run.data.num_workers,
+      'train_examples': args.train_examples, 'steps_per_epoch': run.data.steps_per_epoch,
+      'log_every_steps': run.spec.cadence.log_every_steps, 'dtype': run.spec.dtype,
+      'device': jax.devices()[0].device_kind, 'end_to_end_images_per_s': round(end_to_end_rate, 1),
+      'step_images_per_s': round(step_rate,
+                                 1), 'end_to_end_over_step': round(end_to_end_rate / step_rate, 4),
+      'end_to_end_round_s': [round(t, 4) for t in e2e], 'step_round_s': [
+          round(t, 4) for t in step[:n]
+      ], 'overhead_s': round(statistics.median(a - b for a, b in zip(e2e, step)),
+                             4), 'breakdown_s': breakdown,
       'evaluations': clock.counts['evaluation'], 'checkpoint_calls': clock.counts['checkpointing'],
       'excluded': 'the first step (compile + run) and the stop checkpoint after the last round',
       'load_1min': report.load_summary(rounds.loads), 'jax': jax.__version__,
