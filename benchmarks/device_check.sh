@@ -86,12 +86,17 @@ else
   part 200 "$PY" benchmarks/train_step.py --device gpu --sizes small,medium,large --batch 1024 \
     --runs 5 --large_runs 5 --warmup 2 --dtypes float32,bfloat16 \
     --frameworks jax,jax_cudnn,torch,torch_compile --peak measure --deadline_s 120 --out "$rows"
-  # 2. The sweep: one process per point (XLA_FLAGS are read once per process).
+  # 2. The sweep: one process per point (XLA_FLAGS are read once per process), against part 1's
+  # datasheet peak (measured again only if part 1 wrote none).
+  peak=$("$PY" -c 'import json, sys
+rows = [json.loads(line) for line in open(sys.argv[1]) if line.strip()]
+print(next((r["datasheet_bf16_gflops"] for r in rows if r.get("datasheet_bf16_gflops")), "measure"))' \
+    "$rows" 2>/dev/null || echo measure)
   sweep() {
     local tag=$1 batch=$2 flags=$3
     XLA_FLAGS="${XLA_FLAGS:-} $flags" part 45 "$PY" benchmarks/train_step.py --device gpu \
       --sizes small --batch "$batch" --runs 5 --warmup 2 --dtypes bfloat16 --frameworks jax \
-      --peak measure --tag "$tag" --out "$rows"
+      --peak "$peak" --tag "$tag" --out "$rows"
   }
   sweep "command buffers off" 1024 "--xla_gpu_enable_command_buffer="
   sweep "latency-hiding scheduler" 1024 "--xla_gpu_enable_latency_hiding_scheduler=true"
