@@ -12,6 +12,9 @@ command resumes every run from its newest checkpoint.
 Exit status 75 (EX_TEMPFAIL): stopped by SIGTERM/SIGINT after a complete checkpoint; rerun to
 resume (README "Reliability"). Exit status 2: an error in the data or the config that names it
 (tikd_jax/data/errors.py), printed as `error: <what and what to do>` without a traceback.
+Exit status 71 (EX_OSERR): an input worker process died (the OOM killer's SIGKILL, a SIGBUS from a
+full /dev/shm), printed as one `error:` line with the signal, the likely cause and the checkpoint
+a rerun resumes from.
 Multi-host: `jax.distributed.initialize()` is called when --coordinator is given or when JAX
 detects a cluster (SLURM, TPU pod, Open MPI); see README "Scaling out".
 """
@@ -52,6 +55,48 @@ _ALLOCATOR = flags.DEFINE_enum(
     'step; system = the C library\'s defaults; auto = keep_mapped on XLA:CPU with glibc when '
     'config.xla_options is auto or small_heaps, else system.')
 flags.mark_flags_as_required(['config', 'workdir'])
+
+# sysexits.h EX_OSERR: the operating system stopped a process of ours (an input worker).
+EXIT_WORKER_DIED = 71
+# What grain 0.2.18 raises in the trainer when a worker process of `mp_prefetch` is gone
+# (grain/_src/python/dataset/transformations/process_prefetch.py, `__next__`).
+_GRAIN_WORKER_DIED = re.compile(
+    r'Worker process was terminated unexpectedly with exit code (-?\d+)')
+# Signal → its usual cause in a training run, and what to do.
+_LIKELY_CAUSE = {
+    'SIGKILL': 'usually the OOM killer (see `dmesg`); lower --config.data.num_workers or '
+               '--config.batch_size',
+    'SIGBUS': 'usually a full /dev/shm (the workers pass batches through it); lower '
+              '--config.data.num_workers or enlarge /dev/shm',
+    'SIGSEGV': 'a crash in native code of the input pipeline (decoding, augmentation)',
+}
+
+
+class InputWorkerDied(Exception):
+  """A grain worker process of the run in `workdir` died; the message is the one line to print."""
+
+  def __init__(self, exit_code: int, workdir: str):
+    import signal  # pylint: disable=g-import-not-at-top
+    if exit_code < 0:
+      name = signal.Signals(-exit_code).name
+      how = f'was killed by {name}: {_LIKELY_CAUSE.get(name, "sent by another process")}'
+    else:
+      how = (f'exited with status {exit_code}: its error is in the log above; '
+             f'--config.data.num_workers=0 runs the pipeline in this process')
+    directory = os.path.join(workdir, 'checkpoints')
+    # Complete checkpoints only: orbax writes into `<step>.orbax-checkpoint-tmp-…` and renames.
+    steps = sorted(
+        int(d) for d in (os.listdir(directory) if os.path.isdir(directory) else ()) if d.isdigit())
+    where = (f'the last checkpoint is step {steps[-1]} in {directory}; rerunning the same command '
+             f'resumes from it' if steps else f'no checkpoint was written in {directory} yet; '
+             f'rerunning the same command starts over')
+    super().__init__(f'an input worker process {how}. Training stopped; {where}')
+
+
+def _dead_worker_exit_code(e: BaseException) -> int | None:
+  """The exit code of the grain worker whose death `e` reports (negative: a signal), else None."""
+  match = _GRAIN_WORKER_DIED.match(str(e)) if isinstance(e, RuntimeError) else None
+  return int(match.group(1)) if match else None
 
 
 def _maybe_initialize_distributed():
@@ -106,7 +151,13 @@ def run(config, workdir: str, mode: str, ema: str = 'auto') -> dict:
                               f'the same --config and --workdir')
     result = trainer.evaluate_checkpoint(config, workdir, ema=ema)
   else:
-    result = trainer.train_and_evaluate(config, workdir)
+    try:
+      result = trainer.train_and_evaluate(config, workdir)
+    except RuntimeError as e:
+      exit_code = _dead_worker_exit_code(e)
+      if exit_code is None:
+        raise
+      raise InputWorkerDied(exit_code, workdir) from None
   print(trainer.format_evals(result), flush=True)
   return result
 
@@ -195,6 +246,9 @@ def main(argv):
   except DataError as e:  # the user fixes the data or the config; the message says how
     print(f'error: {e}', file=sys.stderr, flush=True)
     return EXIT_USER_ERROR
+  except InputWorkerDied as e:  # the machine, not the code: one line, and the rerun resumes
+    print(f'error: {e} (exit status {EXIT_WORKER_DIED})', file=sys.stderr, flush=True)
+    return EXIT_WORKER_DIED
   import jax  # pylint: disable=g-import-not-at-top
   if jax.process_index() == 0:
     with open(os.path.join(_WORKDIR.value, 'results.json'), 'w') as f:

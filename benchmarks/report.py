@@ -110,9 +110,36 @@ def table(rows: list[dict]) -> str:
   return '\n'.join(lines)
 
 
+def sweep(rows: list[dict], keep_above: float = 1.02) -> str:
+  """A markdown table of the device check's sweep: every tagged JAX train_step row against the
+  untagged JAX row of the same size and dtype (the defaults), in images/s; a point is kept when
+  it is faster by more than `keep_above`×. jax_cudnn rows (the cuDNN attention core) are points
+  of their own, tagged by framework."""
+  timed = [r for r in rows if r.get('name') == 'train_step' and 'images_per_s' in r]
+  base = {(r['size'], r.get('dtype', 'float32')): r
+          for r in timed
+          if r['framework'] == 'jax' and not r.get('tag') and r['batch'] == min(
+              x['batch'] for x in timed if x['size'] == r['size'])}
+  lines = [
+      '| point | size | dtype | batch | images/s | × defaults | keep |',
+      '|---|---|---|---|---|---|---|'
+  ]
+  for r in timed:
+    point = r.get('tag') or ('cudnn attention' if r['framework'] == 'jax_cudnn' else None)
+    ref = base.get((r['size'], r.get('dtype', 'float32')))
+    if not point or ref is None or not r['framework'].startswith('jax'):
+      continue
+    ratio = r['images_per_s'] / ref['images_per_s']
+    lines.append(
+        f'| {point} | {r["size"]} | {r.get("dtype", "float32")} | {r["batch"]} | '
+        f'{r["images_per_s"]:.0f} | {ratio:.3f} | {"yes" if ratio > keep_above else "no"} |')
+  return '\n'.join(lines)
+
+
 if __name__ == '__main__':
   import sys  # pylint: disable=g-import-not-at-top
-  if len(sys.argv) != 3 or sys.argv[1] != 'table':
-    sys.exit('usage: python benchmarks/report.py table ROWS.jsonl')
+  if len(sys.argv) != 3 or sys.argv[1] not in ('table', 'sweep'):
+    sys.exit('usage: python benchmarks/report.py table|sweep ROWS.jsonl')
   with open(sys.argv[2]) as f:
-    print(table([json.loads(line) for line in f if line.strip()]))
+    loaded = [json.loads(line) for line in f if line.strip()]
+  print((table if sys.argv[1] == 'table' else sweep)(loaded))

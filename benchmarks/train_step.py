@@ -147,7 +147,7 @@ def with_peak(row: dict, peak_gflops: float, peak_source: str) -> dict:
   if 'achieved_gflops' not in row:
     return row
   return dict(row, peak_gflops=peak_gflops, peak_source=peak_source,
-              fraction_of_peak=round(row['achieved_gflops'] / peak_gflops, 4))
+              fraction_of_peak=round(row['achieved_gflops'] / peak_gflops, 6))
 
 
 def _batch(batch: int, seed: int = DRAW_SEED):
@@ -159,9 +159,12 @@ def _batch(batch: int, seed: int = DRAW_SEED):
 
 
 # --------------------------------------------------------------------------- JAX
-def build_jax(size: str, batch: int, xla_options: str, dtype: str = 'float32'):
+def build_jax(size: str, batch: int, xla_options: str, dtype: str = 'float32',
+              attention: str = 'ours'):
   """The trainer's own run for `size` (setup → create_train_state → train_step_for) on
-  synthetic data with a random teacher: (jitted step, state, batch, teacher_vars, graphs)."""
+  synthetic data with a random teacher: (jitted step, state, batch, teacher_vars, graphs).
+  `attention='cudnn'`: the student's attention core is jax.nn.dot_product_attention
+  (benchmarks/cudnn_attention.py)."""
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   from flax import nnx  # pylint: disable=g-import-not-at-top
@@ -199,6 +202,9 @@ def build_jax(size: str, batch: int, xla_options: str, dtype: str = 'float32'):
   teacher_vars = jax.device_put(teacher_vars, sharding_lib.param_shardings(teacher_vars, mesh))
   run = run_lib.setup(config, '', sources=(train, train),
                       teacher=run_lib.Teacher(nnx.graphdef(teacher), teacher_vars))
+  if attention == 'cudnn':
+    from benchmarks import cudnn_attention  # pylint: disable=g-import-not-at-top
+    run = cudnn_attention.with_cudnn_attention(run)
   batch_arrays = {
       'image': jax.device_put(images, run.data_sharding),
       'label': jax.device_put(labels, run.data_sharding)
@@ -249,8 +255,8 @@ class Contestant:
                 self.loads, dict(self.extra, times_by_round_s=[round(t, 4) for t in self.times]))
 
 
-def jax_contestants(size, batch, parts, xla_options='default', dtype='float32',
-                    allocator='auto') -> list[Contestant]:
+def jax_contestants(size, batch, parts, xla_options='default', dtype='float32', allocator='auto',
+                    attention='ours') -> list[Contestant]:
   """The trainer's step (and with `parts` its parts) for `size`; `allocator`: this worker
   process's host allocator policy, as main.py --allocator sets it for a run."""
   import jax  # pylint: disable=g-import-not-at-top
@@ -259,7 +265,7 @@ def jax_contestants(size, batch, parts, xla_options='default', dtype='float32',
 
   from tikd_jax.cpu import compiler  # pylint: disable=g-import-not-at-top
   compiler.set_allocator(allocator, xla_options)
-  b = build_jax(size, batch, xla_options, dtype)
+  b = build_jax(size, batch, xla_options, dtype, attention)
   flops = step_flops(size, batch)
   options = _compiler_options(xla_options)
   t0 = time.perf_counter()
@@ -453,8 +459,10 @@ def _framework_contestants(framework, size, batch, parts, presets, dtypes, devic
                            baseline_root) -> tuple[list[Contestant], list[dict]]:
   """(contestants, skipped rows) of one framework for every preset and dtype."""
   contestants, skipped = [], []
-  if framework in ('jax', 'jax_baseline') or jax_host_devices(framework):
+  if framework in ('jax', 'jax_baseline', 'jax_cudnn') or jax_host_devices(framework):
     make = jax_contestants
+    if framework == 'jax_cudnn':  # our step with jax.nn.dot_product_attention as the core
+      make = functools.partial(jax_contestants, attention='cudnn')
     if framework == 'jax_baseline':  # the other checkout's own benchmark of its own step
       sys.path.insert(0, os.path.abspath(baseline_root))
       make = _baseline_module(baseline_root).jax_contestants
@@ -619,6 +627,8 @@ def main() -> None:
       '"measure" (benchmarks/peak.py in this run: jax float32 dot on CPU, datasheet bf16 on GPU)')
   parser.add_argument('--deadline_s', type=float, default=None,
                       help='start no new size after this many seconds (a `skipped` row instead)')
+  parser.add_argument('--tag', default=None,
+                      help='a label for every row (the sweep point of benchmarks/device_check.sh)')
   parser.add_argument('--out', default=None, help='also append the JSON lines to this file')
   args = parser.parse_args()
   start = time.perf_counter()
@@ -633,10 +643,10 @@ def main() -> None:
   if args.baseline_root:
     frameworks = ['jax_baseline'] + frameworks
   unknown = {f for f in frameworks if not torch_threads(f) and not jax_host_devices(f)
-            } - {'jax', 'jax_baseline', 'torch', 'torch_compile'}
+            } - {'jax', 'jax_baseline', 'jax_cudnn', 'torch', 'torch_compile'}
   if unknown:
-    parser.error(f'unknown frameworks {sorted(unknown)}; use jax, jax_<n>d, torch, torch_<n>t, '
-                 'torch_compile')
+    parser.error(f'unknown frameworks {sorted(unknown)}; use jax, jax_<n>d, jax_cudnn, torch, '
+                 'torch_<n>t, torch_compile')
   dtypes = tuple(d for d in args.dtypes.split(',') if d)
   if set(dtypes) - {'float32', 'bfloat16'}:
     parser.error(f'--dtypes {args.dtypes!r}: use float32 and/or bfloat16')
@@ -650,7 +660,8 @@ def main() -> None:
       peak, source = measured_peak(args.device, write)
     else:
       peak, source = float(args.peak), 'given'
-    emit = lambda row: write(with_peak(row, peak, source))  # noqa: E731
+    tag = {'tag': args.tag} if args.tag else {}
+    emit = lambda row: write(with_peak(dict(row, **tag), peak, source))  # noqa: E731
     for size in sizes:
       if args.deadline_s is not None and time.perf_counter() - start > args.deadline_s:
         emit({

@@ -73,6 +73,65 @@ def test_rows_report_what_their_definitions_give(cpu_check):
   assert 'jax' in (out / 'environment.txt').read_text()
 
 
+def test_cpu_mode_profiles_one_step(cpu_check):
+  out, _ = cpu_check
+  (row,) = [json.loads(line) for line in (out / 'profile.jsonl').read_text().splitlines()]
+  assert row['size'] == 'micro' and os.path.exists(row['trace'])
+  assert 0 < len(row['top_ops']) <= 15 and 0 < len(row['top_kinds']) <= 15
+  assert 0 < sum(o['share'] for o in row['top_ops']) <= 1.0001
+  assert [o['ms'] for o in row['top_ops']] == sorted((o['ms'] for o in row['top_ops']),
+                                                     reverse=True)
+  assert '| op | ms | calls | share |' in (out / 'profile.md').read_text()
+
+
+def test_cpu_mode_times_the_trainer_end_to_end(cpu_check):
+  out, _ = cpu_check
+  (row,) = [
+      json.loads(line) for line in (out / 'trainer_throughput.jsonl').read_text().splitlines()
+  ]
+  assert row['size'] == 'micro' and row['batch'] == 8 and row['rounds'] == 1
+  assert row['end_to_end_images_per_s'] > 0 and row['step_images_per_s'] > 0
+  assert set(row['breakdown_s']) == {
+      'input_wait', 'host_to_device', 'metrics_sync', 'logging', 'evaluation', 'checkpointing'
+  }
+  assert row['breakdown_s']['input_wait'] > 0
+
+
+def test_profile_summary_groups_complete_events_by_name():
+  from benchmarks import profile_summary  # pylint: disable=g-import-not-at-top
+  trace = {
+      'traceEvents': [
+          {'ph': 'M', 'name': 'process_name', 'pid': 1, 'args': {'name': '/host:CPU'}},
+          {'ph': 'M', 'name': 'process_name', 'pid': 2, 'args': {'name': '/device:GPU:0'}},
+          {'ph': 'X', 'pid': 2, 'name': 'dot.1', 'dur': 300.0},
+          {'ph': 'X', 'pid': 2, 'name': 'dot.2', 'dur': 100.0},
+          {'ph': 'X', 'pid': 2, 'name': 'fusion.3', 'dur': 100.0},
+          {'ph': 'X', 'pid': 1, 'name': 'host_op', 'dur': 5000.0},  # not the device's
+          {'ph': 'i', 'pid': 2, 'name': 'marker'},
+      ]
+  }
+  assert profile_summary.summarise(trace, top=2) == [
+      {'op': 'dot.1', 'ms': 0.3, 'count': 1, 'share': 0.6},
+      {'op': 'dot.2', 'ms': 0.1, 'count': 1, 'share': 0.2},
+  ]
+  assert profile_summary.summarise(
+      trace, by_kind=True)[0] == {'op': 'dot', 'ms': 0.4, 'count': 2, 'share': 0.8}
+
+
+def test_sweep_table_keeps_only_points_that_help():
+  base = {'name': 'train_step', 'size': 'small', 'dtype': 'bfloat16', 'batch': 1024}
+  rows = [
+      dict(base, framework='jax', images_per_s=1000.0),
+      dict(base, framework='jax_cudnn', images_per_s=1100.0),
+      dict(base, framework='jax', tag='command buffers off', images_per_s=990.0),
+      dict(base, framework='jax', tag='batch 2048', batch=2048, images_per_s=1050.0),
+      dict(base, framework='torch_compile', images_per_s=2000.0),
+  ]
+  lines = report.sweep(rows).splitlines()[2:]
+  assert [(line.split(' | ')[0].strip('| '), line.split(' | ')[-1].strip(' |')) for line in lines
+         ] == [('cudnn attention', 'yes'), ('command buffers off', 'no'), ('batch 2048', 'yes')]
+
+
 def test_resnet32x4_flops_match_the_published_count():
   # CRD / TIKD tables: ResNet32x4 on 32×32 CIFAR is 1.08 G multiply-adds per image.
   assert train_step.resnet_forward_flops('resnet32x4') / 2 / 1e9 == pytest.approx(1.08, abs=0.01)
