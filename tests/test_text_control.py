@@ -77,3 +77,25 @@ def test_unknown_controls_fail_and_the_demo_pairs_the_controls_by_seed():
     rows = [runs.runs[n] for n in runs.run_order if n.endswith(f'_seed{s}') and 'student' in n]
     assert {r.seed for r in rows} == {s} and len({r.teacher.checkpoint for r in rows}) == 1
     assert len({json.dumps(r.tikd.to_dict(), sort_keys=True) for r in rows}) == 1
+
+
+def test_the_paired_summary_reads_each_seeds_rows(tmp_path, capsys):
+  """benchmarks/text_controls.py: paired differences and t over the seeds that finished."""
+  from benchmarks import text_controls
+  top1 = {'': [90.0, 92.0, 95.0], '_shuffled': [89.0, 92.5, 93.0], '_constant': [90.0, 92.0, 95.0]}
+  for suffix, values in top1.items():
+    for seed, value in enumerate(values):
+      run = tmp_path / f'student_tikd_self_distill{suffix}_seed{seed}'
+      run.mkdir()
+      (run / 'final_eval.json').write_text(json.dumps({'top1': value}))
+  (tmp_path / 'student_tikd_self_distill_seed3').mkdir()  # unfinished: left out
+  summary = text_controls.main([str(tmp_path), '--out', str(tmp_path / 'rows.jsonl')])
+  assert summary['seeds'] == [0, 1, 2]
+  d = np.array([1.0, -0.5, 2.0])  # captions − shuffled
+  shuffled = summary['comparisons']['shuffled']
+  assert shuffled['mean'] == pytest.approx(d.mean())
+  assert shuffled['t'] == pytest.approx(d.mean() / (d.std(ddof=1) / np.sqrt(3)))
+  assert summary['comparisons']['constant']['mean'] == 0.0
+  assert '| captions − shuffled | +0.83 ± 1.26 |' in capsys.readouterr().out
+  rows = [json.loads(line) for line in (tmp_path / 'rows.jsonl').read_text().splitlines()]
+  assert [r['control'] for r in rows] == ['shuffled', 'constant'] and rows[0]['df'] == 2
