@@ -13,7 +13,7 @@ import torch
 from flax import nnx
 
 from configs import deit_teacher_cifar10
-from tikd_jax.train import stage_val
+from tikd_jax.train.spec import resolve
 from convert import from_torch
 from convert.mapping import hf_deit_to_timm
 from tests.test_train import _main
@@ -80,7 +80,7 @@ def test_p2_config_is_the_notebooks_teacher_recipe():
   # curriculum), so the stage's validation is the run's.
   assert (c.curriculum.val_transform, c.curriculum.val_split, c.curriculum.patience,
           list(c.curriculum.stages), list(c.stages)) == ('center_crop', 'val', NB_PATIENCE, [], [])
-  assert stage_val.enabled(c)
+  assert resolve(c).stage_val is not None  # the run spec validates its stage
   # ignore_mismatched_sizes: exactly the patch kernel (not its bias), the position embedding and
   # the two 1000-class heads start fresh.
   name, kwargs = model_spec(c.model, 10)

@@ -200,7 +200,7 @@ def test_saliency_row_uses_its_notebooks_saliency(notebook):
   c = irkd_cifar10.get_config(f'kd_cl_sal,{notebook}')
   assert (c.saliency.kind, c.saliency.layers) == NB_SALIENCY[notebook]
   assert c.saliency.weight == NB_GAMMA
-  terms = dict(build_phases(c, 10)[0].loss)
+  terms = dict(build_phases(c, 10)[0].terms)
   assert terms[f'{NB_SALIENCY[notebook][0]}_saliency'] == NB_GAMMA
   other = 'gradient' if NB_SALIENCY[notebook][0] == 'attention' else 'attention'
   assert f'{other}_saliency' not in terms
