@@ -346,3 +346,21 @@ def test_make_batch_augment_step_signature_jit_determinism():
   img, t = jax.jit(lambda x, y, k: erase_only(x, y, 10, k))(images, labels, jax.random.key(0))
   assert np.asarray(img != images).any(axis=(1, 2, 3)).all()  # every image erased
   np.testing.assert_allclose(np.asarray(t), smooth, atol=1e-7)
+
+
+@pytest.mark.parametrize('shape,padding,size', [((32, 32, 3), 4, None), ((16, 16, 3), 2, 12),
+                                                ((8, 8, 1), 4, 16)])
+def test_random_crop_flip_is_a_window_of_the_zero_padded_image(shape, padding, size):
+  """torchvision RandomCrop(size, padding, fill 0) + RandomHorizontalFlip, restated with np.pad."""
+  image = np.random.default_rng(0).integers(1, 256, shape, dtype=np.uint8)  # no zero pixels
+  h, w, _ = shape
+  th, tw = (size, size) if size else (h, w)
+  padded = np.pad(image, ((padding, padding), (padding, padding), (0, 0)))
+  for seed in range(40):
+    rng = np.random.default_rng(seed)
+    top, left = rng.integers(0, h + 2 * padding - th + 1), rng.integers(0, w + 2 * padding - tw + 1)
+    want = padded[top:top + th, left:left + tw]
+    want = want[:, ::-1] if rng.random() < 0.5 else want
+    np.testing.assert_array_equal(
+        host_augment.random_crop_flip(image, np.random.default_rng(seed), size=size,
+                                      padding=padding), want)
