@@ -97,11 +97,13 @@ def base() -> ConfigDict:
       dict(fuse_text=False, alignment_beta=0.1, text_predictor_weight=1.0, eval_text='none',
            fusion_text='caption', self_distill_weight=1.0, text_rows='index', fusion_gate=True))
   # Off by default; `deit_augment` turns on DeiT's recipe (DeiT main.py defaults; README "TIKD").
+  # randaugment_on: 'host' (grain workers, Pillow, bit-identical to timm) or 'device' (inside the
+  # jitted step, data/device_randaugment.py) when the host has too few cores to feed the device.
   c.augment = ConfigDict(
       dict(randaugment=False, randaugment_num_ops=2, randaugment_magnitude=9.0,
-           randaugment_magnitude_std=0.5, randaugment_increasing=True, interpolation='bicubic',
-           mixup_alpha=0.0, cutmix_alpha=0.0, switch_prob=0.5, mix_prob=1.0, correct_lam=True,
-           erasing_prob=0.0))
+           randaugment_magnitude_std=0.5, randaugment_increasing=True, randaugment_on='host',
+           interpolation='bicubic', mixup_alpha=0.0, cutmix_alpha=0.0, switch_prob=0.5,
+           mix_prob=1.0, correct_lam=True, erasing_prob=0.0))
   c.optimizer = ConfigDict(
       dict(name='adamw', b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.05, momentum=0.9,
            nesterov=False, wd_exclude=NO_DECAY, grad_clip_norm=0.0))

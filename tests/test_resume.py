@@ -217,13 +217,16 @@ def _irkd(vit_teacher):
 # ------------------------------------------------------------------------------- scenarios
 
 
-def test_hard_kd_with_deit_augmentations_resumes_mid_epoch(tmp_path, teacher_dir, straight):
+@pytest.mark.parametrize('randaugment_on', ['host', 'device'])
+def test_hard_kd_with_deit_augmentations_resumes_mid_epoch(tmp_path, teacher_dir, straight,
+                                                           randaugment_on):
   """TIKD's headline recipe: hard KD from a trained teacher, RandAugment on the host (a function
-  of the example's position), random erasing and Mixup/CutMix in the step (of the step number)."""
-  c = _kd('hard', teacher_dir)
+  of the example's position) or in the step, random erasing and Mixup/CutMix in the step (of the
+  step number)."""
+  c = _kd('hard', teacher_dir, **{'augment.randaugment_on': randaugment_on})
   with c.unlocked():
     common.deit_augment(c)
-  reference = straight('hard_deit', c)
+  reference = straight(f'hard_deit_{randaugment_on}', c)
   _assert_same_run(reference, tmp_path, _stop_and_resume(c, tmp_path, [STOP]))
   assert 'distill_loss' in _train_rows(tmp_path)[STOP + 1]
 

@@ -58,6 +58,10 @@ import jax.numpy as jnp
 from tikd_jax.losses.classification import one_hot_smoothed
 
 ATTEMPTS = 10  # timm's attempts per box
+# config.augment.randaugment_on: in the grain workers on uint8 images (Pillow, bit-identical to
+# timm) or at the start of the jitted step (data/device_randaugment.py), for hosts with too few
+# cores to feed the accelerator (docs/scaling_out.md).
+RANDAUGMENT_ON = ('host', 'device')
 
 
 def erasing_boxes(rng: jax.Array, batch_size: int, height: int, width: int, *,
@@ -214,7 +218,11 @@ def mixup_cutmix(images: jax.Array, labels: jax.Array, num_classes: int, rng: ja
                               label_smoothing=label_smoothing, correct_lam=correct_lam)[:2]
 
 
-def _batch_augment(images, labels, num_classes, rng, *, erasing_prob, mean, std, **mix_kwargs):
+def _batch_augment(images, labels, num_classes, rng, *, randaugment, erasing_prob, mean, std,
+                   **mix_kwargs):
+  if randaugment is not None:  # timm's per-sample order: RandAugment on pixels, then erasing
+    pixels = jnp.round(images * 255.0)  # the uint8 values again, exactly
+    images = randaugment(pixels, jax.random.fold_in(rng, 3)) / 255.0
   erase_key, mix_key = jax.random.split(rng)
   if erasing_prob > 0:
     images = random_erasing_and_mask(images, erase_key, probability=erasing_prob, mean=mean,
@@ -231,12 +239,20 @@ def make_batch_augment(cfg):
   erased patch can be mixed into the partner image just as in DeiT. Mixing [0, 1] images before
   the model's (affine) normalisation equals DeiT's mixing of normalised images, as λ + (1 − λ) = 1.
 
+  With `randaugment` on and `randaugment_on='device'`, timm's RandAugment comes first
+  (data/device_randaugment.py), where the host would have applied it.
+
   Reads `mixup_alpha`, `cutmix_alpha`, `switch_prob`, `mix_prob`, `correct_lam`,
-  `label_smoothing`, `erasing_prob` and `mean`/`std` (the student's normalisation, for the erasing
-  noise). Build it once and reuse it: the step is compiled per distinct callable.
+  `label_smoothing`, `erasing_prob`, `mean`/`std` (the student's normalisation, for the erasing
+  noise) and the RandAugment keys. Build it once and reuse it: the step is compiled per distinct
+  callable.
   """
-  return functools.partial(_batch_augment, erasing_prob=float(cfg.erasing_prob),
-                           mean=tuple(float(v) for v in cfg.mean),
+  randaugment = None
+  if cfg.get('randaugment') and cfg.randaugment_on == 'device':
+    from tikd_jax.data.device_randaugment import make_device_randaugment  # pylint: disable=g-import-not-at-top
+    randaugment = make_device_randaugment(cfg)
+  return functools.partial(_batch_augment, randaugment=randaugment, erasing_prob=float(
+      cfg.erasing_prob), mean=tuple(float(v) for v in cfg.mean),
                            std=tuple(float(v) for v in cfg.std), mixup_alpha=float(cfg.mixup_alpha),
                            cutmix_alpha=float(cfg.cutmix_alpha), switch_prob=float(cfg.switch_prob),
                            prob=float(cfg.mix_prob), label_smoothing=float(cfg.label_smoothing),

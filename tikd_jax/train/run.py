@@ -258,17 +258,23 @@ def build_augmentations(spec: RunSpec):
   """(per-example host augmentation or None, on-device batch augmentation or None).
 
   Host: RandAugment on uint8 images in the grain workers. Device (inside the jitted step, so
-  teacher and student see the same result): random erasing, then Mixup/CutMix with smoothed
+  teacher and student see the same result): RandAugment there instead with
+  `augment.randaugment_on='device'`, then random erasing, then Mixup/CutMix with smoothed
   targets. Built once: the compiled step is specialised on the batch-augmentation function.
   """
   from tikd_jax.data.host_augment import make_host_augment  # pylint: disable=g-import-not-at-top
-  from tikd_jax.data.batch_augment import make_batch_augment  # pylint: disable=g-import-not-at-top
+  from tikd_jax.data.batch_augment import RANDAUGMENT_ON, make_batch_augment  # pylint: disable=g-import-not-at-top
   aug = spec.augment
   cfg = ml_collections.ConfigDict(
       dict(aug.to_dict(), label_smoothing=spec.label_smoothing, mean=tuple(spec.student.mean),
            std=tuple(spec.student.std)))
-  host = make_host_augment(cfg) if aug.randaugment else None
-  on_device = aug.mixup_alpha > 0 or aug.cutmix_alpha > 0 or aug.erasing_prob > 0
+  if aug.randaugment_on not in RANDAUGMENT_ON:
+    raise ValueError(f'config.augment.randaugment_on={aug.randaugment_on!r}: use one of '
+                     f'{RANDAUGMENT_ON}')
+  on_host = aug.randaugment and aug.randaugment_on == 'host'
+  host = make_host_augment(cfg) if on_host else None
+  on_device = (aug.mixup_alpha > 0 or aug.cutmix_alpha > 0 or aug.erasing_prob > 0
+               or (aug.randaugment and not on_host))
   return host, (make_batch_augment(cfg) if on_device else None)
 
 

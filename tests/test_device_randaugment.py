@@ -1,0 +1,205 @@
+"""Device RandAugment (data/device_randaugment.py) against the host version, which is Pillow's
+arithmetic bit for bit (tests/test_randaugment_speedup.py): op by op at fixed magnitudes and signs,
+slot by slot at fixed draws, timm's sampling, and the switch `augment.randaugment_on`."""
+import functools
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+from PIL import Image
+
+from tikd_jax.data import batch_augment, device_randaugment, host_augment
+
+MEAN, STD = (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)
+MAGNITUDES = (0.0, 2.5, 7.3, 9.0, 10.0)
+ALL_OPS = sorted(set(host_augment.INCREASING_OPS) | set(host_augment.DEFAULT_OPS))
+GEOMETRIC = ('Rotate', 'ShearX', 'ShearY', 'TranslateXRel', 'TranslateYRel')
+
+
+@functools.cache
+def _images(count=16, size=32):
+  """Smooth (upsampled) colour images, some low in contrast, some pure noise: the cases that
+  exercise the tables (a narrow value range), the cubic (gradients) and the filters."""
+  rng = np.random.default_rng(0)
+  out = []
+  for i in range(count):
+    coarse = rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)
+    img = np.asarray(Image.fromarray(coarse).resize((size, size), Image.Resampling.BICUBIC))
+    if i % 4 == 1:
+      img = (img // 4 + 100).astype(np.uint8)
+    elif i % 4 == 2:
+      img = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
+    out.append(img)
+  return np.stack(out)
+
+
+def _host(name, magnitude, negate, interpolation='bicubic'):
+  return np.stack([
+      host_augment.apply_op(img, name, magnitude, negate=negate, interpolation=interpolation)
+      for img in _images()
+  ]).astype(np.float32)
+
+
+def _device(name, magnitude, negate, interpolation='bicubic'):
+  return np.asarray(
+      device_randaugment.apply_op(jnp.asarray(_images(), jnp.float32), name, magnitude,
+                                  negate=negate, interpolation=interpolation))
+
+
+@pytest.mark.parametrize('name', [n for n in ALL_OPS if n not in GEOMETRIC + ('AutoContrast',)])
+def test_table_and_blend_ops_equal_pillow(name):
+  for magnitude in MAGNITUDES:
+    for negate in (False, True):
+      np.testing.assert_array_equal(_device(name, magnitude, negate),
+                                    _host(name, magnitude, negate), err_msg=f'{name} {magnitude}')
+
+
+def test_autocontrast_is_the_exact_quotient():
+  """Device: ⌊(v − lo)·255/(hi − lo)⌋. Pillow's float64 table falls one short of it exactly where
+  that quotient is an integer (and v·scale + offset rounds below it); nowhere else may they
+  differ."""
+  device, host = _device('AutoContrast', 9.0, False), _host('AutoContrast', 9.0, False)
+  images = _images().astype(np.int64)
+  lo = images.min(axis=(1, 2), keepdims=True)
+  hi = images.max(axis=(1, 2), keepdims=True)
+  exact = (images - lo) * 255 % np.maximum(hi - lo, 1) == 0
+  diff = device - host
+  assert set(np.unique(diff)) <= {0.0, 1.0}
+  assert diff.any()  # the images reach such levels; a float table would not be told apart
+  assert exact[diff != 0].all()
+
+
+@pytest.mark.parametrize('interpolation,tolerance', [('bicubic', 2e-3), ('bilinear', 4e-2)])
+@pytest.mark.parametrize('name', GEOMETRIC)
+def test_warps_equal_pillow_up_to_float32_rounding(name, interpolation, tolerance):
+  """Source coordinates and the cubic in float32 (Pillow: float64): a value within rounding of an
+  integer truncates one level apart, at a small fraction of the pixels; fill, clamping and the
+  filter are Pillow's (a wrong one moves most pixels by many levels)."""
+  off = total = 0
+  for magnitude in MAGNITUDES:
+    for negate in (False, True):
+      host = _host(name, magnitude, negate, interpolation)
+      device = _device(name, magnitude, negate, interpolation)
+      assert np.abs(device - host).max() <= 1, (name, magnitude, negate)
+      off += np.count_nonzero(device != host)
+      total += host.size
+  assert off / total <= tolerance
+
+
+def test_slots_compose_like_the_host():
+  """Two slots at fixed draws, image by image: the device result is the host's op sequence."""
+  images = _images()
+  rng = np.random.default_rng(1)
+  ops = host_augment.INCREASING_OPS
+  b = len(images)
+  index = rng.integers(0, len(ops), (2, b))
+  applied = rng.random((2, b)) < 0.8
+  magnitude = np.clip(rng.normal(9.0, 0.5, (2, b)), 0, 10).astype(np.float32)
+  negate = rng.random((2, b)) > 0.5
+  out = jnp.asarray(images, jnp.float32)
+  for s in range(2):
+    out = device_randaugment.apply_ops(out, ops, index[s], magnitude[s], negate[s], applied[s],
+                                       np.ones(b, bool), host_augment.DEIT_FILL)
+  for i, img in enumerate(images):
+    for s in range(2):
+      if applied[s, i]:
+        img = host_augment.apply_op(img, ops[index[s, i]], float(magnitude[s, i]),
+                                    negate=bool(negate[s, i]))
+    diff = np.abs(np.asarray(out[i]) - img)
+    assert diff.max() <= 1 and np.mean(diff > 0) < 0.02, (i, [ops[k] for k in index[:, i]])
+
+
+def test_draws_follow_timm():
+  """timm RandAugment: ops uniform with replacement, each applied with prob 0.5, magnitude
+  N(9, 0.5) clipped to [0, 10], sign ±1 evenly; mstd inf: U(0, 9)."""
+  n = 20000
+  kw = dict(magnitude=9.0, prob=0.5, magnitude_max=10.0, interpolation='random')
+  index, m, negate, applied, bicubic = map(
+      np.asarray, device_randaugment.draw_ops(jax.random.key(0), n, 2, 15, magnitude_std=0.5, **kw))
+  assert index.shape == (2, n) and index.min() == 0 and index.max() == 14
+  counts = np.bincount(index.ravel(), minlength=15)
+  assert np.abs(counts / (2 * n) - 1 / 15).max() < 0.006
+  assert abs(applied.mean() - 0.5) < 0.01 and abs(negate.mean() - 0.5) < 0.01
+  assert abs(bicubic.mean() - 0.5) < 0.01
+  clipped = np.clip(np.random.default_rng(0).normal(9.0, 0.5, 10**6), 0, 10)  # timm's law
+  assert abs(m.mean() - clipped.mean()) < 0.01 and abs(m.std() - clipped.std()) < 0.01
+  assert m.max() == 10.0 and abs(np.mean(m == 10.0) - np.mean(clipped == 10.0)) < 0.005
+  assert not np.array_equal(index[0], index[1])  # the two slots draw independently
+  m_uniform = np.asarray(
+      device_randaugment.draw_ops(jax.random.key(1), n, 1, 15, magnitude_std=np.inf, **kw)[1])
+  assert abs(m_uniform.mean() - 4.5) < 0.05 and m_uniform.min() >= 0 and m_uniform.max() <= 9
+
+
+def test_whole_augmentation_matches_the_host_in_distribution():
+  """The same images through both versions, each with its own random stream: how often an image
+  comes out untouched and how far the rest move agree (a different op set, probability or
+  magnitude scale moves either)."""
+  images = np.concatenate([_images()] * 16)  # 256
+  host = np.stack([
+      host_augment.rand_augment(img, np.random.default_rng(i)) for i, img in enumerate(images)
+  ]).astype(np.float32)
+  device = np.asarray(
+      jax.jit(device_randaugment.rand_augment)(jnp.asarray(images, jnp.float32), jax.random.key(0)))
+
+  def stats(out):
+    change = np.abs(out - images).mean(axis=(1, 2, 3))
+    return np.mean(change == 0), change[change > 0].mean()
+
+  (host_same, host_change), (device_same, device_change) = stats(host), stats(device)
+  assert 0.2 < host_same < 0.45  # both slots skipped (1/4) or an identity op drawn
+  assert abs(device_same - host_same) < 0.08
+  assert abs(device_change / host_change - 1) < 0.15
+
+
+def _augment_cfg(**overrides):
+  return ml_collections.ConfigDict({
+      **dict(randaugment=True, randaugment_num_ops=2, randaugment_magnitude=9.0, randaugment_magnitude_std=0.5, randaugment_increasing=True, randaugment_on='device', interpolation='bicubic', mixup_alpha=0.0, cutmix_alpha=0.0, switch_prob=0.5, mix_prob=1.0, correct_lam=True, erasing_prob=0.0, label_smoothing=0.0, mean=MEAN, std=STD),
+      **overrides
+  })
+
+
+def test_switch_moves_randaugment_into_the_step():
+  """randaugment_on='device': the step's batch augmentation is RandAugment (the same images as
+  `rand_augment` under the step's key) and keeps [0, 1] pixel values on the uint8 grid."""
+  images = _images()[:8]
+  aug = batch_augment.make_batch_augment(_augment_cfg())
+  step = jax.jit(lambda x, k: aug(x, jnp.zeros(8, jnp.int32), 10, k)[0])
+  key = jax.random.key(3)
+  out = np.asarray(step(jnp.asarray(images, jnp.float32) / 255.0, key))
+  direct = device_randaugment.make_device_randaugment(_augment_cfg())(jnp.asarray(
+      images, jnp.float32), jax.random.fold_in(key, 3))
+  np.testing.assert_allclose(out * 255.0, np.asarray(direct), atol=1e-3)
+  assert not np.allclose(out * 255.0, images)
+  np.testing.assert_allclose(out * 255.0, np.round(out * 255.0), atol=1e-3)
+  host_cfg = _augment_cfg(randaugment_on='host')
+  plain = batch_augment.make_batch_augment(host_cfg)
+  assert plain.keywords['randaugment'] is None  # the host does it (make_host_augment)
+  assert host_augment.make_host_augment(host_cfg) is not None
+
+
+def test_bad_settings_say_what_to_do():
+  with pytest.raises(ValueError, match="randaugment_on='host'"):
+    device_randaugment.make_device_randaugment(_augment_cfg(interpolation='nearest'))
+  with pytest.raises(ValueError, match='no device version'):
+    device_randaugment.apply_op(jnp.zeros((1, 8, 8, 3)), 'Cutout', 5.0)
+  with pytest.raises(ValueError, match='3-band'):
+    device_randaugment.apply_op(jnp.zeros((1, 8, 8, 3)), 'Rotate', 5.0, fill=(0,))
+
+
+def test_the_recipe_switch_reaches_the_trainer():
+  """`--config.augment.randaugment_on=device` on the TIKD CIFAR-100 recipe: no RandAugment in the
+  grain workers, RandAugment first in the step's batch augmentation (with the recipe's fill)."""
+  from configs import tikd_cifar100  # pylint: disable=g-import-not-at-top
+  from tikd_jax.train.run import build_augmentations  # pylint: disable=g-import-not-at-top
+  from tikd_jax.train.spec import resolve  # pylint: disable=g-import-not-at-top
+  config = tikd_cifar100.get_config('small,hard')
+  host, step = build_augmentations(resolve(config))
+  assert host is not None and step.keywords['randaugment'] is None
+  config.augment.randaugment_on = 'device'
+  host, step = build_augmentations(resolve(config))
+  assert host is None and step.keywords['randaugment'].keywords['fill'] == (129, 124, 112)
+  config.augment.randaugment_on = 'gpu'
+  with pytest.raises(ValueError, match=r"randaugment_on='gpu': use one of \('host', 'device'\)"):
+    build_augmentations(resolve(config))
