@@ -9,8 +9,10 @@
 #     2. the sweep, small bfloat16, JAX alone, one process per point: XLA:GPU command buffers off,
 #        the latency-hiding scheduler on, batch 2048 and 4096 (rows tagged with the point)
 #     3. a jax.profiler trace of one bf16 step per size, top-15 ops  (benchmarks/profile_summary.py)
-#     4. the real trainer, end to end with grain worker processes, against its step
-#                                                                  (benchmarks/trainer_throughput.py)
+#     4. the real trainer, end to end with grain worker processes, against its step, with the
+#        recipe's RandAugment on the host and on the device        (benchmarks/trainer_throughput.py)
+#     5. the host stream per worker with RandAugment moved to the device, and the device's rate
+#        for the moved work                                        (benchmarks/input_pipeline.py)
 #   bash benchmarks/device_check.sh --cpu    # the same code paths, micro student, batch 8, jax vs
 #                                            # torch eager (tests/test_device_check.py)
 #
@@ -81,6 +83,9 @@ if [ "$mode" = "--cpu" ]; then
     --out "$OUT/profile.jsonl" --md "$OUT/profile.md"
   "$PY" benchmarks/trainer_throughput.py --size micro --batch 8 --steps 2 --rounds 1 \
     --train_examples 256 --eval_examples 64 --out "$OUT/trainer_throughput.jsonl"
+  "$PY" benchmarks/trainer_throughput.py --size micro --batch 8 --steps 2 --rounds 1 \
+    --train_examples 256 --eval_examples 64 --randaugment_on device \
+    --out "$OUT/trainer_throughput.jsonl"
 else
   # 1. Sizes in order; none starts after 120 s.
   part 200 "$PY" benchmarks/train_step.py --device gpu --sizes small,medium,large --batch 1024 \
@@ -105,10 +110,16 @@ print(next((r["datasheet_bf16_gflops"] for r in rows if r.get("datasheet_bf16_gf
   # 3. One traced step per size.
   part 80 "$PY" benchmarks/profile_summary.py --sizes small,medium,large --batch 1024 \
     --dtype bfloat16 --trace_dir "$OUT/profile" --out "$OUT/profile.jsonl" --md "$OUT/profile.md"
-  # 4. The trainer end to end: grain workers with the recipe's RandAugment, bf16.
-  part 100 "$PY" benchmarks/trainer_throughput.py --size small --batch 1024 --steps 20 \
-    --rounds 2 --workers "$(( $(nproc) - 2 ))" --dtype bfloat16 --eval_examples 2048 \
-    --out "$OUT/trainer_throughput.jsonl"
+  # 4. The trainer end to end: grain workers with the recipe's RandAugment on the host, then on
+  # the device, bf16.
+  for where in host device; do
+    part 90 "$PY" benchmarks/trainer_throughput.py --size small --batch 1024 --steps 20 \
+      --rounds 2 --workers "$(( $(nproc) - 2 ))" --dtype bfloat16 --eval_examples 2048 \
+      --randaugment_on "$where" --out "$OUT/trainer_throughput.jsonl"
+  done
+  # 5. RandAugment on the device: the host stream per worker, and the device's own rate.
+  part 60 "$PY" benchmarks/input_pipeline.py --recipe tikd_cifar100 --batch 1024 --batches 20 \
+    --runs 3 --workers 0,1 --randaugment_on device --out "$OUT/input_pipeline.jsonl"
 fi
 {
   "$PY" benchmarks/report.py table "$rows"

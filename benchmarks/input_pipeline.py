@@ -30,6 +30,11 @@ the runs of the two interleaved. `--baseline_root DIR` (a checkout of another co
 worktree add /tmp/base6f 6f12d78`) adds its 'recipe' rows: each library is measured in a server
 process of its own (its tikd_jax first on sys.path, inherited by its grain workers) and the
 contestants' runs alternate, so a change in the machine's load hits both alike.
+
+`--randaugment_on device` sets the preset's `augment.randaugment_on`: the host stream then crops
+and flips only, and a row `pipeline` 'device_randaugment' gives what moved: the jitted batched
+RandAugment (data/device_randaugment.py) on the default JAX backend, on batches already there
+(images/s, median over `--runs` of `--batches` batches; `backend` names the device).
 """
 from __future__ import annotations
 
@@ -103,9 +108,9 @@ def one_run(source, batch: int, batches: int, workers: int, seed: int) -> dict:
 # --- a preset's own stream -------------------------------------------------------------------
 
 
-def load_recipe(spec: str, batch: int | None):
-  """`NAME[:ARG]` or `configs/NAME.py[:ARG]` → (name, arg, locked config), the batch overridden
-  when given."""
+def load_recipe(spec: str, batch: int | None, randaugment_on: str | None = None):
+  """`NAME[:ARG]` or `configs/NAME.py[:ARG]` → (name, arg, locked config), the batch and
+  `augment.randaugment_on` overridden when given."""
   import importlib  # pylint: disable=g-import-not-at-top
   path, _, arg = spec.partition(':')
   name = os.path.basename(path).removesuffix('.py')
@@ -113,7 +118,31 @@ def load_recipe(spec: str, batch: int | None):
   config = module.get_config(arg) if arg else module.get_config()
   if batch:
     config.batch_size = batch
+  if randaugment_on:
+    config.augment.randaugment_on = randaugment_on
   return name, arg, config
+
+
+def device_randaugment_rate(config, batch: int, batches: int) -> dict:
+  """The preset's RandAugment as the step runs it with randaugment_on='device': images/s of the
+  jitted batched version on the default backend, `batches` batches of `batch` 32 px images."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  from tikd_jax.data.device_randaugment import make_device_randaugment  # pylint: disable=g-import-not-at-top
+  cfg = ml_collections.ConfigDict(dict(config.augment.to_dict(), mean=tuple(config.model.mean)))
+  augment = jax.jit(make_device_randaugment(cfg))
+  images = jax.random.randint(jax.random.key(0), (batch, 32, 32, 3), 0, 256).astype('float32')
+  t0 = time.perf_counter()
+  out = augment(images, jax.random.key(0)).block_until_ready()
+  startup = time.perf_counter() - t0
+  t1 = time.perf_counter()
+  for i in range(batches):
+    out = augment(images, jax.random.key(i + 1))
+  out.block_until_ready()
+  return {
+      'startup': startup, 'rate': batches * batch / (time.perf_counter() - t1),
+      'backend': jax.default_backend()
+  }
 
 
 class RecipeStreams:
@@ -156,7 +185,7 @@ class RecipeStreams:
 def serve(args) -> None:
   """Server mode (`--serve`): one line of JSON per request on stdin, {pipeline, workers,
   batches}; the reply is one `RESULT` line on stdout."""
-  _, _, config = load_recipe(args.recipe, args.batch)
+  _, _, config = load_recipe(args.recipe, args.batch, args.randaugment_on)
   streams = RecipeStreams(config, synthetic_source())
   import tikd_jax  # pylint: disable=g-import-not-at-top
   print(RESULT + json.dumps({'ready': True, 'tikd_jax': os.path.dirname(tikd_jax.__file__)}),
@@ -176,7 +205,8 @@ class Server:
     command = [
         sys.executable,
         os.path.abspath(__file__), '--serve', '--library_root', root, '--recipe', args.recipe
-    ] + (['--batch', str(args.batch)] if args.batch else [])
+    ] + (['--batch', str(args.batch)] if args.batch else
+         []) + (['--randaugment_on', args.randaugment_on] if args.randaugment_on else [])
     self.process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                     text=True, env=env, cwd=root)
     self.root = root
@@ -216,7 +246,7 @@ def _commit(root: str) -> str:
 def recipe_rows(args, emit, versions: dict) -> None:
   """Rows of `--recipe`: per worker count, the contestants' runs interleaved (the order rotated
   every run)."""
-  name, arg, config = load_recipe(args.recipe, args.batch)
+  name, arg, config = load_recipe(args.recipe, args.batch, args.randaugment_on)
   servers = {}
   if args.baseline_root:
     servers = {'worktree': Server(REPO, args), 'baseline': Server(args.baseline_root, args)}
@@ -226,15 +256,30 @@ def recipe_rows(args, emit, versions: dict) -> None:
     streams = RecipeStreams(config, synthetic_source())
     if not streams.has_host_augment:
       print(
-          f'note: {args.recipe} builds no host augmentation; its two rows measure the same '
-          'stream', file=sys.stderr)
+          f'note: {args.recipe} builds no host augmentation (randaugment_on='
+          f'{config.augment.randaugment_on!r}); its two host rows measure the same stream',
+          file=sys.stderr)
     here = 'library_root' if args.library_root else 'worktree'  # whose tikd_jax this process runs
     contestants = [(here, 'recipe'), (here, 'crop_flip')]
     runner = lambda who, pipeline, w: streams.run(pipeline, w, args.batches)
   commits = {'worktree': _commit(REPO), 'library_root': _commit(args.library_root or REPO)}
   if args.baseline_root:
     commits['baseline'] = servers['baseline'].commit
+  recipe = f'{name}:{arg}' if arg else name
+  on_device = config.augment.randaugment and config.augment.randaugment_on == 'device'
   try:
+    if on_device:
+      loads, runs = [], []
+      for _ in range(args.runs):
+        loads.append(report.load_now())
+        runs.append(device_randaugment_rate(config, int(config.batch_size), args.batches))
+      emit({
+          'name': 'input_pipeline', 'recipe': recipe, 'config_name': config.name,
+          'pipeline': 'device_randaugment', 'library': 'worktree', 'commit': commits['worktree'],
+          'backend': runs[0]['backend'], 'image_shape': [32, 32,
+                                                         3], 'batch': int(config.batch_size),
+          'batches': args.batches, 'runs': args.runs, **_rates(runs, loads), 'versions': versions
+      })
     for workers in (int(w) for w in args.workers.split(',')):
       results = {c: ([], []) for c in contestants}  # loads, runs
       for r in range(args.runs):
@@ -246,9 +291,10 @@ def recipe_rows(args, emit, versions: dict) -> None:
       for (who, pipeline), (loads, runs) in results.items():
         emit({
             'name': 'input_pipeline',
-            'recipe': f'{name}:{arg}' if arg else name,
+            'recipe': recipe,
             'config_name': config.name,
             'pipeline': pipeline,
+            'randaugment_on': config.augment.randaugment_on,
             'library': who,
             'commit': commits[who],
             'source': 'synthetic50k',
@@ -305,6 +351,10 @@ def main(argv: list[str] | None = None) -> None:
                       help='a preset, NAME[:ARG] (configs/NAME.py): measure its train stream')
   parser.add_argument('--baseline_root', default=None,
                       help='with --recipe: also measure this checkout\'s library, interleaved')
+  parser.add_argument(
+      '--randaugment_on', choices=('host', 'device'), default=None,
+      help="with --recipe: set its augment.randaugment_on ('device': the host "
+      'crops and flips, and a device_randaugment row times the moved work)')
   parser.add_argument('--out', default=None, help='also append the JSON lines to this file')
   parser.add_argument('--serve', action='store_true', help=argparse.SUPPRESS)
   parser.add_argument('--library_root', default=None, help=argparse.SUPPRESS)

@@ -2,7 +2,8 @@ r"""The real trainer's images/s, end to end, against its own compiled step on de
 
   python benchmarks/trainer_throughput.py --size small --steps 24 --batch 128 \
       [--rounds 3] [--workers 0] [--config configs/tikd_cifar100.py:SIZE,hard,notext] \
-      [--train_examples 50000] [--out benchmarks/results/trainer_throughput.jsonl]
+      [--randaugment_on host|device] [--train_examples 50000] \
+      [--out benchmarks/results/trainer_throughput.jsonl]
 
 What runs is `main.py`'s path: `run.setup` → `create_train_state` → `loop.train_loop` with the
 preset's input pipeline (grain, its host augmentation, `--workers` processes), its logging, eval
@@ -176,6 +177,8 @@ def measure(args) -> dict:
     config.data.num_workers = args.workers
     if args.dtype:
       config.dtype = args.dtype
+    if args.randaugment_on:
+      config.augment.randaugment_on = args.randaugment_on
   num_classes = 100
   train = synthetic_source(args.train_examples, num_classes=num_classes)
   evaluation = synthetic_source(args.eval_examples, num_classes=num_classes, seed=1)
@@ -237,14 +240,16 @@ def measure(args) -> dict:
       'size': args.size, 'variant': config.model.variant, 'batch': args.batch,
       'steps_per_round': args.steps, 'rounds': n, 'workers': run.data.num_workers,
       'train_examples': args.train_examples, 'steps_per_epoch': run.data.steps_per_epoch,
-      'log_every_steps': run.spec.cadence.log_every_steps, 'dtype': run.spec.dtype,
-      'device': jax.devices()[0].device_kind, 'end_to_end_images_per_s': round(end_to_end_rate, 1),
-      'step_images_per_s': round(step_rate,
-                                 1), 'end_to_end_over_step': round(end_to_end_rate / step_rate, 4),
-      'end_to_end_round_s': [round(t, 4) for t in e2e], 'step_round_s': [
-          round(t, 4) for t in step[:n]
-      ], 'overhead_s': round(statistics.median(a - b for a, b in zip(e2e, step)),
-                             4), 'breakdown_s': breakdown,
+      'randaugment_on': run.spec.augment.randaugment_on, 'log_every_steps':
+          run.spec.cadence.log_every_steps, 'dtype': run.spec.dtype, 'device': jax.devices()
+                                                                               [0].device_kind,
+      'end_to_end_images_per_s': round(end_to_end_rate,
+                                       1), 'step_images_per_s': round(step_rate, 1),
+      'end_to_end_over_step': round(end_to_end_rate / step_rate,
+                                    4), 'end_to_end_round_s': [round(t, 4) for t in e2e],
+      'step_round_s': [round(t, 4) for t in step[:n]
+                      ], 'overhead_s': round(statistics.median(a - b for a, b in zip(e2e, step)),
+                                             4), 'breakdown_s': breakdown,
       'evaluations': clock.counts['evaluation'], 'checkpoint_calls': clock.counts['checkpointing'],
       'excluded': 'the first step (compile + run) and the stop checkpoint after the last round',
       'load_1min': report.load_summary(rounds.loads), 'jax': jax.__version__,
@@ -262,6 +267,8 @@ def main() -> None:
                       help='grain worker processes (config.data.num_workers; -1: auto)')
   parser.add_argument('--config', default=DEFAULT_CONFIG)
   parser.add_argument('--dtype', default=None, help='config.dtype (default: the preset\'s)')
+  parser.add_argument('--randaugment_on', choices=('host', 'device'), default=None,
+                      help="config.augment.randaugment_on (default: the preset's, 'host')")
   parser.add_argument('--train_examples', type=int, default=50_000)
   parser.add_argument('--eval_examples', type=int, default=2_000)
   parser.add_argument('--out', default=None, help='also append the JSON line to this file')

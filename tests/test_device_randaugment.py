@@ -203,3 +203,24 @@ def test_the_recipe_switch_reaches_the_trainer():
   config.augment.randaugment_on = 'gpu'
   with pytest.raises(ValueError, match=r"randaugment_on='gpu': use one of \('host', 'device'\)"):
     build_augmentations(resolve(config))
+
+
+def test_input_pipeline_benchmark_moves_randaugment_to_the_device(tmp_path):
+  """`benchmarks/input_pipeline.py --recipe tikd_cifar100 --randaugment_on device`: the host
+  stream builds no RandAugment, and a device_randaugment row times the moved work."""
+  import json  # pylint: disable=g-import-not-at-top
+
+  from benchmarks import input_pipeline  # pylint: disable=g-import-not-at-top
+  out = tmp_path / 'rows.jsonl'
+  input_pipeline.main([
+      '--recipe', 'tikd_cifar100', '--batches', '2', '--runs', '1', '--workers', '0', '--batch',
+      '32', '--randaugment_on', 'device', f'--out={out}'
+  ])
+  rows = {r['pipeline']: r for r in map(json.loads, out.read_text().splitlines())}
+  assert set(rows) == {'device_randaugment', 'recipe', 'crop_flip'}
+  assert rows['recipe']['randaugment_on'] == 'device'
+  assert rows['device_randaugment']['backend'] == 'cpu'
+  assert all(r['median_images_per_s'] > 0 for r in rows.values())
+  _, _, config = input_pipeline.load_recipe('tikd_cifar100', 32, 'device')
+  assert not input_pipeline.RecipeStreams(config,
+                                          input_pipeline.synthetic_source(n=64)).has_host_augment
