@@ -185,7 +185,7 @@ def test_bad_settings_say_what_to_do():
   with pytest.raises(ValueError, match='no device version'):
     device_randaugment.apply_op(jnp.zeros((1, 8, 8, 3)), 'Cutout', 5.0)
   with pytest.raises(ValueError, match='3-band'):
-    device_randaugment.apply_op(jnp.zeros((1, 8, 8, 3)), 'Rotate', 5.0, fill=(0,))
+    device_randaugment.apply_op(jnp.zeros((1, 8, 8, 3)), 'Rotate', 5.0, fill=(0, 0))
 
 
 def test_the_recipe_switch_reaches_the_trainer():
@@ -224,3 +224,15 @@ def test_input_pipeline_benchmark_moves_randaugment_to_the_device(tmp_path):
   _, _, config = input_pipeline.load_recipe('tikd_cifar100', 32, 'device')
   assert not input_pipeline.RecipeStreams(config,
                                           input_pipeline.synthetic_source(n=64)).has_host_augment
+
+
+def test_single_band_images_follow_pillow_l_mode():
+  """L images: Color leaves them as they are, the tables and the warp work on the one band."""
+  gray = _images()[..., :1]
+  x = jnp.asarray(gray, jnp.float32)
+  for name in ('Color', 'Equalize', 'ContrastIncreasing', 'Sharpness', 'Rotate'):
+    host = np.stack([host_augment.apply_op(img, name, 9.0, fill=(128,)) for img in gray])
+    device = np.asarray(device_randaugment.apply_op(x, name, 9.0, fill=(128,)))
+    assert np.abs(device - host).max() <= (1 if name == 'Rotate' else 0), name
+  np.testing.assert_array_equal(np.asarray(device_randaugment.apply_op(x, 'Color', 2.0)[..., 0]),
+                                gray[..., 0])

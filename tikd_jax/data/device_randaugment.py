@@ -198,27 +198,25 @@ def _look_up(images, table):
 def _affine_coefficients(ops: Sequence[str], index, m, negate, height: int, width: int):
   """[B, 6] Pillow AFFINE data (a, b, c, d, e, f): output pixel centre (x, y) samples the input
   at (a·x + b·y + c, d·x + e·y + f); the identity for images that drew another op."""
-  ones, zeros = jnp.ones_like(m), jnp.zeros_like(m)
-  coeffs = jnp.stack([ones, zeros, zeros, zeros, ones, zeros], axis=1)
+  one, zero = jnp.ones_like(m), jnp.zeros_like(m)
+  coeffs = jnp.stack([one, zero, zero, zero, one, zero], axis=1)
   for k, name in enumerate(ops):
+    if name not in _GEOMETRIC_OPS:
+      continue
     if name == 'Rotate':  # Image.rotate(deg) about the centre, expand=False
       theta = -jnp.deg2rad(_signed(m / LEVEL_DENOM * 30.0, negate))
       cos, sin = jnp.cos(theta), jnp.sin(theta)
       cx, cy = width / 2.0, height / 2.0
-      op = jnp.stack([cos, sin, cos * -cx + sin * -cy + cx, -sin, cos, -sin * -cx + cos * -cy + cy],
-                     axis=1)
-    elif name in ('ShearX', 'ShearY'):
-      shear = _signed(m / LEVEL_DENOM * 0.3, negate)
-      op = (jnp.stack([ones, shear, zeros, zeros, ones, zeros], axis=1)
-            if name == 'ShearX' else jnp.stack([ones, zeros, zeros, shear, ones, zeros], axis=1))
-    elif name in ('TranslateXRel', 'TranslateYRel'):
-      shift = _signed(m / LEVEL_DENOM * TRANSLATE_PCT, negate)
-      op = (jnp.stack([ones, zeros, shift * width, zeros, ones, zeros], axis=1) if name
-            == 'TranslateXRel' else jnp.stack([ones, zeros, zeros, zeros, ones, shift *
-                                               height], axis=1))
-    else:
-      continue
-    coeffs = jnp.where((index == k)[:, None], op, coeffs)
+      op = (cos, sin, cos * -cx + sin * -cy + cx, -sin, cos, -sin * -cx + cos * -cy + cy)
+    elif name == 'ShearX':
+      op = (one, _signed(m / LEVEL_DENOM * 0.3, negate), zero, zero, one, zero)
+    elif name == 'ShearY':
+      op = (one, zero, zero, _signed(m / LEVEL_DENOM * 0.3, negate), one, zero)
+    elif name == 'TranslateXRel':
+      op = (one, zero, _signed(m / LEVEL_DENOM * TRANSLATE_PCT, negate) * width, zero, one, zero)
+    else:  # TranslateYRel
+      op = (one, zero, zero, zero, one, _signed(m / LEVEL_DENOM * TRANSLATE_PCT, negate) * height)
+    coeffs = jnp.where((index == k)[:, None], jnp.stack(op, axis=1), coeffs)
   return coeffs
 
 
@@ -266,6 +264,20 @@ def _warp(images, coeffs, bicubic, fill):
 # --- one op slot and the whole augmentation ------------------------------------------------------
 
 
+def _drew(index, ops: Sequence[str], names) -> jax.Array:
+  """[B] bool: image i drew one of the ops `names`."""
+  picks = [k for k, name in enumerate(ops) if name in names]
+  return jnp.isin(index, jnp.asarray(picks, jnp.int32))
+
+
+def _per_image(mask):
+  return mask[:, None, None, None]
+
+
+def _luma_bands(images):
+  return _luma(images)[..., None].astype(jnp.float32)
+
+
 def apply_ops(images, ops: Sequence[str], index, magnitude, negate, applied, bicubic,
               fill: Sequence[int]):
   """One RandAugment slot: image i gets op `ops[index[i]]` at `magnitude[i]` (0…10) with sign
@@ -275,31 +287,26 @@ def apply_ops(images, ops: Sequence[str], index, magnitude, negate, applied, bic
     raise ValueError(f'RandAugment ops {unknown} have no device version; known: '
                      f'{sorted(KNOWN_OPS)}')
   b, h, w, c = images.shape
+  fill = tuple(fill[:1]) if c == 1 else tuple(fill)  # an L image takes the first (host's rule)
   if len(fill) != c:
-    raise ValueError(f'fill {tuple(fill)} has {len(fill)} values for {c}-band images')
+    raise ValueError(f'fill {fill} has {len(fill)} values for {c}-band images')
   m = magnitude.astype(jnp.float32)
-  chosen = list(ops)
   out = images
   if any(name in _TABLE_OPS for name in ops):
-    table = _tables(images, ops, index, m, negate)
-    is_table = jnp.isin(index, jnp.asarray([k for k, n in enumerate(chosen) if n in _TABLE_OPS]))
-    out = jnp.where(is_table[:, None, None, None], _look_up(images, table), out)
-  for name, degenerate in (('Color', lambda: _luma(images)[..., None].astype(jnp.float32)),
-                           ('Sharpness', lambda: _smooth(images))):
-    picks = [k for k, n in enumerate(chosen) if n.replace('Increasing', '') == name]
-    if not picks or (name == 'Color' and c == 1):  # Color of an L image is the image
-      continue
-    increasing = jnp.isin(index,
-                          jnp.asarray([k for k in picks if chosen[k].endswith('Increasing')]))
+    looked_up = _look_up(images, _tables(images, ops, index, m, negate))
+    out = jnp.where(_per_image(_drew(index, ops, _TABLE_OPS)), looked_up, out)
+  for base, degenerate in (('Color', _luma_bands), ('Sharpness', _smooth)):
+    if not any(n.startswith(base) for n in ops) or (base == 'Color' and c == 1):
+      continue  # (ImageEnhance.Color of an L image blends it with itself)
+    increasing = _drew(index, ops, {base + 'Increasing'})
     factor = jnp.where(increasing, _enhance_factor(m, negate, True),
                        _enhance_factor(m, negate, False))
-    blended = _blend(degenerate(), images, factor)
-    out = jnp.where(jnp.isin(index, jnp.asarray(picks))[:, None, None, None], blended, out)
+    blended = _blend(degenerate(images), images, factor)
+    out = jnp.where(_per_image(_drew(index, ops, {base, base + 'Increasing'})), blended, out)
   if any(name in _GEOMETRIC_OPS for name in ops):
-    coeffs = _affine_coefficients(ops, index, m, negate, h, w)
-    is_warp = jnp.isin(index, jnp.asarray([k for k, n in enumerate(chosen) if n in _GEOMETRIC_OPS]))
-    out = jnp.where(is_warp[:, None, None, None], _warp(images, coeffs, bicubic, fill), out)
-  return jnp.where(applied[:, None, None, None], out, images)
+    warped = _warp(images, _affine_coefficients(ops, index, m, negate, h, w), bicubic, fill)
+    out = jnp.where(_per_image(_drew(index, ops, _GEOMETRIC_OPS)), warped, out)
+  return jnp.where(_per_image(applied), out, images)
 
 
 def apply_op(images, name: str, magnitude: float, *, negate: bool = False,
