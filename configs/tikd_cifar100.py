@@ -15,7 +15,8 @@ The default is OUR design, not the released method: a vision-only KD warm-up (50
 joint text-image training (250) with our fusion gate and text-guided self-distillation, and it is
 evaluated on the vision-only first pass (no text at test time; docs/caption_free.md). Batch 256
 (one device), no model EMA, no repeated augmentation. 8 heads at every size (the released
-registry: 2 / 4 / 8).
+registry: 2 / 4 / 8). On a GPU whose host has too few cores for RandAugment (docs/scaling_out.md),
+add `--config.augment.randaugment_on=device`.
 
 Departs from the released code (`large`):
   tikd.eval_text = 'none'  # test on the first pass, no caption (released: fused, caption rows 0..b-1)
