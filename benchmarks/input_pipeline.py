@@ -205,8 +205,7 @@ class Server:
     command = [
         sys.executable,
         os.path.abspath(__file__), '--serve', '--library_root', root, '--recipe', args.recipe
-    ] + (['--batch', str(args.batch)] if args.batch else
-         []) + (['--randaugment_on', args.randaugment_on] if args.randaugment_on else [])
+    ] + (['--batch', str(args.batch)] if args.batch else [])
     self.process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                     text=True, env=env, cwd=root)
     self.root = root
@@ -363,6 +362,9 @@ def main(argv: list[str] | None = None) -> None:
     sys.path.insert(0, os.path.abspath(args.library_root))
   if args.baseline_root and not args.recipe:
     parser.error('--baseline_root compares recipe streams: give --recipe too')
+  if args.baseline_root and args.randaugment_on:
+    parser.error('--randaugment_on sets where this checkout runs RandAugment; a baseline checkout '
+                 'may not have the switch: drop --baseline_root')
 
   from absl import flags  # pylint: disable=g-import-not-at-top
   flags.FLAGS.mark_as_parsed()  # grain's spawned workers read absl flags

@@ -42,10 +42,21 @@ def _host(name, magnitude, negate, interpolation='bicubic'):
   ]).astype(np.float32)
 
 
+@functools.cache
+def _slot():
+  """One jitted slot, as the step runs it (XLA fuses and rewrites what eager ops leave alone)."""
+  return jax.jit(device_randaugment.apply_ops, static_argnames=('ops', 'fill'))
+
+
 def _device(name, magnitude, negate, interpolation='bicubic'):
-  return np.asarray(
-      device_randaugment.apply_op(jnp.asarray(_images(), jnp.float32), name, magnitude,
-                                  negate=negate, interpolation=interpolation))
+  b = len(_images())
+  return np.asarray(_slot()(jnp.asarray(_images(),
+                                        jnp.float32), ops=(name,), index=jnp.zeros(b, jnp.int32),
+                            magnitude=jnp.full(b, magnitude,
+                                               jnp.float32), negate=jnp.full(b, negate),
+                            applied=jnp.ones(b,
+                                             bool), bicubic=jnp.full(b, interpolation == 'bicubic'),
+                            fill=host_augment.DEIT_FILL))
 
 
 @pytest.mark.parametrize('name', [n for n in ALL_OPS if n not in GEOMETRIC + ('AutoContrast',)])
@@ -69,6 +80,26 @@ def test_autocontrast_is_the_exact_quotient():
   assert set(np.unique(diff)) <= {0.0, 1.0}
   assert diff.any()  # the images reach such levels; a float table would not be told apart
   assert exact[diff != 0].all()
+
+
+def test_autocontrast_table_differs_from_pillow_at_0_43_percent():
+  """Over every band range lo < hi and every level lo ≤ v ≤ hi the band can hold: the device
+  table is the exact quotient, and Pillow's float64 `int(v · scale + offset)` is one below it at
+  12,094 of the 2,828,800 (0.43 %), all where the quotient is an integer (docs/scaling_out.md)."""
+  lo, hi = np.triu_indices(256, k=1)
+  v = np.arange(256)
+  scale = 255.0 / (hi - lo)
+  pillow = np.trunc(v[None] * scale[:, None] + (-lo * scale)[:, None])
+  exact = (v[None] - lo[:, None]) * 255 // (hi - lo)[:, None]
+  reachable = (v[None] >= lo[:, None]) & (v[None] <= hi[:, None])
+  # The device's table for a band spanning [lo, hi]: images holding exactly those two values.
+  band = np.stack([lo, hi], axis=1).astype(np.float32)[:, :, None, None]  # [pairs, 2, 1, 1]
+  device = np.asarray(jax.jit(device_randaugment._autocontrast_table)(jnp.asarray(band)))[:, 0]  # pylint: disable=protected-access
+  np.testing.assert_array_equal(device[reachable], exact[reachable])
+  short = reachable & (pillow != exact)
+  assert short.sum() == 12_094 and reachable.sum() == 2_828_800
+  assert (exact - pillow)[short].max() == 1 and (exact * (hi - lo)[:, None]
+                                                 == (v[None] - lo[:, None]) * 255)[short].all()
 
 
 @pytest.mark.parametrize('interpolation,tolerance', [('bicubic', 2e-3), ('bilinear', 4e-2)])
@@ -100,8 +131,8 @@ def test_slots_compose_like_the_host():
   negate = rng.random((2, b)) > 0.5
   out = jnp.asarray(images, jnp.float32)
   for s in range(2):
-    out = device_randaugment.apply_ops(out, ops, index[s], magnitude[s], negate[s], applied[s],
-                                       np.ones(b, bool), host_augment.DEIT_FILL)
+    out = _slot()(out, ops=ops, index=index[s], magnitude=magnitude[s], negate=negate[s],
+                  applied=applied[s], bicubic=np.ones(b, bool), fill=host_augment.DEIT_FILL)
   for i, img in enumerate(images):
     for s in range(2):
       if applied[s, i]:
@@ -123,6 +154,7 @@ def test_draws_follow_timm():
   assert np.abs(counts / (2 * n) - 1 / 15).max() < 0.006
   assert abs(applied.mean() - 0.5) < 0.01 and abs(negate.mean() - 0.5) < 0.01
   assert abs(bicubic.mean() - 0.5) < 0.01
+  assert abs(np.mean(index[0] == index[1]) - 1 / 15) < 0.006  # with replacement (timm)
   clipped = np.clip(np.random.default_rng(0).normal(9.0, 0.5, 10**6), 0, 10)  # timm's law
   assert abs(m.mean() - clipped.mean()) < 0.01 and abs(m.std() - clipped.std()) < 0.01
   assert m.max() == 10.0 and abs(np.mean(m == 10.0) - np.mean(clipped == 10.0)) < 0.005
@@ -136,7 +168,7 @@ def test_whole_augmentation_matches_the_host_in_distribution():
   """The same images through both versions, each with its own random stream: how often an image
   comes out untouched and how far the rest move agree (a different op set, probability or
   magnitude scale moves either)."""
-  images = np.concatenate([_images()] * 16)  # 256
+  images = np.concatenate([_images()] * 64)  # 1,024
   host = np.stack([
       host_augment.rand_augment(img, np.random.default_rng(i)) for i, img in enumerate(images)
   ]).astype(np.float32)
@@ -149,8 +181,8 @@ def test_whole_augmentation_matches_the_host_in_distribution():
 
   (host_same, host_change), (device_same, device_change) = stats(host), stats(device)
   assert 0.2 < host_same < 0.45  # both slots skipped (1/4) or an identity op drawn
-  assert abs(device_same - host_same) < 0.08
-  assert abs(device_change / host_change - 1) < 0.15
+  assert abs(device_same - host_same) < 0.05  # σ of the difference ≈ 0.02
+  assert abs(device_change / host_change - 1) < 0.1
 
 
 def _augment_cfg(**overrides):
@@ -168,9 +200,11 @@ def test_switch_moves_randaugment_into_the_step():
   step = jax.jit(lambda x, k: aug(x, jnp.zeros(8, jnp.int32), 10, k)[0])
   key = jax.random.key(3)
   out = np.asarray(step(jnp.asarray(images, jnp.float32) / 255.0, key))
-  direct = device_randaugment.make_device_randaugment(_augment_cfg())(jnp.asarray(
+  direct = jax.jit(device_randaugment.make_device_randaugment(_augment_cfg()))(jnp.asarray(
       images, jnp.float32), jax.random.fold_in(key, 3))
-  np.testing.assert_allclose(out * 255.0, np.asarray(direct), atol=1e-3)
+  off = np.abs(out * 255.0 - np.asarray(direct))
+  # Fused into the step, the warps' float32 coordinates may round apart: one level, rarely.
+  assert off.max() <= 1.001 and np.mean(off > 1e-3) < 1e-3
   assert not np.allclose(out * 255.0, images)
   np.testing.assert_allclose(out * 255.0, np.round(out * 255.0), atol=1e-3)
   host_cfg = _augment_cfg(randaugment_on='host')
@@ -186,6 +220,28 @@ def test_bad_settings_say_what_to_do():
     device_randaugment.apply_op(jnp.zeros((1, 8, 8, 3)), 'Cutout', 5.0)
   with pytest.raises(ValueError, match='3-band'):
     device_randaugment.apply_op(jnp.zeros((1, 8, 8, 3)), 'Rotate', 5.0, fill=(0, 0))
+
+
+def test_randaugment_comes_before_erasing():
+  """timm's per-sample order: RandAugment, then random erasing on its result, so an erased box
+  holds the erasing noise untouched (the other order would warp or recolour it)."""
+  images = jnp.asarray(_images()[:8], jnp.float32) / 255.0
+  labels = jnp.zeros(8, jnp.int32)
+  key = jax.random.key(5)
+  cfg = _augment_cfg(erasing_prob=1.0)
+  step = jax.jit(lambda x, k: batch_augment.make_batch_augment(cfg)(x, labels, 10, k)[0])
+  out = np.asarray(step(images, key))
+  augmented = jax.jit(device_randaugment.make_device_randaugment(cfg))(jnp.round(
+      images * 255.0), jax.random.fold_in(key, 3)) / 255.0
+  erase_key = jax.random.split(key)[0]
+  erased, box = batch_augment.random_erasing_and_mask(augmented, erase_key, probability=1.0,
+                                                      mean=MEAN, std=STD)
+  # Fused into the step, the warps' float32 coordinates may round apart: one level, rarely.
+  off = np.abs(out - np.asarray(erased))
+  assert off.max() <= 1 / 255 + 1e-6 and np.mean(off > 1e-6) < 1e-3
+  box = np.asarray(box, bool)
+  np.testing.assert_allclose(out[box], np.asarray(erased)[box], atol=1e-6)
+  assert box.any() and not np.isclose(out[box], np.round(out[box] * 255) / 255, atol=1e-4).all()
 
 
 def test_the_recipe_switch_reaches_the_trainer():

@@ -20,13 +20,18 @@ again, as Pillow's uint8 images do between ops. Per op slot the batch is compute
   centres, a = −1 cubic, clamped edges, `fill` where the source lies outside the image).
 Each image keeps the result of the op it drew, or its input when the op was skipped.
 
+Inside jit, XLA turns divisions by a constant into products with its reciprocal and fuses
+products into the sums that use them (FMA); `_divide` and `_times` keep Pillow's and Python's
+roundings regardless, so the tests compare the jitted version, as the step runs it.
+
 Where it is not bit-identical to the host version (tests/test_device_randaugment.py measures each):
 - the warp computes source coordinates and the cubic in float32 where Pillow uses float64, so a
   value within float32 rounding of an integer can truncate one level apart;
 - AutoContrast uses the exact integer quotient ⌊(v − lo) · 255 / (hi − lo)⌋; Pillow's float64
-  `v · scale + offset` falls one level short of it where that quotient is an integer (0.14 % of
-  the (lo, hi, v) triples);
-- enhancement factors are computed in float32 from the float32 magnitude.
+  `v · scale + offset` falls one level short of it where that quotient is an integer (0.43 % of
+  the (lo, hi, v) triples with lo ≤ v ≤ hi);
+- magnitude → argument maps round once in float32 where Python rounds in float64: the same at
+  the round magnitudes of a fixed recipe, at most one float32 step apart for a drawn magnitude.
 Interpolation 'nearest' takes Pillow's fixed-point path and is not restated: use the host.
 """
 from __future__ import annotations
@@ -56,30 +61,55 @@ def _signed(value, negate):
   return jnp.where(negate, -value, value)
 
 
+def _divide(x, denominator: float):
+  """x / denominator, correctly rounded. XLA turns a division by a scalar (a constant, or any
+  broadcast one) into a product with its inexact reciprocal; a full array of the denominator
+  behind a barrier keeps the true division."""
+  return x / jax.lax.optimization_barrier(jnp.full_like(x, denominator))
+
+
+def _level(m, top):
+  """timm's `m / 10 · top` as m · top / 10: exact for the round magnitudes of a fixed recipe
+  (m · top has few bits), so the truncations below land where Python's float64 ones do."""
+  return _divide(m * top, LEVEL_DENOM)
+
+
 def _enhance_factor(m, negate, increasing: bool):
-  if increasing:  # 1 ± 0.9·m/10, at least 0.1
-    return jnp.maximum(0.1, 1.0 + _signed(m / LEVEL_DENOM * 0.9, negate))
-  return m / LEVEL_DENOM * 1.8 + 0.1  # [0.1, 1.9]
+  """Enhancement factor, as (18 m + 10) / 100 = m/10 · 1.8 + 0.1 (increasing: (100 ± 9 m) / 100,
+  at least 0.1): one rounding where Python's float64 rounds to float32 anyway."""
+  if increasing:
+    return jnp.maximum(0.1, _divide(100.0 + _signed(9.0 * m, negate), 100.0))
+  return _divide(18.0 * m + 10.0, 100.0)
 
 
 def _posterize_bits(m, increasing: bool):
-  bits = jnp.floor(m / LEVEL_DENOM * 4).astype(jnp.int32)
+  bits = jnp.floor(_level(m, 4.0)).astype(jnp.int32)
   return 4 - bits if increasing else bits
 
 
 def _solarize_threshold(m, increasing: bool):
-  threshold = jnp.minimum(256, jnp.floor(m / LEVEL_DENOM * 256).astype(jnp.int32))
+  threshold = jnp.minimum(256, jnp.floor(_level(m, 256.0)).astype(jnp.int32))
   return 256 - threshold if increasing else threshold
 
 
 # --- pixel arithmetic shared with Pillow ---------------------------------------------------------
 
 
+def _times(alpha, k):
+  """float32 alpha · k rounded once, for an integer k with |k| < 2⁸, whether or not the compiler
+  fuses the product into the sum that uses it (an FMA drops that rounding; XLA:CPU fuses, and an
+  optimization barrier does not survive to stop it). alpha = hi + lo with 12 significant bits
+  each, so hi·k and lo·k are exact in float32 and their sum, fused or not, rounds once."""
+  bits = jax.lax.bitcast_convert_type(alpha, jnp.uint32) & jnp.uint32(0xFFFFF000)
+  hi = jax.lax.bitcast_convert_type(bits, jnp.float32)
+  return hi * k + (alpha - hi) * k
+
+
 def _blend(degenerate, image, factor):
   """Image.blend(degenerate, image, factor): float32 d + α·(x − d), clipped, truncated
   (Blend.c). `factor` is [B]; the operands broadcast against [B, …]."""
   alpha = factor.reshape(factor.shape + (1,) * (jnp.ndim(image) - 1))
-  out = degenerate + alpha * (image - degenerate)
+  out = degenerate + _times(alpha, image - degenerate)
   return jnp.trunc(jnp.clip(out, 0.0, 255.0))
 
 
@@ -175,7 +205,7 @@ def _tables(images, ops: Sequence[str], index, m, negate):
         per_image = jnp.where(levels < _solarize_threshold(m, increasing)[:, None], levels,
                               255 - levels)
       elif base == 'SolarizeAdd':
-        add = jnp.minimum(128, jnp.floor(m / LEVEL_DENOM * 110).astype(jnp.int32))
+        add = jnp.minimum(128, jnp.floor(_level(m, 110.0)).astype(jnp.int32))
         per_image = jnp.where(levels < 128, jnp.minimum(255, levels + add[:, None]), levels)
       else:  # Brightness: blend with black
         factor = _enhance_factor(m, negate, increasing)
@@ -204,18 +234,18 @@ def _affine_coefficients(ops: Sequence[str], index, m, negate, height: int, widt
     if name not in _GEOMETRIC_OPS:
       continue
     if name == 'Rotate':  # Image.rotate(deg) about the centre, expand=False
-      theta = -jnp.deg2rad(_signed(m / LEVEL_DENOM * 30.0, negate))
+      theta = -jnp.deg2rad(_signed(_level(m, 30.0), negate))
       cos, sin = jnp.cos(theta), jnp.sin(theta)
       cx, cy = width / 2.0, height / 2.0
       op = (cos, sin, cos * -cx + sin * -cy + cx, -sin, cos, -sin * -cx + cos * -cy + cy)
     elif name == 'ShearX':
-      op = (one, _signed(m / LEVEL_DENOM * 0.3, negate), zero, zero, one, zero)
+      op = (one, _signed(_level(m, 0.3), negate), zero, zero, one, zero)
     elif name == 'ShearY':
-      op = (one, zero, zero, _signed(m / LEVEL_DENOM * 0.3, negate), one, zero)
+      op = (one, zero, zero, _signed(_level(m, 0.3), negate), one, zero)
     elif name == 'TranslateXRel':
-      op = (one, zero, _signed(m / LEVEL_DENOM * TRANSLATE_PCT, negate) * width, zero, one, zero)
+      op = (one, zero, _signed(_level(m, TRANSLATE_PCT), negate) * width, zero, one, zero)
     else:  # TranslateYRel
-      op = (one, zero, zero, zero, one, _signed(m / LEVEL_DENOM * TRANSLATE_PCT, negate) * height)
+      op = (one, zero, zero, zero, one, _signed(_level(m, TRANSLATE_PCT), negate) * height)
     coeffs = jnp.where((index == k)[:, None], jnp.stack(op, axis=1), coeffs)
   return coeffs
 

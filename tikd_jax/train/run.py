@@ -50,7 +50,7 @@ class Data:
   eval_released_text: np.ndarray | None  # the released code's rows for each eval example
   sampler: RepeatedAugmentation | None  # DeiT's repeated augmentation: the order of examples
   host_augment: Callable | None  # per example, in the grain workers (RandAugment)
-  batch_augment: Callable | None  # per batch, inside the jitted step (erasing, Mixup/CutMix)
+  batch_augment: Callable | None  # in the jitted step: [RandAugment,] erasing, Mixup/CutMix
   num_workers: int
   notes: tuple[str, ...] = ()  # how the data was read, for the log (eval split, skipped files)
 
