@@ -14,6 +14,8 @@
 #        recipe's RandAugment on the host and on the device        (benchmarks/trainer_throughput.py)
 #     5. the host stream per worker with RandAugment moved to the device, and the device's rate
 #        for the moved work                                        (benchmarks/input_pipeline.py)
+#     6. the device RandAugment against the Pillow host version, op by op, jitted on the GPU
+#                                                   (tests/test_device_randaugment.py, with pytest)
 #   bash benchmarks/device_check.sh --cpu    # the same code paths, micro student, batch 8, jax vs
 #                                            # torch eager (tests/test_device_check.py)
 #
@@ -129,6 +131,9 @@ print(next((r["datasheet_bf16_gflops"] for r in rows if r.get("datasheet_bf16_gf
   # 5. RandAugment on the device: the host stream per worker, and the device's own rate.
   part 60 "$PY" benchmarks/input_pipeline.py --recipe tikd_cifar100 --batch 1024 --batches 10 \
     --runs 2 --workers 0,1 --randaugment_on device --out "$OUT/input_pipeline.jsonl"
+  # 6. Does the GPU's compiler keep Pillow's roundings? (On CPU, CI asks the same.)
+  part 60 "$PY" -m pytest -q -p no:cacheprovider tests/test_device_randaugment.py \
+    -k "pillow or exact or compose or autocontrast" 2>&1 | tee "$OUT/device_randaugment_tests.txt"
 fi
 {
   "$PY" benchmarks/report.py table "$rows"
