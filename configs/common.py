@@ -97,8 +97,9 @@ def base() -> ConfigDict:
       dict(fuse_text=False, alignment_beta=0.1, text_predictor_weight=1.0, eval_text='none',
            fusion_text='caption', self_distill_weight=1.0, text_rows='index', fusion_gate=True))
   # Off by default; `deit_augment` turns on DeiT's recipe (DeiT main.py defaults; README "TIKD").
-  # randaugment_on: 'host' (grain workers, Pillow, bit-identical to timm) or 'device' (inside the
-  # jitted step, data/device_randaugment.py) when the host has too few cores to feed the device.
+  # randaugment_on: 'host' (grain workers, Pillow: timm's arithmetic bit for bit) or 'device'
+  # (in the jitted step, data/device_randaugment.py) when the host has too few cores to feed the
+  # device.
   c.augment = ConfigDict(
       dict(randaugment=False, randaugment_num_ops=2, randaugment_magnitude=9.0,
            randaugment_magnitude_std=0.5, randaugment_increasing=True, randaugment_on='host',

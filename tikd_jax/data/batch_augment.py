@@ -58,9 +58,9 @@ import jax.numpy as jnp
 from tikd_jax.losses.classification import one_hot_smoothed
 
 ATTEMPTS = 10  # timm's attempts per box
-# config.augment.randaugment_on: in the grain workers on uint8 images (Pillow, bit-identical to
-# timm) or at the start of the jitted step (data/device_randaugment.py), for hosts with too few
-# cores to feed the accelerator (docs/scaling_out.md).
+# config.augment.randaugment_on: in the grain workers on uint8 images (Pillow: timm's arithmetic
+# bit for bit) or at the start of the jitted step (data/device_randaugment.py), for hosts with too
+# few cores to feed the accelerator (docs/scaling_out.md).
 RANDAUGMENT_ON = ('host', 'device')
 
 
@@ -251,9 +251,10 @@ def make_batch_augment(cfg):
   if cfg.get('randaugment') and cfg.randaugment_on == 'device':
     from tikd_jax.data.device_randaugment import make_device_randaugment  # pylint: disable=g-import-not-at-top
     randaugment = make_device_randaugment(cfg)
-  return functools.partial(_batch_augment, randaugment=randaugment, erasing_prob=float(
-      cfg.erasing_prob), mean=tuple(float(v) for v in cfg.mean),
-                           std=tuple(float(v) for v in cfg.std), mixup_alpha=float(cfg.mixup_alpha),
-                           cutmix_alpha=float(cfg.cutmix_alpha), switch_prob=float(cfg.switch_prob),
-                           prob=float(cfg.mix_prob), label_smoothing=float(cfg.label_smoothing),
-                           correct_lam=bool(cfg.correct_lam))
+  mix = dict(mixup_alpha=float(cfg.mixup_alpha), cutmix_alpha=float(cfg.cutmix_alpha),
+             switch_prob=float(cfg.switch_prob), prob=float(cfg.mix_prob),
+             label_smoothing=float(cfg.label_smoothing), correct_lam=bool(cfg.correct_lam))
+  return functools.partial(_batch_augment, randaugment=randaugment,
+                           erasing_prob=float(cfg.erasing_prob),
+                           mean=tuple(float(v) for v in cfg.mean),
+                           std=tuple(float(v) for v in cfg.std), **mix)
