@@ -127,10 +127,10 @@ def device_randaugment_rate(config, batch: int, batches: int) -> dict:
   """The preset's RandAugment as the step runs it with randaugment_on='device': images/s of the
   jitted batched version on the default backend, `batches` batches of `batch` 32 px images."""
   import jax  # pylint: disable=g-import-not-at-top
-  import ml_collections  # pylint: disable=g-import-not-at-top
-  from tikd_jax.data.device_randaugment import make_device_randaugment  # pylint: disable=g-import-not-at-top
-  cfg = ml_collections.ConfigDict(dict(config.augment.to_dict(), mean=tuple(config.model.mean)))
-  augment = jax.jit(make_device_randaugment(cfg))
+  from tikd_jax.train.run import build_augmentations  # pylint: disable=g-import-not-at-top
+  from tikd_jax.train.spec import resolve  # pylint: disable=g-import-not-at-top
+  _, step_augment = build_augmentations(resolve(config))  # what the trainer builds
+  augment = jax.jit(step_augment.keywords['randaugment'])
   images = jax.random.randint(jax.random.key(0), (batch, 32, 32, 3), 0, 256).astype('float32')
   t0 = time.perf_counter()
   out = augment(images, jax.random.key(0)).block_until_ready()

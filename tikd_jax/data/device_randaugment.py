@@ -260,7 +260,8 @@ def _cubic(v1, v2, v3, v4, d):
 
 def _warp(images, coeffs, bicubic, fill):
   """Image.transform(size, AFFINE, coeffs, resample, fillcolor=fill) for every image; `bicubic`
-  [B] picks BICUBIC over BILINEAR per image."""
+  [B] picks BICUBIC over BILINEAR per image, or one Python bool picks it for all (and only that
+  filter is computed)."""
   b, h, w, c = images.shape
   ys, xs = jnp.meshgrid(
       jnp.arange(h, dtype=jnp.float32) + 0.5,
@@ -279,15 +280,21 @@ def _warp(images, coeffs, bicubic, fill):
     idx = jnp.clip(y0 + row, 0, h - 1) * w + jnp.clip(x0 + col, 0, w - 1)
     return jnp.take_along_axis(flat, idx.reshape(b, h * w, 1), axis=1).reshape(b, h, w, c)
 
-  taps = {(r, k): tap(r, k) for r in range(-1, 3) for k in range(-1, 3)}
-  rows = [_cubic(*(taps[r, k] for k in range(-1, 3)), dx) for r in range(-1, 3)]
-  cubic = jnp.trunc(jnp.clip(_cubic(*rows, dy), 0.0, 255.0))
+  def cubic():
+    rows = [_cubic(*(tap(r, k) for k in range(-1, 3)), dx) for r in range(-1, 3)]
+    return jnp.trunc(jnp.clip(_cubic(*rows, dy), 0.0, 255.0))
 
-  def lerp(p, q, t):  # Geometry.c BILINEAR
-    return p + (q - p) * t
+  def linear():  # Geometry.c BILINEAR: p + (q − p)·t along x, then y
 
-  linear = jnp.trunc(lerp(lerp(taps[0, 0], taps[0, 1], dx), lerp(taps[1, 0], taps[1, 1], dx), dy))
-  out = jnp.where(bicubic[:, None, None, None], cubic, linear)
+    def lerp(p, q, t):
+      return p + (q - p) * t
+
+    return jnp.trunc(lerp(lerp(tap(0, 0), tap(0, 1), dx), lerp(tap(1, 0), tap(1, 1), dx), dy))
+
+  if isinstance(bicubic, bool):
+    out = cubic() if bicubic else linear()
+  else:  # 'random': both, per image (XLA computes the shared taps once)
+    out = jnp.where(bicubic[:, None, None, None], cubic(), linear())
   return jnp.where(inside[..., None], out, jnp.asarray(fill, images.dtype))
 
 
@@ -311,7 +318,8 @@ def _luma_bands(images):
 def apply_ops(images, ops: Sequence[str], index, magnitude, negate, applied, bicubic,
               fill: Sequence[int]):
   """One RandAugment slot: image i gets op `ops[index[i]]` at `magnitude[i]` (0…10) with sign
-  `negate[i]` if `applied[i]`, resampling bicubically where `bicubic[i]`; [B] arguments."""
+  `negate[i]` if `applied[i]`, resampling bicubically where `bicubic[i]`; [B] arguments (`bicubic`
+  also one Python bool for every image)."""
   unknown = sorted(set(ops) - set(KNOWN_OPS))
   if unknown:
     raise ValueError(f'RandAugment ops {unknown} have no device version; known: '
@@ -348,13 +356,14 @@ def apply_op(images, name: str, magnitude: float, *, negate: bool = False,
   b = images.shape[0]
   full = functools.partial(jnp.full, (b,))
   return apply_ops(images, (name,), full(0), full(magnitude, dtype=jnp.float32), full(negate),
-                   full(True), full(interpolation == 'bicubic'), fill)
+                   full(True), interpolation == 'bicubic', fill)
 
 
 def draw_ops(rng, batch: int, num_ops: int, num_choices: int, *, magnitude: float,
              magnitude_std: float, prob: float, magnitude_max: float, interpolation: str):
   """timm's per-image draws for `num_ops` slots, each [num_ops, B]: (op index,
-  magnitude, negate, applied, bicubic), `apply_ops`'s order. timm `RandAugment.__call__` /
+  magnitude, negate, applied, bicubic), `apply_ops`'s order; `bicubic` is one bool unless
+  `interpolation` is 'random'. timm `RandAugment.__call__` /
   `AugmentOp.__call__`."""
   keys = jax.random.split(rng, 6)
   shape = (num_ops, batch)
@@ -371,7 +380,7 @@ def draw_ops(rng, batch: int, num_ops: int, num_choices: int, *, magnitude: floa
   if interpolation == 'random':  # timm `_RANDOM_INTERPOLATION`, per op application
     bicubic = jax.random.bernoulli(keys[4], 0.5, shape)
   else:
-    bicubic = jnp.full(shape, interpolation == 'bicubic')
+    bicubic = interpolation == 'bicubic'
   return index, m, negate, applied, bicubic
 
 
@@ -391,8 +400,10 @@ def rand_augment(images, rng, *, num_ops: int = 2, magnitude: float = 9, magnitu
   draws = draw_ops(rng, images.shape[0], num_ops, len(ops), magnitude=magnitude,
                    magnitude_std=magnitude_std, prob=prob, magnitude_max=magnitude_max,
                    interpolation=interpolation)
+  index, m, negate, applied, bicubic = draws
   for slot in range(num_ops):
-    images = apply_ops(images, ops, *(d[slot] for d in draws), fill)
+    images = apply_ops(images, ops, index[slot], m[slot], negate[slot], applied[slot],
+                       bicubic if isinstance(bicubic, bool) else bicubic[slot], fill)
   return images
 
 
